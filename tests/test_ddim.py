@@ -1,0 +1,209 @@
+"""Samplers, checked against oracles whose answers are known in closed form, and against diffusers."""
+
+import pytest
+import torch
+
+from tinyldm.ddim import ddim_invert, ddim_step, ddpm_step, guided_prediction, make_timesteps, sample
+from tinyldm.schedule import NoiseSchedule, v_from_eps_x0
+
+
+def point_oracle(schedule, x_star, prediction="eps"):
+    """The exact denoiser when the data set is the single point x_star: x0_pred = x_star at every t."""
+    def model(x_t, t, **_):
+        ab = schedule.alpha_bar_at(t, x_t)
+        eps = (x_t - ab.sqrt() * x_star) / (1 - ab).sqrt()
+        return {"eps": eps, "x0": x_star.expand_as(x_t), "v": v_from_eps_x0(eps, x_star, ab)}[prediction]
+    return model
+
+
+def gaussian_oracle(schedule, mu, std, prediction="eps"):
+    """The exact denoiser for data x0 ~ N(mu, std^2) per coordinate:
+    E[x0 | x_t] = mu + sqrt(ab) std^2 / (ab std^2 + 1 - ab) (x_t - sqrt(ab) mu)."""
+    def model(x_t, t, **_):
+        ab = schedule.alpha_bar_at(t, x_t)
+        x0 = mu + ab.sqrt() * std**2 / (ab * std**2 + 1 - ab) * (x_t - ab.sqrt() * mu)
+        eps = (x_t - ab.sqrt() * x0) / (1 - ab).sqrt()
+        return {"eps": eps, "x0": x0, "v": v_from_eps_x0(eps, x0, ab)}[prediction]
+    return model
+
+
+def test_timesteps_spacings():
+    assert make_timesteps(1000, 50, "uniform") == list(range(981, 0, -20))  # CompVis: range(0, T, c) + 1
+    assert make_timesteps(1000, 1000, "uniform") == list(range(999, -1, -1))
+    assert make_timesteps(1000, 10, "trailing")[0] == 999
+    for spacing in ["uniform", "trailing", "linspace"]:
+        for steps in [1, 7, 50, 999]:
+            ts = make_timesteps(1000, steps, spacing)
+            assert len(ts) == steps and all(0 <= t < 1000 for t in ts) and ts == sorted(ts, reverse=True)
+    with pytest.raises(ValueError, match="spacing"):
+        make_timesteps(1000, 10, "quadratic")
+
+
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
+@pytest.mark.parametrize("steps", [1, 3, 50, 1000])
+def test_ddim_eta0_with_point_oracle_returns_the_point(steps, prediction):
+    s = NoiseSchedule("scaled_linear")
+    x_star = torch.randn(1, 3, 4, 4)
+    x_T = torch.randn(5, 3, 4, 4)
+    out = sample(point_oracle(s, x_star, prediction), s, x_T, steps=steps, eta=0.0, prediction=prediction)
+    assert torch.allclose(out, x_star.expand_as(out), atol=1e-4)
+
+
+def test_ddim_eta0_is_deterministic_and_seeded_noise_is_reproducible():
+    s = NoiseSchedule("linear")
+    model = gaussian_oracle(s, 0.5, 0.3)
+    x_T = torch.randn(4, 2)
+    a = sample(model, s, x_T, steps=20, eta=0.0, generator=torch.Generator().manual_seed(1))
+    b = sample(model, s, x_T, steps=20, eta=0.0, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(a, b)  # eta = 0 uses no noise at all
+    c = sample(model, s, x_T, steps=20, eta=1.0, generator=torch.Generator().manual_seed(1))
+    d = sample(model, s, x_T, steps=20, eta=1.0, generator=torch.Generator().manual_seed(1))
+    e = sample(model, s, x_T, steps=20, eta=1.0, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(c, d) and not torch.allclose(c, e)
+
+
+def test_ddim_eta1_step_equals_ddpm_step_with_shared_noise():
+    """Eq. 16 with eta = 1 makes DDIM's update the DDPM posterior draw, for full and respaced sequences."""
+    s = NoiseSchedule("cosine")
+    x_t, x0, noise = torch.randn(3, 8), torch.randn(3, 8), torch.randn(3, 8)
+    for t, t_prev in [(999, 998), (500, 499), (1, 0), (981, 961), (600, 10)]:
+        ab_t, ab_prev = s.alpha_bar_value(t), s.alpha_bar_value(t_prev)
+        eps = (x_t.double() - ab_t**0.5 * x0.double()) / (1 - ab_t) ** 0.5
+        a = ddim_step(x0.double(), eps, ab_t, ab_prev, eta=1.0, noise=noise.double())
+        b = ddpm_step(x_t.double(), x0.double(), ab_t, ab_prev, noise=noise.double())
+        assert torch.allclose(a, b, atol=1e-9), (t, t_prev)
+
+
+def test_ddpm_step_on_full_chain_is_the_schedule_posterior():
+    s = NoiseSchedule("linear")
+    x_t, x0 = torch.randn(4, 3), torch.randn(4, 3)
+    for t in [1, 400, 999]:
+        mean, var = s.posterior(x0, x_t, torch.full((4,), t))
+        ab_t, ab_prev = s.alpha_bar_value(t), s.alpha_bar_value(t - 1)
+        got = ddpm_step(x_t, x0, ab_t, ab_prev, noise=torch.zeros_like(x_t))
+        assert torch.allclose(got, mean, atol=1e-5)
+        got1 = ddpm_step(x_t, x0, ab_t, ab_prev, noise=torch.ones_like(x_t))
+        assert torch.allclose(got1 - got, var.sqrt().expand_as(got), atol=1e-5)
+
+
+@pytest.mark.parametrize("method,eta", [("ddpm", 0.0), ("ddim", 1.0), ("ddim", 0.0), ("ddim", 0.5)])
+def test_samplers_reproduce_gaussian_data_distribution(method, eta):
+    """With the exact denoiser for N(mu, std^2) data, every sampler run over all T steps gives N(mu, std^2)."""
+    s = NoiseSchedule("cosine")  # alpha_bar_{T-1} ~ 0, so x_T ~ N(0, I) is the true marginal
+    mu, std = 0.7, 0.4
+    x_T = torch.randn(10_000, 1, generator=torch.Generator().manual_seed(0))
+    out = sample(gaussian_oracle(s, mu, std), s, x_T, steps=1000, method=method, eta=eta,
+                 generator=torch.Generator().manual_seed(1))
+    assert out.mean().item() == pytest.approx(mu, abs=0.015)  # standard error 0.004
+    assert out.std().item() == pytest.approx(std, rel=0.02)  # standard error 0.7%
+
+
+@pytest.mark.parametrize("method", ["ddim", "ddpm"])
+def test_fewer_steps_converge_at_first_order(method):
+    """Fewer steps are a coarser discretisation: the std error shrinks roughly in proportion to 1 / steps."""
+    s = NoiseSchedule("cosine")
+    model = gaussian_oracle(s, 0.7, 0.4)
+    x_T = torch.randn(40_000, 1, generator=torch.Generator().manual_seed(0))
+    err = {}
+    for steps in [25, 100, 500]:  # divisors of T, so "uniform" spacing reaches the top of the chain
+        out = sample(model, s, x_T, steps=steps, method=method, generator=torch.Generator().manual_seed(1))
+        err[steps] = abs(out.std().item() - 0.4)
+    assert err[25] > 2 * err[100] > 2 * err[500] and err[500] < 0.005, err
+
+
+def test_ddpm_and_ddim_eta1_agree_in_distribution_and_step_by_step():
+    s = NoiseSchedule("scaled_linear", T=200)
+    model = gaussian_oracle(s, -0.2, 0.6, prediction="v")
+    x_T = torch.randn(2000, 2, generator=torch.Generator().manual_seed(0))
+    a = sample(model, s, x_T, steps=200, method="ddpm", prediction="v", generator=torch.Generator().manual_seed(5))
+    b = sample(model, s, x_T, steps=200, method="ddim", eta=1.0, prediction="v",
+               generator=torch.Generator().manual_seed(5))
+    assert torch.allclose(a, b, atol=1e-4)  # same noise draws: same samples
+
+
+def test_cfg_combines_conditional_and_unconditional_predictions():
+    calls = []
+
+    def model(x_t, t, *, context):
+        calls.append(x_t.shape[0])
+        return x_t * context[:, None]  # output depends on the condition
+
+    x, t = torch.randn(3, 4), torch.full((3,), 10)
+    cond, uncond = {"context": torch.full((3,), 2.0)}, {"context": torch.full((3,), 0.5)}
+    assert torch.allclose(guided_prediction(model, x, t, cond=cond, uncond=uncond, guidance_scale=1.0), 2.0 * x)
+    assert torch.allclose(guided_prediction(model, x, t, cond=cond, uncond=uncond, guidance_scale=0.0), 0.5 * x)
+    got = guided_prediction(model, x, t, cond=cond, uncond=uncond, guidance_scale=7.5)
+    assert torch.allclose(got, 0.5 * x + 7.5 * (2.0 * x - 0.5 * x))  # eps_u + s (eps_c - eps_u)
+    assert calls == [6, 6, 6]  # one batched call each
+    assert torch.allclose(guided_prediction(model, x, t, cond=cond), 2.0 * x)
+    with pytest.raises(ValueError, match="same keys"):
+        guided_prediction(model, x, t, cond=cond, uncond={"mask": 1}, guidance_scale=2.0)
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_ddim_inversion_then_sampling_reconstructs(prediction):
+    """Gaussian data: the eta = 0 map noise -> data is a bijection, so inverting then sampling gives x0 back,
+    up to the first-order error of the inversion's approximation, which halves when the steps double."""
+    s = NoiseSchedule("scaled_linear")
+    model = gaussian_oracle(s, 0.3, 0.5, prediction)
+    x0 = 0.3 + 0.5 * torch.randn(8, 3, 4, 4)
+    err = {}
+    for steps in [50, 200, 1000]:
+        x_T = ddim_invert(model, s, x0, steps=steps, prediction=prediction)
+        assert x_T.std().item() == pytest.approx(1.0, abs=0.1)  # it really is noise-like
+        rec = sample(model, s, x_T, steps=steps, eta=0.0, prediction=prediction)
+        err[steps] = (rec - x0).abs().mean().item()
+    assert err[50] < 0.05 and err[1000] < 0.003 and err[50] > 3 * err[200] > 9 * err[1000] / 2, err
+
+
+def test_callback_sees_every_step():
+    s = NoiseSchedule()
+    x_star = torch.randn(1, 2)
+    seen = []
+    sample(point_oracle(s, x_star), s, torch.randn(2, 2), steps=10, callback=lambda i, t, x, x0: seen.append((i, t)))
+    assert [i for i, _ in seen] == list(range(10)) and seen[0][1] == 901
+
+
+def test_ddim_matches_diffusers_scheduler():
+    diffusers = pytest.importorskip("diffusers")
+    # A fixed nonlinear "network", so the two samplers see identical predictions at identical inputs.
+    w = torch.randn(4, 4) / 2
+
+    def model(x_t, t, **_):
+        return torch.tanh(torch.einsum("bchw,cd->bdhw", x_t, w)) + t.float()[:, None, None, None] / 1000
+
+    for prediction, theirs in [("eps", "epsilon"), ("v", "v_prediction")]:
+        ref = diffusers.DDIMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
+                                      beta_end=0.012, clip_sample=False, set_alpha_to_one=True, steps_offset=1,
+                                      timestep_spacing="leading", prediction_type=theirs)
+        ref.set_timesteps(50)
+        s = NoiseSchedule("scaled_linear", beta_start=0.00085, beta_end=0.012)
+        assert ref.timesteps.tolist() == make_timesteps(1000, 50, "uniform")
+
+        for eta in [0.0, 0.7]:
+            x_T = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+            ours = sample(model, s, x_T, steps=50, eta=eta, prediction=prediction,
+                          generator=torch.Generator().manual_seed(9))
+            g = torch.Generator().manual_seed(9)
+            x = x_T.clone()
+            for t in ref.timesteps:
+                out = model(x, t.expand(2))
+                noise = torch.randn(x.shape, generator=g) if eta > 0 and t > 1 else None
+                x = ref.step(out, t, x, eta=eta, variance_noise=noise).prev_sample
+            assert torch.allclose(ours, x, atol=1e-4), (prediction, eta)
+
+
+def test_ddpm_matches_diffusers_scheduler():
+    diffusers = pytest.importorskip("diffusers")
+    ref = diffusers.DDPMScheduler(num_train_timesteps=100, beta_schedule="linear", beta_start=1e-3, beta_end=0.1,
+                                  clip_sample=False, variance_type="fixed_small")
+    ref.set_timesteps(100)
+    s = NoiseSchedule("linear", T=100, beta_start=1e-3, beta_end=0.1)
+    model = gaussian_oracle(s, 0.1, 0.8)
+    x_T = torch.randn(3, 5)
+    ours = sample(model, s, x_T, steps=100, method="ddpm", generator=torch.Generator().manual_seed(4))
+    g = torch.Generator().manual_seed(4)
+    x = x_T.clone()
+    for t in ref.timesteps:
+        x = ref.step(model(x, t.expand(3)), t, x, generator=g).prev_sample
+    assert torch.allclose(ours, x, atol=1e-4)

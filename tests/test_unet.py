@@ -1,0 +1,184 @@
+"""The UNet: shapes, conditioning behaviour, attention against the explicit formula, gradients, overfitting."""
+
+import math
+
+import pytest
+import torch
+
+from tinyldm.unet import Attention, UNet, UNetConfig, attention, timestep_embedding
+
+
+def small_config(**overrides) -> UNetConfig:
+    base = dict(in_channels=4, out_channels=4, latent_size=8, channels=32, channel_mult=(1, 2), num_res_blocks=1,
+                attn_resolutions=(4,), head_dim=16, context_dim=24, norm_groups=8)
+    return UNetConfig(**{**base, **overrides})
+
+
+def randomize_zero_layers(model: torch.nn.Module) -> None:
+    """The zero-initialised output layers make a fresh UNet ignore everything; give them weights."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.abs().sum() == 0:
+                p.normal_(0, 0.05)
+
+
+def use_explicit_attention(model: torch.nn.Module, explicit: bool = True) -> None:
+    for m in model.modules():
+        if isinstance(m, Attention):
+            m.fused = not explicit
+
+
+def test_timestep_embedding_closed_form():
+    t = torch.tensor([0, 1, 500])
+    emb = timestep_embedding(t, 8)
+    assert emb.shape == (3, 8)
+    assert torch.allclose(emb[0], torch.tensor([1.0] * 4 + [0.0] * 4))  # t = 0: cos = 1, sin = 0
+    freqs = [10000 ** (-k / 4) for k in range(4)]
+    expect = [math.cos(500 * f) for f in freqs] + [math.sin(500 * f) for f in freqs]
+    assert torch.allclose(emb[2], torch.tensor(expect), atol=1e-4)
+
+
+@pytest.mark.parametrize("overrides,shape", [
+    ({}, (2, 4, 8, 8)),
+    ({"context_dim": None}, (2, 4, 8, 8)),
+    ({"in_channels": 3, "out_channels": 6, "channel_mult": (1, 2, 2), "attn_resolutions": (8, 2),
+      "scale_shift_norm": False, "num_res_blocks": 2}, (2, 3, 8, 8)),
+    ({"concat_channels": 5, "num_classes": 7, "context_dim": None, "mid_attention": False}, (2, 4, 8, 8)),
+    ({}, (2, 4, 16, 24)),  # beyond the training size and non-square: the UNet is convolutional
+])
+def test_output_shape(overrides, shape):
+    cfg = small_config(**overrides)
+    model = UNet(cfg).eval()
+    B, C, H, W = shape
+    kwargs = {}
+    if cfg.context_dim:
+        kwargs["context"] = torch.randn(B, 5, cfg.context_dim)
+    if cfg.concat_channels:
+        kwargs["concat"] = torch.randn(B, cfg.concat_channels, H, W)
+    if cfg.num_classes:
+        kwargs["class_labels"] = torch.tensor([0, 6])
+    out = model(torch.randn(shape), torch.tensor([3, 999]), **kwargs)
+    assert out.shape == (B, cfg.out_channels, H, W)
+
+
+def test_context_changes_output_but_padded_tokens_do_not():
+    model = UNet(small_config()).eval()
+    randomize_zero_layers(model)
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([10, 700])
+    context = torch.randn(2, 6, 24)
+    mask = torch.tensor([[True] * 4 + [False] * 2, [True] * 6])
+    with torch.no_grad():
+        out = model(x, t, context=context, context_mask=mask)
+        assert not torch.allclose(out, model(x, t, context=torch.randn(2, 6, 24), context_mask=mask), atol=1e-3)
+        other = context.clone()
+        other[0, 4:] = 100 * torch.randn(2, 24)  # only padded positions of sample 0 change
+        out2 = model(x, t, context=other, context_mask=mask)
+        assert torch.allclose(out, out2, atol=1e-5)
+        # Padding is the same as leaving the tokens out.
+        out3 = model(x[:1], t[:1], context=context[:1, :4])
+        assert torch.allclose(out[:1], out3, atol=1e-5)
+
+
+def test_fused_attention_equals_explicit_softmax():
+    q, k, v = torch.randn(2, 3, 10, 8), torch.randn(2, 3, 7, 8), torch.randn(2, 3, 7, 8)
+    mask = torch.rand(2, 7) > 0.4
+    mask[:, 0] = True
+    for m in [None, mask]:
+        fused = attention(q, k, v, mask=m, fused=True)
+        assert torch.allclose(fused, attention(q, k, v, mask=m, fused=False), atol=1e-5)
+    # And against the formula written out longhand for one head of one sample.
+    s = (q[1, 2] @ k[1, 2].T) / math.sqrt(8)
+    s[:, ~mask[1]] = -float("inf")
+    assert torch.allclose(attention(q, k, v, mask=mask)[1, 2], torch.softmax(s, -1) @ v[1, 2], atol=1e-5)
+    # Whole model: the fused path and the explicit path agree.
+    model = UNet(small_config()).eval()
+    randomize_zero_layers(model)
+    x, t, c = torch.randn(2, 4, 8, 8), torch.tensor([5, 50]), torch.randn(2, 3, 24)
+    with torch.no_grad():
+        a = model(x, t, context=c)
+        use_explicit_attention(model)
+        b = model(x, t, context=c)
+    assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_every_parameter_gets_a_gradient():
+    cfg = small_config(num_classes=3, concat_channels=2, channel_mult=(1, 2, 2), attn_resolutions=(8, 4, 2))
+    model = UNet(cfg)
+    randomize_zero_layers(model)
+    kwargs = dict(context=torch.randn(3, 4, 24), class_labels=torch.tensor([0, 1, 2]),
+                  concat=torch.randn(3, 2, 8, 8))
+    model(torch.randn(3, 4, 8, 8), torch.tensor([1, 500, 999]), **kwargs).square().mean().backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
+    assert not missing, missing
+
+
+def test_small_unet_overfits_one_batch():
+    model = UNet(small_config(dropout=0.0))
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    x, t, c = torch.randn(4, 4, 8, 8), torch.tensor([1, 200, 600, 999]), torch.randn(4, 3, 24)
+    target = torch.randn(4, 4, 8, 8)
+    losses = []
+    for _ in range(150):
+        loss = (model(x, t, context=c) - target).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[0] > 0.8 and losses[-1] < 0.05 * losses[0], (losses[0], losses[-1])
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    a = UNet(small_config())
+    randomize_zero_layers(a)
+    b = UNet(small_config(gradient_checkpointing=True))
+    b.load_state_dict(a.state_dict())
+    x, t, c = torch.randn(2, 4, 8, 8), torch.tensor([3, 300]), torch.randn(2, 3, 24)
+    for m in (a, b):
+        m(x, t, context=c).square().sum().backward()
+    for (n, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
+        assert torch.allclose(p.grad, q.grad, atol=1e-5), n
+
+
+def test_channels_last_and_bf16_autocast_agree_with_fp32():
+    model = UNet(small_config()).eval()
+    randomize_zero_layers(model)
+    x, t, c = torch.randn(2, 4, 8, 8), torch.tensor([3, 300]), torch.randn(2, 3, 24)
+    with torch.no_grad():
+        ref = model(x, t, context=c)
+        cl = model.to(memory_format=torch.channels_last)(x.to(memory_format=torch.channels_last), t, context=c)
+        assert torch.allclose(ref, cl, atol=1e-5)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = model(x, t, context=c)
+    assert low.dtype == torch.bfloat16
+    assert (low.float() - ref).abs().mean() < 0.05 * ref.abs().mean()
+
+
+def test_compiles_without_graph_breaks():
+    """Dynamo traces the whole forward and backward (aot_eager: no C++ compiler needed, and fast)."""
+    model = UNet(small_config())
+    randomize_zero_layers(model)
+    x, t, c = torch.randn(2, 4, 8, 8), torch.tensor([3, 300]), torch.randn(2, 3, 24)
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    out = compiled(x, t, context=c, context_mask=mask)
+    out.sum().backward()
+    assert torch.allclose(out, model(x, t, context=c, context_mask=mask), atol=1e-5)
+
+
+def test_bad_inputs_are_clear_errors():
+    with pytest.raises(ValueError, match="attn_resolutions"):
+        UNet(small_config(attn_resolutions=(3,)))
+    with pytest.raises(ValueError, match="norm_groups"):
+        UNet(small_config(channels=20))
+    with pytest.raises(ValueError, match="head_dim"):
+        UNet(small_config(head_dim=24))
+    model = UNet(small_config())
+    x, t = torch.randn(1, 4, 8, 8), torch.tensor([1])
+    with pytest.raises(ValueError, match="context"):
+        model(x, t)
+    with pytest.raises(ValueError, match="context must have shape"):
+        model(x, t, context=torch.randn(1, 3, 7))
+    with pytest.raises(ValueError, match="divisible"):
+        model(torch.randn(1, 4, 7, 7), t, context=torch.randn(1, 3, 24))
+    with pytest.raises(ValueError, match="at least one True"):
+        model(x, t, context=torch.randn(1, 3, 24), context_mask=torch.zeros(1, 3, dtype=torch.bool))

@@ -1,0 +1,178 @@
+"""Samplers: ancestral DDPM, DDIM with eta, classifier-free guidance, and DDIM inversion.
+
+Contract with the papers
+------------------------
+* DDPM ancestral sampling (Ho et al., arXiv 2006.11239, Alg. 2): x_{t-1} ~ q(x_{t-1} | x_t, x0_pred),
+  the posterior of Eqs. 6-7 with x0 replaced by the network's estimate, variance beta_tilde_t.
+* DDIM (Song et al., arXiv 2010.02502, Eq. 12), on a sub-sequence of timesteps t > t_prev:
+
+      x_prev = sqrt(alpha_bar_prev) x0_pred                          "predicted x0"
+             + sqrt(1 - alpha_bar_prev - sigma^2) eps_pred           "direction pointing to x_t"
+             + sigma z                                               "random noise"
+      sigma  = eta sqrt((1 - alpha_bar_prev) / (1 - alpha_bar_t)) sqrt(1 - alpha_bar_t / alpha_bar_prev)  (Eq. 16)
+
+  eta = 0 is deterministic (the probability-flow ODE, discretised); eta = 1 over every step is
+  ancestral DDPM. Both updates are written for any pair (t, t_prev), so DDPM also runs on a
+  shortened timestep sequence ("respacing": beta'_t = 1 - alpha_bar_t / alpha_bar_prev).
+* Classifier-free guidance (Ho & Salimans, arXiv 2207.12598, Eq. 6): pred = pred_u + s (pred_c - pred_u),
+  computed with one batched network call on [uncond; cond]. Guidance is applied to the raw network
+  output; since eps, x0 and v are linear in each other for fixed x_t, guiding any of them is the same.
+* DDIM inversion (Song et al., Sec. 4.3; used by e.g. Mokady et al., arXiv 2211.09794): run the
+  eta = 0 update backwards, x_next = sqrt(alpha_bar_next) x0_pred + sqrt(1 - alpha_bar_next) eps_pred,
+  with the prediction made at the current (less noisy) point, the usual first-order approximation.
+
+Notation clash: DDIM's alpha_t is DDPM's alpha_bar_t; we write alpha_bar throughout.
+
+Conventions: timesteps run through a descending sequence; after the last one the sampler steps to
+t_prev = -1 where alpha_bar = 1, so the final output is exactly the last x0 prediction (diffusers'
+``set_alpha_to_one=True``; CompVis instead stops at alpha_bar_0). The model is any function
+``model(x_t, t, **cond) -> prediction``: a UNet, or an oracle in the tests.
+
+Left out: PLMS / DPM-Solver, dynamic thresholding, guidance rescaling.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from .schedule import NoiseSchedule, split_prediction
+
+ModelFn = Callable[..., Tensor]
+SPACINGS = ("uniform", "trailing", "linspace")
+
+
+def make_timesteps(T: int, steps: int, spacing: str = "uniform") -> list[int]:
+    """The descending timesteps a sampler visits.
+
+    uniform:  every c = T // steps-th step, shifted by one: c*i + 1 (CompVis "uniform" DDIM spacing,
+              diffusers' "leading" with steps_offset=1).
+    trailing: round(T - i * T / steps) - 1, which always starts at T - 1 (diffusers "trailing").
+    linspace: round(linspace(0, T - 1, steps)).
+    """
+    if not 1 <= steps <= T:
+        raise ValueError(f"steps must be in 1..T={T}, got {steps}")
+    if spacing == "uniform":
+        c = T // steps
+        ts = [c * i + 1 if c > 1 else c * i for i in range(steps)]  # with c = 1 (all T steps) no shift
+    elif spacing == "trailing":
+        ts = [round(T - i * T / steps) - 1 for i in range(steps)][::-1]
+    elif spacing == "linspace":
+        ts = torch.linspace(0, T - 1, steps, dtype=torch.float64).round().long().tolist()
+    else:
+        raise ValueError(f"unknown spacing {spacing!r}; choose one of {SPACINGS}")
+    return sorted(set(ts), reverse=True)
+
+
+def guided_prediction(model: ModelFn, x_t: Tensor, t: Tensor, *, cond: dict | None = None,
+                      uncond: dict | None = None, guidance_scale: float = 1.0) -> Tensor:
+    """Network output at (x_t, t), with classifier-free guidance when `uncond` is given.
+
+    `cond` / `uncond` are keyword arguments for the model (e.g. {"context": c, "context_mask": m});
+    with `uncond` the model is called once on the batch [uncond; cond] (twice the batch size).
+    """
+    cond = cond or {}
+    if uncond is None:
+        return model(x_t, t, **cond)
+    if set(uncond) != set(cond):
+        raise ValueError(f"cond and uncond need the same keys, got {sorted(cond)} and {sorted(uncond)}")
+    both = {k: torch.cat([uncond[k], cond[k]]) for k in cond}
+    pred_u, pred_c = model(torch.cat([x_t, x_t]), torch.cat([t, t]), **both).chunk(2)
+    return pred_u + guidance_scale * (pred_c - pred_u)  # CFG Eq. 6
+
+
+def ddim_step(x0: Tensor, eps: Tensor, alpha_bar_t: float, alpha_bar_prev: float, *, eta: float = 0.0,
+              noise: Tensor | None = None) -> Tensor:
+    """One DDIM update from t to t_prev (Eq. 12); `noise` is needed when eta > 0."""
+    # Eq. 16: the standard deviation of the fresh noise; eta = 1 gives DDPM's beta_tilde.
+    sigma = eta * ((1 - alpha_bar_prev) / (1 - alpha_bar_t) * (1 - alpha_bar_t / alpha_bar_prev)) ** 0.5
+    x_prev = alpha_bar_prev**0.5 * x0 + max(1 - alpha_bar_prev - sigma**2, 0.0) ** 0.5 * eps
+    if eta > 0:
+        if noise is None:
+            raise ValueError("ddim_step with eta > 0 needs `noise`")
+        x_prev = x_prev + sigma * noise
+    return x_prev
+
+
+def ddpm_step(x_t: Tensor, x0: Tensor, alpha_bar_t: float, alpha_bar_prev: float, *,
+              noise: Tensor) -> Tensor:
+    """One ancestral step (DDPM Alg. 2 line 4), written as a draw from the posterior of Eqs. 6-7."""
+    alpha_t = alpha_bar_t / alpha_bar_prev  # 1 - beta_t; for a respaced sequence, the effective one
+    beta_t = 1 - alpha_t
+    # Eq. 7: posterior mean (mu_tilde) and variance (beta_tilde).
+    mean = (alpha_bar_prev**0.5 * beta_t * x0 + alpha_t**0.5 * (1 - alpha_bar_prev) * x_t) / (1 - alpha_bar_t)
+    variance = beta_t * (1 - alpha_bar_prev) / (1 - alpha_bar_t)
+    return mean + variance**0.5 * noise
+
+
+@torch.no_grad()
+def sample(model: ModelFn, schedule: NoiseSchedule, x_T: Tensor, *, steps: int = 50, method: str = "ddim",
+           eta: float = 0.0, spacing: str = "uniform", prediction: str = "eps", cond: dict | None = None,
+           uncond: dict | None = None, guidance_scale: float = 1.0, clip_x0: float | None = None,
+           generator: torch.Generator | None = None,
+           callback: Callable[[int, int, Tensor, Tensor], None] | None = None) -> Tensor:
+    """Run the reverse process from x_T (pure noise) to x_0.
+
+    method:   "ddim" (Eq. 12 with `eta`) or "ddpm" (ancestral, Alg. 2; `eta` is ignored).
+    steps:    how many network evaluations (times two with guidance); T for the full chain.
+    clip_x0:  clamp x0 predictions to [-clip_x0, clip_x0] (pixel-space models; latents need None).
+    callback: called as callback(i, t, x_t, x0_pred) after every prediction, e.g. to plot a trajectory.
+    The same `generator` and x_T give the same samples.
+    """
+    if method not in ("ddim", "ddpm"):
+        raise ValueError(f"unknown method {method!r}; choose 'ddim' or 'ddpm'")
+    timesteps = make_timesteps(schedule.T, steps, spacing)
+    x = x_T
+    B = x.shape[0]
+    for i, t in enumerate(timesteps):
+        t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
+        t_batch = torch.full((B,), t, device=x.device, dtype=torch.long)
+        # Exact scalars; after the last step (t_prev = -1) alpha_bar = 1: no noise left.
+        alpha_bar_t, alpha_bar_prev = schedule.alpha_bar_value(t), schedule.alpha_bar_value(t_prev)
+
+        pred = guided_prediction(model, x, t_batch, cond=cond, uncond=uncond, guidance_scale=guidance_scale)
+        eps, x0 = split_prediction(pred.to(x.dtype), x, alpha_bar_t, prediction)
+        if clip_x0 is not None:
+            x0 = x0.clamp(-clip_x0, clip_x0)
+            eps = (x - alpha_bar_t**0.5 * x0) / (1 - alpha_bar_t) ** 0.5  # keep (eps, x0) consistent with x_t
+        if callback is not None:
+            callback(i, t, x, x0)
+
+        needs_noise = t_prev >= 0 and (method == "ddpm" or eta > 0)
+        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype) if needs_noise else None
+        if method == "ddpm":
+            x = ddpm_step(x, x0, alpha_bar_t, alpha_bar_prev, noise=noise) if t_prev >= 0 else x0
+        else:
+            x = ddim_step(x0, eps, alpha_bar_t, alpha_bar_prev, eta=eta if t_prev >= 0 else 0.0, noise=noise)
+    return x
+
+
+@torch.no_grad()
+def ddim_invert(model: ModelFn, schedule: NoiseSchedule, x0: Tensor, *, steps: int = 50,
+                spacing: str = "uniform", prediction: str = "eps", cond: dict | None = None,
+                uncond: dict | None = None, guidance_scale: float = 1.0,
+                callback: Callable[[int, int, Tensor, Tensor], None] | None = None) -> Tensor:
+    """Map a clean x0 to the noise x_T that deterministic DDIM (eta = 0) would turn back into x0.
+
+    Use the same steps, spacing and conditioning for `sample(..., eta=0)` to reconstruct.
+    """
+    timesteps = make_timesteps(schedule.T, steps, spacing)[::-1]  # ascending
+    x = x0
+    B = x.shape[0]
+    for i, t_next in enumerate(timesteps):
+        # Predict at the current point, which sits at the previous timestep. At the very start x is x0
+        # itself (alpha_bar = 1); we read eps from the network at the first timestep instead.
+        t = timesteps[i - 1] if i > 0 else t_next
+        t_batch = torch.full((B,), t, device=x.device, dtype=torch.long)
+        pred = guided_prediction(model, x, t_batch, cond=cond, uncond=uncond, guidance_scale=guidance_scale)
+        eps, x0_pred = split_prediction(pred.to(x.dtype), x, schedule.alpha_bar_value(t), prediction)
+        if i == 0:
+            x0_pred = x
+        if callback is not None:
+            callback(i, t_next, x, x0_pred)
+        # Eq. 12 with eta = 0, run towards more noise.
+        alpha_bar_next = schedule.alpha_bar_value(t_next)
+        x = alpha_bar_next**0.5 * x0_pred + (1 - alpha_bar_next) ** 0.5 * eps
+    return x
