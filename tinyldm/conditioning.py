@@ -165,10 +165,10 @@ class ConditionEncoder(nn.Module):
         """Keyword arguments for the UNet: {"context": (B, L, D), "context_mask": (B, L)}, or {}."""
         device = next(self.parameters()).device if self.cfg.kind != "none" else None
         if self.cfg.kind == "text":
+            # Always max_len tokens: conditional and null contexts then batch together for guidance, and
+            # shapes stay static (torch.compile, CUDA graphs). Padding is never attended to.
             ids, mask = self.text.tokenizer(list(condition), self.cfg.max_len)
-            # Trim to the longest caption in the batch: padding is never attended to anyway.
-            L = int(mask.sum(1).max())
-            ids, mask = ids[:, :L].to(device), mask[:, :L].to(device)
+            ids, mask = ids.to(device), mask.to(device)
             return {"context": self.text(ids, mask), "context_mask": mask}
         if self.cfg.kind == "class":
             condition = torch.as_tensor(condition, device=device)

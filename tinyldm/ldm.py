@@ -1,0 +1,135 @@
+"""Latent diffusion: the training objective in latent space, generation, and the self-contained checkpoint.
+
+Contract with the paper
+-----------------------
+LDM (Rombach et al., arXiv 2112.10752), Sec. 3.2-3.3. With a frozen autoencoder (E, D) and the
+latents rescaled to unit variance, z0 = scale_factor * E(x) (App. G), the denoiser eps_theta and the
+condition encoder tau_theta are trained together on (Eq. 3)
+
+    L_LDM = E_{z0, y, eps ~ N(0, I), t} || eps - eps_theta(z_t, t, tau_theta(y)) ||^2,   z_t = q_sample(z0, t, eps)
+
+optionally with the v- or x0-parameterized target instead of eps, or an L1 norm. With probability
+p_uncond the condition is replaced by the null one, so the same network also learns the
+unconditional model that classifier-free guidance needs (Ho & Salimans, arXiv 2207.12598, Alg. 1).
+Generation runs a sampler from tinyldm.ddim in latent space, then x = D(z0 / scale_factor).
+
+What lives where: the schedule is tensors and pure functions (schedule.py), the samplers are loops
+over a model function (ddim.py); this file only wires them to a `Denoiser` (UNet + tau, the
+trainable part and the part EMA averages) and an `Autoencoder` (frozen).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .autoencoder import Autoencoder
+from .conditioning import ConditionConfig, ConditionEncoder
+from .ddim import sample
+from .schedule import NoiseSchedule
+from .unet import UNet, UNetConfig
+
+
+@dataclass
+class DiffusionConfig:
+    schedule: str = "scaled_linear"  # see schedule.py for the honest names
+    T: int = 1000
+    beta_start: float | None = None  # None: the schedule's default range
+    beta_end: float | None = None
+    prediction: str = "eps"  # "eps", "v" or "x0"
+    loss: str = "l2"  # "l2" (Eq. 3) or "l1"
+    p_uncond: float = 0.1  # condition dropout for classifier-free guidance
+
+    def make_schedule(self) -> NoiseSchedule:
+        return NoiseSchedule(self.schedule, T=self.T, beta_start=self.beta_start, beta_end=self.beta_end)
+
+
+class Denoiser(nn.Module):
+    """eps_theta(z_t, t, tau_theta(y)): the UNet and the condition encoder, trained (and EMA-averaged) together."""
+
+    def __init__(self, unet: UNet, cond: ConditionEncoder):
+        super().__init__()
+        if unet.cfg.context_dim != cond.context_dim:
+            raise ValueError(f"UNet context_dim={unet.cfg.context_dim} but the condition encoder gives "
+                             f"{cond.context_dim}")
+        self.unet, self.cond = unet, cond
+
+    def forward(self, z_t: Tensor, t: Tensor, condition=None) -> Tensor:
+        return self.unet(z_t, t, **self.cond(condition))
+
+
+def ldm_loss(denoiser: Denoiser, schedule: NoiseSchedule, z0: Tensor, condition, cfg: DiffusionConfig, *,
+             generator: torch.Generator | None = None) -> Tensor:
+    """Eq. 3 on a batch of scaled latents z0 with their conditions (captions, class ids or None)."""
+    B = z0.shape[0]
+    t = torch.randint(0, schedule.T, (B,), generator=generator, device=z0.device)  # t ~ U{0..T-1}
+    eps = torch.randn(z0.shape, generator=generator, device=z0.device, dtype=z0.dtype)
+    z_t = schedule.q_sample(z0, t, eps)  # DDPM Eq. 4
+    if condition is not None and cfg.p_uncond > 0:
+        condition = denoiser.cond.drop(condition, cfg.p_uncond, generator=generator)
+    pred = denoiser(z_t, t, condition).float()
+    target = schedule.target(z0, eps, t, cfg.prediction).float()
+    return F.mse_loss(pred, target) if cfg.loss == "l2" else F.l1_loss(pred, target)
+
+
+@torch.no_grad()
+def generate(denoiser: Denoiser, schedule: NoiseSchedule, autoencoder: Autoencoder, condition, *,
+             n: int | None = None, latent_size: tuple[int, int], prediction: str = "eps", steps: int = 50,
+             eta: float = 0.0, method: str = "ddim", guidance_scale: float = 1.0,
+             generator: torch.Generator | None = None, return_latents: bool = False) -> Tensor:
+    """Images (B, 3, H, W) in [-1, 1] for a batch of conditions (or `n` unconditional samples).
+
+    guidance_scale = 1 is the plain conditional model (one UNet call per step); any other value
+    uses classifier-free guidance with the learned null condition (two calls, batched).
+    `latent_size` may exceed the training size: the UNet is convolutional (paper Sec. 4.3.2).
+    """
+    device = next(denoiser.parameters()).device
+    B = n if condition is None else len(condition)
+    if B is None:
+        raise ValueError("pass `n` for unconditional generation")
+    c = denoiser.unet.cfg.in_channels
+    z_T = torch.randn((B, c, *latent_size), generator=generator, device=device)
+    cond = denoiser.cond(condition)  # encode the condition once, not at every step
+    uncond = None
+    if guidance_scale != 1.0 and condition is not None:
+        uncond = denoiser.cond(denoiser.cond.null_condition(B))
+    z0 = sample(denoiser.unet, schedule, z_T, steps=steps, method=method, eta=eta, prediction=prediction,
+                cond=cond, uncond=uncond, guidance_scale=guidance_scale, generator=generator)
+    if return_latents:
+        return z0
+    return autoencoder.decode(z0 / autoencoder.scale_factor).clamp(-1, 1)
+
+
+# --- The self-contained checkpoint ---------------------------------------------------------------
+
+def ldm_payload(denoiser: Denoiser, ema: Denoiser | None, autoencoder: Autoencoder, cfg: DiffusionConfig,
+                image_size: int) -> dict:
+    """Plain tensors and values: everything sample.py needs, in one file (weights_only loadable)."""
+    cpu = lambda m: {k: v.detach().cpu() for k, v in m.state_dict().items()}  # noqa: E731
+    return {
+        "unet_config": asdict(denoiser.unet.cfg),
+        "cond_config": asdict(denoiser.cond.cfg),
+        "diffusion_config": asdict(cfg),
+        "image_size": image_size,
+        "denoiser": cpu(denoiser),
+        "ema": cpu(ema) if ema is not None else None,
+        "autoencoder": autoencoder.to_dict(),
+    }
+
+
+def build_denoiser(unet_config: dict, cond_config: dict) -> Denoiser:
+    unet_config = {**unet_config, "channel_mult": tuple(unet_config["channel_mult"]),
+                   "attn_resolutions": tuple(unet_config["attn_resolutions"])}
+    return Denoiser(UNet(UNetConfig(**unet_config)), ConditionEncoder(ConditionConfig(**cond_config)))
+
+
+def load_ldm(ckpt: dict, *, use_ema: bool = True) -> tuple[Denoiser, NoiseSchedule, Autoencoder, DiffusionConfig]:
+    """Rebuild (denoiser, schedule, autoencoder, config) from a checkpoint dict (train_utils.load_checkpoint)."""
+    denoiser = build_denoiser(ckpt["unet_config"], ckpt["cond_config"])
+    weights = ckpt["ema"] if use_ema and ckpt.get("ema") is not None else ckpt["denoiser"]
+    denoiser.load_state_dict(weights)
+    cfg = DiffusionConfig(**ckpt["diffusion_config"])
+    return denoiser.eval(), cfg.make_schedule(), Autoencoder.from_dict(ckpt["autoencoder"]).eval(), cfg
