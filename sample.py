@@ -1,9 +1,123 @@
-"""Sample images from a trained latent diffusion model. NOT IMPLEMENTED YET: this lands with issue #5.
+"""Sample images from a trained latent diffusion model (one self-contained checkpoint from train_ldm.py).
 
-The sampler itself is ready: tinyldm.ddim.sample (DDPM / DDIM with eta, classifier-free guidance).
+    python sample.py --ckpt runs/ldm-shapes/ldm.pt --prompt "a red circle in the top left" --n 8
+    python sample.py --ckpt runs/ldm-shapes/ldm.pt --prompt "a blue square in the center" --cfg 5 --steps 25
+    python sample.py --ckpt runs/ldm-class/ldm.pt --class "red circle" --n 16
+    python sample.py --ckpt runs/ldm-celeba64/ldm.pt --n 16 --height 128 --width 128   # beyond training size
+
+Each --prompt (repeatable) or --class gets --n images; without either, the model samples
+unconditionally. Writes a grid (--out, one row per prompt) and, with --singles, one PNG per image.
+For models trained on the shapes dataset, it also prints the exact evaluator's prompt faithfulness.
 """
 
+from __future__ import annotations
+
+import argparse
 import sys
+import time
+
+import torch
+
+from tinyldm.ldm import generate, load_ldm
+from tinyldm.shapes import evaluate, parse_prompt
+from tinyldm.train_utils import load_checkpoint, pick_device, save_image_grid
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="ldm.pt written by train_ldm.py")
+    p.add_argument("--prompt", action="append", default=[], help="a caption (repeatable)")
+    p.add_argument("--class", dest="class_name", action="append", default=[], help="a class name (repeatable)")
+    p.add_argument("--n", type=int, default=8, help="images per prompt / class (or in all, unconditionally)")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity: 0 deterministic, 1 like DDPM")
+    p.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale (1 = none)")
+    p.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--height", type=int, default=None, help="image height in pixels (default: training size)")
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--out", default="samples.png", help="the grid")
+    p.add_argument("--singles", action="store_true", help="also write each image as <out stem>_NNN.png")
+    p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
+    p.add_argument("--device", default="auto")
+    return p.parse_args(argv)
+
+
+def conditions(args: argparse.Namespace, kind: str, class_names: list[str], tokenizer) -> list:
+    """One entry per image: captions, class ids, or [None]."""
+    if kind == "text":
+        if args.class_name:
+            raise SystemExit("this model is text-conditioned: use --prompt, not --class")
+        if not args.prompt:
+            print("no --prompt: sampling with the empty (null) caption, i.e. unconditionally")
+            return [""] * args.n
+        for prompt in args.prompt:
+            unknown = tokenizer.unknown_words(prompt)
+            if unknown:
+                print(f"warning: {prompt!r} has words the model never saw in training: {unknown} (read as <unk>)")
+        return [p for p in args.prompt for _ in range(args.n)]
+    if kind == "class":
+        if args.prompt:
+            raise SystemExit("this model is class-conditional: use --class NAME, not --prompt")
+        ids = []
+        for name in args.class_name or []:
+            if name not in class_names:
+                raise SystemExit(f"unknown class {name!r}; this model knows: {', '.join(class_names)}")
+            ids += [class_names.index(name)] * args.n
+        return ids or [len(class_names)] * args.n  # no --class: the null class, i.e. unconditional
+    if args.prompt or args.class_name:
+        raise SystemExit("this model is unconditional: drop --prompt / --class")
+    return [None] * args.n
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    device = pick_device(args.device)
+    ckpt = load_checkpoint(args.ckpt, kind="ldm")
+    denoiser, schedule, ae, cfg = load_ldm(ckpt, use_ema=not args.no_ema)
+    denoiser, ae, schedule = denoiser.to(device), ae.to(device), schedule.to(device)
+    kind = denoiser.cond.cfg.kind
+    tokenizer = denoiser.cond.text.tokenizer if kind == "text" else None
+    conds = conditions(args, kind, ckpt.get("class_names", []), tokenizer)
+
+    f = ae.downsample_factor
+    H, W = args.height or ckpt["image_size"], args.width or ckpt["image_size"]
+    if H % f or W % f:
+        raise SystemExit(f"--height/--width must be multiples of the autoencoder's factor f={f}")
+    down = 2 ** (len(denoiser.unet.cfg.channel_mult) - 1)
+    if (H // f) % down or (W // f) % down:
+        raise SystemExit(f"--height/--width must be multiples of {f * down} for this UNet")
+
+    g = torch.Generator(device).manual_seed(args.seed)
+    images, start = [], time.perf_counter()
+    for i in range(0, len(conds), 64):
+        chunk = conds[i : i + 64]
+        condition = None if kind == "none" else (chunk if kind == "text" else torch.tensor(chunk))
+        images.append(generate(denoiser, schedule, ae, condition, n=len(chunk), latent_size=(H // f, W // f),
+                               prediction=cfg.prediction, steps=args.steps, eta=args.eta, method=args.sampler,
+                               guidance_scale=args.cfg if kind != "none" else 1.0, generator=g).cpu())
+    seconds = time.perf_counter() - start
+    images = torch.cat(images)
+    out = save_image_grid(images, args.out, nrow=args.n if args.n <= 16 else 16)
+    if args.singles:
+        for j, img in enumerate(images):
+            save_image_grid(img[None], out.with_name(f"{out.stem}_{j:03d}.png"), nrow=1, pad=0)
+    print(f"{len(images)} images ({H}x{W}) in {seconds:.2f} s: {seconds / len(images) * 1000:.0f} ms per image "
+          f"({args.sampler}, {args.steps} steps, guidance {args.cfg}, device {device}) -> {out}")
+    result = {"images": len(images), "seconds_per_image": seconds / len(images), "grid": str(out)}
+    if kind == "text" and args.prompt and ckpt["train_config"].get("dataset") == "shapes":
+        try:
+            for prompt in args.prompt:
+                parse_prompt(prompt)
+        except ValueError as err:
+            print(f"(no prompt-faithfulness score: {err})")
+            return result
+        score = evaluate(images, conds)
+        result["prompt_faithfulness"] = score.all
+        print(f"shapes evaluator: all attributes right {score.all:.1%} (color {score.color:.1%}, shape "
+              f"{score.shape:.1%}, position {score.position:.1%})")
+    return result
+
 
 if __name__ == "__main__":
-    sys.exit("sample.py is not implemented yet (issue #5). See README.md for what works today.")
+    main(sys.argv[1:])

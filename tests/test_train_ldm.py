@@ -1,0 +1,97 @@
+"""train_ldm.py and sample.py end to end, in their smoke settings (CPU, seconds)."""
+
+import json
+
+import pytest
+import torch
+
+import sample
+import train_ldm
+from tinyldm.train_utils import CheckpointError, load_checkpoint
+
+
+@pytest.fixture(scope="module")
+def ae_path(tmp_path_factory):
+    """One smoke autoencoder shared by the tests (train_ldm.py trains it when --ae is missing)."""
+    out = tmp_path_factory.mktemp("ldm") / "run"
+    train_ldm.main(["--smoke", "--out", str(out), "--device", "cpu"])
+    return out / "ae" / "autoencoder.pt"
+
+
+def run(out, ae_path, *flags):
+    return train_ldm.main(["--smoke", "--out", str(out), "--ae", str(ae_path), "--device", "cpu", *flags])
+
+
+def test_smoke_run_writes_checkpoint_grid_log_and_score(tmp_path, ae_path):
+    result = run(tmp_path, ae_path)
+    assert (tmp_path / "ldm.pt").exists() and (tmp_path / "samples_0000006.png").exists()
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [2, 4, 6] and all(r["loss"] > 0 for r in records)
+    assert 0.0 <= result["prompt_faithfulness"] <= 1.0 and result["images"] == 4
+    ckpt = torch.load(tmp_path / "ldm.pt", weights_only=True)  # plain tensors and values only
+    assert ckpt["kind"] == "ldm" and ckpt["step"] == 6 and "autoencoder" in ckpt
+
+
+def test_resume_continues_exactly(tmp_path, ae_path):
+    run(tmp_path / "straight", ae_path, "--steps", "6")
+    run(tmp_path / "split", ae_path, "--steps", "3")
+    run(tmp_path / "split", ae_path, "--steps", "6", "--resume")
+    a = load_checkpoint(tmp_path / "straight" / "ldm.pt", kind="ldm")
+    b = load_checkpoint(tmp_path / "split" / "ldm.pt", kind="ldm")
+    assert b["step"] == 6
+    for k, v in a["denoiser"].items():
+        assert torch.allclose(v, b["denoiser"][k], atol=1e-6), k
+    for k, v in a["ema"].items():
+        assert torch.allclose(v, b["ema"][k], atol=1e-6), k
+    log = [json.loads(line)["step"] for line in (tmp_path / "split" / "log.jsonl").read_text().splitlines()]
+    assert log == [2, 3, 4, 6]  # the 3-step run logged its last step; nothing is duplicated after resuming
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, ae_path, monkeypatch):
+    run(tmp_path, ae_path, "--steps", "3")
+    before = (tmp_path / "ldm.pt").read_bytes()
+    real_loss, calls = train_ldm.ldm_loss, []
+
+    def diverging_loss(*args, **kwargs):  # fine once, then NaN, as a blown-up run would be
+        calls.append(1)
+        loss = real_loss(*args, **kwargs)
+        return loss if len(calls) < 2 else loss * float("nan")
+
+    monkeypatch.setattr(train_ldm, "ldm_loss", diverging_loss)
+    with pytest.raises(SystemExit, match="loss is nan at step 4"):
+        run(tmp_path, ae_path, "--steps", "6", "--resume")
+    assert (tmp_path / "ldm.pt").read_bytes() == before
+
+
+def test_truncated_checkpoint_is_refused(tmp_path, ae_path):
+    run(tmp_path, ae_path, "--steps", "3")
+    data = (tmp_path / "ldm.pt").read_bytes()
+    (tmp_path / "ldm.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated"):
+        sample.main(["--ckpt", str(tmp_path / "ldm.pt"), "--device", "cpu"])
+    with pytest.raises(CheckpointError, match="truncated"):
+        run(tmp_path, ae_path, "--resume")
+
+
+def test_sample_script_sizes_seeds_and_classes(tmp_path, ae_path):
+    run(tmp_path, ae_path)
+    ckpt = str(tmp_path / "ldm.pt")
+    args = ["--ckpt", ckpt, "--prompt", "a red circle in the top left", "--n", "2", "--steps", "3", "--device", "cpu"]
+    r1 = sample.main([*args, "--out", str(tmp_path / "a.png"), "--singles"])
+    sample.main([*args, "--out", str(tmp_path / "b.png"), "--singles"])
+    assert r1["images"] == 2 and 0.0 <= r1["prompt_faithfulness"] <= 1.0
+    assert (tmp_path / "a_000.png").read_bytes() == (tmp_path / "b_000.png").read_bytes()  # same seed, same image
+    sample.main([*args, "--out", str(tmp_path / "c.png"), "--singles", "--seed", "1"])
+    assert (tmp_path / "a_000.png").read_bytes() != (tmp_path / "c_000.png").read_bytes()
+    from PIL import Image
+    sample.main([*args, "--out", str(tmp_path / "big.png"), "--singles", "--height", "64", "--width", "48"])
+    assert Image.open(tmp_path / "big_000.png").size == (48, 64)
+    with pytest.raises(SystemExit, match="text-conditioned"):
+        sample.main(["--ckpt", ckpt, "--class", "red circle", "--device", "cpu"])
+
+    run(tmp_path / "cls", ae_path, "--cond", "class")
+    r = sample.main(["--ckpt", str(tmp_path / "cls" / "ldm.pt"), "--class", "red circle", "--n", "2", "--steps", "2",
+                     "--device", "cpu", "--out", str(tmp_path / "cls.png")])
+    assert r["images"] == 2
+    with pytest.raises(SystemExit, match="unknown class"):
+        sample.main(["--ckpt", str(tmp_path / "cls" / "ldm.pt"), "--class", "pink hexagon", "--device", "cpu"])
