@@ -84,6 +84,7 @@ def test_sample_script_sizes_seeds_and_classes(tmp_path, ae_path):
     sample.main([*args, "--out", str(tmp_path / "c.png"), "--singles", "--seed", "1"])
     assert (tmp_path / "a_000.png").read_bytes() != (tmp_path / "c_000.png").read_bytes()
     from PIL import Image
+    assert Image.open(tmp_path / "a_000.png").size == (32, 32)  # the training size by default
     sample.main([*args, "--out", str(tmp_path / "big.png"), "--singles", "--height", "64", "--width", "48"])
     assert Image.open(tmp_path / "big_000.png").size == (48, 64)
     with pytest.raises(SystemExit, match="text-conditioned"):
