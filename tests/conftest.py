@@ -1,7 +1,17 @@
-"""Shared test setup: every test starts from the same seed, on the CPU, in float32."""
+"""Shared test setup: every test starts from the same seed, on the CPU, in float32, on one thread."""
 
 import pytest
 import torch
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """The test models are tiny and gain nothing from intra-op threads, while on a shared 2-core machine
+    OpenMP's busy-waiting makes them 10-50x slower whenever another process holds a core."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)

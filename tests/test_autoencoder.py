@@ -29,16 +29,6 @@ from tinyldm.autoencoder import (
 from tinyldm.metrics import psnr, ssim
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tiny models gain nothing from intra-op threads, and on a shared 2-core machine OpenMP's
-    busy-waiting makes them 10-50x slower whenever another process holds a core."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny(**kw) -> AutoencoderConfig:
     base = dict(base_channels=8, channel_mult=(1, 2), num_res_blocks=1, z_channels=4, norm_groups=4, n_codes=32)
     return AutoencoderConfig(**{**base, **kw})

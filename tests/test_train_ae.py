@@ -2,7 +2,6 @@
 
 import argparse
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+import train_ae  # a top-level script (pyproject puts the repository root on pytest's path)
 from tinyldm.ae_loss import AELossConfig
 from tinyldm.autoencoder import Autoencoder, AutoencoderConfig
 from tinyldm.train_utils import (
@@ -26,19 +26,6 @@ from tinyldm.train_utils import (
     save_image_grid,
     set_rng_state,
 )
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import train_ae  # noqa: E402  (a top-level script, imported for its main())
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tiny models gain nothing from intra-op threads, and on a shared 2-core machine OpenMP's
-    busy-waiting makes them 10-50x slower whenever another process holds a core."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def run(tmp_path: Path, *flags: str, out: str = "run") -> dict:
