@@ -241,9 +241,10 @@ def main(argv: list[str] | None = None) -> dict:
     # Stage two: UNet + condition encoder (trained jointly), EMA, AdamW with linear warm-up.
     cond_cfg = ConditionConfig(**stored["cond_config"]) if stored else make_condition_config(
         train, unet_fields, conditions, class_names)
+    cond_encoder = ConditionEncoder(cond_cfg)
     unet_cfg = UNetConfig(**{**unet_fields, "in_channels": c, "out_channels": c, "latent_size": h,
-                             "context_dim": ConditionEncoder(cond_cfg).context_dim})
-    denoiser = Denoiser(UNet(unet_cfg), ConditionEncoder(cond_cfg)).to(device)
+                             "context_dim": cond_encoder.context_dim})
+    denoiser = Denoiser(UNet(unet_cfg), cond_encoder).to(device)
     ema = EMA(denoiser, decay=train.ema_decay)
     schedule = diffusion.make_schedule().to(device)
     opt = torch.optim.AdamW(denoiser.parameters(), lr=train.lr, weight_decay=train.weight_decay,
@@ -296,16 +297,17 @@ def main(argv: list[str] | None = None) -> dict:
             group["lr"] = lr_at(step)
         with autocast:
             loss = ldm_loss(denoiser, schedule, z0, condition, diffusion)
-        if not math.isfinite(loss.item()):
+        loss_value = loss.item()  # one host sync per step: the NaN check needs it, the log reuses it
+        if not math.isfinite(loss_value):
             bar.close()
-            raise SystemExit(f"loss is {loss.item()} at step {step}: stopping. The last good checkpoint is "
+            raise SystemExit(f"loss is {loss_value} at step {step}: stopping. The last good checkpoint is "
                              f"{ckpt_path} (lower --lr, or check the latents' scale). Nothing was overwritten.")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(denoiser.parameters(), train.grad_clip)
         opt.step()
         ema.update(denoiser)
-        loss_sum += loss.item()
+        loss_sum += loss_value
         seen_since, steps_since = seen_since + len(idx), steps_since + 1
         done = step + 1
         if done % train.log_every == 0 or done == train.steps:

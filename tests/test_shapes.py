@@ -6,9 +6,9 @@ import re
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from tinyldm.bench_data import blur  # the same Gaussian blur the benchmark applies
 from tinyldm.shapes import (
     CLASS_NAMES,
     COLORS,
@@ -36,14 +36,6 @@ def batch(n: int, size: int, **kw) -> tuple[torch.Tensor, list[str], list[dict]]
     ds = ShapesDataset(ShapesConfig(image_size=size, n_train=n, **kw))
     items = [ds[i] for i in range(n)]
     return torch.stack([it["image"] for it in items]), [it["caption"] for it in items], items
-
-
-def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    r = int(np.ceil(3 * sigma))
-    k = torch.exp(-torch.arange(-r, r + 1.0) ** 2 / (2 * sigma**2))
-    k = (k / k.sum()).view(1, 1, 1, -1).expand(3, 1, 1, -1)
-    x = F.conv2d(F.pad(x, (r, r, 0, 0), mode="replicate"), k, groups=3)
-    return F.conv2d(F.pad(x, (0, 0, r, r), mode="replicate"), k.transpose(2, 3), groups=3)
 
 
 # --- the data ----------------------------------------------------------------------------------
@@ -144,7 +136,7 @@ def test_ground_truth_scores_at_least_99_percent(size, n, background):
 def test_mild_blur_and_noise_keep_ground_truth_above_98_percent(size, sigma, noise):
     images, captions, _ = batch(300, size)
     g = torch.Generator().manual_seed(0)
-    perturbed = (gaussian_blur(images, sigma) + noise * torch.randn(images.shape, generator=g)).clamp(-1, 1)
+    perturbed = (blur(images, sigma) + noise * torch.randn(images.shape, generator=g)).clamp(-1, 1)
     score = evaluate(perturbed, captions)
     assert score.all >= 0.98, score.summary()
 

@@ -141,7 +141,6 @@ class NoiseSchedule:
         self.betas = betas.float()
         self.alphas = (1 - betas).float()
         self.alpha_bar = alpha_bar.float()
-        self.alpha_bar_prev = alpha_bar_prev.float()
         # Eq. 7: posterior variance and the two coefficients of its mean, tabulated once.
         self.posterior_variance = (betas * (1 - alpha_bar_prev) / (1 - alpha_bar)).float()
         self.posterior_mean_coef_x0 = (betas * alpha_bar_prev.sqrt() / (1 - alpha_bar)).float()
