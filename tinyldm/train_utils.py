@@ -286,20 +286,12 @@ def save_image_grid(images: torch.Tensor, path: str | os.PathLike, *, nrow: int 
     """Tile (N, C, H, W) images in [-1, 1] (C = 1 or 3) into one PNG, written atomically."""
     from PIL import Image
 
-    if images.ndim != 4 or images.shape[1] not in (1, 3):
-        raise ValueError(f"expected (N, 1 or 3, H, W) images, got {tuple(images.shape)}")
-    N, C, H, W = images.shape
-    nrow = max(1, min(nrow, N))
-    ncol = math.ceil(N / nrow)
-    grid = torch.ones(C, ncol * (H + pad) + pad, nrow * (W + pad) + pad)  # white background
-    x = ((images.detach().float().cpu() + 1) / 2).clamp(0, 1)
-    for i in range(N):
-        r, c = divmod(i, nrow)
-        grid[:, pad + r * (H + pad) : pad + r * (H + pad) + H, pad + c * (W + pad) : pad + c * (W + pad) + W] = x[i]
-    array = (grid * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    from tinyldm.viz import image_grid
+
+    array = image_grid(images, nrow=nrow, pad=pad)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(array[:, :, 0] if C == 1 else array).save(tmp, format="PNG")
+    Image.fromarray(array[:, :, 0] if images.shape[1] == 1 else array).save(tmp, format="PNG")
     os.replace(tmp, path)
     return path

@@ -1,0 +1,48 @@
+"""Pictures for people: image grids as arrays (for PNG files and for matplotlib in the notebooks).
+
+Images everywhere in tinyldm are float tensors (N, C, H, W) in [-1, 1] with C = 1 or 3. matplotlib is
+optional (the `notebooks` extra) and imported only by `show_images`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+
+def image_grid(images: torch.Tensor, *, nrow: int = 8, pad: int = 2) -> np.ndarray:
+    """Tile (N, C, H, W) images in [-1, 1] into one uint8 array (rows, cols, 3) on a white background."""
+    if images.ndim != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f"expected (N, 1 or 3, H, W) images, got {tuple(images.shape)}")
+    N, C, H, W = images.shape
+    nrow = max(1, min(nrow, N))
+    ncol = math.ceil(N / nrow)
+    grid = torch.ones(C, ncol * (H + pad) + pad, nrow * (W + pad) + pad)
+    x = ((images.detach().float().cpu() + 1) / 2).clamp(0, 1)
+    for i in range(N):
+        r, c = divmod(i, nrow)
+        grid[:, pad + r * (H + pad) : pad + r * (H + pad) + H, pad + c * (W + pad) : pad + c * (W + pad) + W] = x[i]
+    grid = grid.expand(3, -1, -1) if C == 1 else grid
+    return (grid * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+
+
+def show_images(images: torch.Tensor, *, nrow: int = 8, title: str | None = None, ax=None, scale: float = 0.6,
+                pad: int = 1):
+    """Draw an image grid with matplotlib (nearest-neighbour, no axes). Returns the Axes.
+
+    `scale` is inches per image, so 32 px shapes stay readable without a large PNG in the notebook.
+    """
+    import matplotlib.pyplot as plt
+
+    grid = image_grid(images, nrow=nrow, pad=pad)
+    if ax is None:
+        n_cols = max(1, min(nrow, len(images)))
+        n_rows = math.ceil(len(images) / n_cols)
+        _, ax = plt.subplots(figsize=(max(1.0, scale * n_cols), max(1.0, scale * n_rows) + (0.3 if title else 0)))
+    ax.imshow(grid, interpolation="nearest")
+    ax.set_axis_off()
+    if title:
+        ax.set_title(title, fontsize=9)
+    return ax
