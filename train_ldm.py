@@ -101,7 +101,8 @@ PRESETS: dict[str, dict] = {
                    batch_size=128, steps=100_000, lr=2e-4, channels=128, channel_mult=(1, 2, 3, 4),
                    attn_resolutions=(8, 4), context_dim=None, eval_images=0),
 }
-SMOKE = dict(n_train=64, steps=6, batch_size=8, warmup_steps=2, channels=32, channel_mult=(1, 2),
+# image_size=32 gives 8 x 8 latents, so the smoke UNet's levels (8, 4) exist for every preset (celeba64 too).
+SMOKE = dict(image_size=32, n_train=64, steps=6, batch_size=8, warmup_steps=2, channels=32, channel_mult=(1, 2),
              attn_resolutions=(4,), context_dim=32, text_layers=1, log_every=2, sample_every=4, ckpt_every=3,
              eval_images=4, eval_steps=3, ae_preset="shapes")
 FIXED_PROMPTS = [  # the sample grids' prompts, in the shapes dataset's phrasings

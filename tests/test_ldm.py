@@ -5,6 +5,7 @@ import torch
 
 from tinyldm.autoencoder import Autoencoder, AutoencoderConfig
 from tinyldm.conditioning import ConditionConfig, ConditionEncoder, Tokenizer
+from tinyldm.ddim import make_timesteps, sample
 from tinyldm.ldm import Denoiser, DiffusionConfig, build_denoiser, generate, ldm_loss, ldm_payload, load_ldm
 from tinyldm.train_utils import load_checkpoint, save_checkpoint
 from tinyldm.unet import UNet, UNetConfig
@@ -68,6 +69,26 @@ def test_generate_shapes_guidance_and_size_beyond_training():
                   generator=torch.Generator().manual_seed(1), return_latents=True)
     img = generate(den, schedule, ae, CAPTIONS, latent_size=(8, 8), steps=2, generator=torch.Generator().manual_seed(1))
     assert torch.allclose(img, ae.decode(z0 / 2.0).clamp(-1, 1), atol=1e-5)
+
+
+def test_generate_from_given_noise_with_callback_equals_the_sampler():
+    """z_T and callback pass straight through: the same start gives the sampler's own result, and the
+    callback sees every step's z0 prediction, the last of which is the returned latent (DDIM, eta 0)."""
+    ae, den, cfg = tiny_parts()
+    den.eval()
+    schedule = cfg.make_schedule()
+    z_T = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    seen = []
+    z0 = generate(den, schedule, ae, CAPTIONS, latent_size=(8, 8), steps=4, guidance_scale=2.0, z_T=z_T.clone(),
+                  return_latents=True, callback=lambda i, t, z_t, z0_pred: seen.append((i, t, z0_pred.clone())))
+    with torch.no_grad():
+        ref = sample(den.unet, schedule, z_T, steps=4, cond=den.cond(CAPTIONS),
+                     uncond=den.cond(den.cond.null_condition(2)), guidance_scale=2.0)
+    assert torch.allclose(z0, ref, atol=1e-6)
+    assert [(i, t) for i, t, _ in seen] == list(enumerate(make_timesteps(cfg.T, 4)))
+    assert torch.allclose(seen[-1][2], z0, atol=1e-6)
+    with pytest.raises(ValueError, match="z_T has shape"):
+        generate(den, schedule, ae, CAPTIONS, latent_size=(8, 8), steps=2, z_T=torch.randn(3, 3, 8, 8))
 
 
 def test_checkpoint_is_self_contained_and_weights_only(tmp_path):

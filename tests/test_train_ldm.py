@@ -96,3 +96,20 @@ def test_sample_script_sizes_seeds_and_classes(tmp_path, ae_path):
     assert r["images"] == 2
     with pytest.raises(SystemExit, match="unknown class"):
         sample.main(["--ckpt", str(tmp_path / "cls" / "ldm.pt"), "--class", "pink hexagon", "--device", "cpu"])
+
+
+def test_smoke_works_for_the_photo_presets(tmp_path, ae_path):
+    """--smoke shrinks celeba64 / lsun64 too (64 px, 16 x 16 latents) to a UNet whose levels exist."""
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    for i in range(12):  # a folder of 12 small noise "photos"
+        pixels = torch.randint(0, 256, (20, 24, 3), generator=g, dtype=torch.uint8).numpy()
+        Image.fromarray(pixels).save(tmp_path / f"img_{i:02d}.png")
+    for preset in ("celeba64", "lsun64"):
+        out = tmp_path / preset
+        result = train_ldm.main(["--preset", preset, "--smoke", "--dataset", "folder", "--data", str(tmp_path),
+                                 "--ae", str(ae_path), "--out", str(out), "--device", "cpu"])
+        assert result["steps"] == 6 and "prompt_faithfulness" not in result  # unconditional: no shapes score
+        ckpt = load_checkpoint(out / "ldm.pt", kind="ldm")
+        assert ckpt["cond_config"]["kind"] == "none" and ckpt["unet_config"]["latent_size"] == 8

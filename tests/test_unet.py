@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from tinyldm.unet import Attention, UNet, UNetConfig, attention, timestep_embedding
+from tinyldm.unet import Attention, UNet, UNetConfig, attention, keep_attention_weights, timestep_embedding
 
 
 def small_config(**overrides) -> UNetConfig:
@@ -99,6 +99,35 @@ def test_fused_attention_equals_explicit_softmax():
         use_explicit_attention(model)
         b = model(x, t, context=c)
     assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_kept_attention_weights_are_the_softmax_and_change_nothing():
+    model = UNet(small_config(attn_resolutions=(8, 4))).eval()
+    randomize_zero_layers(model)
+    x, t, context = torch.randn(2, 4, 8, 8), torch.tensor([10, 700]), torch.randn(2, 6, 24)
+    mask = torch.tensor([[True] * 4 + [False] * 2, [True] * 6])
+    layers_of = lambda: [m for m in model.modules() if isinstance(m, Attention)]  # noqa: E731
+    with torch.no_grad():
+        fused = model(x, t, context=context, context_mask=mask)
+        assert all(m.weights is None and not m.keep_weights for m in layers_of())  # nothing stored by default
+        with keep_attention_weights(model) as layers:
+            kept = model(x, t, context=context, context_mask=mask)
+            stored = {name: layer.weights for name, layer in layers.items()}
+    # One cross-attention per transformer block: down 8 and 4, mid, up 4 (x2) and 8 (x2).
+    assert len(stored) == 7 and all(name.endswith("cross_attn") for name in stored)
+    assert torch.allclose(kept, fused, atol=1e-5)  # the explicit path gives the fused output
+    for name, w in stored.items():
+        # (B, heads, h * w, L): 8 x 8 latent pixels with 32 channels = 2 heads, or 4 x 4 with 64 = 4 heads.
+        assert tuple(w.shape) in [(2, 2, 64, 6), (2, 4, 16, 6)], (name, tuple(w.shape))
+        assert torch.allclose(w.sum(-1), torch.ones(()), atol=1e-5)  # each query's row is a distribution
+        assert torch.equal(w[0, ..., 4:], torch.zeros_like(w[0, ..., 4:]))  # padded tokens get weight 0
+        assert (w[1] > 0).all()  # sample 1 has no padding
+    # Leaving the block resets the flags and drops the weights (self-attention was never switched on).
+    assert all(m.weights is None and not m.keep_weights for m in layers_of())
+    with torch.no_grad(), keep_attention_weights(model, cross_only=False) as layers:
+        model(x, t, context=context, context_mask=mask)
+        self_w = [layer.weights for layer in layers.values() if not layer.is_cross]
+    assert len(self_w) == 7 and all(w.shape[-1] == w.shape[-2] for w in self_w)  # (B, heads, N, N)
 
 
 def test_every_parameter_gets_a_gradient():

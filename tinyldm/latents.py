@@ -44,7 +44,7 @@ def encode_dataset(dataset: Dataset, encode: Callable[[Tensor], Tensor], *, flip
     latents, flipped, conditions = [], [], {k: [] for k in keep}
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     with torch.no_grad():
-        for batch in tqdm(loader, desc="encoding latents", disable=not verbose):
+        for batch in tqdm(loader, desc="encoding latents") if verbose else loader:  # tqdm honours TQDM_DISABLE=1
             x = batch["image"].to(device)  # (B, 3, H, W)
             z = encode(x)
             if z.ndim != 4 or len(z) != len(x):

@@ -79,25 +79,31 @@ def ldm_loss(denoiser: Denoiser, schedule: NoiseSchedule, z0: Tensor, condition,
 def generate(denoiser: Denoiser, schedule: NoiseSchedule, autoencoder: Autoencoder, condition, *,
              n: int | None = None, latent_size: tuple[int, int], prediction: str = "eps", steps: int = 50,
              eta: float = 0.0, method: str = "ddim", guidance_scale: float = 1.0,
-             generator: torch.Generator | None = None, return_latents: bool = False) -> Tensor:
+             generator: torch.Generator | None = None, return_latents: bool = False, z_T: Tensor | None = None,
+             callback=None) -> Tensor:
     """Images (B, 3, H, W) in [-1, 1] for a batch of conditions (or `n` unconditional samples).
 
     guidance_scale = 1 is the plain conditional model (one UNet call per step); any other value
     uses classifier-free guidance with the learned null condition (two calls, batched).
     `latent_size` may exceed the training size: the UNet is convolutional (paper Sec. 4.3.2).
+    `z_T` replaces the drawn starting noise (e.g. the output of `ddim_invert`); `callback(i, t, z_t, z0_pred)`
+    is passed to `tinyldm.ddim.sample` (trajectories, attention maps).
     """
     device = next(denoiser.parameters()).device
     B = n if condition is None else len(condition)
     if B is None:
         raise ValueError("pass `n` for unconditional generation")
     c = denoiser.unet.cfg.in_channels
-    z_T = torch.randn((B, c, *latent_size), generator=generator, device=device)
+    if z_T is None:
+        z_T = torch.randn((B, c, *latent_size), generator=generator, device=device)
+    elif z_T.shape[:2] != (B, c):
+        raise ValueError(f"z_T has shape {tuple(z_T.shape)}; expected ({B}, {c}, h, w) for {B} conditions")
     cond = denoiser.cond(condition)  # encode the condition once, not at every step
     uncond = None
     if guidance_scale != 1.0 and condition is not None:
         uncond = denoiser.cond(denoiser.cond.null_condition(B))
     z0 = sample(denoiser.unet, schedule, z_T, steps=steps, method=method, eta=eta, prediction=prediction,
-                cond=cond, uncond=uncond, guidance_scale=guidance_scale, generator=generator)
+                cond=cond, uncond=uncond, guidance_scale=guidance_scale, generator=generator, callback=callback)
     if return_latents:
         return z0
     return autoencoder.decode(z0 / autoencoder.scale_factor).clamp(-1, 1)

@@ -25,6 +25,8 @@ Conventions
 * `context` has shape (B, L, context_dim); `context_mask` (B, L) is True for real tokens and
   False for padding, which no query may attend to. Every row needs at least one True.
 * The UNet knows nothing of the noise schedule: t is only an input to the timestep embedding.
+* `keep_attention_weights(model)` makes the attention layers keep their softmax probabilities
+  (B, heads, N, L) for plotting cross-attention maps; it changes no output (explicit vs fused path).
 
 Left out: learned-variance outputs, the "linear" (1x1) projection variant, xformers / flash kernels
 beyond what `F.scaled_dot_product_attention` picks, up/downsampling inside ResBlocks (BigGAN-style).
@@ -33,6 +35,8 @@ beyond what `F.scaled_dot_product_attention` picks, up/downsampling inside ResBl
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -78,19 +82,27 @@ def zero_module(module: nn.Module) -> nn.Module:
     return module
 
 
+def attention_weights(q: Tensor, k: Tensor, *, mask: Tensor | None = None) -> Tensor:
+    """The softmax of Eq. 2 on (B, heads, N, d) queries and (B, heads, L, d) keys: (B, heads, N, L), rows sum to 1.
+
+    mask (B, L) is True where keys count; masked keys get probability exactly 0.
+    """
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # (B, heads, N, L)
+    if mask is not None:
+        scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
+    return scores.softmax(dim=-1)
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Tensor | None = None, fused: bool = True) -> Tensor:
     """Eq. 2, softmax(q k^T / sqrt(d)) v, on (B, heads, N, d) tensors; mask (B, L) is True where keys count.
 
     fused=True calls F.scaled_dot_product_attention (flash / memory-efficient kernels where available);
     fused=False is the explicit formula, kept as the reference the tests compare against.
     """
-    attn_mask = None if mask is None else mask[:, None, None, :]  # (B, 1, 1, L), broadcast over heads and queries
     if fused:
+        attn_mask = None if mask is None else mask[:, None, None, :]  # (B, 1, 1, L): all heads and queries
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # (B, heads, N, L)
-    if attn_mask is not None:
-        scores = scores.masked_fill(~attn_mask, float("-inf"))
-    return scores.softmax(dim=-1) @ v
+    return attention_weights(q, k, mask=mask) @ v
 
 
 class Attention(nn.Module):
@@ -105,7 +117,10 @@ class Attention(nn.Module):
         self.to_k = nn.Linear(context_dim or dim, dim, bias=False)
         self.to_v = nn.Linear(context_dim or dim, dim, bias=False)
         self.to_out = nn.Linear(dim, dim)
-        self.fused = True  # set False to use the explicit softmax (tests, notebooks showing attention maps)
+        self.is_cross = context_dim is not None  # attends to a context (Eq. 2's tau(y)), not to x itself
+        self.fused = True  # set False to use the explicit softmax (the reference the tests compare against)
+        self.keep_weights = False  # True: explicit softmax, and its probabilities are kept in `self.weights`
+        self.weights: Tensor | None = None  # (B, heads, N, L) from the last forward while keep_weights is on
 
     def forward(self, x: Tensor, context: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
         B, N, C = x.shape
@@ -113,8 +128,34 @@ class Attention(nn.Module):
         q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
         # (B, N or L, C) -> (B, heads, N or L, d)
         q, k, v = (a.reshape(B, -1, self.heads, C // self.heads).transpose(1, 2) for a in (q, k, v))
-        out = attention(q, k, v, mask=mask, fused=self.fused)  # (B, heads, N, d)
+        if self.keep_weights:  # for looking at attention maps (keep_attention_weights)
+            weights = attention_weights(q, k, mask=mask)  # (B, heads, N, L)
+            self.weights = weights.detach()
+            out = weights @ v
+        else:
+            out = attention(q, k, v, mask=mask, fused=self.fused)  # (B, heads, N, d)
         return self.to_out(out.transpose(1, 2).reshape(B, N, C))
+
+
+@contextmanager
+def keep_attention_weights(model: nn.Module, *, cross_only: bool = True) -> Iterator[dict[str, Attention]]:
+    """Inside the `with` block, the attention layers of `model` store their softmax probabilities.
+
+    Yields {module name: Attention layer}; after every forward, `layer.weights` holds (B, heads, N, L)
+    (N = h * w latent pixels of that level, L = context tokens), computed by the explicit formula, so
+    the model's output is the fused path's up to float rounding. Each forward overwrites the last one;
+    read them in between (e.g. in a sampler callback). Cross-attention only by default: those maps say
+    which tokens of tau(y) each latent pixel reads. On exit the flags are reset and the weights dropped.
+    """
+    layers = {name: m for name, m in model.named_modules()
+              if isinstance(m, Attention) and (m.is_cross or not cross_only)}
+    for layer in layers.values():
+        layer.keep_weights = True
+    try:
+        yield layers
+    finally:
+        for layer in layers.values():
+            layer.keep_weights, layer.weights = False, None
 
 
 class GEGLU(nn.Module):
