@@ -13,6 +13,10 @@ p_uncond the condition is replaced by the null one, so the same network also lea
 unconditional model that classifier-free guidance needs (Ho & Salimans, arXiv 2207.12598, Alg. 1).
 Generation runs a sampler from tinyldm.ddim in latent space, then x = D(z0 / scale_factor).
 
+Image-like conditions (a segmentation map, a low-resolution image, a masked image and its mask; Secs.
+4.3.2, 4.4, 4.5) are not cross-attended but concatenated to z_t at the UNet's input (`concat`, at the
+latent size; tinyldm.tasks builds them). They are never dropped, so guidance acts on the other condition.
+
 What lives where: the schedule is tensors and pure functions (schedule.py), the samplers are loops
 over a model function (ddim.py); this file only wires them to a `Denoiser` (UNet + tau, the
 trainable part and the part EMA averages) and an `Autoencoder` (frozen).
@@ -57,20 +61,25 @@ class Denoiser(nn.Module):
                              f"{cond.context_dim}")
         self.unet, self.cond = unet, cond
 
-    def forward(self, z_t: Tensor, t: Tensor, condition=None) -> Tensor:
-        return self.unet(z_t, t, **self.cond(condition))
+    def forward(self, z_t: Tensor, t: Tensor, condition=None, *, concat: Tensor | None = None) -> Tensor:
+        """`concat` (B, C_c, h, w): the image-like condition stacked onto z_t (Sec. 3.3 "concatenation")."""
+        return self.unet(z_t, t, **self.cond(condition), concat=concat)
 
 
 def ldm_loss(denoiser: Denoiser, schedule: NoiseSchedule, z0: Tensor, condition, cfg: DiffusionConfig, *,
-             generator: torch.Generator | None = None) -> Tensor:
-    """Eq. 3 on a batch of scaled latents z0 with their conditions (captions, class ids or None)."""
+             concat: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
+    """Eq. 3 on a batch of scaled latents z0 with their conditions (captions, class ids or None).
+
+    `concat` (B, C_c, h, w) is an image-like condition at the latent size (a segmentation map, a low-res
+    image, a masked image's latent and its mask); it is never dropped: guidance acts on `condition` only.
+    """
     B = z0.shape[0]
     t = torch.randint(0, schedule.T, (B,), generator=generator, device=z0.device)  # t ~ U{0..T-1}
     eps = torch.randn(z0.shape, generator=generator, device=z0.device, dtype=z0.dtype)
     z_t = schedule.q_sample(z0, t, eps)  # DDPM Eq. 4
     if condition is not None and cfg.p_uncond > 0:
         condition = denoiser.cond.drop(condition, cfg.p_uncond, generator=generator)
-    pred = denoiser(z_t, t, condition).float()
+    pred = denoiser(z_t, t, condition, concat=concat).float()
     target = schedule.target(z0, eps, t, cfg.prediction).float()
     return F.mse_loss(pred, target) if cfg.loss == "l2" else F.l1_loss(pred, target)
 
@@ -80,17 +89,18 @@ def generate(denoiser: Denoiser, schedule: NoiseSchedule, autoencoder: Autoencod
              n: int | None = None, latent_size: tuple[int, int], prediction: str = "eps", steps: int = 50,
              eta: float = 0.0, method: str = "ddim", guidance_scale: float = 1.0,
              generator: torch.Generator | None = None, return_latents: bool = False, z_T: Tensor | None = None,
-             callback=None) -> Tensor:
+             callback=None, concat: Tensor | None = None) -> Tensor:
     """Images (B, 3, H, W) in [-1, 1] for a batch of conditions (or `n` unconditional samples).
 
     guidance_scale = 1 is the plain conditional model (one UNet call per step); any other value
     uses classifier-free guidance with the learned null condition (two calls, batched).
     `latent_size` may exceed the training size: the UNet is convolutional (paper Sec. 4.3.2).
     `z_T` replaces the drawn starting noise (e.g. the output of `ddim_invert`); `callback(i, t, z_t, z0_pred)`
-    is passed to `tinyldm.ddim.sample` (trajectories, attention maps).
+    is passed to `tinyldm.ddim.sample` (trajectories, attention maps). `concat` (B, C_c, h, w) is the
+    image-like condition of concat-conditioned models; it goes into both halves of a guided batch.
     """
     device = next(denoiser.parameters()).device
-    B = n if condition is None else len(condition)
+    B = len(condition) if condition is not None else len(concat) if concat is not None else n
     if B is None:
         raise ValueError("pass `n` for unconditional generation")
     c = denoiser.unet.cfg.in_channels
@@ -98,10 +108,11 @@ def generate(denoiser: Denoiser, schedule: NoiseSchedule, autoencoder: Autoencod
         z_T = torch.randn((B, c, *latent_size), generator=generator, device=device)
     elif z_T.shape[:2] != (B, c):
         raise ValueError(f"z_T has shape {tuple(z_T.shape)}; expected ({B}, {c}, h, w) for {B} conditions")
-    cond = denoiser.cond(condition)  # encode the condition once, not at every step
+    image_cond = {} if concat is None else {"concat": concat}
+    cond = {**denoiser.cond(condition), **image_cond}  # encode the condition once, not at every step
     uncond = None
     if guidance_scale != 1.0 and condition is not None:
-        uncond = denoiser.cond(denoiser.cond.null_condition(B))
+        uncond = {**denoiser.cond(denoiser.cond.null_condition(B)), **image_cond}
     z0 = sample(denoiser.unet, schedule, z_T, steps=steps, method=method, eta=eta, prediction=prediction,
                 cond=cond, uncond=uncond, guidance_scale=guidance_scale, generator=generator, callback=callback)
     if return_latents:
