@@ -1,4 +1,5 @@
-"""The condition encoder tau: tokenizer, text transformer, class embedder, null condition and dropout."""
+"""The condition encoder tau: tokenizer, text transformer, class embedder, layout set transformer, null condition
+and dropout."""
 
 import pytest
 import torch
@@ -87,3 +88,164 @@ def test_text_encoder_trains_jointly_with_the_unet():
             assert enc.text.token_emb.weight.grad.abs().sum() > 0
         opt.step()
     assert loss.item() < 0.1
+
+
+# --- layouts -------------------------------------------------------------------------------------
+
+def layout_encoder(**kw) -> ConditionEncoder:
+    base = dict(kind="layout", context_dim=32, num_classes=6, max_objects=5, layers=2, head_dim=16)
+    return ConditionEncoder(ConditionConfig(**{**base, **kw}))
+
+
+def layout(box_classes: list[list[int]], boxes: list[list[list[float]]]) -> dict:
+    return {"box_classes": torch.tensor(box_classes), "boxes": torch.tensor(boxes)}
+
+
+def cross_attention_unet() -> UNet:
+    """A tiny UNet reading a 32-wide context, with its zero-initialised output layers given weights."""
+    unet = UNet(UNetConfig(latent_size=8, channels=32, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8, 4),
+                           head_dim=16, context_dim=32, norm_groups=8)).eval()
+    with torch.no_grad():
+        for p in unet.parameters():
+            if p.abs().sum() == 0:
+                p.normal_(0, 0.05)
+    return unet
+
+
+# Three objects and two padded slots in between (padding may sit anywhere; its box is never read).
+LAYOUT = layout([[2, -1, 5, 2, -1]], [[[0.1, 0.1, 0.3, 0.4], [0, 0, 0, 0], [0.5, 0.2, 0.9, 0.6],
+                                       [0.6, 0.6, 0.8, 0.9], [0, 0, 0, 0]]])
+
+
+def test_layout_is_a_set():
+    """No positions across objects: permuting them permutes the tokens and leaves eps_theta unchanged."""
+    enc, unet = layout_encoder().eval(), cross_attention_unet()
+    x, t = torch.randn(1, 4, 8, 8), torch.tensor([300])
+    perm = torch.tensor([3, 4, 0, 2, 1])
+    permuted = {"box_classes": LAYOUT["box_classes"][:, perm], "boxes": LAYOUT["boxes"][:, perm]}
+    with torch.no_grad():
+        a, b = enc(LAYOUT), enc(permuted)
+        assert a["context"].shape == (1, 6, 32)  # the null slot + max_objects
+        assert a["context_mask"].tolist() == [[False, True, False, True, True, False]]
+        assert torch.equal(b["context_mask"][:, 1:], a["context_mask"][:, 1:][:, perm])
+        assert torch.allclose(b["context"][:, 1:], a["context"][:, 1:][:, perm], atol=1e-5)
+        assert torch.allclose(unet(x, t, **a), unet(x, t, **b), atol=1e-5)
+        # Not invariant because every token is the same: the two objects of class 2 differ by their boxes.
+        assert (a["context"][0, 1] - a["context"][0, 4]).abs().max() > 0.1
+
+
+def test_layout_padding_is_never_read():
+    enc, unet = layout_encoder().eval(), cross_attention_unet()
+    x, t = torch.randn(1, 4, 8, 8), torch.tensor([300])
+    real = LAYOUT["box_classes"][0] >= 0
+    short = {"box_classes": LAYOUT["box_classes"][:, real], "boxes": LAYOUT["boxes"][:, real]}  # K = 3
+    garbage = {"box_classes": LAYOUT["box_classes"], "boxes": LAYOUT["boxes"].clone()}
+    garbage["boxes"][0, ~real] = torch.tensor([7.0, -3.0, float("nan"), 0.5])  # out of range: not checked, not read
+    with torch.no_grad():
+        a, b, c = enc(LAYOUT), enc(short), enc(garbage)
+        assert b["context_mask"][0].tolist() == [False, True, True, True, False, False]
+        assert torch.allclose(b["context"][0, 1:4], a["context"][0, 1:][real], atol=1e-5)
+        assert torch.allclose(c["context"], a["context"], atol=1e-6)
+        assert torch.equal(c["context_mask"], a["context_mask"])
+        out = unet(x, t, **a)
+        assert torch.allclose(unet(x, t, **b), out, atol=1e-5)
+        assert torch.allclose(unet(x, t, **c), out, atol=1e-5)
+        # Padding is the same as leaving the slots out of the context altogether.
+        assert torch.allclose(unet(x, t, context=a["context"][:, a["context_mask"][0]]), out, atol=1e-5)
+
+
+def test_moving_or_relabelling_one_object_changes_the_context():
+    enc, unet = layout_encoder().eval(), cross_attention_unet()
+    x, t = torch.randn(1, 4, 8, 8), torch.tensor([300])
+    moved = {"box_classes": LAYOUT["box_classes"], "boxes": LAYOUT["boxes"].clone()}
+    moved["boxes"][0, 2, [0, 2]] += 0.05  # object 2 slides right by 5% of the image
+    relabelled = {"box_classes": LAYOUT["box_classes"].clone(), "boxes": LAYOUT["boxes"]}
+    relabelled["box_classes"][0, 2] = 1
+    with torch.no_grad():
+        a, out = enc(LAYOUT), unet(x, t, **enc(LAYOUT))
+        for other in (moved, relabelled):
+            b = enc(other)
+            assert (b["context"][0, 3] - a["context"][0, 3]).abs().max() > 0.05  # the changed object's token
+            assert (b["context"][0, 1] - a["context"][0, 1]).abs().max() > 1e-3  # and, through attention, the others
+            assert (unet(x, t, **b) - out).abs().max() > 1e-4
+
+
+def test_layout_null_condition_and_dropout():
+    enc = layout_encoder().eval()
+    null = enc(enc.null_condition(3))
+    assert null["context_mask"].tolist() == [[True] + [False] * 5] * 3  # one learned null token
+    assert torch.allclose(null["context"][0], null["context"][2])
+    cond = enc(LAYOUT)
+    assert cond["context"].shape[1:] == null["context"].shape[1:]  # the two halves of a guided batch concatenate
+    assert (cond["context"][0, 1] - null["context"][0, 0]).abs().max() > 0.1
+    # The null token is a parameter: the empty layout's context gets gradient (it is learned, not fixed).
+    enc(enc.null_condition(1))["context"].square().sum().backward()
+    assert enc.layout.null.grad.abs().sum() > 0
+
+    g = torch.Generator().manual_seed(0)
+    many = {"box_classes": torch.randint(0, 6, (20_000, 3)), "boxes": torch.rand(20_000, 3, 4).sort(-1).values}
+    out = enc.drop(many, 0.1, generator=g)
+    dropped = (out["box_classes"] == -1).all(1)
+    assert dropped.float().mean().item() == pytest.approx(0.1, abs=0.01)
+    assert torch.equal(out["box_classes"][~dropped], many["box_classes"][~dropped])
+    assert torch.equal(out["boxes"][~dropped], many["boxes"][~dropped])
+    # Dropped rows encode exactly to the null condition; the others to themselves.
+    few = {k: v[:16] for k, v in many.items()}
+    out = enc.drop(few, 0.5, generator=g)
+    dropped = (out["box_classes"] == -1).all(1)
+    assert 0 < dropped.sum() < 16
+    with torch.no_grad():
+        ctx, ref, null = enc(out), enc(few), enc(enc.null_condition(16))
+    for k in ("context", "context_mask"):
+        assert torch.equal(ctx[k][dropped], null[k][dropped])
+        assert torch.equal(ctx[k][~dropped], ref[k][~dropped])
+
+
+@pytest.mark.parametrize("change,match", [
+    (lambda d: d["boxes"].__setitem__((0, 0, 2), 1.2), r"\[0, 1\]"),
+    (lambda d: d["boxes"].__setitem__((0, 2, 1), -0.1), r"\[0, 1\]"),
+    (lambda d: d["boxes"].__setitem__((0, 0, 0), 0.35), "x0 <= x1"),
+    (lambda d: d["box_classes"].__setitem__((0, 0), 6), "class ids"),
+    (lambda d: d["box_classes"].__setitem__((0, 0), -2), "class ids"),
+    (lambda d: d.update(boxes=d["boxes"][..., :3]), "shape"),
+    (lambda d: d.update(boxes=d["boxes"][:, :4]), "shape"),
+    (lambda d: d.update(box_classes=d["box_classes"][0]), "shape"),
+    (lambda d: d.update(box_classes=d["box_classes"].float()), "int64"),
+    (lambda d: d.update(box_classes=torch.zeros(1, 6, dtype=torch.long), boxes=torch.zeros(1, 6, 4)), "max_objects"),
+])
+def test_bad_layouts_are_rejected(change, match):
+    enc = layout_encoder()
+    bad = {k: v.clone() for k, v in LAYOUT.items()}
+    change(bad)
+    with pytest.raises(ValueError, match=match):
+        enc(bad)
+    with pytest.raises(ValueError, match="dict"):
+        enc((LAYOUT["box_classes"], LAYOUT["boxes"]))
+
+
+def test_layout_tokens_carry_the_box_position():
+    """A small head on the pooled context learns where a single object is (Fourier features are decodable)."""
+    enc = layout_encoder(layers=1)
+    head = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 2))
+    opt = torch.optim.Adam([*enc.parameters(), *head.parameters()], lr=3e-3)
+
+    def batch(n: int) -> tuple[dict, torch.Tensor]:
+        centre, half = 0.1 + 0.8 * torch.rand(n, 2), 0.02 + 0.08 * torch.rand(n, 1)
+        boxes = torch.cat([centre - half, centre + half], dim=1)  # (n, 4): x0, y0, x1, y1
+        return {"box_classes": torch.randint(0, 6, (n, 1)), "boxes": boxes[:, None]}, centre
+
+    def predict(cond: dict) -> torch.Tensor:
+        out = enc(cond)
+        mask = out["context_mask"][..., None].float()
+        return head((out["context"] * mask).sum(1) / mask.sum(1))  # mean over the real tokens
+
+    for _ in range(300):
+        cond, centre = batch(64)
+        loss = (predict(cond) - centre).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    cond, centre = batch(1000)
+    with torch.no_grad():
+        mse = (predict(cond) - centre).square().mean().item()
+    assert mse < 0.05 * centre.var(0).mean().item()  # explains > 95% of the variance of the centre

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .autoencoder import Autoencoder
-from .conditioning import ConditionConfig, ConditionEncoder
+from .conditioning import ConditionConfig, ConditionEncoder, batch_size
 from .ddim import sample
 from .schedule import NoiseSchedule
 from .unet import UNet, UNetConfig
@@ -100,7 +100,7 @@ def generate(denoiser: Denoiser, schedule: NoiseSchedule, autoencoder: Autoencod
     image-like condition of concat-conditioned models; it goes into both halves of a guided batch.
     """
     device = next(denoiser.parameters()).device
-    B = len(condition) if condition is not None else len(concat) if concat is not None else n
+    B = batch_size(condition) if condition is not None else len(concat) if concat is not None else n
     if B is None:
         raise ValueError("pass `n` for unconditional generation")
     c = denoiser.unet.cfg.in_channels
