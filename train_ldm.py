@@ -34,7 +34,9 @@ from tinyldm.conditioning import ConditionConfig, ConditionEncoder, Tokenizer
 from tinyldm.data import DataConfig, make_dataset
 from tinyldm.latents import file_digest, latent_cache
 from tinyldm.ldm import Denoiser, DiffusionConfig, generate, ldm_loss, ldm_payload
-from tinyldm.shapes import ShapesConfig, all_prompts, evaluate
+from tinyldm.metrics import psnr, ssim
+from tinyldm.shapes import CLASS_NAMES, ShapesConfig, ShapeSpec, all_prompts, evaluate, specs_from_layout
+from tinyldm.tasks import downsample, semantic_condition, superres_condition, upsample_bicubic
 from tinyldm.train_utils import (
     EMA,
     JSONLLogger,
@@ -60,7 +62,10 @@ class TrainLDMConfig:
     hflip: bool = False  # folder / celeba / lsun only; both orientations are cached
     ae_preset: str = "shapes"  # what train_ae.py trains when --ae is not given
     ae_steps: int = 0  # its training steps when --ae is not given (0: the ae_preset's own)
-    cond: str = "text"  # "text", "class" or "none"
+    cond: str = "text"  # cross-attended: "text", "class", "layout" (shapes: boxes + classes) or "none"
+    task: str = "generate"  # concatenated: "generate" (nothing), "semantic" (shapes' map), "superres" (low-res x4)
+    max_shapes: int = 1  # shapes: objects per image (1..9); layouts and semantic maps want several
+    sr_factor: int = 4  # superres: how much smaller the low-resolution input is
     max_tokens: int = 16  # text: <bos> + words + <eos>
     text_layers: int = 2
     text_head_dim: int = 32
@@ -88,6 +93,19 @@ PRESETS: dict[str, dict] = {
     # The autoencoder gets 600 steps instead of its preset's 800 (~35 dB instead of 36; plenty for the LDM).
     "shapes": dict(ae_steps=600, n_train=10_000, batch_size=32, steps=1400, lr=1e-3, channels=64, channel_mult=(1, 2),
                    num_res_blocks=1, attn_resolutions=(8, 4), head_dim=32, context_dim=128),
+    # The paper's other tasks on shapes (Sec. 4.3-4.4), same model size as the demo; up to 3 objects per image.
+    "shapes_class": dict(ae_steps=600, n_train=10_000, batch_size=32, steps=1400, lr=1e-3, channels=64,
+                         channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8, 4), head_dim=32,
+                         context_dim=128, cond="class"),
+    "shapes_layout": dict(ae_steps=600, n_train=10_000, batch_size=32, steps=1400, lr=1e-3, channels=64,
+                          channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8, 4), head_dim=32,
+                          context_dim=128, cond="layout", max_shapes=3),
+    "shapes_semantic": dict(ae_steps=600, n_train=10_000, batch_size=32, steps=1400, lr=1e-3, channels=64,
+                            channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), head_dim=32,
+                            cond="none", task="semantic", max_shapes=3, eval_cfg=1.0),
+    "shapes_sr": dict(ae_steps=600, n_train=10_000, batch_size=32, steps=1400, lr=1e-3, channels=64,
+                      channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), head_dim=32,
+                      cond="none", task="superres", max_shapes=3, eval_cfg=1.0),
     # GPU-sized: 64 px images -> 16 x 16 x 4 latents; the "tiny text-to-image" UNet of DESIGN.md.
     "shapes64": dict(image_size=64, ae_preset="shapes64", n_train=50_000, batch_size=256, steps=8000, lr=4e-4,
                      channels=128, channel_mult=(1, 2, 2), attn_resolutions=(16, 8), context_dim=256),
@@ -125,14 +143,41 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+TASKS = ("generate", "semantic", "superres")
+
+
+class _WithLowRes(torch.utils.data.Dataset):
+    """A dataset whose items also hold `lowres`, the image bicubic-downsampled by `factor` (the SR input)."""
+
+    def __init__(self, dataset, factor: int):
+        self.dataset, self.factor = dataset, factor
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> dict:
+        item = self.dataset[i]
+        return {**item, "lowres": downsample(item["image"][None], self.factor)[0]}
+
+    def __getattr__(self, name):  # bad_files(), summary(), class_names, hflip of the wrapped dataset
+        if name == "dataset":
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+
 def resolve_configs(args: argparse.Namespace, stored: dict | None) -> tuple[TrainLDMConfig, dict, DiffusionConfig]:
     """Preset (+ smoke) < checkpoint < command line. Returns the train config, the UNet fields the user
     chose (the latent shape and context width are filled in from the autoencoder and condition later)."""
     base = {**PRESETS[args.preset], **(SMOKE if args.smoke else {})}
     layers = [base] + ([stored] if stored else []) + [vars(args)]
     train = build_config(TrainLDMConfig, *layers)
-    if train.cond not in ("text", "class", "none"):
-        raise SystemExit(f"--cond must be text, class or none, got {train.cond!r}")
+    if train.cond not in ("text", "class", "layout", "none"):
+        raise SystemExit(f"--cond must be text, class, layout or none, got {train.cond!r}")
+    if train.task not in TASKS:
+        raise SystemExit(f"--task must be one of {', '.join(TASKS)}, got {train.task!r}")
+    if (train.cond == "layout" or train.task == "semantic") and train.dataset != "shapes":
+        raise SystemExit(f"--cond {train.cond} / --task {train.task} need boxes or maps: only the shapes dataset has "
+                         "them here")
     unet_fields = {f: v for layer in layers for f, v in layer.items() if f in UNetConfig.__dataclass_fields__}
     for derived in ("in_channels", "out_channels", "latent_size"):
         if derived in vars(args):
@@ -156,17 +201,38 @@ def get_autoencoder(args: argparse.Namespace, train: TrainLDMConfig, out: Path) 
     return path
 
 
+TASK_KEEP = {"generate": (), "semantic": ("seg",), "superres": ("lowres",)}  # what the cache keeps per task
+
+
+def shapes_config(train: TrainLDMConfig, split: str) -> ShapesConfig:
+    return ShapesConfig(image_size=train.image_size, n_train=train.n_train, max_shapes=train.max_shapes)
+
+
+def task_concat(train: TrainLDMConfig, items: dict, latent_hw: tuple[int, int]) -> torch.Tensor | None:
+    """The concat input (N, C_c, h, w) of every image for the task, from the cached (or eval) items."""
+    if train.task == "semantic":
+        return semantic_condition(items["seg"].long(), len(CLASS_NAMES), latent_hw)
+    if train.task == "superres":
+        return superres_condition(items["lowres"], latent_hw)
+    return None
+
+
 def load_latents(ae: Autoencoder, ae_path: Path, train: TrainLDMConfig, data_root: str | None, out: Path,
                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None, dict, list[str]]:
     """Encode the training set once (cached in <out>/latents.pt) -> unscaled latents (N, c, h, w), their
     flipped twins (or None), the conditions, and the class names."""
     data = DataConfig(source=train.dataset, root=data_root or "", image_size=train.image_size, hflip=False,
                       max_images=train.n_train or None)
-    shapes = ShapesConfig(image_size=train.image_size, n_train=train.n_train) if train.dataset == "shapes" else None
+    shapes = shapes_config(train, "train") if train.dataset == "shapes" else None
     dataset = make_dataset(data, "train", shapes=shapes)
-    key = {"autoencoder": file_digest(ae_path), "data": asdict(data), "shapes": asdict(shapes) if shapes else None}
+    keep = ("caption", "class_id") + TASK_KEEP[train.task]
+    keep += ("box_classes", "boxes") if train.cond == "layout" else ()
+    if train.task == "superres":
+        dataset = _WithLowRes(dataset, train.sr_factor)
+    key = {"autoencoder": file_digest(ae_path), "data": asdict(data), "shapes": asdict(shapes) if shapes else None,
+           "sr_factor": train.sr_factor if train.task == "superres" else None}
     cached = latent_cache(dataset, lambda x: ae.encode(x.to(device)), path=out / "latents.pt", key=key,
-                          flip=train.hflip, device=device)
+                          flip=train.hflip, device=device, keep=keep)
     return cached.latents, cached.flipped, cached.conditions, list(getattr(dataset, "class_names", []))
 
 
@@ -189,6 +255,9 @@ def make_condition_config(train: TrainLDMConfig, unet_fields: dict, conditions: 
         if int(conditions["class_id"].min()) < 0:
             raise SystemExit("--cond class needs class labels (class sub-folders, or a CelebA attribute)")
         return ConditionConfig(kind="class", context_dim=width, num_classes=num_classes)
+    if train.cond == "layout":
+        return ConditionConfig(kind="layout", context_dim=width, num_classes=len(CLASS_NAMES),
+                               max_objects=train.max_shapes, layers=train.text_layers, head_dim=train.text_head_dim)
     return ConditionConfig(kind="none")
 
 
@@ -198,6 +267,78 @@ def sample_prompts(train: TrainLDMConfig, class_names: list[str], n: int = 8):
     if train.cond == "class":
         return torch.arange(n) % max(len(class_names), 1)
     return None
+
+
+def eval_items(train: TrainLDMConfig, data_root: str | None, n: int) -> dict:
+    """The first n held-out items, collated (images, captions, class ids, layouts, maps, low-res inputs)."""
+    data = DataConfig(source=train.dataset, root=data_root or "", image_size=train.image_size, hflip=False)
+    shapes = shapes_config(train, "eval") if train.dataset == "shapes" else None
+    dataset = make_dataset(data, "eval", shapes=shapes)
+    if len(dataset) < n:
+        raise SystemExit(f"the held-out split has {len(dataset)} images, fewer than the {n} asked for")
+    items = [dataset[i] for i in range(n)]
+    out = {k: torch.stack([it[k] for it in items]) for k in ("image", "seg", "box_classes", "boxes") if k in items[0]}
+    out["lowres"] = downsample(out["image"], train.sr_factor) if train.task == "superres" else None
+    out["caption"] = [it.get("caption", "") for it in items]
+    out["class_id"] = torch.tensor([it.get("class_id", -1) for it in items])
+    return out
+
+
+def item_conditions(train: TrainLDMConfig, items: dict, latent_hw: tuple[int, int], device: torch.device):
+    """(condition, concat) for generating from held-out items: their layouts and their task inputs."""
+    condition = None
+    if train.cond == "text":
+        condition = list(items["caption"])
+    elif train.cond == "class":
+        condition = items["class_id"].to(device)
+    elif train.cond == "layout":
+        condition = {"box_classes": items["box_classes"].to(device), "boxes": items["boxes"].to(device)}
+    concat = task_concat(train, items, latent_hw)
+    return condition, None if concat is None else concat.to(device)
+
+
+def evaluate_task(denoiser: Denoiser, schedule, ae: Autoencoder, train: TrainLDMConfig, diffusion: DiffusionConfig,
+                  latent_hw: tuple[int, int], device: torch.device, data_root: str | None) -> dict:
+    """The number that says how well the task worked, on `eval_images` held-out items:
+    layout / semantic: the evaluator's colour, shape, position accuracy and box IoU against the requested objects;
+    superres: PSNR / SSIM against the original, next to the bicubic upsampling of the same input;
+    class: colour and shape accuracy of images generated for each class in turn."""
+    n = train.eval_images
+    g = torch.Generator(device).manual_seed(1234)
+    kw = dict(latent_size=latent_hw, prediction=diffusion.prediction, steps=train.eval_steps,
+              guidance_scale=train.eval_cfg, generator=g)
+    start = time.perf_counter()
+    result = {"images": n, "ddim_steps": train.eval_steps, "guidance_scale": train.eval_cfg}
+    if train.cond == "class" and train.task == "generate":
+        ids = torch.arange(n) % len(CLASS_NAMES)
+        images = torch.cat([generate(denoiser, schedule, ae, ids[i : i + 64].to(device), **kw).cpu()
+                            for i in range(0, n, 64)])
+        wanted = [[ShapeSpec(*CLASS_NAMES[c].split(" "), None)] for c in ids.tolist()]
+        score = evaluate(images, wanted)
+        result.update(class_accuracy=score.all, color=score.color, shape=score.shape)
+    else:
+        items = eval_items(train, data_root, n)
+        images = []
+        for i in range(0, n, 64):
+            part = {k: v[i : i + 64] for k, v in items.items() if v is not None}
+            condition, concat = item_conditions(train, part, latent_hw, device)
+            images.append(generate(denoiser, schedule, ae, condition, n=len(part["image"]), concat=concat, **kw).cpu())
+        images = torch.cat(images)
+        if train.task == "superres":
+            bicubic = upsample_bicubic(items["lowres"], images.shape[-2:])
+            result.update(psnr=psnr(images, items["image"]).mean().item(),
+                          ssim=ssim(images, items["image"]).mean().item(),
+                          bicubic_psnr=psnr(bicubic, items["image"]).mean().item(),
+                          bicubic_ssim=ssim(bicubic, items["image"]).mean().item())
+        else:  # the objects of each held-out layout / map
+            layouts = list(zip(items["box_classes"], items["boxes"], strict=True))
+            wanted = [specs_from_layout(c, b) for c, b in layouts]
+            boxes = [b[c >= 0].tolist() for c, b in layouts]
+            score = evaluate(images, wanted, boxes=boxes)
+            result.update(all=score.all, color=score.color, shape=score.shape, position=score.position,
+                          box_iou=score.iou)
+    result["seconds_per_image"] = (time.perf_counter() - start) / n
+    return result
 
 
 def evaluate_shapes(denoiser: Denoiser, schedule, ae: Autoencoder, train: TrainLDMConfig, diffusion: DiffusionConfig,
@@ -238,13 +379,15 @@ def main(argv: list[str] | None = None) -> dict:
     N, c, h, w = latents.shape
     print(f"latents: {N} x {c} x {h} x {w}, scale factor {scale:.4f} (1 / std from the autoencoder's data), "
           f"scaled std {float(latents.std()) * scale:.3f}")
+    concat_all = task_concat(train, conditions, (h, w))  # (N, C_c, h, w) or None: the task's image-like input
 
     # Stage two: UNet + condition encoder (trained jointly), EMA, AdamW with linear warm-up.
     cond_cfg = ConditionConfig(**stored["cond_config"]) if stored else make_condition_config(
         train, unet_fields, conditions, class_names)
     cond_encoder = ConditionEncoder(cond_cfg)
     unet_cfg = UNetConfig(**{**unet_fields, "in_channels": c, "out_channels": c, "latent_size": h,
-                             "context_dim": cond_encoder.context_dim})
+                             "context_dim": cond_encoder.context_dim,
+                             "concat_channels": 0 if concat_all is None else concat_all.shape[1]})
     denoiser = Denoiser(UNet(unet_cfg), cond_encoder).to(device)
     ema = EMA(denoiser, decay=train.ema_decay)
     schedule = diffusion.make_schedule().to(device)
@@ -260,14 +403,19 @@ def main(argv: list[str] | None = None) -> dict:
         start_step = stored["step"]
         print(f"resumed from {ckpt_path} at step {start_step}")
     n_params, n_unet = (sum(p.numel() for p in m.parameters()) / 1e6 for m in (denoiser, denoiser.unet))
-    print(f"denoiser: {n_params:.2f} M parameters (UNet {n_unet:.2f} M), cond={train.cond}, device={device}")
+    print(f"denoiser: {n_params:.2f} M parameters (UNet {n_unet:.2f} M), cond={train.cond}, task={train.task}, "
+          f"device={device}")
     if train.compile:
         denoiser.unet.compile()  # in place: the state_dict keys (and so the checkpoints) stay the same
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=train.amp and device.type == "cuda")
     log = JSONLLogger(out / "log.jsonl", resume_step=start_step if stored else None)
     latents_dev = latents.to(device) * scale
     flipped_dev = flipped.to(device) * scale if flipped is not None else None
-    sample_cond = sample_prompts(train, class_names)
+    concat_dev = concat_all.to(device) if concat_all is not None else None
+    concat_flipped_dev = concat_dev.flip(-1) if concat_dev is not None and flipped_dev is not None else None
+    sample_cond, sample_concat = sample_prompts(train, class_names), None
+    if train.cond == "layout" or train.task != "generate":  # the grids show the first 8 held-out inputs
+        sample_cond, sample_concat = item_conditions(train, eval_items(train, args.data, 8), (h, w), device)
 
     def checkpoint(step: int) -> None:
         payload = ldm_payload(denoiser, ema.model, ae, diffusion, train.image_size)
@@ -278,7 +426,7 @@ def main(argv: list[str] | None = None) -> dict:
     def draw(step: int) -> None:
         g = torch.Generator(device).manual_seed(0)
         imgs = generate(ema.model, schedule, ae, sample_cond, n=8, latent_size=(h, w), prediction=diffusion.prediction,
-                        steps=train.eval_steps, guidance_scale=train.eval_cfg, generator=g)
+                        steps=train.eval_steps, guidance_scale=train.eval_cfg, generator=g, concat=sample_concat)
         save_image_grid(imgs, out / f"samples_{step:07d}.png", nrow=8)
 
     bar = tqdm(range(start_step, train.steps), initial=start_step, total=train.steps, desc="train_ldm")
@@ -287,17 +435,22 @@ def main(argv: list[str] | None = None) -> dict:
         denoiser.train()
         idx = batch_indices(step, n=N, batch_size=train.batch_size, seed=train.seed).to(device)
         z0 = latents_dev[idx]
-        if flipped_dev is not None:  # each image in either orientation
-            z0 = torch.where(torch.rand(len(idx), 1, 1, 1, device=device) < 0.5, flipped_dev[idx], z0)
+        concat = concat_dev[idx] if concat_dev is not None else None
+        if flipped_dev is not None:  # each image in either orientation (its task input flipped with it)
+            flip = torch.rand(len(idx), 1, 1, 1, device=device) < 0.5
+            z0 = torch.where(flip, flipped_dev[idx], z0)
+            concat = torch.where(flip, concat_flipped_dev[idx], concat) if concat is not None else None
         condition = None
         if train.cond == "text":
             condition = [conditions["caption"][i] for i in idx.tolist()]
         elif train.cond == "class":
             condition = conditions["class_id"][idx.cpu()].to(device)
+        elif train.cond == "layout":
+            condition = {k: conditions[k][idx.cpu()].to(device) for k in ("box_classes", "boxes")}
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
         with autocast:
-            loss = ldm_loss(denoiser, schedule, z0, condition, diffusion)
+            loss = ldm_loss(denoiser, schedule, z0, condition, diffusion, concat=concat)
         loss_value = loss.item()  # one host sync per step: the NaN check needs it, the log reuses it
         if not math.isfinite(loss_value):
             bar.close()
@@ -330,11 +483,18 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"steps": train.steps, "wall_seconds": train_seconds, "checkpoint": str(ckpt_path)}
     draw(train.steps)
     print(f"samples: {out / f'samples_{train.steps:07d}.png'}")
-    if train.dataset == "shapes" and train.cond == "text" and train.eval_images > 0:
+    if train.dataset == "shapes" and train.cond == "text" and train.task == "generate" and train.eval_images > 0:
         result.update(evaluate_shapes(ema.model, schedule, ae, train, diffusion, (h, w), device))
         print(f"prompt faithfulness (color, shape and position all right): {result['prompt_faithfulness']:.1%} "
               f"over {result['images']} prompts [color {result['color']:.1%}, shape {result['shape']:.1%}, "
               f"position {result['position']:.1%}], {train.eval_steps} DDIM steps, guidance {train.eval_cfg}")
+    elif train.eval_images > 0 and (train.dataset == "shapes" or train.task == "superres") and (
+            train.cond in ("class", "layout") or train.task != "generate"):
+        scores = evaluate_task(ema.model, schedule, ae, train, diffusion, (h, w), device, args.data)
+        result.update(scores)
+        shown = {k: round(v, 4) for k, v in scores.items() if isinstance(v, float) and k != "seconds_per_image"}
+        print(f"evaluation (cond={train.cond}, task={train.task}, {scores['images']} held-out inputs, "
+              f"{train.eval_steps} DDIM steps, guidance {train.eval_cfg}): {shown}")
     (out / "eval.json").write_text(json.dumps(result, indent=1))
     print(f"done in {time.perf_counter() - t_start:.0f} s; checkpoint {ckpt_path}")
     return result

@@ -113,3 +113,56 @@ def test_smoke_works_for_the_photo_presets(tmp_path, ae_path):
         assert result["steps"] == 6 and "prompt_faithfulness" not in result  # unconditional: no shapes score
         ckpt = load_checkpoint(out / "ldm.pt", kind="ldm")
         assert ckpt["cond_config"]["kind"] == "none" and ckpt["unet_config"]["latent_size"] == 8
+
+
+@pytest.mark.parametrize("flags, concat_channels, kind, scores", [
+    (["--cond", "layout", "--max_shapes", "3"], 0, "layout", ("all", "color", "shape", "position", "box_iou")),
+    (["--cond", "none", "--task", "semantic", "--max_shapes", "3"], 19, "none", ("all", "box_iou")),
+    (["--cond", "none", "--task", "superres"], 3, "none", ("psnr", "ssim", "bicubic_psnr", "bicubic_ssim")),
+    (["--cond", "class"], 0, "class", ("class_accuracy", "color", "shape")),
+])
+def test_paper_tasks_train_sample_and_score(tmp_path, ae_path, flags, concat_channels, kind, scores):
+    result = run(tmp_path, ae_path, *flags)
+    ckpt = load_checkpoint(tmp_path / "ldm.pt", kind="ldm")
+    assert ckpt["unet_config"]["concat_channels"] == concat_channels and ckpt["cond_config"]["kind"] == kind
+    assert (tmp_path / "samples_0000006.png").exists() and result["images"] == 4
+    for k in scores:
+        assert k in result and result[k] is not None and result[k] == result[k]  # present, not NaN
+    if "bicubic_psnr" in result:  # the baseline is a real bicubic upsampling of a 4x smaller input: far from noise
+        assert result["bicubic_psnr"] > 20
+
+
+def test_task_inputs_in_the_cache_are_the_tasks_definitions(tmp_path, ae_path):
+    """The cached low-res inputs are the bicubic /4 images of the training set, and the semantic inputs are
+    fractions of each latent pixel covered by each class (they sum to 1)."""
+    from tinyldm.shapes import ShapesConfig, ShapesDataset
+    from tinyldm.tasks import downsample
+
+    run(tmp_path / "sr", ae_path, "--cond", "none", "--task", "superres")
+    cache = torch.load(tmp_path / "sr" / "latents.pt", weights_only=True)
+    data = ShapesDataset(ShapesConfig(image_size=32, n_train=64), "train")
+    images = torch.stack([data[i]["image"] for i in range(3)])
+    assert torch.allclose(cache["conditions"]["lowres"][:3], downsample(images, 4), atol=1e-6)
+
+    run(tmp_path / "sem", ae_path, "--cond", "none", "--task", "semantic", "--max_shapes", "3")
+    cache = torch.load(tmp_path / "sem" / "latents.pt", weights_only=True)
+    concat = train_ldm.task_concat(train_ldm.TrainLDMConfig(task="semantic"), cache["conditions"], (8, 8))
+    assert concat.shape == (64, 19, 8, 8) and torch.allclose(concat.sum(1), torch.ones(64, 8, 8))
+    assert (cache["conditions"]["seg"].amax(dim=(1, 2)) > 0).all()  # every image has objects in its map
+
+
+def test_resume_continues_exactly_with_a_task(tmp_path, ae_path):
+    flags = ["--cond", "layout", "--task", "semantic", "--max_shapes", "3"]
+    run(tmp_path / "straight", ae_path, *flags, "--steps", "6")
+    run(tmp_path / "split", ae_path, *flags, "--steps", "3")
+    run(tmp_path / "split", ae_path, *flags, "--steps", "6", "--resume")
+    a = load_checkpoint(tmp_path / "straight" / "ldm.pt", kind="ldm")
+    b = load_checkpoint(tmp_path / "split" / "ldm.pt", kind="ldm")
+    assert all(torch.equal(a["denoiser"][k], b["denoiser"][k]) for k in a["denoiser"])
+
+
+def test_tasks_refuse_what_they_cannot_do(tmp_path, ae_path):
+    with pytest.raises(SystemExit, match="--task must be"):
+        run(tmp_path, ae_path, "--task", "colorize")
+    with pytest.raises(SystemExit, match="only the shapes dataset"):
+        run(tmp_path, ae_path, "--cond", "layout", "--dataset", "folder", "--data", str(tmp_path))
