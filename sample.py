@@ -4,10 +4,15 @@
     python sample.py --ckpt runs/ldm-shapes/ldm.pt --prompt "a blue square in the center" --cfg 5 --steps 25
     python sample.py --ckpt runs/ldm-class/ldm.pt --class "red circle" --n 16
     python sample.py --ckpt runs/ldm-celeba64/ldm.pt --n 16 --height 128 --width 128   # beyond training size
+    python sample.py --ckpt runs/ldm-shapes_semantic/ldm.pt --from_eval 8   # layout / map / low-res models
 
 Each --prompt (repeatable) or --class gets --n images; without either, the model samples
 unconditionally. Writes a grid (--out, one row per prompt) and, with --singles, one PNG per image.
 For models trained on the shapes dataset, it also prints the exact evaluator's prompt faithfulness.
+
+Models that generate from an input (layouts, semantic maps, low-resolution images: train_ldm.py's
+--cond layout and --task semantic / superres) take theirs from the first --from_eval N held-out
+images; the grid's first row shows the inputs, the second the samples, the last the originals.
 """
 
 from __future__ import annotations
@@ -19,8 +24,10 @@ import time
 import torch
 
 from tinyldm.ldm import generate, load_ldm
-from tinyldm.shapes import evaluate, parse_prompt
-from tinyldm.train_utils import load_checkpoint, pick_device, save_image_grid
+from tinyldm.shapes import CLASS_NAMES, COLORS, evaluate, parse_prompt
+from tinyldm.tasks import upsample_bicubic
+from tinyldm.train_utils import build_config, load_checkpoint, pick_device, save_image_grid
+from tinyldm.viz import label_image
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -39,8 +46,43 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", default="samples.png", help="the grid")
     p.add_argument("--singles", action="store_true", help="also write each image as <out stem>_NNN.png")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
+    p.add_argument("--from_eval", type=int, default=0, metavar="N",
+                   help="layout / semantic / superres models: generate from the first N held-out inputs")
+    p.add_argument("--data", default=None, help="--from_eval on a folder / celeba / lsun dataset: its path")
     p.add_argument("--device", default="auto")
     return p.parse_args(argv)
+
+
+def sample_from_inputs(args: argparse.Namespace, ckpt: dict, denoiser, schedule, ae, cfg, device) -> dict:
+    """Generate from held-out layouts / maps / low-res images, show inputs | samples | originals, and score."""
+    import train_ldm  # its eval_items / generate_from_items / score_items define the tasks' inputs and scores
+
+    train = build_config(train_ldm.TrainLDMConfig, ckpt["train_config"])
+    if (args.height or train.image_size) != train.image_size or (args.width or train.image_size) != train.image_size:
+        raise SystemExit("--from_eval samples at the training size (the inputs are the held-out images')")
+    f = ae.downsample_factor
+    items = train_ldm.eval_items(train, args.data, args.from_eval)
+    g = torch.Generator(device).manual_seed(args.seed)
+    start = time.perf_counter()
+    images = train_ldm.generate_from_items(
+        denoiser, schedule, ae, train, items, (train.image_size // f,) * 2, device, prediction=cfg.prediction,
+        steps=args.steps, eta=args.eta, method=args.sampler,
+        guidance_scale=args.cfg if denoiser.cond.cfg.kind != "none" else 1.0, generator=g)
+    seconds = time.perf_counter() - start
+    if train.task == "semantic":  # the map, each object in its class colour
+        palette = torch.tensor([[235, 235, 235]] + [COLORS[name.split(" ")[0]] for name in CLASS_NAMES])
+        inputs = label_image(items["seg"], palette)
+    elif train.task == "superres":  # the low-res input, blown up (bicubic) to the output size
+        inputs = upsample_bicubic(items["lowres"], images.shape[-2:])
+    else:  # a layout: the dataset's own rendering of it stands in
+        inputs = items["image"]
+    rows = [inputs, images] + ([items["image"]] if train.task != "generate" else [])
+    out = save_image_grid(torch.cat(rows), args.out, nrow=len(images))
+    scores = train_ldm.score_items(train, items, images) if train.dataset == "shapes" or train.task == "superres" \
+        else {}
+    print(f"{len(images)} images from held-out inputs in {seconds:.2f} s (cond={train.cond}, task={train.task}) "
+          f"-> {out}; {', '.join(f'{k} {v:.3f}' for k, v in scores.items() if v is not None)}")
+    return {"images": len(images), "seconds_per_image": seconds / len(images), "grid": str(out), **scores}
 
 
 def conditions(args: argparse.Namespace, kind: str, class_names: list[str], tokenizer) -> list:
@@ -77,6 +119,14 @@ def main(argv: list[str] | None = None) -> dict:
     denoiser, schedule, ae, cfg = load_ldm(ckpt, use_ema=not args.no_ema)
     denoiser, ae, schedule = denoiser.to(device), ae.to(device), schedule.to(device)
     kind = denoiser.cond.cfg.kind
+    task = ckpt.get("train_config", {}).get("task", "generate")
+    if kind == "layout" or task != "generate":
+        if not args.from_eval:
+            what = "layouts" if kind == "layout" else f"its {task} input"
+            raise SystemExit(f"this model generates from {what}: pass --from_eval N to use the first N held-out inputs")
+        return sample_from_inputs(args, ckpt, denoiser, schedule, ae, cfg, device)
+    if args.from_eval:
+        raise SystemExit("--from_eval is for layout / semantic / superres models; this one takes --prompt / --class")
     tokenizer = denoiser.cond.text.tokenizer if kind == "text" else None
     conds = conditions(args, kind, ckpt.get("class_names", []), tokenizer)
 

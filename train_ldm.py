@@ -305,40 +305,50 @@ def evaluate_task(denoiser: Denoiser, schedule, ae: Autoencoder, train: TrainLDM
     class: colour and shape accuracy of images generated for each class in turn."""
     n = train.eval_images
     g = torch.Generator(device).manual_seed(1234)
-    kw = dict(latent_size=latent_hw, prediction=diffusion.prediction, steps=train.eval_steps,
-              guidance_scale=train.eval_cfg, generator=g)
+    kw = dict(prediction=diffusion.prediction, steps=train.eval_steps, guidance_scale=train.eval_cfg, generator=g)
     start = time.perf_counter()
     result = {"images": n, "ddim_steps": train.eval_steps, "guidance_scale": train.eval_cfg}
     if train.cond == "class" and train.task == "generate":
         ids = torch.arange(n) % len(CLASS_NAMES)
-        images = torch.cat([generate(denoiser, schedule, ae, ids[i : i + 64].to(device), **kw).cpu()
+        images = torch.cat([generate(denoiser, schedule, ae, ids[i : i + 64].to(device), latent_size=latent_hw,
+                                     **kw).cpu()
                             for i in range(0, n, 64)])
         wanted = [[ShapeSpec(*CLASS_NAMES[c].split(" "), None)] for c in ids.tolist()]
         score = evaluate(images, wanted)
         result.update(class_accuracy=score.all, color=score.color, shape=score.shape)
     else:
         items = eval_items(train, data_root, n)
-        images = []
-        for i in range(0, n, 64):
-            part = {k: v[i : i + 64] for k, v in items.items() if v is not None}
-            condition, concat = item_conditions(train, part, latent_hw, device)
-            images.append(generate(denoiser, schedule, ae, condition, n=len(part["image"]), concat=concat, **kw).cpu())
-        images = torch.cat(images)
-        if train.task == "superres":
-            bicubic = upsample_bicubic(items["lowres"], images.shape[-2:])
-            result.update(psnr=psnr(images, items["image"]).mean().item(),
-                          ssim=ssim(images, items["image"]).mean().item(),
-                          bicubic_psnr=psnr(bicubic, items["image"]).mean().item(),
-                          bicubic_ssim=ssim(bicubic, items["image"]).mean().item())
-        else:  # the objects of each held-out layout / map
-            layouts = list(zip(items["box_classes"], items["boxes"], strict=True))
-            wanted = [specs_from_layout(c, b) for c, b in layouts]
-            boxes = [b[c >= 0].tolist() for c, b in layouts]
-            score = evaluate(images, wanted, boxes=boxes)
-            result.update(all=score.all, color=score.color, shape=score.shape, position=score.position,
-                          box_iou=score.iou)
+        images = generate_from_items(denoiser, schedule, ae, train, items, latent_hw, device, **kw)
+        result.update(score_items(train, items, images))
     result["seconds_per_image"] = (time.perf_counter() - start) / n
     return result
+
+
+def generate_from_items(denoiser: Denoiser, schedule, ae: Autoencoder, train: TrainLDMConfig, items: dict,
+                        latent_hw: tuple[int, int], device: torch.device, **generate_options) -> torch.Tensor:
+    """Images for held-out items (their layouts, maps or low-res inputs), 64 at a time."""
+    images = []
+    for i in range(0, len(items["image"]), 64):
+        part = {k: v[i : i + 64] for k, v in items.items() if v is not None}
+        condition, concat = item_conditions(train, part, latent_hw, device)
+        images.append(generate(denoiser, schedule, ae, condition, n=len(part["image"]), concat=concat,
+                               latent_size=latent_hw, **generate_options).cpu())
+    return torch.cat(images)
+
+
+def score_items(train: TrainLDMConfig, items: dict, images: torch.Tensor) -> dict:
+    """superres: PSNR / SSIM against the originals and the bicubic baseline's; layouts and maps: the shapes
+    evaluator's accuracy on the requested objects and the box IoU."""
+    if train.task == "superres":
+        bicubic = upsample_bicubic(items["lowres"], images.shape[-2:])
+        return {"psnr": psnr(images, items["image"]).mean().item(), "ssim": ssim(images, items["image"]).mean().item(),
+                "bicubic_psnr": psnr(bicubic, items["image"]).mean().item(),
+                "bicubic_ssim": ssim(bicubic, items["image"]).mean().item()}
+    layouts = list(zip(items["box_classes"], items["boxes"], strict=True))
+    wanted = [specs_from_layout(c, b) for c, b in layouts]
+    score = evaluate(images, wanted, boxes=[b[c >= 0].tolist() for c, b in layouts])
+    return {"all": score.all, "color": score.color, "shape": score.shape, "position": score.position,
+            "box_iou": score.iou}
 
 
 def evaluate_shapes(denoiser: Denoiser, schedule, ae: Autoencoder, train: TrainLDMConfig, diffusion: DiffusionConfig,

@@ -46,3 +46,13 @@ def show_images(images: torch.Tensor, *, nrow: int = 8, title: str | None = None
     if title:
         ax.set_title(title, fontsize=9)
     return ax
+
+
+def label_image(labels: torch.Tensor, palette: torch.Tensor) -> torch.Tensor:
+    """A label map (B, H, W) of ids 0..K-1 painted with palette (K, 3) uint8 colours -> (B, 3, H, W) in [-1, 1]."""
+    if labels.ndim != 3 or labels.dtype.is_floating_point:
+        raise ValueError(f"expected integer labels (B, H, W), got {labels.dtype} {tuple(labels.shape)}")
+    if int(labels.min()) < 0 or int(labels.max()) >= len(palette):
+        raise ValueError(f"label ids must be in 0..{len(palette) - 1}")
+    rgb = palette.float()[labels.long()]  # (B, H, W, 3)
+    return rgb.permute(0, 3, 1, 2) / 127.5 - 1.0
