@@ -10,6 +10,11 @@ Every field of TrainLDMConfig, UNetConfig and DiffusionConfig is a flag (`--step
 `--prediction v`, `--cond class`). Without --ae, the preset's autoencoder is trained first with
 train_ae.py into <out>/ae (that is what makes the shapes preset a one-command demo).
 
+The paper's other tasks (Secs. 4.3-4.4) on shapes: `--cond class` and `--cond layout` (boxes + classes as
+cross-attended tokens), `--task semantic` (the segmentation map concatenated to z_t) and `--task superres`
+(the image bicubic-downsampled by --sr_factor, concatenated); presets shapes_class, shapes_layout,
+shapes_semantic, shapes_sr. Each ends with its own score on held-out inputs (eval.json).
+
 Writes into --out: ldm.pt (a self-contained checkpoint: UNet, EMA, condition encoder, schedule,
 autoencoder, configs), latents.pt (the latent cache, keyed by the autoencoder file and data settings),
 log.jsonl, samples_XXXXXXX.png (fixed prompts, EMA weights) and, for the shapes dataset, eval.json
