@@ -25,7 +25,7 @@ import torch
 
 from tinyldm.ldm import generate, load_ldm
 from tinyldm.shapes import CLASS_NAMES, COLORS, evaluate, parse_prompt
-from tinyldm.tasks import upsample_bicubic
+from tinyldm.tasks import masked_image, upsample_bicubic
 from tinyldm.train_utils import build_config, load_checkpoint, pick_device, save_image_grid
 from tinyldm.viz import label_image
 
@@ -54,7 +54,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def sample_from_inputs(args: argparse.Namespace, ckpt: dict, denoiser, schedule, ae, cfg, device) -> dict:
-    """Generate from held-out layouts / maps / low-res images, show inputs | samples | originals, and score."""
+    """Generate from held-out layouts / maps / low-res / masked images, show inputs | samples | originals, score."""
     import train_ldm  # its eval_items / generate_from_items / score_items define the tasks' inputs and scores
 
     train = build_config(train_ldm.TrainLDMConfig, ckpt["train_config"])
@@ -74,12 +74,14 @@ def sample_from_inputs(args: argparse.Namespace, ckpt: dict, denoiser, schedule,
         inputs = label_image(items["seg"], palette)
     elif train.task == "superres":  # the low-res input, blown up (bicubic) to the output size
         inputs = upsample_bicubic(items["lowres"], images.shape[-2:])
+    elif train.task == "inpaint":  # the known pixels, the hole grey
+        inputs = masked_image(items["image"], items["mask"])
     else:  # a layout: the dataset's own rendering of it stands in
         inputs = items["image"]
     rows = [inputs, images] + ([items["image"]] if train.task != "generate" else [])
     out = save_image_grid(torch.cat(rows), args.out, nrow=len(images))
-    scores = train_ldm.score_items(train, items, images) if train.dataset == "shapes" or train.task == "superres" \
-        else {}
+    scores = train_ldm.score_items(train, items, images) \
+        if train.dataset == "shapes" or train.task in ("superres", "inpaint") else {}
     print(f"{len(images)} images from held-out inputs in {seconds:.2f} s (cond={train.cond}, task={train.task}) "
           f"-> {out}; {', '.join(f'{k} {v:.3f}' for k, v in scores.items() if v is not None)}")
     return {"images": len(images), "seconds_per_image": seconds / len(images), "grid": str(out), **scores}

@@ -12,8 +12,9 @@ train_ae.py into <out>/ae (that is what makes the shapes preset a one-command de
 
 The paper's other tasks (Secs. 4.3-4.4) on shapes: `--cond class` and `--cond layout` (boxes + classes as
 cross-attended tokens), `--task semantic` (the segmentation map concatenated to z_t) and `--task superres`
-(the image bicubic-downsampled by --sr_factor, concatenated); presets shapes_class, shapes_layout,
-shapes_semantic, shapes_sr. Each ends with its own score on held-out inputs (eval.json).
+(the image bicubic-downsampled by --sr_factor, concatenated), `--task inpaint` (the masked image's latent
+and the mask, concatenated; a fresh mask of boxes and strokes every step); presets shapes_class,
+shapes_layout, shapes_semantic, shapes_sr, shapes_inpaint. Each ends with its own score on held-out inputs (eval.json).
 
 Writes into --out: ldm.pt (a self-contained checkpoint: UNet, EMA, condition encoder, schedule,
 autoencoder, configs), latents.pt (the latent cache, keyed by the autoencoder file and data settings),
@@ -41,7 +42,17 @@ from tinyldm.latents import file_digest, latent_cache
 from tinyldm.ldm import Denoiser, DiffusionConfig, generate, ldm_loss, ldm_payload
 from tinyldm.metrics import psnr, ssim
 from tinyldm.shapes import CLASS_NAMES, ShapesConfig, ShapeSpec, all_prompts, evaluate, specs_from_layout
-from tinyldm.tasks import downsample, semantic_condition, superres_condition, upsample_bicubic
+from tinyldm.tasks import (
+    composite,
+    downsample,
+    inpaint_condition,
+    masked_image,
+    masked_psnr,
+    random_mask,
+    semantic_condition,
+    superres_condition,
+    upsample_bicubic,
+)
 from tinyldm.train_utils import (
     EMA,
     JSONLLogger,
@@ -68,7 +79,8 @@ class TrainLDMConfig:
     ae_preset: str = "shapes"  # what train_ae.py trains when --ae is not given
     ae_steps: int = 0  # its training steps when --ae is not given (0: the ae_preset's own)
     cond: str = "text"  # cross-attended: "text", "class", "layout" (shapes: boxes + classes) or "none"
-    task: str = "generate"  # concatenated: "generate" (nothing), "semantic" (shapes' map), "superres" (low-res x4)
+    task: str = "generate"  # concatenated: "generate" (nothing), "semantic" (shapes' map), "superres" (low-res x4),
+    #                         "inpaint" (the masked image's latent + the mask; a fresh random mask every step)
     max_shapes: int = 1  # shapes: objects per image (1..9); layouts and semantic maps want several
     sr_factor: int = 4  # superres: how much smaller the low-resolution input is
     max_tokens: int = 16  # text: <bos> + words + <eos>
@@ -111,6 +123,9 @@ PRESETS: dict[str, dict] = {
     "shapes_sr": dict(ae_steps=600, n_train=10_000, batch_size=32, steps=1400, lr=1e-3, channels=64,
                       channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), head_dim=32,
                       cond="none", task="superres", max_shapes=3, eval_cfg=1.0),
+    "shapes_inpaint": dict(ae_steps=600, n_train=10_000, batch_size=32, steps=1400, lr=1e-3, channels=64,
+                           channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), head_dim=32,
+                           cond="none", task="inpaint", max_shapes=3, eval_cfg=1.0),
     # GPU-sized: 64 px images -> 16 x 16 x 4 latents; the "tiny text-to-image" UNet of DESIGN.md.
     "shapes64": dict(image_size=64, ae_preset="shapes64", n_train=50_000, batch_size=256, steps=8000, lr=4e-4,
                      channels=128, channel_mult=(1, 2, 2), attn_resolutions=(16, 8), context_dim=256),
@@ -148,21 +163,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-TASKS = ("generate", "semantic", "superres")
+TASKS = ("generate", "semantic", "superres", "inpaint")
 
 
-class _WithLowRes(torch.utils.data.Dataset):
-    """A dataset whose items also hold `lowres`, the image bicubic-downsampled by `factor` (the SR input)."""
+class _TaskInputs(torch.utils.data.Dataset):
+    """A dataset whose items also hold what the task needs later: `lowres`, the image bicubic-downsampled by
+    `factor` (superres), or `pixels`, the image as uint8 (inpaint: masked and encoded afresh every step)."""
 
-    def __init__(self, dataset, factor: int):
-        self.dataset, self.factor = dataset, factor
+    def __init__(self, dataset, task: str, factor: int):
+        self.dataset, self.task, self.factor = dataset, task, factor
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, i: int) -> dict:
         item = self.dataset[i]
-        return {**item, "lowres": downsample(item["image"][None], self.factor)[0]}
+        if self.task == "superres":
+            return {**item, "lowres": downsample(item["image"][None], self.factor)[0]}
+        return {**item, "pixels": ((item["image"] + 1) * 127.5).round().to(torch.uint8)}
 
     def __getattr__(self, name):  # bad_files(), summary(), class_names, hflip of the wrapped dataset
         if name == "dataset":
@@ -206,19 +224,35 @@ def get_autoencoder(args: argparse.Namespace, train: TrainLDMConfig, out: Path) 
     return path
 
 
-TASK_KEEP = {"generate": (), "semantic": ("seg",), "superres": ("lowres",)}  # what the cache keeps per task
+TASK_KEEP = {"generate": (), "semantic": ("seg",), "superres": ("lowres",), "inpaint": ("pixels",)}  # cached
 
 
 def shapes_config(train: TrainLDMConfig, split: str) -> ShapesConfig:
     return ShapesConfig(image_size=train.image_size, n_train=train.n_train, max_shapes=train.max_shapes)
 
 
-def task_concat(train: TrainLDMConfig, items: dict, latent_hw: tuple[int, int]) -> torch.Tensor | None:
-    """The concat input (N, C_c, h, w) of every image for the task, from the cached (or eval) items."""
+def concat_channels(train: TrainLDMConfig, latent_channels: int) -> int:
+    return {"generate": 0, "semantic": len(CLASS_NAMES) + 1, "superres": 3, "inpaint": latent_channels + 1}[train.task]
+
+
+def inpaint_concat(ae: Autoencoder, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Sec. 4.5: the scaled latent of the masked image and the mask at latent size, (B, c + 1, h, w)."""
+    with torch.no_grad():
+        z_masked = ae.encode(masked_image(x, mask)) * ae.scale_factor
+    return inpaint_condition(z_masked, mask)
+
+
+def task_concat(train: TrainLDMConfig, items: dict, latent_hw: tuple[int, int],
+                ae: Autoencoder | None = None) -> torch.Tensor | None:
+    """The concat input (N, C_c, h, w) for the task, from cached or held-out items (inpaint: from their
+    `image` and `mask`, encoded by `ae`)."""
     if train.task == "semantic":
         return semantic_condition(items["seg"].long(), len(CLASS_NAMES), latent_hw)
     if train.task == "superres":
         return superres_condition(items["lowres"], latent_hw)
+    if train.task == "inpaint":
+        device = ae.scale_factor.device
+        return inpaint_concat(ae, items["image"].to(device), items["mask"].to(device))
     return None
 
 
@@ -232,8 +266,8 @@ def load_latents(ae: Autoencoder, ae_path: Path, train: TrainLDMConfig, data_roo
     dataset = make_dataset(data, "train", shapes=shapes)
     keep = ("caption", "class_id") + TASK_KEEP[train.task]
     keep += ("box_classes", "boxes") if train.cond == "layout" else ()
-    if train.task == "superres":
-        dataset = _WithLowRes(dataset, train.sr_factor)
+    if train.task in ("superres", "inpaint"):
+        dataset = _TaskInputs(dataset, train.task, train.sr_factor)
     key = {"autoencoder": file_digest(ae_path), "data": asdict(data), "shapes": asdict(shapes) if shapes else None,
            "sr_factor": train.sr_factor if train.task == "superres" else None}
     cached = latent_cache(dataset, lambda x: ae.encode(x.to(device)), path=out / "latents.pt", key=key,
@@ -284,12 +318,15 @@ def eval_items(train: TrainLDMConfig, data_root: str | None, n: int) -> dict:
     items = [dataset[i] for i in range(n)]
     out = {k: torch.stack([it[k] for it in items]) for k in ("image", "seg", "box_classes", "boxes") if k in items[0]}
     out["lowres"] = downsample(out["image"], train.sr_factor) if train.task == "superres" else None
+    if train.task == "inpaint":  # the same held-out masks every time
+        out["mask"] = random_mask(n, *out["image"].shape[-2:], generator=torch.Generator().manual_seed(1234))
     out["caption"] = [it.get("caption", "") for it in items]
     out["class_id"] = torch.tensor([it.get("class_id", -1) for it in items])
     return out
 
 
-def item_conditions(train: TrainLDMConfig, items: dict, latent_hw: tuple[int, int], device: torch.device):
+def item_conditions(train: TrainLDMConfig, items: dict, latent_hw: tuple[int, int], device: torch.device,
+                    ae: Autoencoder | None = None):
     """(condition, concat) for generating from held-out items: their layouts and their task inputs."""
     condition = None
     if train.cond == "text":
@@ -298,7 +335,7 @@ def item_conditions(train: TrainLDMConfig, items: dict, latent_hw: tuple[int, in
         condition = items["class_id"].to(device)
     elif train.cond == "layout":
         condition = {"box_classes": items["box_classes"].to(device), "boxes": items["boxes"].to(device)}
-    concat = task_concat(train, items, latent_hw)
+    concat = task_concat(train, items, latent_hw, ae)
     return condition, None if concat is None else concat.to(device)
 
 
@@ -331,14 +368,16 @@ def evaluate_task(denoiser: Denoiser, schedule, ae: Autoencoder, train: TrainLDM
 
 def generate_from_items(denoiser: Denoiser, schedule, ae: Autoencoder, train: TrainLDMConfig, items: dict,
                         latent_hw: tuple[int, int], device: torch.device, **generate_options) -> torch.Tensor:
-    """Images for held-out items (their layouts, maps or low-res inputs), 64 at a time."""
+    """Images for held-out items (their layouts, maps, low-res or masked inputs), 64 at a time. Inpainting:
+    the known pixels are pasted back (`composite`), so they are exactly the original's."""
     images = []
     for i in range(0, len(items["image"]), 64):
         part = {k: v[i : i + 64] for k, v in items.items() if v is not None}
-        condition, concat = item_conditions(train, part, latent_hw, device)
+        condition, concat = item_conditions(train, part, latent_hw, device, ae)
         images.append(generate(denoiser, schedule, ae, condition, n=len(part["image"]), concat=concat,
                                latent_size=latent_hw, **generate_options).cpu())
-    return torch.cat(images)
+    images = torch.cat(images)
+    return composite(images, items["image"], items["mask"]) if train.task == "inpaint" else images
 
 
 def score_items(train: TrainLDMConfig, items: dict, images: torch.Tensor) -> dict:
@@ -349,10 +388,18 @@ def score_items(train: TrainLDMConfig, items: dict, images: torch.Tensor) -> dic
         return {"psnr": psnr(images, items["image"]).mean().item(), "ssim": ssim(images, items["image"]).mean().item(),
                 "bicubic_psnr": psnr(bicubic, items["image"]).mean().item(),
                 "bicubic_ssim": ssim(bicubic, items["image"]).mean().item()}
+    result = {}
+    if train.task == "inpaint":  # PSNR inside the hole, against filling it with the masked image's grey
+        x, mask = items["image"], items["mask"]
+        result.update(hole_psnr=masked_psnr(images, x, mask).mean().item(),
+                      grey_fill_hole_psnr=masked_psnr(masked_image(x, mask), x, mask).mean().item(),
+                      mask_coverage=mask.mean().item())
+        if "box_classes" not in items:
+            return result
     layouts = list(zip(items["box_classes"], items["boxes"], strict=True))
     wanted = [specs_from_layout(c, b) for c, b in layouts]
     score = evaluate(images, wanted, boxes=[b[c >= 0].tolist() for c, b in layouts])
-    return {"all": score.all, "color": score.color, "shape": score.shape, "position": score.position,
+    return {**result, "all": score.all, "color": score.color, "shape": score.shape, "position": score.position,
             "box_iou": score.iou}
 
 
@@ -394,7 +441,8 @@ def main(argv: list[str] | None = None) -> dict:
     N, c, h, w = latents.shape
     print(f"latents: {N} x {c} x {h} x {w}, scale factor {scale:.4f} (1 / std from the autoencoder's data), "
           f"scaled std {float(latents.std()) * scale:.3f}")
-    concat_all = task_concat(train, conditions, (h, w))  # (N, C_c, h, w) or None: the task's image-like input
+    # The task's image-like input (N, C_c, h, w) for every training image; inpainting makes its own every step.
+    concat_all = task_concat(train, conditions, (h, w)) if train.task in ("semantic", "superres") else None
 
     # Stage two: UNet + condition encoder (trained jointly), EMA, AdamW with linear warm-up.
     cond_cfg = ConditionConfig(**stored["cond_config"]) if stored else make_condition_config(
@@ -402,7 +450,7 @@ def main(argv: list[str] | None = None) -> dict:
     cond_encoder = ConditionEncoder(cond_cfg)
     unet_cfg = UNetConfig(**{**unet_fields, "in_channels": c, "out_channels": c, "latent_size": h,
                              "context_dim": cond_encoder.context_dim,
-                             "concat_channels": 0 if concat_all is None else concat_all.shape[1]})
+                             "concat_channels": concat_channels(train, c)})
     denoiser = Denoiser(UNet(unet_cfg), cond_encoder).to(device)
     ema = EMA(denoiser, decay=train.ema_decay)
     schedule = diffusion.make_schedule().to(device)
@@ -428,9 +476,10 @@ def main(argv: list[str] | None = None) -> dict:
     flipped_dev = flipped.to(device) * scale if flipped is not None else None
     concat_dev = concat_all.to(device) if concat_all is not None else None
     concat_flipped_dev = concat_dev.flip(-1) if concat_dev is not None and flipped_dev is not None else None
+    pixels_dev = conditions["pixels"].to(device) if train.task == "inpaint" else None
     sample_cond, sample_concat = sample_prompts(train, class_names), None
     if train.cond == "layout" or train.task != "generate":  # the grids show the first 8 held-out inputs
-        sample_cond, sample_concat = item_conditions(train, eval_items(train, args.data, 8), (h, w), device)
+        sample_cond, sample_concat = item_conditions(train, eval_items(train, args.data, 8), (h, w), device, ae)
 
     def checkpoint(step: int) -> None:
         payload = ldm_payload(denoiser, ema.model, ae, diffusion, train.image_size)
@@ -455,6 +504,12 @@ def main(argv: list[str] | None = None) -> dict:
             flip = torch.rand(len(idx), 1, 1, 1, device=device) < 0.5
             z0 = torch.where(flip, flipped_dev[idx], z0)
             concat = torch.where(flip, concat_flipped_dev[idx], concat) if concat is not None else None
+        if pixels_dev is not None:  # inpainting: this step's masks (a function of the step: exact resume)
+            x = pixels_dev[idx].float() / 127.5 - 1
+            x = torch.where(flip, x.flip(-1), x) if flipped_dev is not None else x
+            masks = random_mask(len(idx), *x.shape[-2:], generator=torch.Generator().manual_seed(
+                train.seed * 1_000_003 + step))
+            concat = inpaint_concat(ae, x, masks.to(device))
         condition = None
         if train.cond == "text":
             condition = [conditions["caption"][i] for i in idx.tolist()]
@@ -503,7 +558,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"prompt faithfulness (color, shape and position all right): {result['prompt_faithfulness']:.1%} "
               f"over {result['images']} prompts [color {result['color']:.1%}, shape {result['shape']:.1%}, "
               f"position {result['position']:.1%}], {train.eval_steps} DDIM steps, guidance {train.eval_cfg}")
-    elif train.eval_images > 0 and (train.dataset == "shapes" or train.task == "superres") and (
+    elif train.eval_images > 0 and (train.dataset == "shapes" or train.task in ("superres", "inpaint")) and (
             train.cond in ("class", "layout") or train.task != "generate"):
         scores = evaluate_task(ema.model, schedule, ae, train, diffusion, (h, w), device, args.data)
         result.update(scores)

@@ -151,8 +151,9 @@ def test_task_inputs_in_the_cache_are_the_tasks_definitions(tmp_path, ae_path):
     assert (cache["conditions"]["seg"].amax(dim=(1, 2)) > 0).all()  # every image has objects in its map
 
 
-def test_resume_continues_exactly_with_a_task(tmp_path, ae_path):
-    flags = ["--cond", "layout", "--task", "semantic", "--max_shapes", "3"]
+@pytest.mark.parametrize("flags", [["--cond", "layout", "--task", "semantic", "--max_shapes", "3"],
+                                   ["--cond", "none", "--task", "inpaint"]])
+def test_resume_continues_exactly_with_a_task(tmp_path, ae_path, flags):
     run(tmp_path / "straight", ae_path, *flags, "--steps", "6")
     run(tmp_path / "split", ae_path, *flags, "--steps", "3")
     run(tmp_path / "split", ae_path, *flags, "--steps", "6", "--resume")
@@ -193,3 +194,22 @@ def test_label_image_paints_the_palette():
     assert img[0, :, 0, 1].tolist() == [1.0, -1.0, -1.0] and img[0, :, 1, 0].tolist() == [-1.0, -1.0, -1.0]
     with pytest.raises(ValueError, match="label ids"):
         label_image(labels + 1, palette)
+
+
+def test_inpainting_keeps_every_known_pixel(tmp_path, ae_path):
+    """After decoding, the known pixels are pasted back: exactly the original's, whatever the model made of
+    them; the hole is the model's. The model's input is the masked image's latent plus the mask (c + 1)."""
+    from tinyldm.ldm import load_ldm
+
+    run(tmp_path, ae_path, "--cond", "none", "--task", "inpaint", "--max_shapes", "3")
+    ckpt = load_checkpoint(tmp_path / "ldm.pt", kind="ldm")
+    denoiser, schedule, ae, cfg = load_ldm(ckpt)
+    assert ckpt["unet_config"]["concat_channels"] == ae.config.z_channels + 1
+    train = train_ldm.build_config(train_ldm.TrainLDMConfig, ckpt["train_config"])
+    items = train_ldm.eval_items(train, None, 4)
+    known = (items["mask"] == 0).expand_as(items["image"])
+    assert 0.1 <= items["mask"].mean() <= 0.6 and known.any()
+    images = train_ldm.generate_from_items(denoiser, schedule, ae, train, items, (8, 8), torch.device("cpu"),
+                                           steps=2, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(images[known], items["image"][known])
+    assert not torch.equal(images[~known], items["image"][~known])  # the hole is generated, not copied
