@@ -5,6 +5,7 @@
     python sample.py --ckpt runs/ldm-class/ldm.pt --class "red circle" --n 16
     python sample.py --ckpt runs/ldm-celeba64/ldm.pt --n 16 --height 128 --width 128   # beyond training size
     python sample.py --ckpt runs/ldm-shapes_semantic/ldm.pt --from_eval 8   # layout / map / low-res models
+    python sample.py --ckpt runs/ldm-shapes_semantic/ldm.pt --from_eval 4 --height 64 --width 64   # 2x2 mosaics
 
 Each --prompt (repeatable) or --class gets --n images; without either, the model samples
 unconditionally. Writes a grid (--out, one row per prompt) and, with --singles, one PNG per image.
@@ -25,7 +26,7 @@ import torch
 
 from tinyldm.ldm import generate, load_ldm
 from tinyldm.shapes import CLASS_NAMES, COLORS, evaluate, parse_prompt
-from tinyldm.tasks import masked_image, upsample_bicubic
+from tinyldm.tasks import masked_image, tile, untile, upsample_bicubic
 from tinyldm.train_utils import build_config, load_checkpoint, pick_device, save_image_grid
 from tinyldm.viz import label_image
 
@@ -58,16 +59,27 @@ def sample_from_inputs(args: argparse.Namespace, ckpt: dict, denoiser, schedule,
     import train_ldm  # its eval_items / generate_from_items / score_items define the tasks' inputs and scores
 
     train = build_config(train_ldm.TrainLDMConfig, ckpt["train_config"])
-    if (args.height or train.image_size) != train.image_size or (args.width or train.image_size) != train.image_size:
-        raise SystemExit("--from_eval samples at the training size (the inputs are the held-out images')")
+    size = train.image_size
+    H, W = args.height or size, args.width or size
+    k = H // size  # beyond the training size: each input is a k x k mosaic of held-out inputs (paper Fig. 9)
+    if H != W or H % size or (k > 1 and (denoiser.cond.cfg.kind != "none" or train.task == "generate")):
+        raise SystemExit(f"--from_eval samples at the training size ({size}) or, for semantic / superres / inpaint "
+                         f"models without a cross-attended condition, at a square multiple of it ({2 * size}, ...)")
     f = ae.downsample_factor
-    items = train_ldm.eval_items(train, args.data, args.from_eval)
+    items = train_ldm.eval_items(train, args.data, args.from_eval * k * k)
     g = torch.Generator(device).manual_seed(args.seed)
     start = time.perf_counter()
-    images = train_ldm.generate_from_items(
-        denoiser, schedule, ae, train, items, (train.image_size // f,) * 2, device, prediction=cfg.prediction,
-        steps=args.steps, eta=args.eta, method=args.sampler,
-        guidance_scale=args.cfg if denoiser.cond.cfg.kind != "none" else 1.0, generator=g)
+    options = dict(prediction=cfg.prediction, steps=args.steps, eta=args.eta, method=args.sampler,
+                   guidance_scale=args.cfg if denoiser.cond.cfg.kind != "none" else 1.0, generator=g)
+    if k == 1:
+        images = train_ldm.generate_from_items(denoiser, schedule, ae, train, items, (size // f,) * 2, device,
+                                               **options)
+    else:  # generate the mosaics at k times the latent size, then cut them back into tiles to score
+        spatial = ("image", "seg", "lowres", "mask")
+        mosaic = {key: tile(v, k) for key, v in items.items() if key in spatial and v is not None}
+        big = train_ldm.generate_from_items(denoiser, schedule, ae, train, mosaic, (k * size // f,) * 2, device,
+                                            **options)
+        images = untile(big, k)
     seconds = time.perf_counter() - start
     if train.task == "semantic":  # the map, each object in its class colour
         palette = torch.tensor([[235, 235, 235]] + [COLORS[name.split(" ")[0]] for name in CLASS_NAMES])
@@ -79,11 +91,14 @@ def sample_from_inputs(args: argparse.Namespace, ckpt: dict, denoiser, schedule,
     else:  # a layout: the dataset's own rendering of it stands in
         inputs = items["image"]
     rows = [inputs, images] + ([items["image"]] if train.task != "generate" else [])
-    out = save_image_grid(torch.cat(rows), args.out, nrow=len(images))
+    if k > 1:  # show the mosaics: inputs | samples | originals, one column per big image
+        rows = [tile(r, k) for r in rows]
+    out = save_image_grid(torch.cat(rows), args.out, nrow=len(rows[0]))
     scores = train_ldm.score_items(train, items, images) \
         if train.dataset == "shapes" or train.task in ("superres", "inpaint") else {}
-    print(f"{len(images)} images from held-out inputs in {seconds:.2f} s (cond={train.cond}, task={train.task}) "
-          f"-> {out}; {', '.join(f'{k} {v:.3f}' for k, v in scores.items() if v is not None)}")
+    print(f"{len(images)} images from held-out inputs{f' (in {k}x{k} mosaics of {H}x{W})' if k > 1 else ''} in "
+          f"{seconds:.2f} s (cond={train.cond}, task={train.task}) "
+          f"-> {out}; {', '.join(f'{name} {v:.3f}' for name, v in scores.items() if v is not None)}")
     return {"images": len(images), "seconds_per_image": seconds / len(images), "grid": str(out), **scores}
 
 

@@ -250,3 +250,18 @@ def test_masked_psnr_is_psnr_over_the_hole_pixels():
     torch.testing.assert_close(masked_psnr(x, y, torch.ones_like(m)), psnr(x, y))  # the whole image: plain PSNR
     with pytest.raises(ValueError):
         masked_psnr(x, y, torch.zeros_like(m))  # no hole
+
+
+def test_tile_builds_mosaics_row_by_row_and_untile_inverts_it():
+    from tinyldm.tasks import tile, untile
+
+    x = torch.arange(8 * 3 * 2 * 2, dtype=torch.float32).reshape(8, 3, 2, 2)
+    m = tile(x, 2)
+    assert m.shape == (2, 3, 4, 4)
+    assert torch.equal(m[0, :, :2, :2], x[0]) and torch.equal(m[0, :, :2, 2:], x[1])
+    assert torch.equal(m[0, :, 2:, :2], x[2]) and torch.equal(m[1, :, 2:, 2:], x[7])
+    assert torch.equal(untile(m, 2), x)
+    seg = torch.randint(0, 5, (9, 4, 4))  # maps have no channel axis
+    assert torch.equal(untile(tile(seg, 3), 3), seg) and tile(seg, 3).shape == (1, 12, 12)
+    with pytest.raises(ValueError, match="multiple of k"):
+        tile(x[:3], 2)

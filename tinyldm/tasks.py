@@ -313,3 +313,27 @@ def masked_psnr(x: Tensor, y: Tensor, mask: Tensor) -> Tensor:
     se = ((_to_unit(x) - _to_unit(y)).pow(2) * mask).sum(dim=(1, 2, 3))
     mse = se / n
     return 10.0 * torch.log10(1.0 / mse.clamp_min(1e-12))
+
+
+# --- Beyond the training size (Sec. 4.3.2, Fig. 9) -----------------------------------------------------------
+
+def tile(x: Tensor, k: int) -> Tensor:
+    """(B * k * k, ...,  H, W) -> (B, ..., k * H, k * W): each run of k * k images (or maps, masks) becomes one
+    k x k mosaic, row by row. A convolutional model conditioned on the mosaic sees a larger scene at the
+    training scale, which is how the paper samples its semantic-synthesis model beyond 256 px."""
+    if k < 1 or x.shape[0] % (k * k):
+        raise ValueError(f"need a multiple of k * k = {k * k} images to tile, got {x.shape[0]}")
+    *lead, H, W = x.shape[1:]
+    x = x.reshape(-1, k, k, *lead, H, W)  # (B, k, k, ..., H, W)
+    x = x.movedim((1, 2), (-4, -2))  # (B, ..., k, H, k, W)
+    return x.reshape(x.shape[0], *lead, k * H, k * W)
+
+
+def untile(x: Tensor, k: int) -> Tensor:
+    """The inverse of `tile`: (B, ..., k * H, k * W) -> (B * k * k, ..., H, W)."""
+    *lead, kH, kW = x.shape[1:]
+    if kH % k or kW % k:
+        raise ValueError(f"a {kH} x {kW} mosaic does not split into {k} x {k} tiles")
+    x = x.reshape(x.shape[0], *lead, k, kH // k, k, kW // k)  # (B, ..., k, H, k, W)
+    x = x.movedim((-4, -2), (1, 2))  # (B, k, k, ..., H, W)
+    return x.reshape(-1, *lead, kH // k, kW // k)
