@@ -170,7 +170,8 @@ def main(argv: list[str] | None = None) -> dict:
         for j, img in enumerate(images):
             save_image_grid(img[None], out.with_name(f"{out.stem}_{j:03d}.png"), nrow=1, pad=0)
     print(f"{len(images)} images ({H}x{W}) in {seconds:.2f} s: {seconds / len(images) * 1000:.0f} ms per image "
-          f"({args.sampler}, {args.steps} steps, guidance {args.cfg}, device {device}) -> {out}")
+          f"({args.sampler}, {args.steps} steps, guidance {args.cfg if kind != 'none' else 'none'}, device {device}) "
+          f"-> {out}")
     result = {"images": len(images), "seconds_per_image": seconds / len(images), "grid": str(out)}
     if kind == "text" and args.prompt and ckpt["train_config"].get("dataset") == "shapes":
         try:
