@@ -11,9 +11,10 @@ Each --prompt (repeatable) or --class gets --n images; without either, the model
 unconditionally. Writes a grid (--out, one row per prompt) and, with --singles, one PNG per image.
 For models trained on the shapes dataset, it also prints the exact evaluator's prompt faithfulness.
 
-Models that generate from an input (layouts, semantic maps, low-resolution images: train_ldm.py's
---cond layout and --task semantic / superres) take theirs from the first --from_eval N held-out
-images; the grid's first row shows the inputs, the second the samples, the last the originals.
+Models that generate from an input (layouts, semantic maps, low-resolution or masked images:
+train_ldm.py's --cond layout and --task semantic / superres / inpaint) take theirs from the first
+--from_eval N held-out images; the grid's first row shows the inputs, the second the samples, the last
+the originals. With --height/--width a multiple k of the training size, each input is a k x k mosaic.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--singles", action="store_true", help="also write each image as <out stem>_NNN.png")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
     p.add_argument("--from_eval", type=int, default=0, metavar="N",
-                   help="layout / semantic / superres models: generate from the first N held-out inputs")
+                   help="layout / semantic / superres / inpaint models: generate from N held-out inputs")
     p.add_argument("--data", default=None, help="--from_eval on a folder / celeba / lsun dataset: its path")
     p.add_argument("--device", default="auto")
     return p.parse_args(argv)
@@ -143,7 +144,8 @@ def main(argv: list[str] | None = None) -> dict:
             raise SystemExit(f"this model generates from {what}: pass --from_eval N to use the first N held-out inputs")
         return sample_from_inputs(args, ckpt, denoiser, schedule, ae, cfg, device)
     if args.from_eval:
-        raise SystemExit("--from_eval is for layout / semantic / superres models; this one takes --prompt / --class")
+        raise SystemExit("--from_eval is for layout / semantic / superres / inpaint models; this one takes --prompt / "
+                         "--class")
     tokenizer = denoiser.cond.text.tokenizer if kind == "text" else None
     conds = conditions(args, kind, ckpt.get("class_names", []), tokenizer)
 

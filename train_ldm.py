@@ -18,8 +18,8 @@ shapes_layout, shapes_semantic, shapes_sr, shapes_inpaint. Each ends with its ow
 
 Writes into --out: ldm.pt (a self-contained checkpoint: UNet, EMA, condition encoder, schedule,
 autoencoder, configs), latents.pt (the latent cache, keyed by the autoencoder file and data settings),
-log.jsonl, samples_XXXXXXX.png (fixed prompts, EMA weights) and, for the shapes dataset, eval.json
-with the prompt faithfulness measured by the shapes evaluator.
+log.jsonl, samples_XXXXXXX.png (fixed prompts or held-out inputs, EMA weights) and eval.json: for the
+shapes dataset the prompt faithfulness measured by the shapes evaluator, or the task's own score.
 """
 
 from __future__ import annotations
@@ -104,28 +104,22 @@ class TrainLDMConfig:
     eval_cfg: float = 3.0  # classifier-free guidance scale for the grids and the evaluation
 
 
+# CPU-sized: 32 px images, f = 4 autoencoder -> 8 x 8 x 4 latents.
+# Sized so that the whole demo (autoencoder, LDM, evaluation) fits in 10 minutes on 2 CPU cores.
+# The autoencoder gets 600 steps instead of its preset's 800 (~35 dB instead of 36; plenty for the LDM).
+_SHAPES_DEMO = dict(ae_steps=600, n_train=10_000, batch_size=32, steps=1400, lr=1e-3, channels=64, channel_mult=(1, 2),
+                    num_res_blocks=1, attn_resolutions=(8, 4), head_dim=32, context_dim=128)
+# The concat-conditioned tasks have no cross-attention to a condition: self-attention at 4 x 4 only, no guidance.
+_SHAPES_CONCAT = {**_SHAPES_DEMO, "cond": "none", "attn_resolutions": (4,), "max_shapes": 3, "eval_cfg": 1.0}
+
 PRESETS: dict[str, dict] = {
-    # CPU-sized: 32 px images, f = 4 autoencoder -> 8 x 8 x 4 latents.
-    # Sized so that the whole demo (autoencoder, LDM, evaluation) fits in 10 minutes on 2 CPU cores.
-    # The autoencoder gets 600 steps instead of its preset's 800 (~35 dB instead of 36; plenty for the LDM).
-    "shapes": dict(ae_steps=600, n_train=10_000, batch_size=32, steps=1400, lr=1e-3, channels=64, channel_mult=(1, 2),
-                   num_res_blocks=1, attn_resolutions=(8, 4), head_dim=32, context_dim=128),
-    # The paper's other tasks on shapes (Sec. 4.3-4.4), same model size as the demo; up to 3 objects per image.
-    "shapes_class": dict(ae_steps=600, n_train=10_000, batch_size=32, steps=1400, lr=1e-3, channels=64,
-                         channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8, 4), head_dim=32,
-                         context_dim=128, cond="class"),
-    "shapes_layout": dict(ae_steps=600, n_train=10_000, batch_size=32, steps=1400, lr=1e-3, channels=64,
-                          channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8, 4), head_dim=32,
-                          context_dim=128, cond="layout", max_shapes=3),
-    "shapes_semantic": dict(ae_steps=600, n_train=10_000, batch_size=32, steps=1400, lr=1e-3, channels=64,
-                            channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), head_dim=32,
-                            cond="none", task="semantic", max_shapes=3, eval_cfg=1.0),
-    "shapes_sr": dict(ae_steps=600, n_train=10_000, batch_size=32, steps=1400, lr=1e-3, channels=64,
-                      channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), head_dim=32,
-                      cond="none", task="superres", max_shapes=3, eval_cfg=1.0),
-    "shapes_inpaint": dict(ae_steps=600, n_train=10_000, batch_size=32, steps=1400, lr=1e-3, channels=64,
-                           channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), head_dim=32,
-                           cond="none", task="inpaint", max_shapes=3, eval_cfg=1.0),
+    "shapes": _SHAPES_DEMO,
+    # The paper's other tasks on shapes (Sec. 4.3-4.5), same model size as the demo; up to 3 objects per image.
+    "shapes_class": {**_SHAPES_DEMO, "cond": "class"},
+    "shapes_layout": {**_SHAPES_DEMO, "cond": "layout", "max_shapes": 3},
+    "shapes_semantic": {**_SHAPES_CONCAT, "task": "semantic"},
+    "shapes_sr": {**_SHAPES_CONCAT, "task": "superres"},
+    "shapes_inpaint": {**_SHAPES_CONCAT, "task": "inpaint"},
     # GPU-sized: 64 px images -> 16 x 16 x 4 latents; the "tiny text-to-image" UNet of DESIGN.md.
     "shapes64": dict(image_size=64, ae_preset="shapes64", n_train=50_000, batch_size=256, steps=8000, lr=4e-4,
                      channels=128, channel_mult=(1, 2, 2), attn_resolutions=(16, 8), context_dim=256),
@@ -227,7 +221,7 @@ def get_autoencoder(args: argparse.Namespace, train: TrainLDMConfig, out: Path) 
 TASK_KEEP = {"generate": (), "semantic": ("seg",), "superres": ("lowres",), "inpaint": ("pixels",)}  # cached
 
 
-def shapes_config(train: TrainLDMConfig, split: str) -> ShapesConfig:
+def shapes_config(train: TrainLDMConfig) -> ShapesConfig:
     return ShapesConfig(image_size=train.image_size, n_train=train.n_train, max_shapes=train.max_shapes)
 
 
@@ -262,7 +256,7 @@ def load_latents(ae: Autoencoder, ae_path: Path, train: TrainLDMConfig, data_roo
     flipped twins (or None), the conditions, and the class names."""
     data = DataConfig(source=train.dataset, root=data_root or "", image_size=train.image_size, hflip=False,
                       max_images=train.n_train or None)
-    shapes = shapes_config(train, "train") if train.dataset == "shapes" else None
+    shapes = shapes_config(train) if train.dataset == "shapes" else None
     dataset = make_dataset(data, "train", shapes=shapes)
     keep = ("caption", "class_id") + TASK_KEEP[train.task]
     keep += ("box_classes", "boxes") if train.cond == "layout" else ()
@@ -311,7 +305,7 @@ def sample_prompts(train: TrainLDMConfig, class_names: list[str], n: int = 8):
 def eval_items(train: TrainLDMConfig, data_root: str | None, n: int) -> dict:
     """The first n held-out items, collated (images, captions, class ids, layouts, maps, low-res inputs)."""
     data = DataConfig(source=train.dataset, root=data_root or "", image_size=train.image_size, hflip=False)
-    shapes = shapes_config(train, "eval") if train.dataset == "shapes" else None
+    shapes = shapes_config(train) if train.dataset == "shapes" else None
     dataset = make_dataset(data, "eval", shapes=shapes)
     if len(dataset) < n:
         raise SystemExit(f"the held-out split has {len(dataset)} images, fewer than the {n} asked for")
@@ -341,9 +335,7 @@ def item_conditions(train: TrainLDMConfig, items: dict, latent_hw: tuple[int, in
 
 def evaluate_task(denoiser: Denoiser, schedule, ae: Autoencoder, train: TrainLDMConfig, diffusion: DiffusionConfig,
                   latent_hw: tuple[int, int], device: torch.device, data_root: str | None) -> dict:
-    """The number that says how well the task worked, on `eval_images` held-out items:
-    layout / semantic: the evaluator's colour, shape, position accuracy and box IoU against the requested objects;
-    superres: PSNR / SSIM against the original, next to the bicubic upsampling of the same input;
+    """The number that says how well the task worked, on `eval_images` held-out items (see `score_items`);
     class: colour and shape accuracy of images generated for each class in turn."""
     n = train.eval_images
     g = torch.Generator(device).manual_seed(1234)
@@ -381,8 +373,9 @@ def generate_from_items(denoiser: Denoiser, schedule, ae: Autoencoder, train: Tr
 
 
 def score_items(train: TrainLDMConfig, items: dict, images: torch.Tensor) -> dict:
-    """superres: PSNR / SSIM against the originals and the bicubic baseline's; layouts and maps: the shapes
-    evaluator's accuracy on the requested objects and the box IoU."""
+    """superres: PSNR / SSIM against the originals and the bicubic baseline's; inpaint: PSNR inside the hole
+    against a grey fill's; layouts, maps and inpainted shapes: the evaluator's accuracy on the held-out
+    objects and the box IoU."""
     if train.task == "superres":
         bicubic = upsample_bicubic(items["lowres"], images.shape[-2:])
         return {"psnr": psnr(images, items["image"]).mean().item(), "ssim": ssim(images, items["image"]).mean().item(),
