@@ -27,8 +27,9 @@ import torch
 
 from tinyldm.ldm import generate, load_ldm
 from tinyldm.shapes import CLASS_NAMES, COLORS, evaluate, parse_prompt
+from tinyldm.task_inputs import TaskSpec, data_configs, generate_from_items, heldout_items, scorable, score_items
 from tinyldm.tasks import masked_image, tile, untile, upsample_bicubic
-from tinyldm.train_utils import build_config, load_checkpoint, pick_device, save_image_grid
+from tinyldm.train_utils import load_checkpoint, pick_device, save_image_grid
 from tinyldm.viz import label_image
 
 
@@ -57,48 +58,46 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def sample_from_inputs(args: argparse.Namespace, ckpt: dict, denoiser, schedule, ae, cfg, device) -> dict:
     """Generate from held-out layouts / maps / low-res / masked images, show inputs | samples | originals, score."""
-    import train_ldm  # its eval_items / generate_from_items / score_items define the tasks' inputs and scores
-
-    train = build_config(train_ldm.TrainLDMConfig, ckpt["train_config"])
-    size = train.image_size
+    train = ckpt["train_config"]
+    spec = TaskSpec.from_config(train)
+    size = train["image_size"]
     H, W = args.height or size, args.width or size
     k = H // size  # beyond the training size: each input is a k x k mosaic of held-out inputs (paper Fig. 9)
-    if H != W or H % size or (k > 1 and (denoiser.cond.cfg.kind != "none" or train.task == "generate")):
+    if H != W or H % size or (k > 1 and (denoiser.cond.cfg.kind != "none" or not spec.has_concat)):
         raise SystemExit(f"--from_eval samples at the training size ({size}) or, for semantic / superres / inpaint "
                          f"models without a cross-attended condition, at a square multiple of it ({2 * size}, ...)")
     f = ae.downsample_factor
-    items = train_ldm.eval_items(train, args.data, args.from_eval * k * k)
+    items = heldout_items(spec, *data_configs(train, args.data), args.from_eval * k * k)
     g = torch.Generator(device).manual_seed(args.seed)
     start = time.perf_counter()
     options = dict(prediction=cfg.prediction, steps=args.steps, eta=args.eta, method=args.sampler,
                    guidance_scale=args.cfg if denoiser.cond.cfg.kind != "none" else 1.0, generator=g)
     if k == 1:
-        images = train_ldm.generate_from_items(denoiser, schedule, ae, train, items, (size // f,) * 2, device,
+        images = generate_from_items(denoiser, schedule, ae, spec, items, (size // f,) * 2, device,
                                                **options)
     else:  # generate the mosaics at k times the latent size, then cut them back into tiles to score
         spatial = ("image", "seg", "lowres", "mask")
         mosaic = {key: tile(v, k) for key, v in items.items() if key in spatial and v is not None}
-        big = train_ldm.generate_from_items(denoiser, schedule, ae, train, mosaic, (k * size // f,) * 2, device,
+        big = generate_from_items(denoiser, schedule, ae, spec, mosaic, (k * size // f,) * 2, device,
                                             **options)
         images = untile(big, k)
     seconds = time.perf_counter() - start
-    if train.task == "semantic":  # the map, each object in its class colour
+    if spec.task == "semantic":  # the map, each object in its class colour
         palette = torch.tensor([[235, 235, 235]] + [COLORS[name.split(" ")[0]] for name in CLASS_NAMES])
         inputs = label_image(items["seg"], palette)
-    elif train.task == "superres":  # the low-res input, blown up (bicubic) to the output size
+    elif spec.task == "superres":  # the low-res input, blown up (bicubic) to the output size
         inputs = upsample_bicubic(items["lowres"], images.shape[-2:])
-    elif train.task == "inpaint":  # the known pixels, the hole grey
+    elif spec.task == "inpaint":  # the known pixels, the hole grey
         inputs = masked_image(items["image"], items["mask"])
     else:  # a layout: the dataset's own rendering of it stands in
         inputs = items["image"]
-    rows = [inputs, images] + ([items["image"]] if train.task != "generate" else [])
+    rows = [inputs, images] + ([items["image"]] if spec.has_concat else [])
     if k > 1:  # show the mosaics: inputs | samples | originals, one column per big image
         rows = [tile(r, k) for r in rows]
     out = save_image_grid(torch.cat(rows), args.out, nrow=len(rows[0]))
-    scores = train_ldm.score_items(train, items, images) \
-        if train.dataset == "shapes" or train.task in ("superres", "inpaint") else {}
+    scores = score_items(spec, items, images) if scorable(spec, train["dataset"]) else {}
     print(f"{len(images)} images from held-out inputs{f' (in {k}x{k} mosaics of {H}x{W})' if k > 1 else ''} in "
-          f"{seconds:.2f} s (cond={train.cond}, task={train.task}) "
+          f"{seconds:.2f} s (cond={spec.cond}, task={spec.task}) "
           f"-> {out}; {', '.join(f'{name} {v:.3f}' for name, v in scores.items() if v is not None)}")
     return {"images": len(images), "seconds_per_image": seconds / len(images), "grid": str(out), **scores}
 

@@ -37,22 +37,27 @@ from tqdm import tqdm
 
 from tinyldm.autoencoder import Autoencoder
 from tinyldm.conditioning import ConditionConfig, ConditionEncoder, Tokenizer
-from tinyldm.data import DataConfig, make_dataset
+from tinyldm.data import make_dataset
 from tinyldm.latents import file_digest, latent_cache
 from tinyldm.ldm import Denoiser, DiffusionConfig, generate, ldm_loss, ldm_payload
-from tinyldm.metrics import psnr, ssim
-from tinyldm.shapes import CLASS_NAMES, ShapesConfig, ShapeSpec, all_prompts, evaluate, specs_from_layout
-from tinyldm.tasks import (
-    composite,
-    downsample,
-    inpaint_condition,
-    masked_image,
-    masked_psnr,
-    random_mask,
-    semantic_condition,
-    superres_condition,
-    upsample_bicubic,
+from tinyldm.shapes import CLASS_NAMES, ShapeSpec, all_prompts, evaluate
+from tinyldm.task_inputs import (
+    CONDS,
+    TASKS,
+    TaskInputs,
+    TaskSpec,
+    cache_keys,
+    concat_channels,
+    data_configs,
+    generate_from_items,
+    heldout_items,
+    inpaint_concat,
+    item_conditions,
+    scorable,
+    score_items,
+    task_concat,
 )
+from tinyldm.tasks import random_mask
 from tinyldm.train_utils import (
     EMA,
     JSONLLogger,
@@ -157,39 +162,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-TASKS = ("generate", "semantic", "superres", "inpaint")
-
-
-class _TaskInputs(torch.utils.data.Dataset):
-    """A dataset whose items also hold what the task needs later: `lowres`, the image bicubic-downsampled by
-    `factor` (superres), or `pixels`, the image as uint8 (inpaint: masked and encoded afresh every step)."""
-
-    def __init__(self, dataset, task: str, factor: int):
-        self.dataset, self.task, self.factor = dataset, task, factor
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, i: int) -> dict:
-        item = self.dataset[i]
-        if self.task == "superres":
-            return {**item, "lowres": downsample(item["image"][None], self.factor)[0]}
-        return {**item, "pixels": ((item["image"] + 1) * 127.5).round().to(torch.uint8)}
-
-    def __getattr__(self, name):  # bad_files(), summary(), class_names, hflip of the wrapped dataset
-        if name == "dataset":
-            raise AttributeError(name)
-        return getattr(self.dataset, name)
-
-
 def resolve_configs(args: argparse.Namespace, stored: dict | None) -> tuple[TrainLDMConfig, dict, DiffusionConfig]:
     """Preset (+ smoke) < checkpoint < command line. Returns the train config, the UNet fields the user
     chose (the latent shape and context width are filled in from the autoencoder and condition later)."""
     base = {**PRESETS[args.preset], **(SMOKE if args.smoke else {})}
     layers = [base] + ([stored] if stored else []) + [vars(args)]
     train = build_config(TrainLDMConfig, *layers)
-    if train.cond not in ("text", "class", "layout", "none"):
-        raise SystemExit(f"--cond must be text, class, layout or none, got {train.cond!r}")
+    if train.cond not in CONDS:
+        raise SystemExit(f"--cond must be one of {', '.join(CONDS)}, got {train.cond!r}")
     if train.task not in TASKS:
         raise SystemExit(f"--task must be one of {', '.join(TASKS)}, got {train.task!r}")
     if (train.cond == "layout" or train.task == "semantic") and train.dataset != "shapes":
@@ -218,50 +198,18 @@ def get_autoencoder(args: argparse.Namespace, train: TrainLDMConfig, out: Path) 
     return path
 
 
-TASK_KEEP = {"generate": (), "semantic": ("seg",), "superres": ("lowres",), "inpaint": ("pixels",)}  # cached
-
-
-def shapes_config(train: TrainLDMConfig) -> ShapesConfig:
-    return ShapesConfig(image_size=train.image_size, n_train=train.n_train, max_shapes=train.max_shapes)
-
-
-def concat_channels(train: TrainLDMConfig, latent_channels: int) -> int:
-    return {"generate": 0, "semantic": len(CLASS_NAMES) + 1, "superres": 3, "inpaint": latent_channels + 1}[train.task]
-
-
-def inpaint_concat(ae: Autoencoder, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Sec. 4.5: the scaled latent of the masked image and the mask at latent size, (B, c + 1, h, w)."""
-    with torch.no_grad():
-        z_masked = ae.encode(masked_image(x, mask)) * ae.scale_factor
-    return inpaint_condition(z_masked, mask)
-
-
-def task_concat(train: TrainLDMConfig, items: dict, latent_hw: tuple[int, int],
-                ae: Autoencoder | None = None) -> torch.Tensor | None:
-    """The concat input (N, C_c, h, w) for the task, from cached or held-out items (inpaint: from their
-    `image` and `mask`, encoded by `ae`)."""
-    if train.task == "semantic":
-        return semantic_condition(items["seg"].long(), len(CLASS_NAMES), latent_hw)
-    if train.task == "superres":
-        return superres_condition(items["lowres"], latent_hw)
-    if train.task == "inpaint":
-        device = ae.scale_factor.device
-        return inpaint_concat(ae, items["image"].to(device), items["mask"].to(device))
-    return None
+def task_spec(train: TrainLDMConfig) -> TaskSpec:
+    return TaskSpec(task=train.task, cond=train.cond, sr_factor=train.sr_factor)
 
 
 def load_latents(ae: Autoencoder, ae_path: Path, train: TrainLDMConfig, data_root: str | None, out: Path,
                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None, dict, list[str]]:
     """Encode the training set once (cached in <out>/latents.pt) -> unscaled latents (N, c, h, w), their
     flipped twins (or None), the conditions, and the class names."""
-    data = DataConfig(source=train.dataset, root=data_root or "", image_size=train.image_size, hflip=False,
-                      max_images=train.n_train or None)
-    shapes = shapes_config(train) if train.dataset == "shapes" else None
-    dataset = make_dataset(data, "train", shapes=shapes)
-    keep = ("caption", "class_id") + TASK_KEEP[train.task]
-    keep += ("box_classes", "boxes") if train.cond == "layout" else ()
-    if train.task in ("superres", "inpaint"):
-        dataset = _TaskInputs(dataset, train.task, train.sr_factor)
+    data, shapes = data_configs(asdict(train), data_root)
+    spec = task_spec(train)
+    dataset = TaskInputs.wrap(make_dataset(data, "train", shapes=shapes), spec)
+    keep = cache_keys(spec)
     key = {"autoencoder": file_digest(ae_path), "data": asdict(data), "shapes": asdict(shapes) if shapes else None,
            "sr_factor": train.sr_factor if train.task == "superres" else None}
     cached = latent_cache(dataset, lambda x: ae.encode(x.to(device)), path=out / "latents.pt", key=key,
@@ -302,41 +250,10 @@ def sample_prompts(train: TrainLDMConfig, class_names: list[str], n: int = 8):
     return None
 
 
-def eval_items(train: TrainLDMConfig, data_root: str | None, n: int) -> dict:
-    """The first n held-out items, collated (images, captions, class ids, layouts, maps, low-res inputs)."""
-    data = DataConfig(source=train.dataset, root=data_root or "", image_size=train.image_size, hflip=False)
-    shapes = shapes_config(train) if train.dataset == "shapes" else None
-    dataset = make_dataset(data, "eval", shapes=shapes)
-    if len(dataset) < n:
-        raise SystemExit(f"the held-out split has {len(dataset)} images, fewer than the {n} asked for")
-    items = [dataset[i] for i in range(n)]
-    out = {k: torch.stack([it[k] for it in items]) for k in ("image", "seg", "box_classes", "boxes") if k in items[0]}
-    out["lowres"] = downsample(out["image"], train.sr_factor) if train.task == "superres" else None
-    if train.task == "inpaint":  # the same held-out masks every time
-        out["mask"] = random_mask(n, *out["image"].shape[-2:], generator=torch.Generator().manual_seed(1234))
-    out["caption"] = [it.get("caption", "") for it in items]
-    out["class_id"] = torch.tensor([it.get("class_id", -1) for it in items])
-    return out
-
-
-def item_conditions(train: TrainLDMConfig, items: dict, latent_hw: tuple[int, int], device: torch.device,
-                    ae: Autoencoder | None = None):
-    """(condition, concat) for generating from held-out items: their layouts and their task inputs."""
-    condition = None
-    if train.cond == "text":
-        condition = list(items["caption"])
-    elif train.cond == "class":
-        condition = items["class_id"].to(device)
-    elif train.cond == "layout":
-        condition = {"box_classes": items["box_classes"].to(device), "boxes": items["boxes"].to(device)}
-    concat = task_concat(train, items, latent_hw, ae)
-    return condition, None if concat is None else concat.to(device)
-
-
 def evaluate_task(denoiser: Denoiser, schedule, ae: Autoencoder, train: TrainLDMConfig, diffusion: DiffusionConfig,
                   latent_hw: tuple[int, int], device: torch.device, data_root: str | None) -> dict:
-    """The number that says how well the task worked, on `eval_images` held-out items (see `score_items`);
-    class: colour and shape accuracy of images generated for each class in turn."""
+    """The number that says how well the task worked, on `eval_images` held-out items (see
+    `task_inputs.score_items`); class: colour and shape accuracy of images generated for each class in turn."""
     n = train.eval_images
     g = torch.Generator(device).manual_seed(1234)
     kw = dict(prediction=diffusion.prediction, steps=train.eval_steps, guidance_scale=train.eval_cfg, generator=g)
@@ -351,49 +268,15 @@ def evaluate_task(denoiser: Denoiser, schedule, ae: Autoencoder, train: TrainLDM
         score = evaluate(images, wanted)
         result.update(class_accuracy=score.all, color=score.color, shape=score.shape)
     else:
-        items = eval_items(train, data_root, n)
-        images = generate_from_items(denoiser, schedule, ae, train, items, latent_hw, device, **kw)
-        result.update(score_items(train, items, images))
+        spec = task_spec(train)
+        items = heldout_items(spec, *data_configs(asdict(train), data_root), n, allow_fewer=True)
+        if len(items["image"]) < n:
+            print(f"note: the held-out split has only {len(items['image'])} images; scoring those")
+        n = result["images"] = len(items["image"])
+        images = generate_from_items(denoiser, schedule, ae, spec, items, latent_hw, device, **kw)
+        result.update(score_items(spec, items, images))
     result["seconds_per_image"] = (time.perf_counter() - start) / n
     return result
-
-
-def generate_from_items(denoiser: Denoiser, schedule, ae: Autoencoder, train: TrainLDMConfig, items: dict,
-                        latent_hw: tuple[int, int], device: torch.device, **generate_options) -> torch.Tensor:
-    """Images for held-out items (their layouts, maps, low-res or masked inputs), 64 at a time. Inpainting:
-    the known pixels are pasted back (`composite`), so they are exactly the original's."""
-    images = []
-    for i in range(0, len(items["image"]), 64):
-        part = {k: v[i : i + 64] for k, v in items.items() if v is not None}
-        condition, concat = item_conditions(train, part, latent_hw, device, ae)
-        images.append(generate(denoiser, schedule, ae, condition, n=len(part["image"]), concat=concat,
-                               latent_size=latent_hw, **generate_options).cpu())
-    images = torch.cat(images)
-    return composite(images, items["image"], items["mask"]) if train.task == "inpaint" else images
-
-
-def score_items(train: TrainLDMConfig, items: dict, images: torch.Tensor) -> dict:
-    """superres: PSNR / SSIM against the originals and the bicubic baseline's; inpaint: PSNR inside the hole
-    against a grey fill's; layouts, maps and inpainted shapes: the evaluator's accuracy on the held-out
-    objects and the box IoU."""
-    if train.task == "superres":
-        bicubic = upsample_bicubic(items["lowres"], images.shape[-2:])
-        return {"psnr": psnr(images, items["image"]).mean().item(), "ssim": ssim(images, items["image"]).mean().item(),
-                "bicubic_psnr": psnr(bicubic, items["image"]).mean().item(),
-                "bicubic_ssim": ssim(bicubic, items["image"]).mean().item()}
-    result = {}
-    if train.task == "inpaint":  # PSNR inside the hole, against filling it with the masked image's grey
-        x, mask = items["image"], items["mask"]
-        result.update(hole_psnr=masked_psnr(images, x, mask).mean().item(),
-                      grey_fill_hole_psnr=masked_psnr(masked_image(x, mask), x, mask).mean().item(),
-                      mask_coverage=mask.mean().item())
-        if "box_classes" not in items:
-            return result
-    layouts = list(zip(items["box_classes"], items["boxes"], strict=True))
-    wanted = [specs_from_layout(c, b) for c, b in layouts]
-    score = evaluate(images, wanted, boxes=[b[c >= 0].tolist() for c, b in layouts])
-    return {**result, "all": score.all, "color": score.color, "shape": score.shape, "position": score.position,
-            "box_iou": score.iou}
 
 
 def evaluate_shapes(denoiser: Denoiser, schedule, ae: Autoencoder, train: TrainLDMConfig, diffusion: DiffusionConfig,
@@ -435,7 +318,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"latents: {N} x {c} x {h} x {w}, scale factor {scale:.4f} (1 / std from the autoencoder's data), "
           f"scaled std {float(latents.std()) * scale:.3f}")
     # The task's image-like input (N, C_c, h, w) for every training image; inpainting makes its own every step.
-    concat_all = task_concat(train, conditions, (h, w)) if train.task in ("semantic", "superres") else None
+    spec = task_spec(train)
+    concat_all = task_concat(spec, conditions, (h, w)) if train.task in ("semantic", "superres") else None
 
     # Stage two: UNet + condition encoder (trained jointly), EMA, AdamW with linear warm-up.
     cond_cfg = ConditionConfig(**stored["cond_config"]) if stored else make_condition_config(
@@ -443,7 +327,7 @@ def main(argv: list[str] | None = None) -> dict:
     cond_encoder = ConditionEncoder(cond_cfg)
     unet_cfg = UNetConfig(**{**unet_fields, "in_channels": c, "out_channels": c, "latent_size": h,
                              "context_dim": cond_encoder.context_dim,
-                             "concat_channels": concat_channels(train, c)})
+                             "concat_channels": concat_channels(spec, c)})
     denoiser = Denoiser(UNet(unet_cfg), cond_encoder).to(device)
     ema = EMA(denoiser, decay=train.ema_decay)
     schedule = diffusion.make_schedule().to(device)
@@ -470,9 +354,11 @@ def main(argv: list[str] | None = None) -> dict:
     concat_dev = concat_all.to(device) if concat_all is not None else None
     concat_flipped_dev = concat_dev.flip(-1) if concat_dev is not None and flipped_dev is not None else None
     pixels_dev = conditions["pixels"].to(device) if train.task == "inpaint" else None
-    sample_cond, sample_concat = sample_prompts(train, class_names), None
+    sample_cond, sample_concat, n_grid = sample_prompts(train, class_names), None, 8
     if train.cond == "layout" or train.task != "generate":  # the grids show the first 8 held-out inputs
-        sample_cond, sample_concat = item_conditions(train, eval_items(train, args.data, 8), (h, w), device, ae)
+        items = heldout_items(spec, *data_configs(asdict(train), args.data), 8, allow_fewer=True)
+        sample_cond, sample_concat = item_conditions(spec, items, (h, w), device, ae)
+        n_grid = len(items["image"])
 
     def checkpoint(step: int) -> None:
         payload = ldm_payload(denoiser, ema.model, ae, diffusion, train.image_size)
@@ -482,9 +368,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     def draw(step: int) -> None:
         g = torch.Generator(device).manual_seed(0)
-        imgs = generate(ema.model, schedule, ae, sample_cond, n=8, latent_size=(h, w), prediction=diffusion.prediction,
-                        steps=train.eval_steps, guidance_scale=train.eval_cfg, generator=g, concat=sample_concat)
-        save_image_grid(imgs, out / f"samples_{step:07d}.png", nrow=8)
+        imgs = generate(ema.model, schedule, ae, sample_cond, n=n_grid, latent_size=(h, w),
+                        prediction=diffusion.prediction, steps=train.eval_steps, guidance_scale=train.eval_cfg,
+                        generator=g, concat=sample_concat)
+        save_image_grid(imgs, out / f"samples_{step:07d}.png", nrow=n_grid)
 
     bar = tqdm(range(start_step, train.steps), initial=start_step, total=train.steps, desc="train_ldm")
     seen_since, steps_since, t_since, loss_sum = 0, 0, time.perf_counter(), 0.0
@@ -551,7 +438,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"prompt faithfulness (color, shape and position all right): {result['prompt_faithfulness']:.1%} "
               f"over {result['images']} prompts [color {result['color']:.1%}, shape {result['shape']:.1%}, "
               f"position {result['position']:.1%}], {train.eval_steps} DDIM steps, guidance {train.eval_cfg}")
-    elif train.eval_images > 0 and (train.dataset == "shapes" or train.task in ("superres", "inpaint")) and (
+    elif train.eval_images > 0 and scorable(spec, train.dataset) and (
             train.cond in ("class", "layout") or train.task != "generate"):
         scores = evaluate_task(ema.model, schedule, ae, train, diffusion, (h, w), device, args.data)
         result.update(scores)
