@@ -26,7 +26,7 @@ import time
 import torch
 
 from tinyldm.ldm import generate, load_ldm
-from tinyldm.shapes import CLASS_NAMES, COLORS, evaluate, parse_prompt
+from tinyldm.shapes import evaluate, parse_prompt, seg_palette
 from tinyldm.task_inputs import TaskSpec, data_configs, generate_from_items, heldout_items, scorable, score_items
 from tinyldm.tasks import masked_image, tile, untile, upsample_bicubic
 from tinyldm.train_utils import load_checkpoint, pick_device, save_image_grid
@@ -83,8 +83,7 @@ def sample_from_inputs(args: argparse.Namespace, ckpt: dict, denoiser, schedule,
         images = untile(big, k)
     seconds = time.perf_counter() - start
     if spec.task == "semantic":  # the map, each object in its class colour
-        palette = torch.tensor([[235, 235, 235]] + [COLORS[name.split(" ")[0]] for name in CLASS_NAMES])
-        inputs = label_image(items["seg"], palette)
+        inputs = label_image(items["seg"], seg_palette())
     elif spec.task == "superres":  # the low-res input, blown up (bicubic) to the output size
         inputs = upsample_bicubic(items["lowres"], images.shape[-2:])
     elif spec.task == "inpaint":  # the known pixels, the hole grey

@@ -88,6 +88,12 @@ def class_id(color: str, shape: str) -> int:
     return list(COLORS).index(color) * len(SHAPES) + SHAPES.index(shape)
 
 
+def seg_palette() -> Tensor:
+    """(1 + 18, 3) uint8 colours for drawing a segmentation map: light grey background, each class in its colour
+    (use with `viz.label_image`)."""
+    return torch.tensor([[235, 235, 235]] + [COLORS[name.split(" ")[0]] for name in CLASS_NAMES], dtype=torch.uint8)
+
+
 @dataclass(frozen=True)
 class ShapeSpec:
     """What one object should look like. None means "not specified" (not scored)."""
