@@ -352,3 +352,23 @@ def test_ssim_matches_scikit_image():
             a, b, channel_axis=2, data_range=1.0, gaussian_weights=True, sigma=1.5, use_sample_covariance=False
         )
         assert ours[i].item() == pytest.approx(ref, abs=1e-5)
+
+
+def test_decoder_res_blocks():
+    """None keeps the decoder as before (num_res_blocks per level, so old checkpoints load); CompVis and
+    diffusers use one more block per decoder level."""
+    from tinyldm.autoencoder import ResBlock
+
+    small = dict(base_channels=16, channel_mult=(1, 2), num_res_blocks=1, norm_groups=8, mid_attention=False)
+    default = Autoencoder(AutoencoderConfig(**small))
+    same = Autoencoder(AutoencoderConfig(**small, decoder_res_blocks=1))
+    assert default.state_dict().keys() == same.state_dict().keys()
+    deeper = Autoencoder(AutoencoderConfig(**small, decoder_res_blocks=2))
+    count = lambda m: sum(isinstance(b, ResBlock) for b in m.decoder.up)  # noqa: E731
+    assert (count(default), count(deeper)) == (2, 4)
+    assert deeper.decode(torch.randn(1, 4, 4, 4)).shape == (1, 3, 8, 8)
+    old = default.to_dict()
+    old["config"].pop("decoder_res_blocks")  # a checkpoint written before the field existed
+    Autoencoder.from_dict(old)
+    with pytest.raises(ValueError, match="decoder_res_blocks"):
+        AutoencoderConfig(**small, decoder_res_blocks=0)

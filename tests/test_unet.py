@@ -211,3 +211,31 @@ def test_bad_inputs_are_clear_errors():
         model(torch.randn(1, 4, 7, 7), t, context=torch.randn(1, 3, 24))
     with pytest.raises(ValueError, match="at least one True"):
         model(x, t, context=torch.randn(1, 3, 24), context_mask=torch.zeros(1, 3, dtype=torch.bool))
+
+
+def test_plain_attention_block_is_residual_multi_head_self_attention():
+    """attention_block="plain" (the paper's unconditional UNets): x + W_o softmax(q k^T / sqrt(d)) v over the
+    H * W positions of GroupNorm(x), per head; no feed-forward, no cross-attention."""
+    from tinyldm.unet import SelfAttentionBlock
+
+    cfg = UNetConfig(head_dim=8, norm_groups=4, context_dim=None, attention_block="plain")
+    block = SelfAttentionBlock(16, cfg)
+    torch.nn.init.normal_(block.attn.to_out.weight, std=0.2)  # zero-initialised: make it count
+    x = torch.randn(2, 16, 3, 5)
+    tokens = torch.nn.functional.group_norm(x, 4, block.norm.weight, block.norm.bias, eps=1e-6).flatten(2).mT
+    a = block.attn
+    q, k, v = (m(tokens).reshape(2, 15, 2, 8).transpose(1, 2) for m in (a.to_q, a.to_k, a.to_v))
+    heads = torch.softmax(q @ k.mT / math.sqrt(8), dim=-1) @ v  # (B, heads, HW, d)
+    expected = x + a.to_out(heads.transpose(1, 2).reshape(2, 15, 16)).mT.reshape(2, 16, 3, 5)
+    torch.testing.assert_close(block(x, None, None, None), expected, atol=1e-5, rtol=1e-5)
+    assert not any("ff" in name or "cross" in name for name, _ in block.named_parameters())
+
+
+def test_plain_attention_needs_no_context_and_known_names():
+    with pytest.raises(ValueError, match="no cross-attention"):
+        UNet(UNetConfig(context_dim=32, attention_block="plain"))
+    with pytest.raises(ValueError, match="attention_block must be"):
+        UNet(UNetConfig(attention_block="linear"))
+    model = UNet(UNetConfig(latent_size=8, channels=32, channel_mult=(1, 2), attn_resolutions=(4,),
+                            attention_block="plain"))
+    assert model(torch.randn(2, 4, 8, 8), torch.tensor([1, 999])).shape == (2, 4, 8, 8)

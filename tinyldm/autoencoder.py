@@ -28,7 +28,8 @@ Deliberate simplifications
 --------------------------
 * No separate 1x1 `quant_conv` / `post_quant_conv`: the encoder's last conv emits the moments (KL)
   or the pre-quantization latent (VQ) directly, and the decoder's first conv reads z.
-* The decoder mirrors the encoder with `num_res_blocks` blocks per level (CompVis uses one more).
+* The decoder mirrors the encoder with `num_res_blocks` blocks per level by default; CompVis (and
+  diffusers' AutoencoderKL) use one more, which `decoder_res_blocks = num_res_blocks + 1` gives.
 * Dead VQ codes are *restarted*: a code whose exponential moving average of assignments falls
   below `vq_restart_threshold` is replaced by a random encoder output of the current batch
   (the "random restarts" of Jukebox, arXiv 2005.00341). Since the usage buffer starts at 0, the first
@@ -57,6 +58,7 @@ class AutoencoderConfig:
     base_channels: int = 64
     channel_mult: tuple[int, ...] = (1, 2, 4)  # one entry per resolution level; f = 2^(len - 1)
     num_res_blocks: int = 2  # per level, in encoder and decoder
+    decoder_res_blocks: int | None = None  # per decoder level; None: num_res_blocks (CompVis: num_res_blocks + 1)
     z_channels: int = 4  # c, the latent's channel count
     mid_attention: bool = True  # self-attention in the middle block
     norm_groups: int = 32  # GroupNorm groups; every width must be divisible by it
@@ -73,6 +75,8 @@ class AutoencoderConfig:
             raise ValueError(f"regularizer must be 'kl' or 'vq', got {self.regularizer!r}")
         if not self.channel_mult or min(self.channel_mult) < 1:
             raise ValueError(f"channel_mult must be non-empty positive ints, got {self.channel_mult}")
+        if self.decoder_res_blocks is not None and self.decoder_res_blocks < 1:
+            raise ValueError(f"decoder_res_blocks must be >= 1 or None, got {self.decoder_res_blocks}")
         for m in self.channel_mult:
             if (self.base_channels * m) % self.norm_groups:
                 raise ValueError(
@@ -188,7 +192,7 @@ class Decoder(nn.Module):
         self.mid = _middle(c, cfg)
         blocks: list[nn.Module] = []
         for level in reversed(range(len(widths))):
-            for _ in range(cfg.num_res_blocks):
+            for _ in range(cfg.num_res_blocks if cfg.decoder_res_blocks is None else cfg.decoder_res_blocks):
                 blocks.append(ResBlock(c, widths[level], cfg.norm_groups, cfg.dropout))
                 c = widths[level]
             if level > 0:

@@ -1,100 +1,541 @@
-"""Benchmark: UNet parameter counts, forward time and train-step throughput on this machine.
+"""Benchmark: tinyldm against diffusers, the same model sizes, in the same process, on this machine.
 
-    python -m tinyldm.bench                      # CPU-sized run of every config
-    python -m tinyldm.bench --config tiny_t2i --batch 8 --json out.json
+    python -m tinyldm.bench                                 # CPU: the "cpu" config, eager
+    python -m tinyldm.bench --device cuda --json bench.json # GPU: tiny_t2i, celebahq_ldm4, kl_f4; every mode
+    python -m tinyldm.bench --config tiny_t2i --modes eager compile --no-diffusers
+    python -m tinyldm.bench --smoke                         # seconds: what CI runs
 
-The configurations are the ones whose reference figures live in shared/DESIGN.md ("tiny
-text-to-image": 16x16x4 latents, channels (128, 256, 256), cross-attention at 16 and 8 to 32 tokens
-of width 256; "celebahq_ldm4": the paper's CelebA-HQ LDM-4 UNet). Timings are wall-clock medians
-after warm-up; on CUDA the step runs under bf16 autocast. Numbers from a timed unit test would be
-noise, so speed is only ever reported from here.
+For each config it measures, for tinyldm and for the matching diffusers model (UNet2DConditionModel,
+UNet2DModel or AutoencoderKL built with the same widths, blocks and attention; parameter counts are
+printed side by side):
+
+* UNet train step (forward, backward, AdamW): images/s, achieved TFLOP/s (FLOPs of one step from
+  `torch.utils.flop_counter.FlopCounterMode`) and peak memory, in each mode: eager, `torch.compile`,
+  `torch.compile(mode="reduce-overhead")` (CUDA graphs; GPU only);
+* 50-step DDIM sampling, without and with classifier-free guidance: tinyldm's whole loop (UNet + update,
+  `ddim.sample`; on a GPU also recorded as one CUDA graph, `ddim.graphed_sampler`) against diffusers'
+  50 UNet evaluations alone (no scheduler), in the same modes;
+* autoencoder train step (encode, sample, decode, L1 loss, backward, AdamW) and decode throughput.
+
+Every row ends with the ratio tinyldm / diffusers' best mode (higher is better for tinyldm). On CUDA
+everything runs in bf16 autocast with channels_last and fused AdamW, on both sides. Timings are
+medians after warm-up; the first call of a compiled mode (the compilation) is not timed. `--train-ldm`
+adds train_ldm.py's own steady-state throughput (from its log) against the bare step of its model.
+Speed is only ever reported from here, never asserted in a unit test.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import platform
 import statistics
+import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
+from .autoencoder import Autoencoder, AutoencoderConfig
+from .ddim import graphed_sampler, sample
+from .schedule import NoiseSchedule
 from .unet import UNet, UNetConfig
 
-CONFIGS: dict[str, tuple[UNetConfig, int]] = {  # name -> (config, number of context tokens)
-    "cpu_small": (UNetConfig(latent_size=8, channels=64, channel_mult=(1, 2), attn_resolutions=(4,),
-                             context_dim=128), 16),
-    "tiny_t2i": (UNetConfig(latent_size=16, channels=128, channel_mult=(1, 2, 2), num_res_blocks=2,
-                            attn_resolutions=(16, 8), head_dim=32, context_dim=256, scale_shift_norm=False), 32),
-    "celebahq_ldm4": (UNetConfig(in_channels=3, out_channels=3, latent_size=64, channels=224,
-                                 channel_mult=(1, 2, 3, 4), num_res_blocks=2, attn_resolutions=(32, 16, 8),
-                                 head_dim=32, context_dim=None), 0),
+MODES = ("eager", "compile", "reduce-overhead")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    unet: UNetConfig | None = None
+    tokens: int = 0  # context length for cross-attention (0: no context)
+    train_batch: int = 8
+    sample_batch: int = 8
+    sample_steps: int = 50
+    ae: AutoencoderConfig | None = None
+    ae_size: int = 64  # autoencoder input side in pixels
+    ae_batch: int = 8
+
+
+CONFIGS: dict[str, BenchConfig] = {
+    # Runs on a 2-core CPU in about a minute (eager): a small text-to-image UNet and a small f = 4 autoencoder.
+    "cpu": BenchConfig(
+        unet=UNetConfig(latent_size=8, channels=64, channel_mult=(1, 2), attn_resolutions=(4,), context_dim=128,
+                        scale_shift_norm=False),
+        tokens=16, train_batch=32, sample_batch=16,
+        ae=AutoencoderConfig(base_channels=32, channel_mult=(1, 2, 4), num_res_blocks=1, decoder_res_blocks=2),
+        ae_size=32, ae_batch=16),
+    # DESIGN.md's "tiny text-to-image": 16x16x4 latents, channels (128, 256, 256), cross-attention at 16 and 8
+    # to 32 tokens of width 256; 34.9 M parameters.
+    "tiny_t2i": BenchConfig(
+        unet=UNetConfig(latent_size=16, channels=128, channel_mult=(1, 2, 2), num_res_blocks=2,
+                        attn_resolutions=(16, 8), head_dim=32, context_dim=256, scale_shift_norm=False),
+        tokens=32, train_batch=256, sample_batch=64),
+    # The paper's CelebA-HQ LDM-4 UNet (Tab. 14 / the CompVis config): 64x64x3 latents, 224 x (1, 2, 3, 4),
+    # plain self-attention at 32, 16 and 8, head width 32, additive timestep embedding; 274.0 M parameters.
+    "celebahq_ldm4": BenchConfig(
+        unet=UNetConfig(in_channels=3, out_channels=3, latent_size=64, channels=224, channel_mult=(1, 2, 3, 4),
+                        num_res_blocks=2, attn_resolutions=(32, 16, 8), head_dim=32, context_dim=None,
+                        attention_block="plain", scale_shift_norm=False),
+        train_batch=32, sample_batch=32),
+    # A KL autoencoder, f = 4, channels 128 x (1, 2, 4), 2 res blocks per level (3 in the decoder, as CompVis
+    # and diffusers build it); 55.3 M parameters.
+    "kl_f4": BenchConfig(ae=AutoencoderConfig(base_channels=128, channel_mult=(1, 2, 4), num_res_blocks=2,
+                                              decoder_res_blocks=3), ae_size=64, ae_batch=64),
 }
+GPU_CONFIGS = ("tiny_t2i", "celebahq_ldm4", "kl_f4")
+
+
+def smoke_config(cfg: BenchConfig) -> BenchConfig:
+    """The same architecture at batch 2 and 3 sampling steps: a run in seconds that exercises every path."""
+    return replace(cfg, train_batch=2, sample_batch=2, sample_steps=3, ae_batch=2)
+
+
+# ----------------------------------------------------------------------------------------------
+# The diffusers counterparts (imported only when asked for)
+
+
+def diffusers_unet(cfg: UNetConfig) -> torch.nn.Module:
+    """The diffusers UNet with tinyldm's layout: same widths, res blocks, attention levels and head width."""
+    from diffusers import UNet2DConditionModel, UNet2DModel
+
+    widths = tuple(cfg.channels * m for m in cfg.channel_mult)
+    attn = [cfg.latent_size // 2**i in cfg.attn_resolutions for i in range(len(widths))]
+    common = dict(sample_size=cfg.latent_size, in_channels=cfg.in_channels + cfg.concat_channels,
+                  out_channels=cfg.out_channels, block_out_channels=widths, layers_per_block=cfg.num_res_blocks,
+                  norm_num_groups=cfg.norm_groups, norm_eps=1e-6,
+                  resnet_time_scale_shift="scale_shift" if cfg.scale_shift_norm else "default")
+    if cfg.context_dim is not None:
+        if cfg.attention_block != "transformer" or not cfg.mid_attention:
+            raise ValueError("diffusers' UNet2DConditionModel has transformer blocks and a mid attention block")
+        return UNet2DConditionModel(
+            **common, cross_attention_dim=cfg.context_dim, transformer_layers_per_block=cfg.transformer_depth,
+            down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn),
+            up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)),
+            attention_head_dim=tuple(w // cfg.head_dim for w in widths))  # diffusers' name: heads per level
+    if cfg.attention_block != "plain":
+        raise ValueError("without a context, diffusers' UNet2DModel has plain attention: use attention_block='plain'")
+    return UNet2DModel(
+        **common, attention_head_dim=cfg.head_dim, add_attention=cfg.mid_attention,
+        down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attn),
+        up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)))
+
+
+def diffusers_autoencoder(cfg: AutoencoderConfig) -> torch.nn.Module:
+    from diffusers import AutoencoderKL
+
+    if cfg.regularizer != "kl" or (cfg.decoder_res_blocks or cfg.num_res_blocks) != cfg.num_res_blocks + 1:
+        raise ValueError("diffusers' AutoencoderKL is a KL autoencoder with num_res_blocks + 1 decoder blocks")
+    n = len(cfg.channel_mult)
+    return AutoencoderKL(in_channels=cfg.in_channels, out_channels=cfg.in_channels,
+                         down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
+                         block_out_channels=tuple(cfg.base_channels * m for m in cfg.channel_mult),
+                         layers_per_block=cfg.num_res_blocks, latent_channels=cfg.z_channels,
+                         norm_num_groups=cfg.norm_groups, mid_block_add_attention=cfg.mid_attention)
+
+
+def n_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# ----------------------------------------------------------------------------------------------
+# Timing
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
 
 
 def _time(fn, *, warmup: int, repeat: int, device: torch.device) -> float:
+    """Median seconds of fn() over `repeat` calls after `warmup` untimed ones."""
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeat):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        _sync(device)
         start = time.perf_counter()
         fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        _sync(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
 
-def bench_unet(name: str, batch: int, device: torch.device, repeat: int = 5) -> dict:
-    cfg, tokens = CONFIGS[name]
-    model = UNet(cfg).to(device)
-    S = cfg.latent_size
-    x = torch.randn(batch, cfg.in_channels, S, S, device=device)
-    t = torch.randint(0, 1000, (batch,), device=device)
-    kwargs = {"context": torch.randn(batch, tokens, cfg.context_dim, device=device)} if cfg.context_dim else {}
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+def _prepare(model: torch.nn.Module, device: torch.device, mode: str) -> torch.nn.Module:
+    model = model.to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    if mode == "eager":
+        return model
+    return torch.compile(model, mode="reduce-overhead" if mode == "reduce-overhead" else None)
 
-    def forward():
-        with torch.no_grad(), autocast:
-            model(x, t, **kwargs)
 
-    def train_step():
-        with autocast:
-            loss = model(x, t, **kwargs).float().square().mean()
+def _measure(step, device: torch.device, *, mode: str, warmup: int, repeat: int) -> dict:
+    """Time `step` and record its peak memory (CUDA) in MiB."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    seconds = _time(step, warmup=warmup + (1 if mode != "eager" else 0), repeat=repeat, device=device)
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    return {"seconds": seconds, "peak_mib": peak}
+
+
+def count_flops(fn) -> int:
+    """FLOPs of one call of fn (matmuls, convolutions and attention, forward and backward)."""
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def _autocast(device: torch.device):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def _cuda_graph_step():
+    """Before each call of a reduce-overhead model: a new step begins, earlier outputs may be overwritten."""
+    torch.compiler.cudagraph_mark_step_begin()
+
+
+# ----------------------------------------------------------------------------------------------
+# The measurements
+
+
+def unet_inputs(cfg: BenchConfig, batch: int, device: torch.device) -> tuple:
+    u = cfg.unet
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, u.in_channels, u.latent_size, u.latent_size, generator=g).to(device)
+    t = torch.randint(0, 1000, (batch,), generator=g).to(device)
+    context = torch.randn(batch, cfg.tokens, u.context_dim, generator=g).to(device) if u.context_dim else None
+    if device.type == "cuda":
+        x = x.to(memory_format=torch.channels_last)
+    return x, t, context
+
+
+def _unet_call(model: torch.nn.Module, library: str):
+    """A uniform call model(x, t, context) -> prediction for both libraries."""
+    if library == "tinyldm":
+        return lambda x, t, c: model(x, t, context=c) if c is not None else model(x, t)
+    return lambda x, t, c: (model(x, t, encoder_hidden_states=c) if c is not None else model(x, t)).sample
+
+
+def bench_unet_train(cfg: BenchConfig, library: str, mode: str, device: torch.device, *, warmup: int,
+                     repeat: int) -> dict:
+    torch.manual_seed(0)
+    base = UNet(cfg.unet) if library == "tinyldm" else diffusers_unet(cfg.unet)
+    params = n_params(base)
+    model = _prepare(base, device, mode)
+    call = _unet_call(model, library)
+    x, t, context = unet_inputs(cfg, cfg.train_batch, device)
+    opt = torch.optim.AdamW(base.parameters(), lr=1e-4, fused=device.type == "cuda")
+
+    def step():
+        if mode == "reduce-overhead":
+            _cuda_graph_step()
+        with _autocast(device):
+            loss = F.mse_loss(call(x, t, context).float(), x.float())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
-    fwd = _time(forward, warmup=1, repeat=repeat, device=device)
-    step = _time(train_step, warmup=1, repeat=repeat, device=device)
-    params_M = sum(p.numel() for p in model.parameters()) / 1e6
-    return {"config": name, "device": str(device), "batch": batch, "params_M": params_M,
-            "forward_s": fwd, "train_step_s": step, "train_img_per_s": batch / step, "unet_config": asdict(cfg)}
+    def fwd_bwd():  # what the FLOP counter sees: the eager model, forward and backward
+        with _autocast(device):
+            loss = F.mse_loss(_unet_call(base, library)(x, t, context).float(), x.float())
+        loss.backward()
+        base.zero_grad(set_to_none=True)
+
+    flops = count_flops(fwd_bwd)
+    m = _measure(step, device, mode=mode, warmup=warmup, repeat=repeat)
+    return {"params": params, "flops_per_step": flops, "img_per_s": cfg.train_batch / m["seconds"],
+            "tflops": flops / m["seconds"] / 1e12, **m}
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", choices=list(CONFIGS), action="append", help="repeatable; default: all")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--repeat", type=int, default=5)
-    parser.add_argument("--json", help="also write the results here")
-    args = parser.parse_args(argv)
+def bench_sampling(cfg: BenchConfig, library: str, mode: str, device: torch.device, *, guidance: bool,
+                   warmup: int, repeat: int) -> dict:
+    """tinyldm: the whole `sample_steps` DDIM loop; diffusers: `sample_steps` UNet evaluations alone."""
+    torch.manual_seed(0)
+    base = (UNet(cfg.unet) if library == "tinyldm" else diffusers_unet(cfg.unet)).eval().requires_grad_(False)
+    graph = mode == "cuda-graph"
+    model = _prepare(base, device, "eager" if graph else mode)
+    call = _unet_call(model, library)
+    B = cfg.sample_batch
+    x, _, context = unet_inputs(cfg, B, device)
+    steps = cfg.sample_steps
+
+    if library == "tinyldm":
+        schedule = NoiseSchedule().to(device)
+        options = dict(steps=steps)
+        if context is not None:
+            options["cond"] = {"c": context}
+            if guidance:
+                options.update(uncond={"c": torch.zeros_like(context)}, guidance_scale=3.0)
+
+        def model_fn(x_t, t, c=None):
+            if mode == "reduce-overhead":
+                _cuda_graph_step()
+            return call(x_t, t, c)
+
+        if graph:
+            with _autocast(device):
+                run_graph = graphed_sampler(model_fn, schedule, x, **options)
+
+        def run():
+            with _autocast(device):
+                return run_graph(x) if graph else sample(model_fn, schedule, x, **options)
+    else:
+        xs, cs = x, context  # with guidance: the unconditional and conditional halves in one batch
+        if guidance and context is not None:
+            xs, cs = torch.cat([x, x]), torch.cat([torch.zeros_like(context), context])
+        ts = torch.full((len(xs),), 500, device=device)
+
+        @torch.no_grad()
+        def run():
+            with _autocast(device):
+                for _ in range(steps):
+                    if mode == "reduce-overhead":
+                        _cuda_graph_step()
+                    call(xs, ts, cs)
+
+    m = _measure(run, device, mode="eager" if graph else mode, warmup=warmup, repeat=repeat)
+    return {"batch": B, "steps": steps, **m}
+
+
+def bench_autoencoder(cfg: BenchConfig, library: str, mode: str, device: torch.device, *, warmup: int,
+                      repeat: int) -> tuple[dict, dict]:
+    """(train step, decode) measurements."""
+    torch.manual_seed(0)
+    base = Autoencoder(cfg.ae) if library == "tinyldm" else diffusers_autoencoder(cfg.ae)
+    params = n_params(base)
+    model = _prepare(base, device, mode)
+    g = torch.Generator().manual_seed(0)
+    x = (torch.rand(cfg.ae_batch, 3, cfg.ae_size, cfg.ae_size, generator=g) * 2 - 1).to(device)
+    if device.type == "cuda":
+        x = x.to(memory_format=torch.channels_last)
+    opt = torch.optim.AdamW(base.parameters(), lr=1e-4, fused=device.type == "cuda")
+
+    def reconstruct(m, x):
+        if library == "tinyldm":
+            return m(x).x_rec
+        return m(x, sample_posterior=True).sample
+
+    def step():
+        if mode == "reduce-overhead":
+            _cuda_graph_step()
+        with _autocast(device):
+            loss = (reconstruct(model, x).float() - x.float()).abs().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    def fwd_bwd():
+        with _autocast(device):
+            loss = (reconstruct(base, x).float() - x.float()).abs().mean()
+        loss.backward()
+        base.zero_grad(set_to_none=True)
+
+    flops = count_flops(fwd_bwd)
+    train = _measure(step, device, mode=mode, warmup=warmup, repeat=repeat)
+    f = 2 ** (len(cfg.ae.channel_mult) - 1)
+    z = torch.randn(cfg.ae_batch, cfg.ae.z_channels, cfg.ae_size // f, cfg.ae_size // f, generator=g).to(device)
+    base.eval()
+    decode = base.decode if library == "tinyldm" else (lambda z: base.decode(z).sample)
+    if mode != "eager":
+        decode = torch.compile(decode, mode="reduce-overhead" if mode == "reduce-overhead" else None)
+
+    @torch.no_grad()
+    def run_decode():
+        if mode == "reduce-overhead":
+            _cuda_graph_step()
+        with _autocast(device):
+            decode(z)
+
+    dec = _measure(run_decode, device, mode=mode, warmup=warmup, repeat=repeat)
+    train = {"params": params, "flops_per_step": flops, "img_per_s": cfg.ae_batch / train["seconds"],
+             "tflops": flops / train["seconds"] / 1e12, **train}
+    return train, {"img_per_s": cfg.ae_batch / dec["seconds"], **dec}
+
+
+def bench_train_ldm(device: torch.device, *, smoke: bool, warmup: int, repeat: int) -> dict:
+    """train_ldm.py's steady-state images/s from its own log (latent cache, EMA, logging, condition encoder
+    included) against the bare train step of the same denoiser on random latents and captions."""
+    import train_ldm
+    from tinyldm.ldm import DiffusionConfig, build_denoiser, ldm_loss
+    from tinyldm.train_utils import load_checkpoint
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "run"
+        if device.type == "cuda":
+            argv = ["--preset", "shapes64", "--steps", "300", "--n_train", "4096", "--ae_steps", "200"]
+        else:
+            argv = ["--preset", "shapes", "--steps", "60", "--n_train", "512", "--ae_steps", "20"]
+        if smoke:
+            argv = ["--preset", "shapes", "--smoke"]
+        argv += ["--out", str(out), "--device", device.type, "--eval_images", "0", "--log_every", "10" if not smoke
+                 else "2", "--sample_every", "1000000"]
+        train_ldm.main(argv)
+        records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if '"loss"' in line]
+        steady = statistics.median(r["img_per_s"] for r in records[1:]) if len(records) > 1 else records[0]["img_per_s"]
+        ckpt = load_checkpoint(out / "ldm.pt", kind="ldm")
+    train = ckpt["train_config"]
+    denoiser = build_denoiser(ckpt["unet_config"], ckpt["cond_config"]).to(device)
+    diffusion = DiffusionConfig(**ckpt["diffusion_config"])
+    schedule = diffusion.make_schedule().to(device)
+    u = denoiser.unet.cfg
+    z0 = torch.randn(train["batch_size"], u.in_channels, u.latent_size, u.latent_size, device=device)
+    captions = ["a red circle in the top left"] * train["batch_size"] if denoiser.cond.cfg.kind == "text" else None
+    opt = torch.optim.AdamW(denoiser.parameters(), lr=1e-4, fused=device.type == "cuda")
+
+    def step():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=train["amp"] and device.type == "cuda"):
+            loss = ldm_loss(denoiser, schedule, z0, captions, diffusion)
+        loss.item()  # train_ldm.py reads the loss every step too
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(denoiser.parameters(), 1.0)
+        opt.step()
+
+    bare = train["batch_size"] / _time(step, warmup=warmup, repeat=repeat, device=device)
+    return {"argv": argv, "batch": train["batch_size"], "train_ldm_img_per_s": steady, "bare_step_img_per_s": bare,
+            "ratio": steady / bare}
+
+
+# ----------------------------------------------------------------------------------------------
+# The command
+
+
+def _best(rows: list[dict], key: str, lower_is_better: bool) -> dict | None:
+    rows = [r for r in rows if r.get(key) is not None]
+    if not rows:
+        return None
+    return (min if lower_is_better else max)(rows, key=lambda r: r[key])
+
+
+def run(config_names: list[str], device: torch.device, modes: list[str], *, with_diffusers: bool, smoke: bool,
+        warmup: int, repeat: int) -> list[dict]:
+    """Every measurement as a flat row {config, what, library, mode, ...}."""
+    libraries = ["tinyldm"] + (["diffusers"] if with_diffusers else [])
+    rows = []
+    for name in config_names:
+        cfg = smoke_config(CONFIGS[name]) if smoke else CONFIGS[name]
+        kw = dict(warmup=warmup, repeat=repeat)
+        for library in libraries:
+            for mode in modes:
+                if cfg.unet is not None:
+                    rows.append({"config": name, "what": "unet_train", "library": library, "mode": mode,
+                                 "batch": cfg.train_batch, **bench_unet_train(cfg, library, mode, device, **kw)})
+                    for guidance in (False, True) if cfg.unet.context_dim else (False,):
+                        rows.append({"config": name, "what": "sample_cfg" if guidance else "sample",
+                                     "library": library, "mode": mode,
+                                     **bench_sampling(cfg, library, mode, device, guidance=guidance, **kw)})
+                if cfg.ae is not None:
+                    train, decode = bench_autoencoder(cfg, library, mode, device, **kw)
+                    head = {"config": name, "library": library, "mode": mode, "batch": cfg.ae_batch}
+                    rows += [{**head, "what": "ae_train", **train}, {**head, "what": "ae_decode", **decode}]
+            if library == "tinyldm" and cfg.unet is not None and device.type == "cuda":  # the whole loop, one graph
+                for guidance in (False, True) if cfg.unet.context_dim else (False,):
+                    rows.append({"config": name, "what": "sample_cfg" if guidance else "sample", "library": library,
+                                 "mode": "cuda-graph",
+                                 **bench_sampling(cfg, library, "cuda-graph", device, guidance=guidance, **kw)})
+    return rows
+
+
+def ratios(rows: list[dict]) -> list[dict]:
+    """Per (config, what): tinyldm's best against diffusers' best, as a speed-up (> 1: tinyldm is faster)."""
+    out = []
+    for key in sorted({(r["config"], r["what"]) for r in rows}):
+        group = [r for r in rows if (r["config"], r["what"]) == key]
+        timed = "img_per_s" not in group[0]
+        metric = "seconds" if timed else "img_per_s"
+        best = {lib: _best([r for r in group if r["library"] == lib], metric, timed)
+                for lib in ("tinyldm", "diffusers")}
+        row = {"config": key[0], "what": key[1], "metric": metric,
+               **{f"{lib}_best_mode": b["mode"] for lib, b in best.items() if b},
+               **{f"{lib}_best": b[metric] for lib, b in best.items() if b}}
+        if best["tinyldm"] and best["diffusers"]:
+            t, d = best["tinyldm"][metric], best["diffusers"][metric]
+            row["speedup"] = d / t if timed else t / d
+            if "params" in best["tinyldm"]:
+                row["params_ratio"] = best["tinyldm"]["params"] / best["diffusers"]["params"]
+            pt, pd = best["tinyldm"].get("peak_mib"), best["diffusers"].get("peak_mib")
+            row["peak_memory_ratio"] = pt / pd if pt and pd else None
+        out.append(row)
+    return out
+
+
+def print_table(rows: list[dict], summary: list[dict]) -> None:
+    print(f"{'config':<14}{'what':<11}{'library':<10}{'mode':<16}{'batch':>6}{'params (M)':>11}{'img/s':>10}"
+          f"{'seconds':>10}{'TFLOP/s':>9}{'peak MiB':>10}")
+    for r in rows:
+        params = f"{r['params'] / 1e6:.2f}" if "params" in r else ""
+        img = f"{r['img_per_s']:.1f}" if "img_per_s" in r else ""
+        tflops = f"{r['tflops']:.2f}" if "tflops" in r else ""
+        peak = f"{r['peak_mib']:.0f}" if r.get("peak_mib") else ""
+        print(f"{r['config']:<14}{r['what']:<11}{r['library']:<10}{r['mode']:<16}{r.get('batch', ''):>6}"
+              f"{params:>11}{img:>10}{r['seconds']:>10.4f}{tflops:>9}{peak:>10}")
+    if any("speedup" in s for s in summary):
+        print("\ntinyldm's best against diffusers' best (speed-up > 1: tinyldm is faster; sampling: tinyldm's whole "
+              "DDIM loop against diffusers' UNet evaluations alone)")
+        for s in summary:
+            if "speedup" in s:
+                mem = f", peak memory x{s['peak_memory_ratio']:.2f}" if s.get("peak_memory_ratio") else ""
+                par = f", parameters x{s['params_ratio']:.3f}" if "params_ratio" in s else ""
+                print(f"  {s['config']:<14}{s['what']:<11} x{s['speedup']:.2f}  ({s['tinyldm_best_mode']} vs "
+                      f"{s['diffusers_best_mode']}{par}{mem})")
+
+
+def environment(device: torch.device) -> dict:
+    env = {"torch": torch.__version__, "device": str(device), "threads": torch.get_num_threads(),
+           "machine": platform.machine(), "date": time.strftime("%Y-%m-%d")}
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+    try:
+        import diffusers
+
+        env["diffusers"] = diffusers.__version__
+    except ImportError:
+        env["diffusers"] = None
+    return env
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", nargs="+", choices=list(CONFIGS), help="default: cpu on a CPU, "
+                   f"{' '.join(GPU_CONFIGS)} on a GPU")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--modes", nargs="+", choices=MODES, help="default: eager on a CPU, all three on a GPU")
+    p.add_argument("--no-diffusers", action="store_true", help="tinyldm only (diffusers is the `bench` extra)")
+    p.add_argument("--train-ldm", action="store_true", help="also train_ldm.py's steady state against its bare step")
+    p.add_argument("--smoke", action="store_true", help="batch 2, 3 sampling steps, one repeat")
+    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--json", help="also write the rows, the ratios and the environment here")
+    args = p.parse_args(argv)
     device = torch.device(args.device)
-    results = [bench_unet(name, args.batch, device, args.repeat) for name in args.config or list(CONFIGS)]
-    print(f"{'config':<15}{'device':<8}{'batch':>6}{'params (M)':>12}{'forward (s)':>13}"
-          f"{'train step (s)':>16}{'img/s':>9}")
-    for r in results:
-        print(f"{r['config']:<15}{r['device']:<8}{r['batch']:>6}{r['params_M']:>12.2f}{r['forward_s']:>13.3f}"
-              f"{r['train_step_s']:>16.3f}{r['train_img_per_s']:>9.1f}")
+    names = args.config or (list(GPU_CONFIGS) if device.type == "cuda" else ["cpu"])
+    modes = args.modes or (list(MODES) if device.type == "cuda" else ["eager"])
+    if device.type != "cuda" and "reduce-overhead" in modes:
+        raise SystemExit("mode reduce-overhead records CUDA graphs: it needs --device cuda")
+    with_diffusers = not args.no_diffusers
+    if with_diffusers:
+        try:
+            import diffusers  # noqa: F401
+        except ImportError:
+            raise SystemExit("diffusers is not installed: pip install -e '.[bench]', or pass --no-diffusers") from None
+    repeat, warmup = (1, 1) if args.smoke else (args.repeat, 2)
+    rows = run(names, device, modes, with_diffusers=with_diffusers, smoke=args.smoke, warmup=warmup, repeat=repeat)
+    summary = ratios(rows)
+    env = environment(device)
+    print(f"{env}\n")
+    print_table(rows, summary)
+    result = {"environment": env, "rows": rows, "ratios": summary}
+    if args.train_ldm:
+        result["train_ldm"] = bench_train_ldm(device, smoke=args.smoke, warmup=warmup, repeat=repeat)
+        t = result["train_ldm"]
+        print(f"\ntrain_ldm.py steady state {t['train_ldm_img_per_s']:.1f} img/s against its bare step "
+              f"{t['bare_step_img_per_s']:.1f} img/s (x{t['ratio']:.2f}), batch {t['batch']}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"torch": torch.__version__, "threads": torch.get_num_threads(), "results": results}, f, indent=1)
-    return results
+        Path(args.json).write_text(json.dumps(result, indent=1, default=str))
+    return result
 
 
 if __name__ == "__main__":

@@ -259,9 +259,14 @@ def add_config_args(parser: argparse.ArgumentParser, *config_classes: type) -> N
                 raise ValueError(f"config field {f.name!r} is in both {seen[f.name]} and {cls.__name__}")
             seen[f.name] = cls.__name__
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            if default is None:  # `int | None = None`: show the type that can be given
+                kind = next((a for a in typing.get_args(hints[f.name]) if a is not type(None)), str)
+                metavar = getattr(kind, "__name__", "VALUE").upper()
+            else:
+                metavar = type(default).__name__.upper()
             group.add_argument(
                 f"--{f.name}", type=_parser_for(hints[f.name]), default=argparse.SUPPRESS,
-                metavar=type(default).__name__.upper(), help=f"default: {default}",
+                metavar=metavar, help=f"default: {default}",
             )
 
 

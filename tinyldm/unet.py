@@ -58,6 +58,7 @@ class UNetConfig:
     mid_attention: bool = True  # a transformer block in the middle, as in the paper's UNets
     head_dim: int = 32
     transformer_depth: int = 1
+    attention_block: str = "transformer"  # "transformer" (Sec. 3.3) or "plain": ADM's self-attention block, no MLP
     context_dim: int | None = None  # None: no cross-attention (self-attention only)
     num_classes: int | None = None  # ADM-style class embedding added to the timestep embedding
     dropout: float = 0.0
@@ -188,6 +189,23 @@ class TransformerBlock(nn.Module):
         return x + self.ff(self.norm3(x))
 
 
+class SelfAttentionBlock(nn.Module):
+    """The unconditional UNets' attention (DDPM / ADM, and the paper's CelebA-HQ, FFHQ, LSUN models):
+    GroupNorm -> multi-head self-attention over the H * W positions -> zero-initialised projection, residual.
+    No feed-forward and no cross-attention, so it is about a third of a transformer block's parameters."""
+
+    def __init__(self, channels: int, cfg: UNetConfig):
+        super().__init__()
+        self.norm = nn.GroupNorm(cfg.norm_groups, channels, eps=1e-6)
+        self.attn = Attention(channels, cfg.head_dim)
+        zero_module(self.attn.to_out)
+
+    def forward(self, x: Tensor, emb: Tensor, context: Tensor | None, mask: Tensor | None) -> Tensor:
+        B, C, H, W = x.shape
+        h = self.attn(self.norm(x).flatten(2).transpose(1, 2))  # (B, HW, C)
+        return x + h.transpose(1, 2).reshape(B, C, H, W)
+
+
 class SpatialTransformer(nn.Module):
     """Feature map (B, C, H, W) -> tokens (B, HW, C) -> transformer blocks -> feature map, plus a residual."""
 
@@ -271,6 +289,11 @@ class UNet(nn.Module):
         if unknown:
             raise ValueError(f"attn_resolutions {unknown} match no level; level resolutions are {level_res} "
                              f"for latent_size={cfg.latent_size} (resolutions are in latent pixels)")
+        if cfg.attention_block not in ("transformer", "plain"):
+            raise ValueError(f"attention_block must be 'transformer' or 'plain', got {cfg.attention_block!r}")
+        if cfg.attention_block == "plain" and cfg.context_dim is not None:
+            raise ValueError("attention_block='plain' has no cross-attention: use 'transformer' with a context_dim")
+        attention_block = SpatialTransformer if cfg.attention_block == "transformer" else SelfAttentionBlock
 
         emb_dim = 4 * cfg.channels
         self.time_mlp = nn.Sequential(nn.Linear(cfg.channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
@@ -280,7 +303,7 @@ class UNet(nn.Module):
         def stage(in_ch: int, out_ch: int, res: int) -> nn.ModuleList:
             layers = [ResBlock(in_ch, out_ch, emb_dim, cfg)]
             if res in cfg.attn_resolutions:
-                layers.append(SpatialTransformer(out_ch, cfg))
+                layers.append(attention_block(out_ch, cfg))
             return nn.ModuleList(layers)
 
         # Down path: every block's output is kept as a skip for the up path.
@@ -297,7 +320,7 @@ class UNet(nn.Module):
 
         mid = [ResBlock(ch, ch, emb_dim, cfg)]
         if cfg.mid_attention:
-            mid.append(SpatialTransformer(ch, cfg))
+            mid.append(attention_block(ch, cfg))
         self.mid = nn.ModuleList([*mid, ResBlock(ch, ch, emb_dim, cfg)])
 
         # Up path: num_res_blocks + 1 blocks per level, each eating one skip; upsample between levels.

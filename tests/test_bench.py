@@ -1,0 +1,149 @@
+"""The benchmark's models and fast paths: diffusers counterparts of the same size and compute, and every fast
+path (channels_last, bf16 autocast, torch.compile, the recorded sampler) against the plain path. Speed itself
+is never asserted here; `python -m tinyldm.bench` prints it."""
+
+import pytest
+import torch
+
+from tinyldm import bench
+from tinyldm.autoencoder import Autoencoder
+from tinyldm.ddim import graphed_sampler, sample
+from tinyldm.schedule import NoiseSchedule
+from tinyldm.unet import UNet, UNetConfig
+
+diffusers = pytest.importorskip("diffusers", reason="the `bench` extra (diffusers) is not installed")
+
+UNET_CONFIGS = [name for name, cfg in bench.CONFIGS.items() if cfg.unet is not None]
+AE_CONFIGS = [name for name, cfg in bench.CONFIGS.items() if cfg.ae is not None]
+
+
+def count_on_meta(build) -> int:
+    with torch.device("meta"):  # parameter shapes only: the 274 M model costs nothing
+        return bench.n_params(build())
+
+
+@pytest.mark.parametrize("name", UNET_CONFIGS)
+def test_diffusers_unet_has_the_same_parameters(name):
+    cfg = bench.CONFIGS[name].unet
+    ours, theirs = count_on_meta(lambda: UNet(cfg)), count_on_meta(lambda: bench.diffusers_unet(cfg))
+    assert abs(ours / theirs - 1) < 0.001, (ours, theirs)  # the issue asks for 5%; they agree to 0.1%
+
+
+def test_the_papers_celebahq_unet_has_274M_parameters():
+    """Tab. 14 of the paper lists 274 M for the CelebA-HQ LDM-4; plain attention blocks and an additive
+    timestep embedding give exactly that (transformer blocks, as in the text-to-image UNets, give 387 M)."""
+    cfg = bench.CONFIGS["celebahq_ldm4"].unet
+    assert round(count_on_meta(lambda: UNet(cfg)) / 1e6) == 274
+    assert count_on_meta(lambda: UNet(UNetConfig(**{**vars(cfg), "attention_block": "transformer"}))) > 380e6
+
+
+@pytest.mark.parametrize("name", AE_CONFIGS)
+def test_diffusers_autoencoder_has_the_same_parameters(name):
+    cfg = bench.CONFIGS[name].ae
+    ours, theirs = count_on_meta(lambda: Autoencoder(cfg)), count_on_meta(lambda: bench.diffusers_autoencoder(cfg))
+    assert abs(ours / theirs - 1) < 0.001, (ours, theirs)
+
+
+def test_the_counterparts_do_the_same_work():
+    """Same architecture, same FLOPs: forward and backward of the cpu config's UNet and autoencoder agree
+    with diffusers' within 2% (differences: diffusers' timestep MLP input and attention bias terms)."""
+    cfg = bench.smoke_config(bench.CONFIGS["cpu"])
+    x, t, context = bench.unet_inputs(cfg, 2, torch.device("cpu"))
+    flops = {}
+    for library, model in (("tinyldm", UNet(cfg.unet)), ("diffusers", bench.diffusers_unet(cfg.unet))):
+        call = bench._unet_call(model, library)
+        flops[library] = bench.count_flops(lambda: call(x, t, context).square().mean().backward())  # noqa: B023
+    assert flops["tinyldm"] > 1e8 and abs(flops["tinyldm"] / flops["diffusers"] - 1) < 0.02, flops
+    img = torch.rand(2, 3, cfg.ae_size, cfg.ae_size) * 2 - 1
+    ours = bench.count_flops(lambda: Autoencoder(cfg.ae)(img).x_rec.mean().backward())
+    theirs = bench.count_flops(lambda: bench.diffusers_autoencoder(cfg.ae)(img).sample.mean().backward())
+    assert abs(ours / theirs - 1) < 0.02, (ours, theirs)
+
+
+def test_mismatched_layouts_are_refused():
+    with pytest.raises(ValueError, match="plain attention"):
+        bench.diffusers_unet(UNetConfig(context_dim=None))
+    with pytest.raises(ValueError, match="num_res_blocks \\+ 1"):
+        bench.diffusers_autoencoder(bench.CONFIGS["kl_f4"].ae.__class__(num_res_blocks=2))
+
+
+def test_smoke_run_measures_both_libraries(tmp_path):
+    out = tmp_path / "bench.json"
+    result = bench.main(["--smoke", "--train-ldm", "--json", str(out)])
+    rows = result["rows"]
+    measured = ("unet_train", "sample", "sample_cfg", "ae_train", "ae_decode")
+    assert {(r["what"], r["library"]) for r in rows} == {(w, lib) for w in measured for lib in ("tinyldm", "diffusers")}
+    for r in rows:
+        assert r["seconds"] > 0
+        if "img_per_s" in r:  # images per second is the batch over the median time
+            assert r["img_per_s"] == pytest.approx(r["batch"] / r["seconds"])
+        if "tflops" in r:
+            assert r["tflops"] == pytest.approx(r["flops_per_step"] / r["seconds"] / 1e12)
+    for s in result["ratios"]:
+        assert s["speedup"] > 0 and s.get("params_ratio", 1.0) == pytest.approx(1.0, abs=1e-3)
+    t = result["train_ldm"]
+    assert t["ratio"] == pytest.approx(t["train_ldm_img_per_s"] / t["bare_step_img_per_s"])
+    assert out.exists() and result["environment"]["diffusers"] == diffusers.__version__
+
+
+def test_reduce_overhead_needs_a_gpu():
+    with pytest.raises(SystemExit, match="needs --device cuda"):
+        bench.main(["--smoke", "--modes", "reduce-overhead"])
+
+
+# --- fast paths against the plain path ---------------------------------------------------------------
+
+def small_unet() -> tuple[UNet, tuple]:
+    torch.manual_seed(0)
+    model = UNet(UNetConfig(latent_size=8, channels=32, channel_mult=(1, 2), attn_resolutions=(4,), context_dim=16))
+    for p in model.parameters():  # the zero-initialised output layers would make every comparison trivial
+        if p.ndim > 1:
+            torch.nn.init.normal_(p, std=0.05)
+    x, t, c = torch.randn(2, 4, 8, 8), torch.tensor([10, 700]), torch.randn(2, 5, 16)
+    return model.eval(), (x, t, c)
+
+
+def test_channels_last_gives_the_same_output():
+    model, (x, t, c) = small_unet()
+    ref = model(x, t, context=c)
+    assert ref.abs().mean() > 0.01
+    out = model.to(memory_format=torch.channels_last)(x.to(memory_format=torch.channels_last), t, context=c)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+
+
+def test_bf16_autocast_stays_close_to_float32():
+    model, (x, t, c) = small_unet()
+    ref = model(x, t, context=c)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x, t, context=c)
+    rel = (out.float() - ref).norm() / ref.norm()
+    assert out.dtype == torch.bfloat16 and rel < 0.05, rel  # bf16 has 8 bits of mantissa: ~1% per layer
+
+
+def test_torch_compile_gives_the_same_output():
+    model, (x, t, c) = small_unet()
+    ref = model(x, t, context=c)
+    torch.testing.assert_close(torch.compile(model)(x, t, context=c), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_recorded_sampler_on_cpu_is_the_plain_loop():
+    model, (x, t, c) = small_unet()
+    schedule = NoiseSchedule()
+    options = dict(steps=4, cond={"context": c})
+    run = graphed_sampler(model, schedule, x, **options)
+    torch.testing.assert_close(run(x), sample(model, schedule, x, **options))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_recorded_sampler_on_a_gpu_matches_the_plain_loop():
+    model, (x, t, c) = small_unet()
+    model, x, c = model.cuda(), x.cuda(), c.cuda()
+    schedule = NoiseSchedule().cuda()
+    options = dict(steps=10, cond={"context": c}, uncond={"context": torch.zeros_like(c)}, guidance_scale=3.0)
+    run = graphed_sampler(model, schedule, x, **options)
+    ref = sample(model, schedule, x, **options)
+    torch.testing.assert_close(run(x), ref, atol=1e-4, rtol=1e-4)
+    x2 = torch.randn_like(x)  # a second input through the same recording
+    torch.testing.assert_close(run(x2), sample(model, schedule, x2, **options), atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="deterministic DDIM"):
+        graphed_sampler(model, schedule, x, steps=10, eta=1.0)
