@@ -12,6 +12,28 @@
   Population (biased) local variances, as in the paper; this matches scikit-image's
   `structural_similarity(..., gaussian_weights=True, sigma=1.5, use_sample_covariance=False)`.
   Images smaller than the window use a window as large as the image.
+
+Distribution metrics, on feature vectors (N, D) of real and generated images (which network makes the
+features is `tinyldm.features`' business; only Inception-v3 features make the numbers "FID" / "KID"):
+
+* Frechet distance (Heusel et al., arXiv 1706.08500, Eq. 6; Dowson & Landau 1982): fit a Gaussian to each
+  set and take the squared 2-Wasserstein distance between them,
+
+      d^2 = ||mu_1 - mu_2||^2 + Tr(S_1 + S_2 - 2 (S_1 S_2)^(1/2)),
+
+  with Tr (S_1 S_2)^(1/2) = Tr (S_1^(1/2) S_2 S_1^(1/2))^(1/2), a symmetric PSD matrix whose square root is
+  taken through its eigen-decomposition in float64 (negative round-off eigenvalues clipped to 0).
+  S is the unbiased (N - 1) covariance, as in the reference implementations.
+* Kernel distance (KID; Binkowski et al., arXiv 1801.01401, Sec. 3 and App. C): the unbiased estimate of
+  the squared MMD with the cubic polynomial kernel k(x, y) = (x . y / D + 1)^3, averaged over random
+  subsets of equal size m drawn from both sets:
+
+      MMD^2_u = sum_{i != j} k(x_i, x_j) / (m (m - 1)) + sum_{i != j} k(y_i, y_j) / (m (m - 1)) - 2 mean_ij k(x_i, y_j).
+
+  Unbiased, so it can come out slightly negative when the two sets share a distribution.
+* Precision and recall (Kynkaanniemi et al., arXiv 1904.06991, Eqs. 1-3): each real feature owns a ball
+  reaching its k-th nearest real neighbour; precision is the share of generated features inside some real
+  ball, recall the share of real features inside some generated ball (balls from generated neighbours).
 """
 
 from __future__ import annotations
@@ -65,3 +87,80 @@ def ssim(
     # Eq. (13)
     ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov_xy + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
     return ssim_map.mean(dim=(1, 2, 3)).float()  # Eq. (17), then over channels
+
+
+# ----------------------------------------------------------------------------------------------
+# Distribution metrics on features
+
+
+def _check_features(*feats: torch.Tensor) -> None:
+    for f in feats:
+        if f.ndim != 2 or f.shape[0] < 2:
+            raise ValueError(f"expected features (N >= 2, D), got {tuple(f.shape)}")
+    if len({f.shape[1] for f in feats}) > 1:
+        raise ValueError(f"feature widths differ: {[f.shape[1] for f in feats]}")
+
+
+def feature_stats(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean (D,) and unbiased covariance (D, D) of features (N, D), in float64."""
+    _check_features(features)
+    f = features.double()
+    return f.mean(0), torch.cov(f.T).reshape(f.shape[1], f.shape[1])
+
+
+def sqrtm_psd(a: torch.Tensor) -> torch.Tensor:
+    """The symmetric square root of a symmetric positive semi-definite matrix (round-off symmetrised away)."""
+    w, v = torch.linalg.eigh((a + a.T) / 2)
+    return (v * w.clamp_min(0).sqrt()) @ v.T
+
+
+def frechet_distance(mu1: torch.Tensor, sigma1: torch.Tensor, mu2: torch.Tensor, sigma2: torch.Tensor) -> float:
+    """Squared Frechet (2-Wasserstein) distance between N(mu1, sigma1) and N(mu2, sigma2)."""
+    mu1, sigma1, mu2, sigma2 = (t.double() for t in (mu1, sigma1, mu2, sigma2))
+    root1 = sqrtm_psd(sigma1)
+    cross = sqrtm_psd(root1 @ sigma2 @ root1)  # (S_1^(1/2) S_2 S_1^(1/2))^(1/2): same trace as (S_1 S_2)^(1/2)
+    d2 = (mu1 - mu2).square().sum() + torch.trace(sigma1) + torch.trace(sigma2) - 2 * torch.trace(cross)
+    return max(float(d2), 0.0)
+
+
+def frechet_from_features(real: torch.Tensor, fake: torch.Tensor) -> float:
+    _check_features(real, fake)
+    return frechet_distance(*feature_stats(real), *feature_stats(fake))
+
+
+def _mmd2_unbiased(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    m, d = x.shape
+    kernel = lambda a, b: (a @ b.T / d + 1) ** 3  # noqa: E731
+    kxx, kyy, kxy = kernel(x, x), kernel(y, y), kernel(x, y)
+    off = m * (m - 1)
+    return (kxx.sum() - kxx.diagonal().sum()) / off + (kyy.sum() - kyy.diagonal().sum()) / off - 2 * kxy.mean()
+
+
+def kernel_distance(real: torch.Tensor, fake: torch.Tensor, *, subsets: int = 100, subset_size: int = 1000,
+                    generator: torch.Generator | None = None) -> tuple[float, float]:
+    """KID: mean and standard deviation over `subsets` draws of the unbiased MMD^2 (cubic kernel) between
+    `subset_size` real and `subset_size` generated features (capped at the smaller set's size)."""
+    _check_features(real, fake)
+    m = min(subset_size, len(real), len(fake))
+    real, fake = real.double(), fake.double()
+    values = torch.stack([
+        _mmd2_unbiased(real[torch.randperm(len(real), generator=generator)[:m]],
+                       fake[torch.randperm(len(fake), generator=generator)[:m]])
+        for _ in range(subsets)])
+    return float(values.mean()), float(values.std()) if subsets > 1 else 0.0
+
+
+def precision_recall(real: torch.Tensor, fake: torch.Tensor, *, k: int = 3) -> tuple[float, float]:
+    """Improved precision and recall (Kynkaanniemi et al. 2019) with k-nearest-neighbour balls."""
+    _check_features(real, fake)
+    if min(len(real), len(fake)) <= k:
+        raise ValueError(f"precision / recall with k = {k} need more than {k} features in each set")
+    real, fake = real.double(), fake.double()
+
+    def radii(f: torch.Tensor) -> torch.Tensor:  # distance to the k-th nearest other point
+        return torch.cdist(f, f).kthvalue(k + 1, dim=1).values  # the 1st is the point itself, at 0
+
+    def covered(points: torch.Tensor, centres: torch.Tensor, r: torch.Tensor) -> float:
+        return float((torch.cdist(points, centres) <= r[None, :]).any(dim=1).double().mean())
+
+    return covered(fake, real, radii(real)), covered(real, fake, radii(fake))

@@ -1,0 +1,116 @@
+"""Distribution metrics against closed forms on Gaussians and brute-force references."""
+
+import math
+
+import pytest
+import torch
+
+from tinyldm.metrics import (
+    feature_stats,
+    frechet_distance,
+    frechet_from_features,
+    kernel_distance,
+    precision_recall,
+    sqrtm_psd,
+)
+
+
+def random_spd(d: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(d, d, generator=g, dtype=torch.float64)
+    return a @ a.T / d + 0.1 * torch.eye(d, dtype=torch.float64)
+
+
+def denman_beavers_sqrt(a: torch.Tensor, iters: int = 60) -> torch.Tensor:
+    """An independent matrix square root (Denman-Beavers iteration), for the test only."""
+    y, z = a.clone(), torch.eye(len(a), dtype=a.dtype)
+    for _ in range(iters):
+        y, z = (y + torch.linalg.inv(z)) / 2, (z + torch.linalg.inv(y)) / 2
+    return y
+
+
+def test_sqrtm_squares_back():
+    a = random_spd(6, 0)
+    root = sqrtm_psd(a)
+    torch.testing.assert_close(root @ root, a)
+    torch.testing.assert_close(root, denman_beavers_sqrt(a))
+
+
+def test_frechet_distance_of_diagonal_gaussians_is_the_closed_form():
+    """Commuting (diagonal) covariances: d^2 = |mu1 - mu2|^2 + sum_i (s1_i - s2_i)^2 with s the std devs."""
+    mu1, mu2 = torch.tensor([0.0, 1.0, -2.0]), torch.tensor([1.0, 1.0, 0.5])
+    s1, s2 = torch.tensor([1.0, 2.0, 0.5]), torch.tensor([3.0, 0.5, 0.5])
+    expected = (mu1 - mu2).square().sum() + (s1 - s2).square().sum()
+    got = frechet_distance(mu1, torch.diag(s1**2), mu2, torch.diag(s2**2))
+    assert got == pytest.approx(float(expected), rel=1e-12)
+
+
+def test_frechet_distance_with_non_commuting_covariances():
+    """Against Tr(S1 + S2 - 2 (S1 S2)^(1/2)) computed with an independent square root of the non-symmetric
+    product S1 S2 (the textbook form), and the metric's basic properties."""
+    a, b = random_spd(5, 1), random_spd(5, 2)
+    assert not torch.allclose(a @ b, b @ a)
+    mu = torch.zeros(5, dtype=torch.float64)
+    expected = torch.trace(a + b - 2 * denman_beavers_sqrt(a @ b))
+    assert frechet_distance(mu, a, mu, b) == pytest.approx(float(expected), rel=1e-9)
+    assert frechet_distance(mu, a, mu, b) == pytest.approx(frechet_distance(mu, b, mu, a), rel=1e-9)
+    assert frechet_distance(mu, a, mu, a) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_frechet_from_samples_converges_to_the_population_value():
+    g = torch.Generator().manual_seed(0)
+    a, b = random_spd(4, 3), random_spd(4, 4)
+    mu2 = torch.tensor([0.5, 0.0, -0.5, 1.0], dtype=torch.float64)
+    n = 40_000
+    x = torch.randn(n, 4, generator=g, dtype=torch.float64) @ sqrtm_psd(a)
+    y = torch.randn(n, 4, generator=g, dtype=torch.float64) @ sqrtm_psd(b) + mu2
+    mean, cov = feature_stats(x)
+    assert torch.allclose(cov, a, atol=0.05) and mean.abs().max() < 0.05
+    population = frechet_distance(torch.zeros(4), a, mu2, b)
+    assert frechet_from_features(x, y) == pytest.approx(population, rel=0.03)
+
+
+def brute_force_mmd2(x, y):
+    d = x.shape[1]
+    k = lambda a, b: (float(a @ b) / d + 1) ** 3  # noqa: E731
+    m = len(x)
+    xx = sum(k(x[i], x[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    yy = sum(k(y[i], y[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    xy = sum(k(x[i], y[j]) for i in range(m) for j in range(m)) / (m * m)
+    return xx + yy - 2 * xy
+
+
+def test_kernel_distance_is_the_unbiased_mmd():
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(12, 5, generator=g), torch.randn(12, 5, generator=g) + 0.7
+    mean, std = kernel_distance(x, y, subsets=1, subset_size=12)
+    assert mean == pytest.approx(brute_force_mmd2(x.double(), y.double()), rel=1e-9) and std == 0.0
+
+
+def test_kernel_distance_is_unbiased_and_grows_with_the_shift():
+    """Same distribution: the estimate averages to 0 (it goes negative half the time); shifted: positive."""
+    g = torch.Generator().manual_seed(1)
+    draws = [kernel_distance(torch.randn(40, 8, generator=g), torch.randn(40, 8, generator=g), subsets=1,
+                             generator=g)[0] for _ in range(300)]
+    mean, se = sum(draws) / len(draws), torch.tensor(draws).std().item() / math.sqrt(len(draws))
+    assert abs(mean) < 3 * se and min(draws) < 0
+    shifts = [kernel_distance(torch.randn(200, 8, generator=g), torch.randn(200, 8, generator=g) + s,
+                              subsets=5, generator=g)[0] for s in (0.25, 0.5, 1.0)]
+    assert 0 < shifts[0] < shifts[1] < shifts[2]
+
+
+def test_precision_and_recall():
+    g = torch.Generator().manual_seed(0)
+    real = torch.randn(400, 2, generator=g)
+    same = torch.randn(400, 2, generator=g)
+    p, r = precision_recall(real, same)
+    assert p > 0.9 and r > 0.9
+    far = torch.randn(400, 2, generator=g) + 20
+    assert precision_recall(real, far) == (0.0, 0.0)
+    collapsed = 0.1 * torch.randn(400, 2, generator=g)  # every sample near the mode: precise, poor recall
+    p, r = precision_recall(real, collapsed)
+    assert p > 0.95 and r < 0.3
+    with pytest.raises(ValueError, match="more than 3"):
+        precision_recall(real[:3], same[:3])
+    with pytest.raises(ValueError, match="widths differ"):
+        frechet_from_features(real, torch.randn(10, 3))
