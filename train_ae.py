@@ -25,7 +25,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -244,6 +244,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def save_identity(ae_cfg, loss_cfg, cfg, args, ckpt_path: Path, device: torch.device) -> dict:
+    """--regularizer identity: nothing to train. Measure the pixels' scale factor and write a checkpoint that
+    train_ldm.py reads like any other first stage (it then trains a pixel-space diffusion model)."""
+    model = Autoencoder(ae_cfg).to(device)
+    train_set, _ = make_datasets(cfg, args.data)
+    stats = latent_statistics(model, first_images(train_set, cfg.stats_images, cfg.batch_size),
+                              max_images=cfg.stats_images, generator=torch.Generator(device).manual_seed(cfg.seed))
+    # Pixel-space diffusion models (DDPM, ADM, the paper's LDM-1) train on pixels in [-1, 1] as they are;
+    # the measured std is reported but not divided out.
+    model.set_latent_stats(replace(stats, scale_factor=1.0))
+    save_checkpoint(ckpt_path, {
+        "step": 0, "ae_config": asdict(ae_cfg), "loss_config": asdict(loss_cfg), "train_config": asdict(cfg),
+        "autoencoder": model.to_dict(), "ema_autoencoder": None, "ema_state": None, "discriminator": {},
+        "opt_ae": {}, "opt_disc": {}, "rng": rng_state(), "metrics": {"latent": asdict(stats)},
+    }, kind="autoencoder")
+    print(f"identity first stage (z = x, f = 1): pixels used as they are in [-1, 1] (std {stats.global_std:.4f}, "
+          f"scale_factor 1); nothing to train -> {ckpt_path}")
+    return {"latent": asdict(stats), "checkpoint": str(ckpt_path)}
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     out = Path(args.out)
@@ -261,6 +281,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     device = pick_device(args.device)
     seed_everything(cfg.seed)
+    if ae_cfg.regularizer == "identity":
+        return save_identity(ae_cfg, loss_cfg, cfg, args, ckpt_path, device)
     model = Autoencoder(ae_cfg).to(device)
     loss_fn = AELoss(loss_cfg, in_channels=ae_cfg.in_channels).to(device)
     betas = (cfg.adam_beta1, cfg.adam_beta2)

@@ -101,6 +101,7 @@ class TrainLDMConfig:
     amp: bool = True  # bf16 autocast, CUDA only
     compile: bool = False  # torch.compile the UNet
     channels_last: bool = True  # CUDA only: the UNet's convolutions in NHWC layout (faster with bf16)
+    max_minutes: float = 0.0  # > 0: stop after this much training-loop time (a wall-clock budget), checkpointed
     seed: int = 0
     log_every: int = 50
     sample_every: int = 1000
@@ -378,6 +379,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     bar = tqdm(range(start_step, train.steps), initial=start_step, total=train.steps, desc="train_ldm")
     seen_since, steps_since, t_since, loss_sum = 0, 0, time.perf_counter(), 0.0
+    t_loop, done = time.perf_counter(), start_step
     for step in bar:
         denoiser.train()
         idx = batch_indices(step, n=N, batch_size=train.batch_size, seed=train.seed).to(device)
@@ -428,14 +430,20 @@ def main(argv: list[str] | None = None) -> dict:
             draw(done)
         if done % train.ckpt_every == 0 or done == train.steps:
             checkpoint(done)
+        if train.max_minutes and time.perf_counter() - t_loop > 60 * train.max_minutes and done < train.steps:
+            if done % train.ckpt_every:
+                checkpoint(done)
+            print(f"\nthe time budget of {train.max_minutes} min of training is spent after {done} steps; stopping")
+            break
     bar.close()
     if start_step >= train.steps:
         print(f"already trained for {train.steps} steps; nothing to do (raise --steps to continue)")
     train_seconds = time.perf_counter() - t_start
 
-    result = {"steps": train.steps, "wall_seconds": train_seconds, "checkpoint": str(ckpt_path)}
-    draw(train.steps)
-    print(f"samples: {out / f'samples_{train.steps:07d}.png'}")
+    result = {"steps": done, "wall_seconds": train_seconds, "train_loop_seconds": time.perf_counter() - t_loop,
+              "checkpoint": str(ckpt_path)}
+    draw(done)
+    print(f"samples: {out / f'samples_{done:07d}.png'}")
     if train.dataset == "shapes" and train.cond == "text" and train.task == "generate" and train.eval_images > 0:
         result.update(evaluate_shapes(ema.model, schedule, ae, train, diffusion, (h, w), device))
         print(f"prompt faithfulness (color, shape and position all right): {result['prompt_faithfulness']:.1%} "

@@ -372,3 +372,17 @@ def test_decoder_res_blocks():
     Autoencoder.from_dict(old)
     with pytest.raises(ValueError, match="decoder_res_blocks"):
         AutoencoderConfig(**small, decoder_res_blocks=0)
+
+
+def test_identity_first_stage_is_pixel_space():
+    """regularizer="identity": z = x exactly, f = 1, no parameters; refused unless z has the image's shape."""
+    ae = Autoencoder(AutoencoderConfig(regularizer="identity", z_channels=3, channel_mult=(1,)))
+    x = torch.rand(2, 3, 8, 8) * 2 - 1
+    assert ae.downsample_factor == 1 and sum(p.numel() for p in ae.parameters()) == 0
+    assert torch.equal(ae.encode(x), x) and torch.equal(ae.decode(x), x) and torch.equal(ae(x).x_rec, x)
+    stats = latent_statistics(ae, [x], max_images=2)
+    assert stats.global_std == pytest.approx(float(x.std()), rel=1e-6)
+    with pytest.raises(ValueError, match="z = x"):
+        AutoencoderConfig(regularizer="identity", z_channels=4, channel_mult=(1,))
+    with pytest.raises(ValueError, match="z = x"):
+        AutoencoderConfig(regularizer="identity", z_channels=3, channel_mult=(1, 2))

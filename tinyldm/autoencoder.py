@@ -18,6 +18,8 @@ D maps it back, x_rec = D(z). App. G gives the two regularizers we implement:
 * Latent rescaling (App. G, "DM Training in Latent Space"): the LDM trains on z * scale_factor with
   scale_factor = 1 / std of encoded training latents, estimated from data (`latent_statistics`).
   It is stored as a buffer, so it travels with `state_dict()` and with every checkpoint.
+* "identity" (the f = 1 end of the paper's Fig. 6): z = x, no parameters, so the "LDM" on top is
+  pixel-space diffusion with the same code; only the scale factor is measured from data.
 
 Architecture (the CompVis "Encoder"/"Decoder" family, written from the paper's description):
 ResNet blocks (GroupNorm, SiLU, 3x3 convs), one stride-2 conv per downsampling, nearest
@@ -63,7 +65,7 @@ class AutoencoderConfig:
     mid_attention: bool = True  # self-attention in the middle block
     norm_groups: int = 32  # GroupNorm groups; every width must be divisible by it
     dropout: float = 0.0
-    regularizer: str = "kl"  # "kl" (diagonal Gaussian posterior) or "vq" (codebook)
+    regularizer: str = "kl"  # "kl" (diagonal Gaussian posterior), "vq" (codebook), or "identity" (f = 1, see below)
     n_codes: int = 1024  # VQ: codebook size K
     vq_beta: float = 0.25  # VQ: commitment weight beta, VQ-VAE Eq. (3)
     vq_restart_threshold: float = 0.03  # VQ: restart a code whose EMA count per step falls below this
@@ -71,8 +73,10 @@ class AutoencoderConfig:
 
     def __post_init__(self):
         self.channel_mult = tuple(int(m) for m in self.channel_mult)
-        if self.regularizer not in ("kl", "vq"):
-            raise ValueError(f"regularizer must be 'kl' or 'vq', got {self.regularizer!r}")
+        if self.regularizer not in ("kl", "vq", "identity"):
+            raise ValueError(f"regularizer must be 'kl', 'vq' or 'identity', got {self.regularizer!r}")
+        if self.regularizer == "identity" and (self.z_channels != self.in_channels or self.channel_mult != (1,)):
+            raise ValueError("the identity first stage has z = x: set z_channels = in_channels and channel_mult = (1,)")
         if not self.channel_mult or min(self.channel_mult) < 1:
             raise ValueError(f"channel_mult must be non-empty positive ints, got {self.channel_mult}")
         if self.decoder_res_blocks is not None and self.decoder_res_blocks < 1:
@@ -329,8 +333,11 @@ class Autoencoder(nn.Module):
         super().__init__()
         self.config = config
         c = config.z_channels
-        self.encoder = Encoder(config, out_channels=2 * c if config.regularizer == "kl" else c)
-        self.decoder = Decoder(config)
+        if config.regularizer == "identity":  # pixel-space diffusion: z = x, nothing to learn
+            self.encoder, self.decoder = nn.Identity(), nn.Identity()
+        else:
+            self.encoder = Encoder(config, out_channels=2 * c if config.regularizer == "kl" else c)
+            self.decoder = Decoder(config)
         self.quantizer = (
             VectorQuantizer(
                 config.n_codes,
@@ -407,6 +414,8 @@ class Autoencoder(nn.Module):
             z = q.sample() if sample_posterior else q.mode()
             return AEOutput(x_rec=self.decoder(z), z=z, kl=q.kl())
         self._check_image(x)
+        if self.quantizer is None:  # identity
+            return AEOutput(x_rec=x, z=x)
         out = self.quantizer(self.encoder(x))
         return AEOutput(x_rec=self.decoder(out.z_q), z=out.z_q, vq_loss=out.loss, indices=out.indices)
 
@@ -455,7 +464,7 @@ def latent_statistics(
     KL latents are posterior samples (the paper's E(x)); pass a generator to keep the global RNG
     untouched. App. G: sigma_hat^2 = 1/(bchw) sum (z - mu_hat)^2 and z <- z / sigma_hat.
     """
-    device = next(model.parameters()).device
+    device = model.scale_factor.device  # a buffer: the identity first stage has no parameters
     zs, n = [], 0
     for x in images:
         x = x[: max_images - n].to(device)
