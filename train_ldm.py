@@ -33,11 +33,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from tinyldm.autoencoder import Autoencoder
 from tinyldm.conditioning import ConditionConfig, ConditionEncoder, Tokenizer
 from tinyldm.data import make_dataset
+from tinyldm.distributed import replica_spread
+from tinyldm.distributed import setup as setup_distributed
+from tinyldm.distributed import teardown as teardown_distributed
 from tinyldm.latents import file_digest, latent_cache
 from tinyldm.ldm import Denoiser, DiffusionConfig, generate, ldm_loss, ldm_payload
 from tinyldm.shapes import CLASS_NAMES, ShapeSpec, all_prompts, evaluate
@@ -102,6 +106,7 @@ class TrainLDMConfig:
     compile: bool = False  # torch.compile the UNet
     channels_last: bool = True  # CUDA only: the UNet's convolutions in NHWC layout (faster with bf16)
     max_minutes: float = 0.0  # > 0: stop after this much training-loop time (a wall-clock budget), checkpointed
+    check_replicas: bool = False  # under torchrun: compare the processes' weights after every step (logged)
     seed: int = 0
     log_every: int = 50
     sample_every: int = 1000
@@ -307,14 +312,23 @@ def main(argv: list[str] | None = None) -> dict:
     if stored:  # the run's own configuration; flags given now still override it (e.g. a larger --steps)
         stored_fields = {**stored["train_config"], **stored["unet_config"], **stored["diffusion_config"]}
     train, unet_fields, diffusion = resolve_configs(args, stored_fields if stored else None)
-    device = pick_device(args.device)
+    world, device_name = setup_distributed(args.device)  # one process unless started by torchrun
+    if train.batch_size % world.size:
+        raise SystemExit(f"--batch_size {train.batch_size} (the global batch) must be divisible by the "
+                         f"{world.size} processes")
+    device = pick_device(device_name)
     seed_everything(train.seed)
     t_start = time.perf_counter()
 
-    # Stage one, frozen: the autoencoder and the cached latents of the whole training set.
-    ae_path = Path(stored["ae_path"]) if stored else get_autoencoder(args, train, out)
-    ae = Autoencoder.from_checkpoint(load_checkpoint(ae_path, kind="autoencoder")).to(device).requires_grad_(False)
-    latents, flipped, conditions, class_names = load_latents(ae, ae_path, train, args.data, out, device)
+    # Stage one, frozen: the autoencoder and the cached latents of the whole training set. With several
+    # processes, rank 0 trains / encodes first and the others then read what it wrote.
+    for turn in ("main", "others"):
+        if world.is_main == (turn == "main"):
+            ae_path = Path(stored["ae_path"]) if stored else get_autoencoder(args, train, out)
+            ae = Autoencoder.from_checkpoint(load_checkpoint(ae_path, kind="autoencoder")).to(device)
+            ae.requires_grad_(False)
+            latents, flipped, conditions, class_names = load_latents(ae, ae_path, train, args.data, out, device)
+        world.barrier()
     scale = float(ae.scale_factor)
     N, c, h, w = latents.shape
     print(f"latents: {N} x {c} x {h} x {w}, scale factor {scale:.4f} (1 / std from the autoencoder's data), "
@@ -348,11 +362,14 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"resumed from {ckpt_path} at step {start_step}")
     n_params, n_unet = (sum(p.numel() for p in m.parameters()) / 1e6 for m in (denoiser, denoiser.unet))
     print(f"denoiser: {n_params:.2f} M parameters (UNet {n_unet:.2f} M), cond={train.cond}, task={train.task}, "
-          f"device={device}")
+          f"device={device}" + (f", process {world.rank} of {world.size}" if world.enabled else ""))
     if train.compile:
         denoiser.unet.compile()  # in place: the state_dict keys (and so the checkpoints) stay the same
+    # Data parallel: DDP averages the gradients of the processes' shares after every backward.
+    model = DistributedDataParallel(denoiser, device_ids=[device.index] if device.type == "cuda" else None,
+                                    find_unused_parameters=True) if world.enabled else denoiser
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=train.amp and device.type == "cuda")
-    log = JSONLLogger(out / "log.jsonl", resume_step=start_step if stored else None)
+    log = JSONLLogger(out / "log.jsonl", resume_step=start_step if stored else None) if world.is_main else None
     latents_dev = latents.to(device) * scale
     flipped_dev = flipped.to(device) * scale if flipped is not None else None
     concat_dev = concat_all.to(device) if concat_all is not None else None
@@ -365,36 +382,51 @@ def main(argv: list[str] | None = None) -> dict:
         n_grid = len(items["image"])
 
     def checkpoint(step: int) -> None:
+        if not world.is_main:
+            return
         payload = ldm_payload(denoiser, ema.model, ae, diffusion, train.image_size)
         payload.update(train_config=asdict(train), step=step, optimizer=opt.state_dict(), rng=rng_state(),
-                       ema_state=ema.state_dict(), ae_path=str(ae_path), class_names=class_names)
+                       ema_state=ema.state_dict(), ae_path=str(ae_path), class_names=class_names,
+                       processes=world.size)
         save_checkpoint(ckpt_path, payload, kind="ldm")
 
     def draw(step: int) -> None:
+        if not world.is_main:
+            return
         g = torch.Generator(device).manual_seed(0)
         imgs = generate(ema.model, schedule, ae, sample_cond, n=n_grid, latent_size=(h, w),
                         prediction=diffusion.prediction, steps=train.eval_steps, guidance_scale=train.eval_cfg,
                         generator=g, concat=sample_concat)
         save_image_grid(imgs, out / f"samples_{step:07d}.png", nrow=n_grid)
 
-    bar = tqdm(range(start_step, train.steps), initial=start_step, total=train.steps, desc="train_ldm")
+    bar = tqdm(range(start_step, train.steps), initial=start_step, total=train.steps, desc="train_ldm",
+               **({} if world.is_main else {"disable": True}))
     seen_since, steps_since, t_since, loss_sum = 0, 0, time.perf_counter(), 0.0
     t_loop, done = time.perf_counter(), start_step
+    spread_max = 0.0
     for step in bar:
         denoiser.train()
-        idx = batch_indices(step, n=N, batch_size=train.batch_size, seed=train.seed).to(device)
+        # The step's global batch and its random draws: functions of the step, the same in every process
+        # (exact resume, with any number of processes); then this process's share of each.
+        idx_all = batch_indices(step, n=N, batch_size=train.batch_size, seed=train.seed).to(device)
+        g = torch.Generator(device).manual_seed(2**40 + train.seed * 1_000_003 + step)
+        flip_all = torch.rand(len(idx_all), 1, 1, 1, generator=g, device=device) < 0.5
+        t_all = torch.randint(0, schedule.T, (len(idx_all),), generator=g, device=device)
+        eps_all = torch.randn((len(idx_all), c, h, w), generator=g, device=device)
+        drop_all = torch.rand(len(idx_all), generator=torch.Generator().manual_seed(  # on the CPU: no sync
+            2**41 + train.seed * 1_000_003 + step)) < diffusion.p_uncond
+        idx, flip = world.shard(idx_all), world.shard(flip_all)
         z0 = latents_dev[idx]
         concat = concat_dev[idx] if concat_dev is not None else None
         if flipped_dev is not None:  # each image in either orientation (its task input flipped with it)
-            flip = torch.rand(len(idx), 1, 1, 1, device=device) < 0.5
             z0 = torch.where(flip, flipped_dev[idx], z0)
             concat = torch.where(flip, concat_flipped_dev[idx], concat) if concat is not None else None
         if pixels_dev is not None:  # inpainting: this step's masks (a function of the step: exact resume)
             x = pixels_dev[idx].float() / 127.5 - 1
             x = torch.where(flip, x.flip(-1), x) if flipped_dev is not None else x
-            masks = random_mask(len(idx), *x.shape[-2:], generator=torch.Generator().manual_seed(
+            masks = random_mask(len(idx_all), *x.shape[-2:], generator=torch.Generator().manual_seed(
                 train.seed * 1_000_003 + step))
-            concat = inpaint_concat(ae, x, masks.to(device))
+            concat = inpaint_concat(ae, x, world.shard(masks).to(device))
         condition = None
         if train.cond == "text":
             condition = [conditions["caption"][i] for i in idx.tolist()]
@@ -405,8 +437,9 @@ def main(argv: list[str] | None = None) -> dict:
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
         with autocast:
-            loss = ldm_loss(denoiser, schedule, z0, condition, diffusion, concat=concat)
-        loss_value = loss.item()  # one host sync per step: the NaN check needs it, the log reuses it
+            loss = ldm_loss(model, schedule, z0, condition, diffusion, concat=concat, t=world.shard(t_all),
+                            eps=world.shard(eps_all).to(z0.dtype), drop=world.shard(drop_all))
+        loss_value = world.mean(loss.detach())  # one host sync per step: the NaN check needs it, the log too
         if not math.isfinite(loss_value):
             bar.close()
             raise SystemExit(f"loss is {loss_value} at step {step}: stopping. The last good checkpoint is "
@@ -416,21 +449,27 @@ def main(argv: list[str] | None = None) -> dict:
         grad_norm = torch.nn.utils.clip_grad_norm_(denoiser.parameters(), train.grad_clip)
         opt.step()
         ema.update(denoiser)
+        if train.check_replicas:
+            spread_max = max(spread_max, replica_spread(denoiser, world))
         loss_sum += loss_value
-        seen_since, steps_since = seen_since + len(idx), steps_since + 1
+        seen_since, steps_since = seen_since + len(idx_all), steps_since + 1
         done = step + 1
         if done % train.log_every == 0 or done == train.steps:
             dt = time.perf_counter() - t_since
             record = {"step": done, "loss": loss_sum / steps_since, "grad_norm": float(grad_norm),
                       "lr": lr_at(step), "img_per_s": seen_since / dt}
-            log.log(**record)
+            if train.check_replicas:
+                record["replica_spread"], spread_max = spread_max, 0.0
+            if log is not None:
+                log.log(**record)
             bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['img_per_s']:.0f}")
             seen_since, steps_since, t_since, loss_sum = 0, 0, time.perf_counter(), 0.0
         if done % train.sample_every == 0:
             draw(done)
         if done % train.ckpt_every == 0 or done == train.steps:
             checkpoint(done)
-        if train.max_minutes and time.perf_counter() - t_loop > 60 * train.max_minutes and done < train.steps:
+        if train.max_minutes and done < train.steps and world.any(
+                time.perf_counter() - t_loop > 60 * train.max_minutes, device):
             if done % train.ckpt_every:
                 checkpoint(done)
             print(f"\nthe time budget of {train.max_minutes} min of training is spent after {done} steps; stopping")
@@ -439,6 +478,10 @@ def main(argv: list[str] | None = None) -> dict:
     if start_step >= train.steps:
         print(f"already trained for {train.steps} steps; nothing to do (raise --steps to continue)")
     train_seconds = time.perf_counter() - t_start
+    world.barrier()
+    if not world.is_main:  # rank 0 alone draws, evaluates and reports
+        teardown_distributed(world)
+        return {"steps": done, "rank": world.rank}
 
     result = {"steps": done, "wall_seconds": train_seconds, "train_loop_seconds": time.perf_counter() - t_loop,
               "checkpoint": str(ckpt_path)}
@@ -458,6 +501,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"{train.eval_steps} DDIM steps, guidance {train.eval_cfg}): {shown}")
     (out / "eval.json").write_text(json.dumps(result, indent=1))
     print(f"done in {time.perf_counter() - t_start:.0f} s; checkpoint {ckpt_path}")
+    teardown_distributed(world)
     return result
 
 

@@ -222,10 +222,12 @@ class ConditionEncoder(nn.Module):
             return {"box_classes": torch.full((n, K), -1, dtype=torch.long), "boxes": torch.zeros(n, K, 4)}
         return None
 
-    def drop(self, condition: list[str] | Tensor | dict, p_uncond: float, generator: torch.Generator | None = None):
-        """Replace each condition by the null one with probability p_uncond (CFG training)."""
+    def drop(self, condition: list[str] | Tensor | dict, p_uncond: float, generator: torch.Generator | None = None,
+             *, mask: Tensor | None = None):
+        """Replace each condition by the null one with probability p_uncond (CFG training); or, with `mask`
+        (B,) bool, exactly those where it is True."""
         n = batch_size(condition)
-        drop = torch.rand(n, generator=generator) < p_uncond
+        drop = (torch.rand(n, generator=generator) < p_uncond) if mask is None else mask.cpu()
         null = self.null_condition(n)
         if self.cfg.kind == "text":
             return [null[i] if drop[i] else condition[i] for i in range(n)]

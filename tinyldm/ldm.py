@@ -67,18 +67,25 @@ class Denoiser(nn.Module):
 
 
 def ldm_loss(denoiser: Denoiser, schedule: NoiseSchedule, z0: Tensor, condition, cfg: DiffusionConfig, *,
-             concat: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
+             concat: Tensor | None = None, generator: torch.Generator | None = None, t: Tensor | None = None,
+             eps: Tensor | None = None, drop: Tensor | None = None) -> Tensor:
     """Eq. 3 on a batch of scaled latents z0 with their conditions (captions, class ids or None).
 
     `concat` (B, C_c, h, w) is an image-like condition at the latent size (a segmentation map, a low-res
     image, a masked image's latent and its mask); it is never dropped: guidance acts on `condition` only.
+    `t`, `eps` and `drop` (which conditions to drop, (B,) bool) are drawn here unless given: a data-parallel
+    run draws them for the whole global batch on every process and hands each its share, so that it trains
+    exactly like one process. `denoiser` may be wrapped (DistributedDataParallel).
     """
     B = z0.shape[0]
-    t = torch.randint(0, schedule.T, (B,), generator=generator, device=z0.device)  # t ~ U{0..T-1}
-    eps = torch.randn(z0.shape, generator=generator, device=z0.device, dtype=z0.dtype)
+    if t is None:
+        t = torch.randint(0, schedule.T, (B,), generator=generator, device=z0.device)  # t ~ U{0..T-1}
+    if eps is None:
+        eps = torch.randn(z0.shape, generator=generator, device=z0.device, dtype=z0.dtype)
     z_t = schedule.q_sample(z0, t, eps)  # DDPM Eq. 4
     if condition is not None and cfg.p_uncond > 0:
-        condition = denoiser.cond.drop(condition, cfg.p_uncond, generator=generator)
+        encoder = getattr(denoiser, "module", denoiser).cond
+        condition = encoder.drop(condition, cfg.p_uncond, generator=generator, mask=drop)
     pred = denoiser(z_t, t, condition, concat=concat).float()
     target = schedule.target(z0, eps, t, cfg.prediction).float()
     return F.mse_loss(pred, target) if cfg.loss == "l2" else F.l1_loss(pred, target)

@@ -1,0 +1,88 @@
+"""train_ldm.py under torchrun: 2 CPU processes (gloo) train like one process on the same global batch,
+hold identical weights after every step, write once (rank 0), and resume with another process count."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import train_ldm
+from tinyldm.distributed import World
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(n: int, *args) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}", f"--master_port={free_port()}",
+           "train_ldm.py", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def ae_path(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp") / "first"
+    train_ldm.main(["--smoke", "--out", str(out), "--device", "cpu", "--eval_images", "0"])
+    return out / "ae" / "autoencoder.pt"
+
+
+def flags(out, ae_path, *more):
+    return ["--smoke", "--out", str(out), "--ae", str(ae_path), "--device", "cpu", "--log_every", "1",
+            "--eval_images", "0", *more]
+
+
+def records(out):
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if '"loss"' in line]
+
+
+def weights(out):
+    return torch.load(out / "ldm.pt", weights_only=True)
+
+
+def assert_same_weights(a, b, atol=1e-3):
+    for k in a["denoiser"]:
+        torch.testing.assert_close(a["denoiser"][k].float(), b["denoiser"][k].float(), atol=atol, rtol=0)
+
+
+def test_two_processes_train_like_one(tmp_path, ae_path):
+    train_ldm.main(flags(tmp_path / "one", ae_path))
+    torchrun(2, *flags(tmp_path / "two", ae_path, "--check_replicas", "true"))
+    one, two = records(tmp_path / "one"), records(tmp_path / "two")
+    assert [r["step"] for r in two] == [1, 2, 3, 4, 5, 6]  # one log line per step: only rank 0 writes
+    assert all(r["replica_spread"] == 0.0 for r in two)  # both processes hold the same weights after each step
+    for a, b in zip(one, two, strict=True):  # the global batch's loss, step by step
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+    ckpt = weights(tmp_path / "two")
+    assert ckpt["processes"] == 2 and ckpt["step"] == 6
+    assert_same_weights(weights(tmp_path / "one"), ckpt)
+    leftovers = [p.name for p in (tmp_path / "two").iterdir() if p.name.startswith(".")]
+    assert not leftovers  # no half-written checkpoints from a second writer
+
+
+def test_resume_with_another_number_of_processes(tmp_path, ae_path):
+    """3 steps on 2 processes, then 3 more on 1, equal 6 steps on 1: data order and noise are functions of
+    the step and the global batch, not of the process count."""
+    torchrun(2, *flags(tmp_path / "split", ae_path, "--steps", "3"))
+    train_ldm.main(flags(tmp_path / "split", ae_path, "--steps", "6", "--resume"))
+    train_ldm.main(flags(tmp_path / "straight", ae_path, "--steps", "6"))
+    assert weights(tmp_path / "split")["processes"] == 1
+    assert_same_weights(weights(tmp_path / "straight"), weights(tmp_path / "split"))
+
+
+def test_each_process_takes_every_world_th_item():
+    world = World(rank=1, size=3)
+    assert world.shard(list(range(9))) == [1, 4, 7] and world.is_main is False
+    assert World().shard([1, 2]) == [1, 2] and not World().enabled

@@ -1,0 +1,99 @@
+"""Data parallelism under PyTorch's own launcher: `torchrun --nproc_per_node=N train_ldm.py ...`.
+
+torchrun starts N processes and tells each its place through environment variables (RANK, WORLD_SIZE,
+LOCAL_RANK, MASTER_ADDR / MASTER_PORT); `setup()` reads them and joins the process group (NCCL on GPUs,
+gloo on CPUs). Without torchrun WORLD_SIZE is unset and everything is a plain single process.
+
+The conventions the training scripts follow:
+* `--batch_size` is the *global* batch: each step takes the same global batch as a single process would
+  (a pure function of the step) and each process trains on every world-th example of it. DDP averages
+  the gradients, so one step equals one single-process step on the global batch, and `--resume` works
+  with any number of processes.
+* The random draws of a step (timesteps, noise, condition dropout, flips, masks) are made for the whole
+  global batch from a generator seeded by the step, identically in every process, and sliced the same way.
+* Rank 0 alone writes: checkpoints, logs, sample grids, the evaluation; it also builds the latent cache,
+  which the others then read.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+    def mean(self, value: torch.Tensor) -> float:
+        """The mean of a scalar over the processes (each holds the mean of an equal share of the batch)."""
+        if self.enabled:
+            value = value.detach().clone()
+            dist.all_reduce(value)
+            value /= self.size
+        return float(value)
+
+    def any(self, flag: bool, device: torch.device) -> bool:
+        """True in every process if it is True in one (e.g. a time budget spent: all stop at the same step)."""
+        if not self.enabled:
+            return flag
+        t = torch.tensor([float(flag)], device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    def shard(self, x):
+        """This process's share of a global batch: every `size`-th item from `rank` (tensors or lists)."""
+        return x[self.rank :: self.size] if self.enabled else x
+
+
+def setup(device_name: str = "auto") -> tuple[World, str]:
+    """Join the process group if torchrun started us; returns the world and the device name to use
+    (each process's own GPU: cuda:LOCAL_RANK)."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size == 1:
+        return World(), device_name
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available() and device_name in ("auto", "cuda") or device_name.startswith("cuda")
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
+    if cuda:
+        torch.cuda.set_device(local_rank)
+        device_name = f"cuda:{local_rank}"
+    elif device_name == "auto":
+        device_name = "cpu"
+    return World(rank=rank, size=size, local_rank=local_rank), device_name
+
+
+def teardown(world: World) -> None:
+    if world.enabled and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def replica_spread(model: torch.nn.Module, world: World) -> float:
+    """Largest difference between the processes' checksums of the weights (0.0: identical replicas)."""
+    if not world.enabled:
+        return 0.0
+    total = torch.stack([p.detach().double().square().sum() for p in model.parameters()]).sum()
+    first = next(model.parameters()).detach().double().flatten()[:1000].sum()
+    local = torch.stack([total, first]).to(next(model.parameters()).device)
+    gathered = [torch.zeros_like(local) for _ in range(world.size)]
+    dist.all_gather(gathered, local)
+    stacked = torch.stack(gathered)
+    return float((stacked.max(0).values - stacked.min(0).values).max())
