@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -407,5 +408,14 @@ def format_metrics(m: dict) -> str:
     return "\n".join(lines)
 
 
+def refuse_torchrun() -> None:
+    """Started by torchrun: say so rather than train N unsynchronised copies. (train_ldm.py, which does run
+    under torchrun, calls `main` from its rank 0 alone when the autoencoder is missing.)"""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise SystemExit("train_ae.py does not run under torchrun yet: start it as one process (python "
+                         "train_ae.py ...); train_ldm.py runs under torchrun")
+
+
 if __name__ == "__main__":
+    refuse_torchrun()
     main(sys.argv[1:])

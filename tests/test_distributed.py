@@ -86,3 +86,9 @@ def test_each_process_takes_every_world_th_item():
     world = World(rank=1, size=3)
     assert world.shard(list(range(9))) == [1, 4, 7] and world.is_main is False
     assert World().shard([1, 2]) == [1, 2] and not World().enabled
+
+
+def test_rank_zero_alone_trains_a_missing_autoencoder(tmp_path):
+    proc = torchrun(2, "--smoke", "--out", str(tmp_path / "run"), "--device", "cpu", "--eval_images", "0")
+    assert proc.stdout.count("training the autoencoder first") == 1  # the other process waited, then read it
+    assert (tmp_path / "run" / "ae" / "autoencoder.pt").exists() and (tmp_path / "run" / "ldm.pt").exists()
