@@ -23,18 +23,21 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from tinyldm.ae_loss import AELoss, AELossConfig
 from tinyldm.autoencoder import Autoencoder, AutoencoderConfig, codebook_stats, latent_statistics
+from tinyldm.distributed import World, replica_spread
+from tinyldm.distributed import setup as setup_distributed
+from tinyldm.distributed import teardown as teardown_distributed
 from tinyldm.metrics import psnr, ssim
 from tinyldm.train_utils import (
     EMA,
@@ -72,6 +75,7 @@ class TrainAEConfig:
     ema_decay: float = 0.0  # 0 disables the EMA of weights
     amp: bool = True  # bf16 autocast, CUDA only
     seed: int = 0
+    check_replicas: bool = False  # under torchrun: log the largest difference between the processes' weights
     num_workers: int = 0
     log_every: int = 50
     image_every: int = 500
@@ -168,14 +172,17 @@ def make_datasets(cfg: TrainAEConfig, data_path: str | None) -> tuple[Dataset, D
 
 
 class StepBatches:
-    """A batch sampler whose k-th batch is `batch_indices(k)`: the order depends on the step alone."""
+    """A batch sampler whose k-th batch is `batch_indices(k)`: the order depends on the step alone. Under
+    torchrun each process gets its share of that global batch (`world.shard`)."""
 
-    def __init__(self, n: int, batch_size: int, seed: int, start: int, stop: int):
+    def __init__(self, n: int, batch_size: int, seed: int, start: int, stop: int, world: World | None = None):
         self.n, self.batch_size, self.seed, self.start, self.stop = n, batch_size, seed, start, stop
+        self.world = world or World()
 
     def __iter__(self):
         for step in range(self.start, self.stop):
-            yield batch_indices(step, n=self.n, batch_size=self.batch_size, seed=self.seed).tolist()
+            idx = batch_indices(step, n=self.n, batch_size=self.batch_size, seed=self.seed).tolist()
+            yield self.world.shard(idx)
 
     def __len__(self) -> int:
         return self.stop - self.start
@@ -265,7 +272,8 @@ def save_identity(ae_cfg, loss_cfg, cfg, args, ckpt_path: Path, device: torch.de
     return {"latent": asdict(stats), "checkpoint": str(ckpt_path)}
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None, *, single_process: bool = False) -> dict:
+    """`single_process`: train here alone even inside a torchrun job (train_ldm.py's rank 0 uses it)."""
     args = parse_args(argv)
     out = Path(args.out)
     ckpt_path = out / "autoencoder.pt"
@@ -280,12 +288,21 @@ def main(argv: list[str] | None = None) -> dict:
         base = {**PRESETS[args.preset], **(SMOKE if args.smoke else {})}
     ae_cfg, loss_cfg, cfg = (build_config(cls, base, overrides) for cls in CONFIGS)
 
-    device = pick_device(args.device)
+    world, device_name = (World(), args.device) if single_process else setup_distributed(args.device)
+    if world.enabled and ae_cfg.regularizer == "vq":
+        raise SystemExit("a VQ autoencoder does not train under torchrun yet (its dead-code restarts would differ "
+                         "between processes): train it as one process")
+    if cfg.batch_size % world.size:
+        raise SystemExit(f"--batch_size {cfg.batch_size} (the global batch) must be divisible by the {world.size} "
+                         "processes")
+    device = pick_device(device_name)
     seed_everything(cfg.seed)
     if ae_cfg.regularizer == "identity":
         return save_identity(ae_cfg, loss_cfg, cfg, args, ckpt_path, device)
     model = Autoencoder(ae_cfg).to(device)
     loss_fn = AELoss(loss_cfg, in_channels=ae_cfg.in_channels).to(device)
+    if world.enabled and device.type == "cuda":  # the PatchGAN's BatchNorm over the global batch
+        loss_fn.discriminator = torch.nn.SyncBatchNorm.convert_sync_batchnorm(loss_fn.discriminator)
     betas = (cfg.adam_beta1, cfg.adam_beta2)
     opt_ae = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=betas)
     opt_disc = torch.optim.Adam(loss_fn.discriminator.parameters(), lr=cfg.disc_lr or cfg.lr, betas=betas)
@@ -307,11 +324,19 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"autoencoder: {n_params / 1e6:.2f}M params, f={ae_cfg.downsample_factor}, {ae_cfg.regularizer}, "
           f"latent {latent} for {cfg.image_size}px; {len(train_set)} train / {len(held_out)} held-out images; "
           f"device {device}; steps {start}..{cfg.steps}")
-    logger = JSONLLogger(out / "log.jsonl", resume_step=start if ckpt is not None else None)
+    logger = JSONLLogger(out / "log.jsonl", resume_step=start if ckpt is not None else None) if world.is_main else None
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and cfg.amp)
+    # Data parallel: DDP averages the autoencoder's gradients; the discriminator (run three times a step)
+    # has its gradients averaged by hand (`world.average_gradients`), which is the same arithmetic.
+    ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
+        if world.enabled else model
+    reduce = world.average if world.enabled else None
+    z_shape = model.latent_shape(cfg.image_size)
     grid_x = next(first_images(held_out, 8, 8)).to(device)
 
     def checkpoint(step: int, rng: dict, metrics: dict | None = None) -> None:
+        if not world.is_main:
+            return
         save_checkpoint(ckpt_path, {
             "step": step, "ae_config": asdict(ae_cfg), "loss_config": asdict(loss_cfg), "train_config": asdict(cfg),
             "autoencoder": model.to_dict(),
@@ -321,7 +346,7 @@ def main(argv: list[str] | None = None) -> dict:
             "opt_ae": opt_ae.state_dict(), "opt_disc": opt_disc.state_dict(), "rng": rng, "metrics": metrics,
         }, kind="autoencoder")
 
-    batches = StepBatches(len(train_set), cfg.batch_size, cfg.seed, start, cfg.steps)
+    batches = StepBatches(len(train_set), cfg.batch_size, cfg.seed, start, cfg.steps, world)
     # Its own generator: a DataLoader otherwise draws its workers' base seed from the global RNG.
     loader = DataLoader(train_set, batch_sampler=batches, num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
                         generator=torch.Generator().manual_seed(cfg.seed + start))
@@ -329,7 +354,7 @@ def main(argv: list[str] | None = None) -> dict:
     t_start, t_log, seen = time.time(), time.time(), 0
     window: dict[str, list] = {}  # name -> [sum, count] of each logged term since the last log line
     bar = tqdm(zip(range(start, cfg.steps), loader, strict=True), total=cfg.steps, initial=start, desc="train_ae",
-               dynamic_ncols=True, mininterval=2.0)
+               dynamic_ncols=True, mininterval=2.0, **({} if world.is_main else {"disable": True}))
     for step, x in bar:
         x = x.to(device, non_blocking=True)
         for opt, base_lr in ((opt_ae, cfg.lr), (opt_disc, cfg.disc_lr or cfg.lr)):
@@ -338,8 +363,12 @@ def main(argv: list[str] | None = None) -> dict:
 
         # 1) the autoencoder's step: L_rec + L_reg (+ lambda * L_adv once the discriminator is on)
         with autocast:
-            out_ae = model(x)
-            loss, logs = loss_fn.autoencoder_loss(x, out_ae, step=step, last_layer=model.last_layer)
+            # The posterior's noise for the whole global batch, from a generator seeded by the step: the same
+            # in every process (each takes its share), so N processes train like one, and resume is exact.
+            g = torch.Generator(device).manual_seed(2**40 + cfg.seed * 1_000_003 + step)
+            noise = world.shard(torch.randn((cfg.batch_size, *z_shape), generator=g, device=device))
+            out_ae = ddp_model(x, noise=noise if ae_cfg.regularizer == "kl" else None)
+            loss, logs = loss_fn.autoencoder_loss(x, out_ae, step=step, last_layer=model.last_layer, reduce=reduce)
         opt_ae.zero_grad(set_to_none=True)
         loss.backward()
         opt_ae.step()
@@ -349,24 +378,30 @@ def main(argv: list[str] | None = None) -> dict:
                 loss_d, logs_d = loss_fn.discriminator_loss(x, out_ae.x_rec, step=step)
             opt_disc.zero_grad(set_to_none=True)  # also drops what the autoencoder's loss left on D
             loss_d.backward()
+            world.average_gradients(loss_fn.discriminator)
             opt_disc.step()
+            world.average_buffers(loss_fn.discriminator)  # BatchNorm running statistics stay identical
             logs.update(logs_d)
-        if ema is not None:
+        if ema is not None and world.is_main:  # only rank 0 draws, evaluates and saves
             ema.update(model)
-        done, seen = step + 1, seen + x.shape[0]
+        done, seen = step + 1, seen + x.shape[0] * world.size
         for k, v in logs.items():
             acc = window.setdefault(k, [0.0, 0])
             acc[0], acc[1] = acc[0] + v, acc[1] + 1
         if done % cfg.log_every == 0 or done == cfg.steps:
             now = time.time()
             ips = seen / max(now - t_log, 1e-9)
-            means = {k: float(total) / n for k, (total, n) in window.items()}  # one device sync per log line
+            means = {k: world.mean(total / n) for k, (total, n) in window.items()}  # the processes' mean
+            if cfg.check_replicas:
+                means["replica_spread"] = max(replica_spread(model, world),
+                                              replica_spread(loss_fn.discriminator, world))
             if out_ae.indices is not None:  # this step's batch: usage and perplexity of the codebook
                 means.update(codebook_stats(out_ae.indices, ae_cfg.n_codes))
-            logger.log(step=done, lr=opt_ae.param_groups[0]["lr"], images_per_s=ips, **means)
+            if logger is not None:
+                logger.log(step=done, lr=opt_ae.param_groups[0]["lr"], images_per_s=ips, **means)
             bar.set_postfix(loss=f"{means['loss_ae']:.4f}", rec=f"{means['rec']:.4f}", img_s=f"{ips:.0f}")
             t_log, seen, window = now, 0, {}
-        if done % cfg.image_every == 0 or done == cfg.steps:
+        if (done % cfg.image_every == 0 or done == cfg.steps) and world.is_main:
             eval_model = ema.model if ema is not None else model
             eval_model.eval()
             grid_rec = reconstruct(eval_model, grid_x)
@@ -378,6 +413,9 @@ def main(argv: list[str] | None = None) -> dict:
     bar.close()
     train_seconds = time.time() - t_start
     rng_after_training = rng_state()  # evaluation below uses its own generator; resume continues from here
+    if not world.is_main:  # rank 0 alone evaluates and writes the final checkpoint
+        teardown_distributed(world)
+        return {"step": cfg.steps, "rank": world.rank}
 
     eval_model = ema.model if ema is not None else model
     metrics = evaluate(eval_model, held_out, cfg, device)
@@ -391,6 +429,8 @@ def main(argv: list[str] | None = None) -> dict:
     checkpoint(cfg.steps, rng_after_training, metrics)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     print(format_metrics(metrics))
+    if not single_process:
+        teardown_distributed(world)
     return metrics
 
 
@@ -408,14 +448,5 @@ def format_metrics(m: dict) -> str:
     return "\n".join(lines)
 
 
-def refuse_torchrun() -> None:
-    """Started by torchrun: say so rather than train N unsynchronised copies. (train_ldm.py, which does run
-    under torchrun, calls `main` from its rank 0 alone when the autoencoder is missing.)"""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise SystemExit("train_ae.py does not run under torchrun yet: start it as one process (python "
-                         "train_ae.py ...); train_ldm.py runs under torchrun")
-
-
 if __name__ == "__main__":
-    refuse_torchrun()
     main(sys.argv[1:])

@@ -201,7 +201,7 @@ def get_autoencoder(args: argparse.Namespace, train: TrainLDMConfig, out: Path) 
         cmd += ["--smoke"] if args.smoke else []
         cmd += ["--steps", str(train.ae_steps)] if train.ae_steps and not args.smoke else []
         print(f"no --ae given: training the autoencoder first (python train_ae.py {' '.join(cmd)})")
-        train_ae.main(cmd)
+        train_ae.main(cmd, single_process=True)  # under torchrun only rank 0 gets here; the others wait
     return path
 
 
@@ -331,7 +331,7 @@ def main(argv: list[str] | None = None) -> dict:
         world.barrier()
     scale = float(ae.scale_factor)
     N, c, h, w = latents.shape
-    print(f"latents: {N} x {c} x {h} x {w}, scale factor {scale:.4f} (1 / std from the autoencoder's data), "
+    print(f"latents: {N} x {c} x {h} x {w}, scale factor {scale:.4f} (from the autoencoder's data), "
           f"scaled std {float(latents.std()) * scale:.3f}")
     # The task's image-like input (N, C_c, h, w) for every training image; inpainting makes its own every step.
     spec = task_spec(train)
@@ -448,7 +448,8 @@ def main(argv: list[str] | None = None) -> dict:
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(denoiser.parameters(), train.grad_clip)
         opt.step()
-        ema.update(denoiser)
+        if world.is_main:  # only rank 0 samples and saves: the others need no EMA
+            ema.update(denoiser)
         if train.check_replicas:
             spread_max = max(spread_max, replica_spread(denoiser, world))
         loss_sum += loss_value

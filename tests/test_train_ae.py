@@ -270,8 +270,3 @@ def test_identity_first_stage_checkpoint_trains_a_pixel_space_ldm(tmp_path):
     ldm = load_checkpoint(tmp_path / "ldm" / "ldm.pt", kind="ldm")
     assert ldm["unet_config"]["latent_size"] == 32 and ldm["unet_config"]["in_channels"] == 3
 
-
-def test_refuses_torchrun_for_now(monkeypatch):
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(SystemExit, match="does not run under torchrun yet"):
-        train_ae.refuse_torchrun()

@@ -136,11 +136,15 @@ def discriminator_non_saturating(logits_real: torch.Tensor, logits_fake: torch.T
 
 
 def adaptive_weight(
-    rec_loss: torch.Tensor, adv_loss: torch.Tensor, last_layer: torch.Tensor, *, delta: float, max_value: float
+    rec_loss: torch.Tensor, adv_loss: torch.Tensor, last_layer: torch.Tensor, *, delta: float, max_value: float,
+    reduce=None,
 ) -> torch.Tensor:
-    """VQGAN Eq. (7): lambda = ||grad_{D_L} L_rec|| / (||grad_{D_L} L_GAN|| + delta), clamped, no grad."""
+    """VQGAN Eq. (7): lambda = ||grad_{D_L} L_rec|| / (||grad_{D_L} L_GAN|| + delta), clamped, no grad.
+    `reduce` (data parallel): averages each gradient over the processes, so lambda is the global batch's."""
     grad_rec = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
     grad_adv = torch.autograd.grad(adv_loss, last_layer, retain_graph=True)[0]
+    if reduce is not None:
+        grad_rec, grad_adv = reduce(grad_rec), reduce(grad_adv)
     lam = grad_rec.float().norm() / (grad_adv.float().norm() + delta)  # Eq. (7)
     return lam.clamp(0.0, max_value).detach()
 
@@ -183,7 +187,7 @@ class AELoss(nn.Module):
         return F.softplus(-logits_fake).mean()
 
     def autoencoder_loss(
-        self, x: torch.Tensor, out: AEOutput, *, step: int, last_layer: torch.Tensor
+        self, x: torch.Tensor, out: AEOutput, *, step: int, last_layer: torch.Tensor, reduce=None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The E, D player's loss at global `step`; also returns each term, detached, for logging."""
         cfg = self.config
@@ -208,7 +212,7 @@ class AELoss(nn.Module):
             g_adv = self.generator_adv(out.x_rec)
             if torch.is_grad_enabled():
                 lam = cfg.disc_weight * adaptive_weight(
-                    rec, g_adv, last_layer, delta=cfg.adaptive_delta, max_value=cfg.adaptive_max
+                    rec, g_adv, last_layer, delta=cfg.adaptive_delta, max_value=cfg.adaptive_max, reduce=reduce
                 )
             else:  # evaluation: no gradients to balance
                 lam = torch.tensor(cfg.disc_weight, device=x.device)

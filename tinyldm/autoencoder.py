@@ -407,11 +407,15 @@ class Autoencoder(nn.Module):
             z = self.quantizer.embed(self.quantizer.lookup(z)).to(z.dtype)
         return self.decoder(z)
 
-    def forward(self, x: torch.Tensor, *, sample_posterior: bool = True) -> AEOutput:
-        """Training pass: encode, regularize (sample or quantize), decode."""
+    def forward(self, x: torch.Tensor, *, sample_posterior: bool = True, noise: torch.Tensor | None = None) -> AEOutput:
+        """Training pass: encode, regularize (sample or quantize), decode. KL: `noise` (B, c, h, w), if given,
+        is the N(0, I) draw of the posterior sample (a data-parallel run draws it for the global batch)."""
         if self.config.regularizer == "kl":
             q = self.posterior(x)
-            z = q.sample() if sample_posterior else q.mode()
+            if sample_posterior and noise is not None:
+                z = q.mean + q.std * noise.to(q.mean.dtype)
+            else:
+                z = q.sample() if sample_posterior else q.mode()
             return AEOutput(x_rec=self.decoder(z), z=z, kl=q.kl())
         self._check_image(x)
         if self.quantizer is None:  # identity

@@ -58,6 +58,30 @@ class World:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item())
 
+    def average(self, t: torch.Tensor) -> torch.Tensor:
+        """The mean of a tensor over the processes (a copy)."""
+        if not self.enabled:
+            return t
+        t = t.detach().clone()
+        dist.all_reduce(t)
+        return t / self.size
+
+    def average_gradients(self, module: torch.nn.Module) -> None:
+        """What DDP does after backward, written out: every gradient becomes the processes' mean."""
+        if self.enabled:
+            for p in module.parameters():
+                if p.grad is not None:
+                    dist.all_reduce(p.grad)
+                    p.grad /= self.size
+
+    def average_buffers(self, module: torch.nn.Module) -> None:
+        """Floating-point buffers (BatchNorm running statistics) become the processes' mean."""
+        if self.enabled:
+            for b in module.buffers():
+                if b.is_floating_point():
+                    dist.all_reduce(b)
+                    b /= self.size
+
     def shard(self, x):
         """This process's share of a global batch: every `size`-th item from `rank` (tensors or lists)."""
         return x[self.rank :: self.size] if self.enabled else x
