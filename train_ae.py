@@ -365,9 +365,11 @@ def main(argv: list[str] | None = None, *, single_process: bool = False) -> dict
         with autocast:
             # The posterior's noise for the whole global batch, from a generator seeded by the step: the same
             # in every process (each takes its share), so N processes train like one, and resume is exact.
-            g = torch.Generator(device).manual_seed(2**40 + cfg.seed * 1_000_003 + step)
-            noise = world.shard(torch.randn((cfg.batch_size, *z_shape), generator=g, device=device))
-            out_ae = ddp_model(x, noise=noise if ae_cfg.regularizer == "kl" else None)
+            noise = None
+            if ae_cfg.regularizer == "kl":
+                g = torch.Generator(device).manual_seed(2**40 + cfg.seed * 1_000_003 + step)
+                noise = world.shard(torch.randn((cfg.batch_size, *z_shape), generator=g, device=device))
+            out_ae = ddp_model(x, noise=noise)
             loss, logs = loss_fn.autoencoder_loss(x, out_ae, step=step, last_layer=model.last_layer, reduce=reduce)
         opt_ae.zero_grad(set_to_none=True)
         loss.backward()

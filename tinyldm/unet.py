@@ -10,6 +10,8 @@ Contract with the papers
 
   inside a transformer block per attention level (App. E.2.1, Tab. 15): self-attention,
   cross-attention, GEGLU feed-forward (Shazeer, arXiv 2002.05202), each pre-norm and residual.
+  `attention_block="plain"` uses instead the unconditional models' self-attention block (GroupNorm,
+  attention, projection; no feed-forward), which gives the paper's 274 M CelebA-HQ LDM-4 UNet.
   The "concat" conditioning of Sec. 3.3 / 4.4 / 4.5 stacks extra channels onto z_t at the input.
 * The backbone follows DDPM / ADM (Ho et al., arXiv 2006.11239, App. B; Dhariwal & Nichol,
   arXiv 2105.05233, Sec. 3): sinusoidal timestep embedding (Vaswani et al., Sec. 3.5) and an MLP;
