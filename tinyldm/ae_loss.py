@@ -145,8 +145,10 @@ def adaptive_weight(
     grad_adv = torch.autograd.grad(adv_loss, last_layer, retain_graph=True)[0]
     if reduce is not None:
         grad_rec, grad_adv = reduce(grad_rec), reduce(grad_adv)
+    # BEGIN ASSIGNMENT adaptive_weight
     lam = grad_rec.float().norm() / (grad_adv.float().norm() + delta)  # Eq. (7)
     return lam.clamp(0.0, max_value).detach()
+    # END ASSIGNMENT adaptive_weight
 
 
 # ----------------------------------------------------------------------------------------------

@@ -236,7 +236,9 @@ class DiagonalGaussian:
     def kl(self) -> torch.Tensor:
         """KL(q || N(0, I)) per image, summed over (c, h, w): shape (B,)."""
         # Kingma & Welling App. B: -KL = 1/2 sum(1 + log sigma^2 - mu^2 - sigma^2)
+        # BEGIN ASSIGNMENT kl_term
         return 0.5 * (self.mean.pow(2) + self.logvar.exp() - 1.0 - self.logvar).sum(dim=(1, 2, 3))
+        # END ASSIGNMENT kl_term
 
 
 @dataclass
@@ -267,10 +269,12 @@ class VectorQuantizer(nn.Module):
     def lookup(self, z_e: torch.Tensor) -> torch.Tensor:
         """Eq. (1) of VQ-VAE: k = argmin_j ||z_e - e_j||^2 for each latent pixel -> (B, h, w)."""
         B, C, h, w = z_e.shape
+        # BEGIN ASSIGNMENT vq_lookup
         flat = z_e.detach().float().permute(0, 2, 3, 1).reshape(-1, C)  # (B*h*w, c)
         e = self.codebook.weight.detach().float()  # (K, c)
         dist = flat.pow(2).sum(1, keepdim=True) - 2 * flat @ e.t() + e.pow(2).sum(1)[None]  # (B*h*w, K)
         return dist.argmin(dim=1).reshape(B, h, w)
+        # END ASSIGNMENT vq_lookup
 
     def embed(self, indices: torch.Tensor) -> torch.Tensor:
         """indices (B, h, w) -> code vectors (B, c, h, w)."""
@@ -299,7 +303,9 @@ class VectorQuantizer(nn.Module):
         loss = F.mse_loss(e_k.float(), z_e.detach().float()) + self.beta * F.mse_loss(
             z_e.float(), e_k.detach().float()
         )
+        # BEGIN ASSIGNMENT vq_lookup
         z_q = z_e + (e_k - z_e).detach()  # straight-through: forward e_k, backward d/dz_e = identity
+        # END ASSIGNMENT vq_lookup
         if self.training:
             with torch.no_grad():
                 counts = torch.bincount(indices.flatten(), minlength=self.n_codes).float()

@@ -80,13 +80,16 @@ def guided_prediction(model: ModelFn, x_t: Tensor, t: Tensor, *, cond: dict | No
         raise ValueError(f"cond and uncond need the same keys, got {sorted(cond)} and {sorted(uncond)}")
     both = {k: torch.cat([uncond[k], cond[k]]) for k in cond}
     pred_u, pred_c = model(torch.cat([x_t, x_t]), torch.cat([t, t]), **both).chunk(2)
+    # BEGIN ASSIGNMENT classifier_free_guidance
     return pred_u + guidance_scale * (pred_c - pred_u)  # CFG Eq. 6
+    # END ASSIGNMENT classifier_free_guidance
 
 
 def ddim_step(x0: Tensor, eps: Tensor, alpha_bar_t: float, alpha_bar_prev: float, *, eta: float = 0.0,
               noise: Tensor | None = None) -> Tensor:
     """One DDIM update from t to t_prev (Eq. 12); `noise` is needed when eta > 0."""
     # Eq. 16: the standard deviation of the fresh noise; eta = 1 gives DDPM's beta_tilde.
+    # BEGIN ASSIGNMENT ddim_step
     sigma = eta * ((1 - alpha_bar_prev) / (1 - alpha_bar_t) * (1 - alpha_bar_t / alpha_bar_prev)) ** 0.5
     x_prev = alpha_bar_prev**0.5 * x0 + max(1 - alpha_bar_prev - sigma**2, 0.0) ** 0.5 * eps
     if eta > 0:
@@ -94,6 +97,7 @@ def ddim_step(x0: Tensor, eps: Tensor, alpha_bar_t: float, alpha_bar_prev: float
             raise ValueError("ddim_step with eta > 0 needs `noise`")
         x_prev = x_prev + sigma * noise
     return x_prev
+    # END ASSIGNMENT ddim_step
 
 
 def ddpm_step(x_t: Tensor, x0: Tensor, alpha_bar_t: float, alpha_bar_prev: float, *,

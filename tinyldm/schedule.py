@@ -181,8 +181,10 @@ class NoiseSchedule:
 
     def q_sample(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
         """Eq. 4: draw x_t ~ q(x_t | x0) as sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps."""
+        # BEGIN ASSIGNMENT forward_process
         alpha_bar = self.alpha_bar_at(t, x0)
         return alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * noise
+        # END ASSIGNMENT forward_process
 
     def posterior(self, x0: Tensor, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         """Eqs. 6-7: mean and variance of q(x_{t-1} | x_t, x0). The variance is 0 at t = 0."""

@@ -90,10 +90,12 @@ def attention_weights(q: Tensor, k: Tensor, *, mask: Tensor | None = None) -> Te
 
     mask (B, L) is True where keys count; masked keys get probability exactly 0.
     """
+    # BEGIN ASSIGNMENT attention
     scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # (B, heads, N, L)
     if mask is not None:
         scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
     return scores.softmax(dim=-1)
+    # END ASSIGNMENT attention
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Tensor | None = None, fused: bool = True) -> Tensor:
