@@ -5,12 +5,15 @@
     python train_ae.py --preset celeba64 --data /path/to/celeba --out runs/ae-celeba64
     python train_ae.py --preset shapes --smoke --out /tmp/ae-smoke    # seconds; what CI runs
     python train_ae.py --out runs/ae-shapes --resume                  # continue exactly
+    torchrun --nproc_per_node=4 train_ae.py --preset celeba64 --data ...   # data parallel (KL only)
+    python train_ae.py --regularizer identity --z_channels 3 --channel_mult 1 --out runs/ae-pixels  # f = 1
 
 Every field of AutoencoderConfig, AELossConfig and TrainAEConfig is a flag (`--base_channels 64`,
 `--channel_mult 1,2,4`, `--disc_start 0`); flags override the preset, or, with --resume, the
 configuration stored in the checkpoint. --resume is exact (weights, discriminator, optimizers, step,
-RNG, data order) with num_workers=0 or without random augmentation (hflip in worker processes draws
-from per-worker seeds). The celeba / lsun presets use LPIPS like the paper (pip install lpips; its
+RNG, data order; the posterior noise is seeded by the step), also with another number of processes,
+with num_workers=0 or without random augmentation (hflip in worker processes draws from per-worker
+seeds). The celeba / lsun presets use LPIPS like the paper (pip install lpips; its
 backbone weights are a one-time download); --perceptual_weight 0 trains without it.
 
 Writes into --out: autoencoder.pt (checkpoint), log.jsonl (one line per logged step, terms averaged

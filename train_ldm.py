@@ -5,6 +5,7 @@
     python train_ldm.py --preset celeba64 --data /path/to/celeba --ae runs/ae-celeba64/ae.pt
     python train_ldm.py --out runs/ldm-shapes --resume       # continue exactly where it stopped
     python train_ldm.py --preset shapes --smoke --out /tmp/ldm-smoke    # seconds; what CI runs
+    torchrun --nproc_per_node=4 train_ldm.py --preset shapes64          # data parallel; --batch_size is global
 
 Every field of TrainLDMConfig, UNetConfig and DiffusionConfig is a flag (`--steps 500`, `--channels 64`,
 `--prediction v`, `--cond class`). Without --ae, the preset's autoencoder is trained first with
