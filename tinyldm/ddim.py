@@ -190,8 +190,9 @@ def graphed_sampler(model: ModelFn, schedule: NoiseSchedule, x_T: Tensor,
     than in GPU work. Recording the loop once (`torch.cuda.graph`) and replaying it launches everything at
     once. What the recording fixes: the shape of `x_T`, the steps, and the condition tensors in
     `sample_options` (read from their memory at every replay). Only deterministic DDIM (eta = 0) is
-    recorded, since fresh noise would need the generator's state inside the graph. Call it under the same
-    autocast as the recording. On a CPU there is nothing to record: the returned function is `sample`.
+    recorded, since fresh noise would need the generator's state inside the graph. Autocast is read once,
+    at recording: the replays run in the precision the caller had then. On a CPU there is nothing to
+    record: the returned function is `sample`.
     """
     if x_T.device.type != "cuda":
         return lambda x: sample(model, schedule, x, **sample_options)
@@ -200,13 +201,18 @@ def graphed_sampler(model: ModelFn, schedule: NoiseSchedule, x_T: Tensor,
     if sample_options.get("callback") is not None:
         raise ValueError("a recorded loop cannot call back into Python: drop `callback`")
     static_x = x_T.clone()
+    # Autocast keeps bf16 copies of the weights in a cache that is emptied when the caller's `with autocast`
+    # ends; a graph that read them would replay from freed memory. Record with the same autocast settings but
+    # no cache, so the casts themselves are part of the graph.
+    recording_autocast = torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"),
+                                        enabled=torch.is_autocast_enabled("cuda"), cache_enabled=False)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up off the recording: lazy initialisation, kernel selection
+    with torch.cuda.stream(side), recording_autocast:  # warm-up off the recording: lazy init, kernel selection
         sample(model, schedule, static_x, **sample_options)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph), recording_autocast:
         static_out = sample(model, schedule, static_x, **sample_options)
 
     def run(x: Tensor) -> Tensor:
