@@ -338,7 +338,9 @@ def main(argv: list[str] | None = None) -> dict:
     spec = task_spec(train)
     concat_all = task_concat(spec, conditions, (h, w)) if train.task in ("semantic", "superres") else None
 
-    # Stage two: UNet + condition encoder (trained jointly), EMA, AdamW with linear warm-up.
+    # Stage two: UNet + condition encoder (trained jointly), EMA, AdamW with linear warm-up. Seeded again, so
+    # the initial weights do not depend on what stage one drew (training an autoencoder, filling the cache).
+    seed_everything(train.seed)
     cond_cfg = ConditionConfig(**stored["cond_config"]) if stored else make_condition_config(
         train, unet_fields, conditions, class_names)
     cond_encoder = ConditionEncoder(cond_cfg)

@@ -249,3 +249,11 @@ def test_layout_tokens_carry_the_box_position():
     with torch.no_grad():
         mse = (predict(cond) - centre).square().mean().item()
     assert mse < 0.05 * centre.var(0).mean().item()  # explains > 95% of the variance of the centre
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_dropout_with_a_gpu_generator_is_seeded_and_lands_on_the_cpu():
+    enc = ConditionEncoder(ConditionConfig(kind="class", context_dim=16, num_classes=5))
+    labels = torch.arange(64) % 5
+    draws = [enc.drop(labels, 0.5, generator=torch.Generator("cuda").manual_seed(3)) for _ in range(2)]
+    assert torch.equal(draws[0], draws[1]) and 10 < (draws[0] == 5).sum() < 54  # class 5: the null class

@@ -48,6 +48,19 @@ def test_resume_continues_exactly(tmp_path, ae_path):
     assert log == [2, 3, 4, 6]  # the 3-step run logged its last step; nothing is duplicated after resuming
 
 
+def test_the_model_does_not_depend_on_how_the_autoencoder_was_found(tmp_path):
+    """Same flags and seed, same model: whether the run trained its autoencoder, was given it, or found its
+    latents already cached (stage one draws random numbers in the first two cases only)."""
+    train_ldm.main(["--smoke", "--out", str(tmp_path / "own"), "--device", "cpu", "--steps", "4"])
+    ae = str(tmp_path / "own" / "ae" / "autoencoder.pt")
+    for name in ("given", "given"):  # the second run finds the latent cache of the first
+        train_ldm.main(["--smoke", "--out", str(tmp_path / name), "--ae", ae, "--device", "cpu", "--steps", "4"])
+        a = load_checkpoint(tmp_path / "own" / "ldm.pt", kind="ldm")["denoiser"]
+        b = load_checkpoint(tmp_path / name / "ldm.pt", kind="ldm")["denoiser"]
+        for k in a:
+            assert torch.allclose(a[k], b[k], atol=1e-6), k
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, ae_path, monkeypatch):
     run(tmp_path, ae_path, "--steps", "3")
     before = (tmp_path / "ldm.pt").read_bytes()
@@ -264,3 +277,20 @@ def test_time_budget_stops_checkpoints_and_resumes(tmp_path, ae_path):
     assert (tmp_path / "samples_0000001.png").exists()
     result = run(tmp_path, ae_path, "--steps", "4", "--resume", "--max_minutes", "0")
     assert result["steps"] == 4 and load_checkpoint(tmp_path / "ldm.pt", kind="ldm")["step"] == 4
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA path of the scripts needs a GPU")
+def test_smoke_run_on_a_gpu_trains_samples_and_resumes(tmp_path):
+    """Both scripts on CUDA (bf16 autocast, channels_last, fused AdamW, device generators), a compiled run, and
+    a resume that lands close to the straight run (GPU kernels are not bitwise repeatable)."""
+    gpu = ["--smoke", "--device", "cuda"]
+    train_ldm.main([*gpu, "--out", str(tmp_path / "straight"), "--steps", "6",  # trains its autoencoder first
+                    "--compile", "true"])  # compiled here only: it changes no arithmetic beyond rounding
+    ae = str(tmp_path / "straight" / "ae" / "autoencoder.pt")
+    train_ldm.main([*gpu, "--out", str(tmp_path / "split"), "--ae", ae, "--steps", "3"])
+    train_ldm.main([*gpu, "--out", str(tmp_path / "split"), "--ae", ae, "--steps", "6", "--resume"])
+    a = load_checkpoint(tmp_path / "straight" / "ldm.pt", kind="ldm")
+    b = load_checkpoint(tmp_path / "split" / "ldm.pt", kind="ldm")
+    assert a["step"] == b["step"] == 6 and list((tmp_path / "straight").glob("samples_*.png"))
+    for k, v in a["denoiser"].items():
+        assert torch.isfinite(v).all() and torch.allclose(v, b["denoiser"][k], atol=1e-3), k

@@ -227,7 +227,9 @@ class ConditionEncoder(nn.Module):
         """Replace each condition by the null one with probability p_uncond (CFG training); or, with `mask`
         (B,) bool, exactly those where it is True."""
         n = batch_size(condition)
-        drop = (torch.rand(n, generator=generator) < p_uncond) if mask is None else mask.cpu()
+        if mask is None:  # drawn where the generator lives (a CUDA generator draws on the GPU), used on the CPU
+            mask = torch.rand(n, generator=generator, device=generator.device if generator else None) < p_uncond
+        drop = mask.cpu()
         null = self.null_condition(n)
         if self.cfg.kind == "text":
             return [null[i] if drop[i] else condition[i] for i in range(n)]
