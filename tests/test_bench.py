@@ -2,6 +2,8 @@
 path (channels_last, bf16 autocast, torch.compile, the recorded sampler) against the plain path. Speed itself
 is never asserted here; `python -m tinyldm.bench` prints it."""
 
+import json
+
 import pytest
 import torch
 
@@ -86,6 +88,56 @@ def test_smoke_run_measures_both_libraries(tmp_path):
     assert out.exists() and result["environment"]["diffusers"] == diffusers.__version__
 
 
+def test_a_failing_measurement_costs_only_its_own_row_and_rows_are_saved_as_they_come(tmp_path, monkeypatch):
+    out = tmp_path / "bench.json"
+    plain_sampling, seen_on_disk = bench.bench_sampling, []
+
+    def sampling(cfg, library, mode, device, *, guidance, **kw):
+        seen_on_disk.append(len(json.loads(out.read_text())["rows"]))  # what a run killed now would leave
+        if guidance:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore detail")
+        return plain_sampling(cfg, library, mode, device, guidance=guidance, **kw)
+
+    monkeypatch.setattr(bench, "bench_sampling", sampling)
+    result = bench.main(["--smoke", "--no-diffusers", "--what", "unet_train", "sample", "sample_cfg",
+                         "--json", str(out)])
+    rows = {r["what"]: r for r in result["rows"]}
+    assert list(rows) == ["unet_train", "sample", "sample_cfg"]  # --what: no autoencoder rows
+    assert rows["sample_cfg"]["error"] == "RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB"
+    assert rows["sample"]["seconds"] > 0 and rows["unet_train"]["first_call_s"] > 0
+    assert seen_on_disk == [1, 2]  # the JSON held every earlier row when each sampling run began
+    assert json.loads(out.read_text())["rows"] == json.loads(json.dumps(result["rows"]))
+    assert {s["what"] for s in result["ratios"] if "tinyldm_best" in s} == {"unet_train", "sample"}
+    assert bench.format_row(rows["sample_cfg"]).endswith("FAILED RuntimeError: CUDA out of memory. Tried to "
+                                                         "allocate 2.00 GiB")
+
+
+def test_ratios_take_each_library_best_mode_and_the_fraction_of_peak():
+    def row(library, mode, img_per_s, tflops, peak_mib):
+        return {"config": "c", "what": "unet_train", "library": library, "mode": mode, "img_per_s": img_per_s,
+                "tflops": tflops, "params": 10, "peak_mib": peak_mib}
+
+    rows = [row("tinyldm", "eager", 100, 50, 900), row("tinyldm", "compile", 150, 75, 1000),
+            row("diffusers", "eager", 80, 40, 1200), row("diffusers", "reduce-overhead", 120, 60, 1500),
+            {"config": "c", "what": "unet_train", "library": "diffusers", "mode": "compile", "error": "OOM"},
+            {"config": "c", "what": "sample", "library": "tinyldm", "mode": "eager", "seconds": 2.0},
+            {"config": "c", "what": "sample", "library": "diffusers", "mode": "eager", "seconds": 3.0}]
+    samp, train = bench.ratios(rows, peak_tflops=300.0)  # sorted by (config, what)
+    assert (train["tinyldm_best_mode"], train["diffusers_best_mode"]) == ("compile", "reduce-overhead")
+    assert train["speedup"] == pytest.approx(150 / 120) and train["peak_memory_ratio"] == pytest.approx(1000 / 1500)
+    assert train["tinyldm_fraction_of_peak"] == pytest.approx(0.25)
+    assert train["diffusers_fraction_of_peak"] == pytest.approx(0.2)
+    assert samp["metric"] == "seconds" and samp["speedup"] == pytest.approx(1.5)  # lower time is better
+
+
+def test_profile_names_where_the_train_step_spends_its_time(tmp_path):
+    result = bench.main(["--smoke", "--profile", "--json", str(tmp_path / "p.json")])
+    assert set(result["profiles"]) == {"cpu/tinyldm/eager", "cpu/diffusers/eager"}
+    for table in result["profiles"].values():
+        assert "aten::convolution_backward" in table and "Self CPU" in table
+    assert json.loads((tmp_path / "p.json").read_text())["profiles"] == result["profiles"]
+
+
 def test_reduce_overhead_needs_a_gpu():
     with pytest.raises(SystemExit, match="needs --device cuda"):
         bench.main(["--smoke", "--modes", "reduce-overhead"])
@@ -147,3 +199,33 @@ def test_recorded_sampler_on_a_gpu_matches_the_plain_loop():
     torch.testing.assert_close(run(x2), sample(model, schedule, x2, **options), atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="deterministic DDIM"):
         graphed_sampler(model, schedule, x, steps=10, eta=1.0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_recorded_sampler_on_a_gpu_under_bf16_autocast_survives_the_autocast_block():
+    # Weights that require grad are what autocast caches casts of; the cache is freed when the block ends.
+    model, (x, t, c) = small_unet()
+    model, x, c = model.cuda().requires_grad_(True), x.cuda(), c.cuda()
+    schedule = NoiseSchedule().cuda()
+    options = dict(steps=10, cond={"context": c})
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        run = graphed_sampler(model, schedule, x, **options)
+        ref = sample(model, schedule, x, **options)
+    junk = [torch.full((1 << 20,), float("nan"), device="cuda") for _ in range(64)]  # reuse freed memory
+    out = run(x)
+    del junk
+    assert torch.isfinite(out).all()
+    rel = (out.float() - ref.float()).norm() / ref.float().norm()
+    assert rel < 1e-2, rel  # the same bf16 kernels; only reduction order may differ
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_reduce_overhead_on_a_gpu_matches_eager_call_after_call():
+    model, (x, t, c) = small_unet()
+    model, x, t, c = model.cuda(), x.cuda(), t.cuda(), c.cuda()
+    compiled = bench._compile(model, "reduce-overhead")
+    for i in range(4):  # the first calls compile and record; later ones replay with new inputs
+        xi = x + i
+        bench._cuda_graph_step()
+        out = compiled(xi, t, context=c).clone()
+        torch.testing.assert_close(out, model(xi, t, context=c), atol=1e-3, rtol=1e-3)

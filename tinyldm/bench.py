@@ -4,6 +4,7 @@
     python -m tinyldm.bench --device cuda --json bench.json # GPU: tiny_t2i, celebahq_ldm4, kl_f4; every mode
     python -m tinyldm.bench --config tiny_t2i --modes eager compile --no-diffusers
     python -m tinyldm.bench --smoke                         # seconds: what CI runs
+    python -m tinyldm.bench --device cuda --config tiny_t2i --profile --modes compile   # where the time goes
 
 For each config it measures, for tinyldm and for the matching diffusers model (UNet2DConditionModel,
 UNet2DModel or AutoencoderKL built with the same widths, blocks and attention; parameter counts are
@@ -30,6 +31,7 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, replace
@@ -45,6 +47,7 @@ from .schedule import NoiseSchedule
 from .unet import UNet, UNetConfig
 
 MODES = ("eager", "compile", "reduce-overhead")
+WHATS = ("unet_train", "sample", "sample_cfg", "ae_train", "ae_decode")
 
 
 @dataclass(frozen=True)
@@ -163,23 +166,42 @@ def _time(fn, *, warmup: int, repeat: int, device: torch.device) -> float:
     return statistics.median(times)
 
 
+def _compile(fn, mode: str):
+    """torch.compile for one model, from a clean slate.
+
+    Dynamo's caches are per code object: every UNet instance shares `UNet.forward`, and after
+    `torch._dynamo.config.recompile_limit` instances it would silently fall back to eager. Resetting first
+    keeps each row's compiled model its own (and frees the CUDA graphs of the row before).
+    """
+    torch._dynamo.reset()
+    return torch.compile(fn, mode="reduce-overhead" if mode == "reduce-overhead" else None)
+
+
 def _prepare(model: torch.nn.Module, device: torch.device, mode: str) -> torch.nn.Module:
     model = model.to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    if mode == "eager":
-        return model
-    return torch.compile(model, mode="reduce-overhead" if mode == "reduce-overhead" else None)
+    return model if mode == "eager" else _compile(model, mode)
 
 
 def _measure(step, device: torch.device, *, mode: str, warmup: int, repeat: int) -> dict:
-    """Time `step` and record its peak memory (CUDA) in MiB."""
+    """Time `step`, and record how long its first call took (the compilation, in a compiled mode), how many
+    graph breaks Dynamo met, and the peak memory (CUDA) in MiB."""
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    seconds = _time(step, warmup=warmup + (1 if mode != "eager" else 0), repeat=repeat, device=device)
+    breaks_before = sum(torch._dynamo.utils.counters["graph_break"].values())
+    _sync(device)
+    start = time.perf_counter()
+    step()
+    _sync(device)
+    first_call = time.perf_counter() - start
+    seconds = _time(step, warmup=warmup, repeat=repeat, device=device)
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
-    return {"seconds": seconds, "peak_mib": peak}
+    out = {"seconds": seconds, "peak_mib": peak, "first_call_s": first_call}
+    if mode != "eager":
+        out["graph_breaks"] = sum(torch._dynamo.utils.counters["graph_break"].values()) - breaks_before
+    return out
 
 
 def count_flops(fn) -> int:
@@ -220,8 +242,9 @@ def _unet_call(model: torch.nn.Module, library: str):
     return lambda x, t, c: (model(x, t, encoder_hidden_states=c) if c is not None else model(x, t)).sample
 
 
-def bench_unet_train(cfg: BenchConfig, library: str, mode: str, device: torch.device, *, warmup: int,
-                     repeat: int) -> dict:
+def unet_train_step(cfg: BenchConfig, library: str, mode: str, device: torch.device):
+    """(step, fwd_bwd, params): one optimiser step of the UNet on a fixed batch, and its eager forward and
+    backward (what the FLOP counter sees)."""
     torch.manual_seed(0)
     base = UNet(cfg.unet) if library == "tinyldm" else diffusers_unet(cfg.unet)
     params = n_params(base)
@@ -239,12 +262,18 @@ def bench_unet_train(cfg: BenchConfig, library: str, mode: str, device: torch.de
         loss.backward()
         opt.step()
 
-    def fwd_bwd():  # what the FLOP counter sees: the eager model, forward and backward
+    def fwd_bwd():
         with _autocast(device):
             loss = F.mse_loss(_unet_call(base, library)(x, t, context).float(), x.float())
         loss.backward()
         base.zero_grad(set_to_none=True)
 
+    return step, fwd_bwd, params
+
+
+def bench_unet_train(cfg: BenchConfig, library: str, mode: str, device: torch.device, *, warmup: int,
+                     repeat: int) -> dict:
+    step, fwd_bwd, params = unet_train_step(cfg, library, mode, device)
     flops = count_flops(fwd_bwd)
     m = _measure(step, device, mode=mode, warmup=warmup, repeat=repeat)
     return {"params": params, "flops_per_step": flops, "img_per_s": cfg.train_batch / m["seconds"],
@@ -341,7 +370,7 @@ def bench_autoencoder(cfg: BenchConfig, library: str, mode: str, device: torch.d
     base.eval()
     decode = base.decode if library == "tinyldm" else (lambda z: base.decode(z).sample)
     if mode != "eager":
-        decode = torch.compile(decode, mode="reduce-overhead" if mode == "reduce-overhead" else None)
+        decode = _compile(decode, mode)
 
     @torch.no_grad()
     def run_decode():
@@ -400,6 +429,25 @@ def bench_train_ldm(device: torch.device, *, smoke: bool, warmup: int, repeat: i
             "ratio": steady / bare}
 
 
+def profile_unet_train(cfg: BenchConfig, library: str, mode: str, device: torch.device, *, steps: int = 5,
+                       top: int = 25) -> str:
+    """Where a train step's time goes: torch.profiler's table of the `top` operators and kernels by time
+    spent on the device (CPU time on a CPU), over `steps` steps after a warm-up (and the compilation)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step = unet_train_step(cfg, library, mode, device)[0]
+    for _ in range(3):
+        step()
+    _sync(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        _sync(device)
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=sort, row_limit=top, max_name_column_width=60)
+
+
 # ----------------------------------------------------------------------------------------------
 # The command
 
@@ -411,41 +459,82 @@ def _best(rows: list[dict], key: str, lower_is_better: bool) -> dict | None:
     return (min if lower_is_better else max)(rows, key=lambda r: r[key])
 
 
+def _unet_train_rows(cfg: BenchConfig, library: str, mode: str, device: torch.device, **kw) -> list[dict]:
+    return [{"what": "unet_train", "batch": cfg.train_batch, **bench_unet_train(cfg, library, mode, device, **kw)}]
+
+
+def _sampling_rows(cfg: BenchConfig, library: str, mode: str, device: torch.device, guidance: bool,
+                   **kw) -> list[dict]:
+    return [{"what": "sample_cfg" if guidance else "sample",
+             **bench_sampling(cfg, library, mode, device, guidance=guidance, **kw)}]
+
+
+def _autoencoder_rows(cfg: BenchConfig, library: str, mode: str, device: torch.device, whats: list[str],
+                      **kw) -> list[dict]:
+    train, decode = bench_autoencoder(cfg, library, mode, device, **kw)
+    return [{"what": w, "batch": cfg.ae_batch, **m} for w, m in (("ae_train", train), ("ae_decode", decode))
+            if w in whats]
+
+
+def _guarded(on_row, head: dict, whats: list[str], measure, *args, **kw) -> list[dict]:
+    """The rows of `measure(*args, **kw)`, each passed to `on_row` as it is made. On an error, one row per
+    wanted measurement saying what went wrong: one failing mode (out of memory, a compiler error) costs its
+    own rows, not the run."""
+    try:
+        bodies = measure(*args, **kw)
+    except Exception as e:  # noqa: BLE001 -- reported in the row; the run goes on
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        message = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        bodies = [{"what": w, "error": f"{type(e).__name__}: {message}"[:300]} for w in whats]
+    rows = [{**head, **body} for body in bodies]
+    for row in rows:
+        on_row(row)
+    return rows
+
+
 def run(config_names: list[str], device: torch.device, modes: list[str], *, with_diffusers: bool, smoke: bool,
-        warmup: int, repeat: int) -> list[dict]:
-    """Every measurement as a flat row {config, what, library, mode, ...}."""
+        warmup: int, repeat: int, whats: tuple[str, ...] = WHATS, diffusers_modes: list[str] | None = None,
+        on_row=lambda row: None) -> list[dict]:
+    """Every measurement as a flat row {config, what, library, mode, ...}; `on_row` sees each as it is made.
+
+    On a GPU tinyldm's sampling also runs in mode "cuda-graph" (the whole loop recorded as one graph).
+    `diffusers_modes` (default: `modes`) lets a short GPU session skip diffusers' modes known to be slower.
+    """
     libraries = ["tinyldm"] + (["diffusers"] if with_diffusers else [])
     rows = []
     for name in config_names:
         cfg = smoke_config(CONFIGS[name]) if smoke else CONFIGS[name]
         kw = dict(warmup=warmup, repeat=repeat)
         for library in libraries:
-            for mode in modes:
+            lib_modes = list(diffusers_modes if library == "diffusers" and diffusers_modes else modes)
+            if library == "tinyldm" and cfg.unet is not None and device.type == "cuda":
+                lib_modes.append("cuda-graph")
+            for mode in lib_modes:
+                head = {"config": name, "library": library, "mode": mode}
                 if cfg.unet is not None:
-                    rows.append({"config": name, "what": "unet_train", "library": library, "mode": mode,
-                                 "batch": cfg.train_batch, **bench_unet_train(cfg, library, mode, device, **kw)})
+                    if mode != "cuda-graph" and "unet_train" in whats:
+                        rows += _guarded(on_row, head, ["unet_train"], _unet_train_rows, cfg, library, mode, device,
+                                         **kw)
                     for guidance in (False, True) if cfg.unet.context_dim else (False,):
-                        rows.append({"config": name, "what": "sample_cfg" if guidance else "sample",
-                                     "library": library, "mode": mode,
-                                     **bench_sampling(cfg, library, mode, device, guidance=guidance, **kw)})
-                if cfg.ae is not None:
-                    train, decode = bench_autoencoder(cfg, library, mode, device, **kw)
-                    head = {"config": name, "library": library, "mode": mode, "batch": cfg.ae_batch}
-                    rows += [{**head, "what": "ae_train", **train}, {**head, "what": "ae_decode", **decode}]
-            if library == "tinyldm" and cfg.unet is not None and device.type == "cuda":  # the whole loop, one graph
-                for guidance in (False, True) if cfg.unet.context_dim else (False,):
-                    rows.append({"config": name, "what": "sample_cfg" if guidance else "sample", "library": library,
-                                 "mode": "cuda-graph",
-                                 **bench_sampling(cfg, library, "cuda-graph", device, guidance=guidance, **kw)})
+                        what = "sample_cfg" if guidance else "sample"
+                        if what in whats:
+                            rows += _guarded(on_row, head, [what], _sampling_rows, cfg, library, mode, device,
+                                             guidance, **kw)
+                ae_whats = [w for w in ("ae_train", "ae_decode") if w in whats]
+                if cfg.ae is not None and mode != "cuda-graph" and ae_whats:
+                    rows += _guarded(on_row, head, ae_whats, _autoencoder_rows, cfg, library, mode, device, ae_whats,
+                                     **kw)
     return rows
 
 
-def ratios(rows: list[dict]) -> list[dict]:
-    """Per (config, what): tinyldm's best against diffusers' best, as a speed-up (> 1: tinyldm is faster)."""
+def ratios(rows: list[dict], peak_tflops: float | None = None) -> list[dict]:
+    """Per (config, what): tinyldm's best against diffusers' best, as a speed-up (> 1: tinyldm is faster),
+    and, given the chip's bf16 matmul peak, the fraction of it each side's best train step achieved."""
     out = []
     for key in sorted({(r["config"], r["what"]) for r in rows}):
         group = [r for r in rows if (r["config"], r["what"]) == key]
-        timed = "img_per_s" not in group[0]
+        timed = key[1] in ("sample", "sample_cfg")
         metric = "seconds" if timed else "img_per_s"
         best = {lib: _best([r for r in group if r["library"] == lib], metric, timed)
                 for lib in ("tinyldm", "diffusers")}
@@ -459,20 +548,32 @@ def ratios(rows: list[dict]) -> list[dict]:
                 row["params_ratio"] = best["tinyldm"]["params"] / best["diffusers"]["params"]
             pt, pd = best["tinyldm"].get("peak_mib"), best["diffusers"].get("peak_mib")
             row["peak_memory_ratio"] = pt / pd if pt and pd else None
+        if peak_tflops:
+            for lib, b in best.items():
+                if b and "tflops" in b:
+                    row[f"{lib}_fraction_of_peak"] = b["tflops"] / peak_tflops
         out.append(row)
     return out
 
 
-def print_table(rows: list[dict], summary: list[dict]) -> None:
-    print(f"{'config':<14}{'what':<11}{'library':<10}{'mode':<16}{'batch':>6}{'params (M)':>11}{'img/s':>10}"
-          f"{'seconds':>10}{'TFLOP/s':>9}{'peak MiB':>10}")
-    for r in rows:
-        params = f"{r['params'] / 1e6:.2f}" if "params" in r else ""
-        img = f"{r['img_per_s']:.1f}" if "img_per_s" in r else ""
-        tflops = f"{r['tflops']:.2f}" if "tflops" in r else ""
-        peak = f"{r['peak_mib']:.0f}" if r.get("peak_mib") else ""
-        print(f"{r['config']:<14}{r['what']:<11}{r['library']:<10}{r['mode']:<16}{r.get('batch', ''):>6}"
-              f"{params:>11}{img:>10}{r['seconds']:>10.4f}{tflops:>9}{peak:>10}")
+TABLE_HEADER = (f"{'config':<14}{'what':<11}{'library':<10}{'mode':<16}{'batch':>6}{'params (M)':>11}{'img/s':>10}"
+                f"{'seconds':>10}{'TFLOP/s':>9}{'peak MiB':>10}{'1st call s':>11}")
+
+
+def format_row(r: dict) -> str:
+    head = f"{r['config']:<14}{r['what']:<11}{r['library']:<10}{r['mode']:<16}"
+    if "error" in r:
+        return f"{head}  FAILED {r['error']}"
+    params = f"{r['params'] / 1e6:.2f}" if "params" in r else ""
+    img = f"{r['img_per_s']:.1f}" if "img_per_s" in r else ""
+    tflops = f"{r['tflops']:.2f}" if "tflops" in r else ""
+    peak = f"{r['peak_mib']:.0f}" if r.get("peak_mib") else ""
+    breaks = f"  ({r['graph_breaks']} graph breaks)" if r.get("graph_breaks") else ""
+    return (f"{head}{r.get('batch', ''):>6}{params:>11}{img:>10}{r['seconds']:>10.4f}{tflops:>9}{peak:>10}"
+            f"{r['first_call_s']:>11.1f}{breaks}")
+
+
+def print_summary(summary: list[dict]) -> None:
     if any("speedup" in s for s in summary):
         print("\ntinyldm's best against diffusers' best (speed-up > 1: tinyldm is faster; sampling: tinyldm's whole "
               "DDIM loop against diffusers' UNet evaluations alone)")
@@ -480,8 +581,18 @@ def print_table(rows: list[dict], summary: list[dict]) -> None:
             if "speedup" in s:
                 mem = f", peak memory x{s['peak_memory_ratio']:.2f}" if s.get("peak_memory_ratio") else ""
                 par = f", parameters x{s['params_ratio']:.3f}" if "params_ratio" in s else ""
+                if "tinyldm_fraction_of_peak" in s:
+                    par += (f", {100 * s['tinyldm_fraction_of_peak']:.0f}% vs "
+                            f"{100 * s.get('diffusers_fraction_of_peak', float('nan')):.0f}% of the bf16 matmul peak")
                 print(f"  {s['config']:<14}{s['what']:<11} x{s['speedup']:.2f}  ({s['tinyldm_best_mode']} vs "
                       f"{s['diffusers_best_mode']}{par}{mem})")
+
+
+def matmul_peak_tflops(device: torch.device, n: int = 8192, repeat: int = 10) -> float:
+    """The chip's practical bf16 peak: an n x n x n matrix product on random data (2 n^3 FLOPs)."""
+    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
+    seconds = _time(lambda: a @ b, warmup=3, repeat=repeat, device=device)
+    return 2 * n**3 / seconds / 1e12
 
 
 def environment(device: torch.device) -> dict:
@@ -489,6 +600,7 @@ def environment(device: torch.device) -> dict:
            "machine": platform.machine(), "date": time.strftime("%Y-%m-%d")}
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
+        env["bf16_matmul_peak_tflops"] = matmul_peak_tflops(device)
     try:
         import diffusers
 
@@ -498,22 +610,30 @@ def environment(device: torch.device) -> dict:
     return env
 
 
-def main(argv: list[str] | None = None) -> dict:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", nargs="+", choices=list(CONFIGS), help="default: cpu on a CPU, "
                    f"{' '.join(GPU_CONFIGS)} on a GPU")
     p.add_argument("--device", default="cpu")
     p.add_argument("--modes", nargs="+", choices=MODES, help="default: eager on a CPU, all three on a GPU")
+    p.add_argument("--diffusers-modes", nargs="+", choices=MODES, help="diffusers' modes (default: --modes)")
+    p.add_argument("--what", nargs="+", choices=WHATS, default=list(WHATS), help="which measurements (default: all)")
     p.add_argument("--no-diffusers", action="store_true", help="tinyldm only (diffusers is the `bench` extra)")
     p.add_argument("--train-ldm", action="store_true", help="also train_ldm.py's steady state against its bare step")
     p.add_argument("--smoke", action="store_true", help="batch 2, 3 sampling steps, one repeat")
     p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--profile", action="store_true", help="instead of timing: torch.profiler's top operators of the "
+                   "UNet train step, per config and library, in the first of --modes")
     p.add_argument("--json", help="also write the rows, the ratios and the environment here")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
     device = torch.device(args.device)
     names = args.config or (list(GPU_CONFIGS) if device.type == "cuda" else ["cpu"])
     modes = args.modes or (list(MODES) if device.type == "cuda" else ["eager"])
-    if device.type != "cuda" and "reduce-overhead" in modes:
+    if device.type != "cuda" and "reduce-overhead" in modes + (args.diffusers_modes or []):
         raise SystemExit("mode reduce-overhead records CUDA graphs: it needs --device cuda")
     with_diffusers = not args.no_diffusers
     if with_diffusers:
@@ -522,19 +642,45 @@ def main(argv: list[str] | None = None) -> dict:
         except ImportError:
             raise SystemExit("diffusers is not installed: pip install -e '.[bench]', or pass --no-diffusers") from None
     repeat, warmup = (1, 1) if args.smoke else (args.repeat, 2)
-    rows = run(names, device, modes, with_diffusers=with_diffusers, smoke=args.smoke, warmup=warmup, repeat=repeat)
-    summary = ratios(rows)
     env = environment(device)
-    print(f"{env}\n")
-    print_table(rows, summary)
-    result = {"environment": env, "rows": rows, "ratios": summary}
+    result = {"environment": env, "argv": argv if argv is not None else sys.argv[1:], "rows": [], "ratios": []}
+
+    def save():  # after every row: a run stopped part-way still leaves what it measured
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=1, default=str))
+
+    def on_row(row: dict) -> None:
+        result["rows"].append(row)
+        print(format_row(row), flush=True)
+        save()
+
+    if args.profile:
+        result["profiles"] = {}
+        for name in names:
+            cfg = smoke_config(CONFIGS[name]) if args.smoke else CONFIGS[name]
+            for library in ["tinyldm"] + (["diffusers"] if with_diffusers else []):
+                if cfg.unet is None:
+                    continue
+                table = profile_unet_train(cfg, library, modes[0], device, steps=1 if args.smoke else 5)
+                result["profiles"][f"{name}/{library}/{modes[0]}"] = table
+                print(f"\n{name}, {library}, {modes[0]}: UNet train step\n{table}", flush=True)
+                save()
+        return result
+    print(f"{env}\n\n{TABLE_HEADER}", flush=True)
+    run(names, device, modes, with_diffusers=with_diffusers, smoke=args.smoke, warmup=warmup, repeat=repeat,
+        whats=tuple(args.what), diffusers_modes=args.diffusers_modes, on_row=on_row)
+    result["ratios"] = ratios(result["rows"], env.get("bf16_matmul_peak_tflops"))
+    print_summary(result["ratios"])
+    save()
     if args.train_ldm:
-        result["train_ldm"] = bench_train_ldm(device, smoke=args.smoke, warmup=warmup, repeat=repeat)
-        t = result["train_ldm"]
-        print(f"\ntrain_ldm.py steady state {t['train_ldm_img_per_s']:.1f} img/s against its bare step "
-              f"{t['bare_step_img_per_s']:.1f} img/s (x{t['ratio']:.2f}), batch {t['batch']}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1, default=str))
+        t = result["train_ldm"] = _guarded(lambda row: None, {}, ["train_ldm"], lambda: [bench_train_ldm(
+            device, smoke=args.smoke, warmup=warmup, repeat=repeat)])[0]
+        if "error" in t:
+            print(f"\ntrain_ldm.py steady state: FAILED {t['error']}")
+        else:
+            print(f"\ntrain_ldm.py steady state {t['train_ldm_img_per_s']:.1f} img/s against its bare step "
+                  f"{t['bare_step_img_per_s']:.1f} img/s (x{t['ratio']:.2f}), batch {t['batch']}")
+        save()
     return result
 
 
