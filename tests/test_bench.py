@@ -138,6 +138,27 @@ def test_profile_names_where_the_train_step_spends_its_time(tmp_path):
     assert json.loads((tmp_path / "p.json").read_text())["profiles"] == result["profiles"]
 
 
+def test_saved_for_backward_counts_each_activation_once():
+    net = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 1))
+    x = torch.randn(32, 64)
+    # Linear 1 keeps its input x (32 x 64); ReLU keeps its output (32 x 128), which Linear 2 also keeps
+    # (one storage, counted once); the output layer's weight (128) is kept to reach the ReLU's gradient.
+    activations = 4 * (32 * 64 + 32 * 128)
+    run = lambda: net(x).sum().backward()  # noqa: E731
+    assert bench.saved_for_backward_mib(run, net.parameters()) * 2**20 == activations
+    assert bench.saved_for_backward_mib(run) * 2**20 == activations + 4 * 128
+
+
+def test_activation_memory_per_image_does_not_depend_on_the_batch():
+    cpu = torch.device("cpu")
+    two, four = (bench.activation_rows(["cpu"], cpu, with_diffusers=True, batch=b) for b in (2, 4))
+    assert [(r["what"], r["library"]) for r in two] == [("unet_train", "tinyldm"), ("ae_train", "tinyldm"),
+                                                         ("unet_train", "diffusers"), ("ae_train", "diffusers")]
+    for a, b in zip(two, four, strict=True):
+        assert b["saved_mib_per_image"] > 0.1
+        assert a["saved_mib_per_image"] == pytest.approx(b["saved_mib_per_image"], rel=0.02)
+
+
 def test_reduce_overhead_needs_a_gpu():
     with pytest.raises(SystemExit, match="needs --device cuda"):
         bench.main(["--smoke", "--modes", "reduce-overhead"])

@@ -5,6 +5,7 @@
     python -m tinyldm.bench --config tiny_t2i --modes eager compile --no-diffusers
     python -m tinyldm.bench --smoke                         # seconds: what CI runs
     python -m tinyldm.bench --device cuda --config tiny_t2i --profile --modes compile   # where the time goes
+    python -m tinyldm.bench --activations --config tiny_t2i celebahq_ldm4 kl_f4  # activation memory, any device
 
 For each config it measures, for tinyldm and for the matching diffusers model (UNet2DConditionModel,
 UNet2DModel or AutoencoderKL built with the same widths, blocks and attention; parameter counts are
@@ -20,9 +21,12 @@ printed side by side):
 
 Every row ends with the ratio tinyldm / diffusers' best mode (higher is better for tinyldm). On CUDA
 everything runs in bf16 autocast with channels_last and fused AdamW, on both sides. Timings are
-medians after warm-up; the first call of a compiled mode (the compilation) is not timed. `--train-ldm`
+medians after warm-up; the first call (in a compiled mode, the compilation) is left out of the
+median and reported on its own. `--train-ldm`
 adds train_ldm.py's own steady-state throughput (from its log) against the bare step of its model.
 Speed is only ever reported from here, never asserted in a unit test.
+The configs and the diffusers counterparts are in `bench_models.py`; the ratios and the table in
+`bench_report.py`.
 """
 
 from __future__ import annotations
@@ -34,113 +38,30 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from .autoencoder import Autoencoder, AutoencoderConfig
+from .autoencoder import Autoencoder
+from .bench_models import (  # noqa: F401 -- re-exported: `bench.CONFIGS` and friends
+    CONFIGS,
+    GPU_CONFIGS,
+    BenchConfig,
+    diffusers_autoencoder,
+    diffusers_unet,
+    n_params,
+    smoke_config,
+)
+from .bench_report import TABLE_HEADER, format_row, print_summary, ratios  # noqa: F401
 from .ddim import graphed_sampler, sample
 from .schedule import NoiseSchedule
-from .unet import UNet, UNetConfig
+from .unet import UNet
 
 MODES = ("eager", "compile", "reduce-overhead")
 WHATS = ("unet_train", "sample", "sample_cfg", "ae_train", "ae_decode")
-
-
-@dataclass(frozen=True)
-class BenchConfig:
-    unet: UNetConfig | None = None
-    tokens: int = 0  # context length for cross-attention (0: no context)
-    train_batch: int = 8
-    sample_batch: int = 8
-    sample_steps: int = 50
-    ae: AutoencoderConfig | None = None
-    ae_size: int = 64  # autoencoder input side in pixels
-    ae_batch: int = 8
-
-
-CONFIGS: dict[str, BenchConfig] = {
-    # Runs on a 2-core CPU in about a minute (eager): a small text-to-image UNet and a small f = 4 autoencoder.
-    "cpu": BenchConfig(
-        unet=UNetConfig(latent_size=8, channels=64, channel_mult=(1, 2), attn_resolutions=(4,), context_dim=128,
-                        scale_shift_norm=False),
-        tokens=16, train_batch=32, sample_batch=16,
-        ae=AutoencoderConfig(base_channels=32, channel_mult=(1, 2, 4), num_res_blocks=1, decoder_res_blocks=2),
-        ae_size=32, ae_batch=16),
-    # DESIGN.md's "tiny text-to-image": 16x16x4 latents, channels (128, 256, 256), cross-attention at 16 and 8
-    # to 32 tokens of width 256; 34.9 M parameters.
-    "tiny_t2i": BenchConfig(
-        unet=UNetConfig(latent_size=16, channels=128, channel_mult=(1, 2, 2), num_res_blocks=2,
-                        attn_resolutions=(16, 8), head_dim=32, context_dim=256, scale_shift_norm=False),
-        tokens=32, train_batch=256, sample_batch=64),
-    # The paper's CelebA-HQ LDM-4 UNet (Tab. 14 / the CompVis config): 64x64x3 latents, 224 x (1, 2, 3, 4),
-    # plain self-attention at 32, 16 and 8, head width 32, additive timestep embedding; 274.0 M parameters.
-    "celebahq_ldm4": BenchConfig(
-        unet=UNetConfig(in_channels=3, out_channels=3, latent_size=64, channels=224, channel_mult=(1, 2, 3, 4),
-                        num_res_blocks=2, attn_resolutions=(32, 16, 8), head_dim=32, context_dim=None,
-                        attention_block="plain", scale_shift_norm=False),
-        train_batch=32, sample_batch=32),
-    # A KL autoencoder, f = 4, channels 128 x (1, 2, 4), 2 res blocks per level (3 in the decoder, as CompVis
-    # and diffusers build it); 55.3 M parameters.
-    "kl_f4": BenchConfig(ae=AutoencoderConfig(base_channels=128, channel_mult=(1, 2, 4), num_res_blocks=2,
-                                              decoder_res_blocks=3), ae_size=64, ae_batch=64),
-}
-GPU_CONFIGS = ("tiny_t2i", "celebahq_ldm4", "kl_f4")
-
-
-def smoke_config(cfg: BenchConfig) -> BenchConfig:
-    """The same architecture at batch 2 and 3 sampling steps: a run in seconds that exercises every path."""
-    return replace(cfg, train_batch=2, sample_batch=2, sample_steps=3, ae_batch=2)
-
-
-# ----------------------------------------------------------------------------------------------
-# The diffusers counterparts (imported only when asked for)
-
-
-def diffusers_unet(cfg: UNetConfig) -> torch.nn.Module:
-    """The diffusers UNet with tinyldm's layout: same widths, res blocks, attention levels and head width."""
-    from diffusers import UNet2DConditionModel, UNet2DModel
-
-    widths = tuple(cfg.channels * m for m in cfg.channel_mult)
-    attn = [cfg.latent_size // 2**i in cfg.attn_resolutions for i in range(len(widths))]
-    common = dict(sample_size=cfg.latent_size, in_channels=cfg.in_channels + cfg.concat_channels,
-                  out_channels=cfg.out_channels, block_out_channels=widths, layers_per_block=cfg.num_res_blocks,
-                  norm_num_groups=cfg.norm_groups, norm_eps=1e-6,
-                  resnet_time_scale_shift="scale_shift" if cfg.scale_shift_norm else "default")
-    if cfg.context_dim is not None:
-        if cfg.attention_block != "transformer" or not cfg.mid_attention:
-            raise ValueError("diffusers' UNet2DConditionModel has transformer blocks and a mid attention block")
-        return UNet2DConditionModel(
-            **common, cross_attention_dim=cfg.context_dim, transformer_layers_per_block=cfg.transformer_depth,
-            down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn),
-            up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)),
-            attention_head_dim=tuple(w // cfg.head_dim for w in widths))  # diffusers' name: heads per level
-    if cfg.attention_block != "plain":
-        raise ValueError("without a context, diffusers' UNet2DModel has plain attention: use attention_block='plain'")
-    return UNet2DModel(
-        **common, attention_head_dim=cfg.head_dim, add_attention=cfg.mid_attention,
-        down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attn),
-        up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)))
-
-
-def diffusers_autoencoder(cfg: AutoencoderConfig) -> torch.nn.Module:
-    from diffusers import AutoencoderKL
-
-    if cfg.regularizer != "kl" or (cfg.decoder_res_blocks or cfg.num_res_blocks) != cfg.num_res_blocks + 1:
-        raise ValueError("diffusers' AutoencoderKL is a KL autoencoder with num_res_blocks + 1 decoder blocks")
-    n = len(cfg.channel_mult)
-    return AutoencoderKL(in_channels=cfg.in_channels, out_channels=cfg.in_channels,
-                         down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
-                         block_out_channels=tuple(cfg.base_channels * m for m in cfg.channel_mult),
-                         layers_per_block=cfg.num_res_blocks, latent_channels=cfg.z_channels,
-                         norm_num_groups=cfg.norm_groups, mid_block_add_attention=cfg.mid_attention)
-
-
-def n_params(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -211,6 +132,25 @@ def count_flops(fn) -> int:
     return counter.get_total_flops()
 
 
+def saved_for_backward_mib(fn, exclude=()) -> float:
+    """MiB of tensors that autograd keeps from the forward of one call of fn for its backward: the
+    activation memory of a train step, measured on any device (a proxy for its peak memory that the CPU
+    can give). Each storage counts once (views of one tensor share it); `exclude` (the parameters, which
+    exist anyway) does not count."""
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in skip:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values()) / 2**20
+
+
 def _autocast(device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
@@ -243,7 +183,7 @@ def _unet_call(model: torch.nn.Module, library: str):
 
 
 def unet_train_step(cfg: BenchConfig, library: str, mode: str, device: torch.device):
-    """(step, fwd_bwd, params): one optimiser step of the UNet on a fixed batch, and its eager forward and
+    """(step, fwd_bwd, params, model): one optimiser step of the UNet on a fixed batch, and its eager forward and
     backward (what the FLOP counter sees)."""
     torch.manual_seed(0)
     base = UNet(cfg.unet) if library == "tinyldm" else diffusers_unet(cfg.unet)
@@ -268,16 +208,17 @@ def unet_train_step(cfg: BenchConfig, library: str, mode: str, device: torch.dev
         loss.backward()
         base.zero_grad(set_to_none=True)
 
-    return step, fwd_bwd, params
+    return step, fwd_bwd, params, base
 
 
 def bench_unet_train(cfg: BenchConfig, library: str, mode: str, device: torch.device, *, warmup: int,
                      repeat: int) -> dict:
-    step, fwd_bwd, params = unet_train_step(cfg, library, mode, device)
+    step, fwd_bwd, params, base = unet_train_step(cfg, library, mode, device)
     flops = count_flops(fwd_bwd)
+    saved = {"saved_mib": saved_for_backward_mib(fwd_bwd, base.parameters())} if mode == "eager" else {}
     m = _measure(step, device, mode=mode, warmup=warmup, repeat=repeat)
     return {"params": params, "flops_per_step": flops, "img_per_s": cfg.train_batch / m["seconds"],
-            "tflops": flops / m["seconds"] / 1e12, **m}
+            "tflops": flops / m["seconds"] / 1e12, **saved, **m}
 
 
 def bench_sampling(cfg: BenchConfig, library: str, mode: str, device: torch.device, *, guidance: bool,
@@ -330,9 +271,9 @@ def bench_sampling(cfg: BenchConfig, library: str, mode: str, device: torch.devi
     return {"batch": B, "steps": steps, **m}
 
 
-def bench_autoencoder(cfg: BenchConfig, library: str, mode: str, device: torch.device, *, warmup: int,
-                      repeat: int) -> tuple[dict, dict]:
-    """(train step, decode) measurements."""
+def autoencoder_train_step(cfg: BenchConfig, library: str, mode: str, device: torch.device):
+    """(step, fwd_bwd, params, model): one optimiser step of the autoencoder (L1 reconstruction) on a fixed
+    batch, and its eager forward and backward."""
     torch.manual_seed(0)
     base = Autoencoder(cfg.ae) if library == "tinyldm" else diffusers_autoencoder(cfg.ae)
     params = n_params(base)
@@ -363,9 +304,18 @@ def bench_autoencoder(cfg: BenchConfig, library: str, mode: str, device: torch.d
         loss.backward()
         base.zero_grad(set_to_none=True)
 
+    return step, fwd_bwd, params, base
+
+
+def bench_autoencoder(cfg: BenchConfig, library: str, mode: str, device: torch.device, *, warmup: int,
+                      repeat: int) -> tuple[dict, dict]:
+    """(train step, decode) measurements."""
+    step, fwd_bwd, params, base = autoencoder_train_step(cfg, library, mode, device)
     flops = count_flops(fwd_bwd)
+    saved = {"saved_mib": saved_for_backward_mib(fwd_bwd, base.parameters())} if mode == "eager" else {}
     train = _measure(step, device, mode=mode, warmup=warmup, repeat=repeat)
     f = 2 ** (len(cfg.ae.channel_mult) - 1)
+    g = torch.Generator().manual_seed(1)
     z = torch.randn(cfg.ae_batch, cfg.ae.z_channels, cfg.ae_size // f, cfg.ae_size // f, generator=g).to(device)
     base.eval()
     decode = base.decode if library == "tinyldm" else (lambda z: base.decode(z).sample)
@@ -381,7 +331,7 @@ def bench_autoencoder(cfg: BenchConfig, library: str, mode: str, device: torch.d
 
     dec = _measure(run_decode, device, mode=mode, warmup=warmup, repeat=repeat)
     train = {"params": params, "flops_per_step": flops, "img_per_s": cfg.ae_batch / train["seconds"],
-             "tflops": flops / train["seconds"] / 1e12, **train}
+             "tflops": flops / train["seconds"] / 1e12, **saved, **train}
     return train, {"img_per_s": cfg.ae_batch / dec["seconds"], **dec}
 
 
@@ -429,6 +379,23 @@ def bench_train_ldm(device: torch.device, *, smoke: bool, warmup: int, repeat: i
             "ratio": steady / bare}
 
 
+def activation_rows(config_names: list[str], device: torch.device, *, with_diffusers: bool,
+                    batch: int = 4) -> list[dict]:
+    """Per config and library: MiB saved for backward per image by the eager train step (UNet and
+    autoencoder), at a small batch, so that it runs on a CPU for the GPU-sized configs too."""
+    rows = []
+    for name in config_names:
+        cfg = replace(CONFIGS[name], train_batch=batch, ae_batch=batch)
+        for library in ["tinyldm"] + (["diffusers"] if with_diffusers else []):
+            for what, make, present in (("unet_train", unet_train_step, cfg.unet), ("ae_train", autoencoder_train_step,
+                                                                                   cfg.ae)):
+                if present is not None:
+                    _, fwd_bwd, params, base = make(cfg, library, "eager", device)
+                    rows.append({"config": name, "what": what, "library": library, "batch": batch, "params": params,
+                                 "saved_mib_per_image": saved_for_backward_mib(fwd_bwd, base.parameters()) / batch})
+    return rows
+
+
 def profile_unet_train(cfg: BenchConfig, library: str, mode: str, device: torch.device, *, steps: int = 5,
                        top: int = 25) -> str:
     """Where a train step's time goes: torch.profiler's table of the `top` operators and kernels by time
@@ -450,13 +417,6 @@ def profile_unet_train(cfg: BenchConfig, library: str, mode: str, device: torch.
 
 # ----------------------------------------------------------------------------------------------
 # The command
-
-
-def _best(rows: list[dict], key: str, lower_is_better: bool) -> dict | None:
-    rows = [r for r in rows if r.get(key) is not None]
-    if not rows:
-        return None
-    return (min if lower_is_better else max)(rows, key=lambda r: r[key])
 
 
 def _unet_train_rows(cfg: BenchConfig, library: str, mode: str, device: torch.device, **kw) -> list[dict]:
@@ -528,66 +488,6 @@ def run(config_names: list[str], device: torch.device, modes: list[str], *, with
     return rows
 
 
-def ratios(rows: list[dict], peak_tflops: float | None = None) -> list[dict]:
-    """Per (config, what): tinyldm's best against diffusers' best, as a speed-up (> 1: tinyldm is faster),
-    and, given the chip's bf16 matmul peak, the fraction of it each side's best train step achieved."""
-    out = []
-    for key in sorted({(r["config"], r["what"]) for r in rows}):
-        group = [r for r in rows if (r["config"], r["what"]) == key]
-        timed = key[1] in ("sample", "sample_cfg")
-        metric = "seconds" if timed else "img_per_s"
-        best = {lib: _best([r for r in group if r["library"] == lib], metric, timed)
-                for lib in ("tinyldm", "diffusers")}
-        row = {"config": key[0], "what": key[1], "metric": metric,
-               **{f"{lib}_best_mode": b["mode"] for lib, b in best.items() if b},
-               **{f"{lib}_best": b[metric] for lib, b in best.items() if b}}
-        if best["tinyldm"] and best["diffusers"]:
-            t, d = best["tinyldm"][metric], best["diffusers"][metric]
-            row["speedup"] = d / t if timed else t / d
-            if "params" in best["tinyldm"]:
-                row["params_ratio"] = best["tinyldm"]["params"] / best["diffusers"]["params"]
-            pt, pd = best["tinyldm"].get("peak_mib"), best["diffusers"].get("peak_mib")
-            row["peak_memory_ratio"] = pt / pd if pt and pd else None
-        if peak_tflops:
-            for lib, b in best.items():
-                if b and "tflops" in b:
-                    row[f"{lib}_fraction_of_peak"] = b["tflops"] / peak_tflops
-        out.append(row)
-    return out
-
-
-TABLE_HEADER = (f"{'config':<14}{'what':<11}{'library':<10}{'mode':<16}{'batch':>6}{'params (M)':>11}{'img/s':>10}"
-                f"{'seconds':>10}{'TFLOP/s':>9}{'peak MiB':>10}{'1st call s':>11}")
-
-
-def format_row(r: dict) -> str:
-    head = f"{r['config']:<14}{r['what']:<11}{r['library']:<10}{r['mode']:<16}"
-    if "error" in r:
-        return f"{head}  FAILED {r['error']}"
-    params = f"{r['params'] / 1e6:.2f}" if "params" in r else ""
-    img = f"{r['img_per_s']:.1f}" if "img_per_s" in r else ""
-    tflops = f"{r['tflops']:.2f}" if "tflops" in r else ""
-    peak = f"{r['peak_mib']:.0f}" if r.get("peak_mib") else ""
-    breaks = f"  ({r['graph_breaks']} graph breaks)" if r.get("graph_breaks") else ""
-    return (f"{head}{r.get('batch', ''):>6}{params:>11}{img:>10}{r['seconds']:>10.4f}{tflops:>9}{peak:>10}"
-            f"{r['first_call_s']:>11.1f}{breaks}")
-
-
-def print_summary(summary: list[dict]) -> None:
-    if any("speedup" in s for s in summary):
-        print("\ntinyldm's best against diffusers' best (speed-up > 1: tinyldm is faster; sampling: tinyldm's whole "
-              "DDIM loop against diffusers' UNet evaluations alone)")
-        for s in summary:
-            if "speedup" in s:
-                mem = f", peak memory x{s['peak_memory_ratio']:.2f}" if s.get("peak_memory_ratio") else ""
-                par = f", parameters x{s['params_ratio']:.3f}" if "params_ratio" in s else ""
-                if "tinyldm_fraction_of_peak" in s:
-                    par += (f", {100 * s['tinyldm_fraction_of_peak']:.0f}% vs "
-                            f"{100 * s.get('diffusers_fraction_of_peak', float('nan')):.0f}% of the bf16 matmul peak")
-                print(f"  {s['config']:<14}{s['what']:<11} x{s['speedup']:.2f}  ({s['tinyldm_best_mode']} vs "
-                      f"{s['diffusers_best_mode']}{par}{mem})")
-
-
 def matmul_peak_tflops(device: torch.device, n: int = 8192, repeat: int = 10) -> float:
     """The chip's practical bf16 peak: an n x n x n matrix product on random data (2 n^3 FLOPs)."""
     a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
@@ -622,6 +522,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-ldm", action="store_true", help="also train_ldm.py's steady state against its bare step")
     p.add_argument("--smoke", action="store_true", help="batch 2, 3 sampling steps, one repeat")
     p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--activations", action="store_true", help="instead of timing: MiB saved for backward per "
+                   "image by each train step (eager, batch 4); runs on a CPU for every config")
     p.add_argument("--profile", action="store_true", help="instead of timing: torch.profiler's top operators of the "
                    "UNet train step, per config and library, in the first of --modes")
     p.add_argument("--json", help="also write the rows, the ratios and the environment here")
@@ -654,6 +556,14 @@ def main(argv: list[str] | None = None) -> dict:
         print(format_row(row), flush=True)
         save()
 
+    if args.activations:
+        result["activations"] = activation_rows(names, device, with_diffusers=with_diffusers)
+        print(f"{env}\n\nMiB saved for backward per image, eager train step, batch 4")
+        for r in result["activations"]:
+            print(f"  {r['config']:<14}{r['what']:<11}{r['library']:<10}{r['params'] / 1e6:>8.2f} M params"
+                  f"{r['saved_mib_per_image']:>9.1f} MiB")
+        save()
+        return result
     if args.profile:
         result["profiles"] = {}
         for name in names:
