@@ -418,6 +418,9 @@ def main(argv: list[str] | None = None, *, single_process: bool = False) -> dict
     bar.close()
     train_seconds = time.time() - t_start
     rng_after_training = rng_state()  # evaluation below uses its own generator; resume continues from here
+    # Every process's last collective has finished before any of them shuts its connections down: a gloo
+    # process that closed while its last all-reduce was still in flight aborted once in CI.
+    world.barrier()
     if not world.is_main:  # rank 0 alone evaluates and writes the final checkpoint
         teardown_distributed(world)
         return {"step": cfg.steps, "rank": world.rank}
