@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 from tinyldm.ae_loss import AELoss, AELossConfig
 from tinyldm.autoencoder import Autoencoder, AutoencoderConfig, codebook_stats, latent_statistics
-from tinyldm.distributed import World, replica_spread
+from tinyldm.distributed import World, leave, replica_spread
 from tinyldm.distributed import setup as setup_distributed
 from tinyldm.distributed import teardown as teardown_distributed
 from tinyldm.metrics import psnr, ssim
@@ -457,4 +457,4 @@ def format_metrics(m: dict) -> str:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    leave(main(sys.argv[1:]))  # under torchrun, ranks other than 0 leave at once (see distributed.leave)

@@ -40,7 +40,7 @@ from tqdm import tqdm
 from tinyldm.autoencoder import Autoencoder
 from tinyldm.conditioning import ConditionConfig, ConditionEncoder, Tokenizer
 from tinyldm.data import make_dataset
-from tinyldm.distributed import replica_spread
+from tinyldm.distributed import leave, replica_spread
 from tinyldm.distributed import setup as setup_distributed
 from tinyldm.distributed import teardown as teardown_distributed
 from tinyldm.latents import file_digest, latent_cache
@@ -510,4 +510,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    leave(main(sys.argv[1:]))  # under torchrun, ranks other than 0 leave at once (see distributed.leave)

@@ -124,3 +124,12 @@ def test_vq_autoencoder_is_refused_under_torchrun(tmp_path):
     proc = torchrun(2, "--smoke", "--regularizer", "vq", "--out", str(tmp_path / "vq"), script="train_ae.py",
                     check=False)
     assert proc.returncode != 0 and "does not train under torchrun yet" in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("rank, finalised", [(1, False), (0, True)])
+def test_other_ranks_leave_without_finalisation_and_rank_0_exits_normally(rank, finalised):
+    code = ("import atexit; from tinyldm.distributed import leave; atexit.register(lambda: print('finalised')); "
+            f"print('trained', flush=False); leave({{'rank': {rank}}})")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.startswith("trained")  # buffered output is flushed first
+    assert ("finalised" in proc.stdout) == finalised

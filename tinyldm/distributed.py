@@ -18,6 +18,7 @@ The conventions the training scripts follow:
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -108,6 +109,18 @@ def setup(device_name: str = "auto") -> tuple[World, str]:
 def teardown(world: World) -> None:
     if world.enabled and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def leave(result: dict) -> None:
+    """End a script's process after `main` returned `result`. A process other than rank 0 has written
+    nothing and has torn its process group down; it leaves at once with `os._exit`, skipping the
+    interpreter's finalisation. There, now and then, a gloo process whose peer was still finishing
+    aborted ("terminate called without an active exception"; twice in about 30 runs of the 2-process
+    autoencoder test, never in 62 standalone runs). Rank 0 and single-process runs exit normally."""
+    if isinstance(result, dict) and result.get("rank", 0) != 0:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def replica_spread(model: torch.nn.Module, world: World) -> float:
