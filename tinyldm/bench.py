@@ -19,14 +19,13 @@ printed side by side):
   50 UNet evaluations alone (no scheduler), in the same modes;
 * autoencoder train step (encode, sample, decode, L1 loss, backward, AdamW) and decode throughput.
 
-Every row ends with the ratio tinyldm / diffusers' best mode (higher is better for tinyldm). On CUDA
-everything runs in bf16 autocast with channels_last and fused AdamW, on both sides. Timings are
-medians after warm-up; the first call (in a compiled mode, the compilation) is left out of the
-median and reported on its own. `--train-ldm`
-adds train_ldm.py's own steady-state throughput (from its log) against the bare step of its model.
-Speed is only ever reported from here, never asserted in a unit test.
-The configs and the diffusers counterparts are in `bench_models.py`; the ratios and the table in
-`bench_report.py`.
+A summary after the table gives, per measurement, tinyldm's best mode against diffusers' best (higher
+is better for tinyldm). On CUDA everything runs in bf16 autocast with channels_last and fused AdamW, on
+both sides. Timings are medians after warm-up; the first call (in a compiled mode, the compilation) is
+left out of the median and reported on its own. `--train-ldm` adds train_ldm.py's own steady-state
+throughput (from its log) against the bare step of its model. Speed is only ever reported from here,
+never asserted in a unit test. The configs and the diffusers counterparts are in `bench_models.py`; the
+ratios and the table in `bench_report.py`.
 """
 
 from __future__ import annotations
@@ -151,6 +150,10 @@ def saved_for_backward_mib(fn, exclude=()) -> float:
     return sum(seen.values()) / 2**20
 
 
+def _libraries(with_diffusers: bool) -> list[str]:
+    return ["tinyldm"] + (["diffusers"] if with_diffusers else [])
+
+
 def _autocast(device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
@@ -211,14 +214,21 @@ def unet_train_step(cfg: BenchConfig, library: str, mode: str, device: torch.dev
     return step, fwd_bwd, params, base
 
 
-def bench_unet_train(cfg: BenchConfig, library: str, mode: str, device: torch.device, *, warmup: int,
-                     repeat: int) -> dict:
-    step, fwd_bwd, params, base = unet_train_step(cfg, library, mode, device)
+def _measure_train(made: tuple, batch: int, device: torch.device, *, mode: str, warmup: int, repeat: int) -> dict:
+    """A train step's row from `made` = (step, fwd_bwd, params, model): images/s, FLOPs and TFLOP/s, the
+    activations saved for backward (eager rows), and what `_measure` records."""
+    step, fwd_bwd, params, base = made
     flops = count_flops(fwd_bwd)
     saved = {"saved_mib": saved_for_backward_mib(fwd_bwd, base.parameters())} if mode == "eager" else {}
     m = _measure(step, device, mode=mode, warmup=warmup, repeat=repeat)
-    return {"params": params, "flops_per_step": flops, "img_per_s": cfg.train_batch / m["seconds"],
+    return {"params": params, "flops_per_step": flops, "img_per_s": batch / m["seconds"],
             "tflops": flops / m["seconds"] / 1e12, **saved, **m}
+
+
+def bench_unet_train(cfg: BenchConfig, library: str, mode: str, device: torch.device, *, warmup: int,
+                     repeat: int) -> dict:
+    return _measure_train(unet_train_step(cfg, library, mode, device), cfg.train_batch, device, mode=mode,
+                          warmup=warmup, repeat=repeat)
 
 
 def bench_sampling(cfg: BenchConfig, library: str, mode: str, device: torch.device, *, guidance: bool,
@@ -310,10 +320,9 @@ def autoencoder_train_step(cfg: BenchConfig, library: str, mode: str, device: to
 def bench_autoencoder(cfg: BenchConfig, library: str, mode: str, device: torch.device, *, warmup: int,
                       repeat: int) -> tuple[dict, dict]:
     """(train step, decode) measurements."""
-    step, fwd_bwd, params, base = autoencoder_train_step(cfg, library, mode, device)
-    flops = count_flops(fwd_bwd)
-    saved = {"saved_mib": saved_for_backward_mib(fwd_bwd, base.parameters())} if mode == "eager" else {}
-    train = _measure(step, device, mode=mode, warmup=warmup, repeat=repeat)
+    made = autoencoder_train_step(cfg, library, mode, device)
+    train = _measure_train(made, cfg.ae_batch, device, mode=mode, warmup=warmup, repeat=repeat)
+    base = made[3]
     f = 2 ** (len(cfg.ae.channel_mult) - 1)
     g = torch.Generator().manual_seed(1)
     z = torch.randn(cfg.ae_batch, cfg.ae.z_channels, cfg.ae_size // f, cfg.ae_size // f, generator=g).to(device)
@@ -330,8 +339,6 @@ def bench_autoencoder(cfg: BenchConfig, library: str, mode: str, device: torch.d
             decode(z)
 
     dec = _measure(run_decode, device, mode=mode, warmup=warmup, repeat=repeat)
-    train = {"params": params, "flops_per_step": flops, "img_per_s": cfg.ae_batch / train["seconds"],
-             "tflops": flops / train["seconds"] / 1e12, **saved, **train}
     return train, {"img_per_s": cfg.ae_batch / dec["seconds"], **dec}
 
 
@@ -386,7 +393,7 @@ def activation_rows(config_names: list[str], device: torch.device, *, with_diffu
     rows = []
     for name in config_names:
         cfg = replace(CONFIGS[name], train_batch=batch, ae_batch=batch)
-        for library in ["tinyldm"] + (["diffusers"] if with_diffusers else []):
+        for library in _libraries(with_diffusers):
             for what, make, present in (("unet_train", unet_train_step, cfg.unet), ("ae_train", autoencoder_train_step,
                                                                                    cfg.ae)):
                 if present is not None:
@@ -461,12 +468,11 @@ def run(config_names: list[str], device: torch.device, modes: list[str], *, with
     On a GPU tinyldm's sampling also runs in mode "cuda-graph" (the whole loop recorded as one graph).
     `diffusers_modes` (default: `modes`) lets a short GPU session skip diffusers' modes known to be slower.
     """
-    libraries = ["tinyldm"] + (["diffusers"] if with_diffusers else [])
     rows = []
     for name in config_names:
         cfg = smoke_config(CONFIGS[name]) if smoke else CONFIGS[name]
         kw = dict(warmup=warmup, repeat=repeat)
-        for library in libraries:
+        for library in _libraries(with_diffusers):
             lib_modes = list(diffusers_modes if library == "diffusers" and diffusers_modes else modes)
             if library == "tinyldm" and cfg.unet is not None and device.type == "cuda":
                 lib_modes.append("cuda-graph")
@@ -568,7 +574,7 @@ def main(argv: list[str] | None = None) -> dict:
         result["profiles"] = {}
         for name in names:
             cfg = smoke_config(CONFIGS[name]) if args.smoke else CONFIGS[name]
-            for library in ["tinyldm"] + (["diffusers"] if with_diffusers else []):
+            for library in _libraries(with_diffusers):
                 if cfg.unet is None:
                     continue
                 table = profile_unet_train(cfg, library, modes[0], device, steps=1 if args.smoke else 5)
