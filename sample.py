@@ -1,7 +1,7 @@
 """Sample images from a trained latent diffusion model (one self-contained checkpoint from train_ldm.py).
 
     python sample.py --ckpt runs/ldm-shapes/ldm.pt --prompt "a red circle in the top left" --n 8
-    python sample.py --ckpt runs/ldm-shapes/ldm.pt --prompt "a blue square in the center" --cfg 5 --steps 25
+    python sample.py --ckpt runs/ldm-shapes/ldm.pt --prompt "a blue square in the center" --guidance 5 --steps 25
     python sample.py --ckpt runs/ldm-class/ldm.pt --class "red circle" --n 16
     python sample.py --ckpt runs/ldm-celeba64/ldm.pt --n 16 --height 128 --width 128   # beyond training size
     python sample.py --ckpt runs/ldm-shapes_semantic/ldm.pt --from_eval 8   # layout / map / low-res models
@@ -25,12 +25,13 @@ import time
 
 import torch
 
+from tinyldm.data.image_conditions import masked_image, tile, untile, upsample_bicubic
+from tinyldm.data.shapes import parse_prompt, score_images, seg_palette
+from tinyldm.data.tasks import TaskSpec, data_configs, generate_from_items, heldout_items, scorable, score_items
+from tinyldm.evaluation.viz import label_image, save_image_grid
 from tinyldm.ldm import generate, load_ldm
-from tinyldm.shapes import evaluate, parse_prompt, seg_palette
-from tinyldm.task_inputs import TaskSpec, data_configs, generate_from_items, heldout_items, scorable, score_items
-from tinyldm.tasks import masked_image, tile, untile, upsample_bicubic
-from tinyldm.train_utils import load_checkpoint, pick_device, save_image_grid
-from tinyldm.viz import label_image
+from tinyldm.training.checkpoint import load_checkpoint
+from tinyldm.training.loop import pick_device
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -41,14 +42,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--n", type=int, default=8, help="images per prompt / class (or in all, unconditionally)")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity: 0 deterministic, 1 like DDPM")
-    p.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale (1 = none)")
+    p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (1 = none)")
     p.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--height", type=int, default=None, help="image height in pixels (default: training size)")
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--out", default="samples.png", help="the grid")
     p.add_argument("--singles", action="store_true", help="also write each image as <out stem>_NNN.png")
-    p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
+    p.add_argument("--no_ema", action="store_true", help="use the raw weights instead of the EMA")
     p.add_argument("--from_eval", type=int, default=0, metavar="N",
                    help="layout / semantic / superres / inpaint models: generate from N held-out inputs")
     p.add_argument("--data", default=None, help="--from_eval on a folder / celeba / lsun dataset: its path")
@@ -71,7 +72,7 @@ def sample_from_inputs(args: argparse.Namespace, ckpt: dict, denoiser, schedule,
     g = torch.Generator(device).manual_seed(args.seed)
     start = time.perf_counter()
     options = dict(prediction=cfg.prediction, steps=args.steps, eta=args.eta, method=args.sampler,
-                   guidance_scale=args.cfg if denoiser.cond.cfg.kind != "none" else 1.0, generator=g)
+                   guidance_scale=args.guidance if denoiser.cond.cfg.kind != "none" else 1.0, generator=g)
     if k == 1:
         images = generate_from_items(denoiser, schedule, ae, spec, items, (size // f,) * 2, device,
                                                **options)
@@ -162,7 +163,7 @@ def main(argv: list[str] | None = None) -> dict:
         condition = None if kind == "none" else (chunk if kind == "text" else torch.tensor(chunk))
         images.append(generate(denoiser, schedule, ae, condition, n=len(chunk), latent_size=(H // f, W // f),
                                prediction=cfg.prediction, steps=args.steps, eta=args.eta, method=args.sampler,
-                               guidance_scale=args.cfg if kind != "none" else 1.0, generator=g).cpu())
+                               guidance_scale=args.guidance if kind != "none" else 1.0, generator=g).cpu())
     seconds = time.perf_counter() - start
     images = torch.cat(images)
     out = save_image_grid(images, args.out, nrow=args.n if args.n <= 16 else 16)
@@ -170,7 +171,8 @@ def main(argv: list[str] | None = None) -> dict:
         for j, img in enumerate(images):
             save_image_grid(img[None], out.with_name(f"{out.stem}_{j:03d}.png"), nrow=1, pad=0)
     print(f"{len(images)} images ({H}x{W}) in {seconds:.2f} s: {seconds / len(images) * 1000:.0f} ms per image "
-          f"({args.sampler}, {args.steps} steps, guidance {args.cfg if kind != 'none' else 'none'}, device {device}) "
+          f"({args.sampler}, {args.steps} steps, guidance {args.guidance if kind != 'none' else 'none'}, "
+          f"device {device}) "
           f"-> {out}")
     result = {"images": len(images), "seconds_per_image": seconds / len(images), "grid": str(out)}
     if kind == "text" and args.prompt and ckpt["train_config"].get("dataset") == "shapes":
@@ -180,7 +182,7 @@ def main(argv: list[str] | None = None) -> dict:
         except ValueError as err:
             print(f"(no prompt-faithfulness score: {err})")
             return result
-        score = evaluate(images, conds)
+        score = score_images(images, conds)
         result["prompt_faithfulness"] = score.all
         print(f"shapes evaluator: all attributes right {score.all:.1%} (color {score.color:.1%}, shape "
               f"{score.shape:.1%}, position {score.position:.1%})")

@@ -36,24 +36,21 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from tinyldm.ae_loss import AELoss, AELossConfig
 from tinyldm.autoencoder import Autoencoder, AutoencoderConfig, codebook_stats, latent_statistics
-from tinyldm.distributed import World, leave, replica_spread
-from tinyldm.distributed import setup as setup_distributed
-from tinyldm.distributed import teardown as teardown_distributed
-from tinyldm.metrics import psnr, ssim
-from tinyldm.train_utils import (
+from tinyldm.autoencoder_loss import AELoss, AELossConfig
+from tinyldm.evaluation.metrics import psnr, ssim
+from tinyldm.evaluation.viz import save_image_grid
+from tinyldm.training.checkpoint import load_checkpoint, save_checkpoint
+from tinyldm.training.distributed import World, leave, replica_spread
+from tinyldm.training.distributed import setup as setup_distributed
+from tinyldm.training.distributed import teardown as teardown_distributed
+from tinyldm.training.flags import add_config_args, build_config, config_fields
+from tinyldm.training.loop import (
     EMA,
     JSONLLogger,
-    add_config_args,
     batch_indices,
-    build_config,
-    config_fields,
-    load_checkpoint,
     pick_device,
     rng_state,
-    save_checkpoint,
-    save_image_grid,
     seed_everything,
     set_rng_state,
 )
@@ -161,13 +158,13 @@ class _Images(Dataset):
 def make_datasets(cfg: TrainAEConfig, data_path: str | None) -> tuple[Dataset, Dataset]:
     """(train, held-out) datasets of (3, H, W) images in [-1, 1]."""
     if cfg.dataset == "shapes":
-        from tinyldm.shapes import ShapesConfig, ShapesDataset
+        from tinyldm.data.shapes import ShapesConfig, ShapesDataset
 
         shapes = ShapesConfig(image_size=cfg.image_size, n_train=cfg.n_train, n_eval=cfg.n_eval)
         return _Images(ShapesDataset(shapes, "train")), _Images(ShapesDataset(shapes, "eval"))
     if data_path is None:
         raise SystemExit(f"--dataset {cfg.dataset} needs --data PATH")
-    from tinyldm.data import make_image_datasets
+    from tinyldm.data.images import make_image_datasets
 
     train, held_out = make_image_datasets(cfg.dataset, data_path, image_size=cfg.image_size, n_eval=cfg.n_eval,
                                           hflip=cfg.hflip, max_images=cfg.n_train or None)

@@ -39,14 +39,11 @@ from tqdm import tqdm
 
 from tinyldm.autoencoder import Autoencoder
 from tinyldm.conditioning import ConditionConfig, ConditionEncoder, Tokenizer
-from tinyldm.data import make_dataset
-from tinyldm.distributed import leave, replica_spread
-from tinyldm.distributed import setup as setup_distributed
-from tinyldm.distributed import teardown as teardown_distributed
-from tinyldm.latents import file_digest, latent_cache
-from tinyldm.ldm import Denoiser, DiffusionConfig, generate, ldm_loss, ldm_payload
-from tinyldm.shapes import CLASS_NAMES, ShapeSpec, all_prompts, evaluate
-from tinyldm.task_inputs import (
+from tinyldm.data.image_conditions import random_mask
+from tinyldm.data.images import make_dataset
+from tinyldm.data.latents import file_digest, latent_cache
+from tinyldm.data.shapes import CLASS_NAMES, ShapeSpec, all_prompts, score_images
+from tinyldm.data.tasks import (
     CONDS,
     TASKS,
     TaskInputs,
@@ -62,18 +59,19 @@ from tinyldm.task_inputs import (
     score_items,
     task_concat,
 )
-from tinyldm.tasks import random_mask
-from tinyldm.train_utils import (
+from tinyldm.evaluation.viz import save_image_grid
+from tinyldm.ldm import Denoiser, DiffusionConfig, generate, ldm_loss, ldm_payload
+from tinyldm.training.checkpoint import load_checkpoint, save_checkpoint
+from tinyldm.training.distributed import leave, replica_spread
+from tinyldm.training.distributed import setup as setup_distributed
+from tinyldm.training.distributed import teardown as teardown_distributed
+from tinyldm.training.flags import add_config_args, build_config
+from tinyldm.training.loop import (
     EMA,
     JSONLLogger,
-    add_config_args,
     batch_indices,
-    build_config,
-    load_checkpoint,
     pick_device,
     rng_state,
-    save_checkpoint,
-    save_image_grid,
     seed_everything,
     set_rng_state,
 )
@@ -273,7 +271,7 @@ def evaluate_task(denoiser: Denoiser, schedule, ae: Autoencoder, train: TrainLDM
                                      **kw).cpu()
                             for i in range(0, n, 64)])
         wanted = [[ShapeSpec(*CLASS_NAMES[c].split(" "), None)] for c in ids.tolist()]
-        score = evaluate(images, wanted)
+        score = score_images(images, wanted)
         result.update(class_accuracy=score.all, color=score.color, shape=score.shape)
     else:
         spec = task_spec(train)
@@ -299,7 +297,7 @@ def evaluate_shapes(denoiser: Denoiser, schedule, ae: Autoencoder, train: TrainL
                                prediction=diffusion.prediction, steps=train.eval_steps,
                                guidance_scale=train.eval_cfg, generator=g).cpu())
     seconds = time.perf_counter() - start
-    score = evaluate(torch.cat(images), prompts)
+    score = score_images(torch.cat(images), prompts)
     return {"prompt_faithfulness": score.all, "color": score.color, "shape": score.shape,
             "position": score.position, "images": len(prompts), "ddim_steps": train.eval_steps,
             "guidance_scale": train.eval_cfg, "seconds_per_image": seconds / len(prompts)}

@@ -9,14 +9,6 @@ import torch
 import torch.nn.functional as F
 from torch.distributions import Normal, kl_divergence
 
-from tinyldm.ae_loss import (
-    AELoss,
-    AELossConfig,
-    adaptive_weight,
-    discriminator_hinge,
-    discriminator_non_saturating,
-    load_lpips,
-)
 from tinyldm.autoencoder import (
     AttnBlock,
     Autoencoder,
@@ -26,7 +18,15 @@ from tinyldm.autoencoder import (
     codebook_stats,
     latent_statistics,
 )
-from tinyldm.metrics import psnr, ssim
+from tinyldm.autoencoder_loss import (
+    AELoss,
+    AELossConfig,
+    adaptive_weight,
+    discriminator_hinge,
+    discriminator_non_saturating,
+    load_lpips,
+)
+from tinyldm.evaluation.metrics import psnr, ssim
 
 
 def tiny(**kw) -> AutoencoderConfig:
@@ -35,7 +35,7 @@ def tiny(**kw) -> AutoencoderConfig:
 
 
 def shapes_batch(n: int = 8, size: int = 16) -> torch.Tensor:
-    from tinyldm.shapes import ShapesConfig, ShapesDataset
+    from tinyldm.data.shapes import ShapesConfig, ShapesDataset
 
     ds = ShapesDataset(ShapesConfig(image_size=size, n_train=n, n_eval=n))
     return torch.stack([ds[i]["image"] for i in range(n)])

@@ -1,16 +1,17 @@
 """The benchmark's models and fast paths: diffusers counterparts of the same size and compute, and every fast
 path (channels_last, bf16 autocast, torch.compile, the recorded sampler) against the plain path. Speed itself
-is never asserted here; `python -m tinyldm.bench` prints it."""
+is never asserted here; `python -m tinyldm.tools.bench` prints it."""
 
 import json
 
 import pytest
 import torch
 
-from tinyldm import bench
 from tinyldm.autoencoder import Autoencoder
-from tinyldm.ddim import graphed_sampler, sample
+from tinyldm.ddim import sample
 from tinyldm.schedule import NoiseSchedule
+from tinyldm.tools import bench
+from tinyldm.training.speed import graphed_sampler
 from tinyldm.unet import UNet, UNetConfig
 
 diffusers = pytest.importorskip("diffusers", reason="the `bench` extra (diffusers) is not installed")
@@ -71,7 +72,7 @@ def test_mismatched_layouts_are_refused():
 
 def test_smoke_run_measures_both_libraries(tmp_path):
     out = tmp_path / "bench.json"
-    result = bench.main(["--smoke", "--train-ldm", "--json", str(out)])
+    result = bench.main(["--smoke", "--train_ldm", "--json", str(out)])
     rows = result["rows"]
     measured = ("unet_train", "sample", "sample_cfg", "ae_train", "ae_decode")
     assert {(r["what"], r["library"]) for r in rows} == {(w, lib) for w in measured for lib in ("tinyldm", "diffusers")}
@@ -99,7 +100,7 @@ def test_a_failing_measurement_costs_only_its_own_row_and_rows_are_saved_as_they
         return plain_sampling(cfg, library, mode, device, guidance=guidance, **kw)
 
     monkeypatch.setattr(bench, "bench_sampling", sampling)
-    result = bench.main(["--smoke", "--no-diffusers", "--what", "unet_train", "sample", "sample_cfg",
+    result = bench.main(["--smoke", "--no_diffusers", "--what", "unet_train", "sample", "sample_cfg",
                          "--json", str(out)])
     rows = {r["what"]: r for r in result["rows"]}
     assert list(rows) == ["unet_train", "sample", "sample_cfg"]  # --what: no autoencoder rows

@@ -5,7 +5,7 @@ import ast
 
 import pytest
 
-from tinyldm import course
+from tinyldm.tools import course
 
 
 def test_every_assignment_is_marked_in_its_file():

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from tinyldm.data import (
+from tinyldm.data.images import (
     CELEBA_CROP,
     DataConfig,
     celeba_caption,
@@ -26,8 +26,8 @@ from tinyldm.data import (
     make_dataset,
     make_image_datasets,
 )
-from tinyldm.latents import LatentDataset, file_digest, latent_cache
-from tinyldm.shapes import ShapesConfig
+from tinyldm.data.latents import LatentDataset, file_digest, latent_cache
+from tinyldm.data.shapes import ShapesConfig
 
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
 

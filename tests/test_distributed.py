@@ -14,7 +14,7 @@ import torch
 
 import train_ae
 import train_ldm
-from tinyldm.distributed import World
+from tinyldm.training.distributed import World
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -128,7 +128,8 @@ def test_vq_autoencoder_is_refused_under_torchrun(tmp_path):
 
 @pytest.mark.parametrize("rank, finalised", [(1, False), (0, True)])
 def test_other_ranks_leave_without_finalisation_and_rank_0_exits_normally(rank, finalised):
-    code = ("import atexit; from tinyldm.distributed import leave; atexit.register(lambda: print('finalised')); "
+    code = ("import atexit; from tinyldm.training.distributed import leave; "
+            "atexit.register(lambda: print('finalised')); "
             f"print('trained', flush=False); leave({{'rank': {rank}}})")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.startswith("trained")  # buffered output is flushed first

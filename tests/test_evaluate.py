@@ -8,10 +8,16 @@ import pytest
 import torch
 
 import train_ldm
-from tinyldm import evaluate
-from tinyldm.data import DataConfig, make_dataset
-from tinyldm.features import FeatureClassifier, InceptionFeatures, load_classifier, save_classifier, train_classifier
-from tinyldm.shapes import ShapesConfig
+from tinyldm.data.images import DataConfig, make_dataset
+from tinyldm.data.shapes import ShapesConfig
+from tinyldm.evaluation.features import (
+    FeatureClassifier,
+    InceptionFeatures,
+    load_classifier,
+    save_classifier,
+    train_classifier,
+)
+from tinyldm.tools import evaluate
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,5 @@
-"""The prepared GPU check (.ci/gpu_check) runs on a lent GPU only, where a typo would cost a session's
-device time. Its dry mode parses every benchmark command's flags and collects the tests; run it here."""
+"""The GPU check (.ci/gpu_check) runs only on a machine with a GPU, where a typo would waste GPU time.
+Its dry mode parses every benchmark command's flags and collects the tests, on any machine."""
 
 import os
 import subprocess
@@ -19,7 +19,7 @@ def dry_run(script: Path, stage: str, out: Path) -> subprocess.CompletedProcess:
 def test_every_stage_parses(stage, tmp_path):
     result = dry_run(ROOT / ".ci" / "gpu_check", stage, tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "would run: python3 -m tinyldm.bench --device cuda" in result.stdout
+    assert "would run: python3 -m tinyldm.tools.bench --device cuda" in result.stdout
     if stage == "1":
         assert "test_recorded_sampler_on_a_gpu" in result.stdout  # the CUDA tests are collected
 

@@ -9,7 +9,7 @@ from tinyldm.autoencoder import Autoencoder, AutoencoderConfig
 from tinyldm.conditioning import ConditionConfig, ConditionEncoder, Tokenizer
 from tinyldm.ddim import make_timesteps, sample
 from tinyldm.ldm import Denoiser, DiffusionConfig, build_denoiser, generate, ldm_loss, ldm_payload, load_ldm
-from tinyldm.train_utils import load_checkpoint, save_checkpoint
+from tinyldm.training.checkpoint import load_checkpoint, save_checkpoint
 from tinyldm.unet import UNet, UNetConfig
 
 CAPTIONS = ["a red circle", "a blue square"]
@@ -47,7 +47,7 @@ def test_ldm_loss_learns_two_conditional_latents(prediction):
     with torch.no_grad():
         t = torch.full((2,), 60)
         z_t = schedule.q_sample(torch.stack([z_a, z_b]), t, torch.randn(2, 3, 8, 8))
-        eps, x0 = schedule.split_prediction(den(z_t, t, CAPTIONS), z_t, t, prediction)
+        eps, x0 = schedule.eps_x0_at(den(z_t, t, CAPTIONS), z_t, t, prediction)
     assert x0[0].mean() > 0.5 and x0[1].mean() < -0.5
 
 

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from tinyldm.metrics import (
+from tinyldm.evaluation.metrics import (
     feature_stats,
     frechet_distance,
     frechet_from_features,

@@ -9,7 +9,7 @@ pytest.importorskip("nbclient")
 pytest.importorskip("ipykernel")
 pytest.importorskip("matplotlib")
 
-from tinyldm.nbrun import execute, notebook_to_py, py_to_notebook  # noqa: E402
+from tinyldm.tools.nbrun import execute, notebook_to_py, py_to_notebook  # noqa: E402
 
 # Every notebook's full run fits 10 minutes on 2 CPU cores, except the experiment that needs training time
 # itself: the compression sweep trains four diffusion models for the same minutes each.
@@ -26,7 +26,7 @@ def test_there_are_notebooks():
 def test_notebook_committed_with_full_outputs(path):
     nb = nbformat.read(path, as_version=4)
     run = nb.metadata.get("tinyldm")
-    assert run is not None and run["smoke"] is False, f"{path.name}: run `python -m tinyldm.nbrun {path}` first"
+    assert run is not None and run["smoke"] is False, f"{path.name}: run `python -m tinyldm.tools.nbrun {path}` first"
     limit = LONG_RUNS.get(path.stem, 600)
     assert run["wall_seconds"] < limit, f"{path.name}: full run took {run['wall_seconds']} s (target < {limit} s)"
     code = [c for c in nb.cells if c.cell_type == "code"]

@@ -9,8 +9,8 @@ from tinyldm.schedule import (
     NoiseSchedule,
     eps_from_v,
     eps_from_x0,
+    eps_x0_from_prediction,
     make_betas,
-    split_prediction,
     v_from_eps_x0,
     x0_from_eps,
     x0_from_v,
@@ -101,7 +101,7 @@ def test_conversions_round_trip():
     assert torch.allclose(eps_from_v(x_t, v, ab), eps, atol=1e-4)
     for prediction, pred in [("eps", eps), ("x0", x0), ("v", v)]:
         assert torch.allclose(s.target(x0, eps, t, prediction), pred)
-        e, x = split_prediction(pred, x_t, ab, prediction)
+        e, x = eps_x0_from_prediction(pred, x_t, ab, prediction)
         assert torch.allclose(e[2:], eps[2:], atol=1e-3) and torch.allclose(x[:-1], x0[:-1], atol=1e-3)
     # v-prediction keeps unit scale at every t: v has the variance of eps and x0 when both are unit Gaussians.
     assert v.var().item() == pytest.approx(1.0, abs=0.1)

@@ -8,8 +8,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from tinyldm.bench_data import blur  # the same Gaussian blur the benchmark applies
-from tinyldm.shapes import (
+from tinyldm.data.shapes import (
     CLASS_NAMES,
     COLORS,
     POSITIONS,
@@ -23,11 +22,12 @@ from tinyldm.shapes import (
     caption,
     class_id,
     detect_shapes,
-    evaluate,
     parse_prompt,
     render,
+    score_images,
     specs_from_layout,
 )
+from tinyldm.tools.bench_data import blur  # the same Gaussian blur the benchmark applies
 
 CHANCE = {"color": 1 / len(COLORS), "shape": 1 / len(SHAPES), "position": 1 / len(POSITIONS)}
 
@@ -128,7 +128,7 @@ def test_config_and_index_errors():
                          [(32, 300, "plain"), (64, 200, "texture"), (128, 60, "plain")])
 def test_ground_truth_scores_at_least_99_percent(size, n, background):
     images, captions, _ = batch(n, size, background=background)
-    score = evaluate(images, captions)
+    score = score_images(images, captions)
     assert min(score.color, score.shape, score.position, score.all) >= 0.99, score.summary()
 
 
@@ -137,7 +137,7 @@ def test_mild_blur_and_noise_keep_ground_truth_above_98_percent(size, sigma, noi
     images, captions, _ = batch(300, size)
     g = torch.Generator().manual_seed(0)
     perturbed = (blur(images, sigma) + noise * torch.randn(images.shape, generator=g)).clamp(-1, 1)
-    score = evaluate(perturbed, captions)
+    score = score_images(perturbed, captions)
     assert score.all >= 0.98, score.summary()
 
 
@@ -147,7 +147,7 @@ def test_noise_scores_at_most_chance():
     uniform = torch.rand(400, 3, 32, 32, generator=g) * 2 - 1
     gaussian = (0.5 * torch.randn(400, 3, 32, 32, generator=g)).clamp(-1, 1)
     for noise in (uniform, gaussian):
-        score = evaluate(noise, captions)
+        score = score_images(noise, captions)
         for a in CHANCE:
             assert getattr(score, a) <= CHANCE[a] + 0.05, (a, score.summary())
         assert score.all <= 0.02
@@ -155,7 +155,7 @@ def test_noise_scores_at_most_chance():
 
 def test_wrong_prompts_score_near_chance_and_each_attribute_is_scored_alone():
     images, captions, items = batch(600, 32)
-    score = evaluate(images, captions[1:] + captions[:1])  # each image against its neighbour's prompt
+    score = score_images(images, captions[1:] + captions[:1])  # each image against its neighbour's prompt
     for a in CHANCE:
         assert abs(getattr(score, a) - CHANCE[a]) < 0.06, (a, score.summary())
     assert score.all < 0.03
@@ -166,21 +166,21 @@ def test_wrong_prompts_score_near_chance_and_each_attribute_is_scored_alone():
              "position": dict(zip(POSITIONS, POSITIONS[1:] + POSITIONS[:1], strict=True))}
     for a, swap in swaps.items():
         wrong = [[ShapeSpec(**{**s.__dict__, a: swap[getattr(s, a)]})] for s in truth]
-        score = evaluate(images[:60], wrong)
+        score = score_images(images[:60], wrong)
         assert getattr(score, a) == 0 and score.all == 0
         assert all(getattr(score, b) == 1 for b in CHANCE if b != a), score.summary()
 
 
 def test_per_prompt_results_unspecified_attributes_and_missing_objects():
     images, captions, _ = batch(20, 64)
-    score = evaluate(torch.cat([images, images]), captions + captions)
+    score = score_images(torch.cat([images, images]), captions + captions)
     assert set(score.by_prompt) == set(captions) and len(score.per_image) == 40
     assert all(v["all"] == 1 for v in score.by_prompt.values())
     only_shape = [[ShapeSpec(None, s.shape, None) for s in parse_prompt(c)] for c in captions]
-    score = evaluate(images, only_shape)
+    score = score_images(images, only_shape)
     assert score.shape == 1 and score.all == 1 and np.isnan(score.color)
     blank = torch.full_like(images, 0.8)  # an empty canvas: nothing found, everything wrong
-    assert evaluate(blank, captions).all == 0 and detect_shapes(blank[:1]) == [[]]
+    assert score_images(blank, captions).all == 0 and detect_shapes(blank[:1]) == [[]]
 
 
 def test_layouts_are_scored_with_box_iou_and_several_objects():
@@ -188,12 +188,12 @@ def test_layouts_are_scored_with_box_iou_and_several_objects():
     images = torch.stack([it["image"] for it in items])
     specs = [specs_from_layout(it["box_classes"], it["boxes"]) for it in items]
     boxes = [it["boxes"][it["box_classes"] >= 0] for it in items]
-    score = evaluate(images, specs, boxes=boxes)
+    score = score_images(images, specs, boxes=boxes)
     assert score.all >= 0.99 and score.iou > 0.85, score.summary()
     shifted = [b + torch.tensor([0.05, 0.05, 0.05, 0.05]) for b in boxes]
-    assert evaluate(images, specs, boxes=shifted).iou < score.iou - 0.2
+    assert score_images(images, specs, boxes=shifted).iou < score.iou - 0.2
     one_more = [s + [ShapeSpec("red", "circle", p)] for s, p in zip(specs, POSITIONS * 12, strict=False)]
-    assert evaluate(images, one_more).all == 0  # an object that is not drawn is an error
+    assert score_images(images, one_more).all == 0  # an object that is not drawn is an error
 
 
 def test_evaluator_input_errors():
@@ -202,4 +202,4 @@ def test_evaluator_input_errors():
     with pytest.raises(ValueError, match="shape"):
         detect_shapes(torch.zeros(1, 32, 32))
     with pytest.raises(ValueError, match="prompts"):
-        evaluate(torch.zeros(2, 3, 32, 32), ["a red circle"])
+        score_images(torch.zeros(2, 3, 32, 32), ["a red circle"])

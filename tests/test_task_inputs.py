@@ -1,14 +1,14 @@
-"""The tasks' inputs and scores (tinyldm.task_inputs), checked against their definitions in tasks.py and the
+"""The tasks' inputs and scores (tinyldm.data.tasks), checked against their definitions in tasks.py and the
 shapes dataset's own ground truth, without training anything."""
 
 import pytest
 import torch
 
 from tinyldm.autoencoder import Autoencoder, AutoencoderConfig
-from tinyldm.data import DataConfig, make_dataset
-from tinyldm.metrics import psnr
-from tinyldm.shapes import CLASS_NAMES, ShapesConfig
-from tinyldm.task_inputs import (
+from tinyldm.data.image_conditions import composite, downsample, masked_image, upsample_bicubic
+from tinyldm.data.images import DataConfig, make_dataset
+from tinyldm.data.shapes import CLASS_NAMES, ShapesConfig
+from tinyldm.data.tasks import (
     TaskInputs,
     TaskSpec,
     cache_keys,
@@ -20,7 +20,7 @@ from tinyldm.task_inputs import (
     score_items,
     task_concat,
 )
-from tinyldm.tasks import composite, downsample, masked_image, upsample_bicubic
+from tinyldm.evaluation.metrics import psnr
 
 SHAPES = {"dataset": "shapes", "image_size": 32, "n_train": 64, "max_shapes": 3}
 

@@ -5,9 +5,7 @@ import math
 import pytest
 import torch
 
-from tinyldm.metrics import psnr
-from tinyldm.shapes import CLASS_NAMES, ShapesConfig, ShapesDataset
-from tinyldm.tasks import (
+from tinyldm.data.image_conditions import (
     composite,
     downsample,
     inpaint_condition,
@@ -19,6 +17,8 @@ from tinyldm.tasks import (
     superres_condition,
     upsample_bicubic,
 )
+from tinyldm.data.shapes import CLASS_NAMES, ShapesConfig, ShapesDataset
+from tinyldm.evaluation.metrics import psnr
 
 # --- semantic synthesis ------------------------------------------------------------------------
 
@@ -253,7 +253,7 @@ def test_masked_psnr_is_psnr_over_the_hole_pixels():
 
 
 def test_tile_builds_mosaics_row_by_row_and_untile_inverts_it():
-    from tinyldm.tasks import tile, untile
+    from tinyldm.data.image_conditions import tile, untile
 
     x = torch.arange(8 * 3 * 2 * 2, dtype=torch.float32).reshape(8, 3, 2, 2)
     m = tile(x, 2)

@@ -10,22 +10,12 @@ import torch
 from torch import nn
 
 import train_ae  # a top-level script (pyproject puts the repository root on pytest's path)
-from tinyldm.ae_loss import AELossConfig
 from tinyldm.autoencoder import Autoencoder, AutoencoderConfig
-from tinyldm.train_utils import (
-    EMA,
-    CheckpointError,
-    JSONLLogger,
-    add_config_args,
-    batch_indices,
-    build_config,
-    load_checkpoint,
-    pick_device,
-    rng_state,
-    save_checkpoint,
-    save_image_grid,
-    set_rng_state,
-)
+from tinyldm.autoencoder_loss import AELossConfig
+from tinyldm.evaluation.viz import save_image_grid
+from tinyldm.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from tinyldm.training.flags import add_config_args, build_config
+from tinyldm.training.loop import EMA, JSONLLogger, batch_indices, pick_device, rng_state, set_rng_state
 
 
 def run(tmp_path: Path, *flags: str, out: str = "run") -> dict:
@@ -259,7 +249,7 @@ def test_identity_first_stage_checkpoint_trains_a_pixel_space_ldm(tmp_path):
     """train_ae.py --regularizer identity writes a checkpoint at once (nothing to train; pixels kept in
     [-1, 1], scale factor 1) that train_ldm.py uses like any first stage: diffusion on 3 x 32 x 32 pixels."""
     import train_ldm
-    from tinyldm.train_utils import load_checkpoint
+    from tinyldm.training.checkpoint import load_checkpoint
 
     r = train_ae.main(["--smoke", "--regularizer", "identity", "--z_channels", "3", "--channel_mult", "1",
                        "--out", str(tmp_path / "ae")])

@@ -7,8 +7,8 @@ import torch
 
 import sample
 import train_ldm
-from tinyldm.task_inputs import TaskSpec, data_configs, generate_from_items, heldout_items, task_concat
-from tinyldm.train_utils import CheckpointError, load_checkpoint
+from tinyldm.data.tasks import TaskSpec, data_configs, generate_from_items, heldout_items, task_concat
+from tinyldm.training.checkpoint import CheckpointError, load_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -149,8 +149,8 @@ def test_paper_tasks_train_sample_and_score(tmp_path, ae_path, flags, concat_cha
 def test_task_inputs_in_the_cache_are_the_tasks_definitions(tmp_path, ae_path):
     """The cached low-res inputs are the bicubic /4 images of the training set, and the semantic inputs are
     fractions of each latent pixel covered by each class (they sum to 1)."""
-    from tinyldm.shapes import ShapesConfig, ShapesDataset
-    from tinyldm.tasks import downsample
+    from tinyldm.data.image_conditions import downsample
+    from tinyldm.data.shapes import ShapesConfig, ShapesDataset
 
     run(tmp_path / "sr", ae_path, "--cond", "none", "--task", "superres")
     cache = torch.load(tmp_path / "sr" / "latents.pt", weights_only=True)
@@ -199,7 +199,7 @@ def test_sample_script_generates_from_held_out_inputs(tmp_path, ae_path, flags):
 
 
 def test_label_image_paints_the_palette():
-    from tinyldm.viz import label_image
+    from tinyldm.evaluation.viz import label_image
 
     labels = torch.tensor([[[0, 1], [2, 1]]])
     palette = torch.tensor([[255, 255, 255], [255, 0, 0], [0, 0, 0]])

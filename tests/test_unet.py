@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from tinyldm.unet import Attention, UNet, UNetConfig, attention, keep_attention_weights, timestep_embedding
+from tinyldm.blocks import Attention, attention, keep_attention_weights
+from tinyldm.unet import UNet, UNetConfig, timestep_embedding
 
 
 def small_config(**overrides) -> UNetConfig:
@@ -227,7 +228,7 @@ def test_plain_attention_block_is_residual_multi_head_self_attention():
     q, k, v = (m(tokens).reshape(2, 15, 2, 8).transpose(1, 2) for m in (a.to_q, a.to_k, a.to_v))
     heads = torch.softmax(q @ k.mT / math.sqrt(8), dim=-1) @ v  # (B, heads, HW, d)
     expected = x + a.to_out(heads.transpose(1, 2).reshape(2, 15, 16)).mT.reshape(2, 16, 3, 5)
-    torch.testing.assert_close(block(x, None, None, None), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(block(x), expected, atol=1e-5, rtol=1e-5)
     assert not any("ff" in name or "cross" in name for name, _ in block.named_parameters())
 
 

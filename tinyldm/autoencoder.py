@@ -53,6 +53,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .blocks import Downsample, ResBlock, Upsample, group_norm
+
 
 @dataclass
 class AutoencoderConfig:
@@ -94,27 +96,7 @@ class AutoencoderConfig:
 
 
 # ----------------------------------------------------------------------------------------------
-# Building blocks
-
-
-def _norm(channels: int, groups: int) -> nn.GroupNorm:
-    return nn.GroupNorm(groups, channels, eps=1e-6)
-
-
-class ResBlock(nn.Module):
-    """GroupNorm -> SiLU -> conv3x3, twice, plus a (1x1 projected) skip connection."""
-
-    def __init__(self, c_in: int, c_out: int, groups: int, dropout: float = 0.0):
-        super().__init__()
-        self.norm1, self.conv1 = _norm(c_in, groups), nn.Conv2d(c_in, c_out, 3, padding=1)
-        self.norm2, self.conv2 = _norm(c_out, groups), nn.Conv2d(c_out, c_out, 3, padding=1)
-        self.dropout = nn.Dropout(dropout)
-        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
-        return self.skip(x) + h
+# Encoder and decoder (ResBlock, Downsample and Upsample come from blocks.py, shared with the UNet)
 
 
 class AttnBlock(nn.Module):
@@ -122,7 +104,7 @@ class AttnBlock(nn.Module):
 
     def __init__(self, channels: int, groups: int):
         super().__init__()
-        self.norm = _norm(channels, groups)
+        self.norm = group_norm(channels, groups)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.proj = nn.Conv2d(channels, channels, 1)
 
@@ -133,30 +115,12 @@ class AttnBlock(nn.Module):
         return x + self.proj(h.transpose(-1, -2).reshape(B, C, H, W))
 
 
-class Downsample(nn.Module):
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(x)
-
-
-class Upsample(nn.Module):
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
-
-
 def _middle(channels: int, cfg: AutoencoderConfig) -> nn.Sequential:
     attn = AttnBlock(channels, cfg.norm_groups) if cfg.mid_attention else nn.Identity()
     return nn.Sequential(
-        ResBlock(channels, channels, cfg.norm_groups, cfg.dropout),
+        ResBlock(channels, channels, groups=cfg.norm_groups, dropout=cfg.dropout),
         attn,
-        ResBlock(channels, channels, cfg.norm_groups, cfg.dropout),
+        ResBlock(channels, channels, groups=cfg.norm_groups, dropout=cfg.dropout),
     )
 
 
@@ -171,13 +135,13 @@ class Encoder(nn.Module):
         c = widths[0]
         for level, width in enumerate(widths):
             for _ in range(cfg.num_res_blocks):
-                blocks.append(ResBlock(c, width, cfg.norm_groups, cfg.dropout))
+                blocks.append(ResBlock(c, width, groups=cfg.norm_groups, dropout=cfg.dropout))
                 c = width
             if level < len(widths) - 1:
                 blocks.append(Downsample(c))
         self.down = nn.Sequential(*blocks)
         self.mid = _middle(c, cfg)
-        self.norm_out = _norm(c, cfg.norm_groups)
+        self.norm_out = group_norm(c, cfg.norm_groups)
         self.conv_out = nn.Conv2d(c, out_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -197,12 +161,12 @@ class Decoder(nn.Module):
         blocks: list[nn.Module] = []
         for level in reversed(range(len(widths))):
             for _ in range(cfg.num_res_blocks if cfg.decoder_res_blocks is None else cfg.decoder_res_blocks):
-                blocks.append(ResBlock(c, widths[level], cfg.norm_groups, cfg.dropout))
+                blocks.append(ResBlock(c, widths[level], groups=cfg.norm_groups, dropout=cfg.dropout))
                 c = widths[level]
             if level > 0:
                 blocks.append(Upsample(c))
         self.up = nn.Sequential(*blocks)
-        self.norm_out = _norm(c, cfg.norm_groups)
+        self.norm_out = group_norm(c, cfg.norm_groups)
         self.conv_out = nn.Conv2d(c, cfg.in_channels, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,7 @@ Contract with the paper
 -----------------------
 LDM (Rombach et al., arXiv 2112.10752), Sec. 3.3: a domain-specific encoder tau_theta maps the
 condition y to an intermediate representation tau_theta(y) in R^{M x d_tau}, which the UNet reads
-through cross-attention (Eq. 2). For text-to-image (Sec. 4.3.1) tau is a transformer over the
+through cross-attention (Sec. 3.3). For text-to-image (Sec. 4.3.1) tau is a transformer over the
 tokenized prompt, *trained jointly with the UNet* (Eq. 3):
 
     L_LDM = E_{E(x), y, eps, t} || eps - eps_theta(z_t, t, tau_theta(y)) ||^2
@@ -26,8 +26,9 @@ Deliberate choices
   (no download, no BPE). Lower-cased; words and punctuation are separate tokens. A word that is
   not in the vocabulary becomes <unk> and is *reported* (returned, and warned about by callers),
   never silently dropped. Captions longer than `max_len` are an error, not truncated quietly.
-* The text transformer reuses the UNet's `Attention` (same key padding mask convention: True =
-  real token) and `GEGLU` feed-forward; pre-norm blocks, learned absolute positions.
+* The text transformer is a stack of the UNet's own `blocks.TransformerBlock` without a context
+  (pre-norm self-attention and GEGLU; same key padding mask convention: True = real token), with
+  learned absolute positions.
 * Layout tokens: one token per object, a learned class embedding plus a linear map of Fourier
   features of its box, [sin, cos](2^k pi x) for each coordinate x of (x0, y0, x1, y1) and
   k = 0..box_freqs-1 (the NeRF positional encoding; GLIGEN, arXiv 2301.07093, also feeds boxes
@@ -55,7 +56,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from .unet import GEGLU, Attention
+from .blocks import TransformerBlock
 
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 SPECIALS = [PAD, BOS, EOS, UNK]
@@ -115,20 +116,23 @@ class ConditionConfig:
 
 
 def transformer_blocks(cfg: ConditionConfig) -> nn.ModuleList:
-    """Pre-norm transformer blocks built from the UNet's Attention and GEGLU; they add no positions."""
-    D = cfg.context_dim
-    return nn.ModuleList(
-        nn.ModuleDict({"norm1": nn.LayerNorm(D), "attn": Attention(D, cfg.head_dim),
-                       "norm2": nn.LayerNorm(D), "ff": GEGLU(D)})
-        for _ in range(cfg.layers)
-    )
+    """`layers` pre-norm transformer blocks (self-attention and GEGLU, no context); they add no positions."""
+    return nn.ModuleList(TransformerBlock(cfg.context_dim, cfg.head_dim) for _ in range(cfg.layers))
+
+
+def _rename_old_block_keys(module, state_dict, prefix, *args) -> None:
+    """Checkpoints written before the encoders shared the UNet's TransformerBlock name its layers
+    `attn` and `norm2` (the feed-forward's norm); today they are `self_attn` and `norm3`."""
+    old = re.compile(re.escape(prefix) + r"blocks\.(\d+)\.(attn|norm2)\.")
+    for key in [k for k in state_dict if old.match(k)]:
+        new = old.sub(lambda m: f"{prefix}blocks.{m[1]}.{'self_attn' if m[2] == 'attn' else 'norm3'}.", key, count=1)
+        state_dict[new] = state_dict.pop(key)
 
 
 def run_blocks(blocks: nn.ModuleList, h: Tensor, mask: Tensor) -> Tensor:
     """h (B, L, D) through the blocks; keys where mask (B, L) is False are never attended to."""
     for block in blocks:
-        h = h + block["attn"](block["norm1"](h), mask=mask)
-        h = h + block["ff"](block["norm2"](h))
+        h = block(h, mask=mask)
     return h
 
 
@@ -144,6 +148,7 @@ class TextEncoder(nn.Module):
         self.pos_emb = nn.Parameter(torch.randn(cfg.max_len, D) * 0.02)
         self.blocks = transformer_blocks(cfg)
         self.norm = nn.LayerNorm(D)
+        self.register_load_state_dict_pre_hook(_rename_old_block_keys)
 
     def forward(self, ids: Tensor, mask: Tensor) -> Tensor:
         B, L = ids.shape
@@ -166,6 +171,7 @@ class LayoutEncoder(nn.Module):
         self.null = nn.Parameter(torch.randn(D) * 0.02)
         self.blocks = transformer_blocks(cfg)  # no positional embedding: the objects are a set
         self.norm = nn.LayerNorm(D)
+        self.register_load_state_dict_pre_hook(_rename_old_block_keys)
 
     def forward(self, box_classes: Tensor, boxes: Tensor) -> tuple[Tensor, Tensor]:
         """box_classes (B, K) with -1 = padding, boxes (B, K, 4) -> context (B, 1 + K, D), mask (B, 1 + K)."""
@@ -188,9 +194,9 @@ def batch_size(condition: list[str] | Tensor | dict) -> int:
 class ConditionEncoder(nn.Module):
     """Condition -> (context (B, L, D), context_mask (B, L)) for the UNet, plus the null condition.
 
-    encode(["a red circle in the top left", ...]) for kind="text",
-    encode(torch.tensor([3, 7])) for kind="class" (ids in 0..num_classes-1; num_classes is the null class),
-    encode({"box_classes": (B, K) int64, "boxes": (B, K, 4) float}) for kind="layout": the keys and
+    encoder(["a red circle in the top left", ...]) for kind="text",
+    encoder(torch.tensor([3, 7])) for kind="class" (ids in 0..num_classes-1; num_classes is the null class),
+    encoder({"box_classes": (B, K) int64, "boxes": (B, K, 4) float}) for kind="layout": the keys and
     conventions of a ShapesDataset batch (class -1 pads; boxes (x0, y0, x1, y1) in [0, 1]; K <= max_objects;
     other keys are ignored). The empty layout (every class -1) is the null condition.
     """

@@ -28,7 +28,8 @@ t_prev = -1 where alpha_bar = 1, so the final output is exactly the last x0 pred
 ``set_alpha_to_one=True``; CompVis instead stops at alpha_bar_0). The model is any function
 ``model(x_t, t, **cond) -> prediction``: a UNet, or an oracle in the tests.
 
-Left out: PLMS / DPM-Solver, dynamic thresholding, guidance rescaling.
+Left out: PLMS / DPM-Solver, dynamic thresholding, guidance rescaling. The same loop recorded as one CUDA
+graph (`tinyldm.training.speed.graphed_sampler`) is a speed path, tested equal to `sample`.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from .schedule import NoiseSchedule, split_prediction
+from .schedule import NoiseSchedule, eps_x0_from_prediction
 
 ModelFn = Callable[..., Tensor]
 SPACINGS = ("uniform", "trailing", "linspace")
@@ -88,15 +89,16 @@ def guided_prediction(model: ModelFn, x_t: Tensor, t: Tensor, *, cond: dict | No
 def ddim_step(x0: Tensor, eps: Tensor, alpha_bar_t: float, alpha_bar_prev: float, *, eta: float = 0.0,
               noise: Tensor | None = None) -> Tensor:
     """One DDIM update from t to t_prev (Eq. 12); `noise` is needed when eta > 0."""
-    # Eq. 16: the standard deviation of the fresh noise; eta = 1 gives DDPM's beta_tilde.
     # BEGIN ASSIGNMENT ddim_step
+    # Eq. 16: the standard deviation of the fresh noise; eta = 1 gives DDPM's beta_tilde.
     sigma = eta * ((1 - alpha_bar_prev) / (1 - alpha_bar_t) * (1 - alpha_bar_t / alpha_bar_prev)) ** 0.5
-    x_prev = alpha_bar_prev**0.5 * x0 + max(1 - alpha_bar_prev - sigma**2, 0.0) ** 0.5 * eps
-    if eta > 0:
-        if noise is None:
-            raise ValueError("ddim_step with eta > 0 needs `noise`")
-        x_prev = x_prev + sigma * noise
-    return x_prev
+    predicted_x0 = alpha_bar_prev**0.5 * x0  # Eq. 12: "predicted x0", scaled to t_prev
+    direction = max(1 - alpha_bar_prev - sigma**2, 0.0) ** 0.5 * eps  # Eq. 12: "direction pointing to x_t"
+    if eta == 0:
+        return predicted_x0 + direction
+    if noise is None:
+        raise ValueError("ddim_step with eta > 0 needs `noise`")
+    return predicted_x0 + direction + sigma * noise  # Eq. 12: "random noise"
     # END ASSIGNMENT ddim_step
 
 
@@ -137,7 +139,7 @@ def sample(model: ModelFn, schedule: NoiseSchedule, x_T: Tensor, *, steps: int =
         alpha_bar_t, alpha_bar_prev = schedule.alpha_bar_value(t), schedule.alpha_bar_value(t_prev)
 
         pred = guided_prediction(model, x, t_batch, cond=cond, uncond=uncond, guidance_scale=guidance_scale)
-        eps, x0 = split_prediction(pred.to(x.dtype), x, alpha_bar_t, prediction)
+        eps, x0 = eps_x0_from_prediction(pred.to(x.dtype), x, alpha_bar_t, prediction)
         if clip_x0 is not None:
             x0 = x0.clamp(-clip_x0, clip_x0)
             eps = (x - alpha_bar_t**0.5 * x0) / (1 - alpha_bar_t) ** 0.5  # keep (eps, x0) consistent with x_t
@@ -171,7 +173,7 @@ def ddim_invert(model: ModelFn, schedule: NoiseSchedule, x0: Tensor, *, steps: i
         t = timesteps[i - 1] if i > 0 else t_next
         t_batch = torch.full((B,), t, device=x.device, dtype=torch.long)
         pred = guided_prediction(model, x, t_batch, cond=cond, uncond=uncond, guidance_scale=guidance_scale)
-        eps, x0_pred = split_prediction(pred.to(x.dtype), x, schedule.alpha_bar_value(t), prediction)
+        eps, x0_pred = eps_x0_from_prediction(pred.to(x.dtype), x, schedule.alpha_bar_value(t), prediction)
         if i == 0:
             x0_pred = x
         if callback is not None:
@@ -180,46 +182,3 @@ def ddim_invert(model: ModelFn, schedule: NoiseSchedule, x0: Tensor, *, steps: i
         alpha_bar_next = schedule.alpha_bar_value(t_next)
         x = alpha_bar_next**0.5 * x0_pred + (1 - alpha_bar_next) ** 0.5 * eps
     return x
-
-
-def graphed_sampler(model: ModelFn, schedule: NoiseSchedule, x_T: Tensor,
-                    **sample_options) -> Callable[[Tensor], Tensor]:
-    """`sample(model, schedule, x, **sample_options)` as a function of x whose whole loop is one CUDA graph.
-
-    A small UNet is launch-bound: 50 steps x a few hundred kernels each cost more in CPU launch overhead
-    than in GPU work. Recording the loop once (`torch.cuda.graph`) and replaying it launches everything at
-    once. What the recording fixes: the shape of `x_T`, the steps, and the condition tensors in
-    `sample_options` (read from their memory at every replay). Only deterministic DDIM (eta = 0) is
-    recorded, since fresh noise would need the generator's state inside the graph. Autocast is read once,
-    at recording: the replays run in the precision the caller had then. On a CPU there is nothing to
-    record: the returned function is `sample`.
-    """
-    if x_T.device.type != "cuda":
-        return lambda x: sample(model, schedule, x, **sample_options)
-    if sample_options.get("method", "ddim") != "ddim" or sample_options.get("eta", 0.0) != 0:
-        raise ValueError("graphed_sampler records deterministic DDIM only (method='ddim', eta=0)")
-    if sample_options.get("callback") is not None:
-        raise ValueError("a recorded loop cannot call back into Python: drop `callback`")
-    static_x = x_T.clone()
-    # Autocast keeps bf16 copies of the weights in a cache that is emptied when the caller's `with autocast`
-    # ends; a graph that read them would replay from freed memory. Record with the same autocast settings but
-    # no cache, so the casts themselves are part of the graph.
-    recording_autocast = torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"),
-                                        enabled=torch.is_autocast_enabled("cuda"), cache_enabled=False)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side), recording_autocast:  # warm-up off the recording: lazy init, kernel selection
-        sample(model, schedule, static_x, **sample_options)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph), recording_autocast:
-        static_out = sample(model, schedule, static_x, **sample_options)
-
-    def run(x: Tensor) -> Tensor:
-        if x.shape != static_x.shape:
-            raise ValueError(f"the graph was recorded for x_T of shape {tuple(static_x.shape)}, got {tuple(x.shape)}")
-        static_x.copy_(x)
-        graph.replay()
-        return static_out.clone()
-
-    return run

@@ -15,7 +15,8 @@ Generation runs a sampler from tinyldm.ddim in latent space, then x = D(z0 / sca
 
 Image-like conditions (a segmentation map, a low-resolution image, a masked image and its mask; Secs.
 4.3.2, 4.4, 4.5) are not cross-attended but concatenated to z_t at the UNet's input (`concat`, at the
-latent size; tinyldm.tasks builds them). They are never dropped, so guidance acts on the other condition.
+latent size; tinyldm.data.image_conditions builds them). They are never dropped, so guidance acts on the other
+condition.
 
 What lives where: the schedule is tensors and pure functions (schedule.py), the samplers are loops
 over a model function (ddim.py); this file only wires them to a `Denoiser` (UNet + tau, the

@@ -111,7 +111,8 @@ def eps_from_v(x_t: Tensor, v: Tensor, alpha_bar: Tensor | float) -> Tensor:
     return (1 - alpha_bar) ** 0.5 * x_t + alpha_bar**0.5 * v
 
 
-def split_prediction(pred: Tensor, x_t: Tensor, alpha_bar: Tensor | float, prediction: str) -> tuple[Tensor, Tensor]:
+def eps_x0_from_prediction(pred: Tensor, x_t: Tensor, alpha_bar: Tensor | float,
+                           prediction: str) -> tuple[Tensor, Tensor]:
     """Turn a network output of kind `prediction` into the pair (eps, x0)."""
     if prediction == "eps":
         return pred, x0_from_eps(x_t, pred, alpha_bar)
@@ -206,9 +207,9 @@ class NoiseSchedule:
             return v_from_eps_x0(eps, x0, self.alpha_bar_at(t, x0))
         raise ValueError(f"unknown prediction {prediction!r}; choose one of {PREDICTIONS}")
 
-    def split_prediction(self, pred: Tensor, x_t: Tensor, t: Tensor, prediction: str) -> tuple[Tensor, Tensor]:
-        """(eps, x0) implied by a network output `pred` at (x_t, t)."""
-        return split_prediction(pred, x_t, self.alpha_bar_at(t, x_t), prediction)
+    def eps_x0_at(self, pred: Tensor, x_t: Tensor, t: Tensor, prediction: str) -> tuple[Tensor, Tensor]:
+        """(eps, x0) implied by a network output `pred` at (x_t, t): `eps_x0_from_prediction` at alpha_bar_t."""
+        return eps_x0_from_prediction(pred, x_t, self.alpha_bar_at(t, x_t), prediction)
 
     def __repr__(self) -> str:
         return f"NoiseSchedule({asdict(self.config)})"

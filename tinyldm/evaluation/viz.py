@@ -1,12 +1,15 @@
 """Pictures for people: image grids as arrays (for PNG files and for matplotlib in the notebooks).
 
 Images everywhere in tinyldm are float tensors (N, C, H, W) in [-1, 1] with C = 1 or 3. matplotlib is
-optional (the `notebooks` extra) and imported only by `show_images`.
+optional (the `notebooks` extra) and imported only by `show_images`; `save_image_grid` writes a PNG
+with pillow.
 """
 
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -56,3 +59,16 @@ def label_image(labels: torch.Tensor, palette: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"label ids must be in 0..{len(palette) - 1}")
     rgb = palette.float()[labels.long()]  # (B, H, W, 3)
     return rgb.permute(0, 3, 1, 2) / 127.5 - 1.0
+
+
+def save_image_grid(images: torch.Tensor, path: str | os.PathLike, *, nrow: int = 8, pad: int = 2) -> Path:
+    """Tile (N, C, H, W) images in [-1, 1] (C = 1 or 3) into one PNG, written atomically."""
+    from PIL import Image
+
+    array = image_grid(images, nrow=nrow, pad=pad)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    Image.fromarray(array[:, :, 0] if images.shape[1] == 1 else array).save(tmp, format="PNG")
+    os.replace(tmp, path)
+    return path

@@ -19,7 +19,7 @@ The data (all fixed by `(seed, split, index)`; see `render`):
 Splits: "train" (`n_train` images) and "eval" (`n_eval`) draw from different random streams, so no
 eval image is a train image. They share the 162 (colour, shape, position) combinations on purpose.
 
-The evaluator (`detect_shapes`, `evaluate`), per image:
+The evaluator (`detect_shapes`, `score_images`), per image:
     1. background colour = per-channel median (objects cover < 25% of the image);
     2. foreground = pixels farther than `FOREGROUND_DISTANCE` from it (RGB in [0, 1]);
     3. objects = 4-connected foreground components of at least `MIN_AREA_FRACTION` of the image;
@@ -474,7 +474,7 @@ def _match(specs: list[ShapeSpec], found: list[Detection], boxes: list | None) -
     return match
 
 
-def evaluate(images: Tensor, prompts: list, boxes: list | None = None) -> ShapesScore:
+def score_images(images: Tensor, prompts: list, boxes: list | None = None) -> ShapesScore:
     """Score (B, 3, H, W) images in [-1, 1] against what was asked for: per image either a prompt
     string (see `parse_prompt`) or a list of `ShapeSpec`; optionally per image a (K, 4) array of
     requested boxes, in the order of that image's objects, for layout-to-image models."""

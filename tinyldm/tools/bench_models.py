@@ -12,8 +12,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .autoencoder import AutoencoderConfig
-from .unet import UNetConfig
+from tinyldm.autoencoder import AutoencoderConfig
+from tinyldm.unet import UNetConfig
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,7 @@ CONFIGS: dict[str, BenchConfig] = {
         tokens=16, train_batch=32, sample_batch=16,
         ae=AutoencoderConfig(base_channels=32, channel_mult=(1, 2, 4), num_res_blocks=1, decoder_res_blocks=2),
         ae_size=32, ae_batch=16),
-    # DESIGN.md's "tiny text-to-image": 16x16x4 latents, channels (128, 256, 256), cross-attention at 16 and 8
+    # The "tiny text-to-image" UNet: 16x16x4 latents, channels (128, 256, 256), cross-attention at 16 and 8
     # to 32 tokens of width 256; 34.9 M parameters.
     "tiny_t2i": BenchConfig(
         unet=UNetConfig(latent_size=16, channels=128, channel_mult=(1, 2, 2), num_res_blocks=2,

@@ -23,11 +23,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-from tinyldm.data import DataConfig, make_dataset
-from tinyldm.ldm import generate
-from tinyldm.metrics import psnr, ssim
-from tinyldm.shapes import CLASS_NAMES, ShapesConfig, evaluate, specs_from_layout
-from tinyldm.tasks import (
+from tinyldm.data.image_conditions import (
     composite,
     downsample,
     inpaint_condition,
@@ -38,6 +34,10 @@ from tinyldm.tasks import (
     superres_condition,
     upsample_bicubic,
 )
+from tinyldm.data.images import DataConfig, make_dataset
+from tinyldm.data.shapes import CLASS_NAMES, ShapesConfig, score_images, specs_from_layout
+from tinyldm.evaluation.metrics import psnr, ssim
+from tinyldm.ldm import generate
 
 TASKS = ("generate", "semantic", "superres", "inpaint")
 CONDS = ("text", "class", "layout", "none")
@@ -220,6 +220,6 @@ def score_items(spec: TaskSpec, items: dict, images: Tensor) -> dict:
                          f"task={spec.task!r}, cond={spec.cond!r}")
     layouts = list(zip(items["box_classes"], items["boxes"], strict=True))
     wanted = [specs_from_layout(c, b) for c, b in layouts]
-    score = evaluate(images, wanted, boxes=[b[c >= 0].tolist() for c, b in layouts])
+    score = score_images(images, wanted, boxes=[b[c >= 0].tolist() for c, b in layouts])
     return {**result, "all": score.all, "color": score.color, "shape": score.shape, "position": score.position,
             "box_iou": score.iou}

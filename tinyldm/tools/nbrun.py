@@ -1,9 +1,9 @@
 """Run the notebooks top to bottom, keep their outputs, and record how long they took.
 
-    python -m tinyldm.nbrun notebooks/*.ipynb            # full run: outputs saved into the .ipynb
-    python -m tinyldm.nbrun --smoke notebooks/*.ipynb    # SMOKE=1: tiny settings, nothing saved (what CI runs)
-    python -m tinyldm.nbrun --to-py notebooks/01_autoencoder.ipynb    # plain-text copy for editing or review
-    python -m tinyldm.nbrun --from-py 01_autoencoder.py               # back to .ipynb (outputs dropped)
+    python -m tinyldm.tools.nbrun notebooks/*.ipynb            # full run: outputs saved into the .ipynb
+    python -m tinyldm.tools.nbrun --smoke notebooks/*.ipynb    # SMOKE=1: tiny settings, nothing saved (what CI runs)
+    python -m tinyldm.tools.nbrun --to_py notebooks/01_autoencoder.ipynb    # plain-text copy for editing or review
+    python -m tinyldm.tools.nbrun --from_py 01_autoencoder.py               # back to .ipynb (outputs dropped)
 
 Every notebook reads the environment variable SMOKE ("1" = tiny data and few steps). A full run stores
 in the notebook's metadata (`tinyldm`) the date, the wall time, the CPU count and the torch version, so
@@ -101,8 +101,8 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("paths", nargs="+")
     p.add_argument("--smoke", action="store_true", help="SMOKE=1 and do not save the outputs")
-    p.add_argument("--to-py", action="store_true", help="write <name>.py beside each notebook, and stop")
-    p.add_argument("--from-py", action="store_true", help="write <name>.ipynb beside each .py file, and stop")
+    p.add_argument("--to_py", action="store_true", help="write <name>.py beside each notebook, and stop")
+    p.add_argument("--from_py", action="store_true", help="write <name>.ipynb beside each .py file, and stop")
     args = p.parse_args(argv)
     import nbformat
 

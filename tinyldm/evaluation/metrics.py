@@ -14,7 +14,7 @@
   Images smaller than the window use a window as large as the image.
 
 Distribution metrics, on feature vectors (N, D) of real and generated images (which network makes the
-features is `tinyldm.features`' business; only Inception-v3 features make the numbers "FID" / "KID"):
+features is `tinyldm.evaluation.features`' business; only Inception-v3 features make the numbers "FID" / "KID"):
 
 * Frechet distance (Heusel et al., arXiv 1706.08500, Eq. 6; Dowson & Landau 1982): fit a Gaussian to each
   set and take the squared 2-Wasserstein distance between them,

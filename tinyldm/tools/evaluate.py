@@ -1,14 +1,14 @@
 """Sample N images from a trained LDM and measure them, with the protocol written next to the numbers.
 
-    python -m tinyldm.evaluate --ckpt runs/ldm-shapes/ldm.pt --n 1000 --json runs/ldm-shapes/metrics.json
-    python -m tinyldm.evaluate --ckpt runs/ldm-celeba64/ldm.pt --data /data/celeba --features inception \\
+    python -m tinyldm.tools.evaluate --ckpt runs/ldm-shapes/ldm.pt --n 1000 --json runs/ldm-shapes/metrics.json
+    python -m tinyldm.tools.evaluate --ckpt runs/ldm-celeba64/ldm.pt --data /data/celeba --features inception \\
         --inception_weights pt_inception-2015-12-05-6726825d.pth
 
 The protocol (printed, and stored in the JSON):
 
 * reference set: the first N images of the held-out split of the checkpoint's own data set;
 * generated set: one image per reference image, conditioned on that image's own caption, class, layout or
-  task input (unconditional models: N samples), `--steps` DDIM steps with `--eta`, guidance `--cfg`, seed
+  task input (unconditional models: N samples), `--steps` DDIM steps with `--eta`, guidance `--guidance`, seed
   `--seed` (the sampler's noise comes from one generator, so the same flags give the same images);
 * features: a small classifier trained by tinyldm on the training split's labels (`--features classifier`,
   reported as "FD (tinyldm classifier)"; trained once and saved beside the checkpoint), or Inception-v3
@@ -28,12 +28,13 @@ from pathlib import Path
 
 import torch
 
-from .data import make_dataset
-from .features import InceptionFeatures, extract, load_classifier, save_classifier, train_classifier
-from .ldm import load_ldm
-from .metrics import frechet_from_features, kernel_distance, precision_recall
-from .task_inputs import TaskSpec, data_configs, generate_from_items, heldout_items, scorable, score_items
-from .train_utils import load_checkpoint, pick_device
+from tinyldm.data.images import make_dataset
+from tinyldm.data.tasks import TaskSpec, data_configs, generate_from_items, heldout_items, scorable, score_items
+from tinyldm.evaluation.features import InceptionFeatures, extract, load_classifier, save_classifier, train_classifier
+from tinyldm.evaluation.metrics import frechet_from_features, kernel_distance, precision_recall
+from tinyldm.ldm import load_ldm
+from tinyldm.training.checkpoint import load_checkpoint
+from tinyldm.training.loop import pick_device
 
 
 def distribution_metrics(real: torch.Tensor, fake: torch.Tensor, *, seed: int = 0) -> dict:
@@ -78,7 +79,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
     data, shapes = data_configs(train_config, args.data)
     items = heldout_items(spec, data, shapes, args.n)
     side = ckpt["image_size"] // ae.downsample_factor
-    guidance = args.cfg if denoiser.cond.cfg.kind != "none" else 1.0
+    guidance = args.guidance if denoiser.cond.cfg.kind != "none" else 1.0
     protocol = {"checkpoint": str(ckpt_path), "n": args.n, "reference": f"first {args.n} held-out images of "
                 f"{train_config['dataset']} at {ckpt['image_size']} px", "sampler": "ddim", "steps": args.steps,
                 "eta": args.eta, "guidance": guidance, "seed": args.seed, "cond": spec.cond, "task": spec.task}
@@ -117,7 +118,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--n", type=int, default=1000, help="reference and generated images (compare at equal N only)")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--eta", type=float, default=0.0)
-    p.add_argument("--cfg", type=float, default=3.0, help="guidance scale (models with a cross-attended condition)")
+    p.add_argument("--guidance", type=float, default=3.0,
+                   help="guidance scale (models with a cross-attended condition)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--features", choices=("classifier", "inception"), default="classifier")
     p.add_argument("--classifier", help="a feature classifier checkpoint (default: <ckpt dir>/feature_classifier.pt, "

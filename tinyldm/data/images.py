@@ -3,7 +3,7 @@
 What comes in, what goes out. Every dataset here yields the same item dict,
     {"image": (3, H, W) float32 in [-1, 1], "caption": str ("" if none), "class_id": int (-1 if none)},
 so torch's default collate batches it, and the trainers do not care where it came from:
-    * "shapes": the procedural default (`tinyldm.shapes`; its items also carry boxes and a seg map);
+    * "shapes": the procedural default (`tinyldm.data.shapes`; its items also carry boxes and a seg map);
     * "folder": every .jpg .jpeg .png .webp .bmp under `root`, recursively. Captions come from
       `metadata.jsonl` lines {"file_name": ..., "text": ...} (the Hugging Face imagefolder convention;
       file names relative to the jsonl's folder) or from a `.txt` beside the image; class labels from
@@ -26,7 +26,7 @@ shared memory (so DataLoader workers' findings reach the main process) and repla
 readable one; `dataset.summary()` reports them. An empty folder or a missing CelebA file is an
 error that names the path and what was expected.
 
-The latent cache that the LDM trainer reads lives in `tinyldm.latents`.
+The latent cache that the LDM trainer reads lives in `tinyldm.data.latents`.
 """
 
 import hashlib
@@ -45,7 +45,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from tinyldm.shapes import ShapesConfig, ShapesDataset
+from tinyldm.data.shapes import ShapesConfig, ShapesDataset
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 SOURCES = ("shapes", "folder", "celeba", "lsun")

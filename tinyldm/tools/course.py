@@ -1,9 +1,9 @@
 """Course kit: student copies of the repository with chosen pieces cut out, graded by the library's own tests.
 
-    python -m tinyldm.course list                                   # the assignments, their files and tests
-    python -m tinyldm.course student --out ../ldm-course            # every assignment stubbed
-    python -m tinyldm.course student --out ../hw1 --only ddim_step classifier_free_guidance
-    python -m tinyldm.course grade --root ../hw1                    # a score table (run in the student's copy)
+    python -m tinyldm.tools.course list                                   # the assignments, their files and tests
+    python -m tinyldm.tools.course student --out ../ldm-course            # every assignment stubbed
+    python -m tinyldm.tools.course student --out ../hw1 --only ddim_step classifier_free_guidance
+    python -m tinyldm.tools.course grade --root ../hw1                    # a score table (run in the student's copy)
 
 A solution region is marked in the library source by a comment pair around the lines a student writes:
 
@@ -30,7 +30,7 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BEGIN = re.compile(r"^(\s*)# BEGIN ASSIGNMENT (\w+)\s*$")
 END = re.compile(r"^\s*# END ASSIGNMENT (\w+)\s*$")
 
@@ -57,8 +57,8 @@ ASSIGNMENTS = {a.name: a for a in (
     Assignment("classifier_free_guidance", "tinyldm/ddim.py",
                "combine pred_u and pred_c with guidance_scale (Ho & Salimans, Eq. 6)",
                ("tests/test_ddim.py::test_cfg_combines_conditional_and_unconditional_predictions",), 10),
-    Assignment("attention", "tinyldm/unet.py",
-               "return softmax(q k^T / sqrt(d)) over the keys (LDM Eq. 2); keys where mask is False get "
+    Assignment("attention", "tinyldm/blocks.py",
+               "return softmax(q k^T / sqrt(d)) over the keys (LDM Sec. 3.3); keys where mask is False get "
                "probability 0",
                ("tests/test_unet.py::test_fused_attention_equals_explicit_softmax",
                 "tests/test_unet.py::test_kept_attention_weights_are_the_softmax_and_change_nothing"), 20),
@@ -72,7 +72,7 @@ ASSIGNMENTS = {a.name: a for a in (
                ("tests/test_autoencoder.py::test_codebook_indices_are_valid_nearest_neighbours",
                 "tests/test_autoencoder.py::test_vq_decode_quantizes_its_input",
                 "tests/test_autoencoder.py::test_straight_through_gradient_reaches_the_encoder"), 30),
-    Assignment("adaptive_weight", "tinyldm/ae_loss.py",
+    Assignment("adaptive_weight", "tinyldm/autoencoder_loss.py",
                "return lambda = ||grad_rec|| / (||grad_adv|| + delta), clamped to [0, max_value], with no "
                "gradient (VQGAN Eq. 7)",
                ("tests/test_autoencoder.py::test_adaptive_weight_matches_its_formula",), 15),
@@ -135,7 +135,7 @@ def make_student_copy(out: Path, names: list[str] | None = None, root: Path = RO
         else:
             shutil.copy2(root / rel, dest)
     lines = ["# Assignments\n", "Implement each `raise NotImplementedError` below, then run "
-             "`python -m tinyldm.course grade`.\n", "| assignment | file | what to write | graded by | about |",
+             "`python -m tinyldm.tools.course grade`.\n", "| assignment | file | what to write | graded by | about |",
              "|---|---|---|---|---|"]
     for n in names:
         a = ASSIGNMENTS[n]

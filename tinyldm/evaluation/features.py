@@ -1,4 +1,4 @@
-"""Feature extractors for the distribution metrics of `tinyldm.metrics` (Frechet distance, KID, precision /
+"""Feature extractors for the distribution metrics of `tinyldm.evaluation.metrics` (Frechet distance, KID, precision /
 recall), and the names their numbers go by.
 
 * **Inception-v3** (Szegedy et al. 2016), the 2048-d pool features of the TensorFlow FID network, through
@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .train_utils import load_checkpoint, save_checkpoint
+from tinyldm.training.checkpoint import load_checkpoint, save_checkpoint
 
 INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"  # the name pytorch-fid's downloader looks for
 

@@ -1,11 +1,11 @@
 """Benchmark: tinyldm against diffusers, the same model sizes, in the same process, on this machine.
 
-    python -m tinyldm.bench                                 # CPU: the "cpu" config, eager
-    python -m tinyldm.bench --device cuda --json bench.json # GPU: tiny_t2i, celebahq_ldm4, kl_f4; every mode
-    python -m tinyldm.bench --config tiny_t2i --modes eager compile --no-diffusers
-    python -m tinyldm.bench --smoke                         # seconds: what CI runs
-    python -m tinyldm.bench --device cuda --config tiny_t2i --profile --modes compile   # where the time goes
-    python -m tinyldm.bench --activations --config tiny_t2i celebahq_ldm4 kl_f4  # activation memory, any device
+    python -m tinyldm.tools.bench                                 # CPU: the "cpu" config, eager
+    python -m tinyldm.tools.bench --device cuda --json bench.json # GPU: tiny_t2i, celebahq_ldm4, kl_f4; every mode
+    python -m tinyldm.tools.bench --config tiny_t2i --modes eager compile --no_diffusers
+    python -m tinyldm.tools.bench --smoke                         # seconds: what CI runs
+    python -m tinyldm.tools.bench --device cuda --config tiny_t2i --profile --modes compile   # where the time goes
+    python -m tinyldm.tools.bench --activations --config tiny_t2i celebahq_ldm4 kl_f4  # activation memory, any device
 
 For each config it measures, for tinyldm and for the matching diffusers model (UNet2DConditionModel,
 UNet2DModel or AutoencoderKL built with the same widths, blocks and attention; parameter counts are
@@ -15,14 +15,14 @@ printed side by side):
   `torch.utils.flop_counter.FlopCounterMode`) and peak memory, in each mode: eager, `torch.compile`,
   `torch.compile(mode="reduce-overhead")` (CUDA graphs; GPU only);
 * 50-step DDIM sampling, without and with classifier-free guidance: tinyldm's whole loop (UNet + update,
-  `ddim.sample`; on a GPU also recorded as one CUDA graph, `ddim.graphed_sampler`) against diffusers'
+  `ddim.sample`; on a GPU also recorded as one CUDA graph, `training.speed.graphed_sampler`) against diffusers'
   50 UNet evaluations alone (no scheduler), in the same modes;
 * autoencoder train step (encode, sample, decode, L1 loss, backward, AdamW) and decode throughput.
 
 A summary after the table gives, per measurement, tinyldm's best mode against diffusers' best (higher
 is better for tinyldm). On CUDA everything runs in bf16 autocast with channels_last and fused AdamW, on
 both sides. Timings are medians after warm-up; the first call (in a compiled mode, the compilation) is
-left out of the median and reported on its own. `--train-ldm` adds train_ldm.py's own steady-state
+left out of the median and reported on its own. `--train_ldm` adds train_ldm.py's own steady-state
 throughput (from its log) against the bare step of its model. Speed is only ever reported from here,
 never asserted in a unit test. The configs and the diffusers counterparts are in `bench_models.py`; the
 ratios and the table in `bench_report.py`.
@@ -44,8 +44,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from .autoencoder import Autoencoder
-from .bench_models import (  # noqa: F401 -- re-exported: `bench.CONFIGS` and friends
+from tinyldm.autoencoder import Autoencoder
+from tinyldm.ddim import sample
+from tinyldm.schedule import NoiseSchedule
+from tinyldm.tools.bench_models import (  # noqa: F401 -- re-exported: `bench.CONFIGS` and friends
     CONFIGS,
     GPU_CONFIGS,
     BenchConfig,
@@ -54,10 +56,9 @@ from .bench_models import (  # noqa: F401 -- re-exported: `bench.CONFIGS` and fr
     n_params,
     smoke_config,
 )
-from .bench_report import TABLE_HEADER, format_row, print_summary, ratios  # noqa: F401
-from .ddim import graphed_sampler, sample
-from .schedule import NoiseSchedule
-from .unet import UNet
+from tinyldm.tools.bench_report import TABLE_HEADER, format_row, print_summary, ratios  # noqa: F401
+from tinyldm.training.speed import graphed_sampler
+from tinyldm.unet import UNet
 
 MODES = ("eager", "compile", "reduce-overhead")
 WHATS = ("unet_train", "sample", "sample_cfg", "ae_train", "ae_decode")
@@ -347,7 +348,7 @@ def bench_train_ldm(device: torch.device, *, smoke: bool, warmup: int, repeat: i
     included) against the bare train step of the same denoiser on random latents and captions."""
     import train_ldm
     from tinyldm.ldm import DiffusionConfig, build_denoiser, ldm_loss
-    from tinyldm.train_utils import load_checkpoint
+    from tinyldm.training.checkpoint import load_checkpoint
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "run"
@@ -466,7 +467,7 @@ def run(config_names: list[str], device: torch.device, modes: list[str], *, with
     """Every measurement as a flat row {config, what, library, mode, ...}; `on_row` sees each as it is made.
 
     On a GPU tinyldm's sampling also runs in mode "cuda-graph" (the whole loop recorded as one graph).
-    `diffusers_modes` (default: `modes`) lets a short GPU session skip diffusers' modes known to be slower.
+    `diffusers_modes` (default: `modes`) skips diffusers' modes known to be slower, when GPU time is short.
     """
     rows = []
     for name in config_names:
@@ -522,10 +523,10 @@ def build_parser() -> argparse.ArgumentParser:
                    f"{' '.join(GPU_CONFIGS)} on a GPU")
     p.add_argument("--device", default="cpu")
     p.add_argument("--modes", nargs="+", choices=MODES, help="default: eager on a CPU, all three on a GPU")
-    p.add_argument("--diffusers-modes", nargs="+", choices=MODES, help="diffusers' modes (default: --modes)")
+    p.add_argument("--diffusers_modes", nargs="+", choices=MODES, help="diffusers' modes (default: --modes)")
     p.add_argument("--what", nargs="+", choices=WHATS, default=list(WHATS), help="which measurements (default: all)")
-    p.add_argument("--no-diffusers", action="store_true", help="tinyldm only (diffusers is the `bench` extra)")
-    p.add_argument("--train-ldm", action="store_true", help="also train_ldm.py's steady state against its bare step")
+    p.add_argument("--no_diffusers", action="store_true", help="tinyldm only (diffusers is the `bench` extra)")
+    p.add_argument("--train_ldm", action="store_true", help="also train_ldm.py's steady state against its bare step")
     p.add_argument("--smoke", action="store_true", help="batch 2, 3 sampling steps, one repeat")
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--activations", action="store_true", help="instead of timing: MiB saved for backward per "
@@ -548,7 +549,7 @@ def main(argv: list[str] | None = None) -> dict:
         try:
             import diffusers  # noqa: F401
         except ImportError:
-            raise SystemExit("diffusers is not installed: pip install -e '.[bench]', or pass --no-diffusers") from None
+            raise SystemExit("diffusers is not installed: pip install -e '.[bench]', or pass --no_diffusers") from None
     repeat, warmup = (1, 1) if args.smoke else (args.repeat, 2)
     env = environment(device)
     result = {"environment": env, "argv": argv if argv is not None else sys.argv[1:], "rows": [], "ratios": []}

@@ -1,8 +1,8 @@
 """Measure the data pipeline: loader images/s (shapes, a folder of JPEGs) and the shapes evaluator's scores.
 
-    python -m tinyldm.bench_data                 # shapes at 64 px; 2000 generated 128 px JPEGs read at 64 px
-    python -m tinyldm.bench_data --folder PATH   # your own folder instead of generated JPEGs
-    python -m tinyldm.bench_data --workers 0 2 4 --n-jpegs 500 --skip-evaluator
+    python -m tinyldm.tools.bench_data                 # shapes at 64 px; 2000 generated 128 px JPEGs read at 64 px
+    python -m tinyldm.tools.bench_data --folder PATH   # your own folder instead of generated JPEGs
+    python -m tinyldm.tools.bench_data --workers 0 2 4 --n_jpegs 500 --skip_evaluator
 
 Loader rates are for full passes of a DataLoader (batch 64, shuffled; the first batch, which pays for
 worker start-up, is not timed). The generated JPEGs are textured shapes renders plus pixel noise, saved
@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from tinyldm.data import DataConfig, folder_dataset
-from tinyldm.shapes import ShapesConfig, ShapesDataset, evaluate, render
+from tinyldm.data.images import DataConfig, folder_dataset
+from tinyldm.data.shapes import ShapesConfig, ShapesDataset, render, score_images
 
 
 def images_per_second(dataset: Dataset, *, num_workers: int, batch_size: int = 64) -> float:
@@ -55,11 +55,11 @@ def blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--folder", help="a folder of images to read instead of generated JPEGs")
-    p.add_argument("--n-jpegs", type=int, default=2000)
-    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--n_jpegs", type=int, default=2000)
+    p.add_argument("--image_size", type=int, default=64)
     p.add_argument("--workers", type=int, nargs="+", default=[0, 2])
-    p.add_argument("--n-eval", type=int, default=1000, help="images per evaluator measurement")
-    p.add_argument("--skip-evaluator", action="store_true")
+    p.add_argument("--n_eval", type=int, default=1000, help="images per evaluator measurement")
+    p.add_argument("--skip_evaluator", action="store_true")
     args = p.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
 
@@ -92,10 +92,10 @@ def main() -> None:
         cases = {"ground truth": x, "blur 0.5 px + noise 0.05": perturbed, "uniform noise": noise}
         for name, images in cases.items():
             start = time.perf_counter()
-            score = evaluate(images, prompts)
+            score = score_images(images, prompts)
             rate = len(images) / (time.perf_counter() - start)
             print(f"evaluator {size} px, {name:>24}: {score.summary()}  [{rate:,.0f} images/s]")
-        score = evaluate(x, prompts[1:] + prompts[:1])
+        score = score_images(x, prompts[1:] + prompts[:1])
         print(f"evaluator {size} px, {'shuffled prompts':>24}: {score.summary()}")
 
 

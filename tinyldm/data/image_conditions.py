@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .metrics import _to_unit
+from tinyldm.evaluation.metrics import _to_unit
 
 # --- semantic synthesis (Sec. 4.3.2) -----------------------------------------------------------
 

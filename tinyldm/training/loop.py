@@ -1,0 +1,167 @@
+"""What a training loop needs around its step: the device, seeds and random state, the data order, EMA, a log.
+
+* `pick_device("auto")`: cuda > mps > cpu;
+* `seed_everything(seed)` seeds Python, numpy and torch; `seed_stream(seed, step, stream)` is the seed of
+  the generator a step draws its randomness from (noise, timesteps, flips, condition drops, masks), so
+  every draw is a function of (seed, step): `--resume` continues exactly, with any number of processes;
+* `rng_state` / `set_rng_state`: torch (CPU and CUDA), numpy and Python `random`, as plain values;
+* `batch_indices(step, ...)`: the data order as a pure function of the step, which makes `--resume`
+  exact without saving a data loader's state;
+* `warmup_lr(step, lr, warmup_steps)`: linear warm-up to `lr`, then constant;
+* `EMA`: an exponential moving average of a model's weights, with the usual warm-up
+  decay_t = min(decay, (1 + t) / (10 + t)) so short runs are not dominated by the random init;
+* `JSONLLogger`: one JSON object per line; on resume it drops records past the resumed step.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """'auto' -> cuda if available, else mps, else cpu; any other name is checked and returned."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available (try --device auto)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {name!r} requested but MPS is not available (try --device auto)")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)  # noqa: NPY002 (the legacy global RNG is what third-party code uses)
+    torch.manual_seed(seed)
+
+
+def seed_stream(seed: int, step: int, stream: int = 0) -> int:
+    """The seed of the generator for stream `stream` of a step's draws, a function of (seed, step) alone.
+
+    The scripts use stream 1 for the draws made on the device (noise, timesteps, flips), stream 2 for those
+    made on the CPU (condition drops) and stream 0 for inpainting masks; streams 2**40 apart never meet.
+    """
+    return 2**40 * stream + seed * 1_000_003 + step
+
+
+def warmup_lr(step: int, lr: float, warmup_steps: int) -> float:
+    """Linear warm-up over the first `warmup_steps` steps, then constant."""
+    return lr * min(1.0, (step + 1) / max(warmup_steps, 1))
+
+
+def rng_state() -> dict:
+    """Every global RNG state as plain values (loadable with weights_only=True)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)  # noqa: NPY002
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "python": list(random.getstate()),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    keys = n["keys"].numpy().astype(np.uint32)
+    np.random.set_state(("MT19937", keys, n["pos"], n["has_gauss"], n["cached_gaussian"]))  # noqa: NPY002
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def batch_indices(step: int, *, n: int, batch_size: int, seed: int) -> torch.Tensor:
+    """The example indices of training step `step` (0-based): epochs of seeded permutations.
+
+    A pure function of (step, n, batch_size, seed): resuming at any step reproduces the data order.
+    Batches are consecutive slices of the epoch-long stream; a batch may straddle two epochs.
+    """
+    if n < 1 or batch_size < 1:
+        raise ValueError(f"need n >= 1 and batch_size >= 1, got n={n}, batch_size={batch_size}")
+    start = step * batch_size
+    out, pos = [], start
+    while pos < start + batch_size:
+        epoch, offset = divmod(pos, n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        take = min(n - offset, start + batch_size - pos)
+        out.append(perm[offset : offset + take])
+        pos += take
+    return torch.cat(out)
+
+
+# ----------------------------------------------------------------------------------------------
+# EMA of weights
+
+
+class EMA:
+    """shadow <- decay_t * shadow + (1 - decay_t) * param, decay_t = min(decay, (1 + t) / (10 + t))."""
+
+    def __init__(self, model: nn.Module, decay: float = 0.999):
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
+        self.decay = decay
+        self.num_updates = 0
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.num_updates += 1
+        d = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
+        for p_ema, p in zip(self.model.parameters(), model.parameters(), strict=True):
+            p_ema.lerp_(p.detach(), 1.0 - d)
+        for b_ema, b in zip(self.model.buffers(), model.buffers(), strict=True):
+            b_ema.copy_(b)  # running statistics, codebook usage, ...: copied, not averaged
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "num_updates": self.num_updates, "model": self.model.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.decay, self.num_updates = float(state["decay"]), int(state["num_updates"])
+        self.model.load_state_dict(state["model"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Logging
+
+
+class JSONLLogger:
+    """Appends one JSON object per call to `path`; `resume_step` drops records with step > it."""
+
+    def __init__(self, path: str | os.PathLike, *, resume_step: int | None = None):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is None:
+            self.path.write_text("")
+        elif self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines() if _record_step(line) <= resume_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+
+    def log(self, **record: Any) -> None:
+        plain = {k: (v.item() if isinstance(v, torch.Tensor) else v) for k, v in record.items()}
+        with self.path.open("a") as f:
+            f.write(json.dumps(plain) + "\n")
+
+
+def _record_step(line: str) -> float:
+    try:
+        return float(json.loads(line).get("step", -1))
+    except (ValueError, AttributeError):
+        return math.inf  # unreadable lines (a torn write) are dropped on resume
