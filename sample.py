@@ -57,7 +57,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def sample_from_inputs(args: argparse.Namespace, ckpt: dict, denoiser, schedule, ae, cfg, device) -> dict:
+def sample_from_inputs(args: argparse.Namespace, ckpt: dict, denoiser, schedule, ae, diffusion, device) -> dict:
     """Generate from held-out layouts / maps / low-res / masked images, show inputs | samples | originals, score."""
     train = ckpt["train_config"]
     spec = TaskSpec.from_config(train)
@@ -71,16 +71,14 @@ def sample_from_inputs(args: argparse.Namespace, ckpt: dict, denoiser, schedule,
     items = heldout_items(spec, *data_configs(train, args.data), args.from_eval * k * k)
     g = torch.Generator(device).manual_seed(args.seed)
     start = time.perf_counter()
-    options = dict(prediction=cfg.prediction, steps=args.steps, eta=args.eta, method=args.sampler,
+    options = dict(prediction=diffusion.prediction, steps=args.steps, eta=args.eta, method=args.sampler,
                    guidance_scale=args.guidance if denoiser.cond.cfg.kind != "none" else 1.0, generator=g)
     if k == 1:
-        images = generate_from_items(denoiser, schedule, ae, spec, items, (size // f,) * 2, device,
-                                               **options)
+        images = generate_from_items(denoiser, schedule, ae, spec, items, (size // f,) * 2, device, **options)
     else:  # generate the mosaics at k times the latent size, then cut them back into tiles to score
         spatial = ("image", "seg", "lowres", "mask")
         mosaic = {key: tile(v, k) for key, v in items.items() if key in spatial and v is not None}
-        big = generate_from_items(denoiser, schedule, ae, spec, mosaic, (k * size // f,) * 2, device,
-                                            **options)
+        big = generate_from_items(denoiser, schedule, ae, spec, mosaic, (k * size // f,) * 2, device, **options)
         images = untile(big, k)
     seconds = time.perf_counter() - start
     if spec.task == "semantic":  # the map, each object in its class colour
@@ -129,11 +127,36 @@ def conditions(args: argparse.Namespace, kind: str, class_names: list[str], toke
     return [None] * args.n
 
 
+def check_size(H: int, W: int, ae, denoiser) -> int:
+    """Refuse an image size the autoencoder or the UNet cannot produce; returns the autoencoder's factor f."""
+    f = ae.downsample_factor
+    if H % f or W % f:
+        raise SystemExit(f"--height/--width must be multiples of the autoencoder's factor f={f}")
+    down = 2 ** (len(denoiser.unet.cfg.channel_mult) - 1)
+    if (H // f) % down or (W // f) % down:
+        raise SystemExit(f"--height/--width must be multiples of {f * down} for this UNet")
+    return f
+
+
+def prompt_faithfulness(prompts: list[str], images: torch.Tensor, captions: list[str]) -> dict:
+    """The shapes evaluator's score of text-to-image samples ({} when a prompt is not a shapes caption)."""
+    try:
+        for prompt in prompts:
+            parse_prompt(prompt)
+    except ValueError as err:
+        print(f"(no prompt-faithfulness score: {err})")
+        return {}
+    score = score_images(images, captions)
+    print(f"shapes evaluator: all attributes right {score.all:.1%} (color {score.color:.1%}, shape "
+          f"{score.shape:.1%}, position {score.position:.1%})")
+    return {"prompt_faithfulness": score.all}
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     device = pick_device(args.device)
     ckpt = load_checkpoint(args.ckpt, kind="ldm")
-    denoiser, schedule, ae, cfg = load_ldm(ckpt, use_ema=not args.no_ema)
+    denoiser, schedule, ae, diffusion = load_ldm(ckpt, use_ema=not args.no_ema)
     denoiser, ae, schedule = denoiser.to(device), ae.to(device), schedule.to(device)
     kind = denoiser.cond.cfg.kind
     task = ckpt.get("train_config", {}).get("task", "generate")
@@ -141,28 +164,23 @@ def main(argv: list[str] | None = None) -> dict:
         if not args.from_eval:
             what = "layouts" if kind == "layout" else f"its {task} input"
             raise SystemExit(f"this model generates from {what}: pass --from_eval N to use the first N held-out inputs")
-        return sample_from_inputs(args, ckpt, denoiser, schedule, ae, cfg, device)
+        return sample_from_inputs(args, ckpt, denoiser, schedule, ae, diffusion, device)
     if args.from_eval:
         raise SystemExit("--from_eval is for layout / semantic / superres / inpaint models; this one takes --prompt / "
                          "--class")
     tokenizer = denoiser.cond.text.tokenizer if kind == "text" else None
     conds = conditions(args, kind, ckpt.get("class_names", []), tokenizer)
 
-    f = ae.downsample_factor
     H, W = args.height or ckpt["image_size"], args.width or ckpt["image_size"]
-    if H % f or W % f:
-        raise SystemExit(f"--height/--width must be multiples of the autoencoder's factor f={f}")
-    down = 2 ** (len(denoiser.unet.cfg.channel_mult) - 1)
-    if (H // f) % down or (W // f) % down:
-        raise SystemExit(f"--height/--width must be multiples of {f * down} for this UNet")
+    f = check_size(H, W, ae, denoiser)
 
     g = torch.Generator(device).manual_seed(args.seed)
     images, start = [], time.perf_counter()
-    for i in range(0, len(conds), 64):
+    for i in range(0, len(conds), 64):  # at most 64 images at a time
         chunk = conds[i : i + 64]
         condition = None if kind == "none" else (chunk if kind == "text" else torch.tensor(chunk))
         images.append(generate(denoiser, schedule, ae, condition, n=len(chunk), latent_size=(H // f, W // f),
-                               prediction=cfg.prediction, steps=args.steps, eta=args.eta, method=args.sampler,
+                               prediction=diffusion.prediction, steps=args.steps, eta=args.eta, method=args.sampler,
                                guidance_scale=args.guidance if kind != "none" else 1.0, generator=g).cpu())
     seconds = time.perf_counter() - start
     images = torch.cat(images)
@@ -176,16 +194,7 @@ def main(argv: list[str] | None = None) -> dict:
           f"-> {out}")
     result = {"images": len(images), "seconds_per_image": seconds / len(images), "grid": str(out)}
     if kind == "text" and args.prompt and ckpt["train_config"].get("dataset") == "shapes":
-        try:
-            for prompt in args.prompt:
-                parse_prompt(prompt)
-        except ValueError as err:
-            print(f"(no prompt-faithfulness score: {err})")
-            return result
-        score = score_images(images, conds)
-        result["prompt_faithfulness"] = score.all
-        print(f"shapes evaluator: all attributes right {score.all:.1%} (color {score.color:.1%}, shape "
-              f"{score.shape:.1%}, position {score.position:.1%})")
+        result.update(prompt_faithfulness(args.prompt, images, conds))
     return result
 
 

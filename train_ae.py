@@ -36,7 +36,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from tinyldm.autoencoder import Autoencoder, AutoencoderConfig, codebook_stats, latent_statistics
+from tinyldm.autoencoder import AEOutput, Autoencoder, AutoencoderConfig, codebook_stats, latent_statistics
 from tinyldm.autoencoder_loss import AELoss, AELossConfig
 from tinyldm.evaluation.metrics import psnr, ssim
 from tinyldm.evaluation.viz import save_image_grid
@@ -52,6 +52,7 @@ from tinyldm.training.loop import (
     pick_device,
     rng_state,
     seed_everything,
+    seed_stream,
     set_rng_state,
 )
 
@@ -155,19 +156,19 @@ class _Images(Dataset):
         return item["image"] if isinstance(item, dict) else item
 
 
-def make_datasets(cfg: TrainAEConfig, data_path: str | None) -> tuple[Dataset, Dataset]:
+def make_datasets(config: TrainAEConfig, data_path: str | None) -> tuple[Dataset, Dataset]:
     """(train, held-out) datasets of (3, H, W) images in [-1, 1]."""
-    if cfg.dataset == "shapes":
+    if config.dataset == "shapes":
         from tinyldm.data.shapes import ShapesConfig, ShapesDataset
 
-        shapes = ShapesConfig(image_size=cfg.image_size, n_train=cfg.n_train, n_eval=cfg.n_eval)
+        shapes = ShapesConfig(image_size=config.image_size, n_train=config.n_train, n_eval=config.n_eval)
         return _Images(ShapesDataset(shapes, "train")), _Images(ShapesDataset(shapes, "eval"))
     if data_path is None:
-        raise SystemExit(f"--dataset {cfg.dataset} needs --data PATH")
+        raise SystemExit(f"--dataset {config.dataset} needs --data PATH")
     from tinyldm.data.images import make_image_datasets
 
-    train, held_out = make_image_datasets(cfg.dataset, data_path, image_size=cfg.image_size, n_eval=cfg.n_eval,
-                                          hflip=cfg.hflip, max_images=cfg.n_train or None)
+    train, held_out = make_image_datasets(config.dataset, data_path, image_size=config.image_size,
+                                          n_eval=config.n_eval, hflip=config.hflip, max_images=config.n_train or None)
     return _Images(train), _Images(held_out)
 
 
@@ -188,6 +189,14 @@ class StepBatches:
         return self.stop - self.start
 
 
+def make_loader(train_set: Dataset, config: TrainAEConfig, start: int, world: World, device: torch.device):
+    """The training batches of steps start..config.steps (this process's share of each)."""
+    batches = StepBatches(len(train_set), config.batch_size, config.seed, start, config.steps, world)
+    # Its own generator: a DataLoader otherwise draws its workers' base seed from the global RNG.
+    return DataLoader(train_set, batch_sampler=batches, num_workers=config.num_workers,
+                      pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(config.seed + start))
+
+
 def first_images(dataset: Dataset, n: int, batch_size: int):
     """Batches of the first n images, in order (held-out evaluation, latent statistics)."""
     n = min(n, len(dataset))
@@ -196,16 +205,149 @@ def first_images(dataset: Dataset, n: int, batch_size: int):
 
 
 # ----------------------------------------------------------------------------------------------
-# Training
+# The training step
 
 
-def lr_at(step: int, cfg: TrainAEConfig, base_lr: float) -> float:
-    if step < cfg.warmup_steps:
-        return base_lr * (step + 1) / cfg.warmup_steps
-    if cfg.lr_schedule == "constant":
+def lr_at(step: int, config: TrainAEConfig, base_lr: float) -> float:
+    """Linear warm-up over `warmup_steps`, then constant or a cosine decay to `lr_min_ratio * base_lr` at `steps`.
+    (The cosine decay is why this is not `training.loop.warmup_lr`, which stays constant after the warm-up.)"""
+    if step < config.warmup_steps:
+        return base_lr * (step + 1) / config.warmup_steps
+    if config.lr_schedule == "constant":
         return base_lr
-    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    return base_lr * (cfg.lr_min_ratio + (1 - cfg.lr_min_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    r = config.lr_min_ratio
+    return base_lr * (r + (1 - r) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+@dataclass
+class TrainState:
+    """What the training step updates and a checkpoint stores. `ddp_model` is `model` itself, or under torchrun
+    `model` wrapped in DistributedDataParallel (which averages its gradients); `loss_fn` holds the discriminator."""
+
+    model: Autoencoder
+    ddp_model: torch.nn.Module
+    loss_fn: AELoss
+    opt_ae: torch.optim.Optimizer
+    opt_disc: torch.optim.Optimizer
+    ema: EMA | None
+    start: int  # the first step to train: 0, or the checkpoint's step when resuming
+
+    @property
+    def eval_model(self) -> Autoencoder:
+        """The weights that are evaluated and used: the EMA's if there is one."""
+        return self.ema.model if self.ema is not None else self.model
+
+
+def build_state(ae_config: AutoencoderConfig, loss_config: AELossConfig, config: TrainAEConfig, world: World,
+                device: torch.device, ckpt: dict | None) -> TrainState:
+    """The autoencoder, its loss and discriminator, their Adam optimizers and the EMA; restored from `ckpt`
+    (weights, optimizers, step and RNG state) when resuming."""
+    model = Autoencoder(ae_config).to(device)
+    loss_fn = AELoss(loss_config, in_channels=ae_config.in_channels).to(device)
+    if world.enabled and device.type == "cuda":  # the PatchGAN's BatchNorm over the global batch
+        loss_fn.discriminator = torch.nn.SyncBatchNorm.convert_sync_batchnorm(loss_fn.discriminator)
+    betas = (config.adam_beta1, config.adam_beta2)
+    opt_ae = torch.optim.Adam(model.parameters(), lr=config.lr, betas=betas)
+    opt_disc = torch.optim.Adam(loss_fn.discriminator.parameters(), lr=config.disc_lr or config.lr, betas=betas)
+    ema = EMA(model, config.ema_decay) if config.ema_decay > 0 else None
+    start = 0
+    if ckpt is not None:
+        model.load_state_dict(ckpt["autoencoder"]["state_dict"])
+        loss_fn.discriminator.load_state_dict(ckpt["discriminator"])
+        opt_ae.load_state_dict(ckpt["opt_ae"])
+        opt_disc.load_state_dict(ckpt["opt_disc"])
+        if ema is not None and ckpt["ema_autoencoder"] is not None:
+            ema.load_state_dict({**ckpt["ema_state"], "model": ckpt["ema_autoencoder"]["state_dict"]})
+        start = int(ckpt["step"])
+        set_rng_state(ckpt["rng"])
+    # Data parallel: DDP averages the autoencoder's gradients; the discriminator (run three times a step)
+    # has its gradients averaged by hand (`world.average_gradients`), which is the same arithmetic.
+    ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
+        if world.enabled else model
+    return TrainState(model, ddp_model, loss_fn, opt_ae, opt_disc, ema, start)
+
+
+def set_learning_rates(state: TrainState, step: int, config: TrainAEConfig) -> None:
+    for opt, base_lr in ((state.opt_ae, config.lr), (state.opt_disc, config.disc_lr or config.lr)):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, config, base_lr)
+
+
+def posterior_noise(step: int, config: TrainAEConfig, z_shape: tuple, world: World,
+                    device: torch.device) -> torch.Tensor:
+    """The KL posterior's noise for this process's share of the batch. It is drawn for the whole global batch
+    from a generator seeded by the step: the same in every process (each takes its share), so N processes
+    train like one, and resume is exact."""
+    g = torch.Generator(device).manual_seed(seed_stream(config.seed, step, 1))
+    return world.shard(torch.randn((config.batch_size, *z_shape), generator=g, device=device))
+
+
+def train_step(state: TrainState, x: torch.Tensor, noise: torch.Tensor | None, *, step: int, autocast,
+               world: World) -> tuple[AEOutput, dict[str, torch.Tensor]]:
+    """One step of the two players (App. G; the VQGAN objective of Esser et al., arXiv 2012.09841):
+    1) the autoencoder: L_rec (+ perceptual) + L_reg (KL or VQ), + lambda * L_adv once the discriminator
+       is on, lambda the adaptive weight (ratio of the two terms' gradient norms at the decoder's last layer);
+    2) once it is on, the discriminator, on the same batch with the reconstructions detached.
+    Returns the autoencoder's output and the detached terms to log."""
+    model, loss_fn = state.model, state.loss_fn
+    reduce = world.average if world.enabled else None  # lambda from the global batch's gradient norms
+    with autocast:
+        out = state.ddp_model(x, noise=noise)
+        loss, logs = loss_fn.autoencoder_loss(x, out, step=step, last_layer=model.last_layer, reduce=reduce)
+    state.opt_ae.zero_grad(set_to_none=True)
+    loss.backward()
+    state.opt_ae.step()
+    if loss_fn.disc_active(step):
+        with autocast:
+            loss_d, logs_d = loss_fn.discriminator_loss(x, out.x_rec, step=step)
+        state.opt_disc.zero_grad(set_to_none=True)  # also drops what the autoencoder's loss left on D
+        loss_d.backward()
+        world.average_gradients(loss_fn.discriminator)
+        state.opt_disc.step()
+        world.average_buffers(loss_fn.discriminator)  # BatchNorm running statistics stay identical
+        logs.update(logs_d)
+    return out, logs
+
+
+# ----------------------------------------------------------------------------------------------
+# Around the step: logging, reconstruction grids, checkpoints, the held-out evaluation
+
+
+class LogWindow:
+    """Each logged term's sum and count, the images seen and the time since the last log line."""
+
+    def __init__(self):
+        self.sums: dict[str, list] = {}  # name -> [sum, count]
+        self.images, self.since = 0, time.perf_counter()
+
+    def add(self, logs: dict[str, torch.Tensor], images: int) -> None:
+        self.images += images
+        for k, v in logs.items():
+            acc = self.sums.setdefault(k, [0.0, 0])
+            acc[0], acc[1] = acc[0] + v, acc[1] + 1
+
+    def close(self, world: World) -> tuple[dict[str, float], float]:
+        """Each term's mean over the window (and the processes) and the images per second; opens the next."""
+        now = time.perf_counter()
+        images_per_s = self.images / max(now - self.since, 1e-9)
+        means = {k: world.mean(total / n) for k, (total, n) in self.sums.items()}
+        self.sums, self.images, self.since = {}, 0, now
+        return means, images_per_s
+
+
+def log_line(done: int, window: LogWindow, state: TrainState, out: AEOutput, config: TrainAEConfig, world: World,
+             logger: JSONLLogger | None, bar: tqdm) -> None:
+    """One line of log.jsonl: the window's means (+ replica spread, codebook statistics), lr and images/s."""
+    means, images_per_s = window.close(world)
+    if config.check_replicas:
+        means["replica_spread"] = max(replica_spread(state.model, world),
+                                      replica_spread(state.loss_fn.discriminator, world))
+    if out.indices is not None:  # this step's batch: usage and perplexity of the codebook
+        means.update(codebook_stats(out.indices, state.model.config.n_codes))
+    if logger is not None:
+        logger.log(step=done, lr=state.opt_ae.param_groups[0]["lr"], images_per_s=images_per_s, **means)
+    bar.set_postfix(loss=f"{means['loss_ae']:.4f}", rec=f"{means['rec']:.4f}", img_s=f"{images_per_s:.0f}")
 
 
 @torch.no_grad()
@@ -214,12 +356,37 @@ def reconstruct(model: Autoencoder, x: torch.Tensor) -> torch.Tensor:
     return model.decode(model.encode(x)).float().clamp(-1, 1)
 
 
+def save_reconstructions(state: TrainState, grid_x: torch.Tensor, path: Path, logger: JSONLLogger, done: int) -> None:
+    """Top row held-out inputs, bottom row their reconstructions; logs the grid's PSNR (8 images: a quick look)."""
+    eval_model = state.eval_model
+    eval_model.eval()
+    grid_rec = reconstruct(eval_model, grid_x)
+    save_image_grid(torch.cat([grid_x, grid_rec]), path, nrow=8)
+    logger.log(step=done, grid_psnr=psnr(grid_rec, grid_x).mean())
+    state.model.train()
+
+
+def write_checkpoint(path: Path, state: TrainState, configs: tuple[AutoencoderConfig, AELossConfig, TrainAEConfig],
+                     *, step: int, rng: dict, metrics: dict | None = None) -> None:
+    """Everything --resume needs (weights, discriminator, optimizers, EMA, step, RNG) and the configs."""
+    ae_config, loss_config, config = configs
+    ema = state.ema
+    save_checkpoint(path, {
+        "step": step, "ae_config": asdict(ae_config), "loss_config": asdict(loss_config),
+        "train_config": asdict(config), "autoencoder": state.model.to_dict(),
+        "ema_autoencoder": ema.model.to_dict() if ema is not None else None,
+        "ema_state": {"decay": ema.decay, "num_updates": ema.num_updates} if ema is not None else None,
+        "discriminator": state.loss_fn.discriminator.state_dict(),
+        "opt_ae": state.opt_ae.state_dict(), "opt_disc": state.opt_disc.state_dict(), "rng": rng, "metrics": metrics,
+    }, kind="autoencoder")
+
+
 @torch.no_grad()
-def evaluate(model: Autoencoder, held_out: Dataset, cfg: TrainAEConfig, device: torch.device) -> dict:
+def reconstruction_scores(model: Autoencoder, held_out: Dataset, config: TrainAEConfig, device: torch.device) -> dict:
     """Held-out PSNR / SSIM, and KL (KL-reg.) or codebook usage / perplexity (VQ-reg.)."""
     model.eval()
     psnrs, ssims, kls, stds, indices = [], [], [], [], []
-    for x in first_images(held_out, cfg.n_eval, cfg.batch_size):
+    for x in first_images(held_out, config.n_eval, config.batch_size):
         x = x.to(device)
         x_rec = reconstruct(model, x)
         psnrs.append(psnr(x_rec, x).cpu())
@@ -239,6 +406,26 @@ def evaluate(model: Autoencoder, held_out: Dataset, cfg: TrainAEConfig, device: 
     return result
 
 
+def final_metrics(state: TrainState, train_set: Dataset, held_out: Dataset, config: TrainAEConfig,
+                  device: torch.device, train_seconds: float) -> dict:
+    """The held-out scores of the weights in use, and the latent statistics of training images, which set the
+    scale factor the LDM divides by (stored in the model and its EMA)."""
+    eval_model = state.eval_model
+    metrics = reconstruction_scores(eval_model, held_out, config, device)
+    stats = latent_statistics(
+        eval_model, first_images(train_set, config.stats_images, config.batch_size), max_images=config.stats_images,
+        generator=torch.Generator().manual_seed(config.seed),
+    )
+    for m in {id(state.model): state.model, id(eval_model): eval_model}.values():
+        m.set_latent_stats(stats)
+    metrics.update(step=config.steps, train_seconds=round(train_seconds, 1), latent=asdict(stats))
+    return metrics
+
+
+# ----------------------------------------------------------------------------------------------
+# The script
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="shapes", choices=sorted(PRESETS))
@@ -252,20 +439,53 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def save_identity(ae_cfg, loss_cfg, cfg, args, ckpt_path: Path, device: torch.device) -> dict:
+def resolve_configs(
+    args: argparse.Namespace, ckpt_path: Path
+) -> tuple[AutoencoderConfig, AELossConfig, TrainAEConfig, dict | None]:
+    """(ae_config, loss_config, config, checkpoint): the preset (shrunk by --smoke) or, with --resume, the
+    checkpoint's stored configuration, overridden by the flags; the checkpoint is None unless resuming."""
+    overrides = {k: v for k, v in vars(args).items() if k in config_fields(*CONFIGS)}
+    ckpt = None
+    if args.resume is not None:
+        ckpt = load_checkpoint(ckpt_path if args.resume == "auto" else args.resume, kind="autoencoder")
+        base = {**ckpt["ae_config"], **ckpt["loss_config"], **ckpt["train_config"]}
+        if overrides:
+            print(f"resume: overriding stored config with {overrides}")
+    else:
+        base = {**PRESETS[args.preset], **(SMOKE if args.smoke else {})}
+    ae_config, loss_config, config = (build_config(cls, base, overrides) for cls in CONFIGS)
+    return ae_config, loss_config, config, ckpt
+
+
+def setup_world(args: argparse.Namespace, ae_config: AutoencoderConfig, config: TrainAEConfig,
+                single_process: bool) -> tuple[World, torch.device]:
+    """Join the torchrun process group (unless `single_process`), check the run can be shared, pick the device."""
+    world, device_name = (World(), args.device) if single_process else setup_distributed(args.device)
+    if world.enabled and ae_config.regularizer == "vq":
+        raise SystemExit("a VQ autoencoder does not train under torchrun yet (its dead-code restarts would differ "
+                         "between processes): train it as one process")
+    if config.batch_size % world.size:
+        raise SystemExit(f"--batch_size {config.batch_size} (the global batch) must be divisible by the "
+                         f"{world.size} processes")
+    return world, pick_device(device_name)
+
+
+def save_identity(ae_config: AutoencoderConfig, loss_config: AELossConfig, config: TrainAEConfig,
+                  args: argparse.Namespace, ckpt_path: Path, device: torch.device) -> dict:
     """--regularizer identity: nothing to train. Measure the pixels' scale factor and write a checkpoint that
     train_ldm.py reads like any other first stage (it then trains a pixel-space diffusion model)."""
-    model = Autoencoder(ae_cfg).to(device)
-    train_set, _ = make_datasets(cfg, args.data)
-    stats = latent_statistics(model, first_images(train_set, cfg.stats_images, cfg.batch_size),
-                              max_images=cfg.stats_images, generator=torch.Generator(device).manual_seed(cfg.seed))
+    model = Autoencoder(ae_config).to(device)
+    train_set, _ = make_datasets(config, args.data)
+    stats = latent_statistics(model, first_images(train_set, config.stats_images, config.batch_size),
+                              max_images=config.stats_images,
+                              generator=torch.Generator(device).manual_seed(config.seed))
     # Pixel-space diffusion models (DDPM, ADM, the paper's LDM-1) train on pixels in [-1, 1] as they are;
     # the measured std is reported but not divided out.
     model.set_latent_stats(replace(stats, scale_factor=1.0))
     save_checkpoint(ckpt_path, {
-        "step": 0, "ae_config": asdict(ae_cfg), "loss_config": asdict(loss_cfg), "train_config": asdict(cfg),
-        "autoencoder": model.to_dict(), "ema_autoencoder": None, "ema_state": None, "discriminator": {},
-        "opt_ae": {}, "opt_disc": {}, "rng": rng_state(), "metrics": {"latent": asdict(stats)},
+        "step": 0, "ae_config": asdict(ae_config), "loss_config": asdict(loss_config),
+        "train_config": asdict(config), "autoencoder": model.to_dict(), "ema_autoencoder": None, "ema_state": None,
+        "discriminator": {}, "opt_ae": {}, "opt_disc": {}, "rng": rng_state(), "metrics": {"latent": asdict(stats)},
     }, kind="autoencoder")
     print(f"identity first stage (z = x, f = 1): pixels used as they are in [-1, 1] (std {stats.global_std:.4f}, "
           f"scale_factor 1); nothing to train -> {ckpt_path}")
@@ -277,161 +497,56 @@ def main(argv: list[str] | None = None, *, single_process: bool = False) -> dict
     args = parse_args(argv)
     out = Path(args.out)
     ckpt_path = out / "autoencoder.pt"
-    overrides = {k: v for k, v in vars(args).items() if k in config_fields(*CONFIGS)}
-    ckpt = None
-    if args.resume is not None:
-        ckpt = load_checkpoint(ckpt_path if args.resume == "auto" else args.resume, kind="autoencoder")
-        base = {**ckpt["ae_config"], **ckpt["loss_config"], **ckpt["train_config"]}
-        if overrides:
-            print(f"resume: overriding stored config with {overrides}")
-    else:
-        base = {**PRESETS[args.preset], **(SMOKE if args.smoke else {})}
-    ae_cfg, loss_cfg, cfg = (build_config(cls, base, overrides) for cls in CONFIGS)
-
-    world, device_name = (World(), args.device) if single_process else setup_distributed(args.device)
-    if world.enabled and ae_cfg.regularizer == "vq":
-        raise SystemExit("a VQ autoencoder does not train under torchrun yet (its dead-code restarts would differ "
-                         "between processes): train it as one process")
-    if cfg.batch_size % world.size:
-        raise SystemExit(f"--batch_size {cfg.batch_size} (the global batch) must be divisible by the {world.size} "
-                         "processes")
-    device = pick_device(device_name)
-    seed_everything(cfg.seed)
-    if ae_cfg.regularizer == "identity":
-        return save_identity(ae_cfg, loss_cfg, cfg, args, ckpt_path, device)
-    model = Autoencoder(ae_cfg).to(device)
-    loss_fn = AELoss(loss_cfg, in_channels=ae_cfg.in_channels).to(device)
-    if world.enabled and device.type == "cuda":  # the PatchGAN's BatchNorm over the global batch
-        loss_fn.discriminator = torch.nn.SyncBatchNorm.convert_sync_batchnorm(loss_fn.discriminator)
-    betas = (cfg.adam_beta1, cfg.adam_beta2)
-    opt_ae = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=betas)
-    opt_disc = torch.optim.Adam(loss_fn.discriminator.parameters(), lr=cfg.disc_lr or cfg.lr, betas=betas)
-    ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
-    start = 0
-    if ckpt is not None:
-        model.load_state_dict(ckpt["autoencoder"]["state_dict"])
-        loss_fn.discriminator.load_state_dict(ckpt["discriminator"])
-        opt_ae.load_state_dict(ckpt["opt_ae"])
-        opt_disc.load_state_dict(ckpt["opt_disc"])
-        if ema is not None and ckpt["ema_autoencoder"] is not None:
-            ema.load_state_dict({**ckpt["ema_state"], "model": ckpt["ema_autoencoder"]["state_dict"]})
-        start = int(ckpt["step"])
-        set_rng_state(ckpt["rng"])
-
-    train_set, held_out = make_datasets(cfg, args.data)
+    ae_config, loss_config, config, ckpt = resolve_configs(args, ckpt_path)
+    configs = (ae_config, loss_config, config)
+    world, device = setup_world(args, ae_config, config, single_process)
+    seed_everything(config.seed)
+    if ae_config.regularizer == "identity":
+        return save_identity(ae_config, loss_config, config, args, ckpt_path, device)
+    state = build_state(ae_config, loss_config, config, world, device, ckpt)
+    model, start = state.model, state.start
+    train_set, held_out = make_datasets(config, args.data)
     n_params = sum(p.numel() for p in model.parameters())
-    latent = model.latent_shape(cfg.image_size)
-    print(f"autoencoder: {n_params / 1e6:.2f}M params, f={ae_cfg.downsample_factor}, {ae_cfg.regularizer}, "
-          f"latent {latent} for {cfg.image_size}px; {len(train_set)} train / {len(held_out)} held-out images; "
-          f"device {device}; steps {start}..{cfg.steps}")
+    z_shape = model.latent_shape(config.image_size)
+    print(f"autoencoder: {n_params / 1e6:.2f}M params, f={ae_config.downsample_factor}, {ae_config.regularizer}, "
+          f"latent {z_shape} for {config.image_size}px; {len(train_set)} train / {len(held_out)} held-out images; "
+          f"device {device}; steps {start}..{config.steps}")
     logger = JSONLLogger(out / "log.jsonl", resume_step=start if ckpt is not None else None) if world.is_main else None
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and cfg.amp)
-    # Data parallel: DDP averages the autoencoder's gradients; the discriminator (run three times a step)
-    # has its gradients averaged by hand (`world.average_gradients`), which is the same arithmetic.
-    ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
-        if world.enabled else model
-    reduce = world.average if world.enabled else None
-    z_shape = model.latent_shape(cfg.image_size)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and config.amp)
     grid_x = next(first_images(held_out, 8, 8)).to(device)
+    loader = make_loader(train_set, config, start, world, device)
 
-    def checkpoint(step: int, rng: dict, metrics: dict | None = None) -> None:
-        if not world.is_main:
-            return
-        save_checkpoint(ckpt_path, {
-            "step": step, "ae_config": asdict(ae_cfg), "loss_config": asdict(loss_cfg), "train_config": asdict(cfg),
-            "autoencoder": model.to_dict(),
-            "ema_autoencoder": ema.model.to_dict() if ema is not None else None,
-            "ema_state": {"decay": ema.decay, "num_updates": ema.num_updates} if ema is not None else None,
-            "discriminator": loss_fn.discriminator.state_dict(),
-            "opt_ae": opt_ae.state_dict(), "opt_disc": opt_disc.state_dict(), "rng": rng, "metrics": metrics,
-        }, kind="autoencoder")
-
-    batches = StepBatches(len(train_set), cfg.batch_size, cfg.seed, start, cfg.steps, world)
-    # Its own generator: a DataLoader otherwise draws its workers' base seed from the global RNG.
-    loader = DataLoader(train_set, batch_sampler=batches, num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
-                        generator=torch.Generator().manual_seed(cfg.seed + start))
     model.train()
-    t_start, t_log, seen = time.time(), time.time(), 0
-    window: dict[str, list] = {}  # name -> [sum, count] of each logged term since the last log line
-    bar = tqdm(zip(range(start, cfg.steps), loader, strict=True), total=cfg.steps, initial=start, desc="train_ae",
-               dynamic_ncols=True, mininterval=2.0, **({} if world.is_main else {"disable": True}))
+    t_start, window = time.perf_counter(), LogWindow()
+    bar = tqdm(zip(range(start, config.steps), loader, strict=True), total=config.steps, initial=start,
+               desc="train_ae", dynamic_ncols=True, mininterval=2.0, **({} if world.is_main else {"disable": True}))
     for step, x in bar:
         x = x.to(device, non_blocking=True)
-        for opt, base_lr in ((opt_ae, cfg.lr), (opt_disc, cfg.disc_lr or cfg.lr)):
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step, cfg, base_lr)
-
-        # 1) the autoencoder's step: L_rec + L_reg (+ lambda * L_adv once the discriminator is on)
-        with autocast:
-            # The posterior's noise for the whole global batch, from a generator seeded by the step: the same
-            # in every process (each takes its share), so N processes train like one, and resume is exact.
-            noise = None
-            if ae_cfg.regularizer == "kl":
-                g = torch.Generator(device).manual_seed(2**40 + cfg.seed * 1_000_003 + step)
-                noise = world.shard(torch.randn((cfg.batch_size, *z_shape), generator=g, device=device))
-            out_ae = ddp_model(x, noise=noise)
-            loss, logs = loss_fn.autoencoder_loss(x, out_ae, step=step, last_layer=model.last_layer, reduce=reduce)
-        opt_ae.zero_grad(set_to_none=True)
-        loss.backward()
-        opt_ae.step()
-        # 2) the discriminator's step on the same batch, reconstructions detached
-        if loss_fn.disc_active(step):
-            with autocast:
-                loss_d, logs_d = loss_fn.discriminator_loss(x, out_ae.x_rec, step=step)
-            opt_disc.zero_grad(set_to_none=True)  # also drops what the autoencoder's loss left on D
-            loss_d.backward()
-            world.average_gradients(loss_fn.discriminator)
-            opt_disc.step()
-            world.average_buffers(loss_fn.discriminator)  # BatchNorm running statistics stay identical
-            logs.update(logs_d)
-        if ema is not None and world.is_main:  # only rank 0 draws, evaluates and saves
-            ema.update(model)
-        done, seen = step + 1, seen + x.shape[0] * world.size
-        for k, v in logs.items():
-            acc = window.setdefault(k, [0.0, 0])
-            acc[0], acc[1] = acc[0] + v, acc[1] + 1
-        if done % cfg.log_every == 0 or done == cfg.steps:
-            now = time.time()
-            ips = seen / max(now - t_log, 1e-9)
-            means = {k: world.mean(total / n) for k, (total, n) in window.items()}  # the processes' mean
-            if cfg.check_replicas:
-                means["replica_spread"] = max(replica_spread(model, world),
-                                              replica_spread(loss_fn.discriminator, world))
-            if out_ae.indices is not None:  # this step's batch: usage and perplexity of the codebook
-                means.update(codebook_stats(out_ae.indices, ae_cfg.n_codes))
-            if logger is not None:
-                logger.log(step=done, lr=opt_ae.param_groups[0]["lr"], images_per_s=ips, **means)
-            bar.set_postfix(loss=f"{means['loss_ae']:.4f}", rec=f"{means['rec']:.4f}", img_s=f"{ips:.0f}")
-            t_log, seen, window = now, 0, {}
-        if (done % cfg.image_every == 0 or done == cfg.steps) and world.is_main:
-            eval_model = ema.model if ema is not None else model
-            eval_model.eval()
-            grid_rec = reconstruct(eval_model, grid_x)
-            save_image_grid(torch.cat([grid_x, grid_rec]), out / f"recon_{done:07d}.png", nrow=8)
-            logger.log(step=done, grid_psnr=psnr(grid_rec, grid_x).mean())  # 8 held-out images: a quick look
-            model.train()
-        if done % cfg.ckpt_every == 0 and done < cfg.steps:
-            checkpoint(done, rng_state())
+        set_learning_rates(state, step, config)
+        noise = posterior_noise(step, config, z_shape, world, device) if ae_config.regularizer == "kl" else None
+        out_ae, logs = train_step(state, x, noise, step=step, autocast=autocast, world=world)
+        if state.ema is not None and world.is_main:  # only rank 0 draws, evaluates and saves
+            state.ema.update(model)
+        done = step + 1
+        window.add(logs, images=x.shape[0] * world.size)
+        if done % config.log_every == 0 or done == config.steps:
+            log_line(done, window, state, out_ae, config, world, logger, bar)
+        if (done % config.image_every == 0 or done == config.steps) and world.is_main:
+            save_reconstructions(state, grid_x, out / f"recon_{done:07d}.png", logger, done)
+        if done % config.ckpt_every == 0 and done < config.steps and world.is_main:
+            write_checkpoint(ckpt_path, state, configs, step=done, rng=rng_state())
     bar.close()
-    train_seconds = time.time() - t_start
+    train_seconds = time.perf_counter() - t_start
     rng_after_training = rng_state()  # evaluation below uses its own generator; resume continues from here
-    # Every process's last collective has finished before any of them shuts its connections down: a gloo
-    # process that closed while its last all-reduce was still in flight aborted once in CI.
+    # All processes meet here before any of them tears its process group down: with gloo, a process that closes
+    # its connections while a peer is still completing the last all-reduce can make that peer abort.
     world.barrier()
     if not world.is_main:  # rank 0 alone evaluates and writes the final checkpoint
         teardown_distributed(world)
-        return {"step": cfg.steps, "rank": world.rank}
+        return {"step": config.steps, "rank": world.rank}
 
-    eval_model = ema.model if ema is not None else model
-    metrics = evaluate(eval_model, held_out, cfg, device)
-    stats = latent_statistics(
-        eval_model, first_images(train_set, cfg.stats_images, cfg.batch_size), max_images=cfg.stats_images,
-        generator=torch.Generator().manual_seed(cfg.seed),
-    )
-    for m in {id(model): model, id(eval_model): eval_model}.values():
-        m.set_latent_stats(stats)
-    metrics.update(step=cfg.steps, train_seconds=round(train_seconds, 1), latent=asdict(stats))
-    checkpoint(cfg.steps, rng_after_training, metrics)
+    metrics = final_metrics(state, train_set, held_out, config, device, train_seconds)
+    write_checkpoint(ckpt_path, state, configs, step=config.steps, rng=rng_after_training, metrics=metrics)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     print(format_metrics(metrics))
     if not single_process:

@@ -30,7 +30,9 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -61,8 +63,9 @@ from tinyldm.data.tasks import (
 )
 from tinyldm.evaluation.viz import save_image_grid
 from tinyldm.ldm import Denoiser, DiffusionConfig, generate, ldm_loss, ldm_payload
+from tinyldm.schedule import NoiseSchedule
 from tinyldm.training.checkpoint import load_checkpoint, save_checkpoint
-from tinyldm.training.distributed import leave, replica_spread
+from tinyldm.training.distributed import World, leave, replica_spread
 from tinyldm.training.distributed import setup as setup_distributed
 from tinyldm.training.distributed import teardown as teardown_distributed
 from tinyldm.training.flags import add_config_args, build_config
@@ -73,7 +76,9 @@ from tinyldm.training.loop import (
     pick_device,
     rng_state,
     seed_everything,
+    seed_stream,
     set_rng_state,
+    warmup_lr,
 )
 from tinyldm.unet import UNet, UNetConfig
 
@@ -131,7 +136,8 @@ PRESETS: dict[str, dict] = {
     "shapes_semantic": {**_SHAPES_CONCAT, "task": "semantic"},
     "shapes_sr": {**_SHAPES_CONCAT, "task": "superres"},
     "shapes_inpaint": {**_SHAPES_CONCAT, "task": "inpaint"},
-    # GPU-sized: 64 px images -> 16 x 16 x 4 latents; the "tiny text-to-image" UNet of DESIGN.md.
+    # GPU-sized: 64 px images -> 16 x 16 x 4 latents; the tiny text-to-image UNet whose training speed the
+    # benchmark (python -m tinyldm.tools.bench) measures on CUDA.
     "shapes64": dict(image_size=64, ae_preset="shapes64", n_train=50_000, batch_size=256, steps=8000, lr=4e-4,
                      channels=128, channel_mult=(1, 2, 2), attn_resolutions=(16, 8), context_dim=256),
     "celeba64": dict(dataset="celeba", image_size=64, ae_preset="celeba64", cond="none", n_train=0, hflip=True,
@@ -169,26 +175,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def resolve_configs(args: argparse.Namespace, stored: dict | None) -> tuple[TrainLDMConfig, dict, DiffusionConfig]:
-    """Preset (+ smoke) < checkpoint < command line. Returns the train config, the UNet fields the user
-    chose (the latent shape and context width are filled in from the autoencoder and condition later)."""
+    """Preset (+ smoke) < the resumed checkpoint's own configuration < command line (e.g. a larger --steps).
+    Returns the training config, the UNet fields the user chose (the latent shape and context width are filled
+    in from the autoencoder and condition later) and the diffusion config."""
     base = {**PRESETS[args.preset], **(SMOKE if args.smoke else {})}
-    layers = [base] + ([stored] if stored else []) + [vars(args)]
-    train = build_config(TrainLDMConfig, *layers)
-    if train.cond not in CONDS:
-        raise SystemExit(f"--cond must be one of {', '.join(CONDS)}, got {train.cond!r}")
-    if train.task not in TASKS:
-        raise SystemExit(f"--task must be one of {', '.join(TASKS)}, got {train.task!r}")
-    if (train.cond == "layout" or train.task == "semantic") and train.dataset != "shapes":
-        raise SystemExit(f"--cond {train.cond} / --task {train.task} need boxes or maps: only the shapes dataset has "
+    saved = [{**stored["train_config"], **stored["unet_config"], **stored["diffusion_config"]}] if stored else []
+    layers = [base, *saved, vars(args)]
+    config = build_config(TrainLDMConfig, *layers)
+    if config.cond not in CONDS:
+        raise SystemExit(f"--cond must be one of {', '.join(CONDS)}, got {config.cond!r}")
+    if config.task not in TASKS:
+        raise SystemExit(f"--task must be one of {', '.join(TASKS)}, got {config.task!r}")
+    if (config.cond == "layout" or config.task == "semantic") and config.dataset != "shapes":
+        raise SystemExit(f"--cond {config.cond} / --task {config.task} need boxes or maps: only the shapes dataset has "
                          "them here")
     unet_fields = {f: v for layer in layers for f, v in layer.items() if f in UNetConfig.__dataclass_fields__}
     for derived in ("in_channels", "out_channels", "latent_size"):
         if derived in vars(args):
             raise SystemExit(f"--{derived} is set from the autoencoder; do not pass it")
-    return train, unet_fields, build_config(DiffusionConfig, *layers)
+    return config, unet_fields, build_config(DiffusionConfig, *layers)
 
 
-def get_autoencoder(args: argparse.Namespace, train: TrainLDMConfig, out: Path) -> Path:
+def get_autoencoder(args: argparse.Namespace, config: TrainLDMConfig, out: Path) -> Path:
     """The autoencoder checkpoint to use: --ae, the one trained for this run before, or a fresh one."""
     if args.ae:
         return Path(args.ae)
@@ -196,37 +204,37 @@ def get_autoencoder(args: argparse.Namespace, train: TrainLDMConfig, out: Path) 
     if not path.exists():
         import train_ae
 
-        cmd = ["--preset", train.ae_preset, "--out", str(out / "ae"), "--device", args.device]
+        cmd = ["--preset", config.ae_preset, "--out", str(out / "ae"), "--device", args.device]
         cmd += ["--smoke"] if args.smoke else []
-        cmd += ["--steps", str(train.ae_steps)] if train.ae_steps and not args.smoke else []
+        cmd += ["--steps", str(config.ae_steps)] if config.ae_steps and not args.smoke else []
         print(f"no --ae given: training the autoencoder first (python train_ae.py {' '.join(cmd)})")
         train_ae.main(cmd, single_process=True)  # under torchrun only rank 0 gets here; the others wait
     return path
 
 
-def task_spec(train: TrainLDMConfig) -> TaskSpec:
-    return TaskSpec(task=train.task, cond=train.cond, sr_factor=train.sr_factor)
+def task_spec(config: TrainLDMConfig) -> TaskSpec:
+    return TaskSpec(task=config.task, cond=config.cond, sr_factor=config.sr_factor)
 
 
-def load_latents(ae: Autoencoder, ae_path: Path, train: TrainLDMConfig, data_root: str | None, out: Path,
+def load_latents(ae: Autoencoder, ae_path: Path, config: TrainLDMConfig, data_root: str | None, out: Path,
                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None, dict, list[str]]:
     """Encode the training set once (cached in <out>/latents.pt) -> unscaled latents (N, c, h, w), their
     flipped twins (or None), the conditions, and the class names."""
-    data, shapes = data_configs(asdict(train), data_root)
-    spec = task_spec(train)
+    data, shapes = data_configs(asdict(config), data_root)
+    spec = task_spec(config)
     dataset = TaskInputs.wrap(make_dataset(data, "train", shapes=shapes), spec)
     keep = cache_keys(spec)
     key = {"autoencoder": file_digest(ae_path), "data": asdict(data), "shapes": asdict(shapes) if shapes else None,
-           "sr_factor": train.sr_factor if train.task == "superres" else None}
+           "sr_factor": config.sr_factor if config.task == "superres" else None}
     cached = latent_cache(dataset, lambda x: ae.encode(x.to(device)), path=out / "latents.pt", key=key,
-                          flip=train.hflip, device=device, keep=keep)
+                          flip=config.hflip, device=device, keep=keep)
     return cached.latents, cached.flipped, cached.conditions, list(getattr(dataset, "class_names", []))
 
 
-def make_condition_config(train: TrainLDMConfig, unet_fields: dict, conditions: dict,
+def make_condition_config(config: TrainLDMConfig, unet_fields: dict, conditions: dict,
                           class_names: list[str]) -> ConditionConfig:
     width = unet_fields.get("context_dim") or 128
-    if train.cond == "text":
+    if config.cond == "text":
         captions = conditions["caption"]
         if not any(captions):
             raise SystemExit("--cond text needs captions, and this dataset has none (use --cond class or none)")
@@ -235,37 +243,37 @@ def make_condition_config(train: TrainLDMConfig, unet_fields: dict, conditions: 
         if unknown:
             print(f"warning: words of the sample prompts never seen in training captions: {unknown}")
         vocab = tokenizer.vocab
-        return ConditionConfig(kind="text", context_dim=width, vocab=vocab, max_len=train.max_tokens,
-                               layers=train.text_layers, head_dim=train.text_head_dim)
-    if train.cond == "class":
+        return ConditionConfig(kind="text", context_dim=width, vocab=vocab, max_len=config.max_tokens,
+                               layers=config.text_layers, head_dim=config.text_head_dim)
+    if config.cond == "class":
         num_classes = len(class_names) or int(conditions["class_id"].max()) + 1
         if int(conditions["class_id"].min()) < 0:
             raise SystemExit("--cond class needs class labels (class sub-folders, or a CelebA attribute)")
         return ConditionConfig(kind="class", context_dim=width, num_classes=num_classes)
-    if train.cond == "layout":
+    if config.cond == "layout":
         return ConditionConfig(kind="layout", context_dim=width, num_classes=len(CLASS_NAMES),
-                               max_objects=train.max_shapes, layers=train.text_layers, head_dim=train.text_head_dim)
+                               max_objects=config.max_shapes, layers=config.text_layers, head_dim=config.text_head_dim)
     return ConditionConfig(kind="none")
 
 
-def sample_prompts(train: TrainLDMConfig, class_names: list[str], n: int = 8):
-    if train.cond == "text":
+def sample_prompts(config: TrainLDMConfig, class_names: list[str], n: int = 8):
+    if config.cond == "text":
         return FIXED_PROMPTS[:n]
-    if train.cond == "class":
+    if config.cond == "class":
         return torch.arange(n) % max(len(class_names), 1)
     return None
 
 
-def evaluate_task(denoiser: Denoiser, schedule, ae: Autoencoder, train: TrainLDMConfig, diffusion: DiffusionConfig,
+def evaluate_task(denoiser: Denoiser, schedule, ae: Autoencoder, config: TrainLDMConfig, diffusion: DiffusionConfig,
                   latent_hw: tuple[int, int], device: torch.device, data_root: str | None) -> dict:
     """The number that says how well the task worked, on `eval_images` held-out items (see
-    `task_inputs.score_items`); class: colour and shape accuracy of images generated for each class in turn."""
-    n = train.eval_images
+    `tinyldm.data.tasks.score_items`); class: colour and shape accuracy of images generated for each class in turn."""
+    n = config.eval_images
     g = torch.Generator(device).manual_seed(1234)
-    kw = dict(prediction=diffusion.prediction, steps=train.eval_steps, guidance_scale=train.eval_cfg, generator=g)
+    kw = dict(prediction=diffusion.prediction, steps=config.eval_steps, guidance_scale=config.eval_cfg, generator=g)
     start = time.perf_counter()
-    result = {"images": n, "ddim_steps": train.eval_steps, "guidance_scale": train.eval_cfg}
-    if train.cond == "class" and train.task == "generate":
+    result = {"images": n, "ddim_steps": config.eval_steps, "guidance_scale": config.eval_cfg}
+    if config.cond == "class" and config.task == "generate":
         ids = torch.arange(n) % len(CLASS_NAMES)
         images = torch.cat([generate(denoiser, schedule, ae, ids[i : i + 64].to(device), latent_size=latent_hw,
                                      **kw).cpu()
@@ -274,8 +282,8 @@ def evaluate_task(denoiser: Denoiser, schedule, ae: Autoencoder, train: TrainLDM
         score = score_images(images, wanted)
         result.update(class_accuracy=score.all, color=score.color, shape=score.shape)
     else:
-        spec = task_spec(train)
-        items = heldout_items(spec, *data_configs(asdict(train), data_root), n, allow_fewer=True)
+        spec = task_spec(config)
+        items = heldout_items(spec, *data_configs(asdict(config), data_root), n, allow_fewer=True)
         if len(items["image"]) < n:
             print(f"note: the held-out split has only {len(items['image'])} images; scoring those")
         n = result["images"] = len(items["image"])
@@ -285,22 +293,308 @@ def evaluate_task(denoiser: Denoiser, schedule, ae: Autoencoder, train: TrainLDM
     return result
 
 
-def evaluate_shapes(denoiser: Denoiser, schedule, ae: Autoencoder, train: TrainLDMConfig, diffusion: DiffusionConfig,
+def evaluate_shapes(denoiser: Denoiser, schedule, ae: Autoencoder, config: TrainLDMConfig, diffusion: DiffusionConfig,
                     latent_hw: tuple[int, int], device: torch.device) -> dict:
     """Prompt faithfulness: images for `eval_images` prompts (cycling through all 162), scored exactly."""
-    prompts = [all_prompts()[i % 162] for i in range(train.eval_images)]
+    prompts = [all_prompts()[i % 162] for i in range(config.eval_images)]
     g = torch.Generator(device).manual_seed(1234)
     start, images = time.perf_counter(), []
     for i in range(0, len(prompts), 64):
-        batch = prompts[i : i + 64] if train.cond == "text" else None
+        batch = prompts[i : i + 64] if config.cond == "text" else None
         images.append(generate(denoiser, schedule, ae, batch, n=len(prompts[i : i + 64]), latent_size=latent_hw,
-                               prediction=diffusion.prediction, steps=train.eval_steps,
-                               guidance_scale=train.eval_cfg, generator=g).cpu())
+                               prediction=diffusion.prediction, steps=config.eval_steps,
+                               guidance_scale=config.eval_cfg, generator=g).cpu())
     seconds = time.perf_counter() - start
     score = score_images(torch.cat(images), prompts)
     return {"prompt_faithfulness": score.all, "color": score.color, "shape": score.shape,
-            "position": score.position, "images": len(prompts), "ddim_steps": train.eval_steps,
-            "guidance_scale": train.eval_cfg, "seconds_per_image": seconds / len(prompts)}
+            "position": score.position, "images": len(prompts), "ddim_steps": config.eval_steps,
+            "guidance_scale": config.eval_cfg, "seconds_per_image": seconds / len(prompts)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Plumbing around the training step: processes, the step's batch and random draws, the log window, the files
+# written. The loop itself is at the end of `main` (the last function); `train_step` above it is Eq. 3's update.
+
+
+def start_processes(device_name: str, config: TrainLDMConfig) -> tuple[World, torch.device]:
+    """Join the process group when torchrun started us (one process otherwise); this process's device."""
+    world, device_name = setup_distributed(device_name)
+    if config.batch_size % world.size:
+        raise SystemExit(f"--batch_size {config.batch_size} (the global batch) must be divisible by the "
+                         f"{world.size} processes")
+    return world, pick_device(device_name)
+
+
+def rank_zero_first(world: World, fn: Callable[[], tuple]) -> tuple:
+    """fn() in rank 0 first, then in the other processes: what rank 0 writes into --out (an autoencoder
+    trained for this run, the latent cache), the others then only read."""
+    for turn in ("main", "others"):
+        if world.is_main == (turn == "main"):
+            result = fn()
+        world.barrier()
+    return result
+
+
+def load_stage_one(args: argparse.Namespace, config: TrainLDMConfig, stored: dict | None, out: Path,
+                   device: torch.device) -> tuple[Path, Autoencoder, torch.Tensor, torch.Tensor | None, dict,
+                                                  list[str]]:
+    """The frozen autoencoder (the resumed run's, --ae, or one trained now) and the training set's latents:
+    (autoencoder path, autoencoder, latents, flipped latents or None, conditions, class names)."""
+    ae_path = Path(stored["ae_path"]) if stored else get_autoencoder(args, config, out)
+    ae = Autoencoder.from_checkpoint(load_checkpoint(ae_path, kind="autoencoder")).to(device)
+    ae.requires_grad_(False)
+    return ae_path, ae, *load_latents(ae, ae_path, config, args.data, out, device)
+
+
+def make_denoiser(config: TrainLDMConfig, unet_fields: dict, cond_config: ConditionConfig, spec: TaskSpec,
+                  latent_shape: tuple[int, int, int], device: torch.device) -> Denoiser:
+    """The condition encoder tau_theta and the UNet eps_theta (trained jointly), for latents (c, h, w)."""
+    c, h, _ = latent_shape
+    cond_encoder = ConditionEncoder(cond_config)
+    unet_config = UNetConfig(**{**unet_fields, "in_channels": c, "out_channels": c, "latent_size": h,
+                                "context_dim": cond_encoder.context_dim, "concat_channels": concat_channels(spec, c)})
+    denoiser = Denoiser(UNet(unet_config), cond_encoder).to(device)
+    if config.channels_last and device.type == "cuda":
+        denoiser.unet.to(memory_format=torch.channels_last)
+    return denoiser
+
+
+def prepare_for_training(denoiser: Denoiser, config: TrainLDMConfig, world: World,
+                         device: torch.device) -> torch.nn.Module:
+    """The module the training step calls: the denoiser, compiled with --compile, and under torchrun wrapped in
+    DistributedDataParallel, which averages the gradients of the processes' shares after every backward."""
+    if config.compile:
+        denoiser.unet.compile()  # in place: the state_dict keys (and so the checkpoints) stay the same
+    if not world.enabled:
+        return denoiser
+    return DistributedDataParallel(denoiser, device_ids=[device.index] if device.type == "cuda" else None,
+                                   find_unused_parameters=True)
+
+
+def resume(stored: dict | None, denoiser: Denoiser, ema: EMA, opt: torch.optim.Optimizer, ckpt_path: Path) -> int:
+    """Load the weights, EMA, optimizer and random state of a resumed run; the step to start from (0 if new)."""
+    if not stored:
+        return 0
+    denoiser.load_state_dict(stored["denoiser"])
+    ema.load_state_dict(stored["ema_state"])
+    opt.load_state_dict(stored["optimizer"])
+    set_rng_state(stored["rng"])
+    print(f"resumed from {ckpt_path} at step {stored['step']}")
+    return stored["step"]
+
+
+def step_draws(step: int, n: int, *, seed: int, latent_shape: tuple[int, int, int], T: int, p_uncond: float,
+               device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The random draws of step `step` for the whole global batch of n: flips (n, 1, 1, 1), timesteps t (n,),
+    noise eps (n, c, h, w), condition drops (n,). Functions of (seed, step) alone, the same in every process:
+    `--resume` continues exactly, with any number of processes."""
+    g = torch.Generator(device).manual_seed(seed_stream(seed, step, 1))
+    flip = torch.rand(n, 1, 1, 1, generator=g, device=device) < 0.5
+    t = torch.randint(0, T, (n,), generator=g, device=device)  # t ~ U{0..T-1}
+    eps = torch.randn((n, *latent_shape), generator=g, device=device)
+    drop = torch.rand(n, generator=torch.Generator().manual_seed(seed_stream(seed, step, 2))) < p_uncond  # CPU: no sync
+    return flip, t, eps, drop
+
+
+@dataclass
+class Batch:
+    """This process's share of a step's global batch: the scaled latents z0 and their conditions, and the
+    step's draws for them (t, eps, which conditions to drop)."""
+    z0: torch.Tensor  # (B, c, h, w)
+    condition: list[str] | torch.Tensor | dict | None  # captions, class ids, layouts (box_classes, boxes)
+    concat: torch.Tensor | None  # (B, C_c, h, w): the task's image-like input
+    t: torch.Tensor  # (B,) timesteps
+    eps: torch.Tensor  # (B, c, h, w) noise
+    drop: torch.Tensor  # (B,) bool: conditions replaced by the null condition (classifier-free guidance)
+    images: int  # the global batch size (every process together)
+
+
+@dataclass
+class TrainingSet:
+    """The training set on the device, and the batch of each step (a pure function of the step)."""
+    config: TrainLDMConfig
+    world: World
+    ae: Autoencoder  # inpainting encodes each step's masked images
+    conditions: dict  # captions, class ids, layouts, pixels (inpainting), on the CPU
+    latents: torch.Tensor  # (N, c, h, w), scaled
+    flipped: torch.Tensor | None  # their horizontally flipped twins (--hflip)
+    concat: torch.Tensor | None  # (N, C_c, h, w): the task input of semantic maps and superres
+    concat_flipped: torch.Tensor | None
+    pixels: torch.Tensor | None  # inpainting: the images (N, 3, H, W), uint8, masked afresh every step
+    T: int
+    p_uncond: float
+
+    @classmethod
+    def on_device(cls, config: TrainLDMConfig, world: World, ae: Autoencoder, latents: torch.Tensor,
+                  flipped: torch.Tensor | None, conditions: dict, T: int, p_uncond: float,
+                  device: torch.device) -> TrainingSet:
+        """From stage one's unscaled latents: everything moved to the device once, the latents scaled."""
+        scale = float(ae.scale_factor)
+        # The task's image-like input for every training image; inpainting makes its own every step.
+        spec = task_spec(config)
+        latent_hw = tuple(latents.shape[-2:])
+        concat = task_concat(spec, conditions, latent_hw) if config.task in ("semantic", "superres") else None
+        latents = latents.to(device) * scale
+        flipped = flipped.to(device) * scale if flipped is not None else None
+        concat = concat.to(device) if concat is not None else None
+        concat_flipped = concat.flip(-1) if concat is not None and flipped is not None else None
+        pixels = conditions["pixels"].to(device) if config.task == "inpaint" else None
+        return cls(config, world, ae, conditions, latents, flipped, concat, concat_flipped, pixels, T, p_uncond)
+
+    def batch(self, step: int) -> Batch:
+        """The global batch of `step` and its draws, then this process's share of each."""
+        config, world, device = self.config, self.world, self.latents.device
+        idx_all = batch_indices(step, n=len(self.latents), batch_size=config.batch_size, seed=config.seed).to(device)
+        flip_all, t_all, eps_all, drop_all = step_draws(step, len(idx_all), seed=config.seed, T=self.T,
+                                                        latent_shape=self.latents.shape[1:], p_uncond=self.p_uncond,
+                                                        device=device)
+        idx, flip = world.shard(idx_all), world.shard(flip_all)
+        z0 = self.latents[idx]
+        concat = self.concat[idx] if self.concat is not None else None
+        if self.flipped is not None:  # each image in either orientation (its task input flipped with it)
+            z0 = torch.where(flip, self.flipped[idx], z0)
+            concat = torch.where(flip, self.concat_flipped[idx], concat) if concat is not None else None
+        if self.pixels is not None:  # inpainting: this step's masks (a function of the step: exact resume)
+            x = self.pixels[idx].float() / 127.5 - 1
+            x = torch.where(flip, x.flip(-1), x) if self.flipped is not None else x
+            masks = random_mask(len(idx_all), *x.shape[-2:],
+                                generator=torch.Generator().manual_seed(seed_stream(config.seed, step, 0)))
+            concat = inpaint_concat(self.ae, x, world.shard(masks).to(device))
+        condition = None
+        if config.cond == "text":
+            condition = [self.conditions["caption"][i] for i in idx.tolist()]
+        elif config.cond == "class":
+            condition = self.conditions["class_id"][idx.cpu()].to(device)
+        elif config.cond == "layout":
+            condition = {k: self.conditions[k][idx.cpu()].to(device) for k in ("box_classes", "boxes")}
+        return Batch(z0, condition, concat, t=world.shard(t_all), eps=world.shard(eps_all).to(z0.dtype),
+                     drop=world.shard(drop_all), images=len(idx_all))
+
+
+class LogWindow:
+    """The steps since the last record of log.jsonl: their summed loss, the images seen, the time taken, and
+    with --check_replicas the largest difference between the processes' weights. Only rank 0 has a `log`."""
+
+    def __init__(self, log: JSONLLogger | None, *, check_replicas: bool):
+        self.log, self.check_replicas = log, check_replicas
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss_sum, self.steps, self.images, self.start, self.spread = 0.0, 0, 0, time.perf_counter(), 0.0
+
+    def add(self, loss: float, images: int, spread: float = 0.0) -> None:
+        self.loss_sum, self.steps, self.images = self.loss_sum + loss, self.steps + 1, self.images + images
+        self.spread = max(self.spread, spread)
+
+    def write(self, step: int, *, grad_norm: torch.Tensor, lr: float) -> dict:
+        """Log the window ending at `step` (1-based; `grad_norm` and `lr` are its last step's), start afresh."""
+        record = {"step": step, "loss": self.loss_sum / self.steps, "grad_norm": float(grad_norm), "lr": lr,
+                  "img_per_s": self.images / (time.perf_counter() - self.start)}
+        if self.check_replicas:
+            record["replica_spread"] = self.spread
+        if self.log is not None:
+            self.log.log(**record)
+        self.reset()
+        return record
+
+
+def time_is_up(config: TrainLDMConfig, done: int, t_loop: float, world: World, device: torch.device) -> bool:
+    """--max_minutes spent (and steps left): true in every process if in one, so that all stop at the same step."""
+    return bool(config.max_minutes) and done < config.steps and world.any(
+        time.perf_counter() - t_loop > 60 * config.max_minutes, device)
+
+
+@dataclass
+class SampleGrid:
+    """What the sample grids show: the fixed prompts or classes, or the first held-out inputs (layouts, tasks)."""
+    condition: list[str] | torch.Tensor | dict | None
+    concat: torch.Tensor | None
+    n: int
+    latent_hw: tuple[int, int]
+    device: torch.device
+
+    @classmethod
+    def for_run(cls, config: TrainLDMConfig, class_names: list[str], data_root: str | None,
+                latent_hw: tuple[int, int], device: torch.device, ae: Autoencoder) -> SampleGrid:
+        if config.cond == "layout" or config.task != "generate":  # the first 8 held-out inputs
+            spec = task_spec(config)
+            items = heldout_items(spec, *data_configs(asdict(config), data_root), 8, allow_fewer=True)
+            return cls(*item_conditions(spec, items, latent_hw, device, ae), len(items["image"]), latent_hw, device)
+        return cls(sample_prompts(config, class_names), None, 8, latent_hw, device)
+
+
+def save_samples(out: Path, step: int, *, model: Denoiser, schedule: NoiseSchedule, ae: Autoencoder, grid: SampleGrid,
+                 diffusion: DiffusionConfig, config: TrainLDMConfig) -> Path:
+    """<out>/samples_XXXXXXX.png: one row of images for the grid's conditions (the EMA weights, a fixed seed)."""
+    path = out / f"samples_{step:07d}.png"
+    g = torch.Generator(grid.device).manual_seed(0)
+    images = generate(model, schedule, ae, grid.condition, n=grid.n, latent_size=grid.latent_hw,
+                      prediction=diffusion.prediction, steps=config.eval_steps, guidance_scale=config.eval_cfg,
+                      generator=g, concat=grid.concat)
+    save_image_grid(images, path, nrow=grid.n)
+    return path
+
+
+def save_ldm_checkpoint(path: Path, step: int, *, denoiser: Denoiser, ema: EMA, opt: torch.optim.Optimizer,
+                        ae: Autoencoder, ae_path: Path, diffusion: DiffusionConfig, config: TrainLDMConfig,
+                        class_names: list[str], world: World) -> None:
+    """ldm.pt: the self-contained model (`ldm_payload`) and what `--resume` needs to continue exactly."""
+    payload = ldm_payload(denoiser, ema.model, ae, diffusion, config.image_size)
+    payload.update(train_config=asdict(config), step=step, optimizer=opt.state_dict(), rng=rng_state(),
+                   ema_state=ema.state_dict(), ae_path=str(ae_path), class_names=class_names, processes=world.size)
+    save_checkpoint(path, payload, kind="ldm")
+
+
+def evaluate_run(model: Denoiser, schedule, ae: Autoencoder, config: TrainLDMConfig, diffusion: DiffusionConfig,
+                 latent_hw: tuple[int, int], device: torch.device, data_root: str | None) -> dict:
+    """The end-of-run score, printed: prompt faithfulness for text on shapes, else the task's own score on
+    held-out inputs where it has one; {} when there is nothing to score."""
+    spec = task_spec(config)
+    if config.dataset == "shapes" and config.cond == "text" and config.task == "generate" and config.eval_images > 0:
+        result = evaluate_shapes(model, schedule, ae, config, diffusion, latent_hw, device)
+        print(f"prompt faithfulness (color, shape and position all right): {result['prompt_faithfulness']:.1%} "
+              f"over {result['images']} prompts [color {result['color']:.1%}, shape {result['shape']:.1%}, "
+              f"position {result['position']:.1%}], {config.eval_steps} DDIM steps, guidance {config.eval_cfg}")
+        return result
+    if config.eval_images > 0 and scorable(spec, config.dataset) and (
+            config.cond in ("class", "layout") or config.task != "generate"):
+        scores = evaluate_task(model, schedule, ae, config, diffusion, latent_hw, device, data_root)
+        shown = {k: round(v, 4) for k, v in scores.items() if isinstance(v, float) and k != "seconds_per_image"}
+        print(f"evaluation (cond={config.cond}, task={config.task}, {scores['images']} held-out inputs, "
+              f"{config.eval_steps} DDIM steps, guidance {config.eval_cfg}): {shown}")
+        return scores
+    return {}
+
+
+# ----------------------------------------------------------------------------------------------
+# The training step and the loop
+
+
+def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, ema: EMA, schedule: NoiseSchedule, batch: Batch,
+               diffusion: DiffusionConfig, config: TrainLDMConfig, *, step: int, lr: float, world: World,
+               ckpt_path: Path) -> tuple[float, torch.Tensor]:
+    """One step of Eq. 3, L_LDM = E ||eps - eps_theta(z_t, t, tau_theta(y))||^2 (or its v / x0 / L1 variant, see
+    `ldm_loss`), with AdamW; returns the loss (the mean over the processes) and the gradient norm before
+    clipping. `model` is the denoiser, or the denoiser wrapped in DDP."""
+    denoiser = getattr(model, "module", model)
+    denoiser.train()
+    for group in opt.param_groups:
+        group["lr"] = lr
+    device_type = batch.z0.device.type
+    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=config.amp and device_type == "cuda"):
+        loss = ldm_loss(model, schedule, batch.z0, batch.condition, diffusion, concat=batch.concat, t=batch.t,
+                        eps=batch.eps, drop=batch.drop)
+    loss_value = world.mean(loss.detach())  # one host sync per step: the NaN check needs it, the log too
+    if not math.isfinite(loss_value):  # before the update: the last checkpoint stays a good one
+        raise SystemExit(f"loss is {loss_value} at step {step}: stopping. The last good checkpoint is "
+                         f"{ckpt_path} (lower --lr, or check the latents' scale). Nothing was overwritten.")
+    opt.zero_grad(set_to_none=True)
+    loss.backward()  # under DDP the processes' gradients are averaged here
+    grad_norm = torch.nn.utils.clip_grad_norm_(denoiser.parameters(), config.grad_clip)
+    opt.step()
+    if world.is_main:  # only rank 0 samples and saves: the others need no EMA
+        ema.update(denoiser)
+    return loss_value, grad_norm
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -308,177 +602,68 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.out or f"runs/ldm-{args.preset}{'-smoke' if args.smoke else ''}")
     ckpt_path = out / "ldm.pt"
     stored = load_checkpoint(ckpt_path, kind="ldm") if args.resume else None
-    if stored:  # the run's own configuration; flags given now still override it (e.g. a larger --steps)
-        stored_fields = {**stored["train_config"], **stored["unet_config"], **stored["diffusion_config"]}
-    train, unet_fields, diffusion = resolve_configs(args, stored_fields if stored else None)
-    world, device_name = setup_distributed(args.device)  # one process unless started by torchrun
-    if train.batch_size % world.size:
-        raise SystemExit(f"--batch_size {train.batch_size} (the global batch) must be divisible by the "
-                         f"{world.size} processes")
-    device = pick_device(device_name)
-    seed_everything(train.seed)
+    config, unet_fields, diffusion = resolve_configs(args, stored)
+    world, device = start_processes(args.device, config)  # one process unless started by torchrun
+    seed_everything(config.seed)
     t_start = time.perf_counter()
 
-    # Stage one, frozen: the autoencoder and the cached latents of the whole training set. With several
-    # processes, rank 0 trains / encodes first and the others then read what it wrote.
-    for turn in ("main", "others"):
-        if world.is_main == (turn == "main"):
-            ae_path = Path(stored["ae_path"]) if stored else get_autoencoder(args, train, out)
-            ae = Autoencoder.from_checkpoint(load_checkpoint(ae_path, kind="autoencoder")).to(device)
-            ae.requires_grad_(False)
-            latents, flipped, conditions, class_names = load_latents(ae, ae_path, train, args.data, out, device)
-        world.barrier()
+    # Stage one, frozen: the autoencoder and the cached latents of the whole training set.
+    ae_path, ae, latents, flipped, conditions, class_names = rank_zero_first(
+        world, lambda: load_stage_one(args, config, stored, out, device))
     scale = float(ae.scale_factor)
     N, c, h, w = latents.shape
     print(f"latents: {N} x {c} x {h} x {w}, scale factor {scale:.4f} (from the autoencoder's data), "
           f"scaled std {float(latents.std()) * scale:.3f}")
-    # The task's image-like input (N, C_c, h, w) for every training image; inpainting makes its own every step.
-    spec = task_spec(train)
-    concat_all = task_concat(spec, conditions, (h, w)) if train.task in ("semantic", "superres") else None
 
-    # Stage two: UNet + condition encoder (trained jointly), EMA, AdamW with linear warm-up. Seeded again, so
-    # the initial weights do not depend on what stage one drew (training an autoencoder, filling the cache).
-    seed_everything(train.seed)
-    cond_cfg = ConditionConfig(**stored["cond_config"]) if stored else make_condition_config(
-        train, unet_fields, conditions, class_names)
-    cond_encoder = ConditionEncoder(cond_cfg)
-    unet_cfg = UNetConfig(**{**unet_fields, "in_channels": c, "out_channels": c, "latent_size": h,
-                             "context_dim": cond_encoder.context_dim,
-                             "concat_channels": concat_channels(spec, c)})
-    denoiser = Denoiser(UNet(unet_cfg), cond_encoder).to(device)
-    if train.channels_last and device.type == "cuda":
-        denoiser.unet.to(memory_format=torch.channels_last)
-    ema = EMA(denoiser, decay=train.ema_decay)
+    # Stage two: UNet + condition encoder, EMA, AdamW with linear warm-up. Seeded again, so the initial
+    # weights do not depend on what stage one drew (training an autoencoder, filling the cache).
+    seed_everything(config.seed)
+    cond_config = ConditionConfig(**stored["cond_config"]) if stored else make_condition_config(
+        config, unet_fields, conditions, class_names)
+    denoiser = make_denoiser(config, unet_fields, cond_config, task_spec(config), (c, h, w), device)
+    ema = EMA(denoiser, decay=config.ema_decay)
     schedule = diffusion.make_schedule().to(device)
-    opt = torch.optim.AdamW(denoiser.parameters(), lr=train.lr, weight_decay=train.weight_decay,
+    opt = torch.optim.AdamW(denoiser.parameters(), lr=config.lr, weight_decay=config.weight_decay,
                             fused=device.type == "cuda")
-    lr_at = lambda step: train.lr * min(1.0, (step + 1) / max(train.warmup_steps, 1))  # noqa: E731
-    start_step = 0
-    if stored:
-        denoiser.load_state_dict(stored["denoiser"])
-        ema.load_state_dict(stored["ema_state"])
-        opt.load_state_dict(stored["optimizer"])
-        set_rng_state(stored["rng"])
-        start_step = stored["step"]
-        print(f"resumed from {ckpt_path} at step {start_step}")
+    start_step = resume(stored, denoiser, ema, opt, ckpt_path)
     n_params, n_unet = (sum(p.numel() for p in m.parameters()) / 1e6 for m in (denoiser, denoiser.unet))
-    print(f"denoiser: {n_params:.2f} M parameters (UNet {n_unet:.2f} M), cond={train.cond}, task={train.task}, "
+    print(f"denoiser: {n_params:.2f} M parameters (UNet {n_unet:.2f} M), cond={config.cond}, task={config.task}, "
           f"device={device}" + (f", process {world.rank} of {world.size}" if world.enabled else ""))
-    if train.compile:
-        denoiser.unet.compile()  # in place: the state_dict keys (and so the checkpoints) stay the same
-    # Data parallel: DDP averages the gradients of the processes' shares after every backward.
-    model = DistributedDataParallel(denoiser, device_ids=[device.index] if device.type == "cuda" else None,
-                                    find_unused_parameters=True) if world.enabled else denoiser
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=train.amp and device.type == "cuda")
+    model = prepare_for_training(denoiser, config, world, device)  # compiled, wrapped in DDP under torchrun
     log = JSONLLogger(out / "log.jsonl", resume_step=start_step if stored else None) if world.is_main else None
-    latents_dev = latents.to(device) * scale
-    flipped_dev = flipped.to(device) * scale if flipped is not None else None
-    concat_dev = concat_all.to(device) if concat_all is not None else None
-    concat_flipped_dev = concat_dev.flip(-1) if concat_dev is not None and flipped_dev is not None else None
-    pixels_dev = conditions["pixels"].to(device) if train.task == "inpaint" else None
-    sample_cond, sample_concat, n_grid = sample_prompts(train, class_names), None, 8
-    if train.cond == "layout" or train.task != "generate":  # the grids show the first 8 held-out inputs
-        items = heldout_items(spec, *data_configs(asdict(train), args.data), 8, allow_fewer=True)
-        sample_cond, sample_concat = item_conditions(spec, items, (h, w), device, ae)
-        n_grid = len(items["image"])
+    data = TrainingSet.on_device(config, world, ae, latents, flipped, conditions, schedule.T, diffusion.p_uncond,
+                                 device)
+    grid = SampleGrid.for_run(config, class_names, args.data, (h, w), device, ae)
+    checkpoint = partial(save_ldm_checkpoint, ckpt_path, denoiser=denoiser, ema=ema, opt=opt, ae=ae,
+                         ae_path=ae_path, diffusion=diffusion, config=config, class_names=class_names, world=world)
+    draw = partial(save_samples, out, model=ema.model, schedule=schedule, ae=ae, grid=grid, diffusion=diffusion,
+                   config=config)
 
-    def checkpoint(step: int) -> None:
-        if not world.is_main:
-            return
-        payload = ldm_payload(denoiser, ema.model, ae, diffusion, train.image_size)
-        payload.update(train_config=asdict(train), step=step, optimizer=opt.state_dict(), rng=rng_state(),
-                       ema_state=ema.state_dict(), ae_path=str(ae_path), class_names=class_names,
-                       processes=world.size)
-        save_checkpoint(ckpt_path, payload, kind="ldm")
-
-    def draw(step: int) -> None:
-        if not world.is_main:
-            return
-        g = torch.Generator(device).manual_seed(0)
-        imgs = generate(ema.model, schedule, ae, sample_cond, n=n_grid, latent_size=(h, w),
-                        prediction=diffusion.prediction, steps=train.eval_steps, guidance_scale=train.eval_cfg,
-                        generator=g, concat=sample_concat)
-        save_image_grid(imgs, out / f"samples_{step:07d}.png", nrow=n_grid)
-
-    bar = tqdm(range(start_step, train.steps), initial=start_step, total=train.steps, desc="train_ldm",
-               **({} if world.is_main else {"disable": True}))
-    seen_since, steps_since, t_since, loss_sum = 0, 0, time.perf_counter(), 0.0
-    t_loop, done = time.perf_counter(), start_step
-    spread_max = 0.0
-    for step in bar:
-        denoiser.train()
-        # The step's global batch and its random draws: functions of the step, the same in every process
-        # (exact resume, with any number of processes); then this process's share of each.
-        idx_all = batch_indices(step, n=N, batch_size=train.batch_size, seed=train.seed).to(device)
-        g = torch.Generator(device).manual_seed(2**40 + train.seed * 1_000_003 + step)
-        flip_all = torch.rand(len(idx_all), 1, 1, 1, generator=g, device=device) < 0.5
-        t_all = torch.randint(0, schedule.T, (len(idx_all),), generator=g, device=device)
-        eps_all = torch.randn((len(idx_all), c, h, w), generator=g, device=device)
-        drop_all = torch.rand(len(idx_all), generator=torch.Generator().manual_seed(  # on the CPU: no sync
-            2**41 + train.seed * 1_000_003 + step)) < diffusion.p_uncond
-        idx, flip = world.shard(idx_all), world.shard(flip_all)
-        z0 = latents_dev[idx]
-        concat = concat_dev[idx] if concat_dev is not None else None
-        if flipped_dev is not None:  # each image in either orientation (its task input flipped with it)
-            z0 = torch.where(flip, flipped_dev[idx], z0)
-            concat = torch.where(flip, concat_flipped_dev[idx], concat) if concat is not None else None
-        if pixels_dev is not None:  # inpainting: this step's masks (a function of the step: exact resume)
-            x = pixels_dev[idx].float() / 127.5 - 1
-            x = torch.where(flip, x.flip(-1), x) if flipped_dev is not None else x
-            masks = random_mask(len(idx_all), *x.shape[-2:], generator=torch.Generator().manual_seed(
-                train.seed * 1_000_003 + step))
-            concat = inpaint_concat(ae, x, world.shard(masks).to(device))
-        condition = None
-        if train.cond == "text":
-            condition = [conditions["caption"][i] for i in idx.tolist()]
-        elif train.cond == "class":
-            condition = conditions["class_id"][idx.cpu()].to(device)
-        elif train.cond == "layout":
-            condition = {k: conditions[k][idx.cpu()].to(device) for k in ("box_classes", "boxes")}
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step)
-        with autocast:
-            loss = ldm_loss(model, schedule, z0, condition, diffusion, concat=concat, t=world.shard(t_all),
-                            eps=world.shard(eps_all).to(z0.dtype), drop=world.shard(drop_all))
-        loss_value = world.mean(loss.detach())  # one host sync per step: the NaN check needs it, the log too
-        if not math.isfinite(loss_value):
-            bar.close()
-            raise SystemExit(f"loss is {loss_value} at step {step}: stopping. The last good checkpoint is "
-                             f"{ckpt_path} (lower --lr, or check the latents' scale). Nothing was overwritten.")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(denoiser.parameters(), train.grad_clip)
-        opt.step()
-        if world.is_main:  # only rank 0 samples and saves: the others need no EMA
-            ema.update(denoiser)
-        if train.check_replicas:
-            spread_max = max(spread_max, replica_spread(denoiser, world))
-        loss_sum += loss_value
-        seen_since, steps_since = seen_since + len(idx_all), steps_since + 1
-        done = step + 1
-        if done % train.log_every == 0 or done == train.steps:
-            dt = time.perf_counter() - t_since
-            record = {"step": done, "loss": loss_sum / steps_since, "grad_norm": float(grad_norm),
-                      "lr": lr_at(step), "img_per_s": seen_since / dt}
-            if train.check_replicas:
-                record["replica_spread"], spread_max = spread_max, 0.0
-            if log is not None:
-                log.log(**record)
-            bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['img_per_s']:.0f}")
-            seen_since, steps_since, t_since, loss_sum = 0, 0, time.perf_counter(), 0.0
-        if done % train.sample_every == 0:
-            draw(done)
-        if done % train.ckpt_every == 0 or done == train.steps:
-            checkpoint(done)
-        if train.max_minutes and done < train.steps and world.any(
-                time.perf_counter() - t_loop > 60 * train.max_minutes, device):
-            if done % train.ckpt_every:
+    t_loop, done, window = time.perf_counter(), start_step, LogWindow(log, check_replicas=config.check_replicas)
+    with tqdm(range(start_step, config.steps), initial=start_step, total=config.steps, desc="train_ldm",
+              disable=not world.is_main) as bar:
+        for step in bar:
+            batch = data.batch(step)
+            lr = warmup_lr(step, config.lr, config.warmup_steps)
+            loss, grad_norm = train_step(model, opt, ema, schedule, batch, diffusion, config, step=step, lr=lr,
+                                         world=world, ckpt_path=ckpt_path)
+            window.add(loss, batch.images, replica_spread(denoiser, world) if config.check_replicas else 0.0)
+            done = step + 1
+            if done % config.log_every == 0 or done == config.steps:
+                record = window.write(done, grad_norm=grad_norm, lr=lr)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['img_per_s']:.0f}")
+            if done % config.sample_every == 0 and world.is_main:
+                draw(done)
+            if (done % config.ckpt_every == 0 or done == config.steps) and world.is_main:
                 checkpoint(done)
-            print(f"\nthe time budget of {train.max_minutes} min of training is spent after {done} steps; stopping")
-            break
-    bar.close()
-    if start_step >= train.steps:
-        print(f"already trained for {train.steps} steps; nothing to do (raise --steps to continue)")
+            if time_is_up(config, done, t_loop, world, device):
+                if done % config.ckpt_every and world.is_main:
+                    checkpoint(done)
+                print(f"\nthe time budget of {config.max_minutes} min of training is spent after {done} steps; "
+                      "stopping")
+                break
+    if start_step >= config.steps:
+        print(f"already trained for {config.steps} steps; nothing to do (raise --steps to continue)")
     train_seconds = time.perf_counter() - t_start
     world.barrier()
     if not world.is_main:  # rank 0 alone draws, evaluates and reports
@@ -487,20 +672,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     result = {"steps": done, "wall_seconds": train_seconds, "train_loop_seconds": time.perf_counter() - t_loop,
               "checkpoint": str(ckpt_path)}
-    draw(done)
-    print(f"samples: {out / f'samples_{done:07d}.png'}")
-    if train.dataset == "shapes" and train.cond == "text" and train.task == "generate" and train.eval_images > 0:
-        result.update(evaluate_shapes(ema.model, schedule, ae, train, diffusion, (h, w), device))
-        print(f"prompt faithfulness (color, shape and position all right): {result['prompt_faithfulness']:.1%} "
-              f"over {result['images']} prompts [color {result['color']:.1%}, shape {result['shape']:.1%}, "
-              f"position {result['position']:.1%}], {train.eval_steps} DDIM steps, guidance {train.eval_cfg}")
-    elif train.eval_images > 0 and scorable(spec, train.dataset) and (
-            train.cond in ("class", "layout") or train.task != "generate"):
-        scores = evaluate_task(ema.model, schedule, ae, train, diffusion, (h, w), device, args.data)
-        result.update(scores)
-        shown = {k: round(v, 4) for k, v in scores.items() if isinstance(v, float) and k != "seconds_per_image"}
-        print(f"evaluation (cond={train.cond}, task={train.task}, {scores['images']} held-out inputs, "
-              f"{train.eval_steps} DDIM steps, guidance {train.eval_cfg}): {shown}")
+    print(f"samples: {draw(done)}")
+    result.update(evaluate_run(ema.model, schedule, ae, config, diffusion, (h, w), device, args.data))
     (out / "eval.json").write_text(json.dumps(result, indent=1))
     print(f"done in {time.perf_counter() - t_start:.0f} s; checkpoint {ckpt_path}")
     teardown_distributed(world)

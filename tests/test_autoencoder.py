@@ -1,4 +1,5 @@
-"""Tests for tinyldm/autoencoder.py, tinyldm/ae_loss.py and tinyldm/metrics.py: the maths, not just shapes."""
+"""Tests for tinyldm/autoencoder.py, tinyldm/autoencoder_loss.py and tinyldm/evaluation/metrics.py: the maths,
+not just shapes."""
 
 import math
 import sys

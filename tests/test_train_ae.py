@@ -1,4 +1,4 @@
-"""Tests for train_ae.py and tinyldm/train_utils.py: checkpoints, exact resume, flags, presets, plumbing."""
+"""Tests for train_ae.py and tinyldm/training/ (checkpoints, flags, EMA, random state): exact resume, presets."""
 
 import argparse
 import json

@@ -8,7 +8,7 @@ D maps it back, x_rec = D(z). App. G gives the two regularizers we implement:
 
 * KL-reg.: E outputs the mean and log-variance of a diagonal Gaussian q_E(z|x) = N(E_mu, E_sigma^2);
   training samples z = E_mu + E_sigma * eps and penalizes KL(q_E(z|x) || N(0, I)) with a tiny
-  weight (1e-6 in the paper's configs; the weight itself lives in `ae_loss.AELossConfig`).
+  weight (1e-6 in the paper's configs; the weight itself lives in `autoencoder_loss.AELossConfig`).
   The closed-form KL is that of Kingma & Welling (arXiv 1312.6114, App. B).
 * VQ-reg.: a codebook of K vectors; every latent pixel is replaced by its nearest code
   (van den Oord et al., arXiv 1711.00937, Eq. (1)-(3)) with a straight-through gradient and the
@@ -38,7 +38,7 @@ Deliberate simplifications
   training step initializes the whole codebook from data. The codebook is still learned by
   gradient (the codebook loss), not by EMA updates.
 * KL: no learned output log-variance (CompVis' `logvar` parameter); the reconstruction loss is a
-  plain L1/L2 (see ae_loss.py).
+  plain L1/L2 (see autoencoder_loss.py).
 
 Symbols: x image in [-1, 1]; z latent (B, z_channels, H/f, W/f); mean/logvar: E_mu, log E_sigma^2;
 z_e encoder output before quantization, z_q quantized latent, e_k codebook vector k.
@@ -414,7 +414,7 @@ class Autoencoder(nn.Module):
 
     @classmethod
     def from_checkpoint(cls, ckpt: dict, *, prefer_ema: bool = True) -> Autoencoder:
-        """Rebuild from a train_ae.py checkpoint dict (see train_utils.load_checkpoint); EMA if present."""
+        """Rebuild from a train_ae.py checkpoint dict (see training.checkpoint.load_checkpoint); EMA if present."""
         entry = ckpt.get("ema_autoencoder") if prefer_ema else None
         return cls.from_dict(entry if entry is not None else ckpt["autoencoder"]).eval()
 

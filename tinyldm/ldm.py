@@ -152,7 +152,7 @@ def build_denoiser(unet_config: dict, cond_config: dict) -> Denoiser:
 
 
 def load_ldm(ckpt: dict, *, use_ema: bool = True) -> tuple[Denoiser, NoiseSchedule, Autoencoder, DiffusionConfig]:
-    """Rebuild (denoiser, schedule, autoencoder, config) from a checkpoint dict (train_utils.load_checkpoint)."""
+    """Rebuild (denoiser, schedule, autoencoder, config) from a checkpoint dict (`load_checkpoint`'s)."""
     denoiser = build_denoiser(ckpt["unet_config"], ckpt["cond_config"])
     weights = ckpt["ema"] if use_ema and ckpt.get("ema") is not None else ckpt["denoiser"]
     denoiser.load_state_dict(weights)

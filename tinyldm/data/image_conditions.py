@@ -299,7 +299,7 @@ def composite(x_generated: Tensor, x_known: Tensor, mask: Tensor) -> Tensor:
 def masked_psnr(x: Tensor, y: Tensor, mask: Tensor) -> Tensor:
     """Per-image PSNR in dB over the missing region only (mask == 1), shape (B,).
 
-    Same conventions as `tinyldm.metrics.psnr`: images in [-1, 1] (clamped), compared on [0, 1] (peak 1,
+    Same conventions as `tinyldm.evaluation.metrics.psnr`: images in [-1, 1] (clamped), compared on [0, 1] (peak 1,
     i.e. data range 2 in [-1, 1]); MSE over the hole's pixels and all channels. Every mask needs a hole.
     """
     _check_images(x)

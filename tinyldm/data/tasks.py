@@ -1,9 +1,9 @@
 """Each task's inputs and score: what the latent cache keeps for training, the held-out items a trained model
 is evaluated on, the tensor concatenated to z_t, and the number that says how well the task worked.
 
-`tasks.py` holds the maths of each input (maps, low-res images, masks); this module wires them to the data
-and the sampler, with nothing but explicit arguments, so `train_ldm.py`, `sample.py` and the notebooks share
-one definition of every task:
+`image_conditions.py` holds the maths of each input (maps, low-res images, masks); this module wires them to
+the data and the sampler, with nothing but explicit arguments, so `train_ldm.py`, `sample.py` and the notebooks
+share one definition of every task:
 
     spec = TaskSpec(task="superres", cond="none", sr_factor=4)
     items = heldout_items(spec, DataConfig(source="shapes", image_size=32), ShapesConfig(image_size=32), n=64)
