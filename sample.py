@@ -2,7 +2,7 @@
 
     python sample.py --ckpt runs/ldm-shapes/ldm.pt --prompt "a red circle in the top left" --n 8
     python sample.py --ckpt runs/ldm-shapes/ldm.pt --prompt "a blue square in the center" --guidance 5 --steps 25
-    python sample.py --ckpt runs/ldm-class/ldm.pt --class "red circle" --n 16
+    python sample.py --ckpt runs/ldm-shapes_class/ldm.pt --class "red circle" --n 16
     python sample.py --ckpt runs/ldm-celeba64/ldm.pt --n 16 --height 128 --width 128   # beyond training size
     python sample.py --ckpt runs/ldm-shapes_semantic/ldm.pt --from_eval 8   # layout / map / low-res models
     python sample.py --ckpt runs/ldm-shapes_semantic/ldm.pt --from_eval 4 --height 64 --width 64   # 2x2 mosaics

@@ -1,8 +1,8 @@
 """Train the second stage: a (conditional) diffusion model in the latent space of a frozen autoencoder.
 
     python train_ldm.py --preset shapes                      # the CPU demo: autoencoder, LDM, samples, score
-    python train_ldm.py --preset shapes --ae runs/ae-shapes/ae.pt --out runs/ldm-shapes
-    python train_ldm.py --preset celeba64 --data /path/to/celeba --ae runs/ae-celeba64/ae.pt
+    python train_ldm.py --preset shapes --ae runs/ae-shapes/autoencoder.pt --out runs/ldm-shapes
+    python train_ldm.py --preset celeba64 --data /path/to/celeba --ae runs/ae-celeba64/autoencoder.pt
     python train_ldm.py --out runs/ldm-shapes --resume       # continue exactly where it stopped
     python train_ldm.py --preset shapes --smoke --out /tmp/ldm-smoke    # seconds; what CI runs
     torchrun --nproc_per_node=4 train_ldm.py --preset shapes64          # data parallel; --batch_size is global

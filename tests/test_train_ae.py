@@ -153,7 +153,7 @@ def test_save_image_grid(tmp_path):
 # ---------------------------------------------------------------------------------------------- presets
 
 
-def test_presets_build_the_configs_the_issue_asks_for():
+def test_presets_build_valid_configs_with_their_named_factor_and_regularizer():
     for name, preset in train_ae.PRESETS.items():
         assert set(preset) <= {f for cls in train_ae.CONFIGS for f in cls.__dataclass_fields__}, name
         ae = build_config(AutoencoderConfig, preset)
