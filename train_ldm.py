@@ -640,8 +640,9 @@ def main(argv: list[str] | None = None) -> dict:
                    config=config)
 
     t_loop, done, window = time.perf_counter(), start_step, LogWindow(log, check_replicas=config.check_replicas)
+    quiet = {} if world.is_main else {"disable": True}  # rank 0 keeps tqdm's default, so TQDM_DISABLE=1 works
     with tqdm(range(start_step, config.steps), initial=start_step, total=config.steps, desc="train_ldm",
-              disable=not world.is_main) as bar:
+              **quiet) as bar:
         for step in bar:
             batch = data.batch(step)
             lr = warmup_lr(step, config.lr, config.warmup_steps)

@@ -1,6 +1,10 @@
 """train_ldm.py and sample.py end to end, in their smoke settings (CPU, seconds)."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,6 +13,8 @@ import sample
 import train_ldm
 from tinyldm.data.tasks import TaskSpec, data_configs, generate_from_items, heldout_items, task_concat
 from tinyldm.training.checkpoint import CheckpointError, load_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +37,18 @@ def test_smoke_run_writes_checkpoint_grid_log_and_score(tmp_path, ae_path):
     assert 0.0 <= result["prompt_faithfulness"] <= 1.0 and result["images"] == 4
     ckpt = torch.load(tmp_path / "ldm.pt", weights_only=True)  # plain tensors and values only
     assert ckpt["kind"] == "ldm" and ckpt["step"] == 6 and "autoencoder" in ckpt
+
+
+@pytest.mark.parametrize("disabled", [True, False])
+def test_progress_bar_follows_tqdm_disable(tmp_path, ae_path, disabled):
+    """TQDM_DISABLE=1 (what the notebooks set, to keep bars out of their saved outputs) silences the bar.
+    tqdm reads the variable when it is imported, hence a fresh process."""
+    env = {k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"} | ({"TQDM_DISABLE": "1"} if disabled else {})
+    proc = subprocess.run([sys.executable, "train_ldm.py", "--smoke", "--out", str(tmp_path / "run"), "--ae",
+                           str(ae_path), "--device", "cpu", "--eval_images", "0"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "done in" in proc.stdout and ("train_ldm:" in proc.stderr) != disabled
 
 
 def test_resume_continues_exactly(tmp_path, ae_path):
