@@ -31,6 +31,7 @@ from tinyldm.data.tasks import TaskSpec, data_configs, generate_from_items, held
 from tinyldm.evaluation.viz import label_image, save_image_grid
 from tinyldm.ldm import generate, load_ldm
 from tinyldm.training.checkpoint import load_checkpoint
+from tinyldm.training.flags import check_sampling_steps
 from tinyldm.training.loop import pick_device
 
 
@@ -157,6 +158,7 @@ def main(argv: list[str] | None = None) -> dict:
     device = pick_device(args.device)
     ckpt = load_checkpoint(args.ckpt, kind="ldm")
     denoiser, schedule, ae, diffusion = load_ldm(ckpt, use_ema=not args.no_ema)
+    check_sampling_steps(schedule.T, args.steps)
     denoiser, ae, schedule = denoiser.to(device), ae.to(device), schedule.to(device)
     kind = denoiser.cond.cfg.kind
     task = ckpt.get("train_config", {}).get("task", "generate")

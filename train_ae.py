@@ -44,7 +44,7 @@ from tinyldm.training.checkpoint import load_checkpoint, save_checkpoint
 from tinyldm.training.distributed import World, leave, replica_spread
 from tinyldm.training.distributed import setup as setup_distributed
 from tinyldm.training.distributed import teardown as teardown_distributed
-from tinyldm.training.flags import add_config_args, build_config, config_fields
+from tinyldm.training.flags import add_config_args, build_config, check_data_flags, config_fields
 from tinyldm.training.loop import (
     EMA,
     JSONLLogger,
@@ -454,6 +454,7 @@ def resolve_configs(
     else:
         base = {**PRESETS[args.preset], **(SMOKE if args.smoke else {})}
     ae_config, loss_config, config = (build_config(cls, base, overrides) for cls in CONFIGS)
+    check_data_flags(config.dataset, args.data, config.hflip)
     return ae_config, loss_config, config, ckpt
 
 

@@ -68,7 +68,7 @@ from tinyldm.training.checkpoint import load_checkpoint, save_checkpoint
 from tinyldm.training.distributed import World, leave, replica_spread
 from tinyldm.training.distributed import setup as setup_distributed
 from tinyldm.training.distributed import teardown as teardown_distributed
-from tinyldm.training.flags import add_config_args, build_config
+from tinyldm.training.flags import add_config_args, build_config, check_data_flags, check_sampling_steps
 from tinyldm.training.loop import (
     EMA,
     JSONLLogger,
@@ -186,6 +186,9 @@ def resolve_configs(args: argparse.Namespace, stored: dict | None) -> tuple[Trai
         raise SystemExit(f"--cond must be one of {', '.join(CONDS)}, got {config.cond!r}")
     if config.task not in TASKS:
         raise SystemExit(f"--task must be one of {', '.join(TASKS)}, got {config.task!r}")
+    check_data_flags(config.dataset, args.data, config.hflip)
+    diffusion = build_config(DiffusionConfig, *layers)
+    check_sampling_steps(diffusion.T, config.eval_steps, "--eval_steps")
     if (config.cond == "layout" or config.task == "semantic") and config.dataset != "shapes":
         raise SystemExit(f"--cond {config.cond} / --task {config.task} need boxes or maps: only the shapes dataset has "
                          "them here")
@@ -193,7 +196,7 @@ def resolve_configs(args: argparse.Namespace, stored: dict | None) -> tuple[Trai
     for derived in ("in_channels", "out_channels", "latent_size"):
         if derived in vars(args):
             raise SystemExit(f"--{derived} is set from the autoencoder; do not pass it")
-    return config, unet_fields, build_config(DiffusionConfig, *layers)
+    return config, unet_fields, diffusion
 
 
 def get_autoencoder(args: argparse.Namespace, config: TrainLDMConfig, out: Path) -> Path:
@@ -207,6 +210,8 @@ def get_autoencoder(args: argparse.Namespace, config: TrainLDMConfig, out: Path)
         cmd = ["--preset", config.ae_preset, "--out", str(out / "ae"), "--device", args.device]
         cmd += ["--smoke"] if args.smoke else []
         cmd += ["--steps", str(config.ae_steps)] if config.ae_steps and not args.smoke else []
+        if config.dataset != "shapes":  # the first stage learns the same images as the second
+            cmd += ["--dataset", config.dataset, "--data", str(args.data), "--image_size", str(config.image_size)]
         print(f"no --ae given: training the autoencoder first (python train_ae.py {' '.join(cmd)})")
         train_ae.main(cmd, single_process=True)  # under torchrun only rank 0 gets here; the others wait
     return path

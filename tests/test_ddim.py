@@ -32,11 +32,25 @@ def test_timesteps_spacings():
     assert make_timesteps(1000, 1000, "uniform") == list(range(999, -1, -1))
     assert make_timesteps(1000, 10, "trailing")[0] == 999
     for spacing in ["uniform", "trailing", "linspace"]:
-        for steps in [1, 7, 50, 999]:
+        for steps in [1, 7, 50, 500, 999]:
+            if spacing == "uniform" and steps == 999:
+                continue  # refused, see below
             ts = make_timesteps(1000, steps, spacing)
             assert len(ts) == steps and all(0 <= t < 1000 for t in ts) and ts == sorted(ts, reverse=True)
     with pytest.raises(ValueError, match="spacing"):
         make_timesteps(1000, 10, "quadratic")
+
+
+@pytest.mark.parametrize("steps", [501, 600, 999])
+def test_uniform_spacing_refuses_stride_one_short_of_the_full_chain(steps):
+    """With T/2 < steps < T, T // steps = 1: 'uniform' would be 0..steps-1 and start at t = steps - 1 (600 steps:
+    t = 599, alpha_bar 0.16, far from pure noise). It is refused; trailing and linspace start at T - 1."""
+    with pytest.raises(ValueError, match="trailing"):
+        make_timesteps(1000, steps, "uniform")
+    for spacing in ("trailing", "linspace"):
+        ts = make_timesteps(1000, steps, spacing)
+        assert ts[0] == 999 and len(ts) == steps
+    assert make_timesteps(1000, 500, "uniform")[0] == 999  # stride 2: 2 * 499 + 1
 
 
 @pytest.mark.parametrize("prediction", ["eps", "x0", "v"])

@@ -260,3 +260,10 @@ def test_identity_first_stage_checkpoint_trains_a_pixel_space_ldm(tmp_path):
     ldm = load_checkpoint(tmp_path / "ldm" / "ldm.pt", kind="ldm")
     assert ldm["unet_config"]["latent_size"] == 32 and ldm["unet_config"]["in_channels"] == 3
 
+
+@pytest.mark.parametrize("flags, message", [(["--data", "."], "--dataset folder"), (["--hflip", "true"], "--hflip"),
+                                            (["--dataset", "folder"], "--data PATH")])
+def test_data_flags_the_dataset_would_ignore_are_refused(tmp_path, flags, message):
+    with pytest.raises(SystemExit, match=message):
+        train_ae.main(["--preset", "shapes", "--smoke", "--out", str(tmp_path), *flags])
+    assert not (tmp_path / "autoencoder.pt").exists()

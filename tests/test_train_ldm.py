@@ -312,3 +312,43 @@ def test_smoke_run_on_a_gpu_trains_samples_and_resumes(tmp_path):
     assert a["step"] == b["step"] == 6 and list((tmp_path / "straight").glob("samples_*.png"))
     for k, v in a["denoiser"].items():
         assert torch.isfinite(v).all() and torch.allclose(v, b["denoiser"][k], atol=1e-3), k
+
+
+def _noise_photos(folder: Path, n: int) -> Path:
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(0)
+    for i in range(n):
+        pixels = torch.randint(0, 256, (20, 24, 3), generator=g, dtype=torch.uint8).numpy()
+        Image.fromarray(pixels).save(folder / f"img_{i:02d}.png")
+    return folder
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--data", "FOLDER"], "--dataset folder"),  # the shapes preset would train on shapes and ignore the folder
+    (["--hflip", "true"], "--hflip"),  # mirrored shapes whose captions still say left / right
+    (["--dataset", "folder"], "--data PATH"),
+    (["--eval_steps", "600"], "trailing"),  # 'uniform' spacing would start at t = 599
+])
+def test_data_and_sampling_flags_that_would_be_ignored_or_wrong_are_refused(tmp_path, ae_path, flags, message):
+    flags = [str(_noise_photos(tmp_path / "photos", 4)) if f == "FOLDER" else f for f in flags]
+    with pytest.raises(SystemExit, match=message):
+        run(tmp_path / "run", ae_path, *flags)
+    assert not (tmp_path / "run" / "ldm.pt").exists()  # refused before anything was trained
+
+
+def test_sample_refuses_steps_that_uniform_spacing_cannot_place(tmp_path, ae_path):
+    run(tmp_path / "run", ae_path)
+    with pytest.raises(SystemExit, match="trailing"):
+        sample.main(["--ckpt", str(tmp_path / "run" / "ldm.pt"), "--prompt", "a red circle", "--steps", "600",
+                     "--device", "cpu", "--out", str(tmp_path / "grid.png")])
+
+
+def test_without_ae_the_autoencoder_learns_the_same_folder(tmp_path):
+    """--dataset folder without --ae: the first stage is trained on that folder, not on the preset's shapes."""
+    photos = _noise_photos(tmp_path / "photos", 24)
+    train_ldm.main(["--preset", "celeba64", "--smoke", "--dataset", "folder", "--data", str(photos),
+                    "--out", str(tmp_path / "run"), "--device", "cpu"])
+    ae = load_checkpoint(tmp_path / "run" / "ae" / "autoencoder.pt", kind="autoencoder")
+    assert ae["train_config"]["dataset"] == "folder" and ae["train_config"]["image_size"] == 32

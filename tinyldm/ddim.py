@@ -49,7 +49,8 @@ def make_timesteps(T: int, steps: int, spacing: str = "uniform") -> list[int]:
     """The descending timesteps a sampler visits.
 
     uniform:  every c = T // steps-th step, shifted by one: c*i + 1 (CompVis "uniform" DDIM spacing,
-              diffusers' "leading" with steps_offset=1).
+              diffusers' "leading" with steps_offset=1). With T / 2 < steps < T the stride c is 1 and the
+              sequence would stop at t = steps - 1, far from pure noise: refused (use trailing or linspace).
     trailing: round(T - i * T / steps) - 1, which always starts at T - 1 (diffusers "trailing").
     linspace: round(linspace(0, T - 1, steps)).
     """
@@ -57,6 +58,10 @@ def make_timesteps(T: int, steps: int, spacing: str = "uniform") -> list[int]:
         raise ValueError(f"steps must be in 1..T={T}, got {steps}")
     if spacing == "uniform":
         c = T // steps
+        if c == 1 and steps < T:
+            raise ValueError(f"uniform spacing with {steps} of T={T} steps has stride 1 and would start at "
+                             f"t={steps - 1}, not near t={T - 1}: use at most {T // 2} steps, all {T}, or "
+                             "spacing 'trailing' / 'linspace'")
         ts = [c * i + 1 if c > 1 else c * i for i in range(steps)]  # with c = 1 (all T steps) no shift
     elif spacing == "trailing":
         ts = [round(T - i * T / steps) - 1 for i in range(steps)][::-1]

@@ -34,6 +34,7 @@ from tinyldm.evaluation.features import InceptionFeatures, extract, load_classif
 from tinyldm.evaluation.metrics import frechet_from_features, kernel_distance, precision_recall
 from tinyldm.ldm import load_ldm
 from tinyldm.training.checkpoint import load_checkpoint
+from tinyldm.training.flags import check_sampling_steps
 from tinyldm.training.loop import pick_device
 
 
@@ -72,6 +73,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
     ckpt_path = Path(args.ckpt)
     ckpt = load_checkpoint(ckpt_path, kind="ldm")
     denoiser, schedule, ae, diffusion = load_ldm(ckpt)
+    check_sampling_steps(schedule.T, args.steps)
     denoiser, ae = denoiser.to(device), ae.to(device)
     schedule = schedule.to(device)
     train_config = ckpt["train_config"]

@@ -75,3 +75,28 @@ def build_config(cls: type, *layers: dict) -> Any:
     for layer in layers:
         merged.update({k: v for k, v in layer.items() if k in names})
     return cls(**merged)
+
+
+def check_data_flags(dataset: str, data: str | None, hflip: bool) -> None:
+    """Refuse a data flag that the chosen dataset would ignore or get wrong, naming the flag to use instead."""
+    if dataset != "shapes" and data is None:
+        raise SystemExit(f"--dataset {dataset} needs --data PATH: the folder of images (folder), the CelebA root "
+                         "(celeba) or the LSUN folder or LMDB export (lsun)")
+    if dataset == "shapes" and data is not None:
+        raise SystemExit(f"--data {data} would be ignored: the dataset is the built-in shapes (the preset's). "
+                         "Add --dataset folder (or celeba, lsun) to train on those images")
+    if dataset == "shapes" and hflip:
+        raise SystemExit("--hflip does not apply to the shapes dataset: its captions, boxes and maps say left and "
+                         "right, which a mirrored image would contradict. Drop --hflip (it is for folder / celeba / "
+                         "lsun)")
+
+
+def check_sampling_steps(T: int, steps: int, flag: str = "--steps") -> None:
+    """The sampler's timestep sequence for `steps` steps of a T-step schedule, refused up front with the flag's
+    name instead of failing after training or loading (see `tinyldm.ddim.make_timesteps`)."""
+    from tinyldm.ddim import make_timesteps
+
+    try:
+        make_timesteps(T, steps)
+    except ValueError as e:
+        raise SystemExit(f"{flag} {steps}: {e}") from None
