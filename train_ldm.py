@@ -40,7 +40,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from tinyldm.autoencoder import Autoencoder
-from tinyldm.conditioning import ConditionConfig, ConditionEncoder, Tokenizer
+from tinyldm.conditioning import ConditionConfig, ConditionEncoder, Tokenizer, split_words
 from tinyldm.data.image_conditions import random_mask
 from tinyldm.data.images import make_dataset
 from tinyldm.data.latents import file_digest, latent_cache
@@ -244,12 +244,17 @@ def make_condition_config(config: TrainLDMConfig, unet_fields: dict, conditions:
         if not any(captions):
             raise SystemExit("--cond text needs captions, and this dataset has none (use --cond class or none)")
         tokenizer = Tokenizer.from_texts(list(captions))
-        unknown = sorted({w for p in FIXED_PROMPTS for w in tokenizer.unknown_words(p)})
-        if unknown:
-            print(f"warning: words of the sample prompts never seen in training captions: {unknown}")
-        vocab = tokenizer.vocab
-        return ConditionConfig(kind="text", context_dim=width, vocab=vocab, max_len=config.max_tokens,
-                               layers=config.text_layers, head_dim=config.text_head_dim)
+        if config.dataset == "shapes":  # the grids' fixed prompts; other data sets draw held-out captions
+            unknown = sorted({w for p in FIXED_PROMPTS for w in tokenizer.unknown_words(p)})
+            if unknown:
+                print(f"warning: words of the sample prompts never seen in training captions: {unknown}")
+        longest = max(len(split_words(c)) for c in captions) + 2  # with <bos> and <eos>
+        if longest > config.max_tokens:  # sized from the data: no caption is cut
+            print(f"captions have up to {longest} tokens with <bos>/<eos>: the text encoder reads {longest} "
+                  f"(--max_tokens {config.max_tokens} raised to fit)")
+        return ConditionConfig(kind="text", context_dim=width, vocab=tokenizer.vocab,
+                               max_len=max(config.max_tokens, longest), layers=config.text_layers,
+                               head_dim=config.text_head_dim)
     if config.cond == "class":
         num_classes = len(class_names) or int(conditions["class_id"].max()) + 1
         if int(conditions["class_id"].min()) < 0:
@@ -520,11 +525,15 @@ class SampleGrid:
 
     @classmethod
     def for_run(cls, config: TrainLDMConfig, class_names: list[str], data_root: str | None,
-                latent_hw: tuple[int, int], device: torch.device, ae: Autoencoder) -> SampleGrid:
-        if config.cond == "layout" or config.task != "generate":  # the first 8 held-out inputs
+                latent_hw: tuple[int, int], device: torch.device, ae: Autoencoder, max_len: int) -> SampleGrid:
+        held_out_captions = config.cond == "text" and config.dataset != "shapes"
+        if config.cond == "layout" or config.task != "generate" or held_out_captions:  # the first 8 held-out inputs
             spec = task_spec(config)
             items = heldout_items(spec, *data_configs(asdict(config), data_root), 8, allow_fewer=True)
-            return cls(*item_conditions(spec, items, latent_hw, device, ae), len(items["image"]), latent_hw, device)
+            condition, concat = item_conditions(spec, items, latent_hw, device, ae)
+            if held_out_captions:  # words past the text encoder's length are left out of the grid's prompts
+                condition = [" ".join(split_words(c)[: max_len - 2]) for c in condition]
+            return cls(condition, concat, len(items["image"]), latent_hw, device)
         return cls(sample_prompts(config, class_names), None, 8, latent_hw, device)
 
 
@@ -638,7 +647,7 @@ def main(argv: list[str] | None = None) -> dict:
     log = JSONLLogger(out / "log.jsonl", resume_step=start_step if stored else None) if world.is_main else None
     data = TrainingSet.on_device(config, world, ae, latents, flipped, conditions, schedule.T, diffusion.p_uncond,
                                  device)
-    grid = SampleGrid.for_run(config, class_names, args.data, (h, w), device, ae)
+    grid = SampleGrid.for_run(config, class_names, args.data, (h, w), device, ae, cond_config.max_len)
     checkpoint = partial(save_ldm_checkpoint, ckpt_path, denoiser=denoiser, ema=ema, opt=opt, ae=ae,
                          ae_path=ae_path, diffusion=diffusion, config=config, class_names=class_names, world=world)
     draw = partial(save_samples, out, model=ema.model, schedule=schedule, ae=ae, grid=grid, diffusion=diffusion,

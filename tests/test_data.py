@@ -226,6 +226,24 @@ def test_splits_are_disjoint_stable_and_subset_by_max_images(tmp_path):
         folder_dataset(DataConfig(source="folder", root=str(tmp_path), eval_fraction=0.0), "eval")
 
 
+def test_a_small_folder_the_hash_rule_holds_nothing_out_of_still_gets_an_eval_split(tmp_path):
+    """A folder of a few dozen images can have no file in the 5% that the hash rule holds out (a folder of 28
+    did); it used to stop with "the 'eval' split is empty". The files with the lowest hashes are held out."""
+    from tinyldm.data.images import _in_eval
+
+    cfg = DataConfig(source="folder", root=str(tmp_path), image_size=8)
+    names = [f"img_{i:03d}.png" for i in range(200) if not _in_eval(f"img_{i:03d}.png", cfg)][:20]
+    for i, name in enumerate(names):
+        Image.new("RGB", (8, 8), (10 * i, 0, 0)).save(tmp_path / name)
+    with pytest.warns(UserWarning, match="holding out the 1 with the lowest hash"):
+        held_out = folder_dataset(cfg, "eval").items
+    with pytest.warns(UserWarning, match="19 to train on"):
+        train = folder_dataset(cfg, "train").items
+    assert len(held_out) == 1 and len(train) == 19 and not set(train) & set(held_out)
+    with pytest.warns(UserWarning):
+        assert folder_dataset(cfg, "eval").items == held_out  # the same file every time
+
+
 def test_make_dataset_shapes():
     ds = make_dataset(DataConfig(image_size=32, max_images=10))
     assert len(ds) == 10 and ds[0]["image"].shape == (3, 32, 32)

@@ -352,3 +352,31 @@ def test_without_ae_the_autoencoder_learns_the_same_folder(tmp_path):
                     "--out", str(tmp_path / "run"), "--device", "cpu"])
     ae = load_checkpoint(tmp_path / "run" / "ae" / "autoencoder.pt", kind="autoencoder")
     assert ae["train_config"]["dataset"] == "folder" and ae["train_config"]["image_size"] == 32
+
+
+def test_long_captions_size_the_text_encoder_and_grids_use_held_out_captions(tmp_path, ae_path, capsys):
+    """Captions longer than --max_tokens (16) used to stop training; CelebA's attribute captions reach 22 tokens.
+    The text encoder is now sized from the data, and a folder's sample grids show its own held-out captions,
+    not the shapes prompts."""
+    photos = _noise_photos(tmp_path / "photos", 40)
+    words = "a photo of a smiling person with wavy brown hair and heavy makeup wearing lipstick earrings and a hat"
+    lines = [json.dumps({"file_name": f"img_{i:02d}.png", "text": f"{words} number {i}"}) for i in range(40)]
+    (photos / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    longest = len(words.split()) + 2 + 2  # + "number i", <bos>, <eos>
+    assert longest > 16
+    run(tmp_path / "run", ae_path, "--preset", "celeba64", "--dataset", "folder", "--data", str(photos),
+        "--cond", "text")
+    out = capsys.readouterr().out
+    assert f"captions have up to {longest} tokens" in out and "sample prompts never seen" not in out
+    ckpt = load_checkpoint(tmp_path / "run" / "ldm.pt", kind="ldm")
+    assert ckpt["cond_config"]["max_len"] == longest
+    from PIL import Image
+
+    from tinyldm.data.images import DataConfig, make_dataset
+
+    held_out = len(make_dataset(DataConfig(source="folder", root=str(photos), image_size=32), "eval"))
+    grid = Image.open(tmp_path / "run" / "samples_0000006.png")
+    assert 1 <= held_out < 8 and (grid.width - 2) // 34 == held_out  # one column per held-out caption
+    r = sample.main(["--ckpt", str(tmp_path / "run" / "ldm.pt"), "--prompt", f"{words} number 3", "--steps", "2",
+                     "--device", "cpu", "--out", str(tmp_path / "grid.png")])
+    assert r["images"] == 8

@@ -35,7 +35,7 @@ import json
 import os
 import posixpath
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from math import ceil
 from pathlib import Path
@@ -203,18 +203,38 @@ class ImageDataset(Dataset):
 # --- the sources -------------------------------------------------------------------------------
 
 
-def _in_eval(key: str, config: DataConfig) -> bool:
+def _split_hash(key: str, config: DataConfig) -> float:
     digest = hashlib.blake2b(f"{config.split_seed}:{key}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") / 2**64 < config.eval_fraction
+    return int.from_bytes(digest, "little") / 2**64  # uniform in [0, 1)
+
+
+def _in_eval(key: str, config: DataConfig) -> bool:
+    return _split_hash(key, config) < config.eval_fraction
+
+
+def _small_set_held_out(keys: Sequence[str], config: DataConfig, name: str) -> set[str] | None:
+    """A small set where the hash rule holds out nothing: the round(eval_fraction * n) keys (at least one) with
+    the lowest hashes are held out instead, so that a folder of a few dozen images has an evaluation split
+    too. Still a function of the file names alone. None when the ordinary rule holds something out."""
+    if len(keys) < 2 or config.eval_fraction <= 0 or any(_in_eval(key, config) for key in keys):
+        return None
+    k = max(1, round(config.eval_fraction * len(keys)))
+    held_out = set(sorted(keys, key=lambda key: _split_hash(key, config))[:k])
+    warnings.warn(f"{name}: {len(keys)} images, and eval_fraction={config.eval_fraction} of them by the hash "
+                  f"rule is none: holding out the {k} with the lowest hash instead ({len(keys) - k} to train on)",
+                  stacklevel=4)
+    return held_out
 
 
 def _select(keys: Iterable[str], split: str, config: DataConfig, name: str) -> list[str]:
     """The `keys` in the hash-based split, the first `max_images` of them (stops reading there)."""
     if split not in ("train", "eval", "all"):
         raise ValueError(f"{name}: split must be 'train', 'eval' or 'all', got {split!r}")
+    held_out = _small_set_held_out(keys, config, name) if isinstance(keys, Sequence) and split != "all" else None
+    in_eval = (lambda key: key in held_out) if held_out is not None else (lambda key: _in_eval(key, config))
     chosen = []
     for key in keys:
-        if split == "all" or _in_eval(key, config) == (split == "eval"):
+        if split == "all" or in_eval(key) == (split == "eval"):
             chosen.append(key)
             if len(chosen) == config.max_images:
                 break
