@@ -108,6 +108,8 @@ SHAPES = dict(
 PRESETS: dict[str, dict] = {
     "shapes": SHAPES,
     "shapes_vq": {**SHAPES, "regularizer": "vq", "n_codes": 512},
+    # Your own images on a CPU: the shapes recipe at 32 px on --data DIR (`python train_ae.py --data DIR` picks it).
+    "folder": {**SHAPES, "dataset": "folder", "n_train": 0},
     # GPU-sized shapes: 64 px -> 16 x 16 x 4 latents (what train_ldm.py's shapes64 preset uses).
     "shapes64": {**SHAPES, "image_size": 64, "batch_size": 64, "steps": 6000, "lr": 5e-4, "image_every": 1000,
                  "ckpt_every": 2000, "n_eval": 1000, "stats_images": 4096, "base_channels": 64,
@@ -428,7 +430,8 @@ def final_metrics(state: TrainState, train_set: Dataset, held_out: Dataset, conf
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="shapes", choices=sorted(PRESETS))
+    p.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                   help="default: folder when --data is given, else shapes")
     p.add_argument("--smoke", action="store_true", help="shrink the preset to a seconds-long CPU run")
     p.add_argument("--out", default="runs/ae", help="output folder")
     p.add_argument("--data", default=None, help="dataset folder (folder / celeba / lsun)")
@@ -436,7 +439,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--resume", nargs="?", const="auto", default=None,
                    help="continue from a checkpoint (default: OUT/autoencoder.pt)")
     add_config_args(p, *CONFIGS)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.preset is None:
+        args.preset = "folder" if args.data else "shapes"
+        if args.data:
+            print(f"--data {args.data} without --preset: using the folder preset (32 px, CPU-sized)")
+    return args
 
 
 def resolve_configs(

@@ -31,7 +31,7 @@ import math
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -91,7 +91,8 @@ class TrainLDMConfig:
     hflip: bool = False  # folder / celeba / lsun only; both orientations are cached
     ae_preset: str = "shapes"  # what train_ae.py trains when --ae is not given
     ae_steps: int = 0  # its training steps when --ae is not given (0: the ae_preset's own)
-    cond: str = "text"  # cross-attended: "text", "class", "layout" (shapes: boxes + classes) or "none"
+    cond: str = "text"  # cross-attended: "text", "class", "layout" (shapes: boxes + classes), "none", or "auto"
+    #                     (what the data holds: captions -> text, class sub-folders -> class, else none)
     task: str = "generate"  # concatenated: "generate" (nothing), "semantic" (shapes' map), "superres" (low-res x4),
     #                         "inpaint" (the masked image's latent + the mask; a fresh random mask every step)
     max_shapes: int = 1  # shapes: objects per image (1..9); layouts and semantic maps want several
@@ -138,6 +139,10 @@ PRESETS: dict[str, dict] = {
     "shapes_inpaint": {**_SHAPES_CONCAT, "task": "inpaint"},
     # GPU-sized: 64 px images -> 16 x 16 x 4 latents; the tiny text-to-image UNet whose training speed the
     # benchmark (python -m tinyldm.tools.bench) measures on CUDA.
+    # Your own images on a CPU (32 px, the demo's model size): `python train_ldm.py --data DIR` picks it. --cond auto
+    # reads what the folder holds: captions (metadata.jsonl or .txt) -> text, class sub-folders -> class, else none.
+    "folder": {**_SHAPES_DEMO, "dataset": "folder", "ae_preset": "folder", "cond": "auto", "n_train": 0,
+               "eval_images": 0},
     "shapes64": dict(image_size=64, ae_preset="shapes64", n_train=50_000, batch_size=256, steps=8000, lr=4e-4,
                      channels=128, channel_mult=(1, 2, 2), attn_resolutions=(16, 8), context_dim=256),
     "celeba64": dict(dataset="celeba", image_size=64, ae_preset="celeba64", cond="none", n_train=0, hflip=True,
@@ -163,7 +168,8 @@ FIXED_PROMPTS = [  # the sample grids' prompts, in the shapes dataset's phrasing
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="shapes", choices=sorted(PRESETS))
+    p.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                   help="default: folder when --data is given, else shapes")
     p.add_argument("--smoke", action="store_true", help="shrink everything to a seconds-long CPU run")
     p.add_argument("--out", default=None, help="output folder (default runs/ldm-<preset>)")
     p.add_argument("--ae", default=None, help="autoencoder checkpoint from train_ae.py (default: train one)")
@@ -171,7 +177,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")
     p.add_argument("--resume", action="store_true", help="continue from <out>/ldm.pt")
     add_config_args(p, TrainLDMConfig, UNetConfig, DiffusionConfig)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.preset is None:
+        args.preset = "folder" if args.data else "shapes"
+        if args.data:
+            print(f"--data {args.data} without --preset: using the folder preset (32 px, CPU-sized)")
+    return args
 
 
 def resolve_configs(args: argparse.Namespace, stored: dict | None) -> tuple[TrainLDMConfig, dict, DiffusionConfig]:
@@ -182,11 +193,13 @@ def resolve_configs(args: argparse.Namespace, stored: dict | None) -> tuple[Trai
     saved = [{**stored["train_config"], **stored["unet_config"], **stored["diffusion_config"]}] if stored else []
     layers = [base, *saved, vars(args)]
     config = build_config(TrainLDMConfig, *layers)
+    check_data_flags(config.dataset, args.data, config.hflip)
+    if config.cond == "auto":
+        config = replace(config, cond=detect_condition(config, args.data))
     if config.cond not in CONDS:
-        raise SystemExit(f"--cond must be one of {', '.join(CONDS)}, got {config.cond!r}")
+        raise SystemExit(f"--cond must be one of {', '.join(CONDS)} or auto, got {config.cond!r}")
     if config.task not in TASKS:
         raise SystemExit(f"--task must be one of {', '.join(TASKS)}, got {config.task!r}")
-    check_data_flags(config.dataset, args.data, config.hflip)
     diffusion = build_config(DiffusionConfig, *layers)
     check_sampling_steps(diffusion.T, config.eval_steps, "--eval_steps")
     if (config.cond == "layout" or config.task == "semantic") and config.dataset != "shapes":
@@ -197,6 +210,21 @@ def resolve_configs(args: argparse.Namespace, stored: dict | None) -> tuple[Trai
         if derived in vars(args):
             raise SystemExit(f"--{derived} is set from the autoencoder; do not pass it")
     return config, unet_fields, diffusion
+
+
+def detect_condition(config: TrainLDMConfig, data_root: str | None) -> str:
+    """--cond auto: captions (on any training image) -> "text", a class for every image -> "class", else "none";
+    the shapes dataset -> "text". Reads the file list and the caption / class metadata, not the images."""
+    if config.dataset == "shapes":
+        return "text"
+    dataset = make_dataset(data_configs(asdict(config), data_root)[0], "train")
+    n, captioned = len(dataset), sum(bool(c) for c in dataset.captions)
+    classes = sorted(set(dataset.class_ids)) if min(dataset.class_ids) >= 0 else []
+    cond = "text" if captioned else "class" if len(classes) > 1 else "none"
+    found = (f"captions for {captioned} of {n} images" if captioned else
+             f"{len(classes)} class sub-folders" if len(classes) > 1 else "no captions and no class sub-folders")
+    print(f"--cond auto: {dataset.name} has {n} training images with {found} -> --cond {cond}")
+    return cond
 
 
 def get_autoencoder(args: argparse.Namespace, config: TrainLDMConfig, out: Path) -> Path:

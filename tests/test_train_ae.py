@@ -267,3 +267,16 @@ def test_data_flags_the_dataset_would_ignore_are_refused(tmp_path, flags, messag
     with pytest.raises(SystemExit, match=message):
         train_ae.main(["--preset", "shapes", "--smoke", "--out", str(tmp_path), *flags])
     assert not (tmp_path / "autoencoder.pt").exists()
+
+
+def test_data_alone_picks_the_folder_preset(tmp_path, capsys):
+    from PIL import Image
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(24):
+        Image.new("RGB", (20, 24), (10 * i, 50, 200 - 5 * i)).save(photos / f"{i:02d}.png")
+    metrics = train_ae.main(["--data", str(photos), "--smoke", "--out", str(tmp_path / "ae")])
+    assert "using the folder preset" in capsys.readouterr().out and metrics["psnr"] == metrics["psnr"]
+    ckpt = load_checkpoint(tmp_path / "ae" / "autoencoder.pt", kind="autoencoder")
+    assert ckpt["train_config"]["dataset"] == "folder"

@@ -326,7 +326,7 @@ def _noise_photos(folder: Path, n: int) -> Path:
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--data", "FOLDER"], "--dataset folder"),  # the shapes preset would train on shapes and ignore the folder
+    (["--preset", "shapes", "--data", "FOLDER"], "--dataset folder"),  # shapes would be trained, the folder ignored
     (["--hflip", "true"], "--hflip"),  # mirrored shapes whose captions still say left / right
     (["--dataset", "folder"], "--data PATH"),
     (["--eval_steps", "600"], "trailing"),  # 'uniform' spacing would start at t = 599
@@ -380,3 +380,25 @@ def test_long_captions_size_the_text_encoder_and_grids_use_held_out_captions(tmp
     r = sample.main(["--ckpt", str(tmp_path / "run" / "ldm.pt"), "--prompt", f"{words} number 3", "--steps", "2",
                      "--device", "cpu", "--out", str(tmp_path / "grid.png")])
     assert r["images"] == 8
+
+
+@pytest.mark.parametrize("layout, cond", [("captions", "text"), ("classes", "class"), ("plain", "none")])
+def test_data_alone_picks_the_folder_preset_and_the_condition_the_folder_holds(tmp_path, capsys, layout, cond):
+    """`python train_ldm.py --data DIR`: the folder preset, --cond auto from what DIR holds, an autoencoder
+    trained on DIR; the first lines say what was found and chosen."""
+    root = tmp_path / "photos"
+    if layout == "classes":
+        _noise_photos(root / "cats", 12), _noise_photos(root / "dogs", 12)
+    else:
+        _noise_photos(root, 24)
+    if layout == "captions":
+        for i in range(24):
+            (root / f"img_{i:02d}.txt").write_text(f"a noisy picture number {i}")
+    result = train_ldm.main(["--data", str(root), "--smoke", "--out", str(tmp_path / "run"), "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert "without --preset: using the folder preset" in out and f"-> --cond {cond}" in out
+    assert result["steps"] == 6
+    ckpt = load_checkpoint(tmp_path / "run" / "ldm.pt", kind="ldm")
+    assert ckpt["cond_config"]["kind"] == cond and ckpt["train_config"]["dataset"] == "folder"
+    ae = load_checkpoint(tmp_path / "run" / "ae" / "autoencoder.pt", kind="autoencoder")
+    assert ae["train_config"]["dataset"] == "folder"

@@ -220,9 +220,9 @@ def _small_set_held_out(keys: Sequence[str], config: DataConfig, name: str) -> s
         return None
     k = max(1, round(config.eval_fraction * len(keys)))
     held_out = set(sorted(keys, key=lambda key: _split_hash(key, config))[:k])
-    warnings.warn(f"{name}: {len(keys)} images, and eval_fraction={config.eval_fraction} of them by the hash "
-                  f"rule is none: holding out the {k} with the lowest hash instead ({len(keys) - k} to train on)",
-                  stacklevel=4)
+    warnings.warn(f"{name}: {len(keys)} images, none of which the hash rule (eval_fraction="
+                  f"{config.eval_fraction}) holds out: holding out the {k} with the lowest hash instead "
+                  f"({len(keys) - k} to train on)", stacklevel=2)
     return held_out
 
 
