@@ -17,7 +17,8 @@ seeds). The celeba / lsun presets use LPIPS like the paper (pip install lpips; i
 backbone weights are a one-time download); --perceptual_weight 0 trains without it.
 
 Writes into --out: autoencoder.pt (checkpoint), log.jsonl (one line per logged step, terms averaged
-since the previous line), recon_XXXXXXX.png (top row held-out inputs, bottom row reconstructions)
+since the previous line), recon_XXXXXXX.png (top row held-out inputs, bottom row reconstructions), loss.png
+(the loss so far)
 and, at the end, metrics.json (held-out PSNR / SSIM, KL or codebook statistics, latent statistics).
 """
 
@@ -39,7 +40,7 @@ from tqdm import tqdm
 from tinyldm.autoencoder import AEOutput, Autoencoder, AutoencoderConfig, codebook_stats, latent_statistics
 from tinyldm.autoencoder_loss import AELoss, AELossConfig
 from tinyldm.evaluation.metrics import psnr, ssim
-from tinyldm.evaluation.viz import save_image_grid
+from tinyldm.evaluation.viz import save_image_grid, save_loss_curve
 from tinyldm.training.checkpoint import load_checkpoint, save_checkpoint
 from tinyldm.training.distributed import World, leave, replica_spread
 from tinyldm.training.distributed import setup as setup_distributed
@@ -359,12 +360,14 @@ def reconstruct(model: Autoencoder, x: torch.Tensor) -> torch.Tensor:
 
 
 def save_reconstructions(state: TrainState, grid_x: torch.Tensor, path: Path, logger: JSONLLogger, done: int) -> None:
-    """Top row held-out inputs, bottom row their reconstructions; logs the grid's PSNR (8 images: a quick look)."""
+    """Top row held-out inputs, bottom row their reconstructions; logs the grid's PSNR (8 images: a quick look);
+    redraws loss.png, the autoencoder's loss so far."""
     eval_model = state.eval_model
     eval_model.eval()
     grid_rec = reconstruct(eval_model, grid_x)
     save_image_grid(torch.cat([grid_x, grid_rec]), path, nrow=8)
     logger.log(step=done, grid_psnr=psnr(grid_rec, grid_x).mean())
+    save_loss_curve(logger.path, path.with_name("loss.png"), key="loss_ae")  # beside the grids, for long runs
     state.model.train()
 
 

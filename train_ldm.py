@@ -19,7 +19,8 @@ shapes_layout, shapes_semantic, shapes_sr, shapes_inpaint. Each ends with its ow
 
 Writes into --out: ldm.pt (a self-contained checkpoint: UNet, EMA, condition encoder, schedule,
 autoencoder, configs), latents.pt (the latent cache, keyed by the autoencoder file and data settings),
-log.jsonl, samples_XXXXXXX.png (fixed prompts or held-out inputs, EMA weights) and eval.json: for the
+log.jsonl, samples_XXXXXXX.png (fixed prompts or held-out inputs, EMA weights), loss.png (the loss curve so
+far) and eval.json: for the
 shapes dataset the prompt faithfulness measured by the shapes evaluator, or the task's own score.
 """
 
@@ -61,7 +62,7 @@ from tinyldm.data.tasks import (
     score_items,
     task_concat,
 )
-from tinyldm.evaluation.viz import save_image_grid
+from tinyldm.evaluation.viz import save_image_grid, save_loss_curve
 from tinyldm.ldm import Denoiser, DiffusionConfig, generate, ldm_loss, ldm_payload
 from tinyldm.schedule import NoiseSchedule
 from tinyldm.training.checkpoint import load_checkpoint, save_checkpoint
@@ -567,13 +568,15 @@ class SampleGrid:
 
 def save_samples(out: Path, step: int, *, model: Denoiser, schedule: NoiseSchedule, ae: Autoencoder, grid: SampleGrid,
                  diffusion: DiffusionConfig, config: TrainLDMConfig) -> Path:
-    """<out>/samples_XXXXXXX.png: one row of images for the grid's conditions (the EMA weights, a fixed seed)."""
+    """<out>/samples_XXXXXXX.png: one row of images for the grid's conditions (the EMA weights, a fixed seed);
+    <out>/loss.png: the loss curve so far."""
     path = out / f"samples_{step:07d}.png"
     g = torch.Generator(grid.device).manual_seed(0)
     images = generate(model, schedule, ae, grid.condition, n=grid.n, latent_size=grid.latent_hw,
                       prediction=diffusion.prediction, steps=config.eval_steps, guidance_scale=config.eval_cfg,
                       generator=g, concat=grid.concat)
     save_image_grid(images, path, nrow=grid.n)
+    save_loss_curve(out / "log.jsonl", out / "loss.png")  # the loss so far, beside the grids
     return path
 
 

@@ -177,7 +177,7 @@ def test_smoke_run_writes_a_loadable_checkpoint_and_metrics(tmp_path):
     metrics = run(tmp_path, "--smoke", "--ema_decay", "0.9")
     out = tmp_path / "run"
     assert {"autoencoder.pt", "metrics.json", "log.jsonl"} <= {p.name for p in out.iterdir()}
-    assert list(out.glob("recon_*.png"))
+    assert list(out.glob("recon_*.png")) and (out / "loss.png").exists()  # grids and the loss curve
     assert json.loads((out / "metrics.json").read_text())["psnr"] == pytest.approx(metrics["psnr"])
     ckpt = load_checkpoint(out / "autoencoder.pt", kind="autoencoder")
     assert ckpt["step"] == 6 and ckpt["ae_config"]["base_channels"] == 8

@@ -32,6 +32,7 @@ def run(out, ae_path, *flags):
 def test_smoke_run_writes_checkpoint_grid_log_and_score(tmp_path, ae_path):
     result = run(tmp_path, ae_path)
     assert (tmp_path / "ldm.pt").exists() and (tmp_path / "samples_0000006.png").exists()
+    assert (tmp_path / "loss.png").exists()  # the loss curve beside the grids
     records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [2, 4, 6] and all(r["loss"] > 0 for r in records)
     assert 0.0 <= result["prompt_faithfulness"] <= 1.0 and result["images"] == 4

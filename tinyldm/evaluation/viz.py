@@ -72,3 +72,52 @@ def save_image_grid(images: torch.Tensor, path: str | os.PathLike, *, nrow: int 
     Image.fromarray(array[:, :, 0] if images.shape[1] == 1 else array).save(tmp, format="PNG")
     os.replace(tmp, path)
     return path
+
+
+# Plot area of `save_curve`'s PNG, in pixels: left, top, right, bottom.
+CURVE_SIZE, CURVE_BOX = (480, 240), (64, 24, 464, 200)
+
+
+def save_curve(steps: list[float], values: list[float], path: str | os.PathLike, *, title: str,
+               log_y: bool = True) -> Path:
+    """A line plot of `values` against `steps` as a PNG, drawn with pillow alone (no matplotlib needed), written
+    atomically: for watching a long run's loss beside its sample grids. With `log_y` the vertical axis is
+    log10(value), where a loss falling by a constant factor per step is a straight line."""
+    from PIL import Image, ImageDraw
+
+    if len(steps) != len(values) or not steps:
+        raise ValueError(f"need as many steps as values, and at least one: got {len(steps)} and {len(values)}")
+    ys = [math.log10(v) if log_y else v for v in values]  # (log_y: values must be > 0)
+    x0, x1, y0, y1 = min(steps), max(steps), min(ys), max(ys)
+    left, top, right, bottom = CURVE_BOX
+    to_x = lambda s: left + (right - left) * ((s - x0) / (x1 - x0) if x1 > x0 else 0.5)  # noqa: E731
+    to_y = lambda y: bottom - (bottom - top) * ((y - y0) / (y1 - y0) if y1 > y0 else 0.5)  # noqa: E731
+    image = Image.new("RGB", CURVE_SIZE, "white")
+    draw = ImageDraw.Draw(image)
+    draw.rectangle(CURVE_BOX, outline=(160, 160, 160))
+    draw.line([(to_x(s), to_y(y)) for s, y in zip(steps, ys, strict=True)], fill=(31, 119, 180), width=2)
+    label = (lambda y: f"{10 ** y:.3g}") if log_y else (lambda y: f"{y:.3g}")
+    draw.text((4, top - 6), label(y1), fill="black")
+    draw.text((4, bottom - 6), label(y0), fill="black")
+    draw.text((left, bottom + 6), f"{x0:g}", fill="black")
+    draw.text((right - 40, bottom + 6), f"{x1:g}", fill="black")
+    draw.text((left, 4), title + (" (log scale)" if log_y else ""), fill="black")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    image.save(tmp, format="PNG")
+    os.replace(tmp, path)
+    return path
+
+
+def save_loss_curve(log_path: str | os.PathLike, path: str | os.PathLike, *, key: str = "loss") -> Path | None:
+    """`save_curve` of the records of a JSONL training log (tinyldm.training.loop.JSONLLogger) that hold `key`;
+    None while there are fewer than two."""
+    import json
+
+    records = [json.loads(line) for line in Path(log_path).read_text().splitlines() if line.strip()]
+    points = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float)) and r[key] > 0]
+    if len(points) < 2:
+        return None
+    steps, values = zip(*points, strict=True)
+    return save_curve(list(steps), list(values), path, title=f"{key} per step, {Path(log_path).parent.name}")
