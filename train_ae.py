@@ -45,7 +45,7 @@ from tinyldm.training.checkpoint import load_checkpoint, save_checkpoint
 from tinyldm.training.distributed import World, leave, replica_spread
 from tinyldm.training.distributed import setup as setup_distributed
 from tinyldm.training.distributed import teardown as teardown_distributed
-from tinyldm.training.flags import add_config_args, build_config, check_data_flags, config_fields
+from tinyldm.training.flags import add_config_args, build_config, check_data_flags, config_fields, default_preset
 from tinyldm.training.loop import (
     EMA,
     JSONLLogger,
@@ -442,12 +442,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--resume", nargs="?", const="auto", default=None,
                    help="continue from a checkpoint (default: OUT/autoencoder.pt)")
     add_config_args(p, *CONFIGS)
-    args = p.parse_args(argv)
-    if args.preset is None:
-        args.preset = "folder" if args.data else "shapes"
-        if args.data:
-            print(f"--data {args.data} without --preset: using the folder preset (32 px, CPU-sized)")
-    return args
+    return default_preset(p.parse_args(argv))
 
 
 def resolve_configs(

@@ -69,7 +69,7 @@ from tinyldm.training.checkpoint import load_checkpoint, save_checkpoint
 from tinyldm.training.distributed import World, leave, replica_spread
 from tinyldm.training.distributed import setup as setup_distributed
 from tinyldm.training.distributed import teardown as teardown_distributed
-from tinyldm.training.flags import add_config_args, build_config, check_data_flags, check_sampling_steps
+from tinyldm.training.flags import add_config_args, build_config, check_data_flags, check_sampling_steps, default_preset
 from tinyldm.training.loop import (
     EMA,
     JSONLLogger,
@@ -138,12 +138,12 @@ PRESETS: dict[str, dict] = {
     "shapes_semantic": {**_SHAPES_CONCAT, "task": "semantic"},
     "shapes_sr": {**_SHAPES_CONCAT, "task": "superres"},
     "shapes_inpaint": {**_SHAPES_CONCAT, "task": "inpaint"},
-    # GPU-sized: 64 px images -> 16 x 16 x 4 latents; the tiny text-to-image UNet whose training speed the
-    # benchmark (python -m tinyldm.tools.bench) measures on CUDA.
     # Your own images on a CPU (32 px, the demo's model size): `python train_ldm.py --data DIR` picks it. --cond auto
     # reads what the folder holds: captions (metadata.jsonl or .txt) -> text, class sub-folders -> class, else none.
     "folder": {**_SHAPES_DEMO, "dataset": "folder", "ae_preset": "folder", "cond": "auto", "n_train": 0,
                "eval_images": 0},
+    # GPU-sized: 64 px images -> 16 x 16 x 4 latents; the tiny text-to-image UNet whose training speed the
+    # benchmark (python -m tinyldm.tools.bench) measures on CUDA.
     "shapes64": dict(image_size=64, ae_preset="shapes64", n_train=50_000, batch_size=256, steps=8000, lr=4e-4,
                      channels=128, channel_mult=(1, 2, 2), attn_resolutions=(16, 8), context_dim=256),
     "celeba64": dict(dataset="celeba", image_size=64, ae_preset="celeba64", cond="none", n_train=0, hflip=True,
@@ -178,12 +178,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")
     p.add_argument("--resume", action="store_true", help="continue from <out>/ldm.pt")
     add_config_args(p, TrainLDMConfig, UNetConfig, DiffusionConfig)
-    args = p.parse_args(argv)
-    if args.preset is None:
-        args.preset = "folder" if args.data else "shapes"
-        if args.data:
-            print(f"--data {args.data} without --preset: using the folder preset (32 px, CPU-sized)")
-    return args
+    return default_preset(p.parse_args(argv))
 
 
 def resolve_configs(args: argparse.Namespace, stored: dict | None) -> tuple[TrainLDMConfig, dict, DiffusionConfig]:

@@ -2,7 +2,9 @@
 
 Flags left unset stay absent from the parsed namespace, so `build_config` can merge layers in order:
 a named preset, then what a checkpoint stored, then what the command line says (`--resume` with a
-larger `--steps` continues a run with its own settings and the new step count).
+larger `--steps` continues a run with its own settings and the new step count). The checks below refuse,
+with the flag to use, what a run would otherwise ignore or get wrong: data flags the dataset does not read, and
+step counts the sampler's spacing cannot place.
 """
 
 from __future__ import annotations
@@ -75,6 +77,15 @@ def build_config(cls: type, *layers: dict) -> Any:
     for layer in layers:
         merged.update({k: v for k, v in layer.items() if k in names})
     return cls(**merged)
+
+
+def default_preset(args: argparse.Namespace) -> argparse.Namespace:
+    """No --preset: "folder" when --data names one (your own images, said on the first line), else "shapes"."""
+    if args.preset is None:
+        args.preset = "folder" if args.data else "shapes"
+        if args.data:
+            print(f"--data {args.data} without --preset: using the folder preset (32 px, CPU-sized)")
+    return args
 
 
 def check_data_flags(dataset: str, data: str | None, hflip: bool) -> None:

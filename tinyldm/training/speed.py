@@ -6,7 +6,7 @@
 * `torch.compile` needs nothing here: the scripts call `model.compile()` in place (`--compile`), so the
   state_dict keys, and with them the checkpoints, stay the same.
 
-Each path is tested against the plain code it replaces (tests/test_ddim.py, tests/test_bench.py).
+Each path is tested against the plain code it replaces (tests/test_bench.py; the CUDA cases need a GPU).
 """
 
 from __future__ import annotations
