@@ -75,9 +75,10 @@ class TrainAEConfig:
     adam_beta1: float = 0.5  # (0.5, 0.9): the GAN-friendly betas of VQGAN / CompVis
     adam_beta2: float = 0.9
     ema_decay: float = 0.0  # 0 disables the EMA of weights
-    amp: bool = True  # bf16 autocast, CUDA only
+    amp: bool = False  # bf16 autocast (CUDA only). Off: in a pair of otherwise equal 64 px GPU runs it cost 2.5 dB PSNR
     seed: int = 0
     check_replicas: bool = False  # under torchrun: log the largest difference between the processes' weights
+    tensorboard: bool = False  # also log to <out>/tensorboard (pip install 'tinyldm[tensorboard]')
     num_workers: int = 0
     log_every: int = 50
     image_every: int = 500
@@ -117,26 +118,50 @@ PRESETS: dict[str, dict] = {
                  "num_res_blocks": 2, "mid_attention": True, "norm_groups": 32, "disc_start": 4000,
                  "disc_channels": 64, "disc_layers": 3},
 }
-# The paper's first stages (App. G and the released CompVis configs): f=4 KL with c=3, f=8 KL with c=4,
-# f=4 VQ with |Z|=8192; 128 channels, 2 ResBlocks per level, LPIPS + PatchGAN from step 50001.
-for _data in ("celeba", "lsun"):
-    for _size in (64, 128):
-        _base = dict(
-            dataset=_data, image_size=_size, n_train=0, n_eval=1000, hflip=True, batch_size=16, steps=200_000,
-            lr=4.5e-6 * 16, ema_decay=0.0, num_workers=4, log_every=100, image_every=2000, ckpt_every=5000,
-            stats_images=4096,
-            base_channels=128, channel_mult=(1, 2, 4), num_res_blocks=2, z_channels=3, mid_attention=True,
-            perceptual_weight=1.0, disc_start=50_001, disc_weight=0.5, disc_layers=3,
-        )
-        PRESETS[f"{_data}{_size}"] = _base
-        PRESETS[f"{_data}{_size}_f8"] = {**_base, "channel_mult": (1, 2, 4, 4), "z_channels": 4}
-        PRESETS[f"{_data}{_size}_vq"] = {**_base, "regularizer": "vq", "n_codes": 8192}
+# The paper's first stages, each value from the released CompVis configs (CompVis/latent-diffusion,
+# models/first_stage_models/{kl-f4,kl-f8,vq-f4}/config.yaml) unless marked "ours":
+#   ddconfig: ch 128, ch_mult (1,2,4) for f=4 or (1,2,4,4) for f=8, num_res_blocks 2 (their Decoder runs
+#   num_res_blocks + 1 = 3 per level), attention only in the middle block (attn_resolutions []), dropout 0;
+#   kl-f4: embed_dim 3; kl-f8: embed_dim 4; vq-f4: embed_dim 3, n_embed 8192;
+#   loss: L1 + LPIPS (perceptual_weight 1) + PatchGAN (3 layers, 64 channels, hinge), and
+#     KL: kl_weight 1e-6, disc_start 50001, disc_weight 0.5 (LPIPSWithDiscriminator);
+#     VQ: codebook_weight 1.0, disc_start 0, disc_weight 0.75 (VQLPIPSWithDiscriminator);
+#   base_learning_rate 4.5e-6, multiplied by the batch size as their main.py does (scale_lr); Adam (0.5, 0.9).
+# Ours: the image sizes (64 / 128 / 256 px instead of 256 crops), batch sizes and step counts, which fit one GPU.
+_PAPER_AE = dict(
+    n_train=0, n_eval=1000, num_workers=4, log_every=100, image_every=2000, ckpt_every=5000, stats_images=4096,
+    ema_decay=0.0, base_channels=128, channel_mult=(1, 2, 4), num_res_blocks=2, decoder_res_blocks=3, z_channels=3,
+    mid_attention=True, dropout=0.0, rec_loss="l1", perceptual_weight=1.0, disc_layers=3, disc_channels=64,
+    disc_loss="hinge", kl_weight=1e-6, disc_start=50_001, disc_weight=0.5, adam_beta1=0.5, adam_beta2=0.9,
+)
+_F8 = {"channel_mult": (1, 2, 4, 4), "z_channels": 4}  # kl-f8
+_VQ = {"regularizer": "vq", "n_codes": 8192, "codebook_weight": 1.0, "disc_start": 0, "disc_weight": 0.75}  # vq-f4
 
-# --smoke shrinks any preset to a seconds-long CPU run.
+
+def _paper_ae(dataset: str, size: int, batch_size: int, steps: int, hflip: bool) -> dict:
+    return dict(_PAPER_AE, dataset=dataset, image_size=size, batch_size=batch_size, steps=steps, hflip=hflip,
+                lr=4.5e-6 * batch_size)
+
+
+for _data in ("celeba", "lsun"):  # hflip: ours for CelebA; CompVis' LSUN loader flips with p = 0.5
+    for _size in (64, 128):
+        _base = _paper_ae(_data, _size, batch_size=16, steps=200_000, hflip=True)
+        PRESETS[f"{_data}{_size}"] = _base
+        PRESETS[f"{_data}{_size}_f8"] = {**_base, **_F8}
+        PRESETS[f"{_data}{_size}_vq"] = {**_base, **_VQ}
+# Your own images on one GPU (what train_ldm.py's folder64 / folder128 / folder256 use): vq-f4 at 64 and 128 px
+# (16 x 16 x 3 and 32 x 32 x 3 latents, as the paper's CelebA-HQ / FFHQ / LSUN-bedrooms LDM-4s), kl-f8 at 256 px
+# (32 x 32 x 4, as LSUN-churches and Stable Diffusion). No flips: a caption may say left or right.
+PRESETS["folder64"] = {**_paper_ae("folder", 64, batch_size=32, steps=100_000, hflip=False), **_VQ}
+PRESETS["folder128"] = {**_paper_ae("folder", 128, batch_size=16, steps=150_000, hflip=False), **_VQ}
+PRESETS["folder256"] = {**_paper_ae("folder", 256, batch_size=8, steps=200_000, hflip=False), **_F8}
+
+# --smoke shrinks any preset to a seconds-long CPU run. It keeps the preset's loss terms: the discriminator joins
+# at step 3, and LPIPS (photo presets) runs with a random backbone, so that no weights are downloaded.
 SMOKE = dict(
     image_size=16, n_train=64, n_eval=8, batch_size=4, steps=6, warmup_steps=0, log_every=2, image_every=3,
     ckpt_every=3, stats_images=8, num_workers=0, base_channels=8, num_res_blocks=1, norm_groups=4,
-    n_codes=16, perceptual_weight=0.0, disc_start=3, disc_channels=8, disc_layers=1,
+    n_codes=16, lpips_pretrained=False, disc_start=3, disc_channels=8, disc_layers=1,
 )
 CONFIGS = (AutoencoderConfig, AELossConfig, TrainAEConfig)
 
@@ -368,6 +393,7 @@ def save_reconstructions(state: TrainState, grid_x: torch.Tensor, path: Path, lo
     save_image_grid(torch.cat([grid_x, grid_rec]), path, nrow=8)
     logger.log(step=done, grid_psnr=psnr(grid_rec, grid_x).mean())
     save_loss_curve(logger.path, path.with_name("loss.png"), key="loss_ae")  # beside the grids, for long runs
+    logger.image("reconstructions", path, done)
     state.model.train()
 
 
@@ -499,6 +525,21 @@ def save_identity(ae_config: AutoencoderConfig, loss_config: AELossConfig, confi
     return {"latent": asdict(stats), "checkpoint": str(ckpt_path)}
 
 
+def describe_loss(loss: AELossConfig, ae: AutoencoderConfig) -> str:
+    """The training objective in one line, e.g. "L1 + 1 x LPIPS (vgg) + 1e-06 x KL + 0.5 x PatchGAN from step 50001"."""
+    terms = [loss.rec_loss.upper()]
+    if loss.perceptual_weight > 0:
+        backbone = "" if loss.lpips_pretrained else ", random backbone: a plumbing check, not a perceptual loss"
+        terms.append(f"{loss.perceptual_weight:g} x LPIPS ({loss.lpips_net}{backbone})")
+    if ae.regularizer == "kl":
+        terms.append(f"{loss.kl_weight:g} x KL")
+    elif ae.regularizer == "vq":
+        terms.append(f"{loss.codebook_weight:g} x codebook")
+    if loss.disc_weight > 0:
+        terms.append(f"{loss.disc_weight:g} x PatchGAN ({loss.disc_loss}) from step {loss.disc_start}")
+    return " + ".join(terms)
+
+
 def main(argv: list[str] | None = None, *, single_process: bool = False) -> dict:
     """`single_process`: train here alone even inside a torchrun job (train_ldm.py's rank 0 uses it)."""
     args = parse_args(argv)
@@ -518,7 +559,9 @@ def main(argv: list[str] | None = None, *, single_process: bool = False) -> dict
     print(f"autoencoder: {n_params / 1e6:.2f}M params, f={ae_config.downsample_factor}, {ae_config.regularizer}, "
           f"latent {z_shape} for {config.image_size}px; {len(train_set)} train / {len(held_out)} held-out images; "
           f"device {device}; steps {start}..{config.steps}")
-    logger = JSONLLogger(out / "log.jsonl", resume_step=start if ckpt is not None else None) if world.is_main else None
+    print(f"loss: {describe_loss(loss_config, ae_config)}; bf16 autocast {'on' if config.amp else 'off'} (CUDA only)")
+    logger = JSONLLogger(out / "log.jsonl", resume_step=start if ckpt is not None else None,
+                         tensorboard=out / "tensorboard" if config.tensorboard else None) if world.is_main else None
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and config.amp)
     grid_x = next(first_images(held_out, 8, 8)).to(device)
     loader = make_loader(train_set, config, start, world, device)
@@ -556,6 +599,7 @@ def main(argv: list[str] | None = None, *, single_process: bool = False) -> dict
     write_checkpoint(ckpt_path, state, configs, step=config.steps, rng=rng_after_training, metrics=metrics)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     print(format_metrics(metrics))
+    logger.close()
     if not single_process:
         teardown_distributed(world)
     return metrics

@@ -111,6 +111,7 @@ class TrainLDMConfig:
     amp: bool = True  # bf16 autocast, CUDA only
     compile: bool = False  # torch.compile the UNet
     channels_last: bool = True  # CUDA only: the UNet's convolutions in NHWC layout (faster with bf16)
+    tensorboard: bool = False  # also log to <out>/tensorboard (pip install 'tinyldm[tensorboard]')
     max_minutes: float = 0.0  # > 0: stop after this much training-loop time (a wall-clock budget), checkpointed
     check_replicas: bool = False  # under torchrun: compare the processes' weights after every step (logged)
     seed: int = 0
@@ -120,13 +121,18 @@ class TrainLDMConfig:
     eval_images: int = 162  # shapes: images scored for prompt faithfulness at the end (0: skip)
     eval_steps: int = 50
     eval_cfg: float = 3.0  # classifier-free guidance scale for the grids and the evaluation
+    posterior: str = "sample"  # KL autoencoders: "sample" trains on z ~ q(z|x), a fresh draw every step from the
+    #   cached posterior mean and std, as App. G and CompVis' LatentDiffusion (get_first_stage_encoding) do;
+    #   "mean" trains on the posterior mean. VQ autoencoders: the pre-quantization latent either way.
 
 
 # CPU-sized: 32 px images, f = 4 autoencoder -> 8 x 8 x 4 latents.
 # Sized so that the whole demo (autoencoder, LDM, evaluation) fits in 10 minutes on 2 CPU cores.
 # The autoencoder gets 600 steps instead of its preset's 800 (~35 dB instead of 36; plenty for the LDM).
 _SHAPES_DEMO = dict(ae_steps=600, n_train=10_000, batch_size=32, steps=1400, lr=1e-3, channels=64, channel_mult=(1, 2),
-                    num_res_blocks=1, attn_resolutions=(8, 4), head_dim=32, context_dim=128)
+                    num_res_blocks=1, attn_resolutions=(8, 4), head_dim=32, context_dim=128, posterior="mean")
+# The shapes presets train on the posterior mean: the shapes autoencoder's posterior sigma is 2% of its latents'
+# std (measured), so a sample differs from the mean by little, and the demo's published figures were made so.
 # The concat-conditioned tasks have no cross-attention to a condition: self-attention at 4 x 4 only, no guidance.
 _SHAPES_CONCAT = {**_SHAPES_DEMO, "cond": "none", "attn_resolutions": (4,), "max_shapes": 3, "eval_cfg": 1.0}
 
@@ -141,25 +147,65 @@ PRESETS: dict[str, dict] = {
     # Your own images on a CPU (32 px, the demo's model size): `python train_ldm.py --data DIR` picks it. --cond auto
     # reads what the folder holds: captions (metadata.jsonl or .txt) -> text, class sub-folders -> class, else none.
     "folder": {**_SHAPES_DEMO, "dataset": "folder", "ae_preset": "folder", "cond": "auto", "n_train": 0,
-               "eval_images": 0},
+               "eval_images": 0, "posterior": "sample"},
     # GPU-sized: 64 px images -> 16 x 16 x 4 latents; the tiny text-to-image UNet whose training speed the
     # benchmark (python -m tinyldm.tools.bench) measures on CUDA.
     "shapes64": dict(image_size=64, ae_preset="shapes64", n_train=50_000, batch_size=256, steps=8000, lr=4e-4,
-                     channels=128, channel_mult=(1, 2, 2), attn_resolutions=(16, 8), context_dim=256),
-    "celeba64": dict(dataset="celeba", image_size=64, ae_preset="celeba64", cond="none", n_train=0, hflip=True,
-                     batch_size=128, steps=100_000, lr=2e-4, channels=128, channel_mult=(1, 2, 3, 4),
-                     attn_resolutions=(8, 4), context_dim=None, eval_images=0),
-    "celeba128": dict(dataset="celeba", image_size=128, ae_preset="celeba128_f8", cond="none", n_train=0,
-                      hflip=True, batch_size=96, steps=150_000, lr=2e-4, channels=192, channel_mult=(1, 2, 3, 4),
-                      attn_resolutions=(8, 4), context_dim=None, eval_images=0),
-    "lsun64": dict(dataset="lsun", image_size=64, ae_preset="lsun64", cond="none", n_train=0, hflip=True,
-                   batch_size=128, steps=100_000, lr=2e-4, channels=128, channel_mult=(1, 2, 3, 4),
-                   attn_resolutions=(8, 4), context_dim=None, eval_images=0),
+                     channels=128, channel_mult=(1, 2, 2), attn_resolutions=(16, 8), context_dim=256,
+                     posterior="mean"),  # see the shapes presets
 }
+
+# The paper's photo models, each value from the released CompVis configs (CompVis/latent-diffusion,
+# configs/latent-diffusion/{celebahq,ffhq,lsun_bedrooms}-ldm-vq-4.yaml and lsun_churches-ldm-kl-8.yaml)
+# unless marked "ours":
+#   diffusion: timesteps 1000, linear_start 0.0015, linear_end 0.0195 (churches: 0.0155) on CompVis' "linear"
+#     schedule, which is sqrt(beta) linear, "scaled_linear" here; eps prediction; loss L2 (churches: L1);
+#   UNet (openaimodel.UNetModel): num_res_blocks 2, channel_mult (1,2,3,4), attention at downsampling factors
+#     (2,4,8) of the latent, num_head_channels 32; the unconditional models use its plain AttentionBlock and
+#     add the timestep embedding (use_scale_shift_norm False; churches: True);
+#   EMA (LitEma) with decay 0.9999 and its warm-up min(decay, (1 + n) / (10 + n)); no lr warm-up (churches: 10k);
+#   base_learning_rate 2e-6 multiplied by the batch size (their main.py's scale_lr); the LDM trains on posterior
+#     samples of a KL first stage (get_first_stage_encoding) and on pre-quantization latents of a VQ one.
+# Ours: 64 / 128 / 256 px instead of 256, so the widths (model_channels 224 there) and batch sizes fit one GPU.
+_PAPER_LDM = dict(
+    n_train=0, schedule="scaled_linear", T=1000, beta_start=0.0015, beta_end=0.0195, prediction="eps", loss="l2",
+    num_res_blocks=2, channel_mult=(1, 2, 3, 4), head_dim=32, attention_block="plain", scale_shift_norm=False,
+    mid_attention=True, context_dim=None, ema_decay=0.9999, warmup_steps=0, posterior="sample", eval_images=1000,
+)
+
+
+def _paper_ldm(dataset: str, size: int, ae_preset: str, *, channels: int, batch_size: int, steps: int,
+               hflip: bool, cond: str = "none") -> dict:
+    latent = size // 4  # f = 4: attention at latent / 2, / 4, / 8 (downsampling factors 2, 4, 8)
+    return dict(_PAPER_LDM, dataset=dataset, image_size=size, ae_preset=ae_preset, cond=cond, hflip=hflip,
+                channels=channels, batch_size=batch_size, steps=steps, lr=2e-6 * batch_size,
+                attn_resolutions=(latent // 2, latent // 4, latent // 8))
+
+
+PRESETS.update(
+    # CelebA-HQ / FFHQ / LSUN-bedrooms LDM-4 (vq-f4 first stage): ours at 64 and 128 px. hflip: CompVis' LSUN
+    # loader flips with p = 0.5; ours for CelebA.
+    celeba64=_paper_ldm("celeba", 64, "celeba64_vq", channels=128, batch_size=128, steps=100_000, hflip=True),
+    celeba128=_paper_ldm("celeba", 128, "celeba128_vq", channels=192, batch_size=96, steps=150_000, hflip=True),
+    lsun64=_paper_ldm("lsun", 64, "lsun64_vq", channels=128, batch_size=128, steps=100_000, hflip=True),
+    # Your own images on one GPU; --cond auto as in the CPU folder preset. A conditional model gets transformer
+    # blocks with cross-attention (the paper's Sec. 3.3; CompVis cin256-v2: use_spatial_transformer, depth 1).
+    folder64=_paper_ldm("folder", 64, "folder64", channels=128, batch_size=128, steps=100_000, hflip=False,
+                        cond="auto"),
+    folder128=_paper_ldm("folder", 128, "folder128", channels=192, batch_size=96, steps=150_000, hflip=False,
+                         cond="auto"),
+    # 256 px: the kl-f8 first stage (32 x 32 x 4 latents) and lsun_churches-ldm-kl-8's UNet: model_channels 192,
+    # channel_mult (1,2,2,4,4), attention at 32, 16, 8, 4, num_heads 8 (here head_dim 32: ours), scale-shift
+    # norm, beta_end 0.0155, L1 loss, lr 5e-5 (not scaled), 10k warm-up steps, batch 96.
+    folder256={**_paper_ldm("folder", 256, "folder256", channels=192, batch_size=96, steps=200_000, hflip=False,
+                            cond="auto"),
+               "channel_mult": (1, 2, 2, 4, 4), "attn_resolutions": (32, 16, 8, 4), "scale_shift_norm": True,
+               "beta_end": 0.0155, "loss": "l1", "lr": 5e-5, "warmup_steps": 10_000},
+)
 # image_size=32 gives 8 x 8 latents, so the smoke UNet's levels (8, 4) exist for every preset (celeba64 too).
 SMOKE = dict(image_size=32, n_train=64, steps=6, batch_size=8, warmup_steps=2, channels=32, channel_mult=(1, 2),
              attn_resolutions=(4,), context_dim=32, text_layers=1, log_every=2, sample_every=4, ckpt_every=3,
-             eval_images=4, eval_steps=3, ae_preset="shapes")
+             eval_images=4, eval_steps=3)
 FIXED_PROMPTS = [  # the sample grids' prompts, in the shapes dataset's phrasings
     "a red circle in the top left", "a blue square in the center", "a green triangle in the bottom right",
     "top right: a yellow circle", "a purple square in the middle left", "an orange triangle at the top center",
@@ -196,12 +242,21 @@ def resolve_configs(args: argparse.Namespace, stored: dict | None) -> tuple[Trai
         raise SystemExit(f"--cond must be one of {', '.join(CONDS)} or auto, got {config.cond!r}")
     if config.task not in TASKS:
         raise SystemExit(f"--task must be one of {', '.join(TASKS)}, got {config.task!r}")
+    if config.posterior not in ("sample", "mean"):
+        raise SystemExit(f"--posterior must be sample or mean, got {config.posterior!r}")
     diffusion = build_config(DiffusionConfig, *layers)
     check_sampling_steps(diffusion.T, config.eval_steps, "--eval_steps")
     if (config.cond == "layout" or config.task == "semantic") and config.dataset != "shapes":
         raise SystemExit(f"--cond {config.cond} / --task {config.task} need boxes or maps: only the shapes dataset has "
                          "them here")
     unet_fields = {f: v for layer in layers for f, v in layer.items() if f in UNetConfig.__dataclass_fields__}
+    if config.cond != "none" and unet_fields.get("attention_block") == "plain":  # it has no cross-attention
+        if "attention_block" in vars(args):
+            raise SystemExit(f"--attention_block plain has no cross-attention, so it cannot read --cond "
+                             f"{config.cond}: use --attention_block transformer, or --cond none")
+        unet_fields["attention_block"] = "transformer"
+        print(f"--cond {config.cond}: transformer blocks with cross-attention instead of the unconditional "
+              "models' plain attention (Sec. 3.3)")
     for derived in ("in_channels", "out_channels", "latent_size"):
         if derived in vars(args):
             raise SystemExit(f"--{derived} is set from the autoencoder; do not pass it")
@@ -234,6 +289,7 @@ def get_autoencoder(args: argparse.Namespace, config: TrainLDMConfig, out: Path)
         cmd = ["--preset", config.ae_preset, "--out", str(out / "ae"), "--device", args.device]
         cmd += ["--smoke"] if args.smoke else []
         cmd += ["--steps", str(config.ae_steps)] if config.ae_steps and not args.smoke else []
+        cmd += ["--tensorboard", "true"] if config.tensorboard else []
         if config.dataset != "shapes":  # the first stage learns the same images as the second
             cmd += ["--dataset", config.dataset, "--data", str(args.data), "--image_size", str(config.image_size)]
         print(f"no --ae given: training the autoencoder first (python train_ae.py {' '.join(cmd)})")
@@ -245,19 +301,44 @@ def task_spec(config: TrainLDMConfig) -> TaskSpec:
     return TaskSpec(task=config.task, cond=config.cond, sr_factor=config.sr_factor)
 
 
+@dataclass
+class StageOneLatents:
+    """The training set's latents from the cache, unscaled: posterior means (VQ: the pre-quantization latents),
+    the posterior std where the LDM trains on posterior samples, and the flipped twins of both (--hflip)."""
+    mean: torch.Tensor  # (N, c, h, w)
+    std: torch.Tensor | None  # (N, c, h, w), or None: train on the mean
+    flipped: torch.Tensor | None
+    flipped_std: torch.Tensor | None
+
+
 def load_latents(ae: Autoencoder, ae_path: Path, config: TrainLDMConfig, data_root: str | None, out: Path,
-                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None, dict, list[str]]:
-    """Encode the training set once (cached in <out>/latents.pt) -> unscaled latents (N, c, h, w), their
-    flipped twins (or None), the conditions, and the class names."""
+                 device: torch.device) -> tuple[StageOneLatents, dict, list[str]]:
+    """Encode the training set once (cached in <out>/latents.pt) -> the latents, the conditions, the class names.
+    With --posterior sample and a KL autoencoder the cache holds each image's posterior mean and std."""
     data, shapes = data_configs(asdict(config), data_root)
     spec = task_spec(config)
     dataset = TaskInputs.wrap(make_dataset(data, "train", shapes=shapes), spec)
     keep = cache_keys(spec)
+    with_std = config.posterior == "sample" and ae.config.regularizer == "kl"
     key = {"autoencoder": file_digest(ae_path), "data": asdict(data), "shapes": asdict(shapes) if shapes else None,
-           "sr_factor": config.sr_factor if config.task == "superres" else None}
-    cached = latent_cache(dataset, lambda x: ae.encode(x.to(device)), path=out / "latents.pt", key=key,
-                          flip=config.hflip, device=device, keep=keep)
-    return cached.latents, cached.flipped, cached.conditions, list(getattr(dataset, "class_names", []))
+           "sr_factor": config.sr_factor if config.task == "superres" else None,
+           "posterior": "mean_and_std" if with_std else "mean"}
+
+    def encode(x: torch.Tensor) -> torch.Tensor:
+        if not with_std:
+            return ae.encode(x.to(device))
+        q = ae.posterior(x.to(device))
+        return torch.cat([q.mean, q.std], dim=1)  # (B, 2c, h, w), split again below
+
+    cached = latent_cache(dataset, encode, path=out / "latents.pt", key=key, flip=config.hflip, device=device,
+                          keep=keep)
+
+    def split(z: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        return (z, None) if z is None or not with_std else z.chunk(2, dim=1)
+
+    (mean, std), (flipped, flipped_std) = split(cached.latents), split(cached.flipped)
+    return (StageOneLatents(mean, std, flipped, flipped_std), cached.conditions,
+            list(getattr(dataset, "class_names", [])))
 
 
 def make_condition_config(config: TrainLDMConfig, unet_fields: dict, conditions: dict,
@@ -370,10 +451,9 @@ def rank_zero_first(world: World, fn: Callable[[], tuple]) -> tuple:
 
 
 def load_stage_one(args: argparse.Namespace, config: TrainLDMConfig, stored: dict | None, out: Path,
-                   device: torch.device) -> tuple[Path, Autoencoder, torch.Tensor, torch.Tensor | None, dict,
-                                                  list[str]]:
+                   device: torch.device) -> tuple[Path, Autoencoder, StageOneLatents, dict, list[str]]:
     """The frozen autoencoder (the resumed run's, --ae, or one trained now) and the training set's latents:
-    (autoencoder path, autoencoder, latents, flipped latents or None, conditions, class names)."""
+    (autoencoder path, autoencoder, latents, conditions, class names)."""
     ae_path = Path(stored["ae_path"]) if stored else get_autoencoder(args, config, out)
     ae = Autoencoder.from_checkpoint(load_checkpoint(ae_path, kind="autoencoder")).to(device)
     ae.requires_grad_(False)
@@ -418,16 +498,19 @@ def resume(stored: dict | None, denoiser: Denoiser, ema: EMA, opt: torch.optim.O
 
 
 def step_draws(step: int, n: int, *, seed: int, latent_shape: tuple[int, int, int], T: int, p_uncond: float,
-               device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+               device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The random draws of step `step` for the whole global batch of n: flips (n, 1, 1, 1), timesteps t (n,),
-    noise eps (n, c, h, w), condition drops (n,). Functions of (seed, step) alone, the same in every process:
-    `--resume` continues exactly, with any number of processes."""
+    noise eps (n, c, h, w), condition drops (n,), and the posterior's noise (n, c, h, w) for z = mu + sigma * noise.
+    Functions of (seed, step) alone, the same in every process: `--resume` continues exactly, with any number of
+    processes."""
     g = torch.Generator(device).manual_seed(seed_stream(seed, step, 1))
     flip = torch.rand(n, 1, 1, 1, generator=g, device=device) < 0.5
     t = torch.randint(0, T, (n,), generator=g, device=device)  # t ~ U{0..T-1}
     eps = torch.randn((n, *latent_shape), generator=g, device=device)
     drop = torch.rand(n, generator=torch.Generator().manual_seed(seed_stream(seed, step, 2))) < p_uncond  # CPU: no sync
-    return flip, t, eps, drop
+    g_posterior = torch.Generator(device).manual_seed(seed_stream(seed, step, 3))
+    posterior_noise = torch.randn((n, *latent_shape), generator=g_posterior, device=device)
+    return flip, t, eps, drop, posterior_noise
 
 
 @dataclass
@@ -450,8 +533,10 @@ class TrainingSet:
     world: World
     ae: Autoencoder  # inpainting encodes each step's masked images
     conditions: dict  # captions, class ids, layouts, pixels (inpainting), on the CPU
-    latents: torch.Tensor  # (N, c, h, w), scaled
+    latents: torch.Tensor  # (N, c, h, w), scaled: the posterior means
+    std: torch.Tensor | None  # (N, c, h, w), scaled: the posterior std (--posterior sample), else None
     flipped: torch.Tensor | None  # their horizontally flipped twins (--hflip)
+    flipped_std: torch.Tensor | None
     concat: torch.Tensor | None  # (N, C_c, h, w): the task input of semantic maps and superres
     concat_flipped: torch.Tensor | None
     pixels: torch.Tensor | None  # inpainting: the images (N, 3, H, W), uint8, masked afresh every step
@@ -459,35 +544,40 @@ class TrainingSet:
     p_uncond: float
 
     @classmethod
-    def on_device(cls, config: TrainLDMConfig, world: World, ae: Autoencoder, latents: torch.Tensor,
-                  flipped: torch.Tensor | None, conditions: dict, T: int, p_uncond: float,
-                  device: torch.device) -> TrainingSet:
+    def on_device(cls, config: TrainLDMConfig, world: World, ae: Autoencoder, latents: StageOneLatents,
+                  conditions: dict, T: int, p_uncond: float, device: torch.device) -> TrainingSet:
         """From stage one's unscaled latents: everything moved to the device once, the latents scaled."""
         scale = float(ae.scale_factor)
         # The task's image-like input for every training image; inpainting makes its own every step.
         spec = task_spec(config)
-        latent_hw = tuple(latents.shape[-2:])
+        latent_hw = tuple(latents.mean.shape[-2:])
         concat = task_concat(spec, conditions, latent_hw) if config.task in ("semantic", "superres") else None
-        latents = latents.to(device) * scale
-        flipped = flipped.to(device) * scale if flipped is not None else None
+
+        def scaled(z: torch.Tensor | None) -> torch.Tensor | None:
+            return z.to(device) * scale if z is not None else None
+
         concat = concat.to(device) if concat is not None else None
-        concat_flipped = concat.flip(-1) if concat is not None and flipped is not None else None
+        concat_flipped = concat.flip(-1) if concat is not None and latents.flipped is not None else None
         pixels = conditions["pixels"].to(device) if config.task == "inpaint" else None
-        return cls(config, world, ae, conditions, latents, flipped, concat, concat_flipped, pixels, T, p_uncond)
+        return cls(config, world, ae, conditions, scaled(latents.mean), scaled(latents.std), scaled(latents.flipped),
+                   scaled(latents.flipped_std), concat, concat_flipped, pixels, T, p_uncond)
 
     def batch(self, step: int) -> Batch:
         """The global batch of `step` and its draws, then this process's share of each."""
         config, world, device = self.config, self.world, self.latents.device
         idx_all = batch_indices(step, n=len(self.latents), batch_size=config.batch_size, seed=config.seed).to(device)
-        flip_all, t_all, eps_all, drop_all = step_draws(step, len(idx_all), seed=config.seed, T=self.T,
-                                                        latent_shape=self.latents.shape[1:], p_uncond=self.p_uncond,
-                                                        device=device)
+        flip_all, t_all, eps_all, drop_all, posterior_all = step_draws(
+            step, len(idx_all), seed=config.seed, T=self.T, latent_shape=self.latents.shape[1:],
+            p_uncond=self.p_uncond, device=device)
         idx, flip = world.shard(idx_all), world.shard(flip_all)
-        z0 = self.latents[idx]
+        z0, std = self.latents[idx], self.std[idx] if self.std is not None else None
         concat = self.concat[idx] if self.concat is not None else None
         if self.flipped is not None:  # each image in either orientation (its task input flipped with it)
             z0 = torch.where(flip, self.flipped[idx], z0)
+            std = torch.where(flip, self.flipped_std[idx], std) if std is not None else None
             concat = torch.where(flip, self.concat_flipped[idx], concat) if concat is not None else None
+        if std is not None:  # a fresh draw z ~ q(z|x) = N(mu, sigma^2) for this step (App. G)
+            z0 = z0 + std * world.shard(posterior_all)
         if self.pixels is not None:  # inpainting: this step's masks (a function of the step: exact resume)
             x = self.pixels[idx].float() / 127.5 - 1
             x = torch.where(flip, x.flip(-1), x) if self.flipped is not None else x
@@ -562,9 +652,9 @@ class SampleGrid:
 
 
 def save_samples(out: Path, step: int, *, model: Denoiser, schedule: NoiseSchedule, ae: Autoencoder, grid: SampleGrid,
-                 diffusion: DiffusionConfig, config: TrainLDMConfig) -> Path:
+                 diffusion: DiffusionConfig, config: TrainLDMConfig, log: JSONLLogger | None = None) -> Path:
     """<out>/samples_XXXXXXX.png: one row of images for the grid's conditions (the EMA weights, a fixed seed);
-    <out>/loss.png: the loss curve so far."""
+    <out>/loss.png: the loss curve so far; with --tensorboard the grid goes there too."""
     path = out / f"samples_{step:07d}.png"
     g = torch.Generator(grid.device).manual_seed(0)
     images = generate(model, schedule, ae, grid.condition, n=grid.n, latent_size=grid.latent_hw,
@@ -572,6 +662,8 @@ def save_samples(out: Path, step: int, *, model: Denoiser, schedule: NoiseSchedu
                       generator=g, concat=grid.concat)
     save_image_grid(images, path, nrow=grid.n)
     save_loss_curve(out / "log.jsonl", out / "loss.png")  # the loss so far, beside the grids
+    if log is not None:
+        log.image("samples", path, step)
     return path
 
 
@@ -648,12 +740,15 @@ def main(argv: list[str] | None = None) -> dict:
     t_start = time.perf_counter()
 
     # Stage one, frozen: the autoencoder and the cached latents of the whole training set.
-    ae_path, ae, latents, flipped, conditions, class_names = rank_zero_first(
+    ae_path, ae, latents, conditions, class_names = rank_zero_first(
         world, lambda: load_stage_one(args, config, stored, out, device))
     scale = float(ae.scale_factor)
-    N, c, h, w = latents.shape
+    N, c, h, w = latents.mean.shape
+    z_kind = ("a fresh posterior sample each step, mean sigma " f"{float(latents.std.mean()) * scale:.4f} scaled"
+              if latents.std is not None else "posterior means" if ae.config.regularizer == "kl" else
+              "pre-quantization latents (VQ)")
     print(f"latents: {N} x {c} x {h} x {w}, scale factor {scale:.4f} (from the autoencoder's data), "
-          f"scaled std {float(latents.std()) * scale:.3f}")
+          f"scaled std {float(latents.mean.std()) * scale:.3f}; trains on {z_kind}")
 
     # Stage two: UNet + condition encoder, EMA, AdamW with linear warm-up. Seeded again, so the initial
     # weights do not depend on what stage one drew (training an autoencoder, filling the cache).
@@ -670,14 +765,14 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"denoiser: {n_params:.2f} M parameters (UNet {n_unet:.2f} M), cond={config.cond}, task={config.task}, "
           f"device={device}" + (f", process {world.rank} of {world.size}" if world.enabled else ""))
     model = prepare_for_training(denoiser, config, world, device)  # compiled, wrapped in DDP under torchrun
-    log = JSONLLogger(out / "log.jsonl", resume_step=start_step if stored else None) if world.is_main else None
-    data = TrainingSet.on_device(config, world, ae, latents, flipped, conditions, schedule.T, diffusion.p_uncond,
-                                 device)
+    log = JSONLLogger(out / "log.jsonl", resume_step=start_step if stored else None,
+                      tensorboard=out / "tensorboard" if config.tensorboard else None) if world.is_main else None
+    data = TrainingSet.on_device(config, world, ae, latents, conditions, schedule.T, diffusion.p_uncond, device)
     grid = SampleGrid.for_run(config, class_names, args.data, (h, w), device, ae, cond_config.max_len)
     checkpoint = partial(save_ldm_checkpoint, ckpt_path, denoiser=denoiser, ema=ema, opt=opt, ae=ae,
                          ae_path=ae_path, diffusion=diffusion, config=config, class_names=class_names, world=world)
     draw = partial(save_samples, out, model=ema.model, schedule=schedule, ae=ae, grid=grid, diffusion=diffusion,
-                   config=config)
+                   config=config, log=log)
 
     t_loop, done, window = time.perf_counter(), start_step, LogWindow(log, check_replicas=config.check_replicas)
     quiet = {} if world.is_main else {"disable": True}  # rank 0 keeps tqdm's default, so TQDM_DISABLE=1 works
@@ -717,6 +812,7 @@ def main(argv: list[str] | None = None) -> dict:
     result.update(evaluate_run(ema.model, schedule, ae, config, diffusion, (h, w), device, args.data))
     (out / "eval.json").write_text(json.dumps(result, indent=1))
     print(f"done in {time.perf_counter() - t_start:.0f} s; checkpoint {ckpt_path}")
+    log.close()
     teardown_distributed(world)
     return result
 

@@ -18,3 +18,16 @@ def _one_thread():
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def lfw_faces(tmp_path_factory):
+    """A folder of 100 real photographs: the faces of scikit-image's LFW subset (25 x 25, grey), as PNG files."""
+    import numpy as np
+    from PIL import Image
+
+    skimage_data = pytest.importorskip("skimage.data")
+    folder = tmp_path_factory.mktemp("lfw_faces")
+    for i, face in enumerate(skimage_data.lfw_subset()[:100]):  # the other 100 of the subset are not faces
+        Image.fromarray(np.round(face * 255).astype(np.uint8)).save(folder / f"face_{i:03d}.png")
+    return folder

@@ -403,3 +403,96 @@ def test_data_alone_picks_the_folder_preset_and_the_condition_the_folder_holds(t
     assert ckpt["cond_config"]["kind"] == cond and ckpt["train_config"]["dataset"] == "folder"
     ae = load_checkpoint(tmp_path / "run" / "ae" / "autoencoder.pt", kind="autoencoder")
     assert ae["train_config"]["dataset"] == "folder"
+
+
+# ---------------------------------------------------------------------------------------------- the paper's settings
+
+
+def _final_alpha_bar(beta_start: float, beta_end: float, T: int = 1000) -> float:
+    """prod_t (1 - beta_t) with sqrt(beta) linear in t (CompVis' "linear" schedule), in float64 numpy."""
+    import numpy as np
+
+    betas = np.linspace(beta_start**0.5, beta_end**0.5, T, dtype=np.float64) ** 2
+    return float(np.prod(1 - betas))
+
+
+@pytest.mark.parametrize("preset", ["celeba64", "celeba128", "lsun64", "folder64", "folder128", "folder256"])
+def test_photo_presets_follow_the_released_configs(preset):
+    """The photo presets used Stable Diffusion's beta range (0.00085-0.012, alpha_bar_T 4.7e-3), transformer blocks
+    with scale-shift norm, EMA 0.999 and the posterior mean. CompVis' CelebA-HQ / FFHQ / LSUN configs use 0.0015-0.0195
+    (churches 0.0155), plain attention with an added embedding (churches: scale-shift), LitEma's 0.9999 and a
+    posterior sample of z each step."""
+    from tinyldm.ldm import DiffusionConfig
+    from tinyldm.training.flags import build_config
+
+    p = train_ldm.PRESETS[preset]
+    diffusion = build_config(DiffusionConfig, p)
+    end = 0.0155 if preset == "folder256" else 0.0195
+    assert (diffusion.schedule, diffusion.T, diffusion.beta_start, diffusion.beta_end) == ("scaled_linear", 1000,
+                                                                                            0.0015, end)
+    alpha_bar_T = diffusion.make_schedule().alpha_bar_value(999)
+    assert alpha_bar_T == pytest.approx(_final_alpha_bar(0.0015, end), rel=1e-4)
+    assert alpha_bar_T < 1e-3 < _final_alpha_bar(0.00085, 0.012)  # 1.4e-4 (0.0195), 6.7e-4 (0.0155); SD: 4.7e-3
+    assert p["attention_block"] == "plain" and p["scale_shift_norm"] == (preset == "folder256")
+    assert p["ema_decay"] == 0.9999 and p["posterior"] == "sample" and p["eval_images"] > 0
+    latent = p["image_size"] // (8 if preset == "folder256" else 4)
+    factors = (1, 2, 4, 8) if preset == "folder256" else (2, 4, 8)  # CompVis' attention_resolutions
+    assert p["attn_resolutions"] == tuple(latent // f for f in factors)
+    if preset != "folder256":
+        assert p["lr"] == pytest.approx(2e-6 * p["batch_size"]) and p["channel_mult"] == (1, 2, 3, 4)
+
+
+def test_a_conditional_photo_model_gets_cross_attention(tmp_path, capsys, lfw_faces):
+    """Plain attention cannot read a condition: with --cond class the photo presets switch to transformer blocks
+    (and say so); asking for plain attention and a condition together is refused."""
+    import shutil
+
+    for i, face in enumerate(sorted(lfw_faces.iterdir())[:24]):
+        (tmp_path / "photos" / ("a" if i % 2 else "b")).mkdir(parents=True, exist_ok=True)
+        shutil.copy(face, tmp_path / "photos" / ("a" if i % 2 else "b") / face.name)
+    flags = ["--preset", "folder64", "--smoke", "--data", str(tmp_path / "photos"), "--device", "cpu"]
+    train_ldm.main([*flags, "--out", str(tmp_path / "run")])
+    assert "transformer blocks with cross-attention" in capsys.readouterr().out
+    ckpt = load_checkpoint(tmp_path / "run" / "ldm.pt", kind="ldm")
+    assert ckpt["cond_config"]["kind"] == "class" and ckpt["unet_config"]["attention_block"] == "transformer"
+    with pytest.raises(SystemExit, match="plain has no cross-attention"):
+        train_ldm.main([*flags, "--out", str(tmp_path / "run2"), "--attention_block", "plain"])
+
+
+def test_posterior_samples_are_fresh_each_step_and_the_same_on_resume():
+    """--posterior sample: z0 = mu + sigma * n with n a function of (seed, step): the same draw when a step is
+    repeated (exact resume), another at the next step; with sigma = None the batch is the means."""
+    from tinyldm.training.distributed import World
+
+    g = torch.Generator().manual_seed(0)
+    mean, std = torch.randn(10, 4, 8, 8, generator=g), torch.rand(10, 4, 8, 8, generator=g) + 0.5
+    config = train_ldm.TrainLDMConfig(cond="none", batch_size=6, posterior="sample")
+    data = train_ldm.TrainingSet(config, World(), None, {}, mean, std, None, None, None, None, None, 1000, 0.1)
+    means_only = train_ldm.TrainingSet(config, World(), None, {}, mean, None, None, None, None, None, None, 1000, 0.1)
+    from tinyldm.training.loop import batch_indices
+
+    idx = batch_indices(5, n=10, batch_size=6, seed=0)
+    a, again, later = data.batch(5), data.batch(5), data.batch(6)
+    assert torch.equal(a.z0, again.z0) and torch.equal(means_only.batch(5).z0, mean[idx])
+    noise = (a.z0 - mean[idx]) / std[idx]
+    draws = train_ldm.step_draws(5, 6, seed=0, latent_shape=(4, 8, 8), T=1000, p_uncond=0.1, device=torch.device("cpu"))
+    assert torch.allclose(noise, draws[4], atol=1e-5)  # exactly the step's posterior noise
+    assert abs(float(noise.mean())) < 0.1 and abs(float(noise.std()) - 1) < 0.1  # N(0, 1): 1536 draws
+    assert not torch.allclose(later.z0, mean[batch_indices(6, n=10, batch_size=6, seed=0)])
+    assert not torch.allclose(noise, draws[2])  # not the diffusion noise eps reused
+
+
+def test_resume_is_exact_with_posterior_samples_on_real_faces(tmp_path, lfw_faces, capsys):
+    """The folder preset trains on posterior samples of its KL autoencoder; --resume still continues exactly."""
+    common = ["--data", str(lfw_faces), "--smoke", "--device", "cpu", "--eval_images", "0"]
+    train_ldm.main([*common, "--out", str(tmp_path / "straight"), "--steps", "6"])
+    assert "trains on a fresh posterior sample each step" in capsys.readouterr().out
+    ae = str(tmp_path / "straight" / "ae" / "autoencoder.pt")
+    train_ldm.main([*common, "--ae", ae, "--out", str(tmp_path / "split"), "--steps", "3"])
+    train_ldm.main([*common, "--ae", ae, "--out", str(tmp_path / "split"), "--steps", "6", "--resume"])
+    a = load_checkpoint(tmp_path / "straight" / "ldm.pt", kind="ldm")
+    b = load_checkpoint(tmp_path / "split" / "ldm.pt", kind="ldm")
+    for k, v in a["denoiser"].items():
+        assert torch.allclose(v, b["denoiser"][k], atol=1e-6), k
+    cache = torch.load(tmp_path / "split" / "latents.pt", weights_only=True)
+    assert cache["latents"].shape[1] == 2 * a["unet_config"]["in_channels"]  # the posterior mean and std

@@ -30,6 +30,7 @@ regularizers, and the perceptual loss's own spatial averaging options.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -44,7 +45,7 @@ class AELossConfig:
     rec_loss: str = "l1"  # "l1" or "l2"
     perceptual_weight: float = 1.0  # LPIPS weight; > 0 needs the optional `lpips` package
     lpips_net: str = "vgg"  # LPIPS backbone: "vgg", "alex" or "squeeze"
-    lpips_pretrained: bool = True  # False: a random backbone (tests only, meaningless for training)
+    lpips_pretrained: bool = True  # False: a random backbone, no download (--smoke and tests; not a perceptual loss)
     kl_weight: float = 1e-6  # weight of KL(q_E(z|x) || N(0, I)), App. G
     codebook_weight: float = 1.0  # weight of the VQ codebook + commitment loss
     disc_start: int = 50001  # global step at which the adversarial terms switch on
@@ -80,8 +81,12 @@ def load_lpips(net: str = "vgg", *, pretrained: bool = True) -> nn.Module:
             "(or pip install 'tinyldm[lpips]'); or train without it with --perceptual_weight 0"
         ) from e
     try:
-        # pretrained=False + pnet_rand=True: random backbone and random linear heads, no file read.
-        model = lpips.LPIPS(net=net, pretrained=pretrained, pnet_rand=not pretrained, verbose=False)
+        # pretrained=False: a random backbone (pnet_rand, nothing downloaded) under the linear heads that ship
+        # inside the lpips package (non-negative weights, so the distance stays >= 0 and is 0 for x = x).
+        with warnings.catch_warnings():  # lpips passes torchvision the `pretrained=` argument it deprecated
+            warnings.filterwarnings("ignore", message="Arguments other than a weight enum", category=UserWarning)
+            warnings.filterwarnings("ignore", message="The parameter 'pretrained' is deprecated", category=UserWarning)
+            model = lpips.LPIPS(net=net, pretrained=True, pnet_rand=not pretrained, verbose=False)
     except Exception as e:  # a failed download surfaces as URLError, OSError, RuntimeError, ...
         raise RuntimeError(
             f"could not load the LPIPS weights (net={net!r}): {type(e).__name__}: {e}. LPIPS needs its "

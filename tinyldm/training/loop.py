@@ -143,9 +143,12 @@ class EMA:
 
 
 class JSONLLogger:
-    """Appends one JSON object per call to `path`; `resume_step` drops records with step > it."""
+    """Appends one JSON object per call to `path`; `resume_step` drops records with step > it. With `tensorboard`
+    (a folder), every number is also written as a TensorBoard scalar (and `image` adds a picture): the optional
+    `tensorboard` package, `pip install 'tinyldm[tensorboard]'`, then `tensorboard --logdir <folder>`."""
 
-    def __init__(self, path: str | os.PathLike, *, resume_step: int | None = None):
+    def __init__(self, path: str | os.PathLike, *, resume_step: int | None = None,
+                 tensorboard: str | os.PathLike | None = None):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is None:
@@ -153,11 +156,38 @@ class JSONLLogger:
         elif self.path.exists():
             kept = [line for line in self.path.read_text().splitlines() if _record_step(line) <= resume_step]
             self.path.write_text("".join(line + "\n" for line in kept))
+        self.writer = None
+        if tensorboard is not None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as e:
+                raise SystemExit("--tensorboard needs the tensorboard package: pip install 'tinyldm[tensorboard]' "
+                                 "(or pip install tensorboard), or train without --tensorboard") from e
+            # purge_step: on resume, TensorBoard hides the events the previous run wrote after the checkpoint
+            self.writer = SummaryWriter(str(tensorboard), purge_step=None if resume_step is None else resume_step + 1)
 
     def log(self, **record: Any) -> None:
         plain = {k: (v.item() if isinstance(v, torch.Tensor) else v) for k, v in record.items()}
         with self.path.open("a") as f:
             f.write(json.dumps(plain) + "\n")
+        if self.writer is not None and "step" in plain:
+            for k, v in plain.items():
+                if k != "step" and isinstance(v, int | float) and not isinstance(v, bool):
+                    self.writer.add_scalar(k, v, plain["step"])
+            self.writer.flush()
+
+    def image(self, tag: str, path: str | os.PathLike, step: int) -> None:
+        """Show a saved PNG (a sample or reconstruction grid) in TensorBoard's image tab; nothing without it."""
+        if self.writer is not None:
+            import numpy as np
+            from PIL import Image
+
+            self.writer.add_image(tag, np.asarray(Image.open(path).convert("RGB")), step, dataformats="HWC")
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
 
 
 def _record_step(line: str) -> float:
