@@ -118,7 +118,9 @@ class TrainLDMConfig:
     log_every: int = 50
     sample_every: int = 1000
     ckpt_every: int = 500
-    eval_images: int = 162  # shapes: images scored for prompt faithfulness at the end (0: skip)
+    eval_images: int = 162  # images scored at the end (0: skip): shapes prompt faithfulness, a task's score, or for
+    #                         other data the feature distance to held-out images (python -m tinyldm.tools.evaluate)
+    feature_steps: int = 600  # other data: training steps of the evaluator's feature network (saved beside ldm.pt)
     eval_steps: int = 50
     eval_cfg: float = 3.0  # classifier-free guidance scale for the grids and the evaluation
     posterior: str = "sample"  # KL autoencoders: "sample" trains on z ~ q(z|x), a fresh draw every step from the
@@ -147,7 +149,7 @@ PRESETS: dict[str, dict] = {
     # Your own images on a CPU (32 px, the demo's model size): `python train_ldm.py --data DIR` picks it. --cond auto
     # reads what the folder holds: captions (metadata.jsonl or .txt) -> text, class sub-folders -> class, else none.
     "folder": {**_SHAPES_DEMO, "dataset": "folder", "ae_preset": "folder", "cond": "auto", "n_train": 0,
-               "eval_images": 0, "posterior": "sample"},
+               "eval_images": 256, "posterior": "sample"},
     # GPU-sized: 64 px images -> 16 x 16 x 4 latents; the tiny text-to-image UNet whose training speed the
     # benchmark (python -m tinyldm.tools.bench) measures on CUDA.
     "shapes64": dict(image_size=64, ae_preset="shapes64", n_train=50_000, batch_size=256, steps=8000, lr=4e-4,
@@ -205,7 +207,7 @@ PRESETS.update(
 # image_size=32 gives 8 x 8 latents, so the smoke UNet's levels (8, 4) exist for every preset (celeba64 too).
 SMOKE = dict(image_size=32, n_train=64, steps=6, batch_size=8, warmup_steps=2, channels=32, channel_mult=(1, 2),
              attn_resolutions=(4,), context_dim=32, text_layers=1, log_every=2, sample_every=4, ckpt_every=3,
-             eval_images=4, eval_steps=3)
+             eval_images=4, eval_steps=3, feature_steps=5)
 FIXED_PROMPTS = [  # the sample grids' prompts, in the shapes dataset's phrasings
     "a red circle in the top left", "a blue square in the center", "a green triangle in the bottom right",
     "top right: a yellow circle", "a purple square in the middle left", "an orange triangle at the top center",
@@ -678,24 +680,43 @@ def save_ldm_checkpoint(path: Path, step: int, *, denoiser: Denoiser, ema: EMA, 
 
 
 def evaluate_run(model: Denoiser, schedule, ae: Autoencoder, config: TrainLDMConfig, diffusion: DiffusionConfig,
-                 latent_hw: tuple[int, int], device: torch.device, data_root: str | None) -> dict:
+                 latent_hw: tuple[int, int], device: torch.device, data_root: str | None, ckpt_path: Path) -> dict:
     """The end-of-run score, printed: prompt faithfulness for text on shapes, else the task's own score on
-    held-out inputs where it has one; {} when there is nothing to score."""
+    held-out inputs where it has one, else (other data) the feature distance between samples and held-out images
+    that `python -m tinyldm.tools.evaluate` measures; {} with --eval_images 0."""
     spec = task_spec(config)
-    if config.dataset == "shapes" and config.cond == "text" and config.task == "generate" and config.eval_images > 0:
+    if config.eval_images <= 0:
+        return {}
+    if config.dataset == "shapes" and config.cond == "text" and config.task == "generate":
         result = evaluate_shapes(model, schedule, ae, config, diffusion, latent_hw, device)
         print(f"prompt faithfulness (color, shape and position all right): {result['prompt_faithfulness']:.1%} "
               f"over {result['images']} prompts [color {result['color']:.1%}, shape {result['shape']:.1%}, "
               f"position {result['position']:.1%}], {config.eval_steps} DDIM steps, guidance {config.eval_cfg}")
         return result
-    if config.eval_images > 0 and scorable(spec, config.dataset) and (
-            config.cond in ("class", "layout") or config.task != "generate"):
+    if scorable(spec, config.dataset) and (config.cond in ("class", "layout") or config.task != "generate"):
         scores = evaluate_task(model, schedule, ae, config, diffusion, latent_hw, device, data_root)
         shown = {k: round(v, 4) for k, v in scores.items() if isinstance(v, float) and k != "seconds_per_image"}
         print(f"evaluation (cond={config.cond}, task={config.task}, {scores['images']} held-out inputs, "
               f"{config.eval_steps} DDIM steps, guidance {config.eval_cfg}): {shown}")
         return scores
-    return {}
+    if config.dataset == "shapes":
+        return {}
+    from tinyldm.tools.evaluate import measure_checkpoint
+
+    print(f"evaluation: python -m tinyldm.tools.evaluate --ckpt {ckpt_path} --data {data_root} --n "
+          f"{config.eval_images} --steps {config.eval_steps} --guidance {config.eval_cfg}")
+    try:
+        measured = measure_checkpoint(ckpt_path, data_root, n=config.eval_images, steps=config.eval_steps,
+                                      guidance=config.eval_cfg, device=device, classifier_steps=config.feature_steps,
+                                      contrastive_steps=config.feature_steps,
+                                      json_path=ckpt_path.parent / "metrics.json")
+    except SystemExit as stop:  # the model is trained and saved; only its measurement cannot be made
+        print(f"evaluation skipped: {stop}")
+        return {"evaluation_skipped": str(stop)}
+    metrics, floor = measured["metrics"], measured["real_vs_train_floor"]
+    return {"fd_name": measured["protocol"]["fd_name"], "fd": metrics["fd"], "fd_floor": floor["fd"],
+            "kid": metrics["kid"], "precision": metrics["precision"], "recall": metrics["recall"],
+            "images": measured["protocol"]["n"]}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -809,7 +830,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"steps": done, "wall_seconds": train_seconds, "train_loop_seconds": time.perf_counter() - t_loop,
               "checkpoint": str(ckpt_path)}
     print(f"samples: {draw(done)}")
-    result.update(evaluate_run(ema.model, schedule, ae, config, diffusion, (h, w), device, args.data))
+    result.update(evaluate_run(ema.model, schedule, ae, config, diffusion, (h, w), device, args.data, ckpt_path))
     (out / "eval.json").write_text(json.dumps(result, indent=1))
     print(f"done in {time.perf_counter() - t_start:.0f} s; checkpoint {ckpt_path}")
     log.close()

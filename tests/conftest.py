@@ -23,11 +23,7 @@ def _seed():
 @pytest.fixture(scope="session")
 def lfw_faces(tmp_path_factory):
     """A folder of 100 real photographs: the faces of scikit-image's LFW subset (25 x 25, grey), as PNG files."""
-    import numpy as np
-    from PIL import Image
+    pytest.importorskip("skimage")
+    from tinyldm.data.example_folders import faces_folder
 
-    skimage_data = pytest.importorskip("skimage.data")
-    folder = tmp_path_factory.mktemp("lfw_faces")
-    for i, face in enumerate(skimage_data.lfw_subset()[:100]):  # the other 100 of the subset are not faces
-        Image.fromarray(np.round(face * 255).astype(np.uint8)).save(folder / f"face_{i:03d}.png")
-    return folder
+    return faces_folder(tmp_path_factory.mktemp("lfw_faces"))

@@ -442,3 +442,30 @@ def test_latent_cache_refuses_flipping_datasets_and_odd_keys(tmp_path, folder):
         latent_cache(ds, CountingEncoder(), path=tmp_path / "a.pt", key={"when": object()}, verbose=False)
     (tmp_path / "ckpt.pt").write_bytes(b"weights")
     assert len(file_digest(tmp_path / "ckpt.pt")) == 64
+
+
+# --- example folders of real photographs ----------------------------------------------------------------------
+
+
+def test_example_folders_hold_real_photographs_in_the_three_layouts(tmp_path):
+    """faces: 100 LFW faces, no captions; textures: one sub-folder per photograph; captioned: metadata.jsonl.
+    What the folder loader reads from each is what --cond auto would choose from."""
+    pytest.importorskip("skimage")
+    from tinyldm.data.example_folders import TEXTURES, captioned_folder, faces_folder, textures_folder
+
+    faces = folder_dataset(DataConfig(source="folder", root=str(faces_folder(tmp_path / "f")), image_size=25), "all")
+    assert len(faces) == 100 and not any(faces.captions) and min(faces.class_ids) < 0
+    textures = folder_dataset(DataConfig(source="folder", root=str(textures_folder(tmp_path / "t", n_per_class=5)),
+                                         image_size=32), "all")
+    assert sorted(textures.class_names) == sorted(TEXTURES) and len(textures) == 30
+    crops = torch.stack([textures[i]["image"] for i in range(len(textures))])
+    per_class = torch.tensor(textures.class_ids)
+    stars, retina = crops[per_class == textures.class_names.index("stars")], crops[
+        per_class == textures.class_names.index("retina")]
+    assert stars.mean() < -0.5 < retina[:, 0].mean()  # a dark sky; a red retina (photographs, not noise)
+    again = textures_folder(tmp_path / "t2", n_per_class=5)
+    assert (again / "brick" / "brick_003.png").read_bytes() == (tmp_path / "t" / "brick" / "brick_003.png").read_bytes()
+    captioned = folder_dataset(DataConfig(source="folder", root=str(captioned_folder(tmp_path / "c", n_per_class=5)),
+                                          image_size=32), "all")
+    assert len(captioned) == 30 and all(captioned.captions)
+    assert {c.split(",")[-1].strip() for c in captioned.captions} == {"bright", "dark"}

@@ -1,7 +1,11 @@
-"""The evaluation command: protocol, reproducibility, the real-vs-train floor, and the feature extractors'
-contracts (the classifier learns its labels; Inception without its package or weights says what to do)."""
+"""The evaluation command: protocol, reproducibility, the real-vs-real floor, the feature extractors' contracts
+(the classifier learns its labels; the contrastive encoder's NT-Xent loss is Eq. 1 of SimCLR and its features
+put an image next to its own flip; Inception without its package or weights says what to do, and with a file
+of random weights in pytorch-fid's format runs end to end), `--features auto`, and checkpoints of folders of
+real photos whose held-out split is smaller than --n."""
 
 import json
+import math
 import sys
 
 import pytest
@@ -11,11 +15,18 @@ import train_ldm
 from tinyldm.data.images import DataConfig, make_dataset
 from tinyldm.data.shapes import ShapesConfig
 from tinyldm.evaluation.features import (
+    ContrastiveEncoder,
     FeatureClassifier,
     InceptionFeatures,
+    augment,
+    extract,
     load_classifier,
+    load_feature_net,
+    nt_xent,
     save_classifier,
+    save_feature_net,
     train_classifier,
+    train_contrastive,
 )
 from tinyldm.tools import evaluate
 
@@ -32,15 +43,39 @@ def run(ckpt, tmp_path, *flags):
                           "--device", "cpu", "--json", str(tmp_path / "m.json"), *flags])
 
 
-def test_evaluate_writes_protocol_metrics_and_floor(smoke_ckpt, tmp_path):
+def save_faces(folder, n=40, layout="plain"):
+    """The first n of scikit-image's LFW faces (real 25 x 25 grey photos) as PNGs: in one folder ("plain"), in
+    two class sub-folders ("classes"), or with a caption beside each ("captions")."""
+    from PIL import Image
+    from skimage.data import lfw_subset
+
+    for i, face in enumerate(lfw_subset()[:n]):
+        sub = folder / ("even" if i % 2 == 0 else "odd") if layout == "classes" else folder
+        sub.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((face * 255).round().astype("uint8")).save(sub / f"face_{i:03d}.png")
+        if layout == "captions":
+            (sub / f"face_{i:03d}.txt").write_text(f"a face, number {i}")
+    return folder
+
+
+def finite(block):
+    return all(math.isfinite(v) for v in block.values())
+
+
+def test_evaluate_writes_protocol_metrics_and_floor(smoke_ckpt, tmp_path, capsys):
     r = run(smoke_ckpt, tmp_path)
     assert r["protocol"]["n"] == 8 and r["protocol"]["steps"] == 2 and r["protocol"]["seed"] == 0
     assert r["protocol"]["fd_name"] == "FD (tinyldm classifier)"  # never called FID
+    assert r["protocol"]["feature_kind"] == "classifier" and r["protocol"]["feature_dim"] == 128
     for block in (r["metrics"], r["real_vs_train_floor"]):
         assert block["fd"] >= 0 and 0 <= block["precision"] <= 1 and 0 <= block["recall"] <= 1
     assert "all" in r["task_score"]  # a text-conditioned shapes model: the evaluator's score too
     assert json.loads((tmp_path / "m.json").read_text())["metrics"] == r["metrics"]
     assert (smoke_ckpt.parent / "feature_classifier.pt").exists()  # trained once, reused next time
+    out = capsys.readouterr().out
+    assert "features: classifier (auto: every training image has a class label)" in out  # shapes are labelled
+    assert (f"FD (tinyldm classifier): {r['metrics']['fd']:.3f}  [real-vs-real floor at N=8: "
+            f"{r['real_vs_train_floor']['fd']:.3f}]") in out
     again = run(smoke_ckpt, tmp_path)  # same flags, same images, same numbers
     assert again["metrics"] == r["metrics"]
     other = run(smoke_ckpt, tmp_path, "--seed", "1")
@@ -71,6 +106,164 @@ def test_classifier_needs_labels():
     with pytest.raises(ValueError, match="needs class labels"):
         train_classifier(Unlabelled(), Unlabelled(), 2, steps=1)
     assert isinstance(FeatureClassifier(3), torch.nn.Module)
+
+
+def test_nt_xent_is_simclr_eq_1():
+    """Closed form: N pairs whose two views have cosine c, every other view orthogonal to the anchor. Each of
+    the 2N anchors sees its positive at c and 2N - 2 negatives at 0, so
+        l = -log(exp(c / tau) / (exp(c / tau) + (2N - 2) exp(0))) = log(1 + (2N - 2) exp(-c / tau)).
+    Then random vectors against Eq. (1) written out term by term."""
+    N, tau, theta = 3, 0.5, 0.7
+    e = torch.eye(2 * N)
+    z1 = e[:N]  # image k's first view: e_k
+    z2 = math.cos(theta) * e[:N] + math.sin(theta) * e[N:]  # its second view: at angle theta, orthogonal to the rest
+    expected = math.log(1 + (2 * N - 2) * math.exp(-math.cos(theta) / tau))
+    assert nt_xent(z1, z2, tau).item() == pytest.approx(expected, rel=1e-6)
+    assert nt_xent(3 * z1, 0.5 * z2, tau).item() == pytest.approx(expected, rel=1e-6)  # cosine: scale-free
+    two_identical_pairs = nt_xent(e[:2], e[:2], 0.25).item()  # c = 1, N = 2
+    assert two_identical_pairs == pytest.approx(math.log(1 + 2 * math.exp(-4)), rel=1e-5)
+
+    g = torch.Generator().manual_seed(0)
+    z1, z2 = torch.randn(4, 5, generator=g), torch.randn(4, 5, generator=g)
+    z = torch.nn.functional.normalize(torch.cat([z1, z2]), dim=1).tolist()
+    sim = lambda a, b: sum(x * y for x, y in zip(a, b, strict=True))  # noqa: E731
+    terms = []
+    for i in range(8):
+        j = (i + 4) % 8  # the other view of the same image
+        denominator = sum(math.exp(sim(z[i], z[k]) / tau) for k in range(8) if k != i)
+        terms.append(-math.log(math.exp(sim(z[i], z[j]) / tau) / denominator))
+    assert nt_xent(z1, z2, tau).item() == pytest.approx(sum(terms) / 8, rel=1e-5)
+
+
+def test_augment_is_seeded_crops_and_flips():
+    """Views are seeded and stay in [-1, 1]. On a horizontal ramp, with the jitter and noise off, each view is
+    still a ramp (the crop is an axis-aligned affine map) whose slope is the crop's width share s_x, between
+    sqrt(0.5 * 3/4) (half the area at aspect 3/4) and 1, negative where the view is flipped."""
+    x = torch.rand(6, 3, 16, 16) * 2 - 1
+    a = augment(x, torch.Generator().manual_seed(1))
+    torch.testing.assert_close(a, augment(x, torch.Generator().manual_seed(1)))
+    assert a.shape == x.shape and a.min() >= -1 and a.max() <= 1
+    assert not torch.allclose(a, augment(x, torch.Generator().manual_seed(2)))
+
+    W = 16
+    ramp = torch.linspace(-1, 1, W).expand(32, 3, 12, W)  # value -1 + 2 w / (W - 1) at column w
+    views = augment(ramp, torch.Generator().manual_seed(0), jitter=0.0, noise_std=0.0)
+    steps = views[..., 1:-1].diff(dim=-1)  # the edge columns sample within half a pixel of the border: left out
+    s_x = steps[:, 0, 0, 0] * (W - 1) / 2  # the slope relative to the original's
+    torch.testing.assert_close(steps, s_x[:, None, None, None].expand_as(steps) * 2 / (W - 1), atol=1e-5, rtol=0)
+    assert (s_x.abs() >= math.sqrt(0.5 * 3 / 4) - 1e-5).all() and (s_x.abs() <= 1 + 1e-5).all()
+    assert (s_x.abs() < 0.9).any() and 8 < (s_x < 0).sum() < 24  # real crops; about half of the views flipped
+
+
+def test_contrastive_features_put_an_image_next_to_its_own_flip(tmp_path):
+    """After SimCLR training on 34 real faces (flips are among its augmentations), a face's flipped copy is
+    nearer to it than any other face in most cases; at initialisation it almost never is. Training is seeded
+    and the network round-trips through its checkpoint."""
+    faces = save_faces(tmp_path / "faces")
+    data = DataConfig(source="folder", root=str(faces), image_size=32)
+    train_set, eval_set = make_dataset(data, "train"), make_dataset(data, "eval")
+    x = torch.stack([train_set[i]["image"] for i in range(len(train_set))])
+
+    def flip_is_nearest(model):
+        h, h_flip = extract(model.features, x), extract(model.features, x.flip(-1))
+        others = torch.cdist(h, h).fill_diagonal_(float("inf")).min(1).values  # the nearest other face
+        return ((h - h_flip).norm(dim=1) < others).float().mean().item()
+
+    torch.manual_seed(0)
+    assert flip_is_nearest(ContrastiveEncoder().eval()) < 0.3
+    model, meta = train_contrastive(train_set, eval_set, steps=100, batch_size=32)
+    assert flip_is_nearest(model) > 0.7
+    assert meta["train_images"] == len(train_set) and meta["view_retrieval"] > 1 / meta["eval_images"]
+    path = save_feature_net(tmp_path / "c.pt", model, meta)
+    loaded, meta2 = load_feature_net(path, ContrastiveEncoder)
+    torch.testing.assert_close(loaded.features(x[:4]), model.features(x[:4]))
+    assert meta2 == meta and loaded.features(x[:4]).shape == (4, 128)  # the representation before the head
+    a, _ = train_contrastive(train_set, eval_set, steps=3, batch_size=8, seed=1)
+    b, _ = train_contrastive(train_set, eval_set, steps=3, batch_size=8, seed=1)
+    for k, v in a.state_dict().items():
+        torch.testing.assert_close(v, b.state_dict()[k], rtol=0, atol=0)
+
+
+def test_auto_features_follow_the_labels(tmp_path):
+    shapes = make_dataset(DataConfig(source="shapes", image_size=32), "train", shapes=ShapesConfig(image_size=32))
+    assert evaluate.choose_features("auto", shapes)[0] == "classifier"
+    for layout, kind in (("classes", "classifier"), ("plain", "contrastive"), ("captions", "contrastive")):
+        folder = save_faces(tmp_path / layout, n=24, layout=layout)
+        train_set = make_dataset(DataConfig(source="folder", root=str(folder), image_size=32), "train")
+        assert evaluate.choose_features("auto", train_set)[0] == kind, layout
+    assert evaluate.choose_features("contrastive", shapes) == ("contrastive", "asked for")
+    assert evaluate.choose_features("auto", shapes, contrastive="c.pt")[0] == "contrastive"  # the file given wins
+
+
+def test_tiny_sets_keep_every_metric_defined():
+    """N = 2 or 3: KID's subsets keep 2 features (one would divide by m (m - 1) = 0), precision / recall's
+    k drops to N - 1, and nothing is NaN."""
+    g = torch.Generator().manual_seed(0)
+    for n, k in ((2, 1), (3, 2), (8, 3)):
+        m = evaluate.distribution_metrics(torch.randn(n, 4, generator=g), torch.randn(n, 4, generator=g))
+        assert m["kid_subset_size"] == max(2, n // 2) and m["k"] == k and finite(m)
+
+
+@pytest.mark.parametrize("layout, cond, kind", [
+    ("plain", "none", "contrastive"), ("captions", "text", "contrastive"), ("classes", "class", "classifier")])
+def test_evaluate_a_folder_of_real_faces(smoke_ckpt, tmp_path, capsys, layout, cond, kind):
+    """A checkpoint trained on a folder of 40 LFW faces (train_ldm.py --data, its condition from what the folder
+    holds): --features auto picks the feature network the labels allow, trains it beside the checkpoint, and
+    --n 64 uses the few held-out faces there are, saying so; the floor uses as many training faces.
+    `measure_checkpoint`, what train_ldm.py can call, gives the same dict (the feature network is reused)."""
+    faces = save_faces(tmp_path / "faces", layout=layout)
+    ae = smoke_ckpt.parent / "ae" / "autoencoder.pt"
+    train_ldm.main(["--data", str(faces), "--smoke", "--ae", str(ae), "--out", str(tmp_path / "run"),
+                    "--device", "cpu", "--eval_images", "0"])
+    held_out = len(make_dataset(DataConfig(source="folder", root=str(faces), image_size=32), "eval"))
+    assert 2 <= held_out < 64
+    ckpt = tmp_path / "run" / "ldm.pt"
+    r = evaluate.main(["--ckpt", str(ckpt), "--data", str(faces), "--n", "64", "--steps", "2", "--device", "cpu",
+                       "--contrastive_steps", "20", "--classifier_steps", "5", "--json", str(tmp_path / "m.json")])
+    out = capsys.readouterr().out
+    name = {"contrastive": "FD (tinyldm contrastive features)", "classifier": "FD (tinyldm classifier)"}[kind]
+    assert f"held-out split has only {held_out} images, fewer than the 64 asked for: using all {held_out}" in out
+    assert f"features: {kind} (auto: " in out and "training the" in out
+    assert f"{name}: {r['metrics']['fd']:.3f}  [real-vs-real floor at N={held_out}: " in out
+    p = r["protocol"]
+    assert p["cond"] == cond and p["n"] == held_out and p["n_requested"] == 64 and p["fd_name"] == name
+    assert p["feature_kind"] == kind and p["feature_dim"] == 128 and "FID" not in json.dumps(p)
+    assert finite(r["metrics"]) and finite(r["real_vs_train_floor"]) and "task_score" not in r
+    assert (ckpt.parent / f"feature_{kind}.pt").exists()
+    again = evaluate.measure_checkpoint(ckpt, str(faces), 64, 2, 3.0, "cpu")
+    assert "training the" not in capsys.readouterr().out and again["metrics"] == r["metrics"]
+    if kind == "contrastive":  # a classifier cannot learn labels that are not there
+        with pytest.raises(SystemExit, match="needs class labels"):
+            evaluate.measure_checkpoint(ckpt, str(faces), 64, 2, 3.0, "cpu", features="classifier")
+
+
+def test_fid_path_runs_offline_with_random_inception_weights(smoke_ckpt, tmp_path, monkeypatch):
+    """The FID path end to end, without the real weights: pytorch-fid's own network (its download patched out)
+    with random He-initialised weights, saved in its weights-file format, loaded by the command through
+    --inception_weights. Tests the path, not the number: FID-named, 2048-d, finite, a set against itself ~0."""
+    torchvision = pytest.importorskip("torchvision")
+    fid = pytest.importorskip("pytorch_fid.inception")
+    with monkeypatch.context() as m:  # build fid_inception_v3's module tree, skipping only the download and load
+        m.setattr(fid, "load_state_dict_from_url", lambda *args, **kwargs: {})
+        m.setattr(torchvision.models.Inception3, "load_state_dict", lambda self, state_dict, **kwargs: None)
+        net = fid.fid_inception_v3()
+    for module in net.modules():  # He init keeps the activations' scale through 40+ layers (the default decays)
+        if isinstance(module, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+    weights = tmp_path / "random_inception.pth"
+    torch.save(net.state_dict(), weights)
+
+    r = run(smoke_ckpt, tmp_path, "--features", "inception", "--inception_weights", str(weights))
+    p = r["protocol"]
+    assert p["fd_name"] == "FID" and p["feature_kind"] == "inception" and p["feature_dim"] == 2048
+    assert finite(r["metrics"]) and finite(r["real_vs_train_floor"]) and r["metrics"]["fd"] > 0
+    inception = InceptionFeatures(weights)  # the same network the command loaded (strictly, from that file)
+    images = torch.stack([make_dataset(DataConfig(source="shapes", image_size=32), "eval",
+                                       shapes=ShapesConfig(image_size=32))[i]["image"] for i in range(8)])
+    features = extract(inception, images)
+    assert features.shape == (8, 2048) and features.std(0).mean() > 0  # images give different features
+    itself = evaluate.distribution_metrics(features, features)
+    assert itself["fd"] < 1e-6 * r["real_vs_train_floor"]["fd"] and itself["precision"] == itself["recall"] == 1
 
 
 def test_inception_without_its_package_says_what_to_do(monkeypatch):

@@ -496,3 +496,15 @@ def test_resume_is_exact_with_posterior_samples_on_real_faces(tmp_path, lfw_face
         assert torch.allclose(v, b["denoiser"][k], atol=1e-6), k
     cache = torch.load(tmp_path / "split" / "latents.pt", weights_only=True)
     assert cache["latents"].shape[1] == 2 * a["unet_config"]["in_channels"]  # the posterior mean and std
+
+
+def test_a_folder_run_ends_with_its_feature_distance_and_floor(tmp_path, lfw_faces, capsys):
+    """Photo models used to end unmeasured (eval_images 0). A folder run now ends with the label-free feature
+    distance to its held-out images, printed next to the real-vs-real floor, in eval.json too."""
+    result = train_ldm.main(["--data", str(lfw_faces), "--smoke", "--out", str(tmp_path / "run"), "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert "features: contrastive" in out and "real-vs-real floor" in out
+    saved = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert saved["fd_name"] == "FD (tinyldm contrastive features)" == result["fd_name"]
+    assert saved["fd"] > 0 and saved["fd_floor"] >= 0 and saved["images"] == 4
+    assert (tmp_path / "run" / "feature_contrastive.pt").exists() and (tmp_path / "run" / "metrics.json").exists()

@@ -1,22 +1,31 @@
 """Sample N images from a trained LDM and measure them, with the protocol written next to the numbers.
 
     python -m tinyldm.tools.evaluate --ckpt runs/ldm-shapes/ldm.pt --n 1000 --json runs/ldm-shapes/metrics.json
+    python -m tinyldm.tools.evaluate --ckpt runs/ldm-photos/ldm.pt --data photos/ --n 500
     python -m tinyldm.tools.evaluate --ckpt runs/ldm-celeba64/ldm.pt --data /data/celeba --features inception \\
         --inception_weights pt_inception-2015-12-05-6726825d.pth
 
+From Python (e.g. at the end of training): `measure_checkpoint(ckpt_path, data_root, n, steps, guidance, device)`
+returns the dict the command prints and writes.
+
 The protocol (printed, and stored in the JSON):
 
-* reference set: the first N images of the held-out split of the checkpoint's own data set;
+* reference set: the first N images of the held-out split of the checkpoint's own data set (a small folder
+  may hold out fewer than N: then all of them, and N is that number, said in one line);
 * generated set: one image per reference image, conditioned on that image's own caption, class, layout or
   task input (unconditional models: N samples), `--steps` DDIM steps with `--eta`, guidance `--guidance`, seed
   `--seed` (the sampler's noise comes from one generator, so the same flags give the same images);
-* features: a small classifier trained by tinyldm on the training split's labels (`--features classifier`,
-  reported as "FD (tinyldm classifier)"; trained once and saved beside the checkpoint), or Inception-v3
-  through pytorch-fid (`--features inception`, reported as FID / KID);
-* metrics: Frechet distance, KID (mean and std over 100 subsets of min(1000, N / 2)), precision / recall
-  (k = 3); the same metrics between the reference set and N training images, the floor a perfect model
-  would reach at this N (Frechet distances are biased upwards at small N, so compare models at the same
-  N only); and where the data allow it, the task's own score (shapes evaluator, PSNR / SSIM).
+* features (`tinyldm.evaluation.features`), `--features auto` by default: a small classifier trained by
+  tinyldm on the training split's labels when every training image has one (shapes, class sub-folders;
+  reported as "FD (tinyldm classifier)"), else a small SimCLR encoder trained by tinyldm on the training
+  images alone (reported as "FD (tinyldm contrastive features)"); either is trained once and saved beside
+  the checkpoint (feature_classifier.pt, feature_contrastive.pt). `--features inception`: Inception-v3
+  through pytorch-fid, the only features reported as FID / KID;
+* metrics: Frechet distance, KID (mean and std over 100 subsets of max(2, min(1000, N / 2))), precision /
+  recall (k = min(3, N - 1)); the same metrics between the reference set and the first N training images, the
+  real-vs-real floor a perfect model would reach at this N (Frechet distances are biased upwards at small
+  N, so compare models at the same N only); and where the data allow it, the task's own score (shapes
+  evaluator, PSNR / SSIM).
 """
 
 from __future__ import annotations
@@ -30,103 +39,197 @@ import torch
 
 from tinyldm.data.images import make_dataset
 from tinyldm.data.tasks import TaskSpec, data_configs, generate_from_items, heldout_items, scorable, score_items
-from tinyldm.evaluation.features import InceptionFeatures, extract, load_classifier, save_classifier, train_classifier
+from tinyldm.evaluation.features import (
+    ContrastiveEncoder,
+    InceptionFeatures,
+    extract,
+    labelled,
+    load_classifier,
+    load_feature_net,
+    save_feature_net,
+    train_classifier,
+    train_contrastive,
+)
 from tinyldm.evaluation.metrics import frechet_from_features, kernel_distance, precision_recall
 from tinyldm.ldm import load_ldm
 from tinyldm.training.checkpoint import load_checkpoint
 from tinyldm.training.flags import check_sampling_steps
 from tinyldm.training.loop import pick_device
 
+FEATURES = ("auto", "classifier", "contrastive", "inception")
+
 
 def distribution_metrics(real: torch.Tensor, fake: torch.Tensor, *, seed: int = 0) -> dict:
-    kid, kid_std = kernel_distance(real, fake, subsets=100, subset_size=min(1000, len(real) // 2),
+    """Frechet distance, KID and precision / recall between two feature sets (N >= 2 each). KID's subsets
+    (max(2, min(1000, N / 2)) features) and the neighbourhoods' k (min(3, N - 1)) shrink with tiny N and are
+    returned with the numbers."""
+    n = min(len(real), len(fake))
+    subset_size, k = max(2, min(1000, n // 2)), min(3, n - 1)
+    kid, kid_std = kernel_distance(real, fake, subsets=100, subset_size=subset_size,
                                    generator=torch.Generator().manual_seed(seed))
-    precision, recall = precision_recall(real, fake, k=3)
+    precision, recall = precision_recall(real, fake, k=k)
     return {"fd": frechet_from_features(real, fake), "kid": kid, "kid_std": kid_std, "precision": precision,
-            "recall": recall}
+            "recall": recall, "kid_subset_size": subset_size, "k": k}
 
 
-def feature_function(args: argparse.Namespace, train_config: dict, ckpt_path: Path, device: torch.device):
-    """(callable images -> features, name of the Frechet distance, details for the protocol)."""
-    if args.features == "inception":
-        net = InceptionFeatures(args.inception_weights, device)
+def choose_features(features: str, train_set, *, classifier: str | None = None,
+                    contrastive: str | None = None) -> tuple[str, str]:
+    """(the feature kind, why): `auto` is the network whose file was given, else the classifier when every
+    training image has a class, else the contrastive encoder; any other kind is taken as asked."""
+    if features not in FEATURES:
+        raise ValueError(f"features must be one of {', '.join(FEATURES)}, got {features!r}")
+    if features != "auto":
+        return features, "asked for"
+    if classifier or contrastive:
+        return ("classifier", "auto: --classifier was given") if classifier else (
+            "contrastive", "auto: --contrastive was given")
+    if labelled(train_set):
+        return "classifier", "auto: every training image has a class label"
+    return "contrastive", "auto: the training images have no class labels"
+
+
+def feature_function(kind: str, train_set, eval_set_fn, ckpt_path: Path, device: torch.device, *,
+                     classifier: str | None = None, classifier_steps: int = 600, contrastive: str | None = None,
+                     contrastive_steps: int = 600, inception_weights: str | None = None):
+    """(callable images -> features, name of the Frechet distance, details for the protocol). The tinyldm
+    networks are read from their file (default: beside the checkpoint), or trained on `train_set` and saved
+    there first; `eval_set_fn()` gives the held-out split their training reports on."""
+    if kind == "inception":
+        net = InceptionFeatures(inception_weights, device)
         return net, "FID", {"features": "Inception-v3 pool3 (pytorch-fid), 2048-d"}
-    path = Path(args.classifier) if args.classifier else ckpt_path.parent / "feature_classifier.pt"
+    if kind == "classifier":
+        path = Path(classifier) if classifier else ckpt_path.parent / "feature_classifier.pt"
+        if not path.exists():
+            if not labelled(train_set):
+                raise SystemExit("--features classifier needs class labels (class sub-folders, a CelebA attribute "
+                                 "or the shapes data); these training images have none: use --features "
+                                 "contrastive (or auto)")
+            names = getattr(train_set, "class_names", None) or []
+            num_classes = len(names) or 1 + max(train_set[i]["class_id"] for i in range(min(len(train_set), 2000)))
+            print(f"training the feature classifier on {len(train_set)} labelled training images ({num_classes} "
+                  f"classes, {classifier_steps} steps) -> {path}")
+            model, meta = train_classifier(train_set, eval_set_fn(), num_classes, steps=classifier_steps,
+                                           device=device)
+            save_feature_net(path, model, meta)
+            print(f"held-out accuracy {meta['accuracy']:.1%} ({meta['train_seconds']:.0f} s)")
+        model, meta = load_classifier(path)
+        model = model.to(device)
+        return (lambda x: model.features(x.to(device))), "FD (tinyldm classifier)", {
+            "features": f"tinyldm classifier {path} (128-d, held-out accuracy {meta['accuracy']:.3f})"}
+    path = Path(contrastive) if contrastive else ckpt_path.parent / "feature_contrastive.pt"
     if not path.exists():
-        data, shapes = data_configs(train_config, args.data)
-        train_set, eval_set = make_dataset(data, "train", shapes=shapes), make_dataset(data, "eval", shapes=shapes)
-        names = getattr(train_set, "class_names", None) or []
-        num_classes = len(names) or 1 + max(train_set[i]["class_id"] for i in range(min(len(train_set), 2000)))
-        print(f"training the feature classifier on {len(train_set)} labelled training images ({num_classes} "
-              f"classes, {args.classifier_steps} steps) -> {path}")
-        model, meta = train_classifier(train_set, eval_set, num_classes, steps=args.classifier_steps, device=device)
-        save_classifier(path, model, meta)
-        print(f"held-out accuracy {meta['accuracy']:.1%} ({meta['train_seconds']:.0f} s)")
-    model, meta = load_classifier(path)
+        print(f"training the contrastive feature network (SimCLR) on {len(train_set)} training images, no labels "
+              f"({contrastive_steps} steps) -> {path}")
+        model, meta = train_contrastive(train_set, eval_set_fn(), steps=contrastive_steps, device=device)
+        save_feature_net(path, model, meta)
+        print(f"held-out view retrieval {meta['view_retrieval']:.1%} (chance {1 / meta['eval_images']:.1%}), "
+              f"final loss {meta['loss']:.3f} ({meta['train_seconds']:.0f} s)")
+    model, meta = load_feature_net(path, ContrastiveEncoder)
     model = model.to(device)
-    return (lambda x: model.features(x.to(device))), "FD (tinyldm classifier)", {
-        "features": f"tinyldm classifier {path} (128-d, held-out accuracy {meta['accuracy']:.3f})"}
+    return (lambda x: model.features(x.to(device))), "FD (tinyldm contrastive features)", {
+        "features": f"tinyldm contrastive encoder {path} (128-d, before the projection head; {meta['steps']} steps "
+                    f"on {meta['train_images']} training images, held-out view retrieval "
+                    f"{meta['view_retrieval']:.3f})"}
 
 
-def evaluate_checkpoint(args: argparse.Namespace) -> dict:
-    device = pick_device(args.device)
-    ckpt_path = Path(args.ckpt)
+def measure_checkpoint(ckpt_path: str | Path, data_root: str | None = None, n: int = 1000, steps: int = 50,
+                       guidance: float = 3.0, device: str | torch.device = "auto", features: str = "auto", *,
+                       eta: float = 0.0, seed: int = 0, amp: bool = True, classifier: str | None = None,
+                       classifier_steps: int = 600, contrastive: str | None = None, contrastive_steps: int = 600,
+                       inception_weights: str | None = None, json_path: str | Path | None = None) -> dict:
+    """Sample one image per held-out image (up to n) from the checkpoint, measure them against those images
+    and the real-vs-real floor, print the protocol and the numbers, and return (and write to `json_path`)
+    {"protocol", "metrics", "real_vs_train_floor", "sample_seconds_per_image", and "task_score" where the
+    data allow one}. `data_root`: the data's folder, for checkpoints of folder / CelebA / LSUN data."""
+    device = pick_device(device) if isinstance(device, str) else torch.device(device)
+    ckpt_path = Path(ckpt_path)
     ckpt = load_checkpoint(ckpt_path, kind="ldm")
+    train_config = ckpt["train_config"]
+    if train_config["dataset"] != "shapes" and not data_root:
+        raise SystemExit(f"{ckpt_path} was trained on {train_config['dataset']} images: give their folder with "
+                         "--data (the checkpoint does not store it)")
     denoiser, schedule, ae, diffusion = load_ldm(ckpt)
-    check_sampling_steps(schedule.T, args.steps)
+    check_sampling_steps(schedule.T, steps)
     denoiser, ae = denoiser.to(device), ae.to(device)
     schedule = schedule.to(device)
-    train_config = ckpt["train_config"]
     spec = TaskSpec.from_config(train_config)
-    data, shapes = data_configs(train_config, args.data)
-    items = heldout_items(spec, data, shapes, args.n)
+    data, shapes = data_configs(train_config, data_root)
+    items = heldout_items(spec, data, shapes, n, allow_fewer=True)
+    N = len(items["image"])
+    if N < 2:
+        raise SystemExit(f"the held-out split has {N} image: distribution metrics need at least 2 (add images, "
+                         "or train with a larger eval_fraction)")
+    if N < n:
+        print(f"the held-out split has only {N} images, fewer than the {n} asked for: using all {N} (and {N} "
+              "training images for the floor)")
+    train_set = make_dataset(data, "train", shapes=shapes)
+    kind, why = choose_features(features, train_set, classifier=classifier, contrastive=contrastive)
+    print(f"features: {kind} ({why})")
+    feature_fn, fd_name, details = feature_function(
+        kind, train_set, lambda: make_dataset(data, "eval", shapes=shapes), ckpt_path, device,
+        classifier=classifier, classifier_steps=classifier_steps, contrastive=contrastive,
+        contrastive_steps=contrastive_steps, inception_weights=inception_weights)
     side = ckpt["image_size"] // ae.downsample_factor
-    guidance = args.guidance if denoiser.cond.cfg.kind != "none" else 1.0
-    protocol = {"checkpoint": str(ckpt_path), "n": args.n, "reference": f"first {args.n} held-out images of "
-                f"{train_config['dataset']} at {ckpt['image_size']} px", "sampler": "ddim", "steps": args.steps,
-                "eta": args.eta, "guidance": guidance, "seed": args.seed, "cond": spec.cond, "task": spec.task}
-    g = torch.Generator(device).manual_seed(args.seed)
+    guidance = guidance if denoiser.cond.cfg.kind != "none" else 1.0
+    protocol = {"checkpoint": str(ckpt_path), "n": N, "n_requested": n, "reference": f"first {N} held-out images "
+                f"of {train_config['dataset']} at {ckpt['image_size']} px", "sampler": "ddim", "steps": steps,
+                "eta": eta, "guidance": guidance, "seed": seed, "cond": spec.cond, "task": spec.task}
+    g = torch.Generator(device).manual_seed(seed)
     start = time.perf_counter()
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" and args.amp):
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" and amp):
         images = generate_from_items(denoiser, schedule, ae, spec, items, (side, side), device,
-                                     prediction=diffusion.prediction, steps=args.steps, eta=args.eta,
+                                     prediction=diffusion.prediction, steps=steps, eta=eta,
                                      guidance_scale=guidance, generator=g).float()
     sample_seconds = time.perf_counter() - start
-    feature_fn, fd_name, details = feature_function(args, train_config, ckpt_path, device)
-    protocol.update(details, fd_name=fd_name)
+    floor_images = torch.stack([train_set[i]["image"] for i in range(min(N, len(train_set)))])
     real, fake = extract(feature_fn, items["image"]), extract(feature_fn, images)
-    train_set = make_dataset(data, "train", shapes=shapes)
-    floor_images = torch.stack([train_set[i]["image"] for i in range(min(args.n, len(train_set)))])
-    metrics = distribution_metrics(real, fake, seed=args.seed)
-    floor = distribution_metrics(real, extract(feature_fn, floor_images), seed=args.seed)
+    protocol.update(details, feature_kind=kind, feature_dim=real.shape[1], fd_name=fd_name,
+                    floor=f"the same {N} held-out images vs the first {len(floor_images)} training images")
+    metrics = distribution_metrics(real, fake, seed=seed)
+    floor = distribution_metrics(real, extract(feature_fn, floor_images), seed=seed)
     result = {"protocol": protocol, "metrics": metrics, "real_vs_train_floor": floor,
-              "sample_seconds_per_image": sample_seconds / args.n}
+              "sample_seconds_per_image": sample_seconds / N}
     if scorable(spec, train_config["dataset"]) and (spec.cond != "none" or spec.has_concat):
         result["task_score"] = score_items(spec, items, images)
     print("protocol: " + ", ".join(f"{k}={v}" for k, v in protocol.items()))
-    print(f"{fd_name}: {metrics['fd']:.3f} (real vs train images: {floor['fd']:.3f}); KID {metrics['kid']:.4f} "
-          f"+- {metrics['kid_std']:.4f} (floor {floor['kid']:.4f}); precision {metrics['precision']:.3f}, "
-          f"recall {metrics['recall']:.3f}; {sample_seconds / args.n * 1e3:.1f} ms per image")
+    print(f"{fd_name}: {metrics['fd']:.3f}  [real-vs-real floor at N={len(floor_images)}: {floor['fd']:.3f}]")
+    print(f"KID {metrics['kid']:.4f} +- {metrics['kid_std']:.4f}  [floor {floor['kid']:.4f}]; precision "
+          f"{metrics['precision']:.3f}, recall {metrics['recall']:.3f} (k = {metrics['k']}); "
+          f"{sample_seconds / N * 1e3:.1f} ms per image")
     if "task_score" in result:
         print("task score: " + ", ".join(f"{k} {v:.3f}" for k, v in result["task_score"].items()))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1))
+    if json_path:
+        Path(json_path).write_text(json.dumps(result, indent=1))
     return result
+
+
+def evaluate_checkpoint(args: argparse.Namespace) -> dict:
+    """The command line's flags -> `measure_checkpoint`."""
+    return measure_checkpoint(args.ckpt, args.data, args.n, args.steps, args.guidance, args.device, args.features,
+                              eta=args.eta, seed=args.seed, amp=args.amp, classifier=args.classifier,
+                              classifier_steps=args.classifier_steps, contrastive=args.contrastive,
+                              contrastive_steps=args.contrastive_steps, inception_weights=args.inception_weights,
+                              json_path=args.json)
 
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="ldm.pt from train_ldm.py")
-    p.add_argument("--n", type=int, default=1000, help="reference and generated images (compare at equal N only)")
+    p.add_argument("--n", type=int, default=1000, help="reference and generated images (compare at equal N only); "
+                   "a smaller held-out split gives all it has")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--eta", type=float, default=0.0)
     p.add_argument("--guidance", type=float, default=3.0,
                    help="guidance scale (models with a cross-attended condition)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--features", choices=("classifier", "inception"), default="classifier")
+    p.add_argument("--features", choices=FEATURES, default="auto",
+                   help="auto: classifier when every training image has a class label, else contrastive")
     p.add_argument("--classifier", help="a feature classifier checkpoint (default: <ckpt dir>/feature_classifier.pt, "
                    "trained if missing)")
     p.add_argument("--classifier_steps", type=int, default=600)
+    p.add_argument("--contrastive", help="a contrastive feature network checkpoint (default: <ckpt dir>/"
+                   "feature_contrastive.pt, trained on the training images if missing)")
+    p.add_argument("--contrastive_steps", type=int, default=600)
     p.add_argument("--inception_weights", help="a local copy of pytorch-fid's weights file")
     p.add_argument("--data", help="the data root, for data sets that are not built in")
     p.add_argument("--device", default="auto")
