@@ -277,3 +277,26 @@ def test_inception_weights_path_must_exist(monkeypatch, tmp_path):
     pytest.importorskip("pytorch_fid")
     with pytest.raises(SystemExit, match="do not exist"):
         InceptionFeatures(tmp_path / "missing.pth")
+
+
+def test_the_floor_draws_training_images_of_the_held_out_classes(tmp_path, lfw_faces):
+    """A folder's files are sorted by class, so "the first N training images" were all of one class, and the
+    real-vs-real floor of a class-sorted folder came out 20x the model's own distance. The floor now draws, for
+    each held-out image, a training image of its class (at random, seeded); without classes, at random."""
+    import shutil
+
+    from tinyldm.data.images import DataConfig, make_dataset
+    from tinyldm.tools.evaluate import floor_indices
+
+    for i, face in enumerate(sorted(lfw_faces.iterdir())[:60]):
+        (tmp_path / "cls" / f"c{i // 20}").mkdir(parents=True, exist_ok=True)
+        shutil.copy(face, tmp_path / "cls" / f"c{i // 20}" / face.name)
+    train = make_dataset(DataConfig(source="folder", root=str(tmp_path / "cls"), image_size=25), "train")
+    held_out_classes = torch.tensor([2, 1, 0, 2, 1])
+    idx, how = floor_indices(train, held_out_classes, seed=0)
+    assert [train.class_ids[i] for i in idx] == held_out_classes.tolist() and len(set(idx)) == 5
+    assert idx == floor_indices(train, held_out_classes, seed=0)[0] != floor_indices(train, held_out_classes,
+                                                                                         seed=1)[0]
+    plain = make_dataset(DataConfig(source="folder", root=str(lfw_faces), image_size=25), "train")
+    idx, how = floor_indices(plain, torch.full((8,), -1), seed=0)
+    assert len(set(idx)) == 8 and idx != list(range(8)) and "random" in how

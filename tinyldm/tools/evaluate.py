@@ -132,6 +132,25 @@ def feature_function(kind: str, train_set, eval_set_fn, ckpt_path: Path, device:
                     f"{meta['view_retrieval']:.3f})"}
 
 
+def floor_indices(train_set, held_out_classes: torch.Tensor, *, seed: int = 0) -> tuple[list[int], str]:
+    """Training images for the real-vs-real floor, as many as there are held-out images, drawn at random (seeded):
+    of the same class as each held-out image where both sets have classes (a folder's files are sorted by class,
+    so its first N would all be one class), else from the whole training set. Returns (indices, how)."""
+    g = torch.Generator().manual_seed(seed)
+    n = min(len(held_out_classes), len(train_set))
+    train_classes = getattr(train_set, "class_ids", None)
+    if train_classes is None or min(train_classes, default=-1) < 0 or int(held_out_classes.min()) < 0:
+        return torch.randperm(len(train_set), generator=g)[:n].tolist(), "drawn at random (seeded)"
+    by_class: dict[int, list[int]] = {}
+    for i in torch.randperm(len(train_set), generator=g).tolist():
+        by_class.setdefault(int(train_classes[i]), []).append(i)
+    picked = [by_class[c].pop() for c in held_out_classes[:n].tolist() if by_class.get(c)]
+    if len(picked) < n:  # a class with fewer training than held-out images: fill from the rest
+        rest = [i for ids in by_class.values() for i in ids]
+        picked += [rest[j] for j in torch.randperm(len(rest), generator=g)[: n - len(picked)].tolist()]
+    return picked, "each of the held-out image's class, drawn at random (seeded)"
+
+
 def measure_checkpoint(ckpt_path: str | Path, data_root: str | None = None, n: int = 1000, steps: int = 50,
                        guidance: float = 3.0, device: str | torch.device = "auto", features: str = "auto", *,
                        eta: float = 0.0, seed: int = 0, amp: bool = True, classifier: str | None = None,
@@ -181,10 +200,11 @@ def measure_checkpoint(ckpt_path: str | Path, data_root: str | None = None, n: i
                                      prediction=diffusion.prediction, steps=steps, eta=eta,
                                      guidance_scale=guidance, generator=g).float()
     sample_seconds = time.perf_counter() - start
-    floor_images = torch.stack([train_set[i]["image"] for i in range(min(N, len(train_set)))])
+    floor_idx, how = floor_indices(train_set, items["class_id"], seed=seed)
+    floor_images = torch.stack([train_set[i]["image"] for i in floor_idx])
     real, fake = extract(feature_fn, items["image"]), extract(feature_fn, images)
     protocol.update(details, feature_kind=kind, feature_dim=real.shape[1], fd_name=fd_name,
-                    floor=f"the same {N} held-out images vs the first {len(floor_images)} training images")
+                    floor=f"the same {N} held-out images vs {len(floor_images)} training images, {how}")
     metrics = distribution_metrics(real, fake, seed=seed)
     floor = distribution_metrics(real, extract(feature_fn, floor_images), seed=seed)
     result = {"protocol": protocol, "metrics": metrics, "real_vs_train_floor": floor,
