@@ -56,6 +56,7 @@ from tinyldm.training.loop import (
     seed_stream,
     set_rng_state,
 )
+from tinyldm.training.presets import AE_PRESETS, AE_SMOKE
 
 
 @dataclass
@@ -95,74 +96,9 @@ class TrainAEConfig:
 
 
 # ----------------------------------------------------------------------------------------------
-# Presets: plain dicts of field -> value over the dataclass defaults.
+# Presets (tinyldm/training/presets.py): plain dicts of field -> value over the dataclass defaults.
 
-# shapes: sized for the CPU (3.5 minutes on 2 idle cores: 36 dB held-out PSNR; VQ 31.6 dB). L2 rather than the paper's
-# L1: on small objects over a flat background L1's per-pixel median is the background for a long time,
-# and PSNR is an L2 measure. The discriminator joins for the last 300 steps at a small weight.
-SHAPES = dict(
-    dataset="shapes", image_size=32, n_train=50_000, n_eval=256, batch_size=32, steps=800,
-    lr=1e-3, lr_schedule="cosine", lr_min_ratio=0.02, warmup_steps=50, log_every=50, image_every=200,
-    ckpt_every=400, stats_images=512,
-    base_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, z_channels=4, mid_attention=False, norm_groups=8,
-    rec_loss="l2", perceptual_weight=0.0, disc_start=500, disc_weight=0.1, disc_channels=32, disc_layers=2,
-)
-PRESETS: dict[str, dict] = {
-    "shapes": SHAPES,
-    "shapes_vq": {**SHAPES, "regularizer": "vq", "n_codes": 512},
-    # Your own images on a CPU: the shapes recipe at 32 px on --data DIR (`python train_ae.py --data DIR` picks it).
-    "folder": {**SHAPES, "dataset": "folder", "n_train": 0},
-    # GPU-sized shapes: 64 px -> 16 x 16 x 4 latents (what train_ldm.py's shapes64 preset uses).
-    "shapes64": {**SHAPES, "image_size": 64, "batch_size": 64, "steps": 6000, "lr": 5e-4, "image_every": 1000,
-                 "ckpt_every": 2000, "n_eval": 1000, "stats_images": 4096, "base_channels": 64,
-                 "num_res_blocks": 2, "mid_attention": True, "norm_groups": 32, "disc_start": 4000,
-                 "disc_channels": 64, "disc_layers": 3},
-}
-# The paper's first stages, each value from the released CompVis configs (CompVis/latent-diffusion,
-# models/first_stage_models/{kl-f4,kl-f8,vq-f4}/config.yaml) unless marked "ours":
-#   ddconfig: ch 128, ch_mult (1,2,4) for f=4 or (1,2,4,4) for f=8, num_res_blocks 2 (their Decoder runs
-#   num_res_blocks + 1 = 3 per level), attention only in the middle block (attn_resolutions []), dropout 0;
-#   kl-f4: embed_dim 3; kl-f8: embed_dim 4; vq-f4: embed_dim 3, n_embed 8192;
-#   loss: L1 + LPIPS (perceptual_weight 1) + PatchGAN (3 layers, 64 channels, hinge), and
-#     KL: kl_weight 1e-6, disc_start 50001, disc_weight 0.5 (LPIPSWithDiscriminator);
-#     VQ: codebook_weight 1.0, disc_start 0, disc_weight 0.75 (VQLPIPSWithDiscriminator);
-#   base_learning_rate 4.5e-6, multiplied by the batch size as their main.py does (scale_lr); Adam (0.5, 0.9).
-# Ours: the image sizes (64 / 128 / 256 px instead of 256 crops), batch sizes and step counts, which fit one GPU.
-_PAPER_AE = dict(
-    n_train=0, n_eval=1000, num_workers=4, log_every=100, image_every=2000, ckpt_every=5000, stats_images=4096,
-    ema_decay=0.0, base_channels=128, channel_mult=(1, 2, 4), num_res_blocks=2, decoder_res_blocks=3, z_channels=3,
-    mid_attention=True, dropout=0.0, rec_loss="l1", perceptual_weight=1.0, disc_layers=3, disc_channels=64,
-    disc_loss="hinge", kl_weight=1e-6, disc_start=50_001, disc_weight=0.5, adam_beta1=0.5, adam_beta2=0.9,
-)
-_F8 = {"channel_mult": (1, 2, 4, 4), "z_channels": 4}  # kl-f8
-_VQ = {"regularizer": "vq", "n_codes": 8192, "codebook_weight": 1.0, "disc_start": 0, "disc_weight": 0.75}  # vq-f4
-
-
-def _paper_ae(dataset: str, size: int, batch_size: int, steps: int, hflip: bool) -> dict:
-    return dict(_PAPER_AE, dataset=dataset, image_size=size, batch_size=batch_size, steps=steps, hflip=hflip,
-                lr=4.5e-6 * batch_size)
-
-
-for _data in ("celeba", "lsun"):  # hflip: ours for CelebA; CompVis' LSUN loader flips with p = 0.5
-    for _size in (64, 128):
-        _base = _paper_ae(_data, _size, batch_size=16, steps=200_000, hflip=True)
-        PRESETS[f"{_data}{_size}"] = _base
-        PRESETS[f"{_data}{_size}_f8"] = {**_base, **_F8}
-        PRESETS[f"{_data}{_size}_vq"] = {**_base, **_VQ}
-# Your own images on one GPU (what train_ldm.py's folder64 / folder128 / folder256 use): vq-f4 at 64 and 128 px
-# (16 x 16 x 3 and 32 x 32 x 3 latents, as the paper's CelebA-HQ / FFHQ / LSUN-bedrooms LDM-4s), kl-f8 at 256 px
-# (32 x 32 x 4, as LSUN-churches and Stable Diffusion). No flips: a caption may say left or right.
-PRESETS["folder64"] = {**_paper_ae("folder", 64, batch_size=32, steps=100_000, hflip=False), **_VQ}
-PRESETS["folder128"] = {**_paper_ae("folder", 128, batch_size=16, steps=150_000, hflip=False), **_VQ}
-PRESETS["folder256"] = {**_paper_ae("folder", 256, batch_size=8, steps=200_000, hflip=False), **_F8}
-
-# --smoke shrinks any preset to a seconds-long CPU run. It keeps the preset's loss terms: the discriminator joins
-# at step 3, and LPIPS (photo presets) runs with a random backbone, so that no weights are downloaded.
-SMOKE = dict(
-    image_size=16, n_train=64, n_eval=8, batch_size=4, steps=6, warmup_steps=0, log_every=2, image_every=3,
-    ckpt_every=3, stats_images=8, num_workers=0, base_channels=8, num_res_blocks=1, norm_groups=4,
-    n_codes=16, lpips_pretrained=False, disc_start=3, disc_channels=8, disc_layers=1,
-)
+PRESETS, SMOKE = AE_PRESETS, AE_SMOKE
 CONFIGS = (AutoencoderConfig, AELossConfig, TrainAEConfig)
 
 

@@ -81,6 +81,7 @@ from tinyldm.training.loop import (
     set_rng_state,
     warmup_lr,
 )
+from tinyldm.training.presets import LDM_PRESETS, LDM_SMOKE
 from tinyldm.unet import UNet, UNetConfig
 
 
@@ -128,86 +129,8 @@ class TrainLDMConfig:
     #   "mean" trains on the posterior mean. VQ autoencoders: the pre-quantization latent either way.
 
 
-# CPU-sized: 32 px images, f = 4 autoencoder -> 8 x 8 x 4 latents.
-# Sized so that the whole demo (autoencoder, LDM, evaluation) fits in 10 minutes on 2 CPU cores.
-# The autoencoder gets 600 steps instead of its preset's 800 (~35 dB instead of 36; plenty for the LDM).
-_SHAPES_DEMO = dict(ae_steps=600, n_train=10_000, batch_size=32, steps=1400, lr=1e-3, channels=64, channel_mult=(1, 2),
-                    num_res_blocks=1, attn_resolutions=(8, 4), head_dim=32, context_dim=128, posterior="mean")
-# The shapes presets train on the posterior mean: the shapes autoencoder's posterior sigma is 2% of its latents'
-# std (measured), so a sample differs from the mean by little, and the demo's published figures were made so.
-# The concat-conditioned tasks have no cross-attention to a condition: self-attention at 4 x 4 only, no guidance.
-_SHAPES_CONCAT = {**_SHAPES_DEMO, "cond": "none", "attn_resolutions": (4,), "max_shapes": 3, "eval_cfg": 1.0}
-
-PRESETS: dict[str, dict] = {
-    "shapes": _SHAPES_DEMO,
-    # The paper's other tasks on shapes (Sec. 4.3-4.5), same model size as the demo; up to 3 objects per image.
-    "shapes_class": {**_SHAPES_DEMO, "cond": "class"},
-    "shapes_layout": {**_SHAPES_DEMO, "cond": "layout", "max_shapes": 3},
-    "shapes_semantic": {**_SHAPES_CONCAT, "task": "semantic"},
-    "shapes_sr": {**_SHAPES_CONCAT, "task": "superres"},
-    "shapes_inpaint": {**_SHAPES_CONCAT, "task": "inpaint"},
-    # Your own images on a CPU (32 px, the demo's model size): `python train_ldm.py --data DIR` picks it. --cond auto
-    # reads what the folder holds: captions (metadata.jsonl or .txt) -> text, class sub-folders -> class, else none.
-    "folder": {**_SHAPES_DEMO, "dataset": "folder", "ae_preset": "folder", "cond": "auto", "n_train": 0,
-               "eval_images": 256, "posterior": "sample"},
-    # GPU-sized: 64 px images -> 16 x 16 x 4 latents; the tiny text-to-image UNet whose training speed the
-    # benchmark (python -m tinyldm.tools.bench) measures on CUDA.
-    "shapes64": dict(image_size=64, ae_preset="shapes64", n_train=50_000, batch_size=256, steps=8000, lr=4e-4,
-                     channels=128, channel_mult=(1, 2, 2), attn_resolutions=(16, 8), context_dim=256,
-                     posterior="mean"),  # see the shapes presets
-}
-
-# The paper's photo models, each value from the released CompVis configs (CompVis/latent-diffusion,
-# configs/latent-diffusion/{celebahq,ffhq,lsun_bedrooms}-ldm-vq-4.yaml and lsun_churches-ldm-kl-8.yaml)
-# unless marked "ours":
-#   diffusion: timesteps 1000, linear_start 0.0015, linear_end 0.0195 (churches: 0.0155) on CompVis' "linear"
-#     schedule, which is sqrt(beta) linear, "scaled_linear" here; eps prediction; loss L2 (churches: L1);
-#   UNet (openaimodel.UNetModel): num_res_blocks 2, channel_mult (1,2,3,4), attention at downsampling factors
-#     (2,4,8) of the latent, num_head_channels 32; the unconditional models use its plain AttentionBlock and
-#     add the timestep embedding (use_scale_shift_norm False; churches: True);
-#   EMA (LitEma) with decay 0.9999 and its warm-up min(decay, (1 + n) / (10 + n)); no lr warm-up (churches: 10k);
-#   base_learning_rate 2e-6 multiplied by the batch size (their main.py's scale_lr); the LDM trains on posterior
-#     samples of a KL first stage (get_first_stage_encoding) and on pre-quantization latents of a VQ one.
-# Ours: 64 / 128 / 256 px instead of 256, so the widths (model_channels 224 there) and batch sizes fit one GPU.
-_PAPER_LDM = dict(
-    n_train=0, schedule="scaled_linear", T=1000, beta_start=0.0015, beta_end=0.0195, prediction="eps", loss="l2",
-    num_res_blocks=2, channel_mult=(1, 2, 3, 4), head_dim=32, attention_block="plain", scale_shift_norm=False,
-    mid_attention=True, context_dim=None, ema_decay=0.9999, warmup_steps=0, posterior="sample", eval_images=1000,
-)
-
-
-def _paper_ldm(dataset: str, size: int, ae_preset: str, *, channels: int, batch_size: int, steps: int,
-               hflip: bool, cond: str = "none") -> dict:
-    latent = size // 4  # f = 4: attention at latent / 2, / 4, / 8 (downsampling factors 2, 4, 8)
-    return dict(_PAPER_LDM, dataset=dataset, image_size=size, ae_preset=ae_preset, cond=cond, hflip=hflip,
-                channels=channels, batch_size=batch_size, steps=steps, lr=2e-6 * batch_size,
-                attn_resolutions=(latent // 2, latent // 4, latent // 8))
-
-
-PRESETS.update(
-    # CelebA-HQ / FFHQ / LSUN-bedrooms LDM-4 (vq-f4 first stage): ours at 64 and 128 px. hflip: CompVis' LSUN
-    # loader flips with p = 0.5; ours for CelebA.
-    celeba64=_paper_ldm("celeba", 64, "celeba64_vq", channels=128, batch_size=128, steps=100_000, hflip=True),
-    celeba128=_paper_ldm("celeba", 128, "celeba128_vq", channels=192, batch_size=96, steps=150_000, hflip=True),
-    lsun64=_paper_ldm("lsun", 64, "lsun64_vq", channels=128, batch_size=128, steps=100_000, hflip=True),
-    # Your own images on one GPU; --cond auto as in the CPU folder preset. A conditional model gets transformer
-    # blocks with cross-attention (the paper's Sec. 3.3; CompVis cin256-v2: use_spatial_transformer, depth 1).
-    folder64=_paper_ldm("folder", 64, "folder64", channels=128, batch_size=128, steps=100_000, hflip=False,
-                        cond="auto"),
-    folder128=_paper_ldm("folder", 128, "folder128", channels=192, batch_size=96, steps=150_000, hflip=False,
-                         cond="auto"),
-    # 256 px: the kl-f8 first stage (32 x 32 x 4 latents) and lsun_churches-ldm-kl-8's UNet: model_channels 192,
-    # channel_mult (1,2,2,4,4), attention at 32, 16, 8, 4, num_heads 8 (here head_dim 32: ours), scale-shift
-    # norm, beta_end 0.0155, L1 loss, lr 5e-5 (not scaled), 10k warm-up steps, batch 96.
-    folder256={**_paper_ldm("folder", 256, "folder256", channels=192, batch_size=96, steps=200_000, hflip=False,
-                            cond="auto"),
-               "channel_mult": (1, 2, 2, 4, 4), "attn_resolutions": (32, 16, 8, 4), "scale_shift_norm": True,
-               "beta_end": 0.0155, "loss": "l1", "lr": 5e-5, "warmup_steps": 10_000},
-)
-# image_size=32 gives 8 x 8 latents, so the smoke UNet's levels (8, 4) exist for every preset (celeba64 too).
-SMOKE = dict(image_size=32, n_train=64, steps=6, batch_size=8, warmup_steps=2, channels=32, channel_mult=(1, 2),
-             attn_resolutions=(4,), context_dim=32, text_layers=1, log_every=2, sample_every=4, ckpt_every=3,
-             eval_images=4, eval_steps=3, feature_steps=5)
+# Presets (tinyldm/training/presets.py): plain dicts of field -> value over the dataclass defaults.
+PRESETS, SMOKE = LDM_PRESETS, LDM_SMOKE
 FIXED_PROMPTS = [  # the sample grids' prompts, in the shapes dataset's phrasings
     "a red circle in the top left", "a blue square in the center", "a green triangle in the bottom right",
     "top right: a yellow circle", "a purple square in the middle left", "an orange triangle at the top center",

@@ -22,10 +22,10 @@ The protocol (printed, and stored in the JSON):
   the checkpoint (feature_classifier.pt, feature_contrastive.pt). `--features inception`: Inception-v3
   through pytorch-fid, the only features reported as FID / KID;
 * metrics: Frechet distance, KID (mean and std over 100 subsets of max(2, min(1000, N / 2))), precision /
-  recall (k = min(3, N - 1)); the same metrics between the reference set and the first N training images, the
-  real-vs-real floor a perfect model would reach at this N (Frechet distances are biased upwards at small
-  N, so compare models at the same N only); and where the data allow it, the task's own score (shapes
-  evaluator, PSNR / SSIM).
+  recall (k = min(3, N - 1)); the same metrics between the reference set and N training images drawn at
+  random (of each reference image's class, where the data have classes), the real-vs-real floor a perfect
+  model would reach at this N (Frechet distances are biased upwards at small N, so compare models at the
+  same N only); and where the data allow it, the task's own score (shapes evaluator, PSNR / SSIM).
 """
 
 from __future__ import annotations
@@ -148,7 +148,7 @@ def floor_indices(train_set, held_out_classes: torch.Tensor, *, seed: int = 0) -
     if len(picked) < n:  # a class with fewer training than held-out images: fill from the rest
         rest = [i for ids in by_class.values() for i in ids]
         picked += [rest[j] for j in torch.randperm(len(rest), generator=g)[: n - len(picked)].tolist()]
-    return picked, "each of the held-out image's class, drawn at random (seeded)"
+    return picked, "one of each held-out image's class, drawn at random (seeded)"
 
 
 def measure_checkpoint(ckpt_path: str | Path, data_root: str | None = None, n: int = 1000, steps: int = 50,
@@ -176,8 +176,8 @@ def measure_checkpoint(ckpt_path: str | Path, data_root: str | None = None, n: i
     items = heldout_items(spec, data, shapes, n, allow_fewer=True)
     N = len(items["image"])
     if N < 2:
-        raise SystemExit(f"the held-out split has {N} image: distribution metrics need at least 2 (add images, "
-                         "or train with a larger eval_fraction)")
+        raise SystemExit(f"the held-out split has {N} image: distribution metrics need at least 2 (add images "
+                         "to the folder: about 5% of its files are held out)")
     if N < n:
         print(f"the held-out split has only {N} images, fewer than the {n} asked for: using all {N} (and {N} "
               "training images for the floor)")
