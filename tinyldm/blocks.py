@@ -34,8 +34,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-def group_norm(channels: int, groups: int) -> nn.GroupNorm:
-    return nn.GroupNorm(groups, channels, eps=1e-6)
+def group_norm(channels: int, groups: int, eps: float = 1e-6) -> nn.GroupNorm:
+    """GroupNorm with CompVis' eps 1e-6 by default (their diffusers releases use 1e-5 outside the transformers)."""
+    return nn.GroupNorm(groups, channels, eps=eps)
 
 
 def zero_module(module: nn.Module) -> nn.Module:
@@ -51,16 +52,17 @@ class ResBlock(nn.Module):
     emb_dim:     width of the timestep embedding, or None for a block without one (the autoencoder's).
     scale_shift: inject the embedding as AdaGN's scale and shift (True) or add it to the features (False).
     zero_init:   start the second conv at zero, so the block starts as its skip connection (the UNet's).
+    eps:         the GroupNorms' epsilon.
     """
 
     def __init__(self, in_ch: int, out_ch: int, *, groups: int, emb_dim: int | None = None,
-                 scale_shift: bool = False, dropout: float = 0.0, zero_init: bool = False):
+                 scale_shift: bool = False, dropout: float = 0.0, zero_init: bool = False, eps: float = 1e-6):
         super().__init__()
         self.scale_shift = scale_shift
-        self.norm1 = group_norm(in_ch, groups)
+        self.norm1 = group_norm(in_ch, groups, eps)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
         self.emb_proj = nn.Linear(emb_dim, 2 * out_ch if scale_shift else out_ch) if emb_dim else None
-        self.norm2 = group_norm(out_ch, groups)
+        self.norm2 = group_norm(out_ch, groups, eps)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
         if zero_init:
@@ -130,16 +132,17 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Tensor | None = None, fu
 
 
 class Attention(nn.Module):
-    """Multi-head attention of queries x (B, N, C) to keys / values from `context` (B, L, D), or to x itself."""
+    """Multi-head attention of queries x (B, N, C) to keys / values from `context` (B, L, D), or to x itself.
+    `qkv_bias`: biases in the q / k / v projections (the released unconditional CompVis models have them)."""
 
-    def __init__(self, dim: int, head_dim: int, context_dim: int | None = None):
+    def __init__(self, dim: int, head_dim: int, context_dim: int | None = None, *, qkv_bias: bool = False):
         super().__init__()
         if dim % head_dim:
             raise ValueError(f"attention width {dim} is not divisible by head_dim {head_dim}")
         self.heads = dim // head_dim
-        self.to_q = nn.Linear(dim, dim, bias=False)
-        self.to_k = nn.Linear(context_dim or dim, dim, bias=False)
-        self.to_v = nn.Linear(context_dim or dim, dim, bias=False)
+        self.to_q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.to_k = nn.Linear(context_dim or dim, dim, bias=qkv_bias)
+        self.to_v = nn.Linear(context_dim or dim, dim, bias=qkv_bias)
         self.to_out = nn.Linear(dim, dim)
         self.is_cross = context_dim is not None  # attends to a context (tau(y)), not to x itself
         self.fused = True  # False: the explicit softmax (the reference the tests compare against)

@@ -66,6 +66,8 @@ class UNetConfig:
     dropout: float = 0.0
     scale_shift_norm: bool = True  # timestep injection as GN scale/shift (True) or additive (False)
     norm_groups: int = 32
+    norm_eps: float = 1e-6  # the GroupNorms' epsilon outside the transformer blocks (the diffusers releases: 1e-5)
+    qkv_bias: bool = False  # biases in the plain attention blocks' q / k / v (the released CelebA-HQ model has them)
     gradient_checkpointing: bool = False  # recompute blocks in backward to save memory
 
 
@@ -85,8 +87,8 @@ class SelfAttentionBlock(nn.Module):
 
     def __init__(self, channels: int, cfg: UNetConfig):
         super().__init__()
-        self.norm = group_norm(channels, cfg.norm_groups)
-        self.attn = Attention(channels, cfg.head_dim)
+        self.norm = group_norm(channels, cfg.norm_groups, cfg.norm_eps)
+        self.attn = Attention(channels, cfg.head_dim, qkv_bias=cfg.qkv_bias)
         zero_module(self.attn.to_out)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -135,7 +137,7 @@ class UNet(nn.Module):
 
         def res_block(in_ch: int, out_ch: int) -> ResBlock:
             return ResBlock(in_ch, out_ch, groups=cfg.norm_groups, emb_dim=emb_dim, scale_shift=cfg.scale_shift_norm,
-                            dropout=cfg.dropout, zero_init=True)
+                            dropout=cfg.dropout, zero_init=True, eps=cfg.norm_eps)
 
         def stage(in_ch: int, out_ch: int, res: int) -> nn.ModuleList:
             layers = [res_block(in_ch, out_ch)]
@@ -170,7 +172,7 @@ class UNet(nn.Module):
                     layers.append(Upsample(ch))
                 self.up.append(layers)
 
-        self.out = nn.Sequential(group_norm(ch, cfg.norm_groups), nn.SiLU(),
+        self.out = nn.Sequential(group_norm(ch, cfg.norm_groups, cfg.norm_eps), nn.SiLU(),
                                  zero_module(nn.Conv2d(ch, cfg.out_channels, 3, padding=1)))
 
     def forward(self, x_t: Tensor, t: Tensor, *, context: Tensor | None = None, context_mask: Tensor | None = None,

@@ -1,0 +1,154 @@
+"""Released UNets in the diffusers format -> tinyldm's `UNet`: the config, and every tensor by name.
+
+The paper's unconditional and concat-conditioned models (`CompVis/ldm-celebahq-256`,
+`CompVis/ldm-super-resolution-4x-openimages`) are published as diffusers' `UNet2DModel`. Its layout is the
+CompVis one that tinyldm's UNet follows, so the conversion is a renaming, block for block:
+
+    diffusers                                       tinyldm
+    time_embedding.linear_1 / linear_2              time_mlp.0 / time_mlp.2
+    conv_in                                         conv_in
+    down_blocks[i].resnets[j], .attentions[j]       down[k][0], down[k][1]   (k counts the stages in order)
+    down_blocks[i].downsamplers[0].conv             down[k][0].conv
+    mid_block.resnets[0], .attentions[0], .resnets[1]  mid[0], mid[1], mid[2]
+    up_blocks[n].resnets[j], .attentions[j]         up[k][0], up[k][1]       (n = levels - 1 - level)
+    up_blocks[n].upsamplers[0].conv                 up[k][-1].conv
+    conv_norm_out, conv_out                         out.0, out.2
+
+    ResnetBlock2D: norm1 conv1 time_emb_proj norm2 conv2 conv_shortcut -> norm1 conv1 emb_proj norm2 conv2 skip
+    Attention: group_norm to_q to_k to_v to_out.0 -> norm attn.to_q attn.to_k attn.to_v attn.to_out
+
+What the released models need that tinyldm's defaults do not have, and so set here: GroupNorm eps 1e-5
+(`norm_eps`) and biases on q / k / v (`qkv_bias`). Anything else in the diffusers config that tinyldm cannot
+express (another timestep embedding, class embeddings, resampling by ResBlocks) is refused with its name.
+`unet_state_dict` checks coverage both ways: every diffusers tensor is used once, every tinyldm tensor filled.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor
+
+from tinyldm.unet import UNet, UNetConfig
+
+_RESNET = {"norm1": "norm1", "conv1": "conv1", "time_emb_proj": "emb_proj", "norm2": "norm2", "conv2": "conv2",
+           "conv_shortcut": "skip"}
+_ATTENTION = {"group_norm": "norm", "to_q": "attn.to_q", "to_k": "attn.to_k", "to_v": "attn.to_v",
+              "to_out.0": "attn.to_out"}
+# diffusers UNet2DModel settings that tinyldm's UNet has only in one form: (config key, the value it must have)
+_FIXED = {"time_embedding_type": "positional", "flip_sin_to_cos": True, "freq_shift": 0, "center_input_sample": False,
+          "downsample_padding": 1, "downsample_type": "conv", "upsample_type": "conv", "act_fn": "silu",
+          "mid_block_scale_factor": 1, "class_embed_type": None, "num_class_embeds": None, "time_embedding_dim": None,
+          "mid_block_type": "UNetMidBlock2D"}
+
+
+def unet_config(config: Mapping, *, concat_channels: int = 0) -> UNetConfig:
+    """tinyldm's UNetConfig for a diffusers UNet2DModel config (its config.json as a dict). `concat_channels`: how
+    many of the input channels are a concatenated condition (the super-resolution model's low-res image: 3)."""
+    for key, value in _FIXED.items():
+        if config.get(key, value) != value:
+            raise ValueError(f"this UNet2DModel has {key}={config[key]!r}; tinyldm's UNet supports only {value!r}")
+    widths = tuple(config["block_out_channels"])
+    if any(w % widths[0] for w in widths):
+        raise ValueError(f"block_out_channels {widths} are not multiples of the first")
+    down, up = tuple(config["down_block_types"]), tuple(config["up_block_types"])
+    attn = [t == "AttnDownBlock2D" for t in down]
+    if any(t not in ("DownBlock2D", "AttnDownBlock2D") for t in down):
+        raise ValueError(f"down_block_types {down}: only DownBlock2D and AttnDownBlock2D convert")
+    if list(up) != ["AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)]:
+        raise ValueError(f"up_block_types {up} do not mirror down_block_types {down}")
+    shift = config.get("resnet_time_scale_shift", "default")
+    if shift not in ("default", "scale_shift"):
+        raise ValueError(f"resnet_time_scale_shift={shift!r}: tinyldm has 'default' (added) and 'scale_shift' (AdaGN)")
+    if shift == "scale_shift" and config.get("add_attention", True):
+        raise ValueError("resnet_time_scale_shift='scale_shift' with a middle attention block: diffusers builds that "
+                         "attention without its GroupNorm, which tinyldm's (and CompVis') always has")
+    if config.get("attn_norm_num_groups") not in (None, config.get("norm_num_groups", 32)):
+        raise ValueError("attn_norm_num_groups differs from norm_num_groups; tinyldm uses one group count")
+    size = config["sample_size"]
+    size = size[0] if isinstance(size, list | tuple) else size
+    out_ch = config.get("out_channels", 3)
+    head_dim = config.get("attention_head_dim") or widths[-1]
+    return UNetConfig(
+        in_channels=config.get("in_channels", 3) - concat_channels, out_channels=out_ch,
+        concat_channels=concat_channels, latent_size=size, channels=widths[0],
+        channel_mult=tuple(w // widths[0] for w in widths), num_res_blocks=config.get("layers_per_block", 2),
+        attn_resolutions=tuple(size // 2**i for i, a in enumerate(attn) if a),
+        mid_attention=config.get("add_attention", True), head_dim=head_dim, attention_block="plain",
+        context_dim=None, dropout=config.get("dropout", 0.0),
+        scale_shift_norm=shift == "scale_shift",
+        norm_groups=config.get("norm_num_groups", 32), norm_eps=config.get("norm_eps", 1e-5), qkv_bias=True)
+
+
+def key_map(cfg: UNetConfig) -> dict[str, str]:
+    """diffusers tensor name prefix -> tinyldm name prefix, for every block of a UNet built from `cfg`."""
+    levels, nrb = len(cfg.channel_mult), cfg.num_res_blocks
+    level_res = [cfg.latent_size // 2**i for i in range(levels)]
+    names = {"time_embedding.linear_1": "time_mlp.0", "time_embedding.linear_2": "time_mlp.2", "conv_in": "conv_in",
+             "conv_norm_out": "out.0", "conv_out": "out.2"}
+
+    def block(src: str, j: int, dst: str, attention: bool) -> None:  # resnets[j] (+ attentions[j]) -> one stage
+        for a, b in _RESNET.items():
+            names[f"{src}.resnets.{j}.{a}"] = f"{dst}.0.{b}"
+        if attention:
+            for a, b in _ATTENTION.items():
+                names[f"{src}.attentions.{j}.{a}"] = f"{dst}.1.{b}"
+
+    k = 0
+    for i in range(levels):
+        for j in range(nrb):
+            block(f"down_blocks.{i}", j, f"down.{k}", level_res[i] in cfg.attn_resolutions)
+            k += 1
+        if i < levels - 1:
+            names[f"down_blocks.{i}.downsamplers.0.conv"] = f"down.{k}.0.conv"
+            k += 1
+    for a, b in _RESNET.items():
+        names[f"mid_block.resnets.0.{a}"] = f"mid.0.{b}"
+        names[f"mid_block.resnets.1.{a}"] = f"mid.{2 if cfg.mid_attention else 1}.{b}"
+    if cfg.mid_attention:
+        for a, b in _ATTENTION.items():
+            names[f"mid_block.attentions.0.{a}"] = f"mid.1.{b}"
+    k = 0
+    for n, i in enumerate(reversed(range(levels))):
+        attention = level_res[i] in cfg.attn_resolutions
+        for j in range(nrb + 1):
+            block(f"up_blocks.{n}", j, f"up.{k}", attention)
+            if i > 0 and j == nrb:
+                names[f"up_blocks.{n}.upsamplers.0.conv"] = f"up.{k}.{2 if attention else 1}.conv"
+            k += 1
+    return names
+
+
+def unet_state_dict(state: Mapping[str, Tensor], cfg: UNetConfig) -> dict[str, Tensor]:
+    """A diffusers UNet2DModel state dict -> tinyldm UNet state dict for `cfg` (see `unet_config`). Raises, naming
+    them, if any diffusers tensor is left unused or any tinyldm tensor unfilled, or if a shape differs."""
+    prefixes = key_map(cfg)
+    with torch.device("meta"):  # the target's names and shapes, without allocating its weights
+        target = UNet(cfg).state_dict()
+    out, unused = {}, []
+    for name, tensor in state.items():
+        prefix, _, leaf = name.rpartition(".")
+        if prefix not in prefixes:
+            unused.append(name)
+            continue
+        new = f"{prefixes[prefix]}.{leaf}"
+        if new not in target:
+            unused.append(name)
+            continue
+        if tuple(target[new].shape) != tuple(tensor.shape):
+            raise ValueError(f"{name} {tuple(tensor.shape)} -> {new} {tuple(target[new].shape)}: shapes differ")
+        out[new] = tensor
+    missing = sorted(set(target) - set(out))
+    if unused or missing:
+        raise ValueError(f"the conversion does not cover the model: {len(unused)} diffusers tensors unused "
+                         f"({unused[:5]}), {len(missing)} tinyldm tensors unfilled ({missing[:5]})")
+    return out
+
+
+def unet_from_diffusers(model, *, concat_channels: int = 0) -> UNet:
+    """A diffusers UNet2DModel (an instance) -> tinyldm's UNet with the same weights, in eval mode."""
+    cfg = unet_config(dict(model.config), concat_channels=concat_channels)
+    unet = UNet(cfg)
+    unet.load_state_dict(unet_state_dict(model.state_dict(), cfg))
+    return unet.eval()
