@@ -96,3 +96,82 @@ def test_the_new_options_default_to_the_old_model():
     unet = UNet(cfg)
     assert {m.eps for m in unet.modules() if isinstance(m, torch.nn.GroupNorm)} == {1e-6}
     assert not any(k.endswith(("to_q.bias", "to_k.bias", "to_v.bias")) for k in unet.state_dict())
+
+
+# ---------------------------------------------------------------------------------------------- autoencoders
+
+from tinyldm.autoencoder import Autoencoder, AutoencoderConfig  # noqa: E402
+from tinyldm.pretrained.autoencoder import (  # noqa: E402
+    autoencoder_config,
+    autoencoder_from_diffusers,
+    autoencoder_state_dict,
+)
+
+VQ_F4 = dict(down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+             layers_per_block=2, latent_channels=3, vq_embed_dim=3)  # the CelebA-HQ / super-resolution releases
+KL_F8 = dict(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+             layers_per_block=2, latent_channels=4)  # the text-to-image release
+
+
+def test_a_converted_vq_autoencoder_encodes_quantizes_and_decodes_like_diffusers():
+    reference = randomised(diffusers.VQModel(**VQ_F4, block_out_channels=(32, 64, 128), num_vq_embeddings=64))
+    ours = autoencoder_from_diffusers(reference, regularizer="vq")
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    with torch.no_grad():
+        h_ref, h = reference.encode(x).latents, ours.encode(x)  # the latent before quantization (what the LDM sees)
+        _, _, (_, _, indices_ref) = reference.quantize(h_ref)
+        x_ref, x_rec = reference.decode(h_ref).sample, ours.decode(h_ref)  # both quantize first
+    assert h.shape == (2, 3, 8, 8) and (h - h_ref).abs().max() < 1e-5 * float(h_ref.abs().max())
+    assert torch.equal(ours.quantizer.lookup(h_ref).flatten(), indices_ref.flatten())
+    assert len(indices_ref.unique()) > 8  # many codes in play, so the lookup is really compared
+    assert (x_rec - x_ref).abs().max() < 1e-5 * float(x_ref.abs().max())
+
+
+def test_a_converted_kl_autoencoder_has_diffusers_posterior_and_decoder():
+    reference = randomised(diffusers.AutoencoderKL(**KL_F8, block_out_channels=(32, 64, 128, 128)))
+    ours = autoencoder_from_diffusers(reference, regularizer="kl", scale_factor=0.5)
+    g = torch.Generator().manual_seed(1)
+    x, z = torch.rand(2, 3, 32, 32, generator=g) * 2 - 1, torch.randn(2, 4, 4, 4, generator=g)
+    with torch.no_grad():
+        want, got = reference.encode(x).latent_dist, ours.posterior(x)
+        x_ref, x_rec = reference.decode(z).sample, ours.decode(z)
+    assert (got.mean - want.mean).abs().max() < 1e-5 and (got.std - want.std).abs().max() < 1e-5
+    assert (x_rec - x_ref).abs().max() < 1e-5 * float(x_ref.abs().max()) and float(ours.scale_factor) == 0.5
+
+
+@pytest.mark.parametrize("name, kw, regularizer", [
+    ("vq-f4", dict(VQ_F4, block_out_channels=(128, 256, 512), num_vq_embeddings=8192), "vq"),
+    ("kl-f8", dict(KL_F8, block_out_channels=(128, 256, 512, 512)), "kl")])
+def test_every_tensor_of_the_full_size_first_stages_is_mapped(name, kw, regularizer):
+    """The released first stages at full size (built on the meta device): every diffusers tensor used once, every
+    tinyldm weight filled, the same parameter count."""
+    with torch.device("meta"):
+        reference = (diffusers.VQModel if regularizer == "vq" else diffusers.AutoencoderKL)(**kw)
+    cfg = autoencoder_config(dict(reference.config), regularizer=regularizer)
+    assert cfg.downsample_factor == (4 if name == "vq-f4" else 8) and cfg.decoder_res_blocks == 3
+    converted = autoencoder_state_dict(reference.state_dict(), cfg)
+    with torch.device("meta"):
+        ours = Autoencoder(cfg)
+    assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in reference.parameters())
+    assert set(converted) == set(ours.state_dict())
+
+
+def test_autoencoder_conversion_refuses_what_it_cannot_express():
+    with pytest.raises(ValueError, match="vq_embed_dim"):
+        autoencoder_config(dict(VQ_F4, block_out_channels=(32, 64), vq_embed_dim=4), regularizer="vq")
+    with pytest.raises(ValueError, match="down_block_types"):
+        autoencoder_config(dict(KL_F8, block_out_channels=(32, 64, 64, 64),
+                                down_block_types=("DownBlock2D",) * 4), regularizer="kl")
+
+
+def test_the_autoencoder_options_default_to_the_old_model():
+    """quant_conv and downsample_padding default to what tinyldm always built: old checkpoints load unchanged,
+    and the asymmetric padding really is another function (one pixel on the right and bottom only)."""
+    cfg = AutoencoderConfig(base_channels=8, channel_mult=(1, 2), num_res_blocks=1, norm_groups=4)
+    old = Autoencoder(cfg)
+    assert not any("quant_conv" in k for k in old.state_dict())
+    new = Autoencoder(AutoencoderConfig(**{**cfg.__dict__, "downsample_padding": "asymmetric"}))
+    new.load_state_dict(old.state_dict())  # same tensors: only the padding differs
+    x = torch.rand(1, 3, 16, 16)
+    with torch.no_grad():
+        assert old.encode(x).shape == new.encode(x).shape and not torch.allclose(old.encode(x), new.encode(x))

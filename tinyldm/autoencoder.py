@@ -28,8 +28,10 @@ f = 2^(len(channel_mult) - 1), so channel_mult of length 1, 2, 3, 4, 5 gives f =
 
 Deliberate simplifications
 --------------------------
-* No separate 1x1 `quant_conv` / `post_quant_conv`: the encoder's last conv emits the moments (KL)
-  or the pre-quantization latent (VQ) directly, and the decoder's first conv reads z.
+* No separate 1x1 `quant_conv` / `post_quant_conv` by default: the encoder's last conv emits the moments
+  (KL) or the pre-quantization latent (VQ) directly, and the decoder's first conv reads z. The released
+  CompVis models have them (`quant_conv=True`), and pad their downsampling convs on the right and bottom
+  only (`downsample_padding="asymmetric"`); `tinyldm.pretrained` sets both when it loads one.
 * The decoder mirrors the encoder with `num_res_blocks` blocks per level by default; CompVis (and
   diffusers' AutoencoderKL) use one more, which `decoder_res_blocks = num_res_blocks + 1` gives.
 * Dead VQ codes are *restarted*: a code whose exponential moving average of assignments falls
@@ -72,6 +74,8 @@ class AutoencoderConfig:
     vq_beta: float = 0.25  # VQ: commitment weight beta, VQ-VAE Eq. (3)
     vq_restart_threshold: float = 0.03  # VQ: restart a code whose EMA count per step falls below this
     vq_usage_decay: float = 0.99  # VQ: decay of that EMA
+    quant_conv: bool = False  # 1x1 convs after the encoder and before the decoder (the CompVis releases have them)
+    downsample_padding: str = "symmetric"  # "symmetric" (1 pixel all round) or "asymmetric" (right / bottom: CompVis)
 
     def __post_init__(self):
         self.channel_mult = tuple(int(m) for m in self.channel_mult)
@@ -81,6 +85,8 @@ class AutoencoderConfig:
             raise ValueError("the identity first stage has z = x: set z_channels = in_channels and channel_mult = (1,)")
         if not self.channel_mult or min(self.channel_mult) < 1:
             raise ValueError(f"channel_mult must be non-empty positive ints, got {self.channel_mult}")
+        if self.downsample_padding not in ("symmetric", "asymmetric"):
+            raise ValueError(f"downsample_padding must be 'symmetric' or 'asymmetric', got {self.downsample_padding!r}")
         if self.decoder_res_blocks is not None and self.decoder_res_blocks < 1:
             raise ValueError(f"decoder_res_blocks must be >= 1 or None, got {self.decoder_res_blocks}")
         for m in self.channel_mult:
@@ -138,7 +144,7 @@ class Encoder(nn.Module):
                 blocks.append(ResBlock(c, width, groups=cfg.norm_groups, dropout=cfg.dropout))
                 c = width
             if level < len(widths) - 1:
-                blocks.append(Downsample(c))
+                blocks.append(Downsample(c, asymmetric=cfg.downsample_padding == "asymmetric"))
         self.down = nn.Sequential(*blocks)
         self.mid = _middle(c, cfg)
         self.norm_out = group_norm(c, cfg.norm_groups)
@@ -306,8 +312,13 @@ class Autoencoder(nn.Module):
         if config.regularizer == "identity":  # pixel-space diffusion: z = x, nothing to learn
             self.encoder, self.decoder = nn.Identity(), nn.Identity()
         else:
-            self.encoder = Encoder(config, out_channels=2 * c if config.regularizer == "kl" else c)
+            moments = 2 * c if config.regularizer == "kl" else c
+            self.encoder = Encoder(config, out_channels=moments)
             self.decoder = Decoder(config)
+        if config.quant_conv and config.regularizer != "identity":
+            self.quant_conv, self.post_quant_conv = nn.Conv2d(moments, moments, 1), nn.Conv2d(c, c, 1)
+        else:
+            self.quant_conv = self.post_quant_conv = None
         self.quantizer = (
             VectorQuantizer(
                 config.n_codes,
@@ -353,7 +364,7 @@ class Autoencoder(nn.Module):
         if self.config.regularizer != "kl":
             raise ValueError("posterior() exists only for regularizer='kl'")
         self._check_image(x)
-        return DiagonalGaussian(self.encoder(x))
+        return DiagonalGaussian(self._encode(x))
 
     def encode(
         self, x: torch.Tensor, *, sample: bool = False, generator: torch.Generator | None = None
@@ -367,7 +378,7 @@ class Autoencoder(nn.Module):
             q = self.posterior(x)
             return q.sample(generator) if sample else q.mode()
         self._check_image(x)
-        return self.encoder(x)
+        return self._encode(x)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """z (B, c, h, w), unscaled -> x_rec (B, 3, h*f, w*f). VQ: quantizes z first."""
@@ -375,7 +386,14 @@ class Autoencoder(nn.Module):
             raise ValueError(f"expected latents (B, {self.config.z_channels}, h, w), got {tuple(z.shape)}")
         if self.quantizer is not None:
             z = self.quantizer.embed(self.quantizer.lookup(z)).to(z.dtype)
-        return self.decoder(z)
+        return self._decode(z)
+
+    def _encode(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.encoder(x)
+        return h if self.quant_conv is None else self.quant_conv(h)
+
+    def _decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.decoder(z if self.post_quant_conv is None else self.post_quant_conv(z))
 
     def forward(self, x: torch.Tensor, *, sample_posterior: bool = True, noise: torch.Tensor | None = None) -> AEOutput:
         """Training pass: encode, regularize (sample or quantize), decode. KL: `noise` (B, c, h, w), if given,
@@ -386,12 +404,12 @@ class Autoencoder(nn.Module):
                 z = q.mean + q.std * noise.to(q.mean.dtype)
             else:
                 z = q.sample() if sample_posterior else q.mode()
-            return AEOutput(x_rec=self.decoder(z), z=z, kl=q.kl())
+            return AEOutput(x_rec=self._decode(z), z=z, kl=q.kl())
         self._check_image(x)
         if self.quantizer is None:  # identity
             return AEOutput(x_rec=x, z=x)
-        out = self.quantizer(self.encoder(x))
-        return AEOutput(x_rec=self.decoder(out.z_q), z=out.z_q, vq_loss=out.loss, indices=out.indices)
+        out = self.quantizer(self._encode(x))
+        return AEOutput(x_rec=self._decode(out.z_q), z=out.z_q, vq_loss=out.loss, indices=out.indices)
 
     # -- latent statistics and (de)serialization ------------------------------------------------
     def set_latent_stats(self, stats: LatentStats) -> None:

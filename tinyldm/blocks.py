@@ -85,14 +85,16 @@ class ResBlock(nn.Module):
 
 
 class Downsample(nn.Module):
-    """(B, C, H, W) -> (B, C, H/2, W/2) with a stride-2 3x3 conv."""
+    """(B, C, H, W) -> (B, C, H/2, W/2) with a stride-2 3x3 conv. `asymmetric`: pad one pixel on the right and
+    bottom only, as the CompVis autoencoders (and so their releases) do, instead of one on every side."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, *, asymmetric: bool = False):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        self.asymmetric = asymmetric
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0 if asymmetric else 1)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.conv(x)
+        return self.conv(F.pad(x, (0, 1, 0, 1)) if self.asymmetric else x)
 
 
 class Upsample(nn.Module):

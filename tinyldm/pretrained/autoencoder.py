@@ -1,0 +1,148 @@
+"""Released first stages in the diffusers format -> tinyldm's `Autoencoder`: the config, and every tensor by name.
+
+`CompVis/ldm-celebahq-256` and the super-resolution release use diffusers' `VQModel` (vq-f4), the text-to-image
+release `AutoencoderKL` (kl-f8). Both are the CompVis Encoder / Decoder that tinyldm's autoencoder follows, so
+the conversion is a renaming, plus one reshaping: diffusers' mid-block attention has separate q, k, v linear
+layers where tinyldm's single-head `AttnBlock` has one 1x1 conv, `qkv`, whose weight is their concatenation.
+
+    diffusers                                     tinyldm
+    encoder.down_blocks[i].resnets[j]             encoder.down[k]      (k counts ResBlocks and Downsamples)
+    encoder.down_blocks[i].downsamplers[0].conv   encoder.down[k].conv
+    {en,de}coder.mid_block.resnets[0 / 1]         {en,de}coder.mid.0 / mid.2
+    {en,de}coder.mid_block.attentions[0]          {en,de}coder.mid.1   (norm, qkv = [to_q; to_k; to_v], proj)
+    decoder.up_blocks[n].resnets[j]               decoder.up[k]        (n = 0 is the lowest resolution, as in tinyldm)
+    decoder.up_blocks[n].upsamplers[0].conv       decoder.up[k].conv
+    {en,de}coder.conv_norm_out                    {en,de}coder.norm_out
+    quant_conv, post_quant_conv                   quant_conv, post_quant_conv
+    quantize.embedding.weight                     quantizer.codebook.weight
+
+What the releases need that tinyldm's defaults do not have, and so set here: the 1x1 `quant_conv` /
+`post_quant_conv` (`quant_conv=True`), downsampling convs padded on the right and bottom only
+(`downsample_padding="asymmetric"`), and one more ResBlock per decoder level (`decoder_res_blocks`).
+The scale factor is *not* read from the diffusers config: see `tinyldm.pretrained` for each model's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor
+
+from tinyldm.autoencoder import Autoencoder, AutoencoderConfig
+
+_RESNET = {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2": "conv2", "conv_shortcut": "skip"}
+
+
+def autoencoder_config(config: Mapping, *, regularizer: str) -> AutoencoderConfig:
+    """tinyldm's AutoencoderConfig for a diffusers VQModel (`regularizer="vq"`) or AutoencoderKL ("kl") config."""
+    widths = tuple(config["block_out_channels"])
+    for key, want in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
+        if any(t != want for t in config[key]):
+            raise ValueError(f"{key} {config[key]}: only {want} converts")
+    if config.get("act_fn", "silu") != "silu" or config.get("norm_type", "group") != "group":
+        raise ValueError("only act_fn='silu' and norm_type='group' convert")
+    if any(w % widths[0] for w in widths):
+        raise ValueError(f"block_out_channels {widths} are not multiples of the first")
+    c = config.get("latent_channels", 3 if regularizer == "vq" else 4)
+    if regularizer == "vq" and config.get("vq_embed_dim") not in (None, c):
+        raise ValueError(f"vq_embed_dim {config['vq_embed_dim']} differs from latent_channels {c}; tinyldm's "
+                         "quant_conv keeps the width")
+    if regularizer == "kl" and not (config.get("use_quant_conv", True) and config.get("use_post_quant_conv", True)):
+        raise ValueError("an AutoencoderKL without quant_conv / post_quant_conv: not a CompVis release layout")
+    nrb = config.get("layers_per_block", 1)
+    return AutoencoderConfig(
+        in_channels=config.get("in_channels", 3), base_channels=widths[0],
+        channel_mult=tuple(w // widths[0] for w in widths), num_res_blocks=nrb, decoder_res_blocks=nrb + 1,
+        z_channels=c, mid_attention=config.get("mid_block_add_attention", True),
+        norm_groups=config.get("norm_num_groups", 32), regularizer=regularizer,
+        n_codes=config.get("num_vq_embeddings", 256) if regularizer == "vq" else 1024, quant_conv=True,
+        downsample_padding="asymmetric")
+
+
+def _attention(state: Mapping[str, Tensor], src: str, dst: str, out: dict, used: set) -> None:
+    """diffusers' to_q / to_k / to_v / to_out.0 (linear) and group_norm -> tinyldm's norm, qkv and proj (1x1 convs)."""
+    names = [f"{src}.{n}.{leaf}" for n in ("to_q", "to_k", "to_v") for leaf in ("weight", "bias")]
+    used.update(names + [f"{src}.to_out.0.weight", f"{src}.to_out.0.bias", f"{src}.group_norm.weight",
+                         f"{src}.group_norm.bias"])
+    qkv = ("to_q", "to_k", "to_v")
+    out[f"{dst}.qkv.weight"] = torch.cat([state[f"{src}.{n}.weight"] for n in qkv])[..., None, None]  # (3C, C, 1, 1)
+    out[f"{dst}.qkv.bias"] = torch.cat([state[f"{src}.{n}.bias"] for n in qkv])
+    out[f"{dst}.proj.weight"] = state[f"{src}.to_out.0.weight"][..., None, None]
+    out[f"{dst}.proj.bias"] = state[f"{src}.to_out.0.bias"]
+    out[f"{dst}.norm.weight"] = state[f"{src}.group_norm.weight"]
+    out[f"{dst}.norm.bias"] = state[f"{src}.group_norm.bias"]
+
+
+def autoencoder_state_dict(state: Mapping[str, Tensor], cfg: AutoencoderConfig) -> dict[str, Tensor]:
+    """A diffusers VQModel / AutoencoderKL state dict -> tinyldm Autoencoder state dict for `cfg` (see
+    `autoencoder_config`); tinyldm's own buffers (codebook usage, latent statistics) get their defaults. Raises,
+    naming them, if any diffusers tensor is left unused or any tinyldm tensor unfilled, or if a shape differs."""
+    prefixes = {"quant_conv": "quant_conv", "post_quant_conv": "post_quant_conv",
+                "quantize.embedding": "quantizer.codebook"}
+    levels = len(cfg.channel_mult)
+    for part in ("encoder", "decoder"):
+        for leaf in ("conv_in", "conv_out"):
+            prefixes[f"{part}.{leaf}"] = f"{part}.{leaf}"
+        prefixes[f"{part}.conv_norm_out"] = f"{part}.norm_out"
+        for r, m in ((0, 0), (1, 2)):
+            for a, b in _RESNET.items():
+                prefixes[f"{part}.mid_block.resnets.{r}.{a}"] = f"{part}.mid.{m}.{b}"
+    k = 0
+    for i in range(levels):
+        for j in range(cfg.num_res_blocks):
+            for a, b in _RESNET.items():
+                prefixes[f"encoder.down_blocks.{i}.resnets.{j}.{a}"] = f"encoder.down.{k}.{b}"
+            k += 1
+        if i < levels - 1:
+            prefixes[f"encoder.down_blocks.{i}.downsamplers.0.conv"] = f"encoder.down.{k}.conv"
+            k += 1
+    k = 0
+    for n in range(levels):
+        for j in range(cfg.decoder_res_blocks or cfg.num_res_blocks):
+            for a, b in _RESNET.items():
+                prefixes[f"decoder.up_blocks.{n}.resnets.{j}.{a}"] = f"decoder.up.{k}.{b}"
+            k += 1
+        if n < levels - 1:
+            prefixes[f"decoder.up_blocks.{n}.upsamplers.0.conv"] = f"decoder.up.{k}.conv"
+            k += 1
+
+    with torch.device("meta"):  # the target's names and shapes, without allocating its weights
+        target = Autoencoder(cfg).state_dict()
+    out: dict[str, Tensor] = {}
+    used: set[str] = set()
+    if cfg.mid_attention:
+        for part in ("encoder", "decoder"):
+            if f"{part}.mid_block.attentions.0.to_q.weight" in state:
+                _attention(state, f"{part}.mid_block.attentions.0", f"{part}.mid.1", out, used)
+    for name, tensor in state.items():
+        prefix, _, leaf = name.rpartition(".")
+        if name in used or prefix not in prefixes:
+            continue
+        out[f"{prefixes[prefix]}.{leaf}"] = tensor
+        used.add(name)
+    # tinyldm's own buffers, not in a diffusers model. Codebook usage 1: every released code counts as alive, so
+    # fine-tuning does not restart them; the scale factor is set by the loader; no measured latent statistics.
+    c = cfg.z_channels
+    defaults = {"quantizer.usage": torch.ones(cfg.n_codes), "scale_factor": torch.tensor(1.0),
+                "latent_mean": torch.zeros(c), "latent_std": torch.ones(c)}
+    out.update({name: value for name, value in defaults.items() if name in target})
+    unused = sorted(set(state) - used)
+    missing = sorted(set(target) - set(out))
+    wrong = [f"{n} {tuple(out[n].shape)} vs {tuple(target[n].shape)}" for n in out
+             if n in target and tuple(out[n].shape) != tuple(target[n].shape)]
+    if unused or missing or wrong or set(out) - set(target):
+        raise ValueError(f"the conversion does not cover the model: {len(unused)} diffusers tensors unused "
+                         f"({unused[:5]}), {len(missing)} tinyldm tensors unfilled ({missing[:5]}), "
+                         f"shapes differ: {wrong[:3]}, unknown: {sorted(set(out) - set(target))[:3]}")
+    return out
+
+
+def autoencoder_from_diffusers(model, *, regularizer: str, scale_factor: float = 1.0) -> Autoencoder:
+    """A diffusers VQModel / AutoencoderKL (an instance) -> tinyldm's Autoencoder with the same weights, in eval
+    mode, with `scale_factor` (the LDM multiplies latents by it; see `tinyldm.pretrained` for each release's)."""
+    cfg = autoencoder_config(dict(model.config), regularizer=regularizer)
+    ae = Autoencoder(cfg)
+    ae.load_state_dict(autoencoder_state_dict(model.state_dict(), cfg))
+    ae.scale_factor.fill_(scale_factor)
+    return ae.eval()
