@@ -74,6 +74,20 @@ def _attention(state: Mapping[str, Tensor], src: str, dst: str, out: dict, used:
     out[f"{dst}.norm.bias"] = state[f"{src}.group_norm.bias"]
 
 
+def _levels(prefixes: dict, src: str, resampler: str, dst: str, levels: int, blocks: int) -> None:
+    """diffusers' `src`[n].resnets[j] and `src`[n].`resampler`[0] -> the flat Sequential `dst` of tinyldm, in which
+    each level's ResBlocks are followed by its Downsample / Upsample (all levels but the last)."""
+    k = 0
+    for n in range(levels):
+        for j in range(blocks):
+            for a, b in _RESNET.items():
+                prefixes[f"{src}.{n}.resnets.{j}.{a}"] = f"{dst}.{k}.{b}"
+            k += 1
+        if n < levels - 1:
+            prefixes[f"{src}.{n}.{resampler}.0.conv"] = f"{dst}.{k}.conv"
+            k += 1
+
+
 def autoencoder_state_dict(state: Mapping[str, Tensor], cfg: AutoencoderConfig) -> dict[str, Tensor]:
     """A diffusers VQModel / AutoencoderKL state dict -> tinyldm Autoencoder state dict for `cfg` (see
     `autoencoder_config`); tinyldm's own buffers (codebook usage, latent statistics) get their defaults. Raises,
@@ -88,24 +102,9 @@ def autoencoder_state_dict(state: Mapping[str, Tensor], cfg: AutoencoderConfig) 
         for r, m in ((0, 0), (1, 2)):
             for a, b in _RESNET.items():
                 prefixes[f"{part}.mid_block.resnets.{r}.{a}"] = f"{part}.mid.{m}.{b}"
-    k = 0
-    for i in range(levels):
-        for j in range(cfg.num_res_blocks):
-            for a, b in _RESNET.items():
-                prefixes[f"encoder.down_blocks.{i}.resnets.{j}.{a}"] = f"encoder.down.{k}.{b}"
-            k += 1
-        if i < levels - 1:
-            prefixes[f"encoder.down_blocks.{i}.downsamplers.0.conv"] = f"encoder.down.{k}.conv"
-            k += 1
-    k = 0
-    for n in range(levels):
-        for j in range(cfg.decoder_res_blocks or cfg.num_res_blocks):
-            for a, b in _RESNET.items():
-                prefixes[f"decoder.up_blocks.{n}.resnets.{j}.{a}"] = f"decoder.up.{k}.{b}"
-            k += 1
-        if n < levels - 1:
-            prefixes[f"decoder.up_blocks.{n}.upsamplers.0.conv"] = f"decoder.up.{k}.conv"
-            k += 1
+    _levels(prefixes, "encoder.down_blocks", "downsamplers", "encoder.down", levels, cfg.num_res_blocks)
+    _levels(prefixes, "decoder.up_blocks", "upsamplers", "decoder.up", levels, cfg.decoder_res_blocks or
+            cfg.num_res_blocks)
 
     with torch.device("meta"):  # the target's names and shapes, without allocating its weights
         target = Autoencoder(cfg).state_dict()
