@@ -175,3 +175,59 @@ def test_the_autoencoder_options_default_to_the_old_model():
     x = torch.rand(1, 3, 16, 16)
     with torch.no_grad():
         assert old.encode(x).shape == new.encode(x).shape and not torch.allclose(old.encode(x), new.encode(x))
+
+
+# ---------------------------------------------------------------------------------------------- whole pipelines
+
+from tinyldm.pretrained import load  # noqa: E402
+
+
+def _ldm_pipeline(tmp_path, *, steps_offset: int = 1, scaling_factor: float = 1.0):
+    """A CelebA-HQ-shaped LDMPipeline at a quarter of the width with random weights, saved as diffusers saves it."""
+    unet = randomised(diffusers.UNet2DModel(**CELEBAHQ, sample_size=8, block_out_channels=(32, 64, 96, 128)), 2)
+    vqvae = randomised(diffusers.VQModel(**VQ_F4, block_out_channels=(32, 64, 128), num_vq_embeddings=64,
+                                         scaling_factor=scaling_factor), 3)
+    scheduler = diffusers.DDIMScheduler(beta_start=0.0015, beta_end=0.0195, beta_schedule="scaled_linear",
+                                        clip_sample=False, set_alpha_to_one=True, steps_offset=steps_offset)
+    pipe = diffusers.LDMPipeline(vqvae=vqvae, unet=unet, scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.save_pretrained(tmp_path / "ldm-celebahq-256")
+    return pipe, tmp_path / "ldm-celebahq-256"
+
+
+def test_a_saved_pipeline_samples_the_same_images_through_tinyldm(tmp_path):
+    """The whole loop: diffusers' LDMPipeline (DDIM, 10 steps, CompVis' spacing, scale 1) and tinyldm's sampler on
+    the loaded folder, from the same starting noise, give the same images."""
+    pipe, folder = _ldm_pipeline(tmp_path)
+    model = load(folder)  # the folder's name is the CelebA-HQ release's: the paper's scale and schedule
+    assert float(model.autoencoder.scale_factor) == 1.0 and model.image_size == 32
+    want = pipe(batch_size=2, num_inference_steps=10, generator=torch.Generator().manual_seed(0),
+                output_type="np").images  # (2, 32, 32, 3) in [0, 1]
+    z_T = torch.randn((2, 3, 8, 8), generator=torch.Generator().manual_seed(0))  # what the pipeline drew
+    got = (model.generate(2, steps=10, z_T=z_T) + 1) / 2
+    want = torch.from_numpy(want).permute(0, 3, 1, 2)
+    assert want.std() > 0.05 and (got - want).abs().max() < 1e-4
+
+
+def test_the_hub_scale_factor_would_break_the_celebahq_release(tmp_path):
+    """The released VQ config has no scaling_factor, so diffusers divides by its default 0.18215; tinyldm uses the
+    paper's 1.0 for that release whatever the config says (and would read the config for an unknown folder)."""
+    _, folder = _ldm_pipeline(tmp_path, scaling_factor=0.18215)
+    assert float(load(folder).autoencoder.scale_factor) == 1.0
+    renamed = folder.rename(tmp_path / "some-other-model")
+    assert float(load(renamed).autoencoder.scale_factor) == 1.0  # VQ latents: unscaled unless told otherwise
+
+
+def test_loading_says_what_is_wrong(tmp_path, monkeypatch):
+    import sys
+
+    with pytest.raises(SystemExit, match="neither a folder nor a known release"):
+        load(tmp_path / "nowhere")
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)
+    with pytest.raises(SystemExit, match=r"pip install -e '.\[pretrained\]'"):
+        load("CompVis/ldm-celebahq-256")
+    with pytest.raises(SystemExit, match="LDMBert"):
+        (tmp_path / "ldm-text2im-large-256").mkdir()
+        load(tmp_path / "ldm-text2im-large-256")
+    with pytest.raises(FileNotFoundError, match="no unet/"):
+        load(tmp_path)

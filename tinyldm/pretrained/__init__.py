@@ -1,5 +1,175 @@
 """The paper's released models, run by tinyldm's own code: their diffusers-format weights converted by name.
 
+    from tinyldm.pretrained import load
+    model = load("CompVis/ldm-celebahq-256")        # a hub id (needs the `pretrained` extra and internet once)
+    model = load("path/to/ldm-celebahq-256")        # or a local diffusers-format folder
+    images = model.generate(n=4, steps=50)           # (4, 3, 256, 256) in [-1, 1], through tinyldm's sampler
+
     unet.py          diffusers' UNet2DModel (the unconditional and concat-conditioned releases) -> tinyldm's UNet
     autoencoder.py   diffusers' VQModel / AutoencoderKL (vq-f4, kl-f8) -> tinyldm's Autoencoder
+
+A folder is read as diffusers writes it: `model_index.json`, and `unet/`, `vqvae/` (or `vae/`), `scheduler/`, each
+with a `config.json` and `diffusion_pytorch_model.safetensors` (read with safetensors) or `.bin` (read with
+`torch.load(weights_only=True)`): no code is ever unpickled.
+
+Where the hub's files disagree with how CompVis trained a release, tinyldm follows the paper (`RELEASES`):
+
+* `CompVis/ldm-celebahq-256` has no `scaling_factor` in its VQ config, so diffusers' LDMPipeline divides the
+  latents by its default 0.18215 before decoding and draws broken images; CompVis trained this LDM on the VQ
+  latents as they are (`scale_factor` 1.0 in celebahq-ldm-vq-4.yaml's LatentDiffusion default, `scale_by_std`
+  off). tinyldm uses 1.0.
+* Its scheduler config has `steps_offset` 0; CompVis' DDIM ("uniform" spacing) visits t = 1, 21, ..., 981 for
+  50 steps, i.e. an offset of 1. tinyldm's sampler uses that spacing for every model.
+* The noise schedule is set from the CompVis config (sqrt-linear betas, 0.0015 to 0.0195, T = 1000), not read.
+
+The text-to-image release needs the LDMBert text encoder, which tinyldm does not convert yet: `load` says so.
 """
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from tinyldm.autoencoder import Autoencoder
+from tinyldm.conditioning import ConditionConfig, ConditionEncoder
+from tinyldm.ldm import Denoiser, DiffusionConfig, generate
+from tinyldm.pretrained.autoencoder import autoencoder_config, autoencoder_from_diffusers, autoencoder_state_dict
+from tinyldm.pretrained.unet import unet_config, unet_from_diffusers, unet_state_dict
+from tinyldm.schedule import NoiseSchedule
+from tinyldm.unet import UNet
+
+__all__ = ["RELEASES", "PretrainedLDM", "Release", "autoencoder_from_diffusers", "load", "unet_from_diffusers"]
+
+
+@dataclass(frozen=True)
+class Release:
+    """What tinyldm needs to know about a released model beyond its files (see the module docstring)."""
+    first_stage: str  # "vq" or "kl"
+    scale_factor: float  # latents are multiplied by this before diffusion, divided before decoding
+    concat_channels: int = 0  # channels of a concatenated condition (super-resolution: the low-res image)
+    schedule: dict = field(default_factory=lambda: {"schedule": "scaled_linear", "T": 1000, "beta_start": 0.0015,
+                                                    "beta_end": 0.0195})
+    supported: bool = True
+    note: str = ""
+
+
+RELEASES = {
+    "CompVis/ldm-celebahq-256": Release("vq", 1.0, note="unconditional CelebA-HQ faces, 256 px, LDM-4 (vq-f4)"),
+    "CompVis/ldm-super-resolution-4x-openimages": Release(
+        "vq", 1.0, concat_channels=3, note="4x super-resolution (the low-res image concatenated to z_t), LDM-4"),
+    "CompVis/ldm-text2im-large-256": Release(
+        "kl", 0.18215, supported=False, note="text-to-image (LDMBert, kl-f8): its text encoder is not converted yet"),
+}
+
+
+@dataclass
+class PretrainedLDM:
+    """A released LDM in tinyldm's modules: `denoiser` (UNet, no condition encoder), `schedule`, `autoencoder`."""
+    denoiser: Denoiser
+    schedule: NoiseSchedule
+    autoencoder: Autoencoder
+    diffusion: DiffusionConfig
+    image_size: int
+    source: str
+
+    @property
+    def latent_size(self) -> int:
+        return self.image_size // self.autoencoder.downsample_factor
+
+    def to(self, device: str | torch.device) -> PretrainedLDM:
+        self.denoiser, self.autoencoder = self.denoiser.to(device), self.autoencoder.to(device)
+        self.schedule = self.schedule.to(device)
+        return self
+
+    @torch.no_grad()
+    def generate(self, n: int = 1, *, steps: int = 50, eta: float = 0.0, concat: Tensor | None = None,
+                 generator: torch.Generator | None = None, z_T: Tensor | None = None) -> Tensor:
+        """Images (n, 3, H, W) in [-1, 1], sampled with tinyldm's DDIM (CompVis' uniform spacing)."""
+        side = self.latent_size if concat is None else concat.shape[-1]
+        return generate(self.denoiser, self.schedule, self.autoencoder, None, n=n, latent_size=(side, side),
+                        steps=steps, eta=eta, generator=generator, z_T=z_T, concat=concat)
+
+
+def _weights(folder: Path) -> dict[str, Tensor]:
+    safetensors_file, bin_file = folder / "diffusion_pytorch_model.safetensors", folder / "diffusion_pytorch_model.bin"
+    if safetensors_file.exists():
+        from safetensors.torch import load_file
+
+        return load_file(str(safetensors_file))
+    if bin_file.exists():
+        return torch.load(bin_file, map_location="cpu", weights_only=True)  # tensors only, never code
+    raise FileNotFoundError(f"no diffusion_pytorch_model.safetensors or .bin in {folder}")
+
+
+def _config(folder: Path) -> dict:
+    path = folder / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: is {folder.parent} a diffusers-format model folder?")
+    return json.loads(path.read_text())
+
+
+def _download(repo_id: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as e:
+        raise SystemExit(f"{repo_id!r} is not a local folder, and downloading it needs huggingface_hub: "
+                         "pip install -e '.[pretrained]' (or pass the path of a downloaded copy)") from e
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.txt"]))
+    except Exception as e:  # offline, unknown id, gated: one line that says what happened
+        raise SystemExit(f"could not download {repo_id!r} ({type(e).__name__}: {e}); on a machine with internet "
+                         f"run `huggingface-cli download {repo_id}` and pass the folder") from e
+
+
+def load(id_or_path: str | os.PathLike, *, release: str | None = None) -> PretrainedLDM:
+    """A released LDM from a diffusers-format folder or a hub id, in tinyldm's modules (CPU, eval mode).
+    `release`: which entry of RELEASES a local folder is (default: the folder's name matched against the ids;
+    a folder that matches none is read with its own scheduler config and the VQ latents unscaled)."""
+    path = Path(id_or_path)
+    name = str(id_or_path)
+    if not path.exists():
+        if name not in RELEASES:
+            raise SystemExit(f"{name!r} is neither a folder nor a known release ({', '.join(RELEASES)})")
+        path = _download(name)
+    key = release or next((r for r in RELEASES if r.split("/")[-1] == path.name or r == name), None)
+    info = RELEASES.get(key) if key else None
+    if info is not None and not info.supported:
+        raise SystemExit(f"{key}: {info.note}")
+    index = json.loads((path / "model_index.json").read_text()) if (path / "model_index.json").exists() else {}
+    first_stage_dir = next((path / d for d in ("vqvae", "vae") if (path / d).exists()), None)
+    if first_stage_dir is None or not (path / "unet").exists():
+        raise FileNotFoundError(f"{path} has no unet/ and vqvae/ (or vae/) folders: not an LDM pipeline folder")
+    ae_cfg_dict = _config(first_stage_dir)
+    regularizer = info.first_stage if info else ("vq" if "num_vq_embeddings" in ae_cfg_dict else "kl")
+    unet_cfg_dict = _config(path / "unet")
+    concat = info.concat_channels if info else max(0, unet_cfg_dict.get("in_channels", 3)
+                                                   - unet_cfg_dict.get("out_channels", 3))
+    ucfg = unet_config(unet_cfg_dict, concat_channels=concat)
+    unet = UNet(ucfg)
+    unet.load_state_dict(unet_state_dict(_weights(path / "unet"), ucfg))
+    acfg = autoencoder_config(ae_cfg_dict, regularizer=regularizer)
+    ae = Autoencoder(acfg)
+    ae.load_state_dict(autoencoder_state_dict(_weights(first_stage_dir), acfg))
+    ae.scale_factor.fill_(info.scale_factor if info else (1.0 if regularizer == "vq" else
+                                                         ae_cfg_dict.get("scaling_factor", 0.18215)))
+    if info:
+        schedule = dict(info.schedule)
+    else:  # an unknown folder: its own scheduler config, diffusers' names mapped to tinyldm's
+        sched_file = path / "scheduler" / "scheduler_config.json"
+        sched = json.loads(sched_file.read_text()) if sched_file.exists() else {}
+        kinds = {"scaled_linear": "scaled_linear", "linear": "linear", "squaredcos_cap_v2": "cosine"}
+        if sched.get("beta_schedule", "scaled_linear") not in kinds:
+            raise ValueError(f"beta_schedule {sched['beta_schedule']!r} has no tinyldm counterpart")
+        schedule = {"schedule": kinds[sched.get("beta_schedule", "scaled_linear")],
+                    "T": sched.get("num_train_timesteps", 1000), "beta_start": sched.get("beta_start"),
+                    "beta_end": sched.get("beta_end")}
+    diffusion = DiffusionConfig(**schedule, prediction="eps")
+    denoiser = Denoiser(unet, ConditionEncoder(ConditionConfig(kind="none"))).eval()
+    image_size = ucfg.latent_size * acfg.downsample_factor
+    return PretrainedLDM(denoiser, diffusion.make_schedule(), ae.eval(), diffusion, image_size,
+                         source=f"{name} ({index.get('_class_name', 'a diffusers pipeline')})")
