@@ -231,3 +231,37 @@ def test_loading_says_what_is_wrong(tmp_path, monkeypatch):
         load(tmp_path / "ldm-text2im-large-256")
     with pytest.raises(FileNotFoundError, match="no unet/"):
         load(tmp_path)
+
+
+def test_sample_script_runs_a_released_model_folder(tmp_path):
+    import sample
+
+    pipe, folder = _ldm_pipeline(tmp_path)
+    r = sample.main(["--pretrained", str(folder), "--n", "2", "--steps", "3", "--device", "cpu",
+                     "--out", str(tmp_path / "grid.png")])
+    assert r["images"] == 2 and (tmp_path / "grid.png").exists()
+    with pytest.raises(SystemExit, match="unconditional: it takes no --image"):
+        sample.main(["--pretrained", str(folder), "--image", str(tmp_path / "grid.png"), "--device", "cpu"])
+
+
+def test_the_super_resolution_release_upscales_an_image_four_times(tmp_path):
+    """The super-resolution layout (z_t and the low-res image stacked, 6 -> 3 channels, vq-f4): a folder named as
+    the release reads as concat-conditioned; sample.py --image upscales an 8 x 8 image to 32 x 32."""
+    from PIL import Image
+
+    import sample
+
+    unet = randomised(diffusers.UNet2DModel(**{**CELEBAHQ, "in_channels": 6}, sample_size=8,
+                                            block_out_channels=(32, 64, 96, 128)), 4)
+    vqvae = randomised(diffusers.VQModel(**VQ_F4, block_out_channels=(32, 64, 128), num_vq_embeddings=64), 5)
+    scheduler = diffusers.DDIMScheduler(beta_start=0.0015, beta_end=0.0195, beta_schedule="scaled_linear")
+    folder = tmp_path / "ldm-super-resolution-4x-openimages"
+    diffusers.LDMPipeline(vqvae=vqvae, unet=unet, scheduler=scheduler).save_pretrained(folder)
+    model = load(folder)
+    assert model.denoiser.unet.cfg.concat_channels == 3 and float(model.autoencoder.scale_factor) == 1.0
+    Image.new("RGB", (8, 8), (200, 30, 30)).save(tmp_path / "small.png")
+    r = sample.main(["--pretrained", str(folder), "--image", str(tmp_path / "small.png"), "--n", "1", "--steps", "2",
+                     "--device", "cpu", "--out", str(tmp_path / "big.png")])
+    assert r["images"] == 1 and Image.open(tmp_path / "big.png").size == (32 + 4, 32 + 4)  # 32 px, 2 px border
+    with pytest.raises(SystemExit, match="pass it with --image"):
+        sample.main(["--pretrained", str(folder), "--device", "cpu"])
