@@ -265,3 +265,37 @@ def test_the_super_resolution_release_upscales_an_image_four_times(tmp_path):
     assert r["images"] == 1 and Image.open(tmp_path / "big.png").size == (32 + 4, 32 + 4)  # 32 px, 2 px border
     with pytest.raises(SystemExit, match="pass it with --image"):
         sample.main(["--pretrained", str(folder), "--device", "cpu"])
+
+
+# ---------------------------------------------------------------------------------------------- at full size
+
+def test_the_full_size_celebahq_unet_computes_what_diffusers_computes():
+    """The released UNet's exact size (274 M parameters, 64 x 64 x 3 latents), random weights: ~10 s on 2 cores."""
+    reference = randomised(diffusers.UNet2DModel(**CELEBAHQ, sample_size=64))
+    ours = unet_from_diffusers(reference)
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want, got = reference(x, torch.tensor([500])).sample, ours(x, torch.tensor([500]))
+    assert want.abs().max() > 0.5 and (got - want).abs().max() < 1e-5 * float(want.abs().max())
+
+
+@pytest.mark.parametrize("regularizer", ["vq", "kl"])
+def test_the_full_size_first_stages_compute_what_diffusers_computes(regularizer):
+    """vq-f4 (55 M) and kl-f8 (84 M) at their release size, on a 256 x 256 image: encode, codes, decode."""
+    if regularizer == "vq":
+        reference = randomised(diffusers.VQModel(**VQ_F4, block_out_channels=(128, 256, 512), num_vq_embeddings=8192))
+    else:
+        reference = randomised(diffusers.AutoencoderKL(**KL_F8, block_out_channels=(128, 256, 512, 512)))
+    ours = autoencoder_from_diffusers(reference, regularizer=regularizer)
+    x = torch.rand(1, 3, 256, 256, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    with torch.no_grad():
+        if regularizer == "vq":
+            h_ref, h = reference.encode(x).latents, ours.encode(x)
+            _, _, (_, _, indices) = reference.quantize(h_ref)
+            assert torch.equal(ours.quantizer.lookup(h_ref).flatten(), indices.flatten())
+            want, got = reference.decode(h_ref).sample, ours.decode(h_ref)
+        else:
+            h_ref, h = reference.encode(x).latent_dist.mean, ours.posterior(x).mean
+            want, got = reference.decode(h_ref).sample, ours.decode(h_ref)
+    assert (h - h_ref).abs().max() < 1e-5 * float(h_ref.abs().max())
+    assert (got - want).abs().max() < 1e-5 * float(want.abs().max())
