@@ -299,3 +299,50 @@ def test_the_full_size_first_stages_compute_what_diffusers_computes(regularizer)
             want, got = reference.decode(h_ref).sample, ours.decode(h_ref)
     assert (h - h_ref).abs().max() < 1e-5 * float(h_ref.abs().max())
     assert (got - want).abs().max() < 1e-5 * float(want.abs().max())
+
+
+# ---------------------------------------------------------------------------------------------- the reverse way
+
+from tinyldm.pretrained.autoencoder import autoencoder_to_diffusers  # noqa: E402
+from tinyldm.pretrained.unet import unet_to_diffusers  # noqa: E402
+
+
+@pytest.mark.parametrize("regularizer", ["vq", "kl"])
+def test_a_model_trained_here_samples_the_same_images_in_diffusers_pipeline(tmp_path, regularizer):
+    """A tinyldm LDM of the photo presets' kind (plain attention, no condition; the first stage with num_res_blocks
+    + 1 decoder blocks) exported to diffusers, saved, and sampled by LDMPipeline: tinyldm's own images."""
+    from tinyldm.conditioning import ConditionConfig, ConditionEncoder
+    from tinyldm.ldm import Denoiser, generate
+    from tinyldm.schedule import NoiseSchedule
+
+    unet = randomised(UNet(UNetConfig(in_channels=3, out_channels=3, latent_size=8, channels=32,
+                                      channel_mult=(1, 2, 3, 4), attn_resolutions=(4, 2, 1), attention_block="plain",
+                                      scale_shift_norm=False)), 6)
+    ae = randomised(Autoencoder(AutoencoderConfig(base_channels=32, channel_mult=(1, 2, 4), num_res_blocks=1,
+                                                  decoder_res_blocks=2, z_channels=3, regularizer=regularizer,
+                                                  n_codes=64)), 7)
+    ae.scale_factor.fill_(0.7)
+    schedule = NoiseSchedule("scaled_linear", T=1000, beta_start=0.0015, beta_end=0.0195)
+    scheduler = diffusers.DDIMScheduler(beta_start=0.0015, beta_end=0.0195, beta_schedule="scaled_linear",
+                                        clip_sample=False, set_alpha_to_one=True, steps_offset=1)
+    pipe = diffusers.LDMPipeline(vqvae=autoencoder_to_diffusers(ae), unet=unet_to_diffusers(unet), scheduler=scheduler)
+    pipe.save_pretrained(tmp_path / "exported")
+    pipe = diffusers.LDMPipeline.from_pretrained(tmp_path / "exported")  # what a diffusers user would load
+    pipe.set_progress_bar_config(disable=True)
+    want = pipe(batch_size=2, num_inference_steps=10, generator=torch.Generator().manual_seed(0),
+                output_type="np").images
+    z_T = torch.randn((2, 3, 8, 8), generator=torch.Generator().manual_seed(0))
+    denoiser = Denoiser(unet, ConditionEncoder(ConditionConfig(kind="none"))).eval()
+    with torch.no_grad():
+        got = (generate(denoiser, schedule, ae, None, n=2, latent_size=(8, 8), steps=10, z_T=z_T) + 1) / 2
+    want = torch.from_numpy(want).permute(0, 3, 1, 2)
+    assert want.std() > 0.05 and (got - want).abs().max() < 1e-4
+
+
+def test_what_diffusers_cannot_express_is_not_exported():
+    with pytest.raises(ValueError, match="attention_block='plain'"):
+        unet_to_diffusers(UNet(UNetConfig(latent_size=8, channels=32, channel_mult=(1, 2), attn_resolutions=(4,),
+                                          context_dim=32)))
+    with pytest.raises(ValueError, match="num_res_blocks \\+ 1"):
+        autoencoder_to_diffusers(Autoencoder(AutoencoderConfig(base_channels=32, channel_mult=(1, 2),
+                                                               num_res_blocks=1)))

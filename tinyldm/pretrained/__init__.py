@@ -5,8 +5,11 @@
     model = load("path/to/ldm-celebahq-256")        # or a local diffusers-format folder
     images = model.generate(n=4, steps=50)           # (4, 3, 256, 256) in [-1, 1], through tinyldm's sampler
 
-    unet.py          diffusers' UNet2DModel (the unconditional and concat-conditioned releases) -> tinyldm's UNet
-    autoencoder.py   diffusers' VQModel / AutoencoderKL (vq-f4, kl-f8) -> tinyldm's Autoencoder
+    unet.py          diffusers' UNet2DModel (the unconditional and concat-conditioned releases) <-> tinyldm's UNet
+    autoencoder.py   diffusers' VQModel / AutoencoderKL (vq-f4, kl-f8) <-> tinyldm's Autoencoder
+
+The reverse way (`unet_to_diffusers`, `autoencoder_to_diffusers`) exports a model trained here that diffusers'
+classes can express (plain attention, no condition; num_res_blocks + 1 decoder blocks) for diffusers' pipelines.
 
 A folder is read as diffusers writes it: `model_index.json`, and `unet/`, `vqvae/` (or `vae/`), `scheduler/`, each
 with a `config.json` and `diffusion_pytorch_model.safetensors` (read with safetensors) or `.bin` (read with

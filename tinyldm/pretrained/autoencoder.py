@@ -88,10 +88,8 @@ def _levels(prefixes: dict, src: str, resampler: str, dst: str, levels: int, blo
             k += 1
 
 
-def autoencoder_state_dict(state: Mapping[str, Tensor], cfg: AutoencoderConfig) -> dict[str, Tensor]:
-    """A diffusers VQModel / AutoencoderKL state dict -> tinyldm Autoencoder state dict for `cfg` (see
-    `autoencoder_config`); tinyldm's own buffers (codebook usage, latent statistics) get their defaults. Raises,
-    naming them, if any diffusers tensor is left unused or any tinyldm tensor unfilled, or if a shape differs."""
+def key_map(cfg: AutoencoderConfig) -> dict[str, str]:
+    """diffusers tensor name prefix -> tinyldm name prefix, for every layer but the mid-block attention (reshaped)."""
     prefixes = {"quant_conv": "quant_conv", "post_quant_conv": "post_quant_conv",
                 "quantize.embedding": "quantizer.codebook"}
     levels = len(cfg.channel_mult)
@@ -105,7 +103,14 @@ def autoencoder_state_dict(state: Mapping[str, Tensor], cfg: AutoencoderConfig) 
     _levels(prefixes, "encoder.down_blocks", "downsamplers", "encoder.down", levels, cfg.num_res_blocks)
     _levels(prefixes, "decoder.up_blocks", "upsamplers", "decoder.up", levels, cfg.decoder_res_blocks or
             cfg.num_res_blocks)
+    return prefixes
 
+
+def autoencoder_state_dict(state: Mapping[str, Tensor], cfg: AutoencoderConfig) -> dict[str, Tensor]:
+    """A diffusers VQModel / AutoencoderKL state dict -> tinyldm Autoencoder state dict for `cfg` (see
+    `autoencoder_config`); tinyldm's own buffers (codebook usage, latent statistics) get their defaults. Raises,
+    naming them, if any diffusers tensor is left unused or any tinyldm tensor unfilled, or if a shape differs."""
+    prefixes = key_map(cfg)
     with torch.device("meta"):  # the target's names and shapes, without allocating its weights
         target = Autoencoder(cfg).state_dict()
     out: dict[str, Tensor] = {}
@@ -145,3 +150,54 @@ def autoencoder_from_diffusers(model, *, regularizer: str, scale_factor: float =
     ae.load_state_dict(autoencoder_state_dict(model.state_dict(), cfg))
     ae.scale_factor.fill_(scale_factor)
     return ae.eval()
+
+
+def autoencoder_to_diffusers(ae: Autoencoder):
+    """tinyldm's Autoencoder -> a diffusers VQModel (VQ) or AutoencoderKL (KL) with the same weights (eval mode),
+    its `scaling_factor` set to tinyldm's. Without tinyldm's `quant_conv`, diffusers' 1x1 convs are identities.
+    diffusers' decoder always has num_res_blocks + 1 ResBlocks per level (`decoder_res_blocks` must say so), and
+    its encoder always pads asymmetrically: a tinyldm autoencoder with the default symmetric padding exports an
+    exact decoder (all that sampling needs) and an encoder that differs at the borders (encode with tinyldm)."""
+    import diffusers
+
+    cfg = ae.config
+    if cfg.regularizer == "identity":
+        raise ValueError("the identity first stage has nothing to export")
+    if (cfg.decoder_res_blocks or cfg.num_res_blocks) != cfg.num_res_blocks + 1:
+        raise ValueError(f"diffusers' decoder has num_res_blocks + 1 = {cfg.num_res_blocks + 1} ResBlocks per level; "
+                         f"this one has {cfg.decoder_res_blocks or cfg.num_res_blocks}")
+    common = dict(in_channels=cfg.in_channels, out_channels=cfg.in_channels,
+                  block_out_channels=tuple(cfg.base_channels * m for m in cfg.channel_mult),
+                  down_block_types=("DownEncoderBlock2D",) * len(cfg.channel_mult),
+                  up_block_types=("UpDecoderBlock2D",) * len(cfg.channel_mult), layers_per_block=cfg.num_res_blocks,
+                  latent_channels=cfg.z_channels, norm_num_groups=cfg.norm_groups,
+                  mid_block_add_attention=cfg.mid_attention, scaling_factor=float(ae.scale_factor))
+    if cfg.regularizer == "vq":
+        model = diffusers.VQModel(**common, num_vq_embeddings=cfg.n_codes, vq_embed_dim=cfg.z_channels)
+    else:
+        model = diffusers.AutoencoderKL(**common)
+    inverse = {ours: theirs for theirs, ours in key_map(cfg).items()}
+    skip = ("quantizer.usage", "scale_factor", "latent_mean", "latent_std")
+    state = {}
+    for name, tensor in ae.state_dict().items():
+        prefix, _, leaf = name.rpartition(".")
+        if name in skip or prefix.endswith(("mid.1.qkv", "mid.1.proj", "mid.1.norm")):
+            continue
+        state[f"{inverse[prefix]}.{leaf}"] = tensor
+    for part in ("encoder", "decoder") if cfg.mid_attention else ():
+        src, dst = f"{part}.mid.1", f"{part}.mid_block.attentions.0"
+        ours = ae.state_dict()
+        weights, biases = ours[f"{src}.qkv.weight"].chunk(3), ours[f"{src}.qkv.bias"].chunk(3)  # q, k, v
+        for n, w, b in zip(("to_q", "to_k", "to_v"), weights, biases, strict=True):
+            state[f"{dst}.{n}.weight"], state[f"{dst}.{n}.bias"] = w[:, :, 0, 0], b
+        state[f"{dst}.to_out.0.weight"] = ours[f"{src}.proj.weight"][:, :, 0, 0]
+        state[f"{dst}.to_out.0.bias"] = ours[f"{src}.proj.bias"]
+        state[f"{dst}.group_norm.weight"] = ours[f"{src}.norm.weight"]
+        state[f"{dst}.group_norm.bias"] = ours[f"{src}.norm.bias"]
+    if not cfg.quant_conv:  # tinyldm has no 1x1 convs around the latent: diffusers' are identities
+        for name in ("quant_conv", "post_quant_conv"):
+            weight = model.state_dict()[f"{name}.weight"]
+            state[f"{name}.weight"] = torch.eye(weight.shape[0])[:, :, None, None]
+            state[f"{name}.bias"] = torch.zeros(weight.shape[0])
+    model.load_state_dict(state)  # strict: every tensor of both sides accounted for
+    return model.eval()

@@ -21,6 +21,8 @@ What the released models need that tinyldm's defaults do not have, and so set he
 (`norm_eps`) and biases on q / k / v (`qkv_bias`). Anything else in the diffusers config that tinyldm cannot
 express (another timestep embedding, class embeddings, resampling by ResBlocks) is refused with its name.
 `unet_state_dict` checks coverage both ways: every diffusers tensor is used once, every tinyldm tensor filled.
+`unet_to_diffusers` goes the other way, for tinyldm UNets that UNet2DModel can express (plain attention, no
+cross-attended condition): a model trained here, sampled by diffusers' pipelines.
 """
 
 from __future__ import annotations
@@ -152,3 +154,40 @@ def unet_from_diffusers(model, *, concat_channels: int = 0) -> UNet:
     unet = UNet(cfg)
     unet.load_state_dict(unet_state_dict(model.state_dict(), cfg))
     return unet.eval()
+
+
+def diffusers_unet_config(cfg: UNetConfig) -> dict:
+    """The UNet2DModel config of a tinyldm UNet; refused, with the reason, where UNet2DModel cannot express it."""
+    if cfg.attention_block != "plain" or cfg.context_dim is not None or cfg.num_classes:
+        raise ValueError("UNet2DModel has plain self-attention and no condition: only tinyldm UNets with "
+                         "attention_block='plain' and no cross-attention or class embedding export to it")
+    if cfg.scale_shift_norm and cfg.mid_attention:
+        raise ValueError("scale_shift_norm with a middle attention block: diffusers would drop that block's GroupNorm")
+    levels = len(cfg.channel_mult)
+    attn = [cfg.latent_size // 2**i in cfg.attn_resolutions for i in range(levels)]
+    return dict(sample_size=cfg.latent_size, in_channels=cfg.in_channels + cfg.concat_channels,
+                out_channels=cfg.out_channels, block_out_channels=tuple(cfg.channels * m for m in cfg.channel_mult),
+                layers_per_block=cfg.num_res_blocks, attention_head_dim=cfg.head_dim,
+                down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attn),
+                up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)),
+                norm_num_groups=cfg.norm_groups, norm_eps=cfg.norm_eps, add_attention=cfg.mid_attention,
+                resnet_time_scale_shift="scale_shift" if cfg.scale_shift_norm else "default", dropout=cfg.dropout)
+
+
+def unet_to_diffusers(unet: UNet):
+    """tinyldm's UNet -> a diffusers UNet2DModel with the same weights (eval mode). A UNet without q / k / v biases
+    gets zero biases, which diffusers' attention always has: the same function."""
+    from diffusers import UNet2DModel
+
+    cfg = unet.cfg
+    model = UNet2DModel(**diffusers_unet_config(cfg))
+    inverse = {ours: theirs for theirs, ours in key_map(cfg).items()}
+    state = {}
+    for name, tensor in unet.state_dict().items():
+        prefix, _, leaf = name.rpartition(".")
+        state[f"{inverse[prefix]}.{leaf}"] = tensor
+    for name, tensor in model.state_dict().items():
+        if name not in state and name.endswith(("to_q.bias", "to_k.bias", "to_v.bias")) and not cfg.qkv_bias:
+            state[name] = torch.zeros_like(tensor)
+    model.load_state_dict(state)  # strict: every tensor of both sides accounted for
+    return model.eval()
