@@ -346,3 +346,34 @@ def test_what_diffusers_cannot_express_is_not_exported():
     with pytest.raises(ValueError, match="num_res_blocks \\+ 1"):
         autoencoder_to_diffusers(Autoencoder(AutoencoderConfig(base_channels=32, channel_mult=(1, 2),
                                                                num_res_blocks=1)))
+
+
+# ---------------------------------------------------------------------------------------------- cross-attention UNets
+
+COND = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64, 64), layers_per_block=2,
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=16,
+            attention_head_dim=(1, 2, 2), norm_num_groups=8, norm_eps=1e-5)  # head counts: a head width of 32
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_a_converted_cross_attention_unet_computes_what_diffusers_computes(depth):
+    """UNet2DConditionModel (transformer blocks: self-attention, cross-attention to the context, GEGLU) -> tinyldm's
+    UNet with attention_block='transformer'; diffusers' `encoder_hidden_states` is tinyldm's `context`."""
+    reference = randomised(diffusers.UNet2DConditionModel(**COND, transformer_layers_per_block=depth))
+    ours = unet_from_diffusers(reference)
+    assert ours.cfg.attention_block == "transformer" and ours.cfg.head_dim == 32 and ours.cfg.context_dim == 16
+    g = torch.Generator().manual_seed(1)
+    x, context = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 5, 16, generator=g)
+    with torch.no_grad():
+        want = reference(x, torch.tensor([3, 900]), encoder_hidden_states=context).sample
+        got = ours(x, torch.tensor([3, 900]), context=context)
+        other = ours(x, torch.tensor([3, 900]), context=context.flip(1) * 0.5)
+    assert (got - want).abs().max() < 1e-5 * float(want.abs().max())
+    assert (other - want).abs().max() > 1e-2  # the context is really read
+
+
+def test_a_head_count_that_varies_the_head_width_is_refused():
+    """The text-to-image release has 8 heads at every level (head widths 40, 80, 160): tinyldm has one width."""
+    with pytest.raises(ValueError, match="one head width"):
+        unet_config({**COND, "attention_head_dim": 2})

@@ -17,6 +17,12 @@ CompVis one that tinyldm's UNet follows, so the conversion is a renaming, block 
     ResnetBlock2D: norm1 conv1 time_emb_proj norm2 conv2 conv_shortcut -> norm1 conv1 emb_proj norm2 conv2 skip
     Attention: group_norm to_q to_k to_v to_out.0 -> norm attn.to_q attn.to_k attn.to_v attn.to_out
 
+Cross-attention UNets (diffusers' UNet2DConditionModel: CrossAttn blocks, a Transformer2DModel per attention
+layer) map the same way onto tinyldm's `attention_block="transformer"`: norm, proj_in, proj_out, and in each
+transformer block norm1 / attn1 (self) / norm2 / attn2 (cross) / norm3 / ff.net.0.proj, ff.net.2 (GEGLU) ->
+norm1 / self_attn / norm2 / cross_attn / norm3 / ff.proj_in, ff.proj_out. diffusers gives a head *count* per
+level there; tinyldm has one head *width*, so a model whose width per head changes between levels is refused.
+
 What the released models need that tinyldm's defaults do not have, and so set here: GroupNorm eps 1e-5
 (`norm_eps`) and biases on q / k / v (`qkv_bias`). Anything else in the diffusers config that tinyldm cannot
 express (another timestep embedding, class embeddings, resampling by ResBlocks) is refused with its name.
@@ -42,7 +48,20 @@ _ATTENTION = {"group_norm": "norm", "to_q": "attn.to_q", "to_k": "attn.to_k", "t
 _FIXED = {"time_embedding_type": "positional", "flip_sin_to_cos": True, "freq_shift": 0, "center_input_sample": False,
           "downsample_padding": 1, "downsample_type": "conv", "upsample_type": "conv", "act_fn": "silu",
           "mid_block_scale_factor": 1, "class_embed_type": None, "num_class_embeds": None, "time_embedding_dim": None,
-          "mid_block_type": "UNetMidBlock2D"}
+          # UNet2DConditionModel only: its extras that tinyldm's cross-attention UNet does not have
+          "encoder_hid_dim": None, "addition_embed_type": None, "use_linear_projection": False,
+          "only_cross_attention": False, "dual_cross_attention": False, "upcast_attention": False,
+          "resnet_skip_time_act": False, "time_cond_proj_dim": None, "conv_in_kernel": 3, "conv_out_kernel": 3,
+          "attention_type": "default", "cross_attention_norm": None, "class_embeddings_concat": False,
+          "mid_block_only_cross_attention": None, "reverse_transformer_layers_per_block": None}
+# down / up / mid block types of the two diffusers classes: (attention kind, with attention, without, mid block)
+_KINDS = {"plain": ("AttnDownBlock2D", "AttnUpBlock2D", "UNetMidBlock2D"),
+          "transformer": ("CrossAttnDownBlock2D", "CrossAttnUpBlock2D", "UNetMidBlock2DCrossAttn")}
+_TRANSFORMER = {"norm1": "norm1", "attn1.to_q": "self_attn.to_q", "attn1.to_k": "self_attn.to_k",
+                "attn1.to_v": "self_attn.to_v", "attn1.to_out.0": "self_attn.to_out", "norm2": "norm2",
+                "attn2.to_q": "cross_attn.to_q", "attn2.to_k": "cross_attn.to_k", "attn2.to_v": "cross_attn.to_v",
+                "attn2.to_out.0": "cross_attn.to_out", "norm3": "norm3", "ff.net.0.proj": "ff.proj_in",
+                "ff.net.2": "ff.proj_out"}
 
 
 def unet_config(config: Mapping, *, concat_channels: int = 0) -> UNetConfig:
@@ -50,15 +69,19 @@ def unet_config(config: Mapping, *, concat_channels: int = 0) -> UNetConfig:
     many of the input channels are a concatenated condition (the super-resolution model's low-res image: 3)."""
     for key, value in _FIXED.items():
         if config.get(key, value) != value:
-            raise ValueError(f"this UNet2DModel has {key}={config[key]!r}; tinyldm's UNet supports only {value!r}")
+            raise ValueError(f"this diffusers UNet has {key}={config[key]!r}; tinyldm's UNet supports only {value!r}")
     widths = tuple(config["block_out_channels"])
     if any(w % widths[0] for w in widths):
         raise ValueError(f"block_out_channels {widths} are not multiples of the first")
     down, up = tuple(config["down_block_types"]), tuple(config["up_block_types"])
-    attn = [t == "AttnDownBlock2D" for t in down]
-    if any(t not in ("DownBlock2D", "AttnDownBlock2D") for t in down):
-        raise ValueError(f"down_block_types {down}: only DownBlock2D and AttnDownBlock2D convert")
-    if list(up) != ["AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)]:
+    kind = "transformer" if config.get("cross_attention_dim") else "plain"
+    attn_down, attn_up, mid_type = _KINDS[kind]
+    if config.get("mid_block_type", mid_type) != mid_type:
+        raise ValueError(f"mid_block_type {config['mid_block_type']!r}: this model converts with {mid_type!r}")
+    attn = [t == attn_down for t in down]
+    if any(t not in ("DownBlock2D", attn_down) for t in down):
+        raise ValueError(f"down_block_types {down}: only DownBlock2D and {attn_down} convert")
+    if list(up) != [attn_up if a else "UpBlock2D" for a in reversed(attn)]:
         raise ValueError(f"up_block_types {up} do not mirror down_block_types {down}")
     shift = config.get("resnet_time_scale_shift", "default")
     if shift not in ("default", "scale_shift"):
@@ -70,17 +93,33 @@ def unet_config(config: Mapping, *, concat_channels: int = 0) -> UNetConfig:
         raise ValueError("attn_norm_num_groups differs from norm_num_groups; tinyldm uses one group count")
     size = config["sample_size"]
     size = size[0] if isinstance(size, list | tuple) else size
-    out_ch = config.get("out_channels", 3)
-    head_dim = config.get("attention_head_dim") or widths[-1]
+    head_dim = _head_dim(config, widths, attn, kind)
+    depth = config.get("transformer_layers_per_block", 1)
+    if not isinstance(depth, int):
+        raise ValueError(f"transformer_layers_per_block {depth}: tinyldm has one depth for every level")
     return UNetConfig(
-        in_channels=config.get("in_channels", 3) - concat_channels, out_channels=out_ch,
-        concat_channels=concat_channels, latent_size=size, channels=widths[0],
-        channel_mult=tuple(w // widths[0] for w in widths), num_res_blocks=config.get("layers_per_block", 2),
-        attn_resolutions=tuple(size // 2**i for i, a in enumerate(attn) if a),
-        mid_attention=config.get("add_attention", True), head_dim=head_dim, attention_block="plain",
-        context_dim=None, dropout=config.get("dropout", 0.0),
-        scale_shift_norm=shift == "scale_shift",
-        norm_groups=config.get("norm_num_groups", 32), norm_eps=config.get("norm_eps", 1e-5), qkv_bias=True)
+        in_channels=config.get("in_channels", 3 if kind == "plain" else 4) - concat_channels,
+        out_channels=config.get("out_channels", 3 if kind == "plain" else 4), concat_channels=concat_channels,
+        latent_size=size, channels=widths[0], channel_mult=tuple(w // widths[0] for w in widths),
+        num_res_blocks=config.get("layers_per_block", 2), attn_resolutions=tuple(size // 2**i for i, a in
+                                                                               enumerate(attn) if a),
+        mid_attention=config.get("add_attention", True), head_dim=head_dim, transformer_depth=depth,
+        attention_block=kind, context_dim=config.get("cross_attention_dim"), dropout=config.get("dropout", 0.0),
+        scale_shift_norm=shift == "scale_shift", norm_groups=config.get("norm_num_groups", 32),
+        norm_eps=config.get("norm_eps", 1e-5), qkv_bias=kind == "plain")
+
+
+def _head_dim(config: Mapping, widths: tuple[int, ...], attn: list[bool], kind: str) -> int:
+    """tinyldm's head width. UNet2DModel's `attention_head_dim` is one; in UNet2DConditionModel it is (for
+    historical reasons) the head *count*, per level or for all, unless `num_attention_heads` is given."""
+    if kind == "plain":
+        return config.get("attention_head_dim") or widths[-1]
+    heads = config.get("num_attention_heads") or config.get("attention_head_dim") or 8
+    heads = [heads] * len(widths) if isinstance(heads, int) else list(heads)
+    dims = {w // h for w, h, a in zip(widths, heads, attn, strict=True) if a} | {widths[-1] // heads[-1]}
+    if len(dims) != 1 or any(w % h for w, h in zip(widths, heads, strict=True)):
+        raise ValueError(f"{heads} heads on widths {widths}: tinyldm's attention has one head width for every level")
+    return dims.pop()
 
 
 def key_map(cfg: UNetConfig) -> dict[str, str]:
@@ -90,12 +129,20 @@ def key_map(cfg: UNetConfig) -> dict[str, str]:
     names = {"time_embedding.linear_1": "time_mlp.0", "time_embedding.linear_2": "time_mlp.2", "conv_in": "conv_in",
              "conv_norm_out": "out.0", "conv_out": "out.2"}
 
+    def attention_block(src: str, dst: str) -> None:  # plain attention, or a Transformer2DModel of `depth` blocks
+        if cfg.attention_block == "plain":
+            names.update({f"{src}.{a}": f"{dst}.{b}" for a, b in _ATTENTION.items()})
+            return
+        names.update({f"{src}.{leaf}": f"{dst}.{leaf}" for leaf in ("norm", "proj_in", "proj_out")})
+        for d in range(cfg.transformer_depth):
+            names.update({f"{src}.transformer_blocks.{d}.{a}": f"{dst}.blocks.{d}.{b}" for a, b in
+                          _TRANSFORMER.items()})
+
     def block(src: str, j: int, dst: str, attention: bool) -> None:  # resnets[j] (+ attentions[j]) -> one stage
         for a, b in _RESNET.items():
             names[f"{src}.resnets.{j}.{a}"] = f"{dst}.0.{b}"
         if attention:
-            for a, b in _ATTENTION.items():
-                names[f"{src}.attentions.{j}.{a}"] = f"{dst}.1.{b}"
+            attention_block(f"{src}.attentions.{j}", f"{dst}.1")
 
     k = 0
     for i in range(levels):
@@ -109,8 +156,7 @@ def key_map(cfg: UNetConfig) -> dict[str, str]:
         names[f"mid_block.resnets.0.{a}"] = f"mid.0.{b}"
         names[f"mid_block.resnets.1.{a}"] = f"mid.{2 if cfg.mid_attention else 1}.{b}"
     if cfg.mid_attention:
-        for a, b in _ATTENTION.items():
-            names[f"mid_block.attentions.0.{a}"] = f"mid.1.{b}"
+        attention_block("mid_block.attentions.0", "mid.1")
     k = 0
     for n, i in enumerate(reversed(range(levels))):
         attention = level_res[i] in cfg.attn_resolutions
@@ -149,7 +195,8 @@ def unet_state_dict(state: Mapping[str, Tensor], cfg: UNetConfig) -> dict[str, T
 
 
 def unet_from_diffusers(model, *, concat_channels: int = 0) -> UNet:
-    """A diffusers UNet2DModel (an instance) -> tinyldm's UNet with the same weights, in eval mode."""
+    """A diffusers UNet2DModel or UNet2DConditionModel (an instance) -> tinyldm's UNet with the same weights, in
+    eval mode. A conditional model's `context` is what diffusers calls `encoder_hidden_states`."""
     cfg = unet_config(dict(model.config), concat_channels=concat_channels)
     unet = UNet(cfg)
     unet.load_state_dict(unet_state_dict(model.state_dict(), cfg))
