@@ -373,7 +373,18 @@ def test_a_converted_cross_attention_unet_computes_what_diffusers_computes(depth
     assert (other - want).abs().max() > 1e-2  # the context is really read
 
 
-def test_a_head_count_that_varies_the_head_width_is_refused():
-    """The text-to-image release has 8 heads at every level (head widths 40, 80, 160): tinyldm has one width."""
-    with pytest.raises(ValueError, match="one head width"):
-        unet_config({**COND, "attention_head_dim": 2})
+def test_one_head_count_at_every_level_converts_as_num_heads():
+    """The text-to-image release has 8 heads at every level (head widths 40, 80, 160): tinyldm's num_heads. Here 2
+    heads on widths 32 and 64 (head widths 16 and 32), against diffusers on random weights."""
+    reference = randomised(diffusers.UNet2DConditionModel(**{**COND, "attention_head_dim": 2}))
+    ours = unet_from_diffusers(reference)
+    assert ours.cfg.num_heads == 2
+    assert [m.heads for m in ours.modules() if type(m).__name__ == "Attention"][:2] == [2, 2]
+    g = torch.Generator().manual_seed(2)
+    x, context = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 5, 16, generator=g)
+    with torch.no_grad():
+        want = reference(x, torch.tensor([7, 500]), encoder_hidden_states=context).sample
+        got = ours(x, torch.tensor([7, 500]), context=context)
+    assert (got - want).abs().max() < 1e-5 * float(want.abs().max())
+    with pytest.raises(ValueError, match="neither one head width nor one head count"):
+        unet_config({**COND, "attention_head_dim": (1, 4, 2)})

@@ -21,7 +21,9 @@ Conventions
 -----------
 * `attn_resolutions` are latent resolutions in pixels (16 means "the level whose feature map is
   16 x 16 when the input is `latent_size` x `latent_size`"), not downsampling factors.
-* `head_dim` is the width of one attention head; heads = channels // head_dim at each level.
+* `head_dim` is the width of one attention head; heads = channels // head_dim at each level. `num_heads`
+  instead fixes the head count at every level (as the released text-to-image model does), and the head
+  width is then channels // num_heads.
 * `context` has shape (B, L, context_dim); `context_mask` (B, L) is True for real tokens and
   False for padding, which no query may attend to. Every row needs at least one True.
 * The UNet knows nothing of the noise schedule: t is only an input to the timestep embedding.
@@ -59,6 +61,7 @@ class UNetConfig:
     attn_resolutions: tuple[int, ...] = (16, 8)  # latent resolutions (pixels) with a transformer block
     mid_attention: bool = True  # a transformer block in the middle, as in the paper's UNets
     head_dim: int = 32
+    num_heads: int | None = None  # None: heads = channels // head_dim; else this many heads at every level
     transformer_depth: int = 1
     attention_block: str = "transformer"  # "transformer" (Sec. 3.3) or "plain": ADM's self-attention block, no MLP
     context_dim: int | None = None  # None: no cross-attention (self-attention only)
@@ -69,6 +72,15 @@ class UNetConfig:
     norm_eps: float = 1e-6  # the GroupNorms' epsilon outside the transformer blocks (the diffusers releases: 1e-5)
     qkv_bias: bool = False  # biases in the plain attention blocks' q / k / v (the released CelebA-HQ model has them)
     gradient_checkpointing: bool = False  # recompute blocks in backward to save memory
+
+
+def head_width(cfg: UNetConfig, channels: int) -> int:
+    """The width of one attention head at a level of `channels` channels."""
+    if cfg.num_heads is None:
+        return cfg.head_dim
+    if channels % cfg.num_heads:
+        raise ValueError(f"a level of {channels} channels cannot be split into num_heads={cfg.num_heads} heads")
+    return channels // cfg.num_heads
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
@@ -88,7 +100,7 @@ class SelfAttentionBlock(nn.Module):
     def __init__(self, channels: int, cfg: UNetConfig):
         super().__init__()
         self.norm = group_norm(channels, cfg.norm_groups, cfg.norm_eps)
-        self.attn = Attention(channels, cfg.head_dim, qkv_bias=cfg.qkv_bias)
+        self.attn = Attention(channels, head_width(cfg, channels), qkv_bias=cfg.qkv_bias)
         zero_module(self.attn.to_out)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -105,7 +117,8 @@ class SpatialTransformer(nn.Module):
         self.norm = group_norm(channels, cfg.norm_groups)
         self.proj_in = nn.Conv2d(channels, channels, 1)
         self.blocks = nn.ModuleList(
-            TransformerBlock(channels, cfg.head_dim, cfg.context_dim) for _ in range(cfg.transformer_depth)
+            TransformerBlock(channels, head_width(cfg, channels), cfg.context_dim)
+            for _ in range(cfg.transformer_depth)
         )
         self.proj_out = zero_module(nn.Conv2d(channels, channels, 1))
 

@@ -21,7 +21,7 @@ Cross-attention UNets (diffusers' UNet2DConditionModel: CrossAttn blocks, a Tran
 layer) map the same way onto tinyldm's `attention_block="transformer"`: norm, proj_in, proj_out, and in each
 transformer block norm1 / attn1 (self) / norm2 / attn2 (cross) / norm3 / ff.net.0.proj, ff.net.2 (GEGLU) ->
 norm1 / self_attn / norm2 / cross_attn / norm3 / ff.proj_in, ff.proj_out. diffusers gives a head *count* per
-level there; tinyldm has one head *width*, so a model whose width per head changes between levels is refused.
+level there; tinyldm takes one head width (`head_dim`) or one head count (`num_heads`) for all levels.
 
 What the released models need that tinyldm's defaults do not have, and so set here: GroupNorm eps 1e-5
 (`norm_eps`) and biases on q / k / v (`qkv_bias`). Anything else in the diffusers config that tinyldm cannot
@@ -93,7 +93,7 @@ def unet_config(config: Mapping, *, concat_channels: int = 0) -> UNetConfig:
         raise ValueError("attn_norm_num_groups differs from norm_num_groups; tinyldm uses one group count")
     size = config["sample_size"]
     size = size[0] if isinstance(size, list | tuple) else size
-    head_dim = _head_dim(config, widths, attn, kind)
+    head_dim, num_heads = _heads(config, widths, attn, kind)
     depth = config.get("transformer_layers_per_block", 1)
     if not isinstance(depth, int):
         raise ValueError(f"transformer_layers_per_block {depth}: tinyldm has one depth for every level")
@@ -103,23 +103,29 @@ def unet_config(config: Mapping, *, concat_channels: int = 0) -> UNetConfig:
         latent_size=size, channels=widths[0], channel_mult=tuple(w // widths[0] for w in widths),
         num_res_blocks=config.get("layers_per_block", 2), attn_resolutions=tuple(size // 2**i for i, a in
                                                                                enumerate(attn) if a),
-        mid_attention=config.get("add_attention", True), head_dim=head_dim, transformer_depth=depth,
+        mid_attention=config.get("add_attention", True), head_dim=head_dim, num_heads=num_heads,
+        transformer_depth=depth,
         attention_block=kind, context_dim=config.get("cross_attention_dim"), dropout=config.get("dropout", 0.0),
         scale_shift_norm=shift == "scale_shift", norm_groups=config.get("norm_num_groups", 32),
         norm_eps=config.get("norm_eps", 1e-5), qkv_bias=kind == "plain")
 
 
-def _head_dim(config: Mapping, widths: tuple[int, ...], attn: list[bool], kind: str) -> int:
-    """tinyldm's head width. UNet2DModel's `attention_head_dim` is one; in UNet2DConditionModel it is (for
-    historical reasons) the head *count*, per level or for all, unless `num_attention_heads` is given."""
+def _heads(config: Mapping, widths: tuple[int, ...], attn: list[bool], kind: str) -> tuple[int, int | None]:
+    """tinyldm's (head_dim, num_heads). UNet2DModel's `attention_head_dim` is a head width; in UNet2DConditionModel
+    it is (for historical reasons) the head *count*, per level or for all, unless `num_attention_heads` is given.
+    One head width at every attention level -> head_dim; one head count -> num_heads; neither -> refused."""
     if kind == "plain":
-        return config.get("attention_head_dim") or widths[-1]
+        return config.get("attention_head_dim") or widths[-1], None
     heads = config.get("num_attention_heads") or config.get("attention_head_dim") or 8
     heads = [heads] * len(widths) if isinstance(heads, int) else list(heads)
-    dims = {w // h for w, h, a in zip(widths, heads, attn, strict=True) if a} | {widths[-1] // heads[-1]}
-    if len(dims) != 1 or any(w % h for w, h in zip(widths, heads, strict=True)):
-        raise ValueError(f"{heads} heads on widths {widths}: tinyldm's attention has one head width for every level")
-    return dims.pop()
+    used = [(w, h) for w, h, a in zip(widths, heads, attn, strict=True) if a] + [(widths[-1], heads[-1])]  # + mid
+    if any(w % h for w, h in used):
+        raise ValueError(f"{heads} heads do not divide the widths {widths}")
+    if len({w // h for w, h in used}) == 1:
+        return used[0][0] // used[0][1], None
+    if len({h for _, h in used}) == 1:
+        return used[0][0] // used[0][1], used[0][1]
+    raise ValueError(f"{heads} heads on widths {widths}: neither one head width nor one head count at every level")
 
 
 def key_map(cfg: UNetConfig) -> dict[str, str]:
