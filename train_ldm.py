@@ -423,19 +423,21 @@ def resume(stored: dict | None, denoiser: Denoiser, ema: EMA, opt: torch.optim.O
 
 
 def step_draws(step: int, n: int, *, seed: int, latent_shape: tuple[int, int, int], T: int, p_uncond: float,
-               device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+               device: torch.device, posterior: bool = True
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """The random draws of step `step` for the whole global batch of n: flips (n, 1, 1, 1), timesteps t (n,),
-    noise eps (n, c, h, w), condition drops (n,), and the posterior's noise (n, c, h, w) for z = mu + sigma * noise.
-    Functions of (seed, step) alone, the same in every process: `--resume` continues exactly, with any number of
-    processes."""
+    noise eps (n, c, h, w), condition drops (n,), and with `posterior` the posterior's noise (n, c, h, w) for
+    z = mu + sigma * noise (else None: nothing drawn). Functions of (seed, step) alone, the same in every process:
+    `--resume` continues exactly, with any number of processes."""
     g = torch.Generator(device).manual_seed(seed_stream(seed, step, 1))
     flip = torch.rand(n, 1, 1, 1, generator=g, device=device) < 0.5
     t = torch.randint(0, T, (n,), generator=g, device=device)  # t ~ U{0..T-1}
     eps = torch.randn((n, *latent_shape), generator=g, device=device)
     drop = torch.rand(n, generator=torch.Generator().manual_seed(seed_stream(seed, step, 2))) < p_uncond  # CPU: no sync
-    g_posterior = torch.Generator(device).manual_seed(seed_stream(seed, step, 3))
-    posterior_noise = torch.randn((n, *latent_shape), generator=g_posterior, device=device)
-    return flip, t, eps, drop, posterior_noise
+    if not posterior:
+        return flip, t, eps, drop, None
+    g_posterior = torch.Generator(device).manual_seed(seed_stream(seed, step, 3))  # its own stream: eps is unchanged
+    return flip, t, eps, drop, torch.randn((n, *latent_shape), generator=g_posterior, device=device)
 
 
 @dataclass
@@ -493,7 +495,7 @@ class TrainingSet:
         idx_all = batch_indices(step, n=len(self.latents), batch_size=config.batch_size, seed=config.seed).to(device)
         flip_all, t_all, eps_all, drop_all, posterior_all = step_draws(
             step, len(idx_all), seed=config.seed, T=self.T, latent_shape=self.latents.shape[1:],
-            p_uncond=self.p_uncond, device=device)
+            p_uncond=self.p_uncond, device=device, posterior=self.std is not None)
         idx, flip = world.shard(idx_all), world.shard(flip_all)
         z0, std = self.latents[idx], self.std[idx] if self.std is not None else None
         concat = self.concat[idx] if self.concat is not None else None

@@ -66,10 +66,15 @@ def save_image_grid(images: torch.Tensor, path: str | os.PathLike, *, nrow: int 
     from PIL import Image
 
     array = image_grid(images, nrow=nrow, pad=pad)
+    return _save_png(Image.fromarray(array[:, :, 0] if images.shape[1] == 1 else array), path)
+
+
+def _save_png(image, path: str | os.PathLike) -> Path:
+    """A PIL image to `path` as PNG via a temporary file and a rename: a reader never sees half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(array[:, :, 0] if images.shape[1] == 1 else array).save(tmp, format="PNG")
+    image.save(tmp, format="PNG")
     os.replace(tmp, path)
     return path
 
@@ -102,12 +107,7 @@ def save_curve(steps: list[float], values: list[float], path: str | os.PathLike,
     draw.text((left, bottom + 6), f"{x0:g}", fill="black")
     draw.text((right - 40, bottom + 6), f"{x1:g}", fill="black")
     draw.text((left, 4), title + (" (log scale)" if log_y else ""), fill="black")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
-    return path
+    return _save_png(image, path)
 
 
 def save_loss_curve(log_path: str | os.PathLike, path: str | os.PathLike, *, key: str = "loss") -> Path | None:

@@ -41,10 +41,9 @@ from torch import Tensor
 from tinyldm.autoencoder import Autoencoder
 from tinyldm.conditioning import ConditionConfig, ConditionEncoder
 from tinyldm.ldm import Denoiser, DiffusionConfig, generate
-from tinyldm.pretrained.autoencoder import autoencoder_config, autoencoder_from_diffusers, autoencoder_state_dict
-from tinyldm.pretrained.unet import unet_config, unet_from_diffusers, unet_state_dict
+from tinyldm.pretrained.autoencoder import autoencoder_from_diffusers, build_autoencoder
+from tinyldm.pretrained.unet import build_unet, unet_from_diffusers
 from tinyldm.schedule import NoiseSchedule
-from tinyldm.unet import UNet
 
 __all__ = ["RELEASES", "PretrainedLDM", "Release", "autoencoder_from_diffusers", "load", "unet_from_diffusers"]
 
@@ -152,14 +151,9 @@ def load(id_or_path: str | os.PathLike, *, release: str | None = None) -> Pretra
     unet_cfg_dict = _config(path / "unet")
     concat = info.concat_channels if info else max(0, unet_cfg_dict.get("in_channels", 3)
                                                    - unet_cfg_dict.get("out_channels", 3))
-    ucfg = unet_config(unet_cfg_dict, concat_channels=concat)
-    unet = UNet(ucfg)
-    unet.load_state_dict(unet_state_dict(_weights(path / "unet"), ucfg))
-    acfg = autoencoder_config(ae_cfg_dict, regularizer=regularizer)
-    ae = Autoencoder(acfg)
-    ae.load_state_dict(autoencoder_state_dict(_weights(first_stage_dir), acfg))
-    ae.scale_factor.fill_(info.scale_factor if info else (1.0 if regularizer == "vq" else
-                                                         ae_cfg_dict.get("scaling_factor", 0.18215)))
+    unet = build_unet(unet_cfg_dict, _weights(path / "unet"), concat_channels=concat)
+    scale = info.scale_factor if info else 1.0 if regularizer == "vq" else ae_cfg_dict.get("scaling_factor", 0.18215)
+    ae = build_autoencoder(ae_cfg_dict, _weights(first_stage_dir), regularizer=regularizer, scale_factor=scale)
     if info:
         schedule = dict(info.schedule)
     else:  # an unknown folder: its own scheduler config, diffusers' names mapped to tinyldm's
@@ -173,6 +167,6 @@ def load(id_or_path: str | os.PathLike, *, release: str | None = None) -> Pretra
                     "beta_end": sched.get("beta_end")}
     diffusion = DiffusionConfig(**schedule, prediction="eps")
     denoiser = Denoiser(unet, ConditionEncoder(ConditionConfig(kind="none"))).eval()
-    image_size = ucfg.latent_size * acfg.downsample_factor
-    return PretrainedLDM(denoiser, diffusion.make_schedule(), ae.eval(), diffusion, image_size,
+    image_size = unet.cfg.latent_size * ae.downsample_factor
+    return PretrainedLDM(denoiser, diffusion.make_schedule(), ae, diffusion, image_size,
                          source=f"{name} ({index.get('_class_name', 'a diffusers pipeline')})")

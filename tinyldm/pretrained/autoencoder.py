@@ -142,14 +142,21 @@ def autoencoder_state_dict(state: Mapping[str, Tensor], cfg: AutoencoderConfig) 
     return out
 
 
-def autoencoder_from_diffusers(model, *, regularizer: str, scale_factor: float = 1.0) -> Autoencoder:
-    """A diffusers VQModel / AutoencoderKL (an instance) -> tinyldm's Autoencoder with the same weights, in eval
-    mode, with `scale_factor` (the LDM multiplies latents by it; see `tinyldm.pretrained` for each release's)."""
-    cfg = autoencoder_config(dict(model.config), regularizer=regularizer)
+def build_autoencoder(config: Mapping, state: Mapping[str, Tensor], *, regularizer: str,
+                      scale_factor: float = 1.0) -> Autoencoder:
+    """tinyldm's Autoencoder (eval mode) from a diffusers VQModel / AutoencoderKL config dict and state dict, with
+    `scale_factor` (the LDM multiplies latents by it; see `tinyldm.pretrained` for each release's)."""
+    cfg = autoencoder_config(config, regularizer=regularizer)
     ae = Autoencoder(cfg)
-    ae.load_state_dict(autoencoder_state_dict(model.state_dict(), cfg))
+    ae.load_state_dict(autoencoder_state_dict(state, cfg))
     ae.scale_factor.fill_(scale_factor)
     return ae.eval()
+
+
+def autoencoder_from_diffusers(model, *, regularizer: str, scale_factor: float = 1.0) -> Autoencoder:
+    """A diffusers VQModel / AutoencoderKL (an instance) -> tinyldm's Autoencoder with the same weights (eval mode)."""
+    return build_autoencoder(dict(model.config), model.state_dict(), regularizer=regularizer,
+                             scale_factor=scale_factor)
 
 
 def autoencoder_to_diffusers(ae: Autoencoder):

@@ -200,13 +200,18 @@ def unet_state_dict(state: Mapping[str, Tensor], cfg: UNetConfig) -> dict[str, T
     return out
 
 
+def build_unet(config: Mapping, state: Mapping[str, Tensor], *, concat_channels: int = 0) -> UNet:
+    """tinyldm's UNet (eval mode) from a diffusers UNet's config dict and state dict."""
+    cfg = unet_config(config, concat_channels=concat_channels)
+    unet = UNet(cfg)
+    unet.load_state_dict(unet_state_dict(state, cfg))
+    return unet.eval()
+
+
 def unet_from_diffusers(model, *, concat_channels: int = 0) -> UNet:
     """A diffusers UNet2DModel or UNet2DConditionModel (an instance) -> tinyldm's UNet with the same weights, in
     eval mode. A conditional model's `context` is what diffusers calls `encoder_hidden_states`."""
-    cfg = unet_config(dict(model.config), concat_channels=concat_channels)
-    unet = UNet(cfg)
-    unet.load_state_dict(unet_state_dict(model.state_dict(), cfg))
-    return unet.eval()
+    return build_unet(dict(model.config), model.state_dict(), concat_channels=concat_channels)
 
 
 def diffusers_unet_config(cfg: UNetConfig) -> dict:
