@@ -8,6 +8,7 @@
     python sample.py --ckpt runs/ldm-shapes_semantic/ldm.pt --from_eval 4 --height 64 --width 64   # 2x2 mosaics
     python sample.py --pretrained CompVis/ldm-celebahq-256 --n 4           # the paper's released model (see below)
     python sample.py --pretrained CompVis/ldm-super-resolution-4x-openimages --image small.png   # x4 upscaling
+    python sample.py --pretrained CompVis/ldm-text2im-large-256 --prompt "a painting of a squirrel" --guidance 5
 
 Each --prompt (repeatable) or --class gets --n images; without either, the model samples
 unconditionally. Writes a grid (--out, one row per prompt) and, with --singles, one PNG per image.
@@ -20,7 +21,7 @@ the originals. With --height/--width a multiple k of the training size, each inp
 
 --pretrained ID_OR_DIR runs one of the paper's released models (a diffusers-format folder, or a hub id with the
 `pretrained` extra) through tinyldm's own UNet, autoencoder and sampler (`tinyldm.pretrained`); the
-super-resolution model takes its low-resolution input from --image.
+super-resolution model takes its low-resolution input from --image, the text-to-image model --prompt.
 """
 
 from __future__ import annotations
@@ -163,12 +164,24 @@ def prompt_faithfulness(prompts: list[str], images: torch.Tensor, captions: list
 
 
 def sample_pretrained(args: argparse.Namespace, device: torch.device) -> dict:
-    """--pretrained: n samples of an unconditional release, or the x4 upscaling of --image."""
+    """--pretrained: n samples of an unconditional release, the x4 upscaling of --image, or n images per --prompt
+    of the text-to-image release (guided by --guidance against the empty prompt)."""
     from tinyldm.pretrained import load
 
     model = load(args.pretrained).to(device)
     check_sampling_steps(model.schedule.T, args.steps)
-    concat = None
+    concat, prompts = None, None
+    if model.prompted:
+        if not args.prompt:
+            raise SystemExit(f"{args.pretrained} is text-to-image: pass at least one --prompt")
+        tokenizer = model.denoiser.cond.tokenizer
+        cut = [p for p, long in zip(args.prompt, tokenizer.truncated(args.prompt), strict=True) if long]
+        if cut:
+            print(f"warning: {len(cut)} prompt(s) longer than the model's {tokenizer.max_len} "
+                  f"tokens are cut there, as in training: {cut[0][:60]!r}...")
+        prompts = [p for p in args.prompt for _ in range(args.n)]
+    elif args.prompt:
+        raise SystemExit(f"{args.pretrained} takes no --prompt (only the text-to-image release does)")
     if model.denoiser.unet.cfg.concat_channels:
         if not args.image:
             raise SystemExit(f"{args.pretrained} upscales an image: pass it with --image PATH")
@@ -178,17 +191,20 @@ def sample_pretrained(args: argparse.Namespace, device: torch.device) -> dict:
         pixels = torch.from_numpy(np.asarray(Image.open(args.image).convert("RGB"), dtype=np.float32))  # (h, w, 3)
         concat = (pixels.permute(2, 0, 1)[None] / 127.5 - 1).repeat(args.n, 1, 1, 1).to(device)
     elif args.image:
-        raise SystemExit(f"{args.pretrained} is unconditional: it takes no --image")
+        raise SystemExit(f"{args.pretrained} takes no --image (only the super-resolution release does)")
     g = torch.Generator(device).manual_seed(args.seed)
+    guidance = args.guidance if prompts else 1.0
     start = time.perf_counter()
-    images = model.generate(args.n, steps=args.steps, eta=args.eta, concat=concat, generator=g).cpu()
+    images = model.generate(args.n, prompts=prompts, steps=args.steps, eta=args.eta, guidance_scale=guidance,
+                            concat=concat, generator=g).cpu()
     seconds = time.perf_counter() - start
-    out = save_image_grid(images, args.out, nrow=min(args.n, 8))
+    out = save_image_grid(images, args.out, nrow=min(len(images), 8) if prompts is None else args.n)
     if args.singles:
         for j, img in enumerate(images):
             save_image_grid(img[None], out.with_name(f"{out.stem}_{j:03d}.png"), nrow=1, pad=0)
     print(f"{len(images)} images ({images.shape[-2]}x{images.shape[-1]}) from {model.source} in {seconds:.2f} s: "
-          f"{seconds / len(images) * 1000:.0f} ms per image (ddim, {args.steps} steps, device {device}) -> {out}")
+          f"{seconds / len(images) * 1000:.0f} ms per image (ddim, {args.steps} steps"
+          f"{f', guidance {guidance:g}' if prompts else ''}, device {device}) -> {out}")
     return {"images": len(images), "seconds_per_image": seconds / len(images), "grid": str(out)}
 
 

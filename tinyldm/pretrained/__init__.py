@@ -5,8 +5,10 @@
     model = load("path/to/ldm-celebahq-256")        # or a local diffusers-format folder
     images = model.generate(n=4, steps=50)           # (4, 3, 256, 256) in [-1, 1], through tinyldm's sampler
 
-    unet.py          diffusers' UNet2DModel (the unconditional and concat-conditioned releases) <-> tinyldm's UNet
+    unet.py          diffusers' UNet2DModel (the unconditional and concat-conditioned releases) and
+                     UNet2DConditionModel (text-to-image: cross-attention) <-> tinyldm's UNet
     autoencoder.py   diffusers' VQModel / AutoencoderKL (vq-f4, kl-f8) <-> tinyldm's Autoencoder
+    ldmbert.py       the text-to-image release's text encoder (LDMBert) and its WordPiece tokenizer
 
 The reverse way (`unet_to_diffusers`, `autoencoder_to_diffusers`) exports a model trained here that diffusers'
 classes can express (plain attention, no condition; num_res_blocks + 1 decoder blocks) for diffusers' pipelines.
@@ -25,7 +27,13 @@ Where the hub's files disagree with how CompVis trained a release, tinyldm follo
   50 steps, i.e. an offset of 1. tinyldm's sampler uses that spacing for every model.
 * The noise schedule is set from the CompVis config (sqrt-linear betas, 0.0015 to 0.0195, T = 1000), not read.
 
-The text-to-image release needs the LDMBert text encoder, which tinyldm does not convert yet: `load` says so.
+* The text-to-image release's schedule is its own (0.00085 to 0.012, txt2img-1p4B-eval.yaml) and its KL latents
+  are scaled by 0.18215 (the same config's scale_factor, which the hub's VAE config also has).
+
+The text-to-image release adds `bert/` (LDMBert) and `tokenizer/` folders; its `generate` takes prompts:
+
+    model = load("CompVis/ldm-text2im-large-256")
+    images = model.generate(prompts=["a painting of a squirrel eating a burger"], guidance_scale=5.0)
 """
 
 from __future__ import annotations
@@ -42,6 +50,7 @@ from tinyldm.autoencoder import Autoencoder
 from tinyldm.conditioning import ConditionConfig, ConditionEncoder
 from tinyldm.ldm import Denoiser, DiffusionConfig, generate
 from tinyldm.pretrained.autoencoder import autoencoder_from_diffusers, build_autoencoder
+from tinyldm.pretrained.ldmbert import LDMBertCondition, WordPieceTokenizer, build_ldmbert
 from tinyldm.pretrained.unet import build_unet, unet_from_diffusers
 from tinyldm.schedule import NoiseSchedule
 
@@ -56,7 +65,6 @@ class Release:
     concat_channels: int = 0  # channels of a concatenated condition (super-resolution: the low-res image)
     schedule: dict = field(default_factory=lambda: {"schedule": "scaled_linear", "T": 1000, "beta_start": 0.0015,
                                                     "beta_end": 0.0195})
-    supported: bool = True
     note: str = ""
 
 
@@ -65,7 +73,8 @@ RELEASES = {
     "CompVis/ldm-super-resolution-4x-openimages": Release(
         "vq", 1.0, concat_channels=3, note="4x super-resolution (the low-res image concatenated to z_t), LDM-4"),
     "CompVis/ldm-text2im-large-256": Release(
-        "kl", 0.18215, supported=False, note="text-to-image (LDMBert, kl-f8): its text encoder is not converted yet"),
+        "kl", 0.18215, schedule={"schedule": "scaled_linear", "T": 1000, "beta_start": 0.00085, "beta_end": 0.012},
+        note="text-to-image (LAION-400M, 256 px): LDMBert text encoder, cross-attention UNet, LDM-8 (kl-f8)"),
 }
 
 
@@ -88,24 +97,39 @@ class PretrainedLDM:
         self.schedule = self.schedule.to(device)
         return self
 
+    @property
+    def prompted(self) -> bool:
+        """True for the text-to-image release: generate() takes prompts."""
+        return isinstance(self.denoiser.cond, LDMBertCondition)
+
     @torch.no_grad()
-    def generate(self, n: int = 1, *, steps: int = 50, eta: float = 0.0, concat: Tensor | None = None,
+    def generate(self, n: int = 1, *, prompts: list[str] | None = None, steps: int = 50, eta: float = 0.0,
+                 guidance_scale: float = 1.0, concat: Tensor | None = None,
                  generator: torch.Generator | None = None, z_T: Tensor | None = None) -> Tensor:
-        """Images (n, 3, H, W) in [-1, 1], sampled with tinyldm's DDIM (CompVis' uniform spacing)."""
+        """Images (B, 3, H, W) in [-1, 1], sampled with tinyldm's DDIM (CompVis' uniform spacing).
+
+        Unconditional releases draw `n` images; the super-resolution release one per `concat` image; the
+        text-to-image release one per prompt, with classifier-free guidance against the empty prompt when
+        guidance_scale != 1 (CompVis' txt2img script uses 5)."""
+        if self.prompted != (prompts is not None):
+            raise ValueError(f"{self.source} {'needs' if self.prompted else 'takes no'} prompts")
         side = self.latent_size if concat is None else concat.shape[-1]
-        return generate(self.denoiser, self.schedule, self.autoencoder, None, n=n, latent_size=(side, side),
-                        steps=steps, eta=eta, generator=generator, z_T=z_T, concat=concat)
+        return generate(self.denoiser, self.schedule, self.autoencoder, prompts, n=n, latent_size=(side, side),
+                        steps=steps, eta=eta, guidance_scale=guidance_scale, generator=generator, z_T=z_T,
+                        concat=concat)
 
 
 def _weights(folder: Path) -> dict[str, Tensor]:
-    safetensors_file, bin_file = folder / "diffusion_pytorch_model.safetensors", folder / "diffusion_pytorch_model.bin"
-    if safetensors_file.exists():
-        from safetensors.torch import load_file
+    """A component's tensors: safetensors if present, else a PyTorch file read with weights_only=True."""
+    for name in ("diffusion_pytorch_model.safetensors", "model.safetensors"):  # diffusers', transformers' names
+        if (folder / name).exists():
+            from safetensors.torch import load_file
 
-        return load_file(str(safetensors_file))
-    if bin_file.exists():
-        return torch.load(bin_file, map_location="cpu", weights_only=True)  # tensors only, never code
-    raise FileNotFoundError(f"no diffusion_pytorch_model.safetensors or .bin in {folder}")
+            return load_file(str(folder / name))
+    for name in ("diffusion_pytorch_model.bin", "pytorch_model.bin"):
+        if (folder / name).exists():
+            return torch.load(folder / name, map_location="cpu", weights_only=True)  # tensors only, never code
+    raise FileNotFoundError(f"no weights (diffusion_pytorch_model / model .safetensors, or .bin) in {folder}")
 
 
 def _config(folder: Path) -> dict:
@@ -122,7 +146,11 @@ def _download(repo_id: str) -> Path:
         raise SystemExit(f"{repo_id!r} is not a local folder, and downloading it needs huggingface_hub: "
                          "pip install -e '.[pretrained]' (or pass the path of a downloaded copy)") from e
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.txt"]))
+        path = Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.txt"]))
+        for part in ("unet", "vqvae", "vae", "bert"):  # a component published only as a .bin: fetch that instead
+            if (path / part).is_dir() and not list((path / part).glob("*.safetensors")):
+                path = Path(snapshot_download(repo_id, allow_patterns=[f"{part}/*.bin"]))
+        return path
     except Exception as e:  # offline, unknown id, gated: one line that says what happened
         raise SystemExit(f"could not download {repo_id!r} ({type(e).__name__}: {e}); on a machine with internet "
                          f"run `huggingface-cli download {repo_id}` and pass the folder") from e
@@ -140,8 +168,6 @@ def load(id_or_path: str | os.PathLike, *, release: str | None = None) -> Pretra
         path = _download(name)
     key = release or next((r for r in RELEASES if r.split("/")[-1] == path.name or r == name), None)
     info = RELEASES.get(key) if key else None
-    if info is not None and not info.supported:
-        raise SystemExit(f"{key}: {info.note}")
     index = json.loads((path / "model_index.json").read_text()) if (path / "model_index.json").exists() else {}
     first_stage_dir = next((path / d for d in ("vqvae", "vae") if (path / d).exists()), None)
     if first_stage_dir is None or not (path / "unet").exists():
@@ -166,7 +192,14 @@ def load(id_or_path: str | os.PathLike, *, release: str | None = None) -> Pretra
                     "T": sched.get("num_train_timesteps", 1000), "beta_start": sched.get("beta_start"),
                     "beta_end": sched.get("beta_end")}
     diffusion = DiffusionConfig(**schedule, prediction="eps")
-    denoiser = Denoiser(unet, ConditionEncoder(ConditionConfig(kind="none"))).eval()
+    if (path / "bert").exists():  # the text-to-image release: LDMBert reads the prompt, the UNet cross-attends
+        if not (path / "tokenizer").exists():
+            raise FileNotFoundError(f"{path} has bert/ but no tokenizer/ folder")
+        bert = build_ldmbert(_config(path / "bert"), _weights(path / "bert"))
+        cond = LDMBertCondition(bert, WordPieceTokenizer(path / "tokenizer", max_len=bert.cfg.max_len))
+    else:
+        cond = ConditionEncoder(ConditionConfig(kind="none"))
+    denoiser = Denoiser(unet, cond).eval()
     image_size = unet.cfg.latent_size * ae.downsample_factor
     return PretrainedLDM(denoiser, diffusion.make_schedule(), ae, diffusion, image_size,
                          source=f"{name} ({index.get('_class_name', 'a diffusers pipeline')})")
