@@ -339,12 +339,14 @@ def test_a_model_trained_here_samples_the_same_images_in_diffusers_pipeline(tmp_
 
 
 def test_what_diffusers_cannot_express_is_not_exported():
-    with pytest.raises(ValueError, match="attention_block='plain'"):
-        unet_to_diffusers(UNet(UNetConfig(latent_size=8, channels=32, channel_mult=(1, 2), attn_resolutions=(4,),
-                                          context_dim=32)))
-    with pytest.raises(ValueError, match="num_res_blocks \\+ 1"):
+    small = dict(latent_size=8, channels=32, channel_mult=(1, 2), attn_resolutions=(4,))
+    with pytest.raises(ValueError, match="transformer blocks without cross-attention"):
+        unet_to_diffusers(UNet(UNetConfig(**small)))
+    with pytest.raises(ValueError, match="drop that block's GroupNorm"):
+        unet_to_diffusers(UNet(UNetConfig(**small, attention_block="plain", scale_shift_norm=True)))
+    with pytest.raises(ValueError, match="num_res_blocks \\+ 1 = 2"):
         autoencoder_to_diffusers(Autoencoder(AutoencoderConfig(base_channels=32, channel_mult=(1, 2),
-                                                               num_res_blocks=1)))
+                                                               num_res_blocks=1, decoder_res_blocks=3)))
 
 
 # ---------------------------------------------------------------------------------------------- cross-attention UNets
@@ -387,3 +389,81 @@ def test_one_head_count_at_every_level_converts_as_num_heads():
     assert (got - want).abs().max() < 1e-5 * float(want.abs().max())
     with pytest.raises(ValueError, match="neither one head width nor one head count"):
         unet_config({**COND, "attention_head_dim": (1, 4, 2)})
+
+
+# ---------------------------------------------------------------------------------------------- exporting checkpoints
+
+def _trained_here(kind: str, prediction: str):
+    """A tinyldm checkpoint as train_ldm.py writes it, random weights: the CPU presets' kind of model (transformer
+    blocks, scale-shift ResBlocks, a decoder with as many ResBlocks as the encoder, symmetric padding) for a
+    class-conditional model, the photo presets' kind for an unconditional one."""
+    from tinyldm.conditioning import ConditionConfig, ConditionEncoder
+    from tinyldm.ldm import Denoiser, DiffusionConfig, ldm_payload
+
+    if kind == "class":
+        # the shapes_class preset's sizes (train_ldm.py --preset shapes_class and its autoencoder)
+        unet_cfg = UNetConfig(latent_size=8, channels=64, channel_mult=(1, 2), num_res_blocks=1,
+                              attn_resolutions=(8, 4), head_dim=32, context_dim=128)
+        ae_cfg = AutoencoderConfig(base_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, z_channels=4,
+                                   norm_groups=8, mid_attention=False)
+        cond = ConditionEncoder(ConditionConfig(kind="class", context_dim=128, num_classes=3))
+    else:
+        unet_cfg = UNetConfig(in_channels=3, out_channels=3, latent_size=8, channels=32, channel_mult=(1, 2),
+                              attn_resolutions=(4,), attention_block="plain", scale_shift_norm=False, norm_groups=8)
+        ae_cfg = AutoencoderConfig(base_channels=16, channel_mult=(1, 2, 2), num_res_blocks=1, decoder_res_blocks=2,
+                                   z_channels=3, regularizer="vq", n_codes=32, norm_groups=8)
+        cond = ConditionEncoder(ConditionConfig(kind="none"))
+    denoiser = randomised(Denoiser(UNet(unet_cfg), cond), 8)
+    ae = randomised(Autoencoder(ae_cfg), 9)
+    ae.scale_factor.fill_(0.8)
+    cfg = DiffusionConfig(schedule="scaled_linear", beta_start=0.0015, beta_end=0.0195, prediction=prediction)
+    return {"kind": "ldm", **ldm_payload(denoiser, None, ae, cfg, image_size=32), "class_names": ["a", "b", "c"]}
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_a_class_conditional_model_trained_here_samples_the_same_images_in_diffusers(tmp_path, prediction):
+    """Exported (UNet2DConditionModel, AutoencoderKL with identity-padded decoder, DDIMScheduler, the class table),
+    loaded back by diffusers' classes and sampled by diffusers' scheduler with guidance: tinyldm's own images."""
+    from tinyldm.ldm import generate, load_ldm
+    from tinyldm.pretrained.export import class_condition, export_checkpoint
+
+    ckpt = _trained_here("class", prediction)
+    folder = export_checkpoint(ckpt, tmp_path / "exported")
+    unet = diffusers.UNet2DConditionModel.from_pretrained(folder / "unet").eval()
+    vae = diffusers.AutoencoderKL.from_pretrained(folder / "vqvae").eval()
+    scheduler = diffusers.DDIMScheduler.from_pretrained(folder / "scheduler")
+    labels, null, scale = torch.tensor([0, 2]), torch.tensor([3, 3]), 4.0
+    z_T = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(0))
+    latents = z_T
+    scheduler.set_timesteps(10)
+    with torch.no_grad():
+        context = torch.cat([class_condition(folder, null), class_condition(folder, labels)])
+        for t in scheduler.timesteps:  # classifier-free guidance as diffusers' pipelines write it
+            uncond, cond = unet(torch.cat([latents] * 2), t, encoder_hidden_states=context).sample.chunk(2)
+            latents = scheduler.step(uncond + scale * (cond - uncond), t, latents).prev_sample
+        decoded = vae.decode(latents / vae.config.scaling_factor).sample
+        want = decoded.clamp(-1, 1)
+        denoiser, schedule, ae, cfg = load_ldm(ckpt)
+        got = generate(denoiser, schedule, ae, labels, latent_size=(8, 8), prediction=prediction, steps=10,
+                       guidance_scale=scale, z_T=z_T)
+    assert want.std() > 0.05 and (got - want).abs().max() < 1e-4
+    with torch.no_grad():  # the identity-padded decoder is the same map, unclamped
+        assert (ae.decode(latents / ae.scale_factor) - decoded).abs().max() < 1e-5 * float(decoded.abs().max())
+
+
+def test_the_export_command_writes_a_folder_diffusers_pipeline_loads(tmp_path, capsys):
+    from tinyldm.pretrained.export import main
+    from tinyldm.training.checkpoint import save_checkpoint
+
+    path = save_checkpoint(tmp_path / "ldm.pt", {k: v for k, v in _trained_here("none", "eps").items()
+                                                 if k != "kind"}, kind="ldm")
+    main([str(path), str(tmp_path / "out")])
+    assert "model_index.json" in capsys.readouterr().out
+    pipe = diffusers.DiffusionPipeline.from_pretrained(tmp_path / "out")
+    assert type(pipe).__name__ == "LDMPipeline" and pipe.scheduler.config.steps_offset == 1
+    text = _trained_here("class", "eps")
+    text["cond_config"] = {**text["cond_config"], "kind": "text", "vocab": ["<pad>", "<bos>", "<eos>", "<unk>"],
+                           "head_dim": 32}
+    with pytest.raises(SystemExit, match="text-conditional model reads its condition with tinyldm's own encoder"):
+        path = save_checkpoint(tmp_path / "text.pt", {k: v for k, v in text.items() if k != "kind"}, kind="ldm")
+        main([str(path), str(tmp_path / "out2")])

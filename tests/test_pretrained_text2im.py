@@ -190,7 +190,8 @@ def test_the_sample_script_takes_prompts_for_the_text_release(vocab, tmp_path, c
     folder = tmp_path / "ldm-text2im-large-256"
     _text2im_pipeline(vocab, folder)
     r = sample.main(["--pretrained", str(folder), "--prompt", "a red doggy", "--prompt", "a squirrel " * 80,
-                     "--n", "2", "--steps", "3", "--guidance", "5", "--device", "cpu", "--out", str(tmp_path / "g.png")])
+                     "--n", "2", "--steps", "3", "--guidance", "5", "--device", "cpu",
+                     "--out", str(tmp_path / "g.png")])
     assert r["images"] == 4 and (tmp_path / "g.png").exists()
     assert "1 prompt(s) longer than the model's 77 tokens are cut there" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="text-to-image: pass at least one --prompt"):

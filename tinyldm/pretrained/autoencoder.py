@@ -162,17 +162,19 @@ def autoencoder_from_diffusers(model, *, regularizer: str, scale_factor: float =
 def autoencoder_to_diffusers(ae: Autoencoder):
     """tinyldm's Autoencoder -> a diffusers VQModel (VQ) or AutoencoderKL (KL) with the same weights (eval mode),
     its `scaling_factor` set to tinyldm's. Without tinyldm's `quant_conv`, diffusers' 1x1 convs are identities.
-    diffusers' decoder always has num_res_blocks + 1 ResBlocks per level (`decoder_res_blocks` must say so), and
-    its encoder always pads asymmetrically: a tinyldm autoencoder with the default symmetric padding exports an
+    diffusers' decoder always has num_res_blocks + 1 ResBlocks per level: a tinyldm decoder with fewer gets
+    identity blocks (last conv zero) appended per level, the same function. diffusers' encoder always pads
+    asymmetrically: a tinyldm autoencoder with the default symmetric padding exports an
     exact decoder (all that sampling needs) and an encoder that differs at the borders (encode with tinyldm)."""
     import diffusers
 
     cfg = ae.config
     if cfg.regularizer == "identity":
         raise ValueError("the identity first stage has nothing to export")
-    if (cfg.decoder_res_blocks or cfg.num_res_blocks) != cfg.num_res_blocks + 1:
+    decoder_blocks = cfg.decoder_res_blocks or cfg.num_res_blocks
+    if decoder_blocks > cfg.num_res_blocks + 1:
         raise ValueError(f"diffusers' decoder has num_res_blocks + 1 = {cfg.num_res_blocks + 1} ResBlocks per level; "
-                         f"this one has {cfg.decoder_res_blocks or cfg.num_res_blocks}")
+                         f"this one has {decoder_blocks}")
     common = dict(in_channels=cfg.in_channels, out_channels=cfg.in_channels,
                   block_out_channels=tuple(cfg.base_channels * m for m in cfg.channel_mult),
                   down_block_types=("DownEncoderBlock2D",) * len(cfg.channel_mult),
@@ -201,6 +203,16 @@ def autoencoder_to_diffusers(ae: Autoencoder):
         state[f"{dst}.to_out.0.bias"] = ours[f"{src}.proj.bias"]
         state[f"{dst}.group_norm.weight"] = ours[f"{src}.norm.weight"]
         state[f"{dst}.group_norm.bias"] = ours[f"{src}.norm.bias"]
+    # A decoder with fewer ResBlocks per level than diffusers' num_res_blocks + 1 (tinyldm's default: as many as
+    # the encoder) gets identity blocks after its own at each level: a ResBlock whose last conv is zero returns its
+    # input exactly (x + 0; in and out widths are equal there, so there is no shortcut conv).
+    own = model.state_dict()
+    for n in range(len(cfg.channel_mult)):
+        for j in range(decoder_blocks, cfg.num_res_blocks + 1):
+            block = f"decoder.up_blocks.{n}.resnets.{j}"
+            for name, tensor in own.items():
+                if name.startswith(block + "."):
+                    state[name] = torch.zeros_like(tensor) if name.startswith(block + ".conv2.") else tensor
     if not cfg.quant_conv:  # tinyldm has no 1x1 convs around the latent: diffusers' are identities
         for name in ("quant_conv", "post_quant_conv"):
             weight = model.state_dict()[f"{name}.weight"]

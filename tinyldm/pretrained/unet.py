@@ -27,8 +27,8 @@ What the released models need that tinyldm's defaults do not have, and so set he
 (`norm_eps`) and biases on q / k / v (`qkv_bias`). Anything else in the diffusers config that tinyldm cannot
 express (another timestep embedding, class embeddings, resampling by ResBlocks) is refused with its name.
 `unet_state_dict` checks coverage both ways: every diffusers tensor is used once, every tinyldm tensor filled.
-`unet_to_diffusers` goes the other way, for tinyldm UNets that UNet2DModel can express (plain attention, no
-cross-attended condition): a model trained here, sampled by diffusers' pipelines.
+`unet_to_diffusers` goes the other way: plain-attention unconditional UNets to UNet2DModel, cross-attention
+UNets (tinyldm's class- and text-conditional models) to UNet2DConditionModel.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from tinyldm.unet import UNet, UNetConfig
+from tinyldm.unet import UNet, UNetConfig, head_width
 
 _RESNET = {"norm1": "norm1", "conv1": "conv1", "time_emb_proj": "emb_proj", "norm2": "norm2", "conv2": "conv2",
            "conv_shortcut": "skip"}
@@ -215,30 +215,48 @@ def unet_from_diffusers(model, *, concat_channels: int = 0) -> UNet:
 
 
 def diffusers_unet_config(cfg: UNetConfig) -> dict:
-    """The UNet2DModel config of a tinyldm UNet; refused, with the reason, where UNet2DModel cannot express it."""
-    if cfg.attention_block != "plain" or cfg.context_dim is not None or cfg.num_classes:
-        raise ValueError("UNet2DModel has plain self-attention and no condition: only tinyldm UNets with "
-                         "attention_block='plain' and no cross-attention or class embedding export to it")
+    """The diffusers config of a tinyldm UNet: UNet2DModel's for plain attention without a condition,
+    UNet2DConditionModel's (it has `cross_attention_dim`) for transformer blocks that cross-attend to a context
+    (tinyldm's class- and text-conditional models). Refused, with the reason, where neither can express it."""
+    levels = len(cfg.channel_mult)
+    widths = tuple(cfg.channels * m for m in cfg.channel_mult)
+    attn = [cfg.latent_size // 2**i in cfg.attn_resolutions for i in range(levels)]
+    if cfg.num_classes:
+        raise ValueError("a class embedding added to the timestep embedding (UNetConfig.num_classes) does not export")
+    common = dict(sample_size=cfg.latent_size, in_channels=cfg.in_channels + cfg.concat_channels,
+                  out_channels=cfg.out_channels, block_out_channels=widths, layers_per_block=cfg.num_res_blocks,
+                  norm_num_groups=cfg.norm_groups, norm_eps=cfg.norm_eps, dropout=cfg.dropout,
+                  resnet_time_scale_shift="scale_shift" if cfg.scale_shift_norm else "default")
+    if cfg.attention_block == "transformer":
+        if cfg.context_dim is None:
+            raise ValueError("transformer blocks without cross-attention have no diffusers counterpart (diffusers' "
+                             "transformer blocks always cross-attend): only conditional transformer UNets export")
+        if not cfg.mid_attention:
+            raise ValueError("UNet2DConditionModel's middle block always has a transformer (mid_attention=False)")
+        heads = tuple(w // head_width(cfg, w) if w % head_width(cfg, w) == 0 else 1 for w in widths)
+        return dict(common, cross_attention_dim=cfg.context_dim, transformer_layers_per_block=cfg.transformer_depth,
+                    attention_head_dim=heads,  # UNet2DConditionModel's name for the head *count* per level
+                    down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn),
+                    up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)))
     if cfg.scale_shift_norm and cfg.mid_attention:
         raise ValueError("scale_shift_norm with a middle attention block: diffusers would drop that block's GroupNorm")
-    levels = len(cfg.channel_mult)
-    attn = [cfg.latent_size // 2**i in cfg.attn_resolutions for i in range(levels)]
-    return dict(sample_size=cfg.latent_size, in_channels=cfg.in_channels + cfg.concat_channels,
-                out_channels=cfg.out_channels, block_out_channels=tuple(cfg.channels * m for m in cfg.channel_mult),
-                layers_per_block=cfg.num_res_blocks, attention_head_dim=cfg.head_dim,
+    head_widths = {head_width(cfg, w) for w, a in zip(widths, attn, strict=True) if a} | {head_width(cfg, widths[-1])}
+    if len(head_widths) > 1:
+        raise ValueError(f"head widths {sorted(head_widths)} differ between levels; UNet2DModel has one head width")
+    return dict(common, attention_head_dim=head_widths.pop(), add_attention=cfg.mid_attention,
                 down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attn),
-                up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)),
-                norm_num_groups=cfg.norm_groups, norm_eps=cfg.norm_eps, add_attention=cfg.mid_attention,
-                resnet_time_scale_shift="scale_shift" if cfg.scale_shift_norm else "default", dropout=cfg.dropout)
+                up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)))
 
 
 def unet_to_diffusers(unet: UNet):
-    """tinyldm's UNet -> a diffusers UNet2DModel with the same weights (eval mode). A UNet without q / k / v biases
-    gets zero biases, which diffusers' attention always has: the same function."""
-    from diffusers import UNet2DModel
+    """tinyldm's UNet -> a diffusers UNet2DModel (plain attention, no condition) or UNet2DConditionModel
+    (cross-attention; tinyldm's `context` is its `encoder_hidden_states`) with the same weights, in eval mode.
+    A plain UNet without q / k / v biases gets zero biases, which diffusers' plain attention always has."""
+    import diffusers
 
     cfg = unet.cfg
-    model = UNet2DModel(**diffusers_unet_config(cfg))
+    config = diffusers_unet_config(cfg)
+    model = (diffusers.UNet2DConditionModel if "cross_attention_dim" in config else diffusers.UNet2DModel)(**config)
     inverse = {ours: theirs for theirs, ours in key_map(cfg).items()}
     state = {}
     for name, tensor in unet.state_dict().items():
