@@ -243,21 +243,43 @@ def test_sample_script_runs_a_released_model_folder(tmp_path):
         sample.main(["--pretrained", str(folder), "--prompt", "a face", "--device", "cpu"])
 
 
-def test_the_super_resolution_release_upscales_an_image_four_times(tmp_path):
-    """The super-resolution layout (z_t and the low-res image stacked, 6 -> 3 channels, vq-f4): a folder named as
-    the release reads as concat-conditioned; sample.py --image upscales an 8 x 8 image to 32 x 32."""
+SUPER_RES = dict(down_block_types=("DownBlock2D",) * 3 + ("AttnDownBlock2D",),
+                 up_block_types=("AttnUpBlock2D",) + ("UpBlock2D",) * 3, layers_per_block=2, attention_head_dim=32,
+                 norm_eps=1e-5, in_channels=6, out_channels=3)  # the super-resolution release's layout
+
+
+def test_the_super_resolution_release_upscales_as_diffusers_pipeline_does(tmp_path):
+    """The super-resolution layout (z_t and the low-res image stacked, 6 -> 3 channels, vq-f4) at a fifth of its
+    width: a folder named as the release reads as concat-conditioned with its own schedule (beta_end 0.0155), and
+    samples what diffusers' LDMSuperResolutionPipeline samples from the same image and noise."""
+    unet = randomised(diffusers.UNet2DModel(**SUPER_RES, sample_size=8, block_out_channels=(32, 64, 64, 128)), 4)
+    vqvae = randomised(diffusers.VQModel(**VQ_F4, block_out_channels=(32, 64, 128), num_vq_embeddings=64), 5)
+    scheduler = diffusers.DDIMScheduler(beta_start=0.0015, beta_end=0.0155, beta_schedule="scaled_linear",
+                                        clip_sample=False, set_alpha_to_one=True, steps_offset=1)
+    pipe = diffusers.LDMSuperResolutionPipeline(vqvae=vqvae, unet=unet, scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    folder = tmp_path / "ldm-super-resolution-4x-openimages"
+    pipe.save_pretrained(folder)
+    model = load(folder)
+    assert model.denoiser.unet.cfg.concat_channels == 3 and float(model.autoencoder.scale_factor) == 1.0
+    assert abs(float(model.schedule.betas[-1]) - 0.0155) < 1e-9
+    small = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    want = pipe(small, num_inference_steps=10, generator=torch.Generator().manual_seed(0), output_type="pt").images
+    z_T = torch.randn((2, 3, 8, 8), generator=torch.Generator().manual_seed(0))  # what the pipeline drew
+    got = (model.generate(steps=10, concat=small, z_T=z_T) + 1) / 2
+    assert want.shape == (2, 3, 32, 32) and want.std() > 0.05 and (got - want).abs().max() < 1e-4
+
+
+def test_sample_py_upscales_an_image_with_the_super_resolution_release(tmp_path):
     from PIL import Image
 
     import sample
 
-    unet = randomised(diffusers.UNet2DModel(**{**CELEBAHQ, "in_channels": 6}, sample_size=8,
-                                            block_out_channels=(32, 64, 96, 128)), 4)
+    unet = randomised(diffusers.UNet2DModel(**SUPER_RES, sample_size=8, block_out_channels=(32, 64, 64, 128)), 4)
     vqvae = randomised(diffusers.VQModel(**VQ_F4, block_out_channels=(32, 64, 128), num_vq_embeddings=64), 5)
-    scheduler = diffusers.DDIMScheduler(beta_start=0.0015, beta_end=0.0195, beta_schedule="scaled_linear")
     folder = tmp_path / "ldm-super-resolution-4x-openimages"
-    diffusers.LDMPipeline(vqvae=vqvae, unet=unet, scheduler=scheduler).save_pretrained(folder)
-    model = load(folder)
-    assert model.denoiser.unet.cfg.concat_channels == 3 and float(model.autoencoder.scale_factor) == 1.0
+    diffusers.LDMSuperResolutionPipeline(vqvae=vqvae, unet=unet, scheduler=diffusers.DDIMScheduler()).save_pretrained(
+        folder)
     Image.new("RGB", (8, 8), (200, 30, 30)).save(tmp_path / "small.png")
     r = sample.main(["--pretrained", str(folder), "--image", str(tmp_path / "small.png"), "--n", "1", "--steps", "2",
                      "--device", "cpu", "--out", str(tmp_path / "big.png")])
@@ -268,13 +290,27 @@ def test_the_super_resolution_release_upscales_an_image_four_times(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- at full size
 
-def test_the_full_size_celebahq_unet_computes_what_diffusers_computes():
-    """The released UNet's exact size (274 M parameters, 64 x 64 x 3 latents), random weights: ~10 s on 2 cores."""
-    reference = randomised(diffusers.UNet2DModel(**CELEBAHQ, sample_size=64))
-    ours = unet_from_diffusers(reference)
-    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+from tinyldm.pretrained.architectures import RELEASED  # noqa: E402
+
+
+def test_the_released_shapes_are_the_ones_tested_here():
+    celebahq = RELEASED["CompVis/ldm-celebahq-256"]
+    assert celebahq["unet"] == {**CELEBAHQ, "sample_size": 64, "block_out_channels": (224, 448, 672, 896)}
+    assert celebahq["vqvae"] == {**VQ_F4, "block_out_channels": (128, 256, 512), "num_vq_embeddings": 8192}
+    assert RELEASED["CompVis/ldm-text2im-large-256"]["vqvae"] == {**KL_F8, "block_out_channels": (128, 256, 512, 512)}
+
+
+@pytest.mark.parametrize("release", ["CompVis/ldm-celebahq-256", "CompVis/ldm-super-resolution-4x-openimages"])
+def test_the_full_size_unets_compute_what_diffusers_computes(release):
+    """The released UNets' exact size (CelebA-HQ 274 M parameters, super-resolution 114 M), random weights, a
+    64 x 64 latent: ~10 s each on 2 cores."""
+    reference = randomised(diffusers.UNet2DModel(**RELEASED[release]["unet"]))
+    concat = RELEASED[release]["unet"]["in_channels"] - 3
+    ours = unet_from_diffusers(reference, concat_channels=concat)
+    x = torch.randn(1, 3 + concat, 64, 64, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        want, got = reference(x, torch.tensor([500])).sample, ours(x, torch.tensor([500]))
+        want, got = reference(x, torch.tensor([500])).sample, ours(x[:, :3], torch.tensor([500]),
+                                                                   concat=x[:, 3:] if concat else None)
     assert want.abs().max() > 0.5 and (got - want).abs().max() < 1e-5 * float(want.abs().max())
 
 

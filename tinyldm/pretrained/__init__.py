@@ -25,10 +25,11 @@ Where the hub's files disagree with how CompVis trained a release, tinyldm follo
   off). tinyldm uses 1.0.
 * Its scheduler config has `steps_offset` 0; CompVis' DDIM ("uniform" spacing) visits t = 1, 21, ..., 981 for
   50 steps, i.e. an offset of 1. tinyldm's sampler uses that spacing for every model.
-* The noise schedule is set from the CompVis config (sqrt-linear betas, 0.0015 to 0.0195, T = 1000), not read.
+* The noise schedule is set from each release's CompVis config (sqrt-linear betas, T = 1000; 0.0015 to 0.0195
+  for CelebA-HQ, 0.0015 to 0.0155 for super-resolution, 0.00085 to 0.012 for text-to-image), not read.
 
-* The text-to-image release's schedule is its own (0.00085 to 0.012, txt2img-1p4B-eval.yaml) and its KL latents
-  are scaled by 0.18215 (the same config's scale_factor, which the hub's VAE config also has).
+* The text-to-image release's KL latents are scaled by 0.18215 (txt2img-1p4B-eval.yaml's scale_factor, which
+  the hub's VAE config also has).
 
 The text-to-image release adds `bert/` (LDMBert) and `tokenizer/` folders; its `generate` takes prompts:
 
@@ -71,7 +72,9 @@ class Release:
 RELEASES = {
     "CompVis/ldm-celebahq-256": Release("vq", 1.0, note="unconditional CelebA-HQ faces, 256 px, LDM-4 (vq-f4)"),
     "CompVis/ldm-super-resolution-4x-openimages": Release(
-        "vq", 1.0, concat_channels=3, note="4x super-resolution (the low-res image concatenated to z_t), LDM-4"),
+        "vq", 1.0, concat_channels=3, schedule={"schedule": "scaled_linear", "T": 1000, "beta_start": 0.0015,
+                                                "beta_end": 0.0155},  # models/ldm/bsr_sr/config.yaml
+        note="4x super-resolution (the low-res image concatenated to z_t), LDM-4"),
     "CompVis/ldm-text2im-large-256": Release(
         "kl", 0.18215, schedule={"schedule": "scaled_linear", "T": 1000, "beta_start": 0.00085, "beta_end": 0.012},
         note="text-to-image (LAION-400M, 256 px): LDMBert text encoder, cross-attention UNet, LDM-8 (kl-f8)"),
