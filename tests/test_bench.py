@@ -251,3 +251,16 @@ def test_reduce_overhead_on_a_gpu_matches_eager_call_after_call():
         bench._cuda_graph_step()
         out = compiled(xi, t, context=c).clone()
         torch.testing.assert_close(out, model(xi, t, context=c), atol=1e-3, rtol=1e-3)
+
+
+def test_the_released_models_benchmark_prints_its_figures(capsys):
+    """The smallest release, one step: the figures add up (FLOPs per image = steps x UNet call + decode) and the
+    parameter count is the release's."""
+    from tinyldm.tools.bench_pretrained import main
+
+    rows = main(["--release", "CompVis/ldm-super-resolution-4x-openimages", "--steps", "1", "--repeat", "1"])
+    row = rows[0]
+    assert abs(row["params_m"]["unet"] - 113.6) < 0.1 and abs(row["params_m"]["autoencoder"] - 55.3) < 0.1
+    assert abs(row["gflops_per_image"] - row["gflops"]["unet_call"] - row["gflops"]["decode"]) < 1e-6
+    assert row["seconds_per_image"] > 0 and row["peak_gib"] > row["weights_gib"]
+    assert "super-resolution" in capsys.readouterr().out
