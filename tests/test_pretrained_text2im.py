@@ -196,3 +196,47 @@ def test_the_sample_script_takes_prompts_for_the_text_release(vocab, tmp_path, c
     assert "1 prompt(s) longer than the model's 77 tokens are cut there" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="text-to-image: pass at least one --prompt"):
         sample.main(["--pretrained", str(folder), "--device", "cpu"])
+
+
+def test_pytorch_bin_weights_load_without_unpickling_code_and_missing_extras_are_named(vocab, tmp_path, monkeypatch):
+    """A folder whose LDMBert is a pytorch_model.bin (transformers' older format) loads through
+    torch.load(weights_only=True); a missing `tokenizers` is one clear line."""
+    import sys
+
+    folder = tmp_path / "ldm-text2im-large-256"
+    pipe = _text2im_pipeline(vocab, folder)
+    for f in (folder / "bert").glob("*.safetensors"):
+        f.unlink()
+    torch.save(pipe.bert.state_dict(), folder / "bert" / "pytorch_model.bin")  # what older transformers wrote
+    ids = torch.randint(0, len(WORDS), (1, 77), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        got, want = load(folder).denoiser.cond.bert(ids), pipe.bert(ids).last_hidden_state
+    assert (got - want).abs().max() < 1e-5 * float(want.abs().max())
+    monkeypatch.setitem(sys.modules, "tokenizers", None)
+    with pytest.raises(SystemExit, match=r"needs the `tokenizers` package: pip install -e '.\[pretrained\]'"):
+        load(folder)
+
+
+def test_a_hub_download_fetches_bin_weights_only_where_there_are_no_safetensors(vocab, tmp_path, monkeypatch):
+    """What `load("CompVis/...")` asks the hub for, with snapshot_download replaced by a local copy."""
+    import shutil
+    import sys
+    import types
+
+    from tinyldm.pretrained import _download
+
+    folder = tmp_path / "hub"
+    pipe = _text2im_pipeline(vocab, folder)
+    for f in (folder / "bert").glob("*.safetensors"):
+        f.unlink()
+    asked = []
+
+    def snapshot_download(repo_id, allow_patterns):
+        asked.append(allow_patterns)
+        return str(folder)
+
+    monkeypatch.setitem(sys.modules, "huggingface_hub", types.SimpleNamespace(snapshot_download=snapshot_download))
+    assert _download("CompVis/ldm-text2im-large-256") == folder
+    assert asked == [["*.json", "*.safetensors", "*.txt"], ["bert/*.bin"]]
+    del pipe
+    shutil.rmtree(folder)
