@@ -205,8 +205,8 @@ class DiagonalGaussian:
 
     def kl(self) -> torch.Tensor:
         """KL(q || N(0, I)) per image, summed over (c, h, w): shape (B,)."""
-        # Kingma & Welling App. B: -KL = 1/2 sum(1 + log sigma^2 - mu^2 - sigma^2)
         # BEGIN ASSIGNMENT kl_term
+        # Kingma & Welling App. B: -KL = 1/2 sum(1 + log sigma^2 - mu^2 - sigma^2)
         return 0.5 * (self.mean.pow(2) + self.logvar.exp() - 1.0 - self.logvar).sum(dim=(1, 2, 3))
         # END ASSIGNMENT kl_term
 
@@ -237,7 +237,7 @@ class VectorQuantizer(nn.Module):
         return self.codebook.num_embeddings
 
     def lookup(self, z_e: torch.Tensor) -> torch.Tensor:
-        """Eq. (1) of VQ-VAE: k = argmin_j ||z_e - e_j||^2 for each latent pixel -> (B, h, w)."""
+        """VQ-VAE Eq. (1): the index of the nearest codebook vector for each latent pixel of z_e -> (B, h, w)."""
         B, C, h, w = z_e.shape
         # BEGIN ASSIGNMENT vq_lookup
         flat = z_e.detach().float().permute(0, 2, 3, 1).reshape(-1, C)  # (B*h*w, c)

@@ -144,7 +144,8 @@ def adaptive_weight(
     rec_loss: torch.Tensor, adv_loss: torch.Tensor, last_layer: torch.Tensor, *, delta: float, max_value: float,
     reduce=None,
 ) -> torch.Tensor:
-    """VQGAN Eq. (7): lambda = ||grad_{D_L} L_rec|| / (||grad_{D_L} L_GAN|| + delta), clamped, no grad.
+    """VQGAN Eq. (7): the adaptive weight lambda from the gradients of both losses at the decoder's last layer D_L,
+    clamped to [0, max_value], without gradient.
     `reduce` (data parallel): averages each gradient over the processes, so lambda is the global batch's."""
     grad_rec = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
     grad_adv = torch.autograd.grad(adv_loss, last_layer, retain_graph=True)[0]

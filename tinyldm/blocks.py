@@ -27,6 +27,7 @@ for real tokens and False for padding, which no query attends to. GroupNorm uses
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -108,8 +109,26 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
+# True: every attention layer runs the explicit formula below (`attention_weights`) instead of the fused kernel,
+# e.g. to train or sample a model with one's own implementation of it. Set by the environment variable
+# TINYLDM_ATTENTION=explicit, or for a block of code with `explicit_attention()`.
+EXPLICIT_ATTENTION = os.environ.get("TINYLDM_ATTENTION", "fused") == "explicit"
+
+
+@contextmanager
+def explicit_attention(on: bool = True) -> Iterator[None]:
+    """Within the block, every attention layer uses `attention_weights` (on=True) or the fused kernel (False)."""
+    global EXPLICIT_ATTENTION
+    before, EXPLICIT_ATTENTION = EXPLICIT_ATTENTION, on
+    try:
+        yield
+    finally:
+        EXPLICIT_ATTENTION = before
+
+
 def attention_weights(q: Tensor, k: Tensor, *, mask: Tensor | None = None) -> Tensor:
-    """softmax(q k^T / sqrt(d)) on (B, heads, N, d) queries and (B, heads, L, d) keys: (B, heads, N, L).
+    """The attention probabilities (Vaswani et al. Eq. 1; LDM Sec. 3.3) of (B, heads, N, d) queries over
+    (B, heads, L, d) keys: (B, heads, N, L).
 
     Each row sums to 1; mask (B, L) is True where keys count, and masked keys get probability exactly 0.
     """
@@ -122,12 +141,14 @@ def attention_weights(q: Tensor, k: Tensor, *, mask: Tensor | None = None) -> Te
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Tensor | None = None, fused: bool = True) -> Tensor:
-    """softmax(q k^T / sqrt(d)) v on (B, heads, N, d) tensors; mask (B, L) is True where keys count.
+    """Scaled dot-product attention (Vaswani et al. Eq. 1) on (B, heads, N, d) tensors; mask (B, L) is True where
+    keys count.
 
     fused=True calls F.scaled_dot_product_attention (flash / memory-efficient kernels where available);
-    fused=False is the explicit formula, `attention_weights(q, k) @ v`.
+    fused=False, or `explicit_attention()` / TINYLDM_ATTENTION=explicit, the explicit formula
+    `attention_weights(q, k) @ v`.
     """
-    if fused:
+    if fused and not EXPLICIT_ATTENTION:
         attn_mask = None if mask is None else mask[:, None, None, :]  # (B, 1, 1, L): all heads and queries
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
     return attention_weights(q, k, mask=mask) @ v
@@ -216,5 +237,7 @@ class TransformerBlock(nn.Module):
                 mask: Tensor | None = None) -> Tensor:
         x = x + self.self_attn(self.norm1(x), mask=mask)
         if self.cross_attn is not None:
+            # BEGIN ASSIGNMENT cross_attention
             x = x + self.cross_attn(self.norm2(x), context, context_mask)  # Q from x, K and V from tau(y)
+            # END ASSIGNMENT cross_attention
         return x + self.ff(self.norm3(x))

@@ -83,13 +83,15 @@ def ldm_loss(denoiser: Denoiser, schedule: NoiseSchedule, z0: Tensor, condition,
         t = torch.randint(0, schedule.T, (B,), generator=generator, device=z0.device)  # t ~ U{0..T-1}
     if eps is None:
         eps = torch.randn(z0.shape, generator=generator, device=z0.device, dtype=z0.dtype)
-    z_t = schedule.q_sample(z0, t, eps)  # DDPM Eq. 4
     if condition is not None and cfg.p_uncond > 0:
         encoder = getattr(denoiser, "module", denoiser).cond
         condition = encoder.drop(condition, cfg.p_uncond, generator=generator, mask=drop)
+    # BEGIN ASSIGNMENT training_step
+    z_t = schedule.q_sample(z0, t, eps)  # DDPM Eq. 4
     pred = denoiser(z_t, t, condition, concat=concat).float()
-    target = schedule.target(z0, eps, t, cfg.prediction).float()
+    target = schedule.target(z0, eps, t, cfg.prediction).float()  # eps for Eq. 3 (or v / x0)
     return F.mse_loss(pred, target) if cfg.loss == "l2" else F.l1_loss(pred, target)
+    # END ASSIGNMENT training_step
 
 
 @torch.no_grad()

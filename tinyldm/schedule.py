@@ -135,7 +135,9 @@ class NoiseSchedule:
                  beta_end: float | None = None, cosine_s: float = 0.008):
         self.config = ScheduleConfig(kind, T, beta_start, beta_end, cosine_s)
         betas = make_betas(kind, T, beta_start, beta_end, cosine_s)  # float64, (T,)
-        alpha_bar = torch.cumprod(1 - betas, dim=0)
+        # BEGIN ASSIGNMENT noise_schedule
+        alpha_bar = torch.cumprod(1 - betas, dim=0)  # DDPM Eq. 4's alpha_bar_t = prod_{s <= t} (1 - beta_s)
+        # END ASSIGNMENT noise_schedule
         alpha_bar_prev = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bar[:-1]])
         self.T = T
         self._alpha_bar_exact = alpha_bar.tolist()  # Python floats (float64), for alpha_bar_value
@@ -181,7 +183,7 @@ class NoiseSchedule:
         return 1.0 if t < 0 else self._alpha_bar_exact[t]
 
     def q_sample(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
-        """Eq. 4: draw x_t ~ q(x_t | x0) as sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps."""
+        """DDPM Eq. 4: x_t ~ q(x_t | x0), with `noise` (shaped like x0) as its standard normal draw; t: (B,)."""
         # BEGIN ASSIGNMENT forward_process
         alpha_bar = self.alpha_bar_at(t, x0)
         return alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * noise
