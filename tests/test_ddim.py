@@ -221,3 +221,108 @@ def test_ddpm_matches_diffusers_scheduler():
     for t in ref.timesteps:
         x = ref.step(model(x, t.expand(3)), t, x, generator=g).prev_sample
     assert torch.allclose(ours, x, atol=1e-4)
+
+
+# --- PLMS and DPM-Solver++(2M) -------------------------------------------------------------------------------
+
+def _shared_model():
+    w = torch.randn(4, 4, generator=torch.Generator().manual_seed(0)) / 2
+
+    def model(x_t, t, **_):
+        return torch.tanh(torch.einsum("bchw,cd->bdhw", x_t, w)) + t.float()[:, None, None, None] / 1000
+    return model
+
+
+def _states(method, s, x_T, steps, **kw):
+    """x at every timestep the sampler visits, and its output."""
+    seen = []
+    out = sample(_shared_model(), s, x_T, steps=steps, method=method, callback=lambda i, t, x, x0: seen.append(x),
+                 **kw)
+    return seen, out
+
+
+@pytest.mark.parametrize("steps", [10, 25])
+def test_plms_matches_diffusers_pndm_step_by_step(steps):
+    """PNDMScheduler with skip_prk_steps (PLMS; its first step a Heun step, at a repeated timestep) and CompVis'
+    spacing: the same state after every step, to float32 rounding."""
+    diffusers = pytest.importorskip("diffusers")
+    ref = diffusers.PNDMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                  skip_prk_steps=True, set_alpha_to_one=True, steps_offset=1)
+    ref.set_timesteps(steps)
+    s = NoiseSchedule("scaled_linear", beta_start=0.00085, beta_end=0.012)
+    x_T = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    ours, out = _states("plms", s, x_T, steps)
+    model, x, theirs = _shared_model(), x_T.clone(), []
+    for i, t in enumerate(ref.timesteps):
+        if i != 1:  # the repeated timestep is the Heun step's second evaluation, not a new state
+            theirs.append(x)
+        x = ref.step(model(x, t.expand(2)), t, x).prev_sample
+    assert len(ours) == len(theirs) == steps
+    for a, b in zip(ours, theirs, strict=True):
+        assert torch.allclose(a, b, atol=1e-4)
+    assert torch.allclose(out, x, atol=1e-4) and (out - x_T).abs().max() > 0.5
+
+
+@pytest.mark.parametrize("prediction, theirs", [("eps", "epsilon"), ("v", "v_prediction")])
+@pytest.mark.parametrize("steps", [10, 25])
+def test_dpm_solver_pp_2m_matches_diffusers_step_by_step(prediction, theirs, steps):
+    diffusers = pytest.importorskip("diffusers")
+    ref = diffusers.DPMSolverMultistepScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                                timestep_spacing="trailing", prediction_type=theirs)
+    ref.set_timesteps(steps)
+    s = NoiseSchedule("scaled_linear", beta_start=0.00085, beta_end=0.012)
+    x_T = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(4))
+    ours, out = _states("dpmpp", s, x_T, steps, spacing="trailing", prediction=prediction)
+    model, x, theirs_states = _shared_model(), x_T.clone(), []
+    for t in ref.timesteps:
+        theirs_states.append(x)
+        x = ref.step(model(x, t.expand(2)), t, x).prev_sample
+    for a, b in zip(ours, theirs_states, strict=True):
+        assert torch.allclose(a, b, atol=1e-4)
+    assert torch.allclose(out, x, atol=1e-4)
+
+
+def test_plms_and_dpm_solver_pp_with_guidance_call_the_model_as_counted():
+    s = NoiseSchedule("scaled_linear")
+    calls = []
+
+    def model(x_t, t, c):
+        calls.append(len(x_t))
+        return x_t * 0.1 + c
+
+    c = torch.ones(2, 1)
+    for method, evaluations in [("plms", 11), ("dpmpp", 10), ("ddim", 10)]:
+        calls.clear()
+        sample(model, s, torch.randn(2, 1), steps=10, method=method, cond={"c": c}, uncond={"c": 0 * c},
+               guidance_scale=3.0)
+        assert calls == [4] * evaluations, method  # [uncond; cond] batched, one more evaluation for PLMS's start
+
+
+def test_higher_order_samplers_converge_faster_on_the_gaussian_oracle():
+    """The probability-flow ODE of Gaussian data has a closed-form solution: x_t = sqrt(ab_t) mu +
+    sqrt(ab_t std^2 + 1 - ab_t) z with z fixed along the path. The error at the last visited timestep (t = 1),
+    as the number of steps doubles: DDIM halves it (order 1), DPM-Solver++(2M) quarters it (order 2); PLMS is
+    far more accurate than DDIM at every step count."""
+    mu, std = 0.7, 0.4
+    x_T = torch.randn(1000, 1, generator=torch.Generator().manual_seed(0)).double()
+    s = NoiseSchedule("cosine")
+    table = torch.tensor(s._alpha_bar_exact, dtype=torch.float64)
+
+    def oracle(x_t, t, **_):
+        ab = table[t].view(-1, 1)
+        x0 = mu + ab.sqrt() * std**2 / (ab * std**2 + 1 - ab) * (x_t - ab.sqrt() * mu)
+        return (x_t - ab.sqrt() * x0) / (1 - ab).sqrt()
+
+    def error(method, steps):
+        seen = []
+        sample(oracle, s, x_T, steps=steps, method=method, callback=lambda i, t, x, x0: seen.append((t, x)))
+        (t0, _), (t_last, x_last) = seen[0], seen[-1]
+        ab0, ab = s.alpha_bar_value(t0), s.alpha_bar_value(t_last)
+        z = (x_T - ab0**0.5 * mu) / (ab0 * std**2 + 1 - ab0) ** 0.5
+        return float((x_last - (ab**0.5 * mu + (ab * std**2 + 1 - ab) ** 0.5 * z)).abs().max())
+
+    errors = {m: [error(m, n) for n in (10, 20, 40, 80, 160)] for m in ("ddim", "plms", "dpmpp")}
+    ratio = {m: [e[i] / e[i + 1] for i in range(4)] for m, e in errors.items()}
+    assert all(1.7 < r < 2.3 for r in ratio["ddim"][1:]), ratio
+    assert all(3.4 < r < 4.6 for r in ratio["dpmpp"][2:]), ratio
+    assert all(p < d / 10 for p, d in zip(errors["plms"], errors["ddim"], strict=True)), errors

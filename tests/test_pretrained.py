@@ -237,6 +237,10 @@ def test_sample_script_runs_a_released_model_folder(tmp_path):
     r = sample.main(["--pretrained", str(folder), "--n", "2", "--steps", "3", "--device", "cpu",
                      "--out", str(tmp_path / "grid.png")])
     assert r["images"] == 2 and (tmp_path / "grid.png").exists()
+    for sampler in ("plms", "dpmpp"):
+        r = sample.main(["--pretrained", str(folder), "--n", "1", "--steps", "3", "--sampler", sampler,
+                         "--device", "cpu", "--out", str(tmp_path / f"{sampler}.png")])
+        assert r["images"] == 1
     with pytest.raises(SystemExit, match="takes no --image"):
         sample.main(["--pretrained", str(folder), "--image", str(tmp_path / "grid.png"), "--device", "cpu"])
     with pytest.raises(SystemExit, match="takes no --prompt"):

@@ -17,6 +17,21 @@ Contract with the papers
 * Classifier-free guidance (Ho & Salimans, arXiv 2207.12598, Eq. 6): pred = pred_u + s (pred_c - pred_u),
   computed with one batched network call on [uncond; cond]. Guidance is applied to the raw network
   output; since eps, x0 and v are linear in each other for fixed x_t, guiding any of them is the same.
+* PLMS (Liu et al., arXiv 2202.09778, "pseudo linear multistep"; the sampler CompVis' LDM ships): the DDIM
+  update with eta = 0 (their "transfer" function phi), fed not the current eps but a linear multistep
+  (Adams-Bashforth) combination of it and up to three earlier ones (their Eq. 12, the 4th-order weights
+  55, -59, 37, -9 over 24; 3rd- and 2nd-order weights while fewer are known). The first step has no history:
+  it takes an Euler step, evaluates eps there, and redoes the step with the mean of the two (a Heun step,
+  two network evaluations). So `steps` PLMS steps cost steps + 1 evaluations.
+* DPM-Solver++(2M) (Lu et al., arXiv 2211.01095, Alg. 2), in log-SNR time lambda_t = log(alpha_t / sigma_t)
+  with alpha_t = sqrt(alpha_bar_t), sigma_t = sqrt(1 - alpha_bar_t), on data (x0) predictions D:
+
+      x_prev = (sigma_prev / sigma_t) x_t - alpha_prev (exp(-h) - 1) D,      h = lambda_prev - lambda_t
+      D      = x0_t                                                  (first step: first order, = DDIM)
+      D      = (1 + 1 / (2 r)) x0_t - (1 / (2 r)) x0_before,   r = h_before / h      (second order)
+
+  The last step, to alpha_bar = 1 (lambda = +inf, so h is infinite), is first order: x_prev = x0_t, as in
+  diffusers' DPMSolverMultistepScheduler with its final sigma at zero.
 * DDIM inversion (Song et al., Sec. 4.3; used by e.g. Mokady et al., arXiv 2211.09794): run the
   eta = 0 update backwards, x_next = sqrt(alpha_bar_next) x0_pred + sqrt(1 - alpha_bar_next) eps_pred,
   with the prediction made at the current (less noisy) point, the usual first-order approximation.
@@ -28,12 +43,14 @@ t_prev = -1 where alpha_bar = 1, so the final output is exactly the last x0 pred
 ``set_alpha_to_one=True``; CompVis instead stops at alpha_bar_0). The model is any function
 ``model(x_t, t, **cond) -> prediction``: a UNet, or an oracle in the tests.
 
-Left out: PLMS / DPM-Solver, dynamic thresholding, guidance rescaling. The same loop recorded as one CUDA
+Left out: PNDM's Runge-Kutta warm-up (PLMS starts with one Heun step instead), DPM-Solver's singlestep and
+third-order variants, dynamic thresholding, guidance rescaling. The same loop recorded as one CUDA
 graph (`tinyldm.training.speed.graphed_sampler`) is a speed path, tested equal to `sample`.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -43,6 +60,7 @@ from .schedule import NoiseSchedule, eps_x0_from_prediction
 
 ModelFn = Callable[..., Tensor]
 SPACINGS = ("uniform", "trailing", "linspace")
+METHODS = ("ddim", "ddpm", "plms", "dpmpp")
 
 
 def make_timesteps(T: int, steps: int, spacing: str = "uniform") -> list[int]:
@@ -118,6 +136,39 @@ def ddpm_step(x_t: Tensor, x0: Tensor, alpha_bar_t: float, alpha_bar_prev: float
     return mean + variance**0.5 * noise
 
 
+def plms_eps(eps: Tensor, history: list[Tensor]) -> Tensor:
+    """PLMS's linear multistep estimate of eps from the current one and the earlier ones (oldest first):
+    Adams-Bashforth weights of order len(history) + 1, up to 4 (Liu et al., Eq. 12)."""
+    if not history:
+        return eps
+    if len(history) == 1:
+        return (3 * eps - history[-1]) / 2
+    if len(history) == 2:
+        return (23 * eps - 16 * history[-1] + 5 * history[-2]) / 12
+    return (55 * eps - 59 * history[-1] + 37 * history[-2] - 9 * history[-3]) / 24
+
+
+def _log_snr_half(alpha_bar: float) -> float:
+    """lambda = log(alpha / sigma) = log(alpha_bar / (1 - alpha_bar)) / 2; +inf at alpha_bar = 1."""
+    return math.inf if alpha_bar >= 1.0 else 0.5 * math.log(alpha_bar / (1 - alpha_bar))
+
+
+def dpmpp_2m_step(x_t: Tensor, x0: Tensor, alpha_bar_t: float, alpha_bar_prev: float, *,
+                  x0_before: Tensor | None = None, alpha_bar_before: float | None = None) -> Tensor:
+    """One DPM-Solver++(2M) update from t to t_prev (Lu et al., Alg. 2). `x0_before` is the data prediction of
+    the previous step, made at alpha_bar_before; without it the update is first order (DDIM's, eta = 0)."""
+    lam_t, lam_prev = _log_snr_half(alpha_bar_t), _log_snr_half(alpha_bar_prev)
+    sigma_t, sigma_prev = (1 - alpha_bar_t) ** 0.5, (1 - alpha_bar_prev) ** 0.5
+    if math.isinf(lam_prev):  # to alpha_bar = 1: exp(-h) = 0, x_prev = D
+        return x0
+    h = lam_prev - lam_t
+    D = x0
+    if x0_before is not None:
+        r = (lam_t - _log_snr_half(alpha_bar_before)) / h
+        D = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_before
+    return (sigma_prev / sigma_t) * x_t - alpha_bar_prev**0.5 * math.expm1(-h) * D
+
+
 @torch.no_grad()
 def sample(model: ModelFn, schedule: NoiseSchedule, x_T: Tensor, *, steps: int = 50, method: str = "ddim",
            eta: float = 0.0, spacing: str = "uniform", prediction: str = "eps", cond: dict | None = None,
@@ -126,30 +177,56 @@ def sample(model: ModelFn, schedule: NoiseSchedule, x_T: Tensor, *, steps: int =
            callback: Callable[[int, int, Tensor, Tensor], None] | None = None) -> Tensor:
     """Run the reverse process from x_T (pure noise) to x_0.
 
-    method:   "ddim" (Eq. 12 with `eta`) or "ddpm" (ancestral, Alg. 2; `eta` is ignored).
-    steps:    how many network evaluations (times two with guidance); T for the full chain.
+    method:   "ddim" (Eq. 12 with `eta`), "ddpm" (ancestral, Alg. 2), "plms" (linear multistep, one more
+              evaluation than steps) or "dpmpp" (DPM-Solver++(2M)); `eta` is DDIM's only.
+    steps:    how many updates: network evaluations (times two with guidance), plus one for PLMS.
     clip_x0:  clamp x0 predictions to [-clip_x0, clip_x0] (pixel-space models; latents need None).
     callback: called as callback(i, t, x_t, x0_pred) after every prediction, e.g. to plot a trajectory.
     The same `generator` and x_T give the same samples.
     """
-    if method not in ("ddim", "ddpm"):
-        raise ValueError(f"unknown method {method!r}; choose 'ddim' or 'ddpm'")
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     timesteps = make_timesteps(schedule.T, steps, spacing)
     x = x_T
     B = x.shape[0]
-    for i, t in enumerate(timesteps):
-        t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
-        t_batch = torch.full((B,), t, device=x.device, dtype=torch.long)
-        # Exact scalars; after the last step (t_prev = -1) alpha_bar = 1: no noise left.
-        alpha_bar_t, alpha_bar_prev = schedule.alpha_bar_value(t), schedule.alpha_bar_value(t_prev)
 
+    def predict(x: Tensor, t: int) -> tuple[Tensor, Tensor]:
+        """(eps, x0) of the (guided) network at (x, t), x0 clipped if asked."""
+        alpha_bar = schedule.alpha_bar_value(t)
+        t_batch = torch.full((B,), t, device=x.device, dtype=torch.long)
         pred = guided_prediction(model, x, t_batch, cond=cond, uncond=uncond, guidance_scale=guidance_scale)
-        eps, x0 = eps_x0_from_prediction(pred.to(x.dtype), x, alpha_bar_t, prediction)
+        eps, x0 = eps_x0_from_prediction(pred.to(x.dtype), x, alpha_bar, prediction)
         if clip_x0 is not None:
             x0 = x0.clamp(-clip_x0, clip_x0)
-            eps = (x - alpha_bar_t**0.5 * x0) / (1 - alpha_bar_t) ** 0.5  # keep (eps, x0) consistent with x_t
+            eps = (x - alpha_bar**0.5 * x0) / (1 - alpha_bar) ** 0.5  # keep (eps, x0) consistent with x_t
+        return eps, x0
+
+    history: list[Tensor] = []  # PLMS: earlier eps; DPM-Solver++: the previous x0
+    for i, t in enumerate(timesteps):
+        t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
+        # Exact scalars; after the last step (t_prev = -1) alpha_bar = 1: no noise left.
+        alpha_bar_t, alpha_bar_prev = schedule.alpha_bar_value(t), schedule.alpha_bar_value(t_prev)
+        eps, x0 = predict(x, t)
         if callback is not None:
             callback(i, t, x, x0)
+
+        if method == "plms":
+            if not history and t_prev >= 0:  # no history yet: a Heun step (Euler, then the mean of both eps)
+                eps_next, _ = predict(ddim_step(x0, eps, alpha_bar_t, alpha_bar_prev), t_prev)
+                eps_used = (eps + eps_next) / 2
+            else:
+                eps_used = plms_eps(eps, history)
+            history = (history + [eps])[-3:]
+            x0_used = (x - (1 - alpha_bar_t) ** 0.5 * eps_used) / alpha_bar_t**0.5
+            x = ddim_step(x0_used, eps_used, alpha_bar_t, alpha_bar_prev)
+            continue
+        if method == "dpmpp":
+            first_order = not history or t_prev < 0
+            before = None if first_order else history[0]
+            x = dpmpp_2m_step(x, x0, alpha_bar_t, alpha_bar_prev, x0_before=before,
+                              alpha_bar_before=schedule.alpha_bar_value(timesteps[i - 1]) if i else None)
+            history = [x0]
+            continue
 
         needs_noise = t_prev >= 0 and (method == "ddpm" or eta > 0)
         noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype) if needs_noise else None

@@ -107,9 +107,10 @@ class PretrainedLDM:
 
     @torch.no_grad()
     def generate(self, n: int = 1, *, prompts: list[str] | None = None, steps: int = 50, eta: float = 0.0,
-                 guidance_scale: float = 1.0, concat: Tensor | None = None,
+                 method: str = "ddim", guidance_scale: float = 1.0, concat: Tensor | None = None,
                  generator: torch.Generator | None = None, z_T: Tensor | None = None) -> Tensor:
-        """Images (B, 3, H, W) in [-1, 1], sampled with tinyldm's DDIM (CompVis' uniform spacing).
+        """Images (B, 3, H, W) in [-1, 1], sampled with tinyldm's samplers (`method`: ddim, ddpm, plms, dpmpp;
+        CompVis' uniform spacing).
 
         Unconditional releases draw `n` images; the super-resolution release one per `concat` image; the
         text-to-image release one per prompt, with classifier-free guidance against the empty prompt when
@@ -118,8 +119,8 @@ class PretrainedLDM:
             raise ValueError(f"{self.source} {'needs' if self.prompted else 'takes no'} prompts")
         side = self.latent_size if concat is None else concat.shape[-1]
         return generate(self.denoiser, self.schedule, self.autoencoder, prompts, n=n, latent_size=(side, side),
-                        steps=steps, eta=eta, guidance_scale=guidance_scale, generator=generator, z_T=z_T,
-                        concat=concat)
+                        steps=steps, eta=eta, method=method, guidance_scale=guidance_scale, generator=generator,
+                        z_T=z_T, concat=concat)
 
 
 def _weights(folder: Path) -> dict[str, Tensor]:
