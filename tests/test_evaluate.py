@@ -82,6 +82,22 @@ def test_evaluate_writes_protocol_metrics_and_floor(smoke_ckpt, tmp_path, capsys
     assert other["metrics"]["fd"] != r["metrics"]["fd"]
 
 
+def test_the_sampler_sweep_measures_each_sampler_at_each_step_count(smoke_ckpt, tmp_path, capsys):
+    """One table of quality against network evaluations, on the same held-out items and features: its DDIM row is
+    what a plain evaluation with those flags measures; PLMS costs one evaluation more."""
+    rows = run(smoke_ckpt, tmp_path, "--sweep_steps", "2", "3", "--sweep_samplers", "ddim", "plms", "dpmpp")
+    assert [(r["sampler"], r["steps"], r["nfe"]) for r in rows] == [
+        ("ddim", 2, 2), ("ddim", 3, 3), ("plms", 2, 3), ("plms", 3, 4), ("dpmpp", 2, 2), ("dpmpp", 3, 3)]
+    assert all(0 <= r["task_score"] <= 1 and r["fd"] >= 0 for r in rows)
+    plain = run(smoke_ckpt, tmp_path, "--steps", "3")
+    assert rows[1]["fd"] == pytest.approx(plain["metrics"]["fd"])
+    assert rows[1]["task_score"] == plain["task_score"]["all"]
+    assert rows[4]["fd"] != rows[0]["fd"]  # another sampler, other images
+    assert "real-vs-real floor of the FD at N=8" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="steps"):
+        run(smoke_ckpt, tmp_path, "--sweep_steps", "0")
+
+
 def test_classifier_learns_the_shapes_classes_and_round_trips(tmp_path):
     data = DataConfig(source="shapes", image_size=32, hflip=False)
     shapes = ShapesConfig(image_size=32, n_train=2000, n_eval=200)

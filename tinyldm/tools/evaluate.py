@@ -2,6 +2,7 @@
 
     python -m tinyldm.tools.evaluate --ckpt runs/ldm-shapes/ldm.pt --n 1000 --json runs/ldm-shapes/metrics.json
     python -m tinyldm.tools.evaluate --ckpt runs/ldm-photos/ldm.pt --data photos/ --n 500
+    python -m tinyldm.tools.evaluate --ckpt runs/ldm-shapes/ldm.pt --n 500 --sweep_steps 5 10 20 50   # per sampler
     python -m tinyldm.tools.evaluate --ckpt runs/ldm-celeba64/ldm.pt --data /data/celeba --features inception \\
         --inception_weights pt_inception-2015-12-05-6726825d.pth
 
@@ -13,7 +14,8 @@ The protocol (printed, and stored in the JSON):
 * reference set: the first N images of the held-out split of the checkpoint's own data set (a small folder
   may hold out fewer than N: then all of them, and N is that number, said in one line);
 * generated set: one image per reference image, conditioned on that image's own caption, class, layout or
-  task input (unconditional models: N samples), `--steps` DDIM steps with `--eta`, guidance `--guidance`, seed
+  task input (unconditional models: N samples), `--steps` steps of `--sampler` (DDIM with `--eta` by default),
+  guidance `--guidance`, seed
   `--seed` (the sampler's noise comes from one generator, so the same flags give the same images);
 * features (`tinyldm.evaluation.features`), `--features auto` by default: a small classifier trained by
   tinyldm on the training split's labels when every training image has one (shapes, class sub-folders;
@@ -33,12 +35,14 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from tinyldm.data.images import make_dataset
 from tinyldm.data.tasks import TaskSpec, data_configs, generate_from_items, heldout_items, scorable, score_items
+from tinyldm.ddim import METHODS
 from tinyldm.evaluation.features import (
     ContrastiveEncoder,
     InceptionFeatures,
@@ -151,15 +155,32 @@ def floor_indices(train_set, held_out_classes: torch.Tensor, *, seed: int = 0) -
     return picked, "one of each held-out image's class, drawn at random (seeded)"
 
 
-def measure_checkpoint(ckpt_path: str | Path, data_root: str | None = None, n: int = 1000, steps: int = 50,
-                       guidance: float = 3.0, device: str | torch.device = "auto", features: str = "auto", *,
-                       eta: float = 0.0, seed: int = 0, amp: bool = True, classifier: str | None = None,
-                       classifier_steps: int = 600, contrastive: str | None = None, contrastive_steps: int = 600,
-                       inception_weights: str | None = None, json_path: str | Path | None = None) -> dict:
-    """Sample one image per held-out image (up to n) from the checkpoint, measure them against those images
-    and the real-vs-real floor, print the protocol and the numbers, and return (and write to `json_path`)
-    {"protocol", "metrics", "real_vs_train_floor", "sample_seconds_per_image", and "task_score" where the
-    data allow one}. `data_root`: the data's folder, for checkpoints of folder / CelebA / LSUN data."""
+@dataclass
+class Prepared:
+    """What measuring a checkpoint needs before it samples: the model, the held-out items, the features."""
+    denoiser: torch.nn.Module
+    schedule: object
+    ae: torch.nn.Module
+    diffusion: object
+    spec: TaskSpec
+    items: dict
+    side: int
+    guidance: float
+    feature_fn: object
+    fd_name: str
+    protocol: dict
+    real: torch.Tensor
+    floor: dict
+    device: torch.device
+    scorable: bool
+
+
+def prepare(ckpt_path: str | Path, data_root: str | None, n: int, guidance: float, device: str | torch.device,
+            features: str, *, seed: int = 0, classifier: str | None = None, classifier_steps: int = 600,
+            contrastive: str | None = None, contrastive_steps: int = 600, inception_weights: str | None = None,
+            steps: tuple[int, ...] = ()) -> Prepared:
+    """Load the checkpoint, pick the held-out items and the features, and measure the real-vs-real floor.
+    `steps`: the step counts that will be sampled, checked before any work."""
     device = pick_device(device) if isinstance(device, str) else torch.device(device)
     ckpt_path = Path(ckpt_path)
     ckpt = load_checkpoint(ckpt_path, kind="ldm")
@@ -168,7 +189,8 @@ def measure_checkpoint(ckpt_path: str | Path, data_root: str | None = None, n: i
         raise SystemExit(f"{ckpt_path} was trained on {train_config['dataset']} images: give their folder with "
                          "--data (the checkpoint does not store it)")
     denoiser, schedule, ae, diffusion = load_ldm(ckpt)
-    check_sampling_steps(schedule.T, steps)
+    for k in steps:
+        check_sampling_steps(schedule.T, k)
     denoiser, ae = denoiser.to(device), ae.to(device)
     schedule = schedule.to(device)
     spec = TaskSpec.from_config(train_config)
@@ -188,34 +210,65 @@ def measure_checkpoint(ckpt_path: str | Path, data_root: str | None = None, n: i
         kind, train_set, lambda: make_dataset(data, "eval", shapes=shapes), ckpt_path, device,
         classifier=classifier, classifier_steps=classifier_steps, contrastive=contrastive,
         contrastive_steps=contrastive_steps, inception_weights=inception_weights)
-    side = ckpt["image_size"] // ae.downsample_factor
     guidance = guidance if denoiser.cond.cfg.kind != "none" else 1.0
     protocol = {"checkpoint": str(ckpt_path), "n": N, "n_requested": n, "reference": f"first {N} held-out images "
-                f"of {train_config['dataset']} at {ckpt['image_size']} px", "sampler": "ddim", "steps": steps,
-                "eta": eta, "guidance": guidance, "seed": seed, "cond": spec.cond, "task": spec.task}
-    g = torch.Generator(device).manual_seed(seed)
-    start = time.perf_counter()
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" and amp):
-        images = generate_from_items(denoiser, schedule, ae, spec, items, (side, side), device,
-                                     prediction=diffusion.prediction, steps=steps, eta=eta,
-                                     guidance_scale=guidance, generator=g).float()
-    sample_seconds = time.perf_counter() - start
+                f"of {train_config['dataset']} at {ckpt['image_size']} px", "guidance": guidance, "seed": seed,
+                "cond": spec.cond, "task": spec.task}
     floor_idx, how = floor_indices(train_set, items["class_id"], seed=seed)
     floor_images = torch.stack([train_set[i]["image"] for i in floor_idx])
-    real, fake = extract(feature_fn, items["image"]), extract(feature_fn, images)
+    real = extract(feature_fn, items["image"])
     protocol.update(details, feature_kind=kind, feature_dim=real.shape[1], fd_name=fd_name,
                     floor=f"the same {N} held-out images vs {len(floor_images)} training images, {how}")
-    metrics = distribution_metrics(real, fake, seed=seed)
     floor = distribution_metrics(real, extract(feature_fn, floor_images), seed=seed)
+    return Prepared(denoiser, schedule, ae, diffusion, spec, items, ckpt["image_size"] // ae.downsample_factor,
+                    guidance, feature_fn, fd_name, protocol, real, floor, device,
+                    scorable(spec, train_config["dataset"]) and (spec.cond != "none" or spec.has_concat))
+
+
+def measure(p: Prepared, *, sampler: str = "ddim", steps: int = 50, eta: float = 0.0, seed: int = 0,
+            amp: bool = True) -> dict:
+    """Sample one image per held-out item with `sampler` and measure them: metrics, task score, time."""
+    check_sampling_steps(p.schedule.T, steps)
+    g = torch.Generator(p.device).manual_seed(seed)
+    start = time.perf_counter()
+    with torch.autocast(p.device.type, dtype=torch.bfloat16, enabled=p.device.type == "cuda" and amp):
+        images = generate_from_items(p.denoiser, p.schedule, p.ae, p.spec, p.items, (p.side, p.side), p.device,
+                                     prediction=p.diffusion.prediction, steps=steps, eta=eta, method=sampler,
+                                     guidance_scale=p.guidance, generator=g).float()
+    seconds = time.perf_counter() - start
+    out = {"metrics": distribution_metrics(p.real, extract(p.feature_fn, images), seed=seed),
+           "sample_seconds_per_image": seconds / len(images),
+           "network_evaluations": steps + (sampler == "plms")}
+    if p.scorable:
+        out["task_score"] = score_items(p.spec, p.items, images)
+    return out
+
+
+def measure_checkpoint(ckpt_path: str | Path, data_root: str | None = None, n: int = 1000, steps: int = 50,
+                       guidance: float = 3.0, device: str | torch.device = "auto", features: str = "auto", *,
+                       eta: float = 0.0, seed: int = 0, amp: bool = True, classifier: str | None = None,
+                       classifier_steps: int = 600, contrastive: str | None = None, contrastive_steps: int = 600,
+                       inception_weights: str | None = None, json_path: str | Path | None = None,
+                       sampler: str = "ddim") -> dict:
+    """Sample one image per held-out image (up to n) from the checkpoint, measure them against those images
+    and the real-vs-real floor, print the protocol and the numbers, and return (and write to `json_path`)
+    {"protocol", "metrics", "real_vs_train_floor", "sample_seconds_per_image", and "task_score" where the
+    data allow one}. `data_root`: the data's folder, for checkpoints of folder / CelebA / LSUN data."""
+    p = prepare(ckpt_path, data_root, n, guidance, device, features, seed=seed, classifier=classifier,
+                classifier_steps=classifier_steps, contrastive=contrastive, contrastive_steps=contrastive_steps,
+                inception_weights=inception_weights, steps=(steps,))
+    measured = measure(p, sampler=sampler, steps=steps, eta=eta, seed=seed, amp=amp)
+    protocol = {**p.protocol, "sampler": sampler, "steps": steps, "eta": eta}
+    metrics, floor = measured["metrics"], p.floor
     result = {"protocol": protocol, "metrics": metrics, "real_vs_train_floor": floor,
-              "sample_seconds_per_image": sample_seconds / N}
-    if scorable(spec, train_config["dataset"]) and (spec.cond != "none" or spec.has_concat):
-        result["task_score"] = score_items(spec, items, images)
+              "sample_seconds_per_image": measured["sample_seconds_per_image"]}
+    if "task_score" in measured:
+        result["task_score"] = measured["task_score"]
     print("protocol: " + ", ".join(f"{k}={v}" for k, v in protocol.items()))
-    print(f"{fd_name}: {metrics['fd']:.3f}  [real-vs-real floor at N={len(floor_images)}: {floor['fd']:.3f}]")
+    print(f"{p.fd_name}: {metrics['fd']:.3f}  [real-vs-real floor at N={protocol['n']}: {floor['fd']:.3f}]")
     print(f"KID {metrics['kid']:.4f} +- {metrics['kid_std']:.4f}  [floor {floor['kid']:.4f}]; precision "
           f"{metrics['precision']:.3f}, recall {metrics['recall']:.3f} (k = {metrics['k']}); "
-          f"{sample_seconds / N * 1e3:.1f} ms per image")
+          f"{result['sample_seconds_per_image'] * 1e3:.1f} ms per image")
     if "task_score" in result:
         print("task score: " + ", ".join(f"{k} {v:.3f}" for k, v in result["task_score"].items()))
     if json_path:
@@ -223,13 +276,42 @@ def measure_checkpoint(ckpt_path: str | Path, data_root: str | None = None, n: i
     return result
 
 
-def evaluate_checkpoint(args: argparse.Namespace) -> dict:
-    """The command line's flags -> `measure_checkpoint`."""
+def sweep_samplers(ckpt_path: str | Path, samplers: list[str], steps: list[int], n: int = 500, **kw) -> list[dict]:
+    """Quality against network evaluations: every sampler at every step count on the same held-out items and
+    features; prints a table (task score where the data have one, FD, ms per image) and returns its rows."""
+    json_path = kw.pop("json_path", None)
+    run = {k: kw.pop(k) for k in ("eta", "seed", "amp") if k in kw}
+    p = prepare(ckpt_path, kw.pop("data_root", None), n, kw.pop("guidance", 3.0), kw.pop("device", "auto"),
+                kw.pop("features", "auto"), seed=run.get("seed", 0), steps=tuple(steps), **kw)
+    print("protocol: " + ", ".join(f"{k}={v}" for k, v in p.protocol.items()))
+    print(f"{'sampler':<8}{'steps':>6}{'NFE':>5}{'task score':>12}{p.fd_name[:30]:>32}{'ms/image':>10}")
+    rows = []
+    for sampler in samplers:
+        for k in steps:
+            m = measure(p, sampler=sampler, steps=k, **run)
+            score = m.get("task_score", {}).get("all")
+            rows.append({"sampler": sampler, "steps": k, "nfe": m["network_evaluations"], "task_score": score,
+                         "fd": m["metrics"]["fd"], "ms_per_image": m["sample_seconds_per_image"] * 1e3})
+            print(f"{sampler:<8}{k:>6}{m['network_evaluations']:>5}"
+                  f"{'' if score is None else f'{score:.1%}':>12}{m['metrics']['fd']:>32.3f}"
+                  f"{m['sample_seconds_per_image'] * 1e3:>10.1f}", flush=True)
+    print(f"real-vs-real floor of the FD at N={p.protocol['n']}: {p.floor['fd']:.3f}")
+    if json_path:
+        Path(json_path).write_text(json.dumps({"protocol": p.protocol, "floor": p.floor, "rows": rows}, indent=1))
+    return rows
+
+
+def evaluate_checkpoint(args: argparse.Namespace) -> dict | list:
+    """The command line's flags -> `measure_checkpoint`, or `sweep_samplers` with --sweep_steps."""
+    common = dict(seed=args.seed, amp=args.amp, classifier=args.classifier, classifier_steps=args.classifier_steps,
+                  contrastive=args.contrastive, contrastive_steps=args.contrastive_steps,
+                  inception_weights=args.inception_weights, json_path=args.json)
+    if args.sweep_steps:
+        return sweep_samplers(args.ckpt, args.sweep_samplers, args.sweep_steps, args.n, data_root=args.data,
+                              guidance=args.guidance, device=args.device, features=args.features, eta=args.eta,
+                              **common)
     return measure_checkpoint(args.ckpt, args.data, args.n, args.steps, args.guidance, args.device, args.features,
-                              eta=args.eta, seed=args.seed, amp=args.amp, classifier=args.classifier,
-                              classifier_steps=args.classifier_steps, contrastive=args.contrastive,
-                              contrastive_steps=args.contrastive_steps, inception_weights=args.inception_weights,
-                              json_path=args.json)
+                              eta=args.eta, sampler=args.sampler, **common)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -238,6 +320,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--n", type=int, default=1000, help="reference and generated images (compare at equal N only); "
                    "a smaller held-out split gives all it has")
     p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--sampler", choices=list(METHODS), default="ddim")
+    p.add_argument("--sweep_steps", type=int, nargs="+", help="quality against steps: every --sweep_samplers at "
+                   "each of these step counts, one table")
+    p.add_argument("--sweep_samplers", nargs="+", choices=list(METHODS), default=["ddim", "plms", "dpmpp"])
     p.add_argument("--eta", type=float, default=0.0)
     p.add_argument("--guidance", type=float, default=3.0,
                    help="guidance scale (models with a cross-attended condition)")
