@@ -9,7 +9,6 @@ import os
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 
@@ -120,7 +119,7 @@ def test_only_a_pass_earns_a_point(tmp_path):
         "@pytest.mark.xfail\ndef test_xfail():\n    assert False\n"
         "def test_fail():\n    assert False\n")
     nodes = [f"t/test_x.py::test_{n}" for n in ("pass", "skip", "xfail", "fail")] + ["t/test_x.py::test_missing"]
-    out = kit._run_cases(tree, kit.ASSIGNMENTS["kl_term"], nodes, timeout=30, grace=30, threads=1, stop_early=False)
+    out = kit._run_cases(tree, nodes, timeout=30, grace=30, threads=1, stop_early=False)
     assert {n.split("_")[-1]: ok for n, (ok, _) in out.items()} == {"pass": True, "skip": False, "xfail": False,
                                                                      "fail": False, "missing": False}
 
@@ -190,15 +189,7 @@ def test_the_autograder_bundle_grades_a_submission_as_gradescope_would(tmp_path)
 def test_the_reference_scores_full_marks_and_every_wrong_answer_loses_points(tmp_path):
     """Every mutant in mutants.py, graded as a submission by the same grader (two graders in parallel, stopping at
     an assignment's first failed test): below full marks; the reference itself: full marks."""
-    jobs = []
-    for name, mutants in MUTANTS.items():
-        a = kit.ASSIGNMENTS[name]
-        reference = (kit.ROOT / a.file).read_text()
-        for i, (label, old, new) in enumerate([("reference", "", "")] + mutants):
-            folder = tmp_path / f"{name}-{i}"
-            folder.mkdir()
-            (folder / Path(a.file).name).write_text(kit.apply_mutant(reference, name, old, new) if old else reference)
-            jobs.append((name, label, folder))
+    jobs = kit.mutant_submissions(tmp_path)
     half = [jobs[0::2], jobs[1::2]]
 
     def run(part):
@@ -207,6 +198,6 @@ def test_the_reference_scores_full_marks_and_every_wrong_answer_loses_points(tmp
 
     with ThreadPoolExecutor(2) as pool:
         results = [r for part in pool.map(run, half) for r in part]
-    wrong = [(n, label, s) for n, label, s in results if (label == "reference") != (s[0] == s[1])]
+    wrong = [(n, label, s) for n, label, s in results if (label == "(the reference)") != (s[0] == s[1])]
     assert not wrong, wrong
     assert len(results) == sum(len(m) + 1 for m in MUTANTS.values())

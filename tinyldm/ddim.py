@@ -56,7 +56,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from .schedule import NoiseSchedule, eps_x0_from_prediction
+from .schedule import NoiseSchedule, eps_from_x0, eps_x0_from_prediction, x0_from_eps
 
 ModelFn = Callable[..., Tensor]
 SPACINGS = ("uniform", "trailing", "linspace")
@@ -148,8 +148,8 @@ def plms_eps(eps: Tensor, history: list[Tensor]) -> Tensor:
     return (55 * eps - 59 * history[-1] + 37 * history[-2] - 9 * history[-3]) / 24
 
 
-def _log_snr_half(alpha_bar: float) -> float:
-    """lambda = log(alpha / sigma) = log(alpha_bar / (1 - alpha_bar)) / 2; +inf at alpha_bar = 1."""
+def _log_snr(alpha_bar: float) -> float:
+    """DPM-Solver's lambda = log(alpha / sigma) = log(alpha_bar / (1 - alpha_bar)) / 2; +inf at alpha_bar = 1."""
     return math.inf if alpha_bar >= 1.0 else 0.5 * math.log(alpha_bar / (1 - alpha_bar))
 
 
@@ -157,14 +157,14 @@ def dpmpp_2m_step(x_t: Tensor, x0: Tensor, alpha_bar_t: float, alpha_bar_prev: f
                   x0_before: Tensor | None = None, alpha_bar_before: float | None = None) -> Tensor:
     """One DPM-Solver++(2M) update from t to t_prev (Lu et al., Alg. 2). `x0_before` is the data prediction of
     the previous step, made at alpha_bar_before; without it the update is first order (DDIM's, eta = 0)."""
-    lam_t, lam_prev = _log_snr_half(alpha_bar_t), _log_snr_half(alpha_bar_prev)
+    lam_t, lam_prev = _log_snr(alpha_bar_t), _log_snr(alpha_bar_prev)
     sigma_t, sigma_prev = (1 - alpha_bar_t) ** 0.5, (1 - alpha_bar_prev) ** 0.5
     if math.isinf(lam_prev):  # to alpha_bar = 1: exp(-h) = 0, x_prev = D
         return x0
     h = lam_prev - lam_t
     D = x0
     if x0_before is not None:
-        r = (lam_t - _log_snr_half(alpha_bar_before)) / h
+        r = (lam_t - _log_snr(alpha_bar_before)) / h
         D = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_before
     return (sigma_prev / sigma_t) * x_t - alpha_bar_prev**0.5 * math.expm1(-h) * D
 
@@ -198,7 +198,7 @@ def sample(model: ModelFn, schedule: NoiseSchedule, x_T: Tensor, *, steps: int =
         eps, x0 = eps_x0_from_prediction(pred.to(x.dtype), x, alpha_bar, prediction)
         if clip_x0 is not None:
             x0 = x0.clamp(-clip_x0, clip_x0)
-            eps = (x - alpha_bar**0.5 * x0) / (1 - alpha_bar) ** 0.5  # keep (eps, x0) consistent with x_t
+            eps = eps_from_x0(x, x0, alpha_bar)  # keep (eps, x0) consistent with x_t
         return eps, x0
 
     history: list[Tensor] = []  # PLMS: earlier eps; DPM-Solver++: the previous x0
@@ -217,13 +217,10 @@ def sample(model: ModelFn, schedule: NoiseSchedule, x_T: Tensor, *, steps: int =
             else:
                 eps_used = plms_eps(eps, history)
             history = (history + [eps])[-3:]
-            x0_used = (x - (1 - alpha_bar_t) ** 0.5 * eps_used) / alpha_bar_t**0.5
-            x = ddim_step(x0_used, eps_used, alpha_bar_t, alpha_bar_prev)
+            x = ddim_step(x0_from_eps(x, eps_used, alpha_bar_t), eps_used, alpha_bar_t, alpha_bar_prev)
             continue
         if method == "dpmpp":
-            first_order = not history or t_prev < 0
-            before = None if first_order else history[0]
-            x = dpmpp_2m_step(x, x0, alpha_bar_t, alpha_bar_prev, x0_before=before,
+            x = dpmpp_2m_step(x, x0, alpha_bar_t, alpha_bar_prev, x0_before=history[0] if history else None,
                               alpha_bar_before=schedule.alpha_bar_value(timesteps[i - 1]) if i else None)
             history = [x0]
             continue

@@ -81,21 +81,12 @@ def mutant_table(names: list[str] | None = None) -> list[dict]:
     """Grade every mutant (a reference solution with one plausible mistake) as a submission; print the table."""
     import tempfile
 
-    from tinyldm.course.mutants import MUTANTS
-
-    names = list(MUTANTS) if names is None else names
     rows = []
-    with tempfile.TemporaryDirectory() as tmp, kit.Grader(names, quiet=True) as grader:
-        for name in names:
-            a = ASSIGNMENTS[name]
-            reference = (ROOT / a.file).read_text()
-            for label, old, new in [("(the reference)", "", "")] + MUTANTS[name]:
-                folder = Path(tmp) / f"{name}-{len(rows)}"
-                folder.mkdir()
-                text = kit.apply_mutant(reference, name, old, new) if old else reference
-                (folder / Path(a.file).name).write_text(text)
-                report = grader.grade(folder, only=[name])
-                ok, total = report.score(name)
+    with tempfile.TemporaryDirectory() as tmp:
+        jobs = kit.mutant_submissions(Path(tmp), names)
+        with kit.Grader(sorted({name for name, _, _ in jobs}), quiet=True) as grader:
+            for name, label, folder in jobs:
+                ok, total = grader.grade(folder, only=[name]).score(name)
                 rows.append({"assignment": name, "mutant": label, "passed": ok, "tests": total})
                 print(f"{name:<26}{label:<62}{ok}/{total}", flush=True)
     return rows

@@ -163,6 +163,23 @@ def apply_mutant(text: str, name: str, old: str, new: str) -> str:
     return with_bodies(text, name, current)
 
 
+def mutant_submissions(folder: Path, names: list[str] | None = None, root: Path = ROOT) -> list[tuple[str, str, Path]]:
+    """One submission folder per wrong answer in mutants.py, and one with the reference first for each assignment:
+    [(assignment, label, folder)], label "(the reference)" for the reference."""
+    from tinyldm.course.mutants import MUTANTS
+
+    out = []
+    for name in MUTANTS if names is None else names:
+        a = ASSIGNMENTS[name]
+        reference = (root / a.file).read_text()
+        for i, (label, old, new) in enumerate([("(the reference)", "", "")] + MUTANTS[name]):
+            sub = Path(folder) / f"{name}-{i}"
+            sub.mkdir(parents=True)
+            (sub / Path(a.file).name).write_text(apply_mutant(reference, name, old, new) if old else reference)
+            out.append((name, label, sub))
+    return out
+
+
 def check_solution(body: str) -> str | None:
     """Why a region's lines cannot be graded (a syntax error, a forbidden name), or None."""
     source = textwrap.dedent(body)
@@ -299,7 +316,7 @@ def collect(tree: Path, names: list[str]) -> dict[str, list[str]]:
     return by_name
 
 
-def _run_cases(tree: Path, a: Assignment, nodes: list[str], *, timeout: int, grace: int, threads: int | None,
+def _run_cases(tree: Path, nodes: list[str], *, timeout: int, grace: int, threads: int | None,
                stop_early: bool) -> dict[str, tuple[bool, str]]:
     """Run `nodes` in `tree` in a separate process; node id -> (passed, output). Reports go to a temporary
     folder; a run past its overall timeout is killed, and every test it did not report scores 0."""
@@ -398,8 +415,7 @@ class Grader:
         submission = Path(submission)
         report = Report(str(submission))
         for name in self.names if only is None else only:
-            start = time.perf_counter()
-            a = ASSIGNMENTS[name]
+            start, a = time.perf_counter(), ASSIGNMENTS[name]
             nodes = self.owed[name]
             body, problem = self._body(submission, a, report)
             if problem:
@@ -409,14 +425,14 @@ class Grader:
                 pristine = (self.tree / a.file).read_text()
                 (self.tree / a.file).write_text(with_bodies(pristine, name, body))
                 try:
-                    outcome = _run_cases(self.tree, a, nodes, timeout=self.timeout or a.timeout, grace=self.grace,
+                    outcome = _run_cases(self.tree, nodes, timeout=self.timeout or a.timeout, grace=self.grace,
                                          threads=self.threads, stop_early=self.stop_early)
                 finally:
                     (self.tree / a.file).write_text(pristine)
                 report.cases += [CaseResult(name, n, "/hidden/" not in n, *outcome[n]) for n in nodes]
+            report.seconds[name] = time.perf_counter() - start
             if not self.quiet:
                 ok, total = report.score(name)
-                report.seconds[name] = time.perf_counter() - start
                 print(f"{name:<26}{f'{ok}/{total}':>8}{report.seconds[name]:6.0f} s  {report.notes.get(name, '')}",
                       flush=True)
         return report

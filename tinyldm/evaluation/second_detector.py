@@ -89,7 +89,10 @@ def compare(images: Tensor, prompts: list[str], classifier: torch.nn.Module) -> 
 
 
 def main(argv: list[str] | None = None) -> dict:
+    # the command's heavier imports (data sets, models, the evaluate tool) only when it runs
+    from tinyldm.data.images import make_dataset
     from tinyldm.data.tasks import TaskSpec, data_configs, generate_from_items, heldout_items
+    from tinyldm.evaluation.features import load_classifier
     from tinyldm.ldm import load_ldm
     from tinyldm.tools.evaluate import feature_function
     from tinyldm.training.checkpoint import load_checkpoint
@@ -109,13 +112,9 @@ def main(argv: list[str] | None = None) -> dict:
     spec = TaskSpec.from_config(config)
     data, shapes = data_configs(config, None)
     items = heldout_items(spec, data, shapes, args.n)
-    from tinyldm.data.images import make_dataset
-
     train_set = make_dataset(data, "train", shapes=shapes)
     feature_function("classifier", train_set, lambda: make_dataset(data, "eval", shapes=shapes), Path(args.ckpt),
                      torch.device("cpu"))  # trains and saves the classifier beside the checkpoint if missing
-    from tinyldm.evaluation.features import load_classifier
-
     classifier, _ = load_classifier(Path(args.ckpt).parent / "feature_classifier.pt")
     prompts = list(items["caption"])
     real = compare(items["image"], prompts, classifier)

@@ -83,7 +83,8 @@ RELEASES = {
 
 @dataclass
 class PretrainedLDM:
-    """A released LDM in tinyldm's modules: `denoiser` (UNet, no condition encoder), `schedule`, `autoencoder`."""
+    """A released LDM in tinyldm's modules: `denoiser` (the UNet, and LDMBert for the text-to-image
+    release: no condition encoder otherwise), `schedule`, `autoencoder`."""
     denoiser: Denoiser
     schedule: NoiseSchedule
     autoencoder: Autoencoder

@@ -15,6 +15,11 @@ without the weights; `load()` reads the real folders' own config.json files, not
 
 from __future__ import annotations
 
+# vq-f4 (both LDM-4 releases): ch 128, ch_mult 1,2,4, 2 ResBlocks, z 3, 8192 codes
+VQ_F4 = dict(block_out_channels=(128, 256, 512), down_block_types=("DownEncoderBlock2D",) * 3,
+             up_block_types=("UpDecoderBlock2D",) * 3, layers_per_block=2, latent_channels=3, vq_embed_dim=3,
+             num_vq_embeddings=8192)
+
 RELEASED = {
     "CompVis/ldm-celebahq-256": {
         # model_channels 224, channel_mult 1,2,3,4, attention at factors 2, 4, 8, head width 32; 64 x 64 x 3 latents
@@ -22,10 +27,7 @@ RELEASED = {
                      layers_per_block=2, attention_head_dim=32, norm_eps=1e-5,
                      down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
                      up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D")),
-        # vq-f4: ch 128, ch_mult 1,2,4, 2 ResBlocks, z 3, 8192 codes
-        "vqvae": dict(block_out_channels=(128, 256, 512), down_block_types=("DownEncoderBlock2D",) * 3,
-                      up_block_types=("UpDecoderBlock2D",) * 3, layers_per_block=2, latent_channels=3,
-                      vq_embed_dim=3, num_vq_embeddings=8192),
+        "vqvae": VQ_F4,
         "image_size": 256,
     },
     "CompVis/ldm-super-resolution-4x-openimages": {
@@ -35,9 +37,7 @@ RELEASED = {
                      layers_per_block=2, attention_head_dim=32, norm_eps=1e-5,
                      down_block_types=("DownBlock2D", "DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
                      up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D")),
-        "vqvae": dict(block_out_channels=(128, 256, 512), down_block_types=("DownEncoderBlock2D",) * 3,
-                      up_block_types=("UpDecoderBlock2D",) * 3, layers_per_block=2, latent_channels=3,
-                      vq_embed_dim=3, num_vq_embeddings=8192),
+        "vqvae": VQ_F4,
         "image_size": 256,  # from a 64 x 64 input; any size (the UNet is convolutional)
     },
     "CompVis/ldm-text2im-large-256": {

@@ -175,8 +175,9 @@ def key_map(cfg: UNetConfig) -> dict[str, str]:
 
 
 def unet_state_dict(state: Mapping[str, Tensor], cfg: UNetConfig) -> dict[str, Tensor]:
-    """A diffusers UNet2DModel state dict -> tinyldm UNet state dict for `cfg` (see `unet_config`). Raises, naming
-    them, if any diffusers tensor is left unused or any tinyldm tensor unfilled, or if a shape differs."""
+    """A diffusers UNet2DModel / UNet2DConditionModel state dict -> tinyldm UNet state dict for `cfg` (see
+    `unet_config`). Raises, naming them, if any diffusers tensor is left unused or any tinyldm tensor unfilled,
+    or if a shape differs."""
     prefixes = key_map(cfg)
     with torch.device("meta"):  # the target's names and shapes, without allocating its weights
         target = UNet(cfg).state_dict()

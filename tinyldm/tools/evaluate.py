@@ -276,13 +276,16 @@ def measure_checkpoint(ckpt_path: str | Path, data_root: str | None = None, n: i
     return result
 
 
-def sweep_samplers(ckpt_path: str | Path, samplers: list[str], steps: list[int], n: int = 500, **kw) -> list[dict]:
+def sweep_samplers(ckpt_path: str | Path, samplers: list[str], steps: list[int], n: int = 500,
+                   data_root: str | None = None, guidance: float = 3.0, device: str | torch.device = "auto",
+                   features: str = "auto", *, eta: float = 0.0, seed: int = 0, amp: bool = True,
+                   json_path: str | Path | None = None, **feature_options) -> list[dict]:
     """Quality against network evaluations: every sampler at every step count on the same held-out items and
-    features; prints a table (task score where the data have one, FD, ms per image) and returns its rows."""
-    json_path = kw.pop("json_path", None)
-    run = {k: kw.pop(k) for k in ("eta", "seed", "amp") if k in kw}
-    p = prepare(ckpt_path, kw.pop("data_root", None), n, kw.pop("guidance", 3.0), kw.pop("device", "auto"),
-                kw.pop("features", "auto"), seed=run.get("seed", 0), steps=tuple(steps), **kw)
+    features; prints a table (task score where the data have one, FD, ms per image) and returns its rows.
+    `feature_options`: prepare()'s classifier / contrastive / inception options."""
+    p = prepare(ckpt_path, data_root, n, guidance, device, features, seed=seed, steps=tuple(steps),
+                **feature_options)
+    run = dict(eta=eta, seed=seed, amp=amp)
     print("protocol: " + ", ".join(f"{k}={v}" for k, v in p.protocol.items()))
     print(f"{'sampler':<8}{'steps':>6}{'NFE':>5}{'task score':>12}{p.fd_name[:30]:>32}{'ms/image':>10}")
     rows = []
