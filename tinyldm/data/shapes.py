@@ -20,7 +20,7 @@ Splits: "train" (`n_train` images) and "eval" (`n_eval`) draw from different ran
 eval image is a train image. They share the 162 (colour, shape, position) combinations on purpose.
 
 The evaluator (`detect_shapes`, `score_images`), per image:
-    1. background colour = per-channel median (objects cover < 25% of the image);
+    1. background colour = per-channel median (each object covers 3-6% of the image);
     2. foreground = pixels farther than `FOREGROUND_DISTANCE` from it (RGB in [0, 1]);
     3. objects = 4-connected foreground components of at least `MIN_AREA_FRACTION` of the image;
     4. colour = majority vote of the object's core pixels (those with >= 60% of its largest contrast).
@@ -165,8 +165,8 @@ def specs_from_layout(box_classes: Tensor, boxes: Tensor) -> list[ShapeSpec]:
 
 # --- rendering ---------------------------------------------------------------------------------
 
-SIZE_RANGE = (0.085, 0.12)  # half-extent of an object, as a fraction of the image side
-JITTER = 0.025              # position jitter; 1/6 - JITTER - max size > 0 keeps objects inside
+SIZE_RANGE = (0.12, 0.14)   # half-extent of an object, as a fraction of the image side: 8-9 px discs at 32 px
+JITTER = 0.01               # position jitter; 1/6 - JITTER - max size > 0 keeps objects inside their cells
 COLOR_JITTER = 12           # per channel, 0..255
 SUPERSAMPLE = 4             # antialiasing: 4 x 4 samples per pixel
 
@@ -301,7 +301,7 @@ class ShapesDataset(Dataset):
 FOREGROUND_DISTANCE = 0.25   # RGB distance in [0, 1] units; the closest colour is ~0.75 from the background
 MAX_COLOR_DISTANCE = 0.2     # farther than this from every colour's blend line, a pixel does not vote
 CORE_FRACTION = 0.6          # pixels at >= 60% of the object's largest contrast are its core
-MIN_AREA_FRACTION = 0.004    # the smallest object covers ~1.4% of the image
+MIN_AREA_FRACTION = 0.004    # the smallest object covers ~2.9% of the image
 SKEW_THRESHOLD = 0.25        # |skewness|: triangle ~0.55, circle and square ~0
 KURTOSIS_THRESHOLD = 0.25    # diagonal minus axis kurtosis: square ~0.6, circle ~0
 _PALETTE = torch.tensor(list(COLORS.values()), dtype=torch.float32) / 255  # (6, 3)
