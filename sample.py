@@ -32,6 +32,8 @@ import time
 
 import torch
 
+from tinyldm.cli import ArgumentParser, UsageError, check_writable, run
+from tinyldm.conditioning import split_words
 from tinyldm.data.image_conditions import masked_image, tile, untile, upsample_bicubic
 from tinyldm.data.shapes import parse_prompt, score_images, seg_palette
 from tinyldm.data.tasks import TaskSpec, data_configs, generate_from_items, heldout_items, scorable, score_items
@@ -39,12 +41,13 @@ from tinyldm.ddim import METHODS
 from tinyldm.evaluation.viz import label_image, save_image_grid
 from tinyldm.ldm import generate, load_ldm
 from tinyldm.training.checkpoint import load_checkpoint
-from tinyldm.training.flags import check_sampling_steps
+from tinyldm.training.flags import check_sampling_flags, check_sampling_steps
 from tinyldm.training.loop import pick_device
+from tinyldm.training.memory import SamplingEstimate
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--ckpt", help="ldm.pt written by train_ldm.py")
     what.add_argument("--pretrained", metavar="ID_OR_DIR", help="a released model: hub id or diffusers-format folder")
@@ -68,7 +71,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="layout / semantic / superres / inpaint models: generate from N held-out inputs")
     p.add_argument("--data", default=None, help="--from_eval on a folder / celeba / lsun dataset: its path")
     p.add_argument("--device", default="auto")
-    return p.parse_args(argv)
+    return check_args(p.parse_args(argv))
+
+
+def check_args(args: argparse.Namespace) -> argparse.Namespace:
+    """Refuse, before any work, values that cannot be meant: each check names the flag and the range."""
+    check_sampling_flags(n=args.n, steps=args.steps, eta=args.eta, guidance=args.guidance, seed=args.seed)
+    for flag in ("height", "width"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise UsageError(f"--{flag} {getattr(args, flag)}: give a positive size in pixels")
+    if args.from_eval < 0:
+        raise UsageError(f"--from_eval {args.from_eval}: give a number of held-out inputs, 1 or more")
+    check_writable(args.out, "--out")
+    return args
 
 
 def sample_from_inputs(args: argparse.Namespace, ckpt: dict, denoiser, schedule, ae, diffusion, device) -> dict:
@@ -82,6 +97,9 @@ def sample_from_inputs(args: argparse.Namespace, ckpt: dict, denoiser, schedule,
         raise SystemExit(f"--from_eval samples at the training size ({size}) or, for semantic / superres / inpaint "
                          f"models without a cross-attended condition, at a square multiple of it ({2 * size}, ...)")
     f = ae.downsample_factor
+    SamplingEstimate(denoiser, ae, (size // f, size // f)).check(
+        args.from_eval, H, W, guided=denoiser.cond.cfg.kind != "none" and args.guidance != 1, device=device,
+        step=size)
     items = heldout_items(spec, *data_configs(train, args.data), args.from_eval * k * k)
     g = torch.Generator(device).manual_seed(args.seed)
     start = time.perf_counter()
@@ -114,7 +132,7 @@ def sample_from_inputs(args: argparse.Namespace, ckpt: dict, denoiser, schedule,
     return {"images": len(images), "seconds_per_image": seconds / len(images), "grid": str(out), **scores}
 
 
-def conditions(args: argparse.Namespace, kind: str, class_names: list[str], tokenizer) -> list:
+def conditions(args: argparse.Namespace, kind: str, class_names: list[str], tokenizer, max_len: int = 0) -> list:
     """One entry per image: captions, class ids, or [None]."""
     if kind == "text":
         if args.class_name:
@@ -123,6 +141,10 @@ def conditions(args: argparse.Namespace, kind: str, class_names: list[str], toke
             print("no --prompt: sampling with the empty (null) caption, i.e. unconditionally")
             return [""] * args.n
         for prompt in args.prompt:
+            tokens = len(split_words(prompt)) + 2  # <bos> words <eos>
+            if tokens > max_len:
+                raise UsageError(f"--prompt {prompt[:40]!r}... has {tokens} tokens with <bos>/<eos>, and this model "
+                                 f"reads at most {max_len}: shorten it (or train with a larger --max_len)")
             unknown = tokenizer.unknown_words(prompt)
             if unknown:
                 print(f"warning: {prompt!r} has words the model never saw in training: {unknown} (read as <unk>)")
@@ -232,10 +254,15 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit("--from_eval is for layout / semantic / superres / inpaint models; this one takes --prompt / "
                          "--class")
     tokenizer = denoiser.cond.text.tokenizer if kind == "text" else None
-    conds = conditions(args, kind, ckpt.get("class_names", []), tokenizer)
+    conds = conditions(args, kind, ckpt.get("class_names", []), tokenizer,
+                       denoiser.cond.cfg.max_len if kind == "text" else 0)
 
     H, W = args.height or ckpt["image_size"], args.width or ckpt["image_size"]
     f = check_size(H, W, ae, denoiser)
+    side = ckpt["image_size"] // f  # the memory estimate, from one probe at the training size
+    SamplingEstimate(denoiser, ae, (side, side)).check(
+        len(conds), H, W, guided=kind != "none" and args.guidance != 1, device=device,
+        step=f * 2 ** (len(denoiser.unet.cfg.channel_mult) - 1))
 
     g = torch.Generator(device).manual_seed(args.seed)
     images, start = [], time.perf_counter()
@@ -262,4 +289,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run(main, sys.argv[1:])

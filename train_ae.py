@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -39,23 +40,34 @@ from tqdm import tqdm
 
 from tinyldm.autoencoder import AEOutput, Autoencoder, AutoencoderConfig, codebook_stats, latent_statistics
 from tinyldm.autoencoder_loss import AELoss, AELossConfig
+from tinyldm.cli import ArgumentParser, UsageError, run
 from tinyldm.evaluation.metrics import psnr, ssim
 from tinyldm.evaluation.viz import save_image_grid, save_loss_curve
-from tinyldm.training.checkpoint import load_checkpoint, save_checkpoint
+from tinyldm.training.checkpoint import RunLock, load_checkpoint, save_checkpoint
 from tinyldm.training.distributed import World, leave, replica_spread
 from tinyldm.training.distributed import setup as setup_distributed
 from tinyldm.training.distributed import teardown as teardown_distributed
-from tinyldm.training.flags import add_config_args, build_config, check_data_flags, config_fields, default_preset
+from tinyldm.training.flags import (
+    add_config_args,
+    build_config,
+    check_data_flags,
+    check_resume_overrides,
+    config_fields,
+    default_preset,
+)
 from tinyldm.training.loop import (
     EMA,
+    GracefulStop,
     JSONLLogger,
     batch_indices,
     pick_device,
+    resume_command,
     rng_state,
     seed_everything,
     seed_stream,
     set_rng_state,
 )
+from tinyldm.training.memory import check_training, profile, weights_bytes
 from tinyldm.training.presets import AE_PRESETS, AE_SMOKE
 
 
@@ -394,7 +406,7 @@ def final_metrics(state: TrainState, train_set: Dataset, held_out: Dataset, conf
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default=None, choices=sorted(PRESETS),
                    help="default: folder when --data is given, else shapes")
     p.add_argument("--smoke", action="store_true", help="shrink the preset to a seconds-long CPU run")
@@ -417,12 +429,18 @@ def resolve_configs(
     if args.resume is not None:
         ckpt = load_checkpoint(ckpt_path if args.resume == "auto" else args.resume, kind="autoencoder")
         base = {**ckpt["ae_config"], **ckpt["loss_config"], **ckpt["train_config"]}
+        check_resume_overrides(base, overrides)
         if overrides:
             print(f"resume: overriding stored config with {overrides}")
     else:
         base = {**PRESETS[args.preset], **(SMOKE if args.smoke else {})}
     ae_config, loss_config, config = (build_config(cls, base, overrides) for cls in CONFIGS)
     check_data_flags(config.dataset, args.data, config.hflip)
+    f = ae_config.downsample_factor
+    if config.image_size % f:
+        raise UsageError(f"--image_size {config.image_size} must be a multiple of the autoencoder's downsampling "
+                         f"factor f = {f} (--channel_mult {','.join(map(str, ae_config.channel_mult))}): "
+                         f"e.g. {config.image_size // f * f or f}")
     return ae_config, loss_config, config, ckpt
 
 
@@ -461,6 +479,22 @@ def save_identity(ae_config: AutoencoderConfig, loss_config: AELossConfig, confi
     return {"latent": asdict(stats), "checkpoint": str(ckpt_path)}
 
 
+def check_memory(state: TrainState, ae_config: AutoencoderConfig, config: TrainAEConfig, world: World,
+                 device: torch.device) -> float:
+    """Refuse a batch that cannot fit in memory before the first step (see tinyldm.training.memory): the
+    autoencoder's activations and the discriminator's (run on real and reconstructed images), and, when LPIPS is
+    on, its backbone's (on both)."""
+    S = config.image_size
+    x = torch.zeros(1, ae_config.in_channels, S, S, device=device)
+    parts = [(state.model, lambda: state.model(x), 1), (state.loss_fn.discriminator,
+                                                          lambda: state.loss_fn.discriminator(x), 2)]
+    if state.loss_fn.perceptual is not None:
+        parts.append((state.loss_fn.perceptual, lambda: state.loss_fn.perceptual(x, x), 1))
+    per_example = sum(times * profile(m, fn, S * S).training(S * S) for m, fn, times in parts)
+    trained = weights_bytes(state.model, state.loss_fn.discriminator)
+    return check_training("the autoencoder", trained, per_example, config.batch_size // world.size, device)
+
+
 def describe_loss(loss: AELossConfig, ae: AutoencoderConfig) -> str:
     """The training objective in one line, e.g. "L1 + 1 x LPIPS (vgg) + 1e-06 x KL + 0.5 x PatchGAN from step 50001"."""
     terms = [loss.rec_loss.upper()]
@@ -476,11 +510,14 @@ def describe_loss(loss: AELossConfig, ae: AutoencoderConfig) -> str:
     return " + ".join(terms)
 
 
-def main(argv: list[str] | None = None, *, single_process: bool = False) -> dict:
-    """`single_process`: train here alone even inside a torchrun job (train_ldm.py's rank 0 uses it)."""
+def main(argv: list[str] | None = None, *, single_process: bool = False, resume_hint: str | None = None) -> dict:
+    """`single_process`: train here alone even inside a torchrun job (train_ldm.py's rank 0 uses it).
+    `resume_hint`: the command a run stopped by a signal prints (default: this command with --resume)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     out = Path(args.out)
     ckpt_path = out / "autoencoder.pt"
+    lock = RunLock(out).acquire() if single_process or os.environ.get("RANK", "0") == "0" else None
     ae_config, loss_config, config, ckpt = resolve_configs(args, ckpt_path)
     configs = (ae_config, loss_config, config)
     world, device = setup_world(args, ae_config, config, single_process)
@@ -489,6 +526,7 @@ def main(argv: list[str] | None = None, *, single_process: bool = False) -> dict
         return save_identity(ae_config, loss_config, config, args, ckpt_path, device)
     state = build_state(ae_config, loss_config, config, world, device, ckpt)
     model, start = state.model, state.start
+    check_memory(state, ae_config, config, world, device)
     train_set, held_out = make_datasets(config, args.data)
     n_params = sum(p.numel() for p in model.parameters())
     z_shape = model.latent_shape(config.image_size)
@@ -506,22 +544,33 @@ def main(argv: list[str] | None = None, *, single_process: bool = False) -> dict
     t_start, window = time.perf_counter(), LogWindow()
     bar = tqdm(zip(range(start, config.steps), loader, strict=True), total=config.steps, initial=start,
                desc="train_ae", dynamic_ncols=True, mininterval=2.0, **({} if world.is_main else {"disable": True}))
-    for step, x in bar:
-        x = x.to(device, non_blocking=True)
-        set_learning_rates(state, step, config)
-        noise = posterior_noise(step, config, z_shape, world, device) if ae_config.regularizer == "kl" else None
-        out_ae, logs = train_step(state, x, noise, step=step, autocast=autocast, world=world)
-        if state.ema is not None and world.is_main:  # only rank 0 draws, evaluates and saves
-            state.ema.update(model)
-        done = step + 1
-        window.add(logs, images=x.shape[0] * world.size)
-        if done % config.log_every == 0 or done == config.steps:
-            log_line(done, window, state, out_ae, config, world, logger, bar)
-        if (done % config.image_every == 0 or done == config.steps) and world.is_main:
-            save_reconstructions(state, grid_x, out / f"recon_{done:07d}.png", logger, done)
-        if done % config.ckpt_every == 0 and done < config.steps and world.is_main:
-            write_checkpoint(ckpt_path, state, configs, step=done, rng=rng_state())
+    with GracefulStop() as stop:
+        for step, x in bar:
+            x = x.to(device, non_blocking=True)
+            set_learning_rates(state, step, config)
+            noise = posterior_noise(step, config, z_shape, world, device) if ae_config.regularizer == "kl" else None
+            out_ae, logs = train_step(state, x, noise, step=step, autocast=autocast, world=world)
+            if state.ema is not None and world.is_main:  # only rank 0 draws, evaluates and saves
+                state.ema.update(model)
+            done = step + 1
+            window.add(logs, images=x.shape[0] * world.size)
+            if done % config.log_every == 0 or done == config.steps:
+                log_line(done, window, state, out_ae, config, world, logger, bar)
+            if (done % config.image_every == 0 or done == config.steps) and world.is_main:
+                save_reconstructions(state, grid_x, out / f"recon_{done:07d}.png", logger, done)
+            periodic = done % config.ckpt_every == 0 and done < config.steps
+            if periodic and world.is_main:
+                write_checkpoint(ckpt_path, state, configs, step=done, rng=rng_state())
+            if done < config.steps and world.any(stop.requested, device):  # Ctrl-C / SIGTERM: keep this step
+                if not periodic and world.is_main:
+                    write_checkpoint(ckpt_path, state, configs, step=done, rng=rng_state())
+                break
     bar.close()
+    if stop.requested and done < config.steps:
+        world.barrier()
+        if not single_process:
+            teardown_distributed(world)
+        stop.exit(done, config.steps, ckpt_path, resume_hint or resume_command("train_ae.py", argv))
     train_seconds = time.perf_counter() - t_start
     rng_after_training = rng_state()  # evaluation below uses its own generator; resume continues from here
     # All processes meet here before any of them tears its process group down: with gloo, a process that closes
@@ -538,6 +587,8 @@ def main(argv: list[str] | None = None, *, single_process: bool = False) -> dict
     logger.close()
     if not single_process:
         teardown_distributed(world)
+    if lock is not None:
+        lock.release()
     return metrics
 
 
@@ -556,4 +607,4 @@ def format_metrics(m: dict) -> str:
 
 
 if __name__ == "__main__":
-    leave(main(sys.argv[1:]))  # under torchrun, ranks other than 0 leave at once (see distributed.leave)
+    leave(run(main, sys.argv[1:]))  # under torchrun, ranks other than 0 leave at once (see distributed.leave)

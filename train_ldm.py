@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -41,6 +42,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from tinyldm.autoencoder import Autoencoder
+from tinyldm.cli import ArgumentParser, UsageError, run
 from tinyldm.conditioning import ConditionConfig, ConditionEncoder, Tokenizer, split_words
 from tinyldm.data.image_conditions import random_mask
 from tinyldm.data.images import make_dataset
@@ -65,22 +67,34 @@ from tinyldm.data.tasks import (
 from tinyldm.evaluation.viz import save_image_grid, save_loss_curve
 from tinyldm.ldm import Denoiser, DiffusionConfig, generate, ldm_loss, ldm_payload
 from tinyldm.schedule import NoiseSchedule
-from tinyldm.training.checkpoint import load_checkpoint, save_checkpoint
+from tinyldm.training.checkpoint import RunLock, load_checkpoint, save_checkpoint
 from tinyldm.training.distributed import World, leave, replica_spread
 from tinyldm.training.distributed import setup as setup_distributed
 from tinyldm.training.distributed import teardown as teardown_distributed
-from tinyldm.training.flags import add_config_args, build_config, check_data_flags, check_sampling_steps, default_preset
+from tinyldm.training.flags import (
+    add_config_args,
+    build_config,
+    check_data_flags,
+    check_resume_overrides,
+    check_sampling_steps,
+    check_values,
+    config_fields,
+    default_preset,
+)
 from tinyldm.training.loop import (
     EMA,
+    GracefulStop,
     JSONLLogger,
     batch_indices,
     pick_device,
+    resume_command,
     rng_state,
     seed_everything,
     seed_stream,
     set_rng_state,
     warmup_lr,
 )
+from tinyldm.training.memory import SamplingEstimate, check_training, weights_bytes
 from tinyldm.training.presets import LDM_PRESETS, LDM_SMOKE
 from tinyldm.unet import UNet, UNetConfig
 
@@ -139,7 +153,7 @@ FIXED_PROMPTS = [  # the sample grids' prompts, in the shapes dataset's phrasing
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default=None, choices=sorted(PRESETS),
                    help="default: folder when --data is given, else shapes")
     p.add_argument("--smoke", action="store_true", help="shrink everything to a seconds-long CPU run")
@@ -158,6 +172,9 @@ def resolve_configs(args: argparse.Namespace, stored: dict | None) -> tuple[Trai
     in from the autoencoder and condition later) and the diffusion config."""
     base = {**PRESETS[args.preset], **(SMOKE if args.smoke else {})}
     saved = [{**stored["train_config"], **stored["unet_config"], **stored["diffusion_config"]}] if stored else []
+    if stored:
+        fields = config_fields(TrainLDMConfig, UNetConfig, DiffusionConfig)
+        check_resume_overrides(saved[0], {k: v for k, v in vars(args).items() if k in fields})
     layers = [base, *saved, vars(args)]
     config = build_config(TrainLDMConfig, *layers)
     check_data_flags(config.dataset, args.data, config.hflip)
@@ -175,6 +192,7 @@ def resolve_configs(args: argparse.Namespace, stored: dict | None) -> tuple[Trai
         raise SystemExit(f"--cond {config.cond} / --task {config.task} need boxes or maps: only the shapes dataset has "
                          "them here")
     unet_fields = {f: v for layer in layers for f, v in layer.items() if f in UNetConfig.__dataclass_fields__}
+    check_values(unet_fields)  # the UNet is built later, from these and the autoencoder's latent shape
     if config.cond != "none" and unet_fields.get("attention_block") == "plain":  # it has no cross-attention
         if "attention_block" in vars(args):
             raise SystemExit(f"--attention_block plain has no cross-attention, so it cannot read --cond "
@@ -208,7 +226,14 @@ def get_autoencoder(args: argparse.Namespace, config: TrainLDMConfig, out: Path)
     if args.ae:
         return Path(args.ae)
     path = out / "ae" / "autoencoder.pt"
-    if not path.exists():
+    unfinished = False
+    if path.exists():  # trained for this run before; finished, or cut short (then it continues)
+        stored = load_checkpoint(path, kind="autoencoder")
+        unfinished = stored["step"] < stored["train_config"]["steps"]
+        if unfinished:
+            print(f"the autoencoder in {path} stopped at step {stored['step']} of {stored['train_config']['steps']}: "
+                  "continuing it")
+    if unfinished or not path.exists():
         import train_ae
 
         cmd = ["--preset", config.ae_preset, "--out", str(out / "ae"), "--device", args.device]
@@ -217,8 +242,11 @@ def get_autoencoder(args: argparse.Namespace, config: TrainLDMConfig, out: Path)
         cmd += ["--tensorboard", "true"] if config.tensorboard else []
         if config.dataset != "shapes":  # the first stage learns the same images as the second
             cmd += ["--dataset", config.dataset, "--data", str(args.data), "--image_size", str(config.image_size)]
-        print(f"no --ae given: training the autoencoder first (python train_ae.py {' '.join(cmd)})")
-        train_ae.main(cmd, single_process=True)  # under torchrun only rank 0 gets here; the others wait
+        cmd += ["--resume"] if unfinished else []
+        if not unfinished:
+            print(f"no --ae given: training the autoencoder first (python train_ae.py {' '.join(cmd)})")
+        train_ae.main(cmd, single_process=True, resume_hint=resume_command("train_ldm.py", args.argv))
+        # under torchrun only rank 0 gets here; the others wait
     return path
 
 
@@ -388,7 +416,12 @@ def load_stage_one(args: argparse.Namespace, config: TrainLDMConfig, stored: dic
 def make_denoiser(config: TrainLDMConfig, unet_fields: dict, cond_config: ConditionConfig, spec: TaskSpec,
                   latent_shape: tuple[int, int, int], device: torch.device) -> Denoiser:
     """The condition encoder tau_theta and the UNet eps_theta (trained jointly), for latents (c, h, w)."""
-    c, h, _ = latent_shape
+    c, h, w = latent_shape
+    down = 2 ** (len(unet_fields.get("channel_mult", UNetConfig.channel_mult)) - 1)
+    if h % down or w % down:
+        raise UsageError(f"the latents are {h} x {w}, which the UNet's {down}x downsampling (--channel_mult) cannot "
+                         f"halve evenly: choose --image_size so that image_size / f is a multiple of {down}, or "
+                         "fewer --channel_mult levels")
     cond_encoder = ConditionEncoder(cond_config)
     unet_config = UNetConfig(**{**unet_fields, "in_channels": c, "out_channels": c, "latent_size": h,
                                 "context_dim": cond_encoder.context_dim, "concat_channels": concat_channels(spec, c)})
@@ -396,6 +429,17 @@ def make_denoiser(config: TrainLDMConfig, unet_fields: dict, cond_config: Condit
     if config.channels_last and device.type == "cuda":
         denoiser.unet.to(memory_format=torch.channels_last)
     return denoiser
+
+
+def check_memory(denoiser: Denoiser, ae: Autoencoder, latents: StageOneLatents, config: TrainLDMConfig, world: World,
+                 device: torch.device) -> float:
+    """Refuse a batch that cannot fit in memory before the first step (see tinyldm.training.memory): the UNet's
+    activations at the latent size, the weights x 5 and the latent cache, which lives on the device."""
+    h, w = latents.mean.shape[-2:]
+    per_example = SamplingEstimate(denoiser, ae, (h, w)).unet.training(h * w)
+    cache = sum(t.numel() * 4 for t in (latents.mean, latents.std, latents.flipped) if t is not None)
+    return check_training("the LDM", weights_bytes(denoiser), per_example, config.batch_size // world.size, device,
+                          extra=cache)
 
 
 def prepare_for_training(denoiser: Denoiser, config: TrainLDMConfig, world: World,
@@ -676,10 +720,21 @@ def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, ema: EMA, sch
 
 
 def main(argv: list[str] | None = None) -> dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    args.argv = argv  # for the resume command a stopped run prints
     out = Path(args.out or f"runs/ldm-{args.preset}{'-smoke' if args.smoke else ''}")
     ckpt_path = out / "ldm.pt"
-    stored = load_checkpoint(ckpt_path, kind="ldm") if args.resume else None
+    lock = RunLock(out).acquire() if os.environ.get("RANK", "0") == "0" else None  # one run per folder
+    stored = None
+    if args.resume and ckpt_path.exists():
+        stored = load_checkpoint(ckpt_path, kind="ldm")
+    elif args.resume and not (out / "ae" / "autoencoder.pt").exists():
+        raise UsageError(f"--resume: nothing to continue in {out} (no ldm.pt, no ae/autoencoder.pt); check --out, "
+                         "or drop --resume to start a new run")
+    elif args.resume:
+        print(f"--resume: {out} has no ldm.pt yet; the autoencoder continues if it was cut short, then the LDM "
+              "starts at step 0")
     config, unet_fields, diffusion = resolve_configs(args, stored)
     world, device = start_processes(args.device, config)  # one process unless started by torchrun
     seed_everything(config.seed)
@@ -706,6 +761,7 @@ def main(argv: list[str] | None = None) -> dict:
     schedule = diffusion.make_schedule().to(device)
     opt = torch.optim.AdamW(denoiser.parameters(), lr=config.lr, weight_decay=config.weight_decay,
                             fused=device.type == "cuda")
+    check_memory(denoiser, ae, latents, config, world, device)
     start_step = resume(stored, denoiser, ema, opt, ckpt_path)
     n_params, n_unet = (sum(p.numel() for p in m.parameters()) / 1e6 for m in (denoiser, denoiser.unet))
     print(f"denoiser: {n_params:.2f} M parameters (UNet {n_unet:.2f} M), cond={config.cond}, task={config.task}, "
@@ -722,8 +778,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     t_loop, done, window = time.perf_counter(), start_step, LogWindow(log, check_replicas=config.check_replicas)
     quiet = {} if world.is_main else {"disable": True}  # rank 0 keeps tqdm's default, so TQDM_DISABLE=1 works
-    with tqdm(range(start_step, config.steps), initial=start_step, total=config.steps, desc="train_ldm",
-              **quiet) as bar:
+    with GracefulStop() as stop, tqdm(range(start_step, config.steps), initial=start_step, total=config.steps,
+                                      desc="train_ldm", **quiet) as bar:
         for step in bar:
             batch = data.batch(step)
             lr = warmup_lr(step, config.lr, config.warmup_steps)
@@ -738,12 +794,20 @@ def main(argv: list[str] | None = None) -> dict:
                 draw(done)
             if (done % config.ckpt_every == 0 or done == config.steps) and world.is_main:
                 checkpoint(done)
+            if done < config.steps and world.any(stop.requested, device):  # Ctrl-C / SIGTERM: keep this step
+                if done % config.ckpt_every and world.is_main:
+                    checkpoint(done)
+                break
             if time_is_up(config, done, t_loop, world, device):
                 if done % config.ckpt_every and world.is_main:
                     checkpoint(done)
                 print(f"\nthe time budget of {config.max_minutes} min of training is spent after {done} steps; "
                       "stopping")
                 break
+    if stop.requested and done < config.steps:
+        world.barrier()
+        teardown_distributed(world)
+        stop.exit(done, config.steps, ckpt_path, resume_command("train_ldm.py", argv))
     if start_step >= config.steps:
         print(f"already trained for {config.steps} steps; nothing to do (raise --steps to continue)")
     train_seconds = time.perf_counter() - t_start
@@ -760,8 +824,10 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"done in {time.perf_counter() - t_start:.0f} s; checkpoint {ckpt_path}")
     log.close()
     teardown_distributed(world)
+    if lock is not None:
+        lock.release()
     return result
 
 
 if __name__ == "__main__":
-    leave(main(sys.argv[1:]))  # under torchrun, ranks other than 0 leave at once (see distributed.leave)
+    leave(run(main, sys.argv[1:]))  # under torchrun, ranks other than 0 leave at once (see distributed.leave)

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+from tinyldm.cli import ArgumentParser, UsageError, run
 from tinyldm.course import kit
 from tinyldm.course.kit import ASSIGNMENTS, ROOT, grade_submission, make_student_copy, results_json
 
@@ -95,7 +96,7 @@ def mutant_table(names: list[str] | None = None) -> list[dict]:
 def main(argv: list[str] | None = None) -> object:
     import tinyldm.course
 
-    p = argparse.ArgumentParser(prog="python -m tinyldm.course", description=tinyldm.course.__doc__,
+    p = ArgumentParser(prog="python -m tinyldm.course", description=tinyldm.course.__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="the assignments, their files and tests")
@@ -131,6 +132,11 @@ def main(argv: list[str] | None = None) -> object:
         return archive
     if args.command == "mutants":
         return mutant_table(args.only)
+    for flag, path in (("--submission", args.submission or args.root), ("--folder", args.folder),
+                       ("--reference", args.reference)):
+        if path is not None and not Path(path).exists():
+            raise UsageError(f"{flag} {path} does not exist: give the folder (or, for --submission, the folder of "
+                             "files) to grade")
     start = time.perf_counter()
     if args.folder:
         rows = grade_folder(Path(args.folder), args.only, Path(args.csv), reference=args.reference)
@@ -147,4 +153,4 @@ def main(argv: list[str] | None = None) -> object:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run(main, sys.argv[1:])

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from tinyldm.cli import ArgumentParser, run
 from tinyldm.data.shapes import CLASS_NAMES, POSITIONS, parse_prompt, score_images
 
 
@@ -97,7 +98,8 @@ def main(argv: list[str] | None = None) -> dict:
     from tinyldm.tools.evaluate import feature_function
     from tinyldm.training.checkpoint import load_checkpoint
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m tinyldm.evaluation.second_detector", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="a text-conditioned shapes checkpoint (the quickstart's)")
     p.add_argument("--n", type=int, default=500)
     p.add_argument("--steps", type=int, default=50)
@@ -134,4 +136,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from tinyldm.cli import ArgumentParser, run
 from tinyldm.ldm import DiffusionConfig, load_ldm
 from tinyldm.pretrained.autoencoder import autoencoder_to_diffusers
 from tinyldm.pretrained.unet import unet_to_diffusers
@@ -92,7 +93,8 @@ def class_condition(folder: str | Path, labels: Tensor) -> Tensor:
 
 
 def main(argv: list[str] | None = None) -> Path:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m tinyldm.pretrained.export", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("ckpt", help="ldm.pt written by train_ldm.py")
     p.add_argument("out", help="the folder to write (diffusers format)")
     args = p.parse_args(argv)
@@ -110,4 +112,4 @@ def main(argv: list[str] | None = None) -> Path:
 
 if __name__ == "__main__":
     torch.set_grad_enabled(False)
-    main()
+    run(main)

@@ -40,6 +40,7 @@ from pathlib import Path
 
 import torch
 
+from tinyldm.cli import ArgumentParser, check_writable, run
 from tinyldm.data.images import make_dataset
 from tinyldm.data.tasks import TaskSpec, data_configs, generate_from_items, heldout_items, scorable, score_items
 from tinyldm.ddim import METHODS
@@ -57,7 +58,7 @@ from tinyldm.evaluation.features import (
 from tinyldm.evaluation.metrics import frechet_from_features, kernel_distance, precision_recall
 from tinyldm.ldm import load_ldm
 from tinyldm.training.checkpoint import load_checkpoint
-from tinyldm.training.flags import check_sampling_steps
+from tinyldm.training.flags import check_sampling_flags, check_sampling_steps
 from tinyldm.training.loop import pick_device
 
 FEATURES = ("auto", "classifier", "contrastive", "inception")
@@ -318,7 +319,8 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict | list:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m tinyldm.tools.evaluate", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="ldm.pt from train_ldm.py")
     p.add_argument("--n", type=int, default=1000, help="reference and generated images (compare at equal N only); "
                    "a smaller held-out split gives all it has")
@@ -345,8 +347,14 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--amp", type=lambda s: s.lower() in ("1", "true", "yes"), default=True,
                    help="bf16 autocast for sampling on CUDA")
     p.add_argument("--json", help="write the protocol and the numbers here")
-    return evaluate_checkpoint(p.parse_args(argv))
+    args = p.parse_args(argv)
+    check_sampling_flags(n=args.n, steps=args.steps, eta=args.eta, guidance=args.guidance, seed=args.seed)
+    for k in args.sweep_steps or []:
+        check_sampling_flags(n=args.n, steps=k, eta=args.eta, guidance=args.guidance, seed=args.seed)
+    if args.json:
+        check_writable(args.json, "--json")
+    return evaluate_checkpoint(args)
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -10,7 +10,9 @@
 * `warmup_lr(step, lr, warmup_steps)`: linear warm-up to `lr`, then constant;
 * `EMA`: an exponential moving average of a model's weights, with the usual warm-up
   decay_t = min(decay, (1 + t) / (10 + t)) so short runs are not dominated by the random init;
-* `JSONLLogger`: one JSON object per line; on resume it drops records past the resumed step.
+* `JSONLLogger`: one JSON object per line; on resume it drops records past the resumed step;
+* `GracefulStop`: SIGINT (Ctrl-C) or SIGTERM while training finishes the step, writes a checkpoint and
+  exits with a line saying how to resume; a second signal stops at once.
 """
 
 from __future__ import annotations
@@ -20,6 +22,10 @@ import json
 import math
 import os
 import random
+import shlex
+import signal
+import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -195,3 +201,61 @@ def _record_step(line: str) -> float:
         return float(json.loads(line).get("step", -1))
     except (ValueError, AttributeError):
         return math.inf  # unreadable lines (a torn write) are dropped on resume
+
+
+# ----------------------------------------------------------------------------------------------
+# Stopping on a signal
+
+
+class GracefulStop:
+    """Within `with GracefulStop() as stop:`, SIGINT and SIGTERM set `stop.signal` instead of killing the process;
+    the loop checks `stop.requested` after each step, writes a checkpoint and calls `stop.exit(...)`. A second
+    signal raises KeyboardInterrupt at once (nothing more is written). Outside the main thread, where Python
+    cannot take signals, it does nothing."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._previous: dict = {}
+
+    def __enter__(self) -> GracefulStop:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous = {}
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.signal is not None:
+            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: stopped at once")
+        self.signal = signum
+        print(f"\n{signal.Signals(signum).name}: finishing this step, then writing a checkpoint "
+              "(press Ctrl-C again to stop at once, without one)", file=sys.stderr, flush=True)
+
+    @property
+    def requested(self) -> bool:
+        return self.signal is not None
+
+    def exit(self, step: int, total: int, checkpoint: Path, resume: str) -> None:
+        """Say where the run stopped and how to continue, then exit with 128 + the signal's number."""
+        print(f"stopped by {signal.Signals(self.signal).name} after step {step} of {total}; checkpoint {checkpoint}. "
+              f"Continue with: {resume}", file=sys.stderr, flush=True)
+        raise SystemExit(128 + int(self.signal))
+
+
+def resume_command(script: str, argv: list[str]) -> str:
+    """The command line that continues a run started with `argv`: the same flags plus --resume."""
+    args, i = [], 0
+    while i < len(argv):
+        if argv[i] == "--resume":  # with its optional path (train_ae.py): the checkpoint is named by --out anyway
+            i += 2 if i + 1 < len(argv) and not argv[i + 1].startswith("--") else 1
+            continue
+        if not argv[i].startswith("--resume="):
+            args.append(argv[i])
+        i += 1
+    args.append("--resume")
+    return f"python {script} {' '.join(shlex.quote(a) for a in args)}"

@@ -1,0 +1,433 @@
+"""Failures a user can cause: each ends in one line (`error: ...`, exit status 2) and loses nothing.
+
+The bad-input corpus runs every tool's `main` through `tinyldm.cli.run`, as `python <script>` does (a few run as
+real subprocesses, to check that wiring); the signal, lock, full-disk and resume tests train smoke models.
+"""
+
+import errno
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import sample
+import train_ae
+import train_ldm
+from tinyldm.cli import UsageError, run
+from tinyldm.course.__main__ import main as course_main
+from tinyldm.tools.evaluate import main as evaluate_main
+from tinyldm.training import checkpoint as checkpoint_module
+from tinyldm.training.checkpoint import RunLock, load_checkpoint
+from tinyldm.training.loop import GracefulStop, resume_command
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["--smoke", "--device", "cpu", "--sample_every", "100000", "--eval_images", "0"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A smoke LDM (text-conditioned shapes) and its autoencoder, plus bad files to feed the tools."""
+    root = tmp_path_factory.mktemp("failures")
+    out = root / "run"
+    train_ldm.main(["--smoke", "--out", str(out), "--device", "cpu"])
+    good = out / "ldm.pt"
+    data = good.read_bytes()
+    (root / "truncated.pt").write_bytes(data[: len(data) // 2])
+    (root / "random.pt").write_bytes(os.urandom(4096))
+    (root / "empty.pt").write_bytes(b"")
+    (root / "a_file").write_text("not a folder")
+    return {"root": root, "ldm": good, "ae": out / "ae" / "autoencoder.pt"}
+
+
+def one_error_line(capsys, main, argv) -> str:
+    """Run main(argv) as the command line would; assert exit status 2 and a single `error:` line on stderr."""
+    with pytest.raises(SystemExit) as exit_info:
+        run(main, argv)
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2, err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.strip() and not re.search(r"\d+/\d+ \[", line)]  # bars
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# The corpus: (argv with {ldm} / {ae} / {root} placeholders, words the message must contain)
+
+SAMPLE_PROBES = [
+    (["--ckpt", "{root}/missing.pt"], "does not exist"),
+    (["--ckpt", "{root}/truncated.pt"], "truncated, corrupt"),
+    (["--ckpt", "{root}/random.pt"], "could not be read"),
+    (["--ckpt", "{root}/empty.pt"], "is empty"),
+    (["--ckpt", "{ae}"], "'autoencoder' checkpoint, expected a 'ldm'"),
+    (["--ckpt", "{ldm}", "--prompt", " ".join(["a red circle"] * 10)], "reads at most"),
+    (["--ckpt", "{ldm}", "--steps", "0"], "--steps 0"),
+    (["--ckpt", "{ldm}", "--steps", "-5"], "--steps -5"),
+    (["--ckpt", "{ldm}", "--steps", "ten"], "invalid int value"),
+    (["--ckpt", "{ldm}", "--n", "0"], "--n 0"),
+    (["--ckpt", "{ldm}", "--eta", "7"], "--eta 7"),
+    (["--ckpt", "{ldm}", "--guidance", "-2"], "--guidance -2"),
+    (["--ckpt", "{ldm}", "--seed", "-1"], "--seed -1"),
+    (["--ckpt", "{ldm}", "--height", "100000", "--width", "100000"], "needs about"),
+    (["--ckpt", "{ldm}", "--height", "33"], "multiples of"),
+    (["--ckpt", "{ldm}", "--height", "0"], "--height 0"),
+    (["--ckpt", "{ldm}", "--class", "red circle"], "use --prompt"),
+    (["--ckpt", "{ldm}", "--from_eval", "4"], "--from_eval is for"),
+    (["--ckpt", "{ldm}", "--sampler", "euler"], "invalid choice"),
+    (["--ckpt", "{ldm}", "--out", "{root}"], "is a folder"),
+    (["--ckpt", "{ldm}", "--out", "{root}/a_file/grid.png"], "is a file"),
+    (["--prompt", "a red circle"], "one of the arguments --ckpt --pretrained is required"),
+    (["--ckpt", "{ldm}", "--bogus"], "unrecognized arguments"),
+]
+
+TRAIN_LDM_PROBES = [
+    (["--steps", "0"], "--steps 0: must be a whole number >= 1"),
+    (["--batch_size", "-1"], "--batch_size -1"),
+    (["--lr", "0"], "--lr 0.0: must be a learning rate"),
+    (["--lr", "nan"], "--lr nan"),
+    (["--image_size", "0"], "--image_size 0"),
+    (["--channel_mult", "1,0"], "--channel_mult 1,0"),
+    (["--max_shapes", "10"], "--max_shapes 10"),
+    (["--p_uncond", "1.5"], "--p_uncond 1.5"),
+    (["--ema_decay", "1"], "--ema_decay 1.0"),
+    (["--eval_steps", "0"], "--eval_steps 0"),
+    (["--preset", "shapes", "--data", "{root}"], "would be ignored"),
+    (["--ae", "{root}/missing.pt"], "does not exist"),
+    (["--ae", "{ldm}"], "'ldm' checkpoint, expected a 'autoencoder'"),
+    (["--preset", "nope"], "invalid choice"),
+    (["--cond", "sound"], "--cond must be one of"),
+    (["--resume", "--out", "{root}/nothing_here"], "nothing to continue"),
+    (["--ae", "{ae}", "--batch_size", "100000000"], "--batch_size"),
+    (["--ae", "{ae}", "--image_size", "20"], "cannot halve evenly"),
+]
+
+TRAIN_AE_PROBES = [
+    (["--steps", "0"], "--steps 0"),
+    (["--batch_size", "0"], "--batch_size 0"),
+    (["--lr", "-1"], "--lr -1.0"),
+    (["--image_size", "30"], "must be a multiple of the autoencoder's downsampling factor"),
+    (["--kl_weight", "-1"], "--kl_weight -1.0"),
+    (["--resume", "{root}/missing.pt"], "does not exist"),
+    (["--resume", "{ldm}"], "'ldm' checkpoint, expected a 'autoencoder'"),
+    (["--batch_size", "100000000"], "--batch_size"),
+    (["--steps", "many"], "invalid int value"),
+]
+
+EVALUATE_PROBES = [
+    (["--ckpt", "{root}/missing.pt"], "does not exist"),
+    (["--ckpt", "{root}/truncated.pt"], "truncated, corrupt"),
+    (["--ckpt", "{ae}"], "expected a 'ldm'"),
+    (["--ckpt", "{ldm}", "--n", "0"], "--n 0"),
+    (["--ckpt", "{ldm}", "--steps", "0"], "--steps 0"),
+    (["--ckpt", "{ldm}", "--eta", "2"], "--eta 2"),
+    (["--ckpt", "{ldm}", "--sweep_steps", "10", "0"], "--steps 0"),
+    (["--ckpt", "{ldm}", "--json", "{root}"], "is a folder"),
+    (["--n", "10"], "the following arguments are required: --ckpt"),
+]
+
+
+def _fill(argv: list[str], trained: dict) -> list[str]:
+    return [a.format(ldm=trained["ldm"], ae=trained["ae"], root=trained["root"]) for a in argv]
+
+
+@pytest.mark.parametrize("argv, words", SAMPLE_PROBES, ids=[" ".join(a)[-40:] for a, _ in SAMPLE_PROBES])
+def test_sample_py_bad_inputs_end_in_one_line(trained, capsys, argv, words):
+    argv = _fill(argv, trained)
+    if "--out" not in argv:
+        argv += ["--out", str(trained["root"] / "grid.png")]
+    assert words in one_error_line(capsys, sample.main, argv)
+    assert not (trained["root"] / "grid.png").exists()  # refused before any work
+
+
+@pytest.mark.parametrize("argv, words", TRAIN_LDM_PROBES, ids=[" ".join(a)[-40:] for a, _ in TRAIN_LDM_PROBES])
+def test_train_ldm_py_bad_inputs_end_in_one_line(trained, capsys, tmp_path, argv, words):
+    argv = _fill(argv, trained)
+    out = [] if "--out" in argv else ["--out", str(tmp_path / "run")]
+    assert words in one_error_line(capsys, train_ldm.main, ["--smoke", "--device", "cpu", *out, *argv])
+    assert not (tmp_path / "run" / "ldm.pt").exists()
+
+
+@pytest.mark.parametrize("argv, words", TRAIN_AE_PROBES, ids=[" ".join(a)[-40:] for a, _ in TRAIN_AE_PROBES])
+def test_train_ae_py_bad_inputs_end_in_one_line(trained, capsys, tmp_path, argv, words):
+    argv = _fill(argv, trained)
+    assert words in one_error_line(capsys, train_ae.main,
+                                   ["--smoke", "--device", "cpu", "--out", str(tmp_path / "ae"), *argv])
+    assert not (tmp_path / "ae" / "autoencoder.pt").exists()
+
+
+@pytest.mark.parametrize("argv, words", EVALUATE_PROBES, ids=[" ".join(a)[-40:] for a, _ in EVALUATE_PROBES])
+def test_evaluate_bad_inputs_end_in_one_line(trained, capsys, argv, words):
+    assert words in one_error_line(capsys, evaluate_main, [*_fill(argv, trained), "--device", "cpu"])
+
+
+def test_course_kit_bad_inputs_end_in_one_line(trained, capsys, tmp_path):
+    assert "unknown assignments" in one_error_line(capsys, course_main, ["student", "--out", str(tmp_path / "s"),
+                                                                         "--only", "no_such_assignment"])
+    assert "does not exist" in one_error_line(capsys, course_main, ["grade", "--submission", str(tmp_path / "x")])
+    assert "required" in one_error_line(capsys, course_main, ["student"])
+
+
+def test_the_scripts_wire_the_one_line_errors_and_debug_shows_the_traceback(trained):
+    """The real command lines: exit status 2 and one stderr line; --debug adds the traceback."""
+    missing = str(trained["root"] / "missing.pt")
+    for cmd in ([sys.executable, "sample.py", "--ckpt", missing],
+                [sys.executable, "train_ldm.py", "--smoke", "--steps", "0"],
+                [sys.executable, "train_ae.py", "--smoke", "--out", str(trained["root"] / "ae0"), "--lr", "-1"],
+                [sys.executable, "-m", "tinyldm.tools.evaluate", "--ckpt", missing]):
+        p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert p.returncode == 2, p.stderr
+        assert len(p.stderr.strip().splitlines()) == 1 and p.stderr.startswith("error: "), p.stderr
+    p = subprocess.run([sys.executable, "sample.py", "--ckpt", missing, "--debug"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 2 and "Traceback" in p.stderr and p.stderr.strip().splitlines()[-1].startswith("error:")
+    p = subprocess.run([sys.executable, "sample.py", "--ckpt", missing], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120, env={**os.environ, "TINYLDM_DEBUG": "1"})
+    assert "Traceback" in p.stderr
+
+
+def test_a_bug_keeps_its_traceback(capsys):
+    def buggy(argv):
+        raise KeyError("a bug")
+
+    with pytest.raises(KeyError):
+        run(buggy, [])
+
+
+# ----------------------------------------------------------------------------------------------
+# Memory estimates
+
+
+def test_the_sampling_memory_estimate_grows_as_the_model_does(trained):
+    """Activations grow with the pixels, self-attention with their square: the estimate follows both, and the
+    sizes it offers as fitting do fit by its own measure."""
+    from tinyldm.blocks import explicit_attention
+    from tinyldm.ldm import load_ldm
+    from tinyldm.training.memory import SamplingEstimate
+
+    denoiser, _, ae, _ = load_ldm(load_checkpoint(trained["ldm"], kind="ldm"))
+    est = SamplingEstimate(denoiser, ae, (8, 8))
+    fixed = est.fixed
+    growth = (est.bytes(1, 1024, 1024, guided=True) - fixed) / (est.bytes(1, 512, 512, guided=True) - fixed)
+    assert growth == pytest.approx(4, rel=0.02)  # the fused kernel holds no attention matrix: linear in pixels
+    with explicit_attention():  # the explicit formula holds (queries x keys) per head: self-attention is quadratic
+        explicit = SamplingEstimate(denoiser, ae, (8, 8))
+    growth = (explicit.bytes(1, 1024, 1024, guided=True) - fixed) / (explicit.bytes(1, 512, 512, guided=True) - fixed)
+    assert growth > 10
+    assert explicit.bytes(1, 64, 64, guided=True) > est.bytes(1, 64, 64, guided=True)
+    assert est.bytes(8, 32, 32, guided=True) > est.bytes(8, 32, 32, guided=False)  # guidance doubles the UNet batch
+    with pytest.raises(UsageError, match=r"needs about .* largest square that fits is about (\d+)x\1") as info:
+        est.check(1, 100_000, 100_000, guided=True, device=torch.device("cpu"))
+    side = int(str(info.value).split("about ")[-1].split("x")[0])
+    from tinyldm.training.memory import available_bytes
+
+    assert est.bytes(1, side, side, guided=True) <= 0.9 * available_bytes(torch.device("cpu"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Signals, SIGKILL and resume
+
+
+def _start(script: str, argv: list[str]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, script, *argv], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"})  # as the tests: 1 thread
+
+
+def _wait_for_steps(log: Path, steps: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    start = time.time()
+    while time.time() - start < timeout:
+        if log.exists() and len(log.read_text().splitlines()) >= steps:
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended early: {proc.communicate()}")
+        time.sleep(0.05)
+    raise AssertionError("the run did not get going")
+
+
+def _weights(path: Path) -> dict:
+    ckpt = load_checkpoint(path)
+    parts = ("denoiser", "ema", "optimizer", "autoencoder", "ema_autoencoder", "opt_ae", "discriminator")
+    return {k: v for part in parts if isinstance(ckpt.get(part), dict) for k, v in _flat(ckpt[part], part).items()}
+
+
+def _flat(d: dict, prefix: str) -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}.{k}"))
+        elif isinstance(v, torch.Tensor):
+            out[f"{prefix}.{k}"] = v
+    return out
+
+
+def _assert_same_weights(a: Path, b: Path) -> int:
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys() and len(wa) > 10
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+    return len(wa)
+
+
+@pytest.fixture(scope="module")
+def ldm_reference(trained, tmp_path_factory):
+    """An uninterrupted 120-step smoke LDM run, to compare interrupted-and-resumed runs with."""
+    out = tmp_path_factory.mktemp("reference") / "run"
+    argv = [*FAST, "--ae", str(trained["ae"]), "--steps", "120", "--ckpt_every", "40", "--log_every", "1"]
+    train_ldm.main([*argv, "--out", str(out)])
+    return argv, out / "ldm.pt"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL], ids=["SIGINT", "SIGTERM", "SIGKILL"])
+def test_a_signal_mid_training_loses_nothing_and_resume_is_exact(ldm_reference, tmp_path, sig):
+    argv, reference = ldm_reference
+    out = tmp_path / "run"
+    proc = _start("train_ldm.py", [*argv, "--out", str(out)])
+    _wait_for_steps(out / "log.jsonl", 50 if sig == signal.SIGKILL else 10, proc)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    if sig == signal.SIGKILL:
+        assert proc.returncode == -signal.SIGKILL
+        step = load_checkpoint(out / "ldm.pt")["step"]
+        assert step == 40  # the last periodic checkpoint; the steps after it are lost, as SIGKILL allows
+    else:
+        assert proc.returncode == 128 + sig, err
+        step = load_checkpoint(out / "ldm.pt")["step"]
+        assert 10 <= step < 120
+        assert f"stopped by {signal.Signals(sig).name} after step {step} of 120" in err
+        assert "Continue with: python train_ldm.py" in err and err.rstrip().endswith("--resume")
+    assert not (out / ".lock").exists() or sig == signal.SIGKILL
+    train_ldm.main([*argv, "--out", str(out), "--resume"])  # a lock left by SIGKILL is stale: taken over
+    assert _assert_same_weights(out / "ldm.pt", reference) > 100
+
+
+def test_sigterm_while_the_autoencoder_trains(tmp_path):
+    """train_ae.py stops the same way, and its resumed run equals an uninterrupted one."""
+    argv = ["--smoke", "--device", "cpu", "--steps", "150", "--log_every", "1", "--image_every", "100000",
+            "--ckpt_every", "1000"]
+    reference = tmp_path / "reference"
+    train_ae.main([*argv, "--out", str(reference)])
+    out = tmp_path / "run"
+    proc = _start("train_ae.py", [*argv, "--out", str(out)])
+    _wait_for_steps(out / "log.jsonl", 20, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "Continue with: python train_ae.py" in err
+    assert load_checkpoint(out / "autoencoder.pt")["step"] < 150
+    train_ae.main([*argv, "--out", str(out), "--resume"])
+    _assert_same_weights(out / "autoencoder.pt", reference / "autoencoder.pt")
+
+
+def test_a_second_ctrl_c_stops_at_once():
+    before = signal.getsignal(signal.SIGINT)
+    with GracefulStop() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.01)
+        assert stop.requested and stop.signal == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.5)
+    assert signal.getsignal(signal.SIGINT) is before  # restored
+
+
+def test_the_resume_command_repeats_the_flags():
+    assert resume_command("train_ldm.py", ["--preset", "shapes", "--out", "a b"]) == \
+        "python train_ldm.py --preset shapes --out 'a b' --resume"
+    assert resume_command("train_ae.py", ["--resume", "x.pt", "--steps", "5"]) == \
+        "python train_ae.py --steps 5 --resume"
+
+
+def test_resume_refuses_flags_that_change_the_run_and_allows_the_others(ldm_reference, capsys, tmp_path):
+    argv, reference = ldm_reference
+    out = tmp_path / "run"
+    train_ldm.main([*argv, "--out", str(out), "--steps", "40"])
+    message = one_error_line(capsys, train_ldm.main, [*argv, "--out", str(out), "--steps", "120", "--resume",
+                                                      "--lr", "0.5", "--batch_size", "4"])
+    assert "--lr 0.5 (the run has" in message and "--batch_size 4 (the run has" in message
+    assert load_checkpoint(out / "ldm.pt")["step"] == 40
+    train_ldm.main([*argv, "--out", str(out), "--resume", "--log_every", "7", "--steps", "120"])  # safe to change
+    _assert_same_weights(out / "ldm.pt", reference)
+
+
+# ----------------------------------------------------------------------------------------------
+# One run per folder
+
+
+def test_a_second_run_in_the_same_folder_is_refused_and_a_stale_lock_is_taken_over(trained, capsys, tmp_path):
+    out = tmp_path / "run"
+    argv = [*FAST, "--ae", str(trained["ae"]), "--steps", "100000", "--log_every", "1", "--out", str(out)]
+    first = _start("train_ldm.py", argv)
+    try:
+        _wait_for_steps(out / "log.jsonl", 1, first)
+        message = one_error_line(capsys, train_ldm.main, argv)
+        assert f"is in use by process {first.pid}" in message and "train_ldm.py" in message
+    finally:
+        first.kill()
+        first.wait()
+    assert json.loads((out / ".lock").read_text())["pid"] == first.pid  # SIGKILL leaves it behind
+    result = train_ldm.main([*FAST, "--ae", str(trained["ae"]), "--steps", "3", "--out", str(out)])
+    assert result["steps"] == 3 and "taking over" in capsys.readouterr().out  # the stale lock was taken over
+
+
+def test_the_lock_names_a_live_owner_and_is_released(tmp_path):
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / ".lock").write_text(json.dumps({"pid": sleeper.pid, "host": os.uname().nodename,
+                                                    "started": "then", "command": "python train_ldm.py"}))
+        with pytest.raises(UsageError, match=f"in use by process {sleeper.pid}"):
+            RunLock(tmp_path).acquire()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    lock = RunLock(tmp_path).acquire()  # its owner is gone: taken over
+    assert json.loads((tmp_path / ".lock").read_text())["pid"] == os.getpid()
+    lock.release()
+    assert not (tmp_path / ".lock").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# Faults while writing
+
+
+def test_a_disk_full_during_a_checkpoint_leaves_the_previous_one(trained, capsys, tmp_path, monkeypatch):
+    """The second checkpoint write fails half-way (ENOSPC): the run ends in one line, ldm.pt still holds step 3,
+    no temporary file is left, and --resume continues from it."""
+    real_save, calls = torch.save, []
+
+    def save_until_the_disk_fills(obj, f, *args, **kwargs):  # torch.save, failing on the second LDM checkpoint
+        calls.extend([1] if isinstance(obj, dict) and obj.get("kind") == "ldm" else [])
+        if len(calls) == 2 and obj.get("kind") == "ldm":
+            f.write(b"PK\x03\x04" + b"\0" * 1000)  # part of a file, as a disk filling up leaves it
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_save(obj, f, *args, **kwargs)
+
+    out = tmp_path / "run"
+    argv = [*FAST, "--ae", str(trained["ae"]), "--steps", "6", "--ckpt_every", "3", "--out", str(out)]
+    monkeypatch.setattr(checkpoint_module.torch, "save", save_until_the_disk_fills)
+    message = one_error_line(capsys, train_ldm.main, argv)
+    assert "No space left on device" in message and "still holds the previous checkpoint" in message
+    assert load_checkpoint(out / "ldm.pt")["step"] == 3
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+    monkeypatch.setattr(checkpoint_module.torch, "save", real_save)
+    train_ldm.main([*argv, "--resume"])
+    assert load_checkpoint(out / "ldm.pt")["step"] == 6
+
+
+def test_a_truncated_latent_cache_is_rebuilt_with_a_warning(trained, tmp_path):
+    out = tmp_path / "run"
+    argv = [*FAST, "--ae", str(trained["ae"]), "--steps", "2", "--out", str(out)]
+    first = train_ldm.main(argv)
+    cache = out / "latents.pt"
+    cache.write_bytes(cache.read_bytes()[: cache.stat().st_size // 3])
+    with pytest.warns(UserWarning, match="latent cache .* is unreadable"):
+        second = train_ldm.main(argv)
+    assert load_checkpoint(out / "ldm.pt")["step"] == 2
+    assert first["steps"] == second["steps"] == 2
+    torch.load(cache, weights_only=True)  # whole again
