@@ -33,7 +33,6 @@ import time
 import torch
 
 from tinyldm.cli import ArgumentParser, UsageError, check_writable, run
-from tinyldm.conditioning import split_words
 from tinyldm.data.image_conditions import masked_image, tile, untile, upsample_bicubic
 from tinyldm.data.shapes import parse_prompt, score_images, seg_palette
 from tinyldm.data.tasks import TaskSpec, data_configs, generate_from_items, heldout_items, scorable, score_items
@@ -132,7 +131,7 @@ def sample_from_inputs(args: argparse.Namespace, ckpt: dict, denoiser, schedule,
     return {"images": len(images), "seconds_per_image": seconds / len(images), "grid": str(out), **scores}
 
 
-def conditions(args: argparse.Namespace, kind: str, class_names: list[str], tokenizer, max_len: int = 0) -> list:
+def conditions(args: argparse.Namespace, kind: str, class_names: list[str], tokenizer, max_len: int) -> list:
     """One entry per image: captions, class ids, or [None]."""
     if kind == "text":
         if args.class_name:
@@ -141,10 +140,11 @@ def conditions(args: argparse.Namespace, kind: str, class_names: list[str], toke
             print("no --prompt: sampling with the empty (null) caption, i.e. unconditionally")
             return [""] * args.n
         for prompt in args.prompt:
-            tokens = len(split_words(prompt)) + 2  # <bos> words <eos>
-            if tokens > max_len:
-                raise UsageError(f"--prompt {prompt[:40]!r}... has {tokens} tokens with <bos>/<eos>, and this model "
-                                 f"reads at most {max_len}: shorten it (or train with a larger --max_len)")
+            try:
+                tokenizer([prompt], max_len)  # refuses a caption longer than the model's token positions
+            except ValueError as e:
+                raise UsageError(f"--prompt: {e}: this model reads at most {max_len} tokens; shorten the prompt (or "
+                                 "train with a larger --max_tokens)") from None
             unknown = tokenizer.unknown_words(prompt)
             if unknown:
                 print(f"warning: {prompt!r} has words the model never saw in training: {unknown} (read as <unk>)")

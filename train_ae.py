@@ -561,7 +561,7 @@ def main(argv: list[str] | None = None, *, single_process: bool = False, resume_
             periodic = done % config.ckpt_every == 0 and done < config.steps
             if periodic and world.is_main:
                 write_checkpoint(ckpt_path, state, configs, step=done, rng=rng_state())
-            if done < config.steps and world.any(stop.requested, device):  # Ctrl-C / SIGTERM: keep this step
+            if done < config.steps and stop.agreed(world, device, done, config.log_every):  # keep this step
                 if not periodic and world.is_main:
                     write_checkpoint(ckpt_path, state, configs, step=done, rng=rng_state())
                 break

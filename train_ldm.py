@@ -94,7 +94,7 @@ from tinyldm.training.loop import (
     set_rng_state,
     warmup_lr,
 )
-from tinyldm.training.memory import SamplingEstimate, check_training, weights_bytes
+from tinyldm.training.memory import check_training, unet_profile, weights_bytes
 from tinyldm.training.presets import LDM_PRESETS, LDM_SMOKE
 from tinyldm.unet import UNet, UNetConfig
 
@@ -431,12 +431,12 @@ def make_denoiser(config: TrainLDMConfig, unet_fields: dict, cond_config: Condit
     return denoiser
 
 
-def check_memory(denoiser: Denoiser, ae: Autoencoder, latents: StageOneLatents, config: TrainLDMConfig, world: World,
+def check_memory(denoiser: Denoiser, latents: StageOneLatents, config: TrainLDMConfig, world: World,
                  device: torch.device) -> float:
     """Refuse a batch that cannot fit in memory before the first step (see tinyldm.training.memory): the UNet's
     activations at the latent size, the weights x 5 and the latent cache, which lives on the device."""
     h, w = latents.mean.shape[-2:]
-    per_example = SamplingEstimate(denoiser, ae, (h, w)).unet.training(h * w)
+    per_example = unet_profile(denoiser, (h, w)).training(h * w)
     cache = sum(t.numel() * 4 for t in (latents.mean, latents.std, latents.flipped) if t is not None)
     return check_training("the LDM", weights_bytes(denoiser), per_example, config.batch_size // world.size, device,
                           extra=cache)
@@ -761,7 +761,7 @@ def main(argv: list[str] | None = None) -> dict:
     schedule = diffusion.make_schedule().to(device)
     opt = torch.optim.AdamW(denoiser.parameters(), lr=config.lr, weight_decay=config.weight_decay,
                             fused=device.type == "cuda")
-    check_memory(denoiser, ae, latents, config, world, device)
+    check_memory(denoiser, latents, config, world, device)
     start_step = resume(stored, denoiser, ema, opt, ckpt_path)
     n_params, n_unet = (sum(p.numel() for p in m.parameters()) / 1e6 for m in (denoiser, denoiser.unet))
     print(f"denoiser: {n_params:.2f} M parameters (UNet {n_unet:.2f} M), cond={config.cond}, task={config.task}, "
@@ -794,7 +794,7 @@ def main(argv: list[str] | None = None) -> dict:
                 draw(done)
             if (done % config.ckpt_every == 0 or done == config.steps) and world.is_main:
                 checkpoint(done)
-            if done < config.steps and world.any(stop.requested, device):  # Ctrl-C / SIGTERM: keep this step
+            if done < config.steps and stop.agreed(world, device, done, config.log_every):  # keep this step
                 if done % config.ckpt_every and world.is_main:
                     checkpoint(done)
                 break

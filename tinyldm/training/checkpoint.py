@@ -25,6 +25,8 @@ from typing import Any
 
 import torch
 
+from tinyldm.cli import UsageError
+
 CHECKPOINT_FORMAT = 1
 
 
@@ -118,8 +120,6 @@ class RunLock:
             return None
 
     def acquire(self) -> RunLock:
-        from tinyldm.cli import UsageError
-
         self.path.parent.mkdir(parents=True, exist_ok=True)
         me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
               "command": " ".join(sys.argv)}

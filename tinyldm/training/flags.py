@@ -17,6 +17,8 @@ import typing
 from collections.abc import Callable
 from typing import Any
 
+from tinyldm.cli import UsageError
+
 # ----------------------------------------------------------------------------------------------
 # Dataclass configs <-> command-line flags
 
@@ -146,7 +148,6 @@ RESUME_SAFE = frozenset({
 
 def check_resume_overrides(stored: dict, overrides: dict) -> None:
     """Refuse `--resume` with flags whose values differ from the stored run's (except `RESUME_SAFE`), listing all."""
-    from tinyldm.cli import UsageError
 
     def plain(v: Any) -> Any:
         return tuple(v) if isinstance(v, list | tuple) else v
@@ -165,8 +166,6 @@ def check_resume_overrides(stored: dict, overrides: dict) -> None:
 
 def check_values(values: dict) -> None:
     """Refuse the first value that breaks its field's rule, as `--name value: must be ...`."""
-    from tinyldm.cli import UsageError
-
     for name, value in values.items():
         rule = FIELD_RULES.get(name)
         if rule is not None and not rule[0](value):
@@ -199,8 +198,6 @@ def check_data_flags(dataset: str, data: str | None, hflip: bool) -> None:
 
 def check_sampling_flags(*, n: int, steps: int, eta: float, guidance: float, seed: int) -> None:
     """The sampling flags every tool shares (sample.py, the evaluate command), refused before any work."""
-    from tinyldm.cli import UsageError
-
     if n < 1:
         raise UsageError(f"--n {n}: ask for at least one image (--n 1 or more)")
     if steps < 1:

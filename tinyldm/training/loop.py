@@ -240,6 +240,13 @@ class GracefulStop:
     def requested(self) -> bool:
         return self.signal is not None
 
+    def agreed(self, world, device: torch.device, step: int, every: int) -> bool:
+        """Stop after this step? One process: whenever a signal came. Under torchrun the processes must stop at
+        the same step, which takes an all-reduce (a device sync): they agree every `every` steps, not each step."""
+        if not world.enabled:
+            return self.requested
+        return step % every == 0 and world.any(self.requested, device)
+
     def exit(self, step: int, total: int, checkpoint: Path, resume: str) -> None:
         """Say where the run stopped and how to continue, then exit with 128 + the signal's number."""
         print(f"stopped by {signal.Signals(self.signal).name} after step {step} of {total}; checkpoint {checkpoint}. "

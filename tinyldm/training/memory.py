@@ -10,8 +10,9 @@ fused kernel streams over the keys and never holds it). Sampling holds, per imag
 connections plus a few of its largest activations, and the attention matrix of one layer at a time; training
 keeps every activation for the backward pass, plus four copies of the weights (weights, gradients, Adam's two
 moments) and the EMA's.
-Measured against the peak resident memory of `sample.py` on 2 CPU cores (the quickstart model, 50 DDIM
-steps, guided; the peak includes ~0.7 GiB of Python and torch): the estimate is on the high side.
+Measured against the peak resident memory of `sample.py` on 2 CPU cores (the quickstart model, guided, 256 to
+1024 px): the estimate is about twice what the run holds above the ~0.7 GiB of Python and torch themselves.
+A request is refused above `HEADROOM` of the free memory.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from torch import nn
 from tinyldm.cli import UsageError
 
 GiB = 2**30
+HEADROOM = 0.9  # the share of the free memory a job may be estimated to need
 
 
 def available_bytes(device: torch.device) -> int | None:
@@ -147,31 +149,34 @@ def describe(nbytes: float) -> str:
 # Sampling
 
 
+def unet_profile(denoiser, latent_hw: tuple[int, int]) -> Profile:
+    """The profile of the denoiser's UNet on one latent of `latent_hw`, with its condition's context length."""
+    unet, (h, w) = denoiser.unet, latent_hw
+    device = next(denoiser.parameters()).device
+    z = torch.zeros(1, unet.cfg.in_channels, h, w, device=device)
+    t = torch.zeros(1, dtype=torch.long, device=device)
+    extra = {}
+    if unet.cfg.concat_channels:
+        extra["concat"] = torch.zeros(1, unet.cfg.concat_channels, h, w, device=device)
+    if unet.cfg.context_dim:
+        cfg = denoiser.cond.cfg
+        length = {"text": getattr(cfg, "max_len", 16), "layout": getattr(cfg, "max_objects", 1)}.get(cfg.kind, 1)
+        extra["context"] = torch.zeros(1, length, unet.cfg.context_dim, device=device)
+    if unet.class_emb is not None:
+        extra["class_labels"] = torch.zeros(1, dtype=torch.long, device=device)
+    skips = [unet.conv_in] + [stage[-1] for stage in unet.down]
+    return profile(unet, lambda: unet(z, t, **extra), h * w, skips)
+
+
 class SamplingEstimate:
     """Bytes to sample `n` images of (H, W) pixels with `generate` in chunks of `chunk`, for a denoiser and
     autoencoder profiled once at the training size."""
 
-    def __init__(self, denoiser, ae, latent_hw: tuple[int, int], context: object = None):
-        self.denoiser, self.ae = denoiser, ae
+    def __init__(self, denoiser, ae, latent_hw: tuple[int, int]):
         self.f = ae.downsample_factor
-        h, w = latent_hw
-        c = denoiser.unet.cfg.in_channels
-        device = next(denoiser.parameters()).device
-        z = torch.zeros(1, c, h, w, device=device)
-        t = torch.zeros(1, dtype=torch.long, device=device)
-        unet = denoiser.unet
-        skips = [unet.conv_in] + [stage[-1] for stage in unet.down]
-        extra = {}
-        if unet.cfg.concat_channels:
-            extra["concat"] = torch.zeros(1, unet.cfg.concat_channels, h, w, device=device)
-        if unet.cfg.context_dim:
-            cfg = denoiser.cond.cfg
-            length = {"text": getattr(cfg, "max_len", 16), "layout": getattr(cfg, "max_objects", 1)}.get(cfg.kind, 1)
-            extra["context"] = torch.zeros(1, length, unet.cfg.context_dim, device=device)
-        if unet.class_emb is not None:
-            extra["class_labels"] = torch.zeros(1, dtype=torch.long, device=device)
-        self.unet = profile(unet, lambda: unet(z, t, **extra), h * w, skips)
-        self.decoder = profile(ae.decoder, lambda: ae.decode(z[:, : ae.config.z_channels]), h * w)
+        z = torch.zeros(1, ae.config.z_channels, *latent_hw, device=next(ae.parameters()).device)
+        self.unet = unet_profile(denoiser, latent_hw)
+        self.decoder = profile(ae.decoder, lambda: ae.decode(z), latent_hw[0] * latent_hw[1])
         self.fixed = weights_bytes(denoiser, ae)
 
     def bytes(self, n: int, H: int, W: int, *, guided: bool, chunk: int = 64) -> float:
@@ -186,14 +191,14 @@ class SamplingEstimate:
         size and the largest square size for --n 1 that fit. Returns the estimate."""
         need = self.bytes(n, H, W, guided=guided, chunk=chunk)
         free = available_bytes(device)
-        if free is None or need <= 0.9 * free:
+        if free is None or need <= HEADROOM * free:
             return need
         fits_n = next((k for k in (64, 32, 16, 8, 4, 2, 1) if k < n and self.bytes(k, H, W, guided=guided,
-                                                                              chunk=chunk) <= 0.9 * free), 0)
+                                                                              chunk=chunk) <= HEADROOM * free), 0)
         low, high = 1, 2**20 // step  # the largest k with a (k * step)^2 image fitting: binary search
         while low < high:
             k = (low + high + 1) // 2
-            if self.bytes(1, k * step, k * step, guided=guided, chunk=chunk) <= 0.9 * free:
+            if self.bytes(1, k * step, k * step, guided=guided, chunk=chunk) <= HEADROOM * free:
                 low = k
             else:
                 high = k - 1
@@ -215,9 +220,9 @@ def check_training(name: str, model_bytes: int, per_example: float, batch: int, 
     --batch_size that fits. Returns the estimate."""
     need = 5 * model_bytes + batch * per_example + extra
     free = available_bytes(device)
-    if free is None or need <= 0.9 * free:
+    if free is None or need <= HEADROOM * free:
         return need
-    fits = math.floor((0.9 * free - 5 * model_bytes - extra) / per_example) if per_example else 0
+    fits = math.floor((HEADROOM * free - 5 * model_bytes - extra) / per_example) if per_example else 0
     advice = (f"--batch_size {fits} fits" if fits >= 1 else
               "even one example does not fit: use a smaller model (--channels) or image size")
     raise UsageError(f"training {name} with --batch_size {batch} needs about {describe(need)}, and {device} has "
