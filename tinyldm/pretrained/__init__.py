@@ -2,7 +2,8 @@
 
     from tinyldm.pretrained import load
     model = load("CompVis/ldm-celebahq-256")        # a hub id (needs the `pretrained` extra and internet once)
-    model = load("path/to/ldm-celebahq-256")        # or a local diffusers-format folder
+    model = load("path/to/ldm-celebahq-256")        # or a local diffusers-format folder named after the release:
+    # hf download CompVis/ldm-celebahq-256 --local-dir ldm-celebahq-256  (the folder's name selects RELEASES' entry)
     images = model.generate(n=4, steps=50)           # (4, 3, 256, 256) in [-1, 1], through tinyldm's sampler
 
     unet.py          diffusers' UNet2DModel (the unconditional and concat-conditioned releases) and
@@ -157,8 +158,9 @@ def _download(repo_id: str) -> Path:
                 path = Path(snapshot_download(repo_id, allow_patterns=[f"{part}/*.bin"]))
         return path
     except Exception as e:  # offline, unknown id, gated: one line that says what happened
-        raise SystemExit(f"could not download {repo_id!r} ({type(e).__name__}: {e}); on a machine with internet "
-                         f"run `huggingface-cli download {repo_id}` and pass the folder") from e
+        raise SystemExit(f"could not download {repo_id!r} ({type(e).__name__}: {e}); where the hub can be "
+                         f"reached, run `hf download {repo_id} --local-dir {repo_id.split('/')[-1]}` and pass "
+                         "that folder") from e
 
 
 def load(id_or_path: str | os.PathLike, *, release: str | None = None) -> PretrainedLDM:
