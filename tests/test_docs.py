@@ -6,8 +6,8 @@ notebooks/README.md, that starts with `python `, `python3 `, `torchrun ` or `bas
 with a sub-command such as `student` when the module has them) or torchrun (its own flags, then the script's).
 Each entry point's `--help` runs once, in a subprocess from the repository root, and every `--flag` of the
 command must be an option of that help text. `bash .ci/gpu_check STAGE` takes only the stages the script knows.
-The README's file map must name files that exist, and every module of the package; the pages' relative links
-and images must point at files (and headings) that exist.
+The file map (docs/files.md, which the README links) must name files that exist, and every module of the
+package; the pages' relative links and images must point at files (and headings) that exist.
 """
 
 import importlib.util
@@ -23,6 +23,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "notebooks" / "README.md"]
+FILE_MAP = ROOT / "docs" / "files.md"  # every file, one row each (the README keeps a short map of the folders)
 GPU_CHECK_STAGES = ("fetch", "1", "2", "3", "4")  # the cases of .ci/gpu_check
 SEPARATORS = {"&&", "||", ";", "|"}
 FLAG = re.compile(r"--[A-Za-z0-9][\w-]*")
@@ -263,29 +264,33 @@ def test_commands_are_found_in_blocks_spans_and_chains():
     ]
 
 
-# --- the README's file map -----------------------------------------------------------------------------------
+# --- the file map --------------------------------------------------------------------------------------------
 
-def file_map_paths(readme: str) -> list[str]:
-    """The paths in the first column of the README's "File map" table."""
-    section = re.search(r"^## File map\n(.*?)(?=^## |\Z)", readme, re.M | re.S)
-    assert section, "the README has no '## File map' section"
+def file_map_paths(page: str) -> list[str]:
+    """The paths in the first column of a page's "File map" table."""
+    section = re.search(r"^## File map\n(.*?)(?=^## |\Z)", page, re.M | re.S)
+    assert section, "the page has no '## File map' section"
     rows = [line for line in section.group(1).splitlines() if line.startswith("| `")]
     return [path for row in rows for path in re.findall(r"`([^`]+)`", row.split("|")[1])]
 
 
 def test_file_map_names_existing_files():
-    paths = file_map_paths((ROOT / "README.md").read_text(encoding="utf-8"))
+    paths = file_map_paths(FILE_MAP.read_text(encoding="utf-8"))
     assert len(paths) >= 30, paths
     missing = [p for p in paths if not (ROOT / p).exists()]
-    assert not missing, f"the README's file map names files that do not exist: {missing}"
+    assert not missing, f"the file map names files that do not exist: {missing}"
 
 
 def test_file_map_names_every_module_and_script():
-    named = set(file_map_paths((ROOT / "README.md").read_text(encoding="utf-8")))
+    named = set(file_map_paths(FILE_MAP.read_text(encoding="utf-8")))
     modules = {p.relative_to(ROOT).as_posix() for p in (ROOT / "tinyldm").rglob("*.py") if p.name != "__init__.py"
                and "tinyldm/course/grading/" not in p.as_posix()}  # the kit's grading tests: named as a folder
     scripts = {p.name for p in ROOT.glob("*.py")}
-    assert modules - named == set() and scripts - named == set(), "missing from the README's file map"
+    assert modules - named == set() and scripts - named == set(), "missing from docs/files.md's file map"
+
+
+def test_the_readme_links_the_file_map():
+    assert "](docs/files.md)" in (ROOT / "README.md").read_text(encoding="utf-8")
 
 
 def test_file_map_check_catches_a_missing_file():
