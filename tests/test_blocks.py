@@ -1,13 +1,12 @@
 """The shared building blocks (tinyldm/blocks.py), against their formulas written out by hand, and the
-guarantees that sharing them must keep: one ResBlock for both stages, old checkpoints still loading."""
+guarantee that sharing them must keep: one ResBlock for both stages."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from tinyldm.autoencoder import Autoencoder, AutoencoderConfig
-from tinyldm.blocks import Downsample, ResBlock, TransformerBlock, Upsample
-from tinyldm.conditioning import ConditionConfig, ConditionEncoder
+from tinyldm.blocks import Attention, Downsample, ResBlock, TransformerBlock, Upsample, attention_weights
 from tinyldm.unet import UNet, UNetConfig
 
 
@@ -96,20 +95,28 @@ def test_cross_attention_block_reads_the_context_and_respects_its_mask():
     assert not torch.allclose(block(x, context, context_mask), block(x, changed_real, context_mask))
 
 
-@pytest.mark.parametrize("kind", ["text", "layout"])
-def test_condition_encoders_load_checkpoints_with_the_old_layer_names(kind):
-    """Before the encoders used blocks.TransformerBlock their layers were `attn` and `norm2` (before the
-    feed-forward); such checkpoints load into today's `self_attn` / `norm3` and give the same context."""
-    cfg = ConditionConfig(kind=kind, context_dim=32, head_dim=16, num_classes=18, max_objects=3,
-                          vocab=["<pad>", "<bos>", "<eos>", "<unk>", "a", "red", "circle"])
-    encoder = ConditionEncoder(cfg).eval()
-    old = {k.replace(".self_attn.", ".attn.").replace(".norm3.", ".norm2."): v for k, v in encoder.state_dict().items()}
-    assert any(".blocks.0.attn." in k for k in old) and not any(".norm3." in k for k in old)
-    fresh = ConditionEncoder(cfg).eval()
-    fresh.load_state_dict(old)  # strict: every key found, none left over
-    if kind == "text":
-        condition = ["a red circle", ""]
-    else:
-        condition = {"box_classes": torch.tensor([[3, -1], [-1, -1]]),
-                     "boxes": torch.tensor([[[0.1, 0.1, 0.4, 0.5], [0, 0, 0, 0]], [[0, 0, 0, 0], [0, 0, 0, 0]]])}
-    torch.testing.assert_close(fresh(condition)["context"], encoder(condition)["context"], rtol=0, atol=0)
+@pytest.mark.parametrize("context_dim", [None, 12])
+def test_attention_fused_and_explicit_are_the_formula(context_dim):
+    """Attention(fused=True) (F.scaled_dot_product_attention) and Attention(fused=False) (the explicit softmax)
+    give softmax(q k^T / sqrt(d)) v per head, written out here with a loop over heads; masked keys count for 0."""
+    fused = Attention(16, 8, context_dim)
+    _randomise(fused)
+    explicit = Attention(16, 8, context_dim, fused=False)
+    explicit.load_state_dict(fused.state_dict())
+    x = torch.randn(2, 5, 16)
+    context = x if context_dim is None else torch.randn(2, 5, context_dim)
+    mask = torch.tensor([[True, True, True, False, False], [True] * 5])
+    q, k, v = fused.to_q(x), fused.to_k(context), fused.to_v(context)
+    heads = []
+    for h in range(2):
+        cols = slice(8 * h, 8 * h + 8)
+        scores = q[..., cols] @ k[..., cols].mT / 8**0.5  # (B, N, L)
+        scores = scores.masked_fill(~mask[:, None, :], float("-inf"))
+        heads.append(scores.softmax(-1) @ v[..., cols])
+    expected = fused.to_out(torch.cat(heads, dim=-1))
+    given = None if context_dim is None else context
+    torch.testing.assert_close(fused(x, given, mask), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(explicit(x, given, mask), expected, atol=1e-5, rtol=1e-5)
+    w = attention_weights(q.reshape(2, 5, 2, 8).transpose(1, 2), k.reshape(2, 5, 2, 8).transpose(1, 2), mask=mask)
+    assert torch.equal(w[0, :, :, 3:], torch.zeros(2, 5, 2))  # masked keys: exactly 0
+    torch.testing.assert_close(w.sum(-1), torch.ones(2, 2, 5))

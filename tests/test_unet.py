@@ -4,8 +4,10 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from tinyldm.blocks import Attention, attention, keep_attention_weights
+from tinyldm.blocks import Attention, attention_weights
+from tinyldm.evaluation.attention_maps import probabilities, record_attention
 from tinyldm.unet import UNet, UNetConfig, timestep_embedding
 
 
@@ -21,12 +23,6 @@ def randomize_zero_layers(model: torch.nn.Module) -> None:
         for p in model.parameters():
             if p.abs().sum() == 0:
                 p.normal_(0, 0.05)
-
-
-def use_explicit_attention(model: torch.nn.Module, explicit: bool = True) -> None:
-    for m in model.modules():
-        if isinstance(m, Attention):
-            m.fused = not explicit
 
 
 def test_timestep_embedding_closed_form():
@@ -85,50 +81,68 @@ def test_fused_attention_equals_explicit_softmax():
     mask = torch.rand(2, 7) > 0.4
     mask[:, 0] = True
     for m in [None, mask]:
-        fused = attention(q, k, v, mask=m, fused=True)
-        assert torch.allclose(fused, attention(q, k, v, mask=m, fused=False), atol=1e-5)
+        fused = F.scaled_dot_product_attention(q, k, v, attn_mask=None if m is None else m[:, None, None, :])
+        assert torch.allclose(fused, attention_weights(q, k, mask=m) @ v, atol=1e-5)
     # And against the formula written out longhand for one head of one sample.
     s = (q[1, 2] @ k[1, 2].T) / math.sqrt(8)
     s[:, ~mask[1]] = -float("inf")
-    assert torch.allclose(attention(q, k, v, mask=mask)[1, 2], torch.softmax(s, -1) @ v[1, 2], atol=1e-5)
-    # Whole model: the fused path and the explicit path agree.
-    model = UNet(small_config()).eval()
-    randomize_zero_layers(model)
-    x, t, c = torch.randn(2, 4, 8, 8), torch.tensor([5, 50]), torch.randn(2, 3, 24)
-    with torch.no_grad():
-        a = model(x, t, context=c)
-        use_explicit_attention(model)
-        b = model(x, t, context=c)
-    assert torch.allclose(a, b, atol=1e-5)
+    assert torch.allclose(attention_weights(q, k, mask=mask)[1, 2] @ v[1, 2], torch.softmax(s, -1) @ v[1, 2],
+                          atol=1e-5)
+    # Whole model: the fused path and the explicit path (fused_attention=False) agree, for both attention blocks.
+    for overrides in [{}, {"attention_block": "plain", "context_dim": None}]:
+        model = UNet(small_config(**overrides)).eval()
+        randomize_zero_layers(model)
+        explicit = UNet(small_config(**overrides, fused_attention=False)).eval()
+        explicit.load_state_dict(model.state_dict())
+        assert all(m.fused for m in model.modules() if isinstance(m, Attention))
+        assert all(not m.fused for m in explicit.modules() if isinstance(m, Attention))
+        x, t = torch.randn(2, 4, 8, 8), torch.tensor([5, 50])
+        cond = {} if overrides else {"context": torch.randn(2, 3, 24)}
+        with torch.no_grad():
+            assert torch.allclose(model(x, t, **cond), explicit(x, t, **cond), atol=1e-5)
 
 
-def test_kept_attention_weights_are_the_softmax_and_change_nothing():
+def test_recorded_attention_maps_are_the_softmax_and_change_nothing():
+    """evaluation.attention_maps.record_attention: the probabilities each layer applies, recomputed by a hook
+    from the layer's own inputs; the model's output is bit for bit the same."""
     model = UNet(small_config(attn_resolutions=(8, 4))).eval()
     randomize_zero_layers(model)
     x, t, context = torch.randn(2, 4, 8, 8), torch.tensor([10, 700]), torch.randn(2, 6, 24)
     mask = torch.tensor([[True] * 4 + [False] * 2, [True] * 6])
-    layers_of = lambda: [m for m in model.modules() if isinstance(m, Attention)]  # noqa: E731
     with torch.no_grad():
-        fused = model(x, t, context=context, context_mask=mask)
-        assert all(m.weights is None and not m.keep_weights for m in layers_of())  # nothing stored by default
-        with keep_attention_weights(model) as layers:
-            kept = model(x, t, context=context, context_mask=mask)
-            stored = {name: layer.weights for name, layer in layers.items()}
+        plain = model(x, t, context=context, context_mask=mask)
+        with record_attention(model) as maps:
+            recorded = model(x, t, context=context, context_mask=mask)
     # One cross-attention per transformer block: down 8 and 4, mid, up 4 (x2) and 8 (x2).
-    assert len(stored) == 7 and all(name.endswith("cross_attn") for name in stored)
-    assert torch.allclose(kept, fused, atol=1e-5)  # the explicit path gives the fused output
-    for name, w in stored.items():
+    assert len(maps) == 7 and all(name.endswith("cross_attn") for name in maps)
+    assert torch.equal(recorded, plain)
+    for name, w in maps.items():
         # (B, heads, h * w, L): 8 x 8 latent pixels with 32 channels = 2 heads, or 4 x 4 with 64 = 4 heads.
         assert tuple(w.shape) in [(2, 2, 64, 6), (2, 4, 16, 6)], (name, tuple(w.shape))
         assert torch.allclose(w.sum(-1), torch.ones(()), atol=1e-5)  # each query's row is a distribution
         assert torch.equal(w[0, ..., 4:], torch.zeros_like(w[0, ..., 4:]))  # padded tokens get weight 0
         assert (w[1] > 0).all()  # sample 1 has no padding
-    # Leaving the block resets the flags and drops the weights (self-attention was never switched on).
-    assert all(m.weights is None and not m.keep_weights for m in layers_of())
-    with torch.no_grad(), keep_attention_weights(model, cross_only=False) as layers:
+    # The hooks are gone after the block; with cross_only=False self-attention is recorded too.
+    kept = dict(maps)
+    with torch.no_grad():
         model(x, t, context=context, context_mask=mask)
-        self_w = [layer.weights for layer in layers.values() if not layer.is_cross]
-    assert len(self_w) == 7 and all(w.shape[-1] == w.shape[-2] for w in self_w)  # (B, heads, N, N)
+    assert maps.keys() == kept.keys() and all(maps[name] is kept[name] for name in kept)
+    with torch.no_grad(), record_attention(model, cross_only=False) as maps:
+        model(x, t, context=context, context_mask=mask)
+    self_w = [w for name, w in maps.items() if name.endswith("self_attn")]
+    assert len(maps) == 14 and len(self_w) == 7 and all(w.shape[-1] == w.shape[-2] for w in self_w)
+
+
+def test_recorded_probabilities_are_the_ones_the_layer_applies():
+    """Those probabilities times the layer's values, through its output projection, give the layer's output."""
+    layer = Attention(16, 8, context_dim=12)
+    x, context = torch.randn(2, 5, 16), torch.randn(2, 3, 12)
+    mask = torch.tensor([[True, True, False], [True, True, True]])
+    with torch.no_grad():
+        w = probabilities(layer, x, context, mask)  # (B, heads, N, L)
+        v = layer.to_v(context).reshape(2, 3, 2, 8).transpose(1, 2)  # (B, heads, L, d)
+        out = layer.to_out((w @ v).transpose(1, 2).reshape(2, 5, 16))
+        assert torch.allclose(out, layer(x, context, mask), atol=1e-5)
 
 
 def test_every_parameter_gets_a_gradient():

@@ -1,42 +1,43 @@
-"""The building blocks that the autoencoder, the UNet and the condition encoder share, in plain PyTorch.
+"""The building blocks that the autoencoder, the UNet and the condition encoder share.
 
 Contract with the papers
 ------------------------
-* `ResBlock`: the residual block of DDPM / ADM (Ho et al., arXiv 2006.11239, App. B; Dhariwal & Nichol,
-  arXiv 2105.05233, Sec. 3): GroupNorm -> SiLU -> 3x3 conv, twice, plus a (1x1-projected) skip. Given a
-  timestep embedding (`emb_dim`), the block injects it between the two convolutions, either added to the
-  features or as ADM's adaptive GroupNorm ("AdaGN": GN(h) * (1 + scale) + shift). The autoencoder's blocks
-  have no embedding (`emb_dim=None`), the UNet's have one.
-* `Downsample` (a stride-2 3x3 conv) and `Upsample` (nearest-neighbour x2, then a 3x3 conv): the same
-  resampling in the autoencoder and in the UNet.
-* Attention, as the LDM paper writes it in Sec. 3.3 (Rombach et al., arXiv 2112.10752; Vaswani et al.,
-  arXiv 1706.03762, Sec. 3.2.1):
+* `ResBlock`: the residual block of DDPM / ADM (Ho et al., arXiv 2006.11239, App. B; Dhariwal &
+  Nichol, arXiv 2105.05233, Sec. 3): GroupNorm -> SiLU -> 3x3 conv, twice, plus a (1x1-projected)
+  skip. Given a timestep embedding (`emb_dim`), the block injects it between the two convolutions,
+  either added to the features or as ADM's adaptive GroupNorm ("AdaGN": GN(h) (1 + scale) + shift).
+  The autoencoder's blocks have no embedding (`emb_dim=None`), the UNet's have one.
+* `Downsample` (a stride-2 3x3 conv) and `Upsample` (nearest-neighbour x2, then a 3x3 conv): the
+  same resampling in the autoencoder and in the UNet.
+* Attention, as the LDM paper writes it in Sec. 3.3 (Rombach et al., arXiv 2112.10752; Vaswani et
+  al., arXiv 1706.03762, Sec. 3.2.1):
 
-      Attention(Q, K, V) = softmax(Q K^T / sqrt(d)) V,   Q = W_Q phi_i(z_t),  K = W_K tau(y),  V = W_V tau(y)
+      Attention(Q, K, V) = softmax(Q K^T / sqrt(d)) V,
+      Q = W_Q phi_i(z_t),  K = W_K tau(y),  V = W_V tau(y)
 
-  `attention` runs it with `F.scaled_dot_product_attention`; `attention_weights` is the explicit softmax,
-  the reference the fused kernel is tested against and the probabilities `keep_attention_weights` shows.
-* `TransformerBlock`: pre-norm residual self-attention, cross-attention to a context (if it has one) and a
-  GEGLU feed-forward (Shazeer, arXiv 2002.05202), as in the LDM UNet's transformer (App. E.2.1). Without a
-  context it is the plain pre-norm transformer layer that the text and layout encoders stack.
+  `Attention` runs it with `F.scaled_dot_product_attention`, or, built with `fused=False`, with the
+  explicit softmax `attention_weights`: the reference the fused kernel is tested against.
+* `TransformerBlock`: pre-norm residual self-attention, cross-attention to a context (if it has
+  one) and a GEGLU feed-forward (Shazeer, arXiv 2002.05202), as in the LDM UNet's transformer
+  (App. E.2.1). Without a context it is the plain pre-norm transformer layer that the text and
+  layout encoders stack.
 
-Conventions: feature maps are (B, C, H, W), token sequences (B, N, C); a key padding `mask` (B, L) is True
-for real tokens and False for padding, which no query attends to. GroupNorm uses eps = 1e-6 everywhere.
+Conventions: feature maps are (B, C, H, W), token sequences (B, N, C); a key padding `mask` (B, L)
+is True for real tokens and False for padding, which no query attends to. GroupNorm uses eps = 1e-6
+everywhere.
 """
 
 from __future__ import annotations
 
 import math
-import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 
 def group_norm(channels: int, groups: int, eps: float = 1e-6) -> nn.GroupNorm:
-    """GroupNorm with CompVis' eps 1e-6 by default (their diffusers releases use 1e-5 outside the transformers)."""
+    """GroupNorm with CompVis' eps 1e-6 by default (their diffusers releases use 1e-5 outside the
+    transformers)."""
     return nn.GroupNorm(groups, channels, eps=eps)
 
 
@@ -48,21 +49,25 @@ def zero_module(module: nn.Module) -> nn.Module:
 
 
 class ResBlock(nn.Module):
-    """GN -> SiLU -> conv, [timestep injection], GN -> SiLU -> dropout -> conv, plus a skip connection.
+    """GN -> SiLU -> conv, [timestep injection], GN -> SiLU -> dropout -> conv, plus a skip.
 
-    emb_dim:     width of the timestep embedding, or None for a block without one (the autoencoder's).
-    scale_shift: inject the embedding as AdaGN's scale and shift (True) or add it to the features (False).
-    zero_init:   start the second conv at zero, so the block starts as its skip connection (the UNet's).
+    emb_dim:     width of the timestep embedding, or None for a block without one (the
+                 autoencoder's).
+    scale_shift: inject the embedding as AdaGN's scale and shift (True) or add it to the features.
+    zero_init:   start the second conv at zero, so the block starts as its skip connection (the
+                 UNet's).
     eps:         the GroupNorms' epsilon.
     """
 
     def __init__(self, in_ch: int, out_ch: int, *, groups: int, emb_dim: int | None = None,
-                 scale_shift: bool = False, dropout: float = 0.0, zero_init: bool = False, eps: float = 1e-6):
+                 scale_shift: bool = False, dropout: float = 0.0, zero_init: bool = False,
+                 eps: float = 1e-6):
         super().__init__()
         self.scale_shift = scale_shift
         self.norm1 = group_norm(in_ch, groups, eps)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
-        self.emb_proj = nn.Linear(emb_dim, 2 * out_ch if scale_shift else out_ch) if emb_dim else None
+        emb_out = 2 * out_ch if scale_shift else out_ch
+        self.emb_proj = nn.Linear(emb_dim, emb_out) if emb_dim else None
         self.norm2 = group_norm(out_ch, groups, eps)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
@@ -86,8 +91,9 @@ class ResBlock(nn.Module):
 
 
 class Downsample(nn.Module):
-    """(B, C, H, W) -> (B, C, H/2, W/2) with a stride-2 3x3 conv. `asymmetric`: pad one pixel on the right and
-    bottom only, as the CompVis autoencoders (and so their releases) do, instead of one on every side."""
+    """(B, C, H, W) -> (B, C, H/2, W/2) with a stride-2 3x3 conv. `asymmetric`: pad one pixel on the
+    right and bottom only, as the CompVis autoencoders (and so their releases) do, instead of one on
+    every side."""
 
     def __init__(self, channels: int, *, asymmetric: bool = False):
         super().__init__()
@@ -109,28 +115,11 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
-# True: every attention layer runs the explicit formula below (`attention_weights`) instead of the fused kernel,
-# e.g. to train or sample a model with one's own implementation of it. Set by the environment variable
-# TINYLDM_ATTENTION=explicit, or for a block of code with `explicit_attention()`.
-EXPLICIT_ATTENTION = os.environ.get("TINYLDM_ATTENTION", "fused") == "explicit"
-
-
-@contextmanager
-def explicit_attention(on: bool = True) -> Iterator[None]:
-    """Within the block, every attention layer uses `attention_weights` (on=True) or the fused kernel (False)."""
-    global EXPLICIT_ATTENTION
-    before, EXPLICIT_ATTENTION = EXPLICIT_ATTENTION, on
-    try:
-        yield
-    finally:
-        EXPLICIT_ATTENTION = before
-
-
 def attention_weights(q: Tensor, k: Tensor, *, mask: Tensor | None = None) -> Tensor:
-    """The attention probabilities (Vaswani et al. Eq. 1; LDM Sec. 3.3) of (B, heads, N, d) queries over
-    (B, heads, L, d) keys: (B, heads, N, L).
+    """The attention probabilities (Vaswani et al. Eq. 1; LDM Sec. 3.3) of (B, heads, N, d) queries
+    over (B, heads, L, d) keys: (B, heads, N, L).
 
-    Each row sums to 1; mask (B, L) is True where keys count, and masked keys get probability exactly 0.
+    Each row sums to 1; mask (B, L) is True where keys count, and masked keys get probability 0.
     """
     # BEGIN ASSIGNMENT attention
     scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # (B, heads, N, L)
@@ -140,25 +129,18 @@ def attention_weights(q: Tensor, k: Tensor, *, mask: Tensor | None = None) -> Te
     # END ASSIGNMENT attention
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Tensor | None = None, fused: bool = True) -> Tensor:
-    """Scaled dot-product attention (Vaswani et al. Eq. 1) on (B, heads, N, d) tensors; mask (B, L) is True where
-    keys count.
-
-    fused=True calls F.scaled_dot_product_attention (flash / memory-efficient kernels where available);
-    fused=False, or `explicit_attention()` / TINYLDM_ATTENTION=explicit, the explicit formula
-    `attention_weights(q, k) @ v`.
-    """
-    if fused and not EXPLICIT_ATTENTION:
-        attn_mask = None if mask is None else mask[:, None, None, :]  # (B, 1, 1, L): all heads and queries
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-    return attention_weights(q, k, mask=mask) @ v
-
-
 class Attention(nn.Module):
-    """Multi-head attention of queries x (B, N, C) to keys / values from `context` (B, L, D), or to x itself.
-    `qkv_bias`: biases in the q / k / v projections (the released unconditional CompVis models have them)."""
+    """Multi-head attention of queries x (B, N, C) to keys / values from `context` (B, L, D), or
+    to x itself.
 
-    def __init__(self, dim: int, head_dim: int, context_dim: int | None = None, *, qkv_bias: bool = False):
+    qkv_bias: biases in the q / k / v projections (the released unconditional CompVis models have
+              them).
+    fused:    F.scaled_dot_product_attention (flash / memory-efficient kernels where available), or
+              False for the explicit formula `attention_weights(q, k) @ v`.
+    """
+
+    def __init__(self, dim: int, head_dim: int, context_dim: int | None = None, *,
+                 qkv_bias: bool = False, fused: bool = True):
         super().__init__()
         if dim % head_dim:
             raise ValueError(f"attention width {dim} is not divisible by head_dim {head_dim}")
@@ -168,48 +150,25 @@ class Attention(nn.Module):
         self.to_v = nn.Linear(context_dim or dim, dim, bias=qkv_bias)
         self.to_out = nn.Linear(dim, dim)
         self.is_cross = context_dim is not None  # attends to a context (tau(y)), not to x itself
-        self.fused = True  # False: the explicit softmax (the reference the tests compare against)
-        self.keep_weights = False  # True: explicit softmax, and its probabilities are kept in `self.weights`
-        self.weights: Tensor | None = None  # (B, heads, N, L) from the last forward while keep_weights is on
+        self.fused = fused
 
-    def forward(self, x: Tensor, context: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, context: Tensor | None = None,
+                mask: Tensor | None = None) -> Tensor:
         B, N, C = x.shape
         context = x if context is None else context
         q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
         # (B, N or L, C) -> (B, heads, N or L, d)
         q, k, v = (a.reshape(B, -1, self.heads, C // self.heads).transpose(1, 2) for a in (q, k, v))
-        if self.keep_weights:  # for looking at attention maps (keep_attention_weights)
-            weights = attention_weights(q, k, mask=mask)  # (B, heads, N, L)
-            self.weights = weights.detach()
-            out = weights @ v
+        if self.fused:
+            attn_mask = None if mask is None else mask[:, None, None, :]  # (B, 1, 1, L)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, heads, N, d)
         else:
-            out = attention(q, k, v, mask=mask, fused=self.fused)  # (B, heads, N, d)
+            out = attention_weights(q, k, mask=mask) @ v  # (B, heads, N, d)
         return self.to_out(out.transpose(1, 2).reshape(B, N, C))
 
 
-@contextmanager
-def keep_attention_weights(model: nn.Module, *, cross_only: bool = True) -> Iterator[dict[str, Attention]]:
-    """Inside the `with` block, the attention layers of `model` store their softmax probabilities.
-
-    Yields {module name: Attention layer}; after every forward, `layer.weights` holds (B, heads, N, L)
-    (N = h * w latent pixels of that level, L = context tokens), computed by the explicit formula, so
-    the model's output is the fused path's up to float rounding. Each forward overwrites the last one;
-    read them in between (e.g. in a sampler callback). Cross-attention only by default: those maps say
-    which tokens of tau(y) each latent pixel reads. On exit the flags are reset and the weights dropped.
-    """
-    layers = {name: m for name, m in model.named_modules()
-              if isinstance(m, Attention) and (m.is_cross or not cross_only)}
-    for layer in layers.values():
-        layer.keep_weights = True
-    try:
-        yield layers
-    finally:
-        for layer in layers.values():
-            layer.keep_weights, layer.weights = False, None
-
-
 class GEGLU(nn.Module):
-    """Feed-forward with a GELU-gated linear unit: W_2 (a * GELU(g)), [a, g] = W_1 x (Shazeer 2020)."""
+    """Feed-forward with a GELU-gated linear unit: W_2 (a * GELU(g)), [a, g] = W_1 x (Shazeer)."""
 
     def __init__(self, dim: int, mult: int = 4):
         super().__init__()
@@ -222,22 +181,26 @@ class GEGLU(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    """Pre-norm residual block on tokens x (B, N, C): self-attention, cross-attention to a context (when
-    `context_dim` is given), GEGLU feed-forward. `mask` (B, N) marks x's own real tokens (a padded caption);
-    `context_mask` (B, L) the context's."""
+    """Pre-norm residual block on tokens x (B, N, C): self-attention, cross-attention to a context
+    (when `context_dim` is given), GEGLU feed-forward. `mask` (B, N) marks x's own real tokens (a
+    padded caption); `context_mask` (B, L) the context's. `fused`: both attentions' kernel."""
 
-    def __init__(self, dim: int, head_dim: int, context_dim: int | None = None):
+    def __init__(self, dim: int, head_dim: int, context_dim: int | None = None, *,
+                 fused: bool = True):
         super().__init__()
-        self.norm1, self.self_attn = nn.LayerNorm(dim), Attention(dim, head_dim)
-        self.cross_attn = Attention(dim, head_dim, context_dim) if context_dim else None
+        self.norm1, self.self_attn = nn.LayerNorm(dim), Attention(dim, head_dim, fused=fused)
+        self.cross_attn = None
+        if context_dim:
+            self.cross_attn = Attention(dim, head_dim, context_dim, fused=fused)
         self.norm2 = nn.LayerNorm(dim) if context_dim else None
         self.norm3, self.ff = nn.LayerNorm(dim), GEGLU(dim)
 
-    def forward(self, x: Tensor, context: Tensor | None = None, context_mask: Tensor | None = None, *,
-                mask: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, context: Tensor | None = None,
+                context_mask: Tensor | None = None, *, mask: Tensor | None = None) -> Tensor:
         x = x + self.self_attn(self.norm1(x), mask=mask)
         if self.cross_attn is not None:
             # BEGIN ASSIGNMENT cross_attention
-            x = x + self.cross_attn(self.norm2(x), context, context_mask)  # Q from x, K and V from tau(y)
+            # Q from x, K and V from tau(y)
+            x = x + self.cross_attn(self.norm2(x), context, context_mask)
             # END ASSIGNMENT cross_attention
         return x + self.ff(self.norm3(x))

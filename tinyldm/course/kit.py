@@ -79,7 +79,7 @@ ASSIGNMENTS = {a.name: a for a in (
     Assignment("attention", "tinyldm/blocks.py",
                "the attention probabilities (LDM Sec. 3.3; Vaswani et al. Eq. 1). q: (B, heads, N, d); k: (B, "
                "heads, L, d); mask: (B, L) bool or None, True where a key counts; returns (B, heads, N, L), each "
-               "row summing to 1, masked keys exactly 0. With TINYLDM_ATTENTION=explicit the UNet runs yours.",
+               "row summing to 1, masked keys exactly 0. A UNet built with fused_attention=False runs yours.",
                timeout=180),
     Assignment("cross_attention", "tinyldm/blocks.py",
                "the cross-attention sub-layer of the transformer block (LDM Sec. 3.3, Fig. 3): pre-norm and "
@@ -291,7 +291,6 @@ def _locate(submission: Path, rel: str) -> Path | None:
 def _env(tree: Path, timeout: int, threads: int | None) -> dict:
     env = {**os.environ, "PYTHONPATH": str(tree), "PYTHONDONTWRITEBYTECODE": "1", "TINYLDM_GRADING_TREE": str(tree),
            "TINYLDM_TEST_TIMEOUT": str(timeout), "TQDM_DISABLE": "1"}
-    env.pop("TINYLDM_ATTENTION", None)
     if threads:
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     return env

@@ -15,10 +15,10 @@ def randomise(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return module
 
 
-def tiny_unet(context_dim: int | None = None, channels: int = 3, seed: int = 0):
+def tiny_unet(context_dim: int | None = None, channels: int = 3, seed: int = 0, fused_attention: bool = True):
     from tinyldm.unet import UNet, UNetConfig
 
     torch.manual_seed(seed)
     return UNet(UNetConfig(in_channels=channels, out_channels=channels, latent_size=8, channels=32,
                            channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8, 4), head_dim=16,
-                           context_dim=context_dim, norm_groups=8))
+                           context_dim=context_dim, norm_groups=8, fused_attention=fused_attention))

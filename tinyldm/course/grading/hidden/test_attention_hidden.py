@@ -1,4 +1,4 @@
-"""attention, hidden: with TINYLDM_ATTENTION=explicit the UNet runs the student's attention, and trains like the
+"""attention, hidden: a UNet built with fused_attention=False runs the student's attention, and trains like the
 fused kernel."""
 
 import torch
@@ -10,6 +10,8 @@ from tinyldm.course.grading._helpers import randomise, tiny_unet
 
 def test_the_unet_runs_this_attention_when_told(monkeypatch):
     unet = randomise(tiny_unet(context_dim=16), 1).eval()
+    explicit_unet = tiny_unet(context_dim=16, fused_attention=False).eval()
+    explicit_unet.load_state_dict(unet.state_dict())
     g = torch.Generator().manual_seed(2)
     x, t, context = torch.randn(2, 3, 8, 8, generator=g), torch.tensor([10, 700]), torch.randn(2, 5, 16, generator=g)
     mask = torch.tensor([[True] * 5, [True] * 2 + [False] * 3])
@@ -19,27 +21,25 @@ def test_the_unet_runs_this_attention_when_told(monkeypatch):
     with torch.no_grad():
         fused = unet(x, t, context=context, context_mask=mask)
         assert not calls
-        with blocks.explicit_attention():
-            explicit = unet(x, t, context=context, context_mask=mask)
+        explicit = explicit_unet(x, t, context=context, context_mask=mask)
     assert calls and torch.allclose(explicit, fused, atol=1e-4 * float(fused.abs().max()))
 
 
 def test_a_short_training_run_with_this_attention_matches_the_fused_kernel():
     def run(explicit: bool) -> list[float]:
-        unet = tiny_unet(context_dim=16, seed=3)
+        unet = tiny_unet(context_dim=16, seed=3, fused_attention=not explicit)
         opt = torch.optim.Adam(unet.parameters(), lr=1e-3)
         g = torch.Generator().manual_seed(4)
         table = torch.randn(4, 1, 16, generator=g)  # one context token per class
         losses = []
-        with blocks.explicit_attention(explicit):
-            for _ in range(25):
-                x, labels = torch.randn(16, 3, 8, 8, generator=g), torch.randint(0, 4, (16,), generator=g)
-                target = x * 0.5 + labels.float().view(16, 1, 1, 1) / 4
-                loss = F.mse_loss(unet(x, torch.randint(0, 1000, (16,), generator=g), context=table[labels]), target)
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                losses.append(float(loss.detach()))
+        for _ in range(25):
+            x, labels = torch.randn(16, 3, 8, 8, generator=g), torch.randint(0, 4, (16,), generator=g)
+            target = x * 0.5 + labels.float().view(16, 1, 1, 1) / 4
+            loss = F.mse_loss(unet(x, torch.randint(0, 1000, (16,), generator=g), context=table[labels]), target)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
         return losses
 
     fused, explicit = run(False), run(True)
