@@ -228,14 +228,11 @@ class ConditionEncoder(nn.Module):
             return {"box_classes": torch.full((n, K), -1, dtype=torch.long), "boxes": torch.zeros(n, K, 4)}
         return None
 
-    def drop(self, condition: list[str] | Tensor | dict, p_uncond: float, generator: torch.Generator | None = None,
-             *, mask: Tensor | None = None):
-        """Replace each condition by the null one with probability p_uncond (CFG training); or, with `mask`
-        (B,) bool, exactly those where it is True."""
+    def drop(self, condition: list[str] | Tensor | dict, drop: Tensor):
+        """The conditions with those where `drop` (B,) bool is True replaced by the null condition (CFG
+        training: the caller draws `drop` with probability p_uncond)."""
         n = batch_size(condition)
-        if mask is None:  # drawn where the generator lives (a CUDA generator draws on the GPU), used on the CPU
-            mask = torch.rand(n, generator=generator, device=generator.device if generator else None) < p_uncond
-        drop = mask.cpu()
+        drop = drop.cpu()
         null = self.null_condition(n)
         if self.cfg.kind == "text":
             return [null[i] if drop[i] else condition[i] for i in range(n)]

@@ -67,25 +67,14 @@ class Denoiser(nn.Module):
         return self.unet(z_t, t, **self.cond(condition), concat=concat)
 
 
-def ldm_loss(denoiser: Denoiser, schedule: NoiseSchedule, z0: Tensor, condition, cfg: DiffusionConfig, *,
-             concat: Tensor | None = None, generator: torch.Generator | None = None, t: Tensor | None = None,
-             eps: Tensor | None = None, drop: Tensor | None = None) -> Tensor:
-    """Eq. 3 on a batch of scaled latents z0 with their conditions (captions, class ids or None).
+def ldm_loss(denoiser: nn.Module, schedule: NoiseSchedule, z0: Tensor, t: Tensor, eps: Tensor, condition,
+             cfg: DiffusionConfig, *, concat: Tensor | None = None) -> Tensor:
+    """Eq. 3 on a batch of scaled latents z0 (B, c, h, w), given the step's draws t ~ U{0..T-1} (B,) and
+    eps ~ N(0, I) like z0, and the conditions (captions, class ids, layouts or None) after dropout.
 
     `concat` (B, C_c, h, w) is an image-like condition at the latent size (a segmentation map, a low-res
     image, a masked image's latent and its mask); it is never dropped: guidance acts on `condition` only.
-    `t`, `eps` and `drop` (which conditions to drop, (B,) bool) are drawn here unless given: a data-parallel
-    run draws them for the whole global batch on every process and hands each its share, so that it trains
-    exactly like one process. `denoiser` may be wrapped (DistributedDataParallel).
     """
-    B = z0.shape[0]
-    if t is None:
-        t = torch.randint(0, schedule.T, (B,), generator=generator, device=z0.device)  # t ~ U{0..T-1}
-    if eps is None:
-        eps = torch.randn(z0.shape, generator=generator, device=z0.device, dtype=z0.dtype)
-    if condition is not None and cfg.p_uncond > 0:
-        encoder = getattr(denoiser, "module", denoiser).cond
-        condition = encoder.drop(condition, cfg.p_uncond, generator=generator, mask=drop)
     # BEGIN ASSIGNMENT training_step
     z_t = schedule.q_sample(z0, t, eps)  # DDPM Eq. 4
     pred = denoiser(z_t, t, condition, concat=concat).float()

@@ -113,6 +113,13 @@ class RunLock:
     def __init__(self, folder: str | os.PathLike):
         self.path = Path(folder) / self.NAME
 
+    @classmethod
+    def for_rank_zero(cls, folder: str | os.PathLike) -> RunLock:
+        """The lock of `folder`, taken by rank 0 of a torchrun job (or the only process); the other ranks
+        hold an untaken one, whose `release` does nothing."""
+        lock = cls(folder)
+        return lock.acquire() if os.environ.get("RANK", "0") == "0" else lock
+
     def owner(self) -> dict | None:
         try:
             return json.loads(self.path.read_text())

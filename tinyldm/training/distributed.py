@@ -106,6 +106,19 @@ def setup(device_name: str = "auto") -> tuple[World, str]:
     return World(rank=rank, size=size, local_rank=local_rank), device_name
 
 
+def join(device_name: str, batch_size: int) -> tuple[World, torch.device]:
+    """Join the process group when torchrun started us (one process otherwise); this process's device. The
+    global batch must split evenly over the processes."""
+    from ..cli import UsageError
+    from .loop import pick_device
+
+    world, device_name = setup(device_name)
+    if batch_size % world.size:
+        raise UsageError(f"--batch_size {batch_size} (the global batch) must be divisible by the {world.size} "
+                         "processes")
+    return world, pick_device(device_name)
+
+
 def teardown(world: World) -> None:
     if world.enabled and dist.is_initialized():
         dist.destroy_process_group()

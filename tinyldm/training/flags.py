@@ -112,7 +112,7 @@ _FRACTION = (_in_range(0.0, 1.0), "a number in [0, 1]")
 _DECAY = (_in_range(0.0, 1.0, high_open=True), "a number in [0, 1)")
 FIELD_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     **dict.fromkeys(
-        ["image_size", "batch_size", "steps", "log_every", "image_every", "ckpt_every", "sample_every", "eval_steps",
+        ["image_size", "batch_size", "steps", "log_every", "sample_every", "ckpt_every", "sample_every", "eval_steps",
          "T", "channels", "num_res_blocks", "head_dim", "transformer_depth", "norm_groups", "base_channels",
          "z_channels", "n_codes", "text_layers", "text_head_dim", "max_tokens", "disc_channels", "disc_layers",
          "in_channels", "out_channels", "latent_size", "stats_images", "feature_steps", "sr_factor"], _POSITIVE_INT),
@@ -141,7 +141,7 @@ FIELD_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
 # the model, the data, the batch or the optimisation, and a run continued with it would be neither the old run nor
 # a new one.
 RESUME_SAFE = frozenset({
-    "steps", "max_minutes", "log_every", "image_every", "sample_every", "ckpt_every", "stats_images", "eval_images",
+    "steps", "max_minutes", "log_every", "sample_every", "sample_every", "ckpt_every", "stats_images", "eval_images",
     "eval_steps", "eval_cfg", "feature_steps", "tensorboard", "check_replicas", "num_workers",
 })
 

@@ -85,7 +85,6 @@ def _bytes(t: object) -> int:
 def profile(model: nn.Module, run, pixels: int, skips: list[nn.Module] = ()) -> Profile:
     """Run `run()` (one input, batch 1, `pixels` positions) with hooks on every module of `model`; `skips` are the
     modules whose outputs inference keeps until later (a UNet's skip connections)."""
-    from tinyldm import blocks
     from tinyldm.autoencoder import AttnBlock
     from tinyldm.blocks import Attention
 
@@ -107,7 +106,7 @@ def profile(model: nn.Module, run, pixels: int, skips: list[nn.Module] = ()) -> 
         if isinstance(module, AttnBlock):  # (B, C, H, W): one head over H*W positions, always fused, no mask
             return
         context = args[1] if len(args) > 1 else kwargs.get("context")
-        explicit = not module.fused or blocks.EXPLICIT_ATTENTION
+        explicit = not module.fused
         if context is None and not explicit:
             return
         n = x.shape[1]

@@ -17,7 +17,7 @@ released CompVis configurations they follow (each photo preset's values carry a 
 # and PSNR is an L2 measure. The discriminator joins for the last 300 steps at a small weight.
 _SHAPES_AE = dict(
     dataset="shapes", image_size=32, n_train=50_000, n_eval=256, batch_size=32, steps=800,
-    lr=1e-3, lr_schedule="cosine", lr_min_ratio=0.02, warmup_steps=50, log_every=50, image_every=200,
+    lr=1e-3, lr_schedule="cosine", lr_min_ratio=0.02, warmup_steps=50, log_every=50, sample_every=200,
     ckpt_every=400, stats_images=512,
     base_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, z_channels=4, mid_attention=False, norm_groups=8,
     rec_loss="l2", perceptual_weight=0.0, disc_start=500, disc_weight=0.1, disc_channels=32, disc_layers=2,
@@ -28,7 +28,7 @@ AE_PRESETS: dict[str, dict] = {
     # Your own images on a CPU: the shapes recipe at 32 px on --data DIR (`python train_ae.py --data DIR` picks it).
     "folder": {**_SHAPES_AE, "dataset": "folder", "n_train": 0},
     # GPU-sized shapes: 64 px -> 16 x 16 x 4 latents (what train_ldm.py's shapes64 preset uses).
-    "shapes64": {**_SHAPES_AE, "image_size": 64, "batch_size": 64, "steps": 6000, "lr": 5e-4, "image_every": 1000,
+    "shapes64": {**_SHAPES_AE, "image_size": 64, "batch_size": 64, "steps": 6000, "lr": 5e-4, "sample_every": 1000,
                  "ckpt_every": 2000, "n_eval": 1000, "stats_images": 4096, "base_channels": 64,
                  "num_res_blocks": 2, "mid_attention": True, "norm_groups": 32, "disc_start": 4000,
                  "disc_channels": 64, "disc_layers": 3},
@@ -44,7 +44,7 @@ AE_PRESETS: dict[str, dict] = {
 #   base_learning_rate 4.5e-6, multiplied by the batch size as their main.py does (scale_lr); Adam (0.5, 0.9).
 # Ours: the image sizes (64 / 128 / 256 px instead of 256 crops), batch sizes and step counts, which fit one GPU.
 _PAPER_AE = dict(
-    n_train=0, n_eval=1000, num_workers=4, log_every=100, image_every=2000, ckpt_every=5000, stats_images=4096,
+    n_train=0, n_eval=1000, num_workers=4, log_every=100, sample_every=2000, ckpt_every=5000, stats_images=4096,
     ema_decay=0.0, base_channels=128, channel_mult=(1, 2, 4), num_res_blocks=2, decoder_res_blocks=3, z_channels=3,
     mid_attention=True, dropout=0.0, rec_loss="l1", perceptual_weight=1.0, disc_layers=3, disc_channels=64,
     disc_loss="hinge", kl_weight=1e-6, disc_start=50_001, disc_weight=0.5, adam_beta1=0.5, adam_beta2=0.9,
@@ -74,7 +74,7 @@ AE_PRESETS["folder256"] = {**_paper_ae("folder", 256, batch_size=8, steps=200_00
 # --smoke shrinks any preset to a seconds-long CPU run. It keeps the preset's loss terms: the discriminator joins
 # at step 3, and LPIPS (photo presets) runs with a random backbone, so that no weights are downloaded.
 AE_SMOKE = dict(
-    image_size=16, n_train=64, n_eval=8, batch_size=4, steps=6, warmup_steps=0, log_every=2, image_every=3,
+    image_size=16, n_train=64, n_eval=8, batch_size=4, steps=6, warmup_steps=0, log_every=2, sample_every=3,
     ckpt_every=3, stats_images=8, num_workers=0, base_channels=8, num_res_blocks=1, norm_groups=4,
     n_codes=16, lpips_pretrained=False, disc_start=3, disc_channels=8, disc_layers=1,
 )

@@ -1,0 +1,215 @@
+"""One training loop for both stages, the way minGPT keeps its trainer.py beside its projects.
+
+A script writes its own training step, `train_step(step) -> {name: value}`: it draws the step's batch,
+computes the loss, calls backward and its optimizers, and returns the terms to log (0-dim tensors, left on
+the device). That is the part a reader came for. `Trainer.run` does everything around it, once for both
+stages:
+
+* the learning rate of every step (`lr_at`), set on each optimizer before the step;
+* the EMA of the weights after it (rank 0 only: it alone samples and saves);
+* bf16 autocast on CUDA (`trainer.autocast()`) and, under torchrun, the DDP wrapper (`trainer.distribute`);
+* log.jsonl every `log_every` steps: each term's mean over the window and over the processes (the only
+  all-reduce, made on log steps), the learning rate and images per second; a term that is not finite stops
+  the run before a checkpoint can store it;
+* the sample grid every `sample_every` steps, with loss.png redrawn beside it;
+* a checkpoint every `ckpt_every` steps, written atomically by the script's `save(step)`;
+* Ctrl-C / SIGTERM: finish the step, checkpoint, print the resume command and exit with 128 + the signal;
+  the time budget `max_minutes`: checkpoint and return early. The processes agree on both on log steps.
+
+The script writes the final checkpoint itself, after the loop (the autoencoder's holds its latent scale).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from ..cli import UsageError
+from ..evaluation.viz import save_loss_curve
+from .distributed import World, replica_spread
+from .distributed import teardown as teardown_distributed
+from .loop import EMA, GracefulStop, JSONLLogger, resume_command
+
+
+@dataclass
+class TrainingConfig:
+    """The fields every stage's config has (each script's config extends this one)."""
+
+    batch_size: int = 64  # the global batch: under torchrun each process takes its share
+    steps: int = 1000
+    lr: float = 1e-4
+    warmup_steps: int = 0  # linear warm-up from lr / warmup_steps to lr
+    lr_schedule: str = "constant"  # after the warm-up: "constant", or "cosine" to lr_min_ratio * lr at `steps`
+    lr_min_ratio: float = 0.0
+    ema_decay: float = 0.0  # 0: no EMA of the weights
+    amp: bool = False  # bf16 autocast (CUDA only)
+    seed: int = 0
+    log_every: int = 50
+    sample_every: int = 1000  # the sample (or reconstruction) grid
+    ckpt_every: int = 500
+    max_minutes: float = 0.0  # > 0: stop after this much training-loop time, checkpointed
+    tensorboard: bool = False  # also log to <out>/tensorboard (pip install 'tinyldm[tensorboard]')
+    check_replicas: bool = False  # under torchrun: log the largest difference between the processes' weights
+
+
+def lr_at(step: int, config: TrainingConfig, base_lr: float | None = None) -> float:
+    """The learning rate of `step` (0-based): linear warm-up over `warmup_steps`, then constant, or a cosine
+    decay to `lr_min_ratio * base_lr` at `steps`."""
+    lr = config.lr if base_lr is None else base_lr
+    if step < config.warmup_steps:
+        return lr * min(1.0, (step + 1) / config.warmup_steps)
+    if config.lr_schedule == "constant":
+        return lr
+    progress = min(1.0, (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps))
+    r = config.lr_min_ratio
+    return lr * (r + (1 - r) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+class LogWindow:
+    """The sum and count of each logged term since the last record, the images seen and the time taken."""
+
+    def __init__(self, first_step: int):
+        self.sums: dict[str, list] = {}  # name -> [sum, count]; sums stay on the device until a log step
+        self.first_step, self.images, self.start = first_step, 0, time.perf_counter()
+
+    def add(self, logs: dict, images: int) -> None:
+        self.images += images
+        for k, v in logs.items():
+            acc = self.sums.setdefault(k, [0.0, 0])
+            acc[0], acc[1] = acc[0] + (v.detach().double() if torch.is_tensor(v) else v), acc[1] + 1
+
+    def means(self, world: World) -> dict[str, float]:
+        """Each term's mean over the window and the processes: an all-reduce and a device sync."""
+        return {k: world.mean(torch.as_tensor(total / n)) for k, (total, n) in self.sums.items()}
+
+    def images_per_s(self) -> float:
+        return self.images / max(time.perf_counter() - self.start, 1e-9)
+
+
+class Trainer:
+    """Runs a script's `train_step` from `start` to `config.steps` (see the module docstring).
+
+    `optimizers` maps each optimizer to its base learning rate; `ema` (or None) averages `model` after each
+    step; `replicas` are the modules whose copies in the processes `--check_replicas` compares; `script` and
+    `argv` make the command that resumes a stopped run."""
+
+    def __init__(self, config: TrainingConfig, *, script: str, argv: list[str], out: Path, ckpt_path: Path,
+                 world: World, device: torch.device, optimizers: dict, model: torch.nn.Module,
+                 ema: EMA | None = None, replicas: tuple[torch.nn.Module, ...] = (), loss_key: str = "loss",
+                 resumed_step: int | None = None):
+        self.config, self.script, self.argv, self.out, self.ckpt_path = config, script, argv, out, ckpt_path
+        self.world, self.device = world, device
+        self.optimizers, self.model, self.ema, self.replicas = optimizers, model, ema, replicas
+        self.loss_key = loss_key
+        self.seconds = 0.0  # the last run's training-loop time
+        tensorboard = out / "tensorboard" if config.tensorboard else None
+        self.log = JSONLLogger(out / "log.jsonl", resume_step=resumed_step,
+                               tensorboard=tensorboard) if world.is_main else None
+
+    def autocast(self):
+        """bf16 autocast on CUDA with --amp; nothing elsewhere (CPU training stays in fp32)."""
+        on = self.config.amp and self.device.type == "cuda"
+        return torch.autocast("cuda", dtype=torch.bfloat16) if on else contextlib.nullcontext()
+
+    def distribute(self, model: torch.nn.Module, *, find_unused: bool = False) -> torch.nn.Module:
+        """`model`, or under torchrun `model` in DistributedDataParallel, which averages the processes'
+        gradients during backward (one step equals one single-process step on the global batch)."""
+        if not self.world.enabled:
+            return model
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=find_unused)
+
+    def run(self, train_step: Callable[[int], dict], *, start: int, save: Callable[[int], None],
+            sample: Callable[[int], Path] | None = None) -> int:
+        """Steps start..steps-1; returns the number of steps done (fewer when the time budget ran out).
+        A signal ends the process here, after a checkpoint."""
+        config, world = self.config, self.world
+        window, t_loop, done, saved = LogWindow(start), time.perf_counter(), start, start
+        if start >= config.steps:
+            print(f"already trained for {config.steps} steps; nothing to do (raise --steps to continue)")
+        quiet = {} if world.is_main else {"disable": True}  # rank 0 keeps tqdm's default: TQDM_DISABLE works
+        with GracefulStop() as stop, tqdm(range(start, config.steps), initial=start, total=config.steps,
+                                          desc=Path(self.script).stem, mininterval=2.0, **quiet) as bar:
+            for step in bar:
+                for opt, base_lr in self.optimizers.items():
+                    for group in opt.param_groups:
+                        group["lr"] = lr_at(step, config, base_lr)
+                logs = train_step(step)
+                if self.ema is not None and world.is_main:
+                    self.ema.update(self.model)
+                window.add(logs, config.batch_size)
+                done = step + 1
+                log_step = done % config.log_every == 0 or done == config.steps
+                if log_step:
+                    window = self._write_log(window, done, bar)  # stops on a term that is not finite
+                if done % config.sample_every == 0 and world.is_main and sample is not None:
+                    self.sample_grid(sample, done)
+                if done == config.steps:
+                    break  # the script writes the last checkpoint
+                if done % config.ckpt_every == 0:
+                    self._check_finite(window.means(world), window.first_step, done)
+                    saved = self._save(save, done)
+                # Under torchrun the processes agree on stopping (an all-reduce) on log steps only.
+                if not log_step and world.enabled:
+                    continue
+                budget_spent = config.max_minutes and time.perf_counter() - t_loop > 60 * config.max_minutes
+                if world.any(stop.requested, self.device):
+                    saved = saved if saved == done else self._save(save, done)
+                    world.barrier()
+                    teardown_distributed(world)
+                    stop.exit(done, config.steps, self.ckpt_path, resume_command(self.script, self.argv))
+                if world.any(bool(budget_spent), self.device):
+                    saved = saved if saved == done else self._save(save, done)
+                    print(f"\nthe time budget of {config.max_minutes} min of training is spent after {done} "
+                          "steps; stopping")
+                    break
+        self.seconds = time.perf_counter() - t_loop
+        return done
+
+    def _check_finite(self, means: dict[str, float], first: int, done: int) -> None:
+        bad = {k: v for k, v in means.items() if not math.isfinite(v)}
+        if bad:  # before any checkpoint of these weights: the last one written stays a good one
+            terms = ", ".join(f"{k} is {v}" for k, v in bad.items())
+            raise UsageError(f"{terms} in steps {first + 1}-{done}: stopping. The last good checkpoint is "
+                             f"{self.ckpt_path} (lower --lr, or check the data and the latents' scale). "
+                             "Nothing was overwritten.")
+
+    def _write_log(self, window: LogWindow, done: int, bar: tqdm) -> LogWindow:
+        """One record of log.jsonl for the window ending at step `done`; returns the next window."""
+        means = window.means(self.world)
+        self._check_finite(means, window.first_step, done)
+        if self.config.check_replicas:
+            means["replica_spread"] = max(replica_spread(m, self.world) for m in self.replicas)
+        lr, images_per_s = next(iter(self.optimizers)).param_groups[0]["lr"], window.images_per_s()
+        if self.log is not None:
+            self.log.log(step=done, **means, lr=lr, img_per_s=images_per_s)
+        bar.set_postfix(loss=f"{means[self.loss_key]:.4f}", img_s=f"{images_per_s:.0f}")
+        return LogWindow(done)
+
+    def sample_grid(self, sample: Callable[[int], Path], done: int) -> Path:
+        """The grid of step `done` (`sample` writes it), shown in TensorBoard, with loss.png redrawn."""
+        path = sample(done)
+        save_loss_curve(self.log.path, self.out / "loss.png", key=self.loss_key)  # the loss so far
+        self.log.image("grid", path, done)
+        return path
+
+    def _save(self, save: Callable[[int], None], done: int) -> int:
+        if self.world.is_main:
+            save(done)
+        return done
+
+    def close(self) -> None:
+        """After the loop: the processes meet, and all but rank 0 leave the process group."""
+        self.world.barrier()
+        if self.log is not None:
+            self.log.close()
+        if not self.world.is_main:
+            teardown_distributed(self.world)
