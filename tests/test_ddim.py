@@ -3,8 +3,21 @@
 import pytest
 import torch
 
-from tinyldm.ddim import ddim_invert, ddim_step, ddpm_step, guided_prediction, make_timesteps, sample
-from tinyldm.schedule import NoiseSchedule, v_from_eps_x0
+from tinyldm.ddim import (
+    SAMPLERS,
+    ddim_invert,
+    ddim_sample,
+    ddim_step,
+    ddpm_sample,
+    ddpm_step,
+    dpmpp_2m_sample,
+    guided_prediction,
+    make_timesteps,
+    plms_sample,
+    sample,
+    timestep_pairs,
+)
+from tinyldm.schedule import NoiseSchedule, make_betas, v_from_eps_x0
 
 
 def point_oracle(schedule, x_star, prediction="eps"):
@@ -88,16 +101,23 @@ def test_ddim_eta1_step_equals_ddpm_step_with_shared_noise():
         assert torch.allclose(a, b, atol=1e-9), (t, t_prev)
 
 
-def test_ddpm_step_on_full_chain_is_the_schedule_posterior():
+def test_ddpm_step_on_full_chain_draws_from_the_closed_form_posterior():
+    """With t_prev = t - 1, ddpm_step is mean + std * noise for DDPM Eq. 7 written out from the betas."""
     s = NoiseSchedule("linear")
-    x_t, x0 = torch.randn(4, 3), torch.randn(4, 3)
+    betas = make_betas("linear", 1000)  # float64
+    alpha_bar = torch.cumprod(1 - betas, 0)
+    x_t, x0 = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
     for t in [1, 400, 999]:
-        mean, var = s.posterior(x0, x_t, torch.full((4,), t))
+        beta, ab, ab_prev = betas[t], alpha_bar[t], alpha_bar[t - 1]
+        mean = ab_prev.sqrt() * beta / (1 - ab) * x0 + (1 - beta).sqrt() * (1 - ab_prev) / (1 - ab) * x_t
+        var = (1 - ab_prev) / (1 - ab) * beta
         ab_t, ab_prev = s.alpha_bar_value(t), s.alpha_bar_value(t - 1)
         got = ddpm_step(x_t, x0, ab_t, ab_prev, noise=torch.zeros_like(x_t))
-        assert torch.allclose(got, mean, atol=1e-5)
+        assert torch.allclose(got, mean, rtol=1e-9, atol=1e-12)
         got1 = ddpm_step(x_t, x0, ab_t, ab_prev, noise=torch.ones_like(x_t))
-        assert torch.allclose(got1 - got, var.sqrt().expand_as(got), atol=1e-5)
+        assert torch.allclose(got1 - got, var.sqrt().expand_as(got), rtol=1e-7, atol=1e-12)
+    # The last step, to alpha_bar = 1: variance 0 and mean x0.
+    assert torch.allclose(ddpm_step(x_t, x0, s.alpha_bar_value(0), 1.0, noise=torch.ones_like(x_t)), x0)
 
 
 @pytest.mark.parametrize("method,eta", [("ddpm", 0.0), ("ddim", 1.0), ("ddim", 0.0), ("ddim", 0.5)])
@@ -174,8 +194,29 @@ def test_callback_sees_every_step():
     s = NoiseSchedule()
     x_star = torch.randn(1, 2)
     seen = []
-    sample(point_oracle(s, x_star), s, torch.randn(2, 2), steps=10, callback=lambda i, t, x, x0: seen.append((i, t)))
-    assert [i for i, _ in seen] == list(range(10)) and seen[0][1] == 901
+    for method in SAMPLERS:
+        seen.clear()
+        sample(point_oracle(s, x_star), s, torch.randn(2, 2), steps=10, method=method,
+               callback=lambda i, t, x, x0: seen.append((i, t)))
+        assert [i for i, _ in seen] == list(range(10)) and seen[0][1] == 901, method
+    assert timestep_pairs(1000, 3) == [(667, 334), (334, 1), (1, -1)]  # the last step goes to alpha_bar = 1
+
+
+def test_sample_by_name_is_the_named_sampler():
+    """`sample(method=...)` passes eta to DDIM alone and the generator to the two samplers that draw noise."""
+    s = NoiseSchedule("scaled_linear", T=100)
+    model, x_T = gaussian_oracle(s, 0.2, 0.5), torch.randn(3, 2)
+    seed = lambda: torch.Generator().manual_seed(7)  # noqa: E731
+    assert torch.equal(sample(model, s, x_T, steps=10, eta=0.5, generator=seed()),
+                       ddim_sample(model, s, x_T, steps=10, eta=0.5, generator=seed()))
+    assert torch.equal(sample(model, s, x_T, steps=10, method="ddpm", eta=0.5, generator=seed()),
+                       ddpm_sample(model, s, x_T, steps=10, generator=seed()))
+    assert torch.equal(sample(model, s, x_T, steps=10, method="plms", eta=0.5, generator=seed()),
+                       plms_sample(model, s, x_T, steps=10))
+    assert torch.equal(sample(model, s, x_T, steps=10, method="dpmpp", generator=seed()),
+                       dpmpp_2m_sample(model, s, x_T, steps=10))
+    with pytest.raises(ValueError, match="unknown method 'euler'; choose one of ddim, ddpm, plms, dpmpp"):
+        sample(model, s, x_T, method="euler")
 
 
 def test_ddim_matches_diffusers_scheduler():

@@ -5,7 +5,8 @@ Contract with the papers
 DDPM (Ho et al., arXiv 2006.11239) defines a Markov chain that adds Gaussian noise,
 q(x_t | x_{t-1}) = N(sqrt(1 - beta_t) x_{t-1}, beta_t I), with the closed form (Eq. 4)
 
-    q(x_t | x_0) = N(sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I),   alpha_bar_t = prod_{s<=t} (1 - beta_s)
+    q(x_t | x_0) = N(sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I),
+    alpha_bar_t  = prod_{s<=t} (1 - beta_s)
 
 and the tractable posterior (Eqs. 6-7)
 
@@ -21,6 +22,9 @@ Conventions
 -----------
 * Timesteps are integers t in {0, ..., T-1}; t = 0 is the least noisy step and alpha_bar_{-1} = 1
   (no noise at all), which the posterior at t = 0 and the samplers' last step use.
+* `q_posterior` takes alpha_bar_t and alpha_bar_{t-1} rather than t, and beta_t as
+  1 - alpha_bar_t / alpha_bar_{t-1}: the same formula then serves a sampler that skips timesteps
+  (the posterior of the respaced chain). `ddim.ddpm_step` draws from it.
 * Schedules by their honest names:
     - ``linear``:        beta linear in t (DDPM), default 1e-4 .. 0.02.
     - ``scaled_linear``: sqrt(beta) linear in t. The CompVis LDM code calls this "linear";
@@ -70,7 +74,8 @@ def make_betas(kind: str, T: int, beta_start: float | None = None, beta_end: flo
     if T < 1:
         raise ValueError(f"T must be a positive number of steps, got {T}")
     if kind == "cosine":
-        # Nichol & Dhariwal Eq. 17: f(t) = cos^2(((t/T + s) / (1 + s)) * pi/2), alpha_bar_t = f(t)/f(0);
+        # Nichol & Dhariwal Eq. 17: f(t) = cos^2(((t/T + s) / (1 + s)) pi/2),
+        # alpha_bar_t = f(t) / f(0);
         # beta_t = 1 - alpha_bar_t / alpha_bar_{t-1}, clipped so the last steps stay finite.
         steps = torch.arange(T + 1, dtype=torch.float64) / T
         f = torch.cos((steps + cosine_s) / (1 + cosine_s) * math.pi / 2) ** 2
@@ -85,11 +90,10 @@ def make_betas(kind: str, T: int, beta_start: float | None = None, beta_end: flo
     return torch.linspace(lo**0.5, hi**0.5, T, dtype=torch.float64) ** 2  # scaled_linear
 
 
-# --- Conversions between parameterizations -------------------------------------------------------
-# Pure functions of broadcastable tensors; `alpha_bar` is alpha_bar_t already shaped like x_t.
+# --- Conversions between parameterizations -----------------------------------------------------
+# Pure functions of broadcastable tensors; `alpha_bar` is alpha_bar_t already shaped like x_t, or a
+# Python float (the samplers use exact float64 scalars per step).
 # All follow from x_t = sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) eps   (DDPM Eq. 4).
-
-# `alpha_bar` may also be a Python float (the samplers use exact float64 scalars per step).
 
 def x0_from_eps(x_t: Tensor, eps: Tensor, alpha_bar: Tensor | float) -> Tensor:
     return (x_t - (1 - alpha_bar) ** 0.5 * eps) / alpha_bar**0.5
@@ -123,6 +127,19 @@ def eps_x0_from_prediction(pred: Tensor, x_t: Tensor, alpha_bar: Tensor | float,
     raise ValueError(f"unknown prediction {prediction!r}; choose one of {PREDICTIONS}")
 
 
+def q_posterior(x_t: Tensor, x0: Tensor, alpha_bar_t: float,
+                alpha_bar_prev: float) -> tuple[Tensor, float]:
+    """DDPM Eqs. 6-7: mean and variance of q(x_{t-1} | x_t, x0), from t to the step before it whose
+    alpha_bar is `alpha_bar_prev` (1 at t = 0: the variance is then 0 and the mean x0)."""
+    alpha_t = alpha_bar_t / alpha_bar_prev  # 1 - beta_t; for a respaced sequence, the effective one
+    beta_t = 1 - alpha_t
+    # Eq. 7: mu_tilde and beta_tilde.
+    mean = (alpha_bar_prev**0.5 * beta_t * x0
+            + alpha_t**0.5 * (1 - alpha_bar_prev) * x_t) / (1 - alpha_bar_t)
+    variance = beta_t * (1 - alpha_bar_prev) / (1 - alpha_bar_t)
+    return mean, variance
+
+
 class NoiseSchedule:
     """The tables of one beta schedule, and the forward-process functions that read them.
 
@@ -131,23 +148,19 @@ class NoiseSchedule:
     torch.Size([1000])
     """
 
-    def __init__(self, kind: str = "scaled_linear", T: int = 1000, beta_start: float | None = None,
-                 beta_end: float | None = None, cosine_s: float = 0.008):
+    def __init__(self, kind: str = "scaled_linear", T: int = 1000,
+                 beta_start: float | None = None, beta_end: float | None = None,
+                 cosine_s: float = 0.008):
         self.config = ScheduleConfig(kind, T, beta_start, beta_end, cosine_s)
         betas = make_betas(kind, T, beta_start, beta_end, cosine_s)  # float64, (T,)
         # BEGIN ASSIGNMENT noise_schedule
-        alpha_bar = torch.cumprod(1 - betas, dim=0)  # DDPM Eq. 4's alpha_bar_t = prod_{s <= t} (1 - beta_s)
+        # DDPM Eq. 4's alpha_bar_t = prod_{s <= t} (1 - beta_s)
+        alpha_bar = torch.cumprod(1 - betas, dim=0)
         # END ASSIGNMENT noise_schedule
-        alpha_bar_prev = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bar[:-1]])
         self.T = T
         self._alpha_bar_exact = alpha_bar.tolist()  # Python floats (float64), for alpha_bar_value
         self.betas = betas.float()
-        self.alphas = (1 - betas).float()
         self.alpha_bar = alpha_bar.float()
-        # Eq. 7: posterior variance and the two coefficients of its mean, tabulated once.
-        self.posterior_variance = (betas * (1 - alpha_bar_prev) / (1 - alpha_bar)).float()
-        self.posterior_mean_coef_x0 = (betas * alpha_bar_prev.sqrt() / (1 - alpha_bar)).float()
-        self.posterior_mean_coef_xt = ((1 - betas).sqrt() * (1 - alpha_bar_prev) / (1 - alpha_bar)).float()
 
     @classmethod
     def from_config(cls, config: ScheduleConfig | dict) -> NoiseSchedule:
@@ -166,7 +179,8 @@ class NoiseSchedule:
         if t.ndim == 0:
             t = t.expand(x.shape[0])
         if t.shape != (x.shape[0],):
-            raise ValueError(f"t must be a scalar or have shape ({x.shape[0]},), got {tuple(t.shape)}")
+            raise ValueError(f"t must be a scalar or have shape ({x.shape[0]},), "
+                             f"got {tuple(t.shape)}")
         return table[t].to(device=x.device, dtype=x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
 
     def alpha_bar_at(self, t: Tensor, x: Tensor) -> Tensor:
@@ -175,24 +189,20 @@ class NoiseSchedule:
     def alpha_bar_value(self, t: int) -> float:
         """alpha_bar_t as an exact float64 scalar, with alpha_bar_{-1} = 1 (no noise).
 
-        Samplers use these: their per-step coefficients, like beta_t = 1 - alpha_bar_t / alpha_bar_prev,
-        cancel catastrophically when computed from float32 tables.
+        Samplers use these: their per-step coefficients, like beta_t = 1 - alpha_bar_t /
+        alpha_bar_prev, cancel catastrophically when computed from float32 tables.
         """
         if not -1 <= t < self.T:
             raise ValueError(f"timestep {t} is outside -1..{self.T - 1}")
         return 1.0 if t < 0 else self._alpha_bar_exact[t]
 
     def q_sample(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
-        """DDPM Eq. 4: x_t ~ q(x_t | x0), with `noise` (shaped like x0) as its standard normal draw; t: (B,)."""
+        """DDPM Eq. 4: x_t ~ q(x_t | x0), with `noise` (shaped like x0) as its standard normal draw;
+        t: (B,)."""
         # BEGIN ASSIGNMENT forward_process
         alpha_bar = self.alpha_bar_at(t, x0)
         return alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * noise
         # END ASSIGNMENT forward_process
-
-    def posterior(self, x0: Tensor, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
-        """Eqs. 6-7: mean and variance of q(x_{t-1} | x_t, x0). The variance is 0 at t = 0."""
-        mean = self._at(self.posterior_mean_coef_x0, t, x_t) * x0 + self._at(self.posterior_mean_coef_xt, t, x_t) * x_t
-        return mean, self._at(self.posterior_variance, t, x_t)
 
     def snr(self, t: Tensor) -> Tensor:
         """Signal-to-noise ratio alpha_bar_t / (1 - alpha_bar_t), shape like t."""
@@ -208,10 +218,6 @@ class NoiseSchedule:
         if prediction == "v":
             return v_from_eps_x0(eps, x0, self.alpha_bar_at(t, x0))
         raise ValueError(f"unknown prediction {prediction!r}; choose one of {PREDICTIONS}")
-
-    def eps_x0_at(self, pred: Tensor, x_t: Tensor, t: Tensor, prediction: str) -> tuple[Tensor, Tensor]:
-        """(eps, x0) implied by a network output `pred` at (x_t, t): `eps_x0_from_prediction` at alpha_bar_t."""
-        return eps_x0_from_prediction(pred, x_t, self.alpha_bar_at(t, x_t), prediction)
 
     def __repr__(self) -> str:
         return f"NoiseSchedule({asdict(self.config)})"

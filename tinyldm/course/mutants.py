@@ -20,7 +20,7 @@ MUTANTS: dict[str, list[tuple[str, str, str]]] = {
         ("ignores its noise argument", "* noise", "* torch.randn_like(noise)"),
         ("noise with the wrong sign", "+ (1 - alpha_bar).sqrt() * noise", "- (1 - alpha_bar).sqrt() * noise"),
         ("alpha_t instead of alpha_bar_t", "alpha_bar = self.alpha_bar_at(t, x0)",
-         "alpha_bar = self._at(self.alphas, t, x0)"),
+         "alpha_bar = self._at(1 - self.betas, t, x0)"),
         ("no square roots", "return alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * noise",
          "return alpha_bar * x0 + (1 - alpha_bar) * noise"),
         ("coefficients swapped", "return alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * noise",
