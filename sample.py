@@ -33,12 +33,12 @@ import time
 import torch
 
 from tinyldm.cli import ArgumentParser, UsageError, check_writable, run
-from tinyldm.data.image_conditions import masked_image, tile, untile, upsample_bicubic
-from tinyldm.data.shapes import parse_prompt, score_images, seg_palette
-from tinyldm.data.tasks import TaskSpec, data_configs, generate_from_items, heldout_items, scorable, score_items
+from tinyldm.data.shapes import parse_prompt, score_images
 from tinyldm.ddim import METHODS
-from tinyldm.evaluation.viz import label_image, save_image_grid
-from tinyldm.ldm import generate, load_ldm
+from tinyldm.evaluation.ldm_score import generate_in_chunks
+from tinyldm.evaluation.viz import save_image_grid
+from tinyldm.ldm import load_ldm
+from tinyldm.tools.sampling import sample_from_inputs, sample_pretrained
 from tinyldm.training.checkpoint import load_checkpoint
 from tinyldm.training.flags import check_sampling_flags, check_sampling_steps
 from tinyldm.training.loop import pick_device
@@ -59,7 +59,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (1 = none)")
     p.add_argument("--sampler", choices=list(METHODS), default="ddim",
                    help="ddim (--eta), ddpm, plms (CompVis' LDM sampler; one extra evaluation) or dpmpp "
-                        "(DPM-Solver++(2M): good images in 15-20 steps)")
+                        "(DPM-Solver++(2M): as good at 5-10 steps as DDIM at 50, docs/samplers.md)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--height", type=int, default=None, help="image height in pixels (default: training size)")
     p.add_argument("--width", type=int, default=None)
@@ -85,57 +85,11 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
-def sample_from_inputs(args: argparse.Namespace, ckpt: dict, denoiser, schedule, ae, diffusion, device) -> dict:
-    """Generate from held-out layouts / maps / low-res / masked images, show inputs | samples | originals, score."""
-    train = ckpt["train_config"]
-    spec = TaskSpec.from_config(train)
-    size = train["image_size"]
-    H, W = args.height or size, args.width or size
-    k = H // size  # beyond the training size: each input is a k x k mosaic of held-out inputs (paper Fig. 9)
-    if H != W or H % size or (k > 1 and (denoiser.cond.cfg.kind != "none" or not spec.has_concat)):
-        raise SystemExit(f"--from_eval samples at the training size ({size}) or, for semantic / superres / inpaint "
-                         f"models without a cross-attended condition, at a square multiple of it ({2 * size}, ...)")
-    f = ae.downsample_factor
-    SamplingEstimate(denoiser, ae, (size // f, size // f)).check(
-        args.from_eval, H, W, guided=denoiser.cond.cfg.kind != "none" and args.guidance != 1, device=device,
-        step=size)
-    items = heldout_items(spec, *data_configs(train, args.data), args.from_eval * k * k)
-    g = torch.Generator(device).manual_seed(args.seed)
-    start = time.perf_counter()
-    options = dict(prediction=diffusion.prediction, steps=args.steps, eta=args.eta, method=args.sampler,
-                   guidance_scale=args.guidance if denoiser.cond.cfg.kind != "none" else 1.0, generator=g)
-    if k == 1:
-        images = generate_from_items(denoiser, schedule, ae, spec, items, (size // f,) * 2, device, **options)
-    else:  # generate the mosaics at k times the latent size, then cut them back into tiles to score
-        spatial = ("image", "seg", "lowres", "mask")
-        mosaic = {key: tile(v, k) for key, v in items.items() if key in spatial and v is not None}
-        big = generate_from_items(denoiser, schedule, ae, spec, mosaic, (k * size // f,) * 2, device, **options)
-        images = untile(big, k)
-    seconds = time.perf_counter() - start
-    if spec.task == "semantic":  # the map, each object in its class colour
-        inputs = label_image(items["seg"], seg_palette())
-    elif spec.task == "superres":  # the low-res input, blown up (bicubic) to the output size
-        inputs = upsample_bicubic(items["lowres"], images.shape[-2:])
-    elif spec.task == "inpaint":  # the known pixels, the hole grey
-        inputs = masked_image(items["image"], items["mask"])
-    else:  # a layout: the dataset's own rendering of it stands in
-        inputs = items["image"]
-    rows = [inputs, images] + ([items["image"]] if spec.has_concat else [])
-    if k > 1:  # show the mosaics: inputs | samples | originals, one column per big image
-        rows = [tile(r, k) for r in rows]
-    out = save_image_grid(torch.cat(rows), args.out, nrow=len(rows[0]))
-    scores = score_items(spec, items, images) if scorable(spec, train["dataset"]) else {}
-    print(f"{len(images)} images from held-out inputs{f' (in {k}x{k} mosaics of {H}x{W})' if k > 1 else ''} in "
-          f"{seconds:.2f} s (cond={spec.cond}, task={spec.task}) "
-          f"-> {out}; {', '.join(f'{name} {v:.3f}' for name, v in scores.items() if v is not None)}")
-    return {"images": len(images), "seconds_per_image": seconds / len(images), "grid": str(out), **scores}
-
-
 def conditions(args: argparse.Namespace, kind: str, class_names: list[str], tokenizer, max_len: int) -> list:
     """One entry per image: captions, class ids, or [None]."""
     if kind == "text":
         if args.class_name:
-            raise SystemExit("this model is text-conditioned: use --prompt, not --class")
+            raise UsageError("this model is text-conditioned: use --prompt, not --class")
         if not args.prompt:
             print("no --prompt: sampling with the empty (null) caption, i.e. unconditionally")
             return [""] * args.n
@@ -151,15 +105,15 @@ def conditions(args: argparse.Namespace, kind: str, class_names: list[str], toke
         return [p for p in args.prompt for _ in range(args.n)]
     if kind == "class":
         if args.prompt:
-            raise SystemExit("this model is class-conditional: use --class NAME, not --prompt")
+            raise UsageError("this model is class-conditional: use --class NAME, not --prompt")
         ids = []
         for name in args.class_name or []:
             if name not in class_names:
-                raise SystemExit(f"unknown class {name!r}; this model knows: {', '.join(class_names)}")
+                raise UsageError(f"unknown class {name!r}; this model knows: {', '.join(class_names)}")
             ids += [class_names.index(name)] * args.n
         return ids or [len(class_names)] * args.n  # no --class: the null class, i.e. unconditional
     if args.prompt or args.class_name:
-        raise SystemExit("this model is unconditional: drop --prompt / --class")
+        raise UsageError("this model is unconditional: drop --prompt / --class")
     return [None] * args.n
 
 
@@ -167,10 +121,10 @@ def check_size(H: int, W: int, ae, denoiser) -> int:
     """Refuse an image size the autoencoder or the UNet cannot produce; returns the autoencoder's factor f."""
     f = ae.downsample_factor
     if H % f or W % f:
-        raise SystemExit(f"--height/--width must be multiples of the autoencoder's factor f={f}")
+        raise UsageError(f"--height/--width must be multiples of the autoencoder's factor f={f}")
     down = 2 ** (len(denoiser.unet.cfg.channel_mult) - 1)
     if (H // f) % down or (W // f) % down:
-        raise SystemExit(f"--height/--width must be multiples of {f * down} for this UNet")
+        raise UsageError(f"--height/--width must be multiples of {f * down} for this UNet")
     return f
 
 
@@ -188,52 +142,6 @@ def prompt_faithfulness(prompts: list[str], images: torch.Tensor, captions: list
     return {"prompt_faithfulness": score.all}
 
 
-def sample_pretrained(args: argparse.Namespace, device: torch.device) -> dict:
-    """--pretrained: n samples of an unconditional release, the x4 upscaling of --image, or n images per --prompt
-    of the text-to-image release (guided by --guidance against the empty prompt)."""
-    from tinyldm.pretrained import load
-
-    model = load(args.pretrained).to(device)
-    check_sampling_steps(model.schedule.T, args.steps)
-    concat, prompts = None, None
-    if model.prompted:
-        if not args.prompt:
-            raise SystemExit(f"{args.pretrained} is text-to-image: pass at least one --prompt")
-        tokenizer = model.denoiser.cond.tokenizer
-        cut = [p for p, long in zip(args.prompt, tokenizer.truncated(args.prompt), strict=True) if long]
-        if cut:
-            print(f"warning: {len(cut)} prompt(s) longer than the model's {tokenizer.max_len} "
-                  f"tokens are cut there, as in training: {cut[0][:60]!r}...")
-        prompts = [p for p in args.prompt for _ in range(args.n)]
-    elif args.prompt:
-        raise SystemExit(f"{args.pretrained} takes no --prompt (only the text-to-image release does)")
-    if model.denoiser.unet.cfg.concat_channels:
-        if not args.image:
-            raise SystemExit(f"{args.pretrained} upscales an image: pass it with --image PATH")
-        import numpy as np
-        from PIL import Image
-
-        pixels = torch.from_numpy(np.asarray(Image.open(args.image).convert("RGB"), dtype=np.float32))  # (h, w, 3)
-        concat = (pixels.permute(2, 0, 1)[None] / 127.5 - 1).repeat(args.n, 1, 1, 1).to(device)
-    elif args.image:
-        raise SystemExit(f"{args.pretrained} takes no --image (only the super-resolution release does)")
-    g = torch.Generator(device).manual_seed(args.seed)
-    guidance = args.guidance if prompts else 1.0
-    start = time.perf_counter()
-    images = model.generate(args.n, prompts=prompts, steps=args.steps, eta=args.eta, method=args.sampler,
-                            guidance_scale=guidance,
-                            concat=concat, generator=g).cpu()
-    seconds = time.perf_counter() - start
-    out = save_image_grid(images, args.out, nrow=min(len(images), 8) if prompts is None else args.n)
-    if args.singles:
-        for j, img in enumerate(images):
-            save_image_grid(img[None], out.with_name(f"{out.stem}_{j:03d}.png"), nrow=1, pad=0)
-    print(f"{len(images)} images ({images.shape[-2]}x{images.shape[-1]}) from {model.source} in {seconds:.2f} s: "
-          f"{seconds / len(images) * 1000:.0f} ms per image ({args.sampler}, {args.steps} steps"
-          f"{f', guidance {guidance:g}' if prompts else ''}, device {device}) -> {out}")
-    return {"images": len(images), "seconds_per_image": seconds / len(images), "grid": str(out)}
-
-
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     device = pick_device(args.device)
@@ -248,10 +156,10 @@ def main(argv: list[str] | None = None) -> dict:
     if kind == "layout" or task != "generate":
         if not args.from_eval:
             what = "layouts" if kind == "layout" else f"its {task} input"
-            raise SystemExit(f"this model generates from {what}: pass --from_eval N to use the first N held-out inputs")
+            raise UsageError(f"this model generates from {what}: pass --from_eval N to use the first N held-out inputs")
         return sample_from_inputs(args, ckpt, denoiser, schedule, ae, diffusion, device)
     if args.from_eval:
-        raise SystemExit("--from_eval is for layout / semantic / superres / inpaint models; this one takes --prompt / "
+        raise UsageError("--from_eval is for layout / semantic / superres / inpaint models; this one takes --prompt / "
                          "--class")
     tokenizer = denoiser.cond.text.tokenizer if kind == "text" else None
     conds = conditions(args, kind, ckpt.get("class_names", []), tokenizer,
@@ -265,15 +173,13 @@ def main(argv: list[str] | None = None) -> dict:
         step=f * 2 ** (len(denoiser.unet.cfg.channel_mult) - 1))
 
     g = torch.Generator(device).manual_seed(args.seed)
-    images, start = [], time.perf_counter()
-    for i in range(0, len(conds), 64):  # at most 64 images at a time
-        chunk = conds[i : i + 64]
-        condition = None if kind == "none" else (chunk if kind == "text" else torch.tensor(chunk))
-        images.append(generate(denoiser, schedule, ae, condition, n=len(chunk), latent_size=(H // f, W // f),
-                               prediction=diffusion.prediction, steps=args.steps, eta=args.eta, method=args.sampler,
-                               guidance_scale=args.guidance if kind != "none" else 1.0, generator=g).cpu())
+    start = time.perf_counter()
+    condition = None if kind == "none" else conds if kind == "text" else torch.tensor(conds)
+    images = generate_in_chunks(denoiser, schedule, ae, condition, len(conds), latent_size=(H // f, W // f),
+                                prediction=diffusion.prediction, steps=args.steps, eta=args.eta,
+                                method=args.sampler, guidance_scale=args.guidance if kind != "none" else 1.0,
+                                generator=g)
     seconds = time.perf_counter() - start
-    images = torch.cat(images)
     out = save_image_grid(images, args.out, nrow=args.n if args.n <= 16 else 16)
     if args.singles:
         for j, img in enumerate(images):

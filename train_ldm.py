@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -129,7 +130,7 @@ def save_ldm(path: Path, step: int, *, denoiser: Denoiser, ema: EMA, opt: torch.
 
 
 def main(argv: list[str] | None = None) -> dict:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv, t_start = list(sys.argv[1:] if argv is None else argv), time.perf_counter()
     args = parse_args(argv)
     out = Path(args.out or f"runs/ldm-{args.preset}{'-smoke' if args.smoke else ''}")
     ckpt_path = out / "ldm.pt"
@@ -190,12 +191,13 @@ def main(argv: list[str] | None = None) -> dict:
     if not world.is_main:  # rank 0 alone draws, evaluates and reports
         return {"steps": done, "rank": world.rank}
 
-    result = {"steps": done, "checkpoint": str(ckpt_path), "samples": str(trainer.sample_grid(draw, done))}
+    result = {"steps": done, "wall_seconds": time.perf_counter() - t_start, "train_loop_seconds": trainer.seconds,
+              "checkpoint": str(ckpt_path), "samples": str(trainer.sample_grid(draw, done))}
     print(f"samples: {result['samples']}")
     result.update(evaluate_run(ema.model, schedule, ae, config, diffusion, tuple(data.latents.shape[-2:]),
                                device, args.data, ckpt_path))
     (out / "eval.json").write_text(json.dumps(result, indent=1))
-    print(f"done; checkpoint {ckpt_path}")
+    print(f"done in {time.perf_counter() - t_start:.0f} s; checkpoint {ckpt_path}")
     lock.release()
     return result
 

@@ -309,7 +309,7 @@ def test_a_signal_mid_training_loses_nothing_and_resume_is_exact(ldm_reference, 
 
 def test_sigterm_while_the_autoencoder_trains(tmp_path):
     """train_ae.py stops the same way, and its resumed run equals an uninterrupted one."""
-    argv = ["--smoke", "--device", "cpu", "--steps", "150", "--log_every", "1", "--image_every", "100000",
+    argv = ["--smoke", "--device", "cpu", "--steps", "150", "--log_every", "1", "--sample_every", "100000",
             "--ckpt_every", "1000"]
     reference = tmp_path / "reference"
     train_ae.main([*argv, "--out", str(reference)])

@@ -9,6 +9,7 @@ from tinyldm.autoencoder import Autoencoder, AutoencoderConfig
 from tinyldm.conditioning import ConditionConfig, ConditionEncoder, Tokenizer
 from tinyldm.ddim import make_timesteps, sample
 from tinyldm.ldm import Denoiser, DiffusionConfig, build_denoiser, generate, ldm_loss, ldm_payload, load_ldm
+from tinyldm.schedule import eps_x0_from_prediction
 from tinyldm.training.checkpoint import load_checkpoint, save_checkpoint
 from tinyldm.unet import UNet, UNetConfig
 
@@ -37,7 +38,9 @@ def test_ldm_loss_learns_two_conditional_latents(prediction):
     opt = torch.optim.AdamW(den.parameters(), lr=2e-3)
     first = None
     for _ in range(200):
-        loss = ldm_loss(den, schedule, torch.stack([z_a, z_b] * 4), CAPTIONS * 4, cfg)
+        z0 = torch.stack([z_a, z_b] * 4)
+        t, eps = torch.randint(0, schedule.T, (len(z0),)), torch.randn_like(z0)  # t ~ U{0..T-1}, eps ~ N(0, I)
+        loss = ldm_loss(den, schedule, z0, t, eps, CAPTIONS * 4, cfg)
         first = first or loss.item()
         opt.zero_grad()
         loss.backward()
@@ -47,7 +50,7 @@ def test_ldm_loss_learns_two_conditional_latents(prediction):
     with torch.no_grad():
         t = torch.full((2,), 60)
         z_t = schedule.q_sample(torch.stack([z_a, z_b]), t, torch.randn(2, 3, 8, 8))
-        eps, x0 = schedule.eps_x0_at(den(z_t, t, CAPTIONS), z_t, t, prediction)
+        eps, x0 = eps_x0_from_prediction(den(z_t, t, CAPTIONS), z_t, schedule.alpha_bar_at(t, z_t), prediction)
     assert x0[0].mean() > 0.5 and x0[1].mean() < -0.5
 
 
@@ -115,7 +118,8 @@ def test_ldm_loss_learns_the_target_from_the_concat_condition():
     opt = torch.optim.AdamW(den.parameters(), lr=2e-3)
     first = None
     for _ in range(150):
-        loss = ldm_loss(den, schedule, z0.repeat(4, 1, 1, 1), None, cfg, concat=maps.repeat(4, 1, 1, 1))
+        t, eps = torch.randint(0, schedule.T, (8,)), torch.randn(8, *z0.shape[1:])
+        loss = ldm_loss(den, schedule, z0.repeat(4, 1, 1, 1), t, eps, None, cfg, concat=maps.repeat(4, 1, 1, 1))
         first = first or loss.item()
         opt.zero_grad()
         loss.backward()

@@ -217,7 +217,7 @@ def test_resume_continues_exactly(tmp_path, monkeypatch):
     assert straight == {**resumed, "train_seconds": straight["train_seconds"]}
     log = [json.loads(line) for line in (tmp_path / "resumed" / "log.jsonl").read_text().splitlines()]
     log_straight = [json.loads(line) for line in (tmp_path / "straight" / "log.jsonl").read_text().splitlines()]
-    strip = ("images_per_s",)
+    strip = ("img_per_s",)
     assert [{k: v for k, v in r.items() if k not in strip} for r in log] == [
         {k: v for k, v in r.items() if k not in strip} for r in log_straight
     ]

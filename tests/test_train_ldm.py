@@ -462,24 +462,32 @@ def test_a_conditional_photo_model_gets_cross_attention(tmp_path, capsys, lfw_fa
 def test_posterior_samples_are_fresh_each_step_and_the_same_on_resume():
     """--posterior sample: z0 = mu + sigma * n with n a function of (seed, step): the same draw when a step is
     repeated (exact resume), another at the next step; with sigma = None the batch is the means."""
+    from tinyldm.data.latent_batches import LatentTrainingSet
     from tinyldm.training.distributed import World
+    from tinyldm.training.loop import batch_indices, seed_stream
 
     g = torch.Generator().manual_seed(0)
     mean, std = torch.randn(10, 4, 8, 8, generator=g), torch.rand(10, 4, 8, 8, generator=g) + 0.5
     config = train_ldm.TrainLDMConfig(cond="none", batch_size=6, posterior="sample")
-    data = train_ldm.TrainingSet(config, World(), None, {}, mean, std, None, None, None, None, None, 1000, 0.1)
-    means_only = train_ldm.TrainingSet(config, World(), None, {}, mean, None, None, None, None, None, None, 1000, 0.1)
-    from tinyldm.training.loop import batch_indices
+    data = LatentTrainingSet(config, World(), None, {}, mean, std, None, None, None, None, None, [])
+    means_only = LatentTrainingSet(config, World(), None, {}, mean, None, None, None, None, None, None, [])
+
+    def step_generator(step):  # what train_step hands the batch: the step's own stream
+        return torch.Generator().manual_seed(seed_stream(0, step, 1))
 
     idx = batch_indices(5, n=10, batch_size=6, seed=0)
-    a, again, later = data.batch(5), data.batch(5), data.batch(6)
-    assert torch.equal(a.z0, again.z0) and torch.equal(means_only.batch(5).z0, mean[idx])
-    noise = (a.z0 - mean[idx]) / std[idx]
-    draws = train_ldm.step_draws(5, 6, seed=0, latent_shape=(4, 8, 8), T=1000, p_uncond=0.1, device=torch.device("cpu"))
-    assert torch.allclose(noise, draws[4], atol=1e-5)  # exactly the step's posterior noise
+    (a, _, _), (again, _, _) = data.batch(5, step_generator(5)), data.batch(5, step_generator(5))
+    later = data.batch(6, step_generator(6))[0]
+    assert torch.equal(a, again) and torch.equal(means_only.batch(5, step_generator(5))[0], mean[idx])
+    noise = (a - mean[idx]) / std[idx]
+    expected = torch.randn(6, 4, 8, 8, generator=torch.Generator().manual_seed(seed_stream(0, 5, 3)))
+    assert torch.allclose(noise, expected, atol=1e-5)  # exactly the step's posterior noise (stream 3)
     assert abs(float(noise.mean())) < 0.1 and abs(float(noise.std()) - 1) < 0.1  # N(0, 1): 1536 draws
-    assert not torch.allclose(later.z0, mean[batch_indices(6, n=10, batch_size=6, seed=0)])
-    assert not torch.allclose(noise, draws[2])  # not the diffusion noise eps reused
+    assert not torch.allclose(later, mean[batch_indices(6, n=10, batch_size=6, seed=0)])
+    g = step_generator(5)
+    torch.rand(6, 1, 1, 1, generator=g)  # the flips, drawn first
+    torch.randint(0, 1000, (6,), generator=g)  # t
+    assert not torch.allclose(noise, torch.randn(6, 4, 8, 8, generator=g))  # not the diffusion noise eps
 
 
 def test_resume_is_exact_with_posterior_samples_on_real_faces(tmp_path, lfw_faces, capsys):

@@ -1,12 +1,15 @@
-"""tinyldm/training/loop.py: the per-step seed streams and the warm-up, which exact resume depends on; the log."""
+"""tinyldm/training: the per-step seed streams and the learning-rate schedule, which exact resume depends on;
+the log."""
 
 import json
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
 
-from tinyldm.training.loop import JSONLLogger, seed_stream, warmup_lr
+from tinyldm.training.loop import JSONLLogger, seed_stream
+from tinyldm.training.trainer import TrainingConfig, lr_at
 
 
 def test_seed_streams_are_functions_of_seed_and_step_and_never_meet():
@@ -20,10 +23,16 @@ def test_seed_streams_are_functions_of_seed_and_step_and_never_meet():
     assert torch.equal(draw(seed_stream(3, 5, 1)), draw(seed_stream(3, 5, 1)))  # same step: same draws
 
 
-def test_warmup_is_linear_then_constant():
-    lrs = [warmup_lr(step, 1e-3, 4) for step in range(6)]
+def test_warmup_is_linear_then_constant_or_a_cosine_to_the_floor():
+    config = TrainingConfig(lr=1e-3, warmup_steps=4, steps=14)
+    lrs = [lr_at(step, config) for step in range(6)]
     assert lrs == [2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3]
-    assert warmup_lr(0, 1e-3, 0) == 1e-3  # no warm-up
+    assert lr_at(0, replace(config, warmup_steps=0)) == 1e-3  # no warm-up
+    assert lr_at(3, config, 2e-3) == 2e-3  # another optimizer's base rate (the discriminator's)
+    cosine = replace(config, lr_schedule="cosine", lr_min_ratio=0.1)
+    # Half-way through the decay (step 4 + 5 of 10): the mean of lr and the floor; at the end, the floor.
+    assert lr_at(9, cosine) == pytest.approx(0.5 * (1e-3 + 1e-4)) and lr_at(14, cosine) == pytest.approx(1e-4)
+    assert lr_at(3, cosine) == 1e-3 and lr_at(4, cosine) == pytest.approx(1e-3)
 
 
 def test_tensorboard_mirrors_the_log_and_forgets_what_a_resume_replaces(tmp_path):

@@ -374,9 +374,10 @@ def bench_train_ldm(device: torch.device, *, smoke: bool, warmup: int, repeat: i
     opt = torch.optim.AdamW(denoiser.parameters(), lr=1e-4, fused=device.type == "cuda")
 
     def step():
+        t = torch.randint(0, schedule.T, (len(z0),), device=device)
+        eps = torch.randn_like(z0)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=train["amp"] and device.type == "cuda"):
-            loss = ldm_loss(denoiser, schedule, z0, captions, diffusion)
-        loss.item()  # train_ldm.py reads the loss every step too
+            loss = ldm_loss(denoiser, schedule, z0, t, eps, captions, diffusion)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(denoiser.parameters(), 1.0)

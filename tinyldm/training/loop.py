@@ -7,12 +7,12 @@
 * `rng_state` / `set_rng_state`: torch (CPU and CUDA), numpy and Python `random`, as plain values;
 * `batch_indices(step, ...)`: the data order as a pure function of the step, which makes `--resume`
   exact without saving a data loader's state;
-* `warmup_lr(step, lr, warmup_steps)`: linear warm-up to `lr`, then constant;
 * `EMA`: an exponential moving average of a model's weights, with the usual warm-up
   decay_t = min(decay, (1 + t) / (10 + t)) so short runs are not dominated by the random init;
 * `JSONLLogger`: one JSON object per line; on resume it drops records past the resumed step;
 * `GracefulStop`: SIGINT (Ctrl-C) or SIGTERM while training finishes the step, writes a checkpoint and
   exits with a line saying how to resume; a second signal stops at once.
+The loop itself, which uses all of these, is `tinyldm.training.trainer.Trainer`.
 """
 
 from __future__ import annotations
@@ -63,11 +63,6 @@ def seed_stream(seed: int, step: int, stream: int = 0) -> int:
     made on the CPU (condition drops) and stream 0 for inpainting masks; streams 2**40 apart never meet.
     """
     return 2**40 * stream + seed * 1_000_003 + step
-
-
-def warmup_lr(step: int, lr: float, warmup_steps: int) -> float:
-    """Linear warm-up over the first `warmup_steps` steps, then constant."""
-    return lr * min(1.0, (step + 1) / max(warmup_steps, 1))
 
 
 def rng_state() -> dict:
@@ -239,13 +234,6 @@ class GracefulStop:
     @property
     def requested(self) -> bool:
         return self.signal is not None
-
-    def agreed(self, world, device: torch.device, step: int, every: int) -> bool:
-        """Stop after this step? One process: whenever a signal came. Under torchrun the processes must stop at
-        the same step, which takes an all-reduce (a device sync): they agree every `every` steps, not each step."""
-        if not world.enabled:
-            return self.requested
-        return step % every == 0 and world.any(self.requested, device)
 
     def exit(self, step: int, total: int, checkpoint: Path, resume: str) -> None:
         """Say where the run stopped and how to continue, then exit with 128 + the signal's number."""

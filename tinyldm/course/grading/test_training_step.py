@@ -24,7 +24,7 @@ def test_the_loss_is_eq3_by_hand(loss):
     z_t = ab.sqrt() * z0 + (1 - ab).sqrt() * eps
     with torch.no_grad():
         want = (F.mse_loss if loss == "l2" else F.l1_loss)(denoiser(z_t, t), eps)
-        got = ldm_loss(denoiser, schedule, z0, None, cfg, t=t, eps=eps)
+        got = ldm_loss(denoiser, schedule, z0, t, eps, None, cfg)
     assert got.ndim == 0 and torch.allclose(got, want, rtol=1e-5, atol=1e-7)
 
 
@@ -36,5 +36,5 @@ def test_v_and_x0_targets(prediction):
     target = ab.sqrt() * eps - (1 - ab).sqrt() * z0 if prediction == "v" else z0
     with torch.no_grad():
         want = F.mse_loss(denoiser(z_t, t), target)
-        got = ldm_loss(denoiser, schedule, z0, None, cfg, t=t, eps=eps)
+        got = ldm_loss(denoiser, schedule, z0, t, eps, None, cfg)
     assert torch.allclose(got, want, rtol=1e-5, atol=1e-7)

@@ -18,7 +18,9 @@ def test_the_gradient_reaches_every_unet_weight():
     cfg = DiffusionConfig(schedule="linear", p_uncond=0.0)
     denoiser = Denoiser(tiny_unet(), ConditionEncoder(ConditionConfig(kind="none")))
     g = torch.Generator().manual_seed(0)
-    loss = ldm_loss(denoiser, cfg.make_schedule(), torch.randn(4, 3, 8, 8, generator=g), None, cfg, generator=g)
+    z0 = torch.randn(4, 3, 8, 8, generator=g)
+    t, eps = torch.randint(0, cfg.T, (4,), generator=g), torch.randn(z0.shape, generator=g)
+    loss = ldm_loss(denoiser, cfg.make_schedule(), z0, t, eps, None, cfg)
     loss.backward()
     grads = [p.grad for p in denoiser.parameters()]
     assert all(gr is not None for gr in grads) and sum(float(gr.abs().sum()) for gr in grads) > 0
@@ -36,7 +38,8 @@ def test_a_short_training_run_on_shapes_learns():
     losses = []
     for _ in range(STEPS):
         batch = images[torch.randint(0, 256, (32,), generator=g)]
-        loss = ldm_loss(denoiser, schedule, batch, None, cfg, generator=g)
+        t, eps = torch.randint(0, cfg.T, (32,), generator=g), torch.randn(batch.shape, generator=g)
+        loss = ldm_loss(denoiser, schedule, batch, t, eps, None, cfg)
         opt.zero_grad()
         loss.backward()
         opt.step()
