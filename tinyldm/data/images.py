@@ -1,25 +1,28 @@
-"""Training images from disk (folders, CelebA, LSUN), and the shapes dataset, behind one item format.
+"""Training images from disk (folders, CelebA, LSUN), and the shapes dataset, behind one item
+format.
 
 What comes in, what goes out. Every dataset here yields the same item dict,
-    {"image": (3, H, W) float32 in [-1, 1], "caption": str ("" if none), "class_id": int (-1 if none)},
+    {"image": (3, H, W) float32 in [-1, 1], "caption": str ("" if none),
+     "class_id": int (-1 if none)},
 so torch's default collate batches it, and the trainers do not care where it came from:
-    * "shapes": the procedural default (`tinyldm.data.shapes`; its items also carry boxes and a seg map);
+    * "shapes": the procedural default (`tinyldm.data.shapes`; its items also carry boxes and a seg
+      map);
     * "folder": every .jpg .jpeg .png .webp .bmp under `root`, recursively. Captions come from
-      `metadata.jsonl` lines {"file_name": ..., "text": ...} (the Hugging Face imagefolder convention;
-      file names relative to the jsonl's folder) or from a `.txt` beside the image; class labels from
-      the first sub-folder (torchvision's ImageFolder convention, detected when `root` holds only
-      sub-folders, or forced with `class_folders`);
+      `metadata.jsonl` lines {"file_name": ..., "text": ...} (the Hugging Face imagefolder
+      convention; file names relative to the jsonl's folder) or from a `.txt` beside the image;
+      class labels from the first sub-folder (torchvision's ImageFolder convention, detected when
+      `root` holds only sub-folders, or forced with `class_folders`);
     * "celeba": `img_align_celeba/`, `list_attr_celeba.txt`, `list_eval_partition.txt` (its official
-      split), the 128 x 128 face box that DDIM and NCSN use for 64 px CelebA, any of the 40 attributes
-      as the class, and captions written from the attributes by `celeba_caption`;
-    * "lsun": an extracted folder, or the official LMDB export (a folder with `data.mdb`) through the
-      optional `lmdb` package (`pip install tinyldm[lsun]`).
+      split), the 128 x 128 face box that DDIM and NCSN use for 64 px CelebA, any of the 40
+      attributes as the class, and captions written from the attributes by `celeba_caption`;
+    * "lsun": an extracted folder, or the official LMDB export (a folder with `data.mdb`) through
+      the optional `lmdb` package (`pip install tinyldm[lsun]`).
 Images are centre-cropped to a square (CelebA: its face box), resized with bicubic filtering, and
-optionally flipped. JPEGs are decoded at 1/2, 1/4 or 1/8 scale when that still leaves twice the output
-size (PIL's `draft`; bicubic does the rest), which is most of the speed on large photos. Grey, RGBA,
-palette, CMYK and 16-bit images become 8-bit RGB (alpha over white). Splits: "train" and "eval" (held
-out) by a hash of the file name, so adding files moves no other file across (CelebA: its official
-partition); "all" for everything. `max_images` keeps the first N of the split.
+optionally flipped. JPEGs are decoded at 1/2, 1/4 or 1/8 scale when that still leaves twice the
+output size (PIL's `draft`; bicubic does the rest), which is most of the speed on large photos.
+Grey, RGBA, palette, CMYK and 16-bit images become 8-bit RGB (alpha over white). Splits: "train" and
+"eval" (held out) by a hash of the file name, so adding files moves no other file across (CelebA:
+its official partition); "all" for everything. `max_images` keeps the first N of the split.
 
 Bad files never stop an epoch: an image that fails to decode is warned about, flagged in a tensor in
 shared memory (so DataLoader workers' findings reach the main process) and replaced by the next
@@ -57,11 +60,14 @@ class DataConfig:
     source: str = "shapes"               # one of SOURCES
     root: str = ""                       # the folder, CelebA root, or LSUN folder / LMDB directory
     image_size: int = 64
-    hflip: bool = False                  # random horizontal flips (not for shapes: captions say left/right)
+    # random horizontal flips (not for shapes: captions say left/right)
+    hflip: bool = False
     max_images: int | None = None        # keep only the first N images of the split
-    eval_fraction: float = 0.05           # folder / LSUN: share held out for "eval", by file name hash
+    # folder / LSUN: share held out for "eval", by file name hash
+    eval_fraction: float = 0.05
     split_seed: int = 0
-    class_folders: bool | None = None    # folder: labels from sub-folders; None = if root holds only folders
+    # folder: labels from sub-folders; None = if root holds only folders
+    class_folders: bool | None = None
     celeba_attribute: str | None = None  # CelebA: the class (0 without, 1 with), e.g. "Smiling"
 
     def __post_init__(self):
@@ -81,29 +87,36 @@ class DataConfig:
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
-    """8-bit RGB from any PIL mode: 16/32-bit grey rescaled, alpha composited over white, rest converted."""
+    """8-bit RGB from any PIL mode: 16/32-bit grey rescaled, alpha composited over white, rest
+    converted."""
     if img.mode == "RGB":
         return img
-    if img.mode.startswith("I") or img.mode == "F":  # 16-bit grey PNG ("I;16"), 32-bit int or float grey
+    # 16-bit grey PNG ("I;16"), 32-bit int or float grey
+    if img.mode.startswith("I") or img.mode == "F":
         a = np.asarray(img, dtype=np.float64)
         if img.mode.startswith("I;16") or a.max() > 255:  # 0..65535 -> 0..255
             a = a / 257
         elif img.mode == "F" and a.max() <= 1:  # floats in [0, 1]
             a = a * 255
         return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8)).convert("RGB")
-    if img.mode in ("P", "PA", "LA", "La", "RGBA", "RGBa"):  # palette (may hold transparency) or alpha
+    # palette (may hold transparency) or alpha
+    if img.mode in ("P", "PA", "LA", "La", "RGBA", "RGBa"):
         img = img.convert("RGBA")
-        return Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)), img).convert("RGB")
+        return Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)),
+                                     img).convert("RGB")
     return img.convert("RGB")  # L, 1, CMYK, YCbCr, ...
 
 
-def load_image(source, image_size: int, crop: tuple[float, float, float, float] | None = None) -> Image.Image:
-    """Decode a file (path or file object) into an RGB image_size x image_size PIL image: the crop box
-    (fractions of width and height; None = the centred square) resized with bicubic filtering."""
+def load_image(source, image_size: int,
+               crop: tuple[float, float, float, float] | None = None) -> Image.Image:
+    """Decode a file (path or file object) into an RGB image_size x image_size PIL image: the crop
+    box (fractions of width and height; None = the centred square) resized with bicubic
+    filtering."""
     with Image.open(source) as img:
         w, h = img.size
         fw, fh = (crop[2] - crop[0], crop[3] - crop[1]) if crop else (min(w, h) / w, min(w, h) / h)
-        # JPEG only: decode at 1/2, 1/4 or 1/8 scale, keeping >= 2x the output size so bicubic does the rest
+        # JPEG only: decode at 1/2, 1/4 or 1/8 scale, keeping >= 2x the output size so bicubic does
+        # the rest
         img.draft(None, (ceil(2 * image_size / fw), ceil(2 * image_size / fh)))
         img.load()  # a corrupt or truncated file fails here
         img = to_rgb(img)
@@ -124,7 +137,8 @@ def _import_lmdb():
     except ImportError as err:
         raise ImportError("reading LSUN's LMDB export needs the optional `lmdb` package: "
                           "pip install tinyldm[lsun]  (or: pip install lmdb). "
-                          "Alternatively extract the images to a folder and point root at it.") from err
+                          "Alternatively extract the images to a folder "
+                          "and point root at it.") from err
     return lmdb
 
 
@@ -134,7 +148,8 @@ class ImageDataset(Dataset):
 
     def __init__(self, name: str, items: list[str], *, image_size: int, hflip: bool = False,
                  captions: list[str] | None = None, class_ids: list[int] | None = None,
-                 class_names: Iterable[str] = (), crop: tuple[float, float, float, float] | None = None,
+                 class_names: Iterable[str] = (),
+                 crop: tuple[float, float, float, float] | None = None,
                  lmdb_path: str | None = None):
         n = len(items)
         if n == 0:
@@ -148,7 +163,8 @@ class ImageDataset(Dataset):
         self.class_ids = list(class_ids) if class_ids is not None else [-1] * n
         self.class_names = list(class_names)
         self.lmdb_path, self._env, self._env_pid = lmdb_path, None, None
-        self._bad = torch.zeros(n, dtype=torch.bool).share_memory_()  # shared with DataLoader workers
+        # shared with DataLoader workers
+        self._bad = torch.zeros(n, dtype=torch.bool).share_memory_()
 
     def __len__(self) -> int:
         return len(self.items)
@@ -160,8 +176,8 @@ class ImageDataset(Dataset):
         if self.lmdb_path is None:
             return self.items[i]
         if self._env is None or self._env_pid != os.getpid():  # one environment per process
-            self._env = _import_lmdb().open(self.lmdb_path, readonly=True, lock=False, readahead=False,
-                                            meminit=False)
+            self._env = _import_lmdb().open(self.lmdb_path, readonly=True, lock=False,
+                                            readahead=False, meminit=False)
             self._env_pid = os.getpid()
         with self._env.begin(write=False) as txn:
             value = txn.get(self.items[i].encode("latin-1"))
@@ -172,17 +188,20 @@ class ImageDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         n = len(self.items)
         error = None
-        for i in ((index + k) % n for k in range(n)):  # the image itself, else the next readable one
+        # the image itself, else the next readable one
+        for i in ((index + k) % n for k in range(n)):
             if self._bad[i]:
                 continue
             try:
                 img = load_image(self._source(i), self.image_size, self.crop)
-            except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, ... for bad files
+            except Exception as err:
+                # PIL raises OSError, SyntaxError, ValueError, ... for bad files
                 self._bad[i], error = True, err
                 warnings.warn(f"{self.name}: skipping unreadable image {self.items[i]} "
                               f"({type(err).__name__}: {err})", stacklevel=2)
                 continue
-            image = torch.from_numpy(np.array(img)).permute(2, 0, 1).float() / 127.5 - 1.0  # (3, H, W)
+            # (3, H, W)
+            image = torch.from_numpy(np.array(img)).permute(2, 0, 1).float() / 127.5 - 1.0
             if self.hflip and torch.rand(()) < 0.5:
                 image = image.flip(-1)
             return {"image": image, "caption": self.captions[i], "class_id": self.class_ids[i]}
@@ -213,16 +232,17 @@ def _in_eval(key: str, config: DataConfig) -> bool:
 
 
 def _small_set_held_out(keys: Sequence[str], config: DataConfig, name: str) -> set[str] | None:
-    """A small set where the hash rule holds out nothing: the round(eval_fraction * n) keys (at least one) with
-    the lowest hashes are held out instead, so that a folder of a few dozen images has an evaluation split
-    too. Still a function of the file names alone. None when the ordinary rule holds something out."""
+    """A small set where the hash rule holds out nothing: the round(eval_fraction * n) keys (at
+    least one) with the lowest hashes are held out instead, so that a folder of a few dozen images
+    has an evaluation split too. Still a function of the file names alone. None when the ordinary
+    rule holds something out."""
     if len(keys) < 2 or config.eval_fraction <= 0 or any(_in_eval(key, config) for key in keys):
         return None
     k = max(1, round(config.eval_fraction * len(keys)))
     held_out = set(sorted(keys, key=lambda key: _split_hash(key, config))[:k])
     warnings.warn(f"{name}: {len(keys)} images, none of which the hash rule (eval_fraction="
-                  f"{config.eval_fraction}) holds out: holding out the {k} with the lowest hash instead "
-                  f"({len(keys) - k} to train on)", stacklevel=2)
+                  f"{config.eval_fraction}) holds out: holding out the {k} with the lowest hash "
+                  f"instead ({len(keys) - k} to train on)", stacklevel=2)
     return held_out
 
 
@@ -230,8 +250,10 @@ def _select(keys: Iterable[str], split: str, config: DataConfig, name: str) -> l
     """The `keys` in the hash-based split, the first `max_images` of them (stops reading there)."""
     if split not in ("train", "eval", "all"):
         raise ValueError(f"{name}: split must be 'train', 'eval' or 'all', got {split!r}")
-    held_out = _small_set_held_out(keys, config, name) if isinstance(keys, Sequence) and split != "all" else None
-    in_eval = (lambda key: key in held_out) if held_out is not None else (lambda key: _in_eval(key, config))
+    held_out = (_small_set_held_out(keys, config, name)
+                if isinstance(keys, Sequence) and split != "all" else None)
+    in_eval = ((lambda key: key in held_out) if held_out is not None
+               else (lambda key: _in_eval(key, config)))
     chosen = []
     for key in keys:
         if split == "all" or in_eval(key) == (split == "eval"):
@@ -239,13 +261,15 @@ def _select(keys: Iterable[str], split: str, config: DataConfig, name: str) -> l
             if len(chosen) == config.max_images:
                 break
     if not chosen:
-        raise ValueError(f"{name}: the {split!r} split is empty (eval_fraction={config.eval_fraction}); "
+        raise ValueError(f"{name}: the {split!r} split is empty "
+                         f"(eval_fraction={config.eval_fraction}); "
                          "use more images or another eval_fraction")
     return chosen
 
 
 def _walk(root: Path) -> tuple[list[str], set[str], list[str]]:
-    """Sorted relative paths of the images, the .txt files and the metadata.jsonl files under root."""
+    """Sorted relative paths of the images, the .txt files and the metadata.jsonl files under
+    root."""
     images, texts, metas = [], set(), []
     for folder, subfolders, files in os.walk(root):
         subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
@@ -263,7 +287,8 @@ def _walk(root: Path) -> tuple[list[str], set[str], list[str]]:
     return sorted(images), texts, metas
 
 
-def _read_captions(root: Path, images: list[str], texts: set[str], metas: list[str]) -> list[str] | None:
+def _read_captions(root: Path, images: list[str], texts: set[str],
+                   metas: list[str]) -> list[str] | None:
     captions = {}
     for meta in metas:
         with open(root / meta, encoding="utf-8") as f:
@@ -277,9 +302,11 @@ def _read_captions(root: Path, images: list[str], texts: set[str], metas: list[s
                 row = row if isinstance(row, dict) else {}
                 name, text = row.get("file_name"), row.get("text", row.get("caption"))
                 if not (isinstance(name, str) and isinstance(text, str)):
-                    raise ValueError(f"{root / meta}, line {line_number}: expected a JSON object with string "
-                                     f"fields 'file_name' and 'text', got {line.strip()[:100]!r}")
-                captions[posixpath.normpath(posixpath.join(posixpath.dirname(meta), name))] = text.strip()
+                    raise ValueError(f"{root / meta}, line {line_number}: expected a JSON object "
+                                     "with string fields 'file_name' and 'text', "
+                                     f"got {line.strip()[:100]!r}")
+                captions[posixpath.normpath(posixpath.join(posixpath.dirname(meta),
+                                                           name))] = text.strip()
     for image in images:
         sidecar = os.path.splitext(image)[0] + ".txt"
         if image not in captions and sidecar in texts:
@@ -288,8 +315,8 @@ def _read_captions(root: Path, images: list[str], texts: set[str], metas: list[s
         return None
     missing = sum(image not in captions for image in images)
     if missing:
-        warnings.warn(f"{root}: {missing} of {len(images)} images have no caption (metadata.jsonl or .txt); "
-                      "they get the empty caption", stacklevel=3)
+        warnings.warn(f"{root}: {missing} of {len(images)} images have no caption "
+                      "(metadata.jsonl or .txt); they get the empty caption", stacklevel=3)
     return [captions.get(image, "") for image in images]
 
 
@@ -299,7 +326,8 @@ def folder_dataset(config: DataConfig, split: str = "train") -> ImageDataset:
         raise FileNotFoundError(f"image folder {root} does not exist or is not a folder")
     images, texts, metas = _walk(root)
     if not images:
-        raise FileNotFoundError(f"no images ({' '.join(IMAGE_EXTENSIONS)}) in {root} or its sub-folders")
+        raise FileNotFoundError(f"no images ({' '.join(IMAGE_EXTENSIONS)}) in {root} "
+                                "or its sub-folders")
     captions = _read_captions(root, images, texts, metas)
     tops = [p.split("/")[0] if "/" in p else None for p in images]  # first sub-folder of each image
     use_classes = config.class_folders
@@ -308,8 +336,8 @@ def folder_dataset(config: DataConfig, split: str = "train") -> ImageDataset:
     class_names, class_ids = [], None
     if use_classes:
         if None in tops:
-            raise ValueError(f"{root}: with class_folders, every image must sit in a class sub-folder; "
-                             f"{images[tops.index(None)]} does not")
+            raise ValueError(f"{root}: with class_folders, every image must sit in a class "
+                             f"sub-folder; {images[tops.index(None)]} does not")
         class_names = sorted(set(tops))
         class_index = {name: i for i, name in enumerate(class_names)}
         class_ids = [class_index[t] for t in tops]
@@ -322,51 +350,57 @@ def folder_dataset(config: DataConfig, split: str = "train") -> ImageDataset:
                         class_names=class_names)
 
 
-CELEBA_CROP = (25 / 178, 57 / 218, 153 / 178, 185 / 218)  # the 128 x 128 face box in the 178 x 218 images
+# the 128 x 128 face box in the 178 x 218 images
+CELEBA_CROP = (25 / 178, 57 / 218, 153 / 178, 185 / 218)
 
 
 def _read_celeba_attributes(path: Path) -> tuple[list[str], dict[str, list[bool]]]:
     lines = path.read_text().splitlines()
     names = lines[1].split() if len(lines) > 1 else []
     if len(names) != 40:
-        raise ValueError(f"{path}: line 2 should name the 40 CelebA attributes, found {len(names)} names")
+        raise ValueError(f"{path}: line 2 should name the 40 CelebA attributes, "
+                         f"found {len(names)} names")
     table = {}
     for line_number, line in enumerate(lines[2:], 3):
         fields = line.split()
         if fields and (len(fields) != 41 or any(v not in ("1", "-1") for v in fields[1:])):
-            raise ValueError(f"{path}, line {line_number}: expected a file name and 40 values of 1 or -1")
+            raise ValueError(f"{path}, line {line_number}: expected a file name and 40 values "
+                             "of 1 or -1")
         if fields:
             table[fields[0]] = [v == "1" for v in fields[1:]]
     return names, table
 
 
 def celeba_caption(attributes: dict[str, bool]) -> str:
-    """English from CelebA's attributes: "a smiling young woman with wavy blond hair, bangs and eyeglasses".
-    "Attractive" is left out on purpose; "Blurry" makes it "a blurry photo of ..."."""
+    """English from CelebA's attributes: "a smiling young woman with wavy blond hair, bangs and
+    eyeglasses". "Attractive" is left out on purpose; "Blurry" makes it "a blurry photo of ..."."""
     a = attributes
     adjectives = [w for k, w in (("Smiling", "smiling"), ("Young", "young"), ("Chubby", "chubby"),
                                  ("Bald", "bald"), ("Pale_Skin", "pale")) if a.get(k)]
     hair = [w for k, w in (("Wavy_Hair", "wavy"), ("Straight_Hair", "straight")) if a.get(k)][:1]
-    hair += [w for k, w in (("Black_Hair", "black"), ("Blond_Hair", "blond"), ("Brown_Hair", "brown"),
-                            ("Gray_Hair", "gray")) if a.get(k)][:1]
+    hair += [w for k, w in (("Black_Hair", "black"), ("Blond_Hair", "blond"),
+                            ("Brown_Hair", "brown"), ("Gray_Hair", "gray")) if a.get(k)][:1]
     details = [" ".join(hair) + " hair"] if hair and not a.get("Bald") else []
     details += [w for k, w in (  # "!" negates: No_Beard = -1 means a beard
-        ("Bangs", "bangs"), ("Receding_Hairline", "a receding hairline"), ("Eyeglasses", "eyeglasses"),
-        ("Wearing_Hat", "a hat"), ("!No_Beard", "a beard"), ("Mustache", "a mustache"),
+        ("Bangs", "bangs"), ("Receding_Hairline", "a receding hairline"),
+        ("Eyeglasses", "eyeglasses"), ("Wearing_Hat", "a hat"), ("!No_Beard", "a beard"),
+        ("Mustache", "a mustache"),
         ("Goatee", "a goatee"), ("Sideburns", "sideburns"), ("5_o_Clock_Shadow", "stubble"),
-        ("Heavy_Makeup", "heavy makeup"), ("Wearing_Lipstick", "lipstick"), ("Wearing_Earrings", "earrings"),
+        ("Heavy_Makeup", "heavy makeup"), ("Wearing_Lipstick", "lipstick"),
+        ("Wearing_Earrings", "earrings"),
         ("Wearing_Necklace", "a necklace"), ("Wearing_Necktie", "a necktie"),
         ("Mouth_Slightly_Open", "an open mouth"), ("High_Cheekbones", "high cheekbones"),
         ("Rosy_Cheeks", "rosy cheeks"), ("Arched_Eyebrows", "arched eyebrows"),
         ("Bushy_Eyebrows", "bushy eyebrows"), ("Narrow_Eyes", "narrow eyes"),
         ("Bags_Under_Eyes", "bags under the eyes"), ("Big_Nose", "a big nose"),
-        ("Pointy_Nose", "a pointy nose"), ("Big_Lips", "big lips"), ("Double_Chin", "a double chin"),
-        ("Oval_Face", "an oval face"),
+        ("Pointy_Nose", "a pointy nose"), ("Big_Lips", "big lips"),
+        ("Double_Chin", "a double chin"), ("Oval_Face", "an oval face"),
     ) if (a.get(k[1:]) is False if k[0] == "!" else a.get(k))]
     words = " ".join(adjectives + ["man" if a.get("Male") else "woman"])
     text = ("an " if words[0] in "aeiou" else "a ") + words
     if details:
-        text += " with " + (", ".join(details[:-1]) + " and " if len(details) > 1 else "") + details[-1]
+        text += (" with " + (", ".join(details[:-1]) + " and " if len(details) > 1 else "")
+                 + details[-1])
     return "a blurry photo of " + text if a.get("Blurry") else text
 
 
@@ -380,8 +414,8 @@ def celeba_dataset(config: DataConfig, split: str = "train") -> ImageDataset:
                        (attr_file, "the 40 binary attributes of each image"),
                        (partition_file, "the official train (0) / val (1) / test (2) partition")):
         if not path.exists():
-            raise FileNotFoundError(f"CelebA: {path} not found; expected {what}, as in the official CelebA "
-                                    f"release, under root {root}")
+            raise FileNotFoundError(f"CelebA: {path} not found; expected {what}, as in the "
+                                    f"official CelebA release, under root {root}")
     if split not in SPLITS:
         raise ValueError(f"CelebA split must be one of {SPLITS}, got {split!r}")
     names, table = _read_celeba_attributes(attr_file)
@@ -390,14 +424,15 @@ def celeba_dataset(config: DataConfig, split: str = "train") -> ImageDataset:
     for line_number, line in enumerate(partition_file.read_text().splitlines(), 1):
         fields = line.split()
         if fields and (len(fields) != 2 or fields[1] not in ("0", "1", "2")):
-            raise ValueError(f"{partition_file}, line {line_number}: expected 'name 0|1|2', got {line!r}")
+            raise ValueError(f"{partition_file}, line {line_number}: expected 'name 0|1|2', "
+                             f"got {line!r}")
         if fields and wanted in (None, fields[1]) and fields[0] in table:
             files.append(fields[0])
     present = set(os.listdir(folder))
     missing = [f for f in files if f not in present]
     if missing:
-        warnings.warn(f"CelebA: {len(missing)} images of the {split} split are missing from {folder} "
-                      f"(e.g. {missing[0]}); skipped", stacklevel=2)
+        warnings.warn(f"CelebA: {len(missing)} images of the {split} split are missing from "
+                      f"{folder} (e.g. {missing[0]}); skipped", stacklevel=2)
         files = [f for f in files if f in present]
     files = sorted(files)[: config.max_images]
     if not files:
@@ -405,28 +440,31 @@ def celeba_dataset(config: DataConfig, split: str = "train") -> ImageDataset:
     class_names, class_ids = [], None
     if config.celeba_attribute is not None:
         if config.celeba_attribute not in names:
-            raise ValueError(f"CelebA has no attribute {config.celeba_attribute!r}; choose from {names}")
+            raise ValueError(f"CelebA has no attribute {config.celeba_attribute!r}; "
+                             f"choose from {names}")
         column = names.index(config.celeba_attribute)
         class_names = [f"not {config.celeba_attribute}", config.celeba_attribute]
         class_ids = [int(table[f][column]) for f in files]
     captions = [celeba_caption(dict(zip(names, table[f], strict=True))) for f in files]
-    return ImageDataset(f"CelebA {root}", [str(folder / f) for f in files], image_size=config.image_size,
-                        hflip=config.hflip, captions=captions, class_ids=class_ids, class_names=class_names,
-                        crop=CELEBA_CROP)
+    return ImageDataset(f"CelebA {root}", [str(folder / f) for f in files],
+                        image_size=config.image_size, hflip=config.hflip, captions=captions,
+                        class_ids=class_ids, class_names=class_names, crop=CELEBA_CROP)
 
 
 def lsun_dataset(config: DataConfig, split: str = "train") -> ImageDataset:
     root = Path(config.root)
     if not (root / "data.mdb").is_file():
         if not root.is_dir():
-            raise FileNotFoundError(f"LSUN: {root} is neither an LMDB export (a folder with data.mdb) "
-                                    "nor a folder of images")
+            raise FileNotFoundError(f"LSUN: {root} is neither an LMDB export "
+                                    "(a folder with data.mdb) nor a folder of images")
         return folder_dataset(replace(config, class_folders=False), split)
     lmdb = _import_lmdb()
     env = lmdb.open(str(root), readonly=True, lock=False, readahead=False, meminit=False)
     try:
-        with env.begin(write=False) as txn:  # LMDB lists keys in sorted order; _select stops at max_images
-            listed = (key.decode("latin-1") for key in txn.cursor().iternext(keys=True, values=False))
+        # LMDB lists keys in sorted order; _select stops at max_images
+        with env.begin(write=False) as txn:
+            listed = (key.decode("latin-1")
+                      for key in txn.cursor().iternext(keys=True, values=False))
             keys = _select(listed, split, config, name=f"LSUN {root}")
     finally:
         env.close()
@@ -434,14 +472,16 @@ def lsun_dataset(config: DataConfig, split: str = "train") -> ImageDataset:
                         image_size=config.image_size, hflip=config.hflip, lmdb_path=str(root))
 
 
-def make_dataset(config: DataConfig, split: str = "train", shapes: ShapesConfig | None = None) -> Dataset:
+def make_dataset(config: DataConfig, split: str = "train",
+                 shapes: ShapesConfig | None = None) -> Dataset:
     """The dataset `config` describes. `shapes` sets the shapes dataset's own options."""
     if config.source == "shapes":
         if config.hflip:
             raise ValueError("hflip would swap left and right in the shapes dataset's captions")
         shapes = shapes or ShapesConfig(image_size=config.image_size)
         if shapes.image_size != config.image_size:
-            raise ValueError(f"image_size {config.image_size} != shapes.image_size {shapes.image_size}")
+            raise ValueError(f"image_size {config.image_size} != "
+                             f"shapes.image_size {shapes.image_size}")
         if config.max_images is not None:
             shapes = replace(shapes, n_train=min(shapes.n_train, config.max_images),
                              n_eval=min(shapes.n_eval, config.max_images))
@@ -452,8 +492,8 @@ def make_dataset(config: DataConfig, split: str = "train", shapes: ShapesConfig 
 
 def make_image_datasets(source: str, root: str, *, image_size: int, n_eval: int | None = None,
                         **options) -> tuple[Dataset, Dataset]:
-    """(train, eval) datasets of `source` at `root`, eval capped at n_eval images; `options` are other
-    DataConfig fields (they apply to train; eval is never flipped)."""
+    """(train, eval) datasets of `source` at `root`, eval capped at n_eval images; `options` are
+    other DataConfig fields (they apply to train; eval is never flipped)."""
     config = DataConfig(source=source, root=root, image_size=image_size, **options)
     held_out = make_dataset(replace(config, max_images=n_eval, hflip=False), "eval")
     return make_dataset(config, "train"), held_out
