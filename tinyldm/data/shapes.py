@@ -1,16 +1,18 @@
-"""The shapes dataset: procedural, seeded, download-free images with captions, and an exact evaluator.
+"""The shapes dataset: procedural, seeded, download-free images with captions, and an exact
+evaluator.
 
 Why it exists. The LDM paper (arXiv 2112.10752) conditions one denoiser on text (Sec. 4.3.1, LAION),
 classes (ImageNet), layouts (Sec. 4.3.1, COCO / OpenImages boxes) and semantic maps (Sec. 4.3.2).
 Those data sets are large and their metrics (FID, CLIP score) need downloads. Here every one of
 those conditions exists for a tiny image that renders in well under a millisecond, and "did the
-model draw what it was asked for?" has an exact answer, from classical image analysis, not a network.
+model draw what it was asked for?" has an exact answer, from classical image analysis, not a
+network.
 
 The data (all fixed by `(seed, split, index)`; see `render`):
     * a light grey background, plain or with faint smooth texture;
-    * 1..9 objects (`min_shapes`..`max_shapes`, default 1), each a `COLORS` x `SHAPES` class in its own
-      cell of a 3x3 grid (`POSITIONS`: "top left" ... "bottom right"), jittered in position, size
-      and hue. Objects in different cells never overlap, so each is one connected region;
+    * 1..9 objects (`min_shapes`..`max_shapes`, default 1), each a `COLORS` x `SHAPES` class in its
+      own cell of a 3x3 grid (`POSITIONS`: "top left" ... "bottom right"), jittered in position,
+      size and hue. Objects in different cells never overlap, so each is one connected region;
     * a caption in one of several phrasings (`TEMPLATES`): "a red circle in the top left",
       "top left: a red circle", ...; objects are joined by " and " or "; ";
     * `class_id = color_index * len(SHAPES) + shape_index` (`CLASS_NAMES`), a layout (class and
@@ -23,10 +25,10 @@ The evaluator (`detect_shapes`, `score_images`), per image:
     1. background colour = per-channel median (each object covers 3-6% of the image);
     2. foreground = pixels farther than `FOREGROUND_DISTANCE` from it (RGB in [0, 1]);
     3. objects = 4-connected foreground components of at least `MIN_AREA_FRACTION` of the image;
-    4. colour = majority vote of the object's core pixels (those with >= 60% of its largest contrast).
-       A pixel is a blend a * colour + (1 - a) * background, so it votes for the `COLORS` entry whose
-       blend line passes closest; pixels far from every line do not vote, and without a majority
-       the colour is None (wrong for any prompt);
+    4. colour = majority vote of the object's core pixels (those with >= 60% of its largest
+       contrast). A pixel is a blend a * colour + (1 - a) * background, so it votes for the `COLORS`
+       entry whose blend line passes closest; pixels far from every line do not vote, and without a
+       majority the colour is None (wrong for any prompt);
     5. shape from moments of the soft mask (contrast / core contrast, clipped to 1): a triangle's
        mass is skewed (|skewness| ~0.55), a square's projection is flatter along its axes than along
        its diagonals (kurtosis 1.8 vs 2.4), a disc's is the same in every direction;
@@ -81,7 +83,8 @@ TEMPLATES = (  # (one object, joiner between objects)
 _TEMPLATE_WORDS = {w for t, j in TEMPLATES for w in re.findall(r"[a-z]+|[^\sa-z{}]", t + j)}
 _NAME_WORDS = {"an"} | set(COLORS) | set(SHAPES) | set(ROWS) | set(COLS)
 VOCABULARY = tuple(sorted((_TEMPLATE_WORDS - {"color", "shape", "position"}) | _NAME_WORDS))
-"""Every token a caption can contain: lowercase words and ":", ";", "," (split with `[a-z]+|[:;,]`)."""
+"""Every token a caption can contain: lowercase words and ":", ";", "," (split with
+`[a-z]+|[:;,]`)."""
 
 
 def class_id(color: str, shape: str) -> int:
@@ -89,9 +92,10 @@ def class_id(color: str, shape: str) -> int:
 
 
 def seg_palette() -> Tensor:
-    """(1 + 18, 3) uint8 colours for drawing a segmentation map: light grey background, each class in its colour
-    (use with `viz.label_image`)."""
-    return torch.tensor([[235, 235, 235]] + [COLORS[name.split(" ")[0]] for name in CLASS_NAMES], dtype=torch.uint8)
+    """(1 + 18, 3) uint8 colours for drawing a segmentation map: light grey background, each class
+    in its colour (use with `viz.label_image`)."""
+    return torch.tensor([[235, 235, 235]] + [COLORS[name.split(" ")[0]] for name in CLASS_NAMES],
+                        dtype=torch.uint8)
 
 
 @dataclass(frozen=True)
@@ -104,7 +108,8 @@ class ShapeSpec:
 
 
 def caption(specs: list[ShapeSpec], template: int = 0) -> str:
-    """Caption for a list of fully specified objects in phrasing `template` (0 is the canonical one)."""
+    """Caption for a list of fully specified objects in phrasing `template` (0 is the canonical
+    one)."""
     text, joiner = TEMPLATES[template]
     out = joiner.join(text.format(color=s.color, shape=s.shape, position=s.position) for s in specs)
     return re.sub(r"\ba (?=[aeiou])", "an ", out)  # "an orange circle"
@@ -122,7 +127,8 @@ _COL_WORDS = {"left": 0, "right": 2}
 
 
 def parse_prompt(prompt: str) -> list[ShapeSpec]:
-    """Read the objects back from a caption or any similar prompt ("upper left: a blue disc" is fine).
+    """Read the objects back from a caption or any similar prompt ("upper left: a blue disc" is
+    fine).
 
     Objects are clauses separated by "and", ";" or a newline; each names one shape, at most one
     colour, and a position built from a row word (top/upper, bottom/lower), a column word
@@ -136,8 +142,8 @@ def parse_prompt(prompt: str) -> list[ShapeSpec]:
             continue
         colors = [w for w in words if w in COLORS]
         if len(shapes) > 1 or len(colors) > 1:
-            raise ValueError(f"clause {clause.strip()!r} of prompt {prompt!r} names several shapes or "
-                             "colours; separate objects with 'and' or ';'")
+            raise ValueError(f"clause {clause.strip()!r} of prompt {prompt!r} names several shapes "
+                             "or colours; separate objects with 'and' or ';'")
         rows = [_ROW_WORDS[w] for w in words if w in _ROW_WORDS]
         cols = [_COL_WORDS[w] for w in words if w in _COL_WORDS]
         centred = any(w in ("center", "centre", "middle") for w in words)
@@ -152,12 +158,14 @@ def parse_prompt(prompt: str) -> list[ShapeSpec]:
 
 
 def specs_from_layout(box_classes: Tensor, boxes: Tensor) -> list[ShapeSpec]:
-    """Turn one image's layout (class ids (K,), boxes (K, 4) fractions; class -1 = padding) into specs."""
+    """Turn one image's layout (class ids (K,), boxes (K, 4) fractions; class -1 = padding) into
+    specs."""
     specs = []
     for c, (x0, y0, x1, y1) in zip(box_classes.tolist(), boxes.tolist(), strict=True):
         if c < 0:
             continue
-        row, col = min(int(1.5 * (y0 + y1)), 2), min(int(1.5 * (x0 + x1)), 2)  # cell of the box centre
+        # cell of the box centre
+        row, col = min(int(1.5 * (y0 + y1)), 2), min(int(1.5 * (x0 + x1)), 2)
         color, shape = list(COLORS)[c // len(SHAPES)], SHAPES[c % len(SHAPES)]
         specs.append(ShapeSpec(color, shape, position_name(row, col)))
     return specs
@@ -165,8 +173,10 @@ def specs_from_layout(box_classes: Tensor, boxes: Tensor) -> list[ShapeSpec]:
 
 # --- rendering ---------------------------------------------------------------------------------
 
-SIZE_RANGE = (0.12, 0.14)   # half-extent of an object, as a fraction of the image side: 8-9 px discs at 32 px
-JITTER = 0.01               # position jitter; 1/6 - JITTER - max size > 0 keeps objects inside their cells
+# half-extent of an object, as a fraction of the image side: 8-9 px discs at 32 px
+SIZE_RANGE = (0.12, 0.14)
+# position jitter; 1/6 - JITTER - max size > 0 keeps objects inside their cells
+JITTER = 0.01
 COLOR_JITTER = 12           # per channel, 0..255
 SUPERSAMPLE = 4             # antialiasing: 4 x 4 samples per pixel
 
@@ -215,7 +225,8 @@ def _half_extent(shape: str, s: float) -> float:
 
 
 def render(config: ShapesConfig, index: int, split: str = "train") -> ShapesSample:
-    """Draw image `index` of `split` ("train" or "eval"); the same arguments always give the same image."""
+    """Draw image `index` of `split` ("train" or "eval"); the same arguments always give the same
+    image."""
     if split not in ("train", "eval"):
         raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
     n = config.n_train if split == "train" else config.n_eval
@@ -226,7 +237,8 @@ def render(config: ShapesConfig, index: int, split: str = "train") -> ShapesSamp
 
     grey = rng.uniform(215, 235) + rng.uniform(-4, 4, size=3)  # slightly tinted light grey
     image = np.broadcast_to(grey, (S, S, 3)).astype(np.float32)
-    if config.background == "texture":  # faint smooth waves: 3 random plane waves of 1-3 cycles per image
+    # faint smooth waves: 3 random plane waves of 1-3 cycles per image
+    if config.background == "texture":
         y, x = np.mgrid[0:S, 0:S].astype(np.float32) / S
         for _ in range(3):
             fx, fy = rng.uniform(-3, 3, size=2)
@@ -242,7 +254,8 @@ def render(config: ShapesConfig, index: int, split: str = "train") -> ShapesSamp
         cx = ((col + 0.5) / 3 + rng.uniform(-JITTER, JITTER)) * S  # centre, in pixels
         cy = ((row + 0.5) / 3 + rng.uniform(-JITTER, JITTER)) * S
         s = rng.uniform(*SIZE_RANGE) * S
-        rgb = np.array(COLORS[color], dtype=np.float32) + rng.uniform(-COLOR_JITTER, COLOR_JITTER, size=3)
+        rgb = (np.array(COLORS[color], dtype=np.float32)
+               + rng.uniform(-COLOR_JITTER, COLOR_JITTER, size=3))
 
         # Coverage of each pixel in the object's window, from ss x ss samples at sub-pixel centres.
         e = _half_extent(shape, s)
@@ -290,7 +303,8 @@ class ShapesDataset(Dataset):
         K = self.config.max_shapes
         boxes, box_classes = torch.zeros(K, 4), torch.full((K,), -1, dtype=torch.long)
         boxes[: len(sample.specs)] = torch.from_numpy(sample.boxes)
-        box_classes[: len(sample.specs)] = torch.tensor([class_id(s.color, s.shape) for s in sample.specs])
+        box_classes[: len(sample.specs)] = torch.tensor([class_id(s.color, s.shape)
+                                                         for s in sample.specs])
         image = torch.from_numpy(sample.image).permute(2, 0, 1).float() / 127.5 - 1.0  # (3, H, W)
         return {"image": image, "caption": sample.caption, "class_id": int(box_classes[0]),
                 "boxes": boxes, "box_classes": box_classes, "seg": torch.from_numpy(sample.seg)}
@@ -298,8 +312,10 @@ class ShapesDataset(Dataset):
 
 # --- the evaluator -----------------------------------------------------------------------------
 
-FOREGROUND_DISTANCE = 0.25   # RGB distance in [0, 1] units; the closest colour is ~0.75 from the background
-MAX_COLOR_DISTANCE = 0.2     # farther than this from every colour's blend line, a pixel does not vote
+# RGB distance in [0, 1] units; the closest colour is ~0.75 from the background
+FOREGROUND_DISTANCE = 0.25
+# farther than this from every colour's blend line, a pixel does not vote
+MAX_COLOR_DISTANCE = 0.2
 CORE_FRACTION = 0.6          # pixels at >= 60% of the object's largest contrast are its core
 MIN_AREA_FRACTION = 0.004    # the smallest object covers ~2.9% of the image
 SKEW_THRESHOLD = 0.25        # |skewness|: triangle ~0.55, circle and square ~0
@@ -336,8 +352,8 @@ def _components(mask: Tensor) -> Tensor:
 
 @contextmanager
 def _one_thread():
-    """Run torch on one thread: the evaluator is many small ops, for which thread synchronisation costs
-    more than it saves, and 20-50x more while DataLoader workers keep the other cores busy."""
+    """Run torch on one thread: the evaluator is many small ops, for which thread synchronisation
+    costs more than it saves, and 20-50x more while DataLoader workers keep the other cores busy."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -348,9 +364,9 @@ def _one_thread():
 
 @_one_thread()
 def detect_shapes(images: Tensor) -> list[list[Detection]]:
-    """Find the objects in (B, 3, H, W) images in [-1, 1]; per image, largest first. Steps 1-6 of the
-    module docstring. The soft mask used for the moments covers the component grown by one pixel, so
-    it keeps the anti-aliased edge, which is what makes 32 px images work."""
+    """Find the objects in (B, 3, H, W) images in [-1, 1]; per image, largest first. Steps 1-6 of
+    the module docstring. The soft mask used for the moments covers the component grown by one
+    pixel, so it keeps the anti-aliased edge, which is what makes 32 px images work."""
     if images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"expected images of shape (B, 3, H, W), got {tuple(images.shape)}")
     if images.dtype == torch.uint8 or images.min() < -1.5 or images.max() > 1.5:
@@ -361,7 +377,8 @@ def detect_shapes(images: Tensor) -> list[list[Detection]]:
     n = H * W
     x = (images.detach().float().cpu().clamp(-1, 1) + 1) / 2  # (B, 3, H, W) in [0, 1]
     background = x.flatten(2).median(dim=2).values  # (B, 3)
-    contrast = (x - background[:, :, None, None]).square().sum(dim=1).sqrt()  # (B, H, W); faster than .norm
+    # (B, H, W); faster than .norm
+    contrast = (x - background[:, :, None, None]).square().sum(dim=1).sqrt()
     labels = _components(contrast > FOREGROUND_DISTANCE)
     near = -F.max_pool2d(-labels[:, None].float(), 3, stride=1, padding=1)[:, 0].long()
     region = torch.where(labels < n, labels, near)  # each object grown by one pixel
@@ -375,10 +392,13 @@ def detect_shapes(images: Tensor) -> list[list[Detection]]:
         return torch.zeros(m).scatter_reduce(0, inv, values.float(), how, include_self=False)
 
     area = reduce(inside)
-    x0, x1 = reduce(torch.where(inside, px, W), "amin"), reduce(torch.where(inside, px, -1), "amax") + 1
-    y0, y1 = reduce(torch.where(inside, py, H), "amin"), reduce(torch.where(inside, py, -1), "amax") + 1
-    # Colour: a core pixel is a blend a * colour + (1 - a) * background; it votes for the named colour
-    # whose blend line passes closest to it, or for none (index 6) if all are MAX_COLOR_DISTANCE away.
+    x0, x1 = (reduce(torch.where(inside, px, W), "amin"),
+              reduce(torch.where(inside, px, -1), "amax") + 1)
+    y0, y1 = (reduce(torch.where(inside, py, H), "amin"),
+              reduce(torch.where(inside, py, -1), "amax") + 1)
+    # Colour: a core pixel is a blend a * colour + (1 - a) * background; it votes for the named
+    # colour whose blend line passes closest to it, or for none (index 6) if all are
+    # MAX_COLOR_DISTANCE away.
     c = contrast[b, py, px]
     core = inside & (c >= CORE_FRACTION * reduce(c * inside, "amax")[inv])
     bg = background[b[core]]  # (P, 3)
@@ -387,7 +407,8 @@ def detect_shapes(images: Tensor) -> list[list[Detection]]:
     a = ((d[:, None] * e).sum(-1) / e.square().sum(-1)).clamp(0, 1)  # (P, 6) blend weights
     dist, nearest = (d[:, None] - a[..., None] * e).square().sum(-1).sqrt().min(dim=1)
     nearest[dist > MAX_COLOR_DISTANCE] = len(COLORS)
-    votes = torch.zeros(m, len(COLORS) + 1).index_put_((inv[core], nearest), torch.ones(len(nearest)),
+    votes = torch.zeros(m, len(COLORS) + 1).index_put_((inv[core], nearest),
+                                                       torch.ones(len(nearest)),
                                                        accumulate=True)  # (m, 7)
     top_votes, top_color = votes[:, : len(COLORS)].max(dim=1)
     # Shape: moments of the soft mask w.
@@ -402,7 +423,8 @@ def detect_shapes(images: Tensor) -> list[list[Detection]]:
     skew = (moment(X, 3) ** 2 / moment(X, 2) ** 3 + moment(Y, 3) ** 2 / moment(Y, 2) ** 3).sqrt()
     U, V = (X + Y) / 2**0.5, (X - Y) / 2**0.5
     kurtosis = [moment(v, 4) / moment(v, 2) ** 2 for v in (X, Y, U, V)]
-    spread = ((kurtosis[2] + kurtosis[3]) - (kurtosis[0] + kurtosis[1])).abs() / 2  # a diamond is a square
+    # a diamond is a square
+    spread = ((kurtosis[2] + kurtosis[3]) - (kurtosis[0] + kurtosis[1])).abs() / 2
 
     detections: list[list[Detection]] = [[] for _ in range(B)]
     for j in (area >= MIN_AREA_FRACTION * n).nonzero().flatten().tolist():
@@ -434,9 +456,11 @@ class ShapesScore:
     shape: float
     position: float
     all: float
-    iou: float | None            # mean box IoU of requested vs detected objects, when boxes were given
+    # mean box IoU of requested vs detected objects, when boxes were given
+    iou: float | None
     per_image: list[dict] = field(repr=False)
-    by_prompt: dict[str, dict[str, float]] = field(repr=False)  # prompt -> the same means over its images
+    # prompt -> the same means over its images
+    by_prompt: dict[str, dict[str, float]] = field(repr=False)
 
     def summary(self) -> str:
         iou = "" if self.iou is None else f"  box IoU {self.iou:.3f}"
@@ -452,23 +476,25 @@ def _mean(values: list[float]) -> float:
 
 
 def _describe(specs: list[ShapeSpec]) -> str:
-    """A prompt-like name for specs that leave attributes open: "a circle and a red shape in the center"."""
-    words = [("a", s.color, s.shape or "shape", s.position and f"in the {s.position}") for s in specs]
+    """A prompt-like name for specs that leave attributes open: "a circle and a red shape in the
+    center"."""
+    words = [("a", s.color, s.shape or "shape", s.position and f"in the {s.position}")
+             for s in specs]
     parts = [" ".join(w for w in object_words if w) for object_words in words]
     return re.sub(r"\ba (?=[aeiou])", "an ", " and ".join(parts))
 
 
 def _match(specs: list[ShapeSpec], found: list[Detection], boxes: list | None) -> dict[int, int]:
-    """Greedy one-to-one matching of requested objects to detections, most attributes in common first
-    (box IoU breaks ties): {index in specs: index in found}."""
+    """Greedy one-to-one matching of requested objects to detections, most attributes in common
+    first (box IoU breaks ties): {index in specs: index in found}."""
 
     def agreement(r: int, d: int) -> float:
         same = sum(getattr(specs[r], a) == getattr(found[d], a) for a in ATTRIBUTES)
         return same + (0.5 * box_iou(boxes[r], found[d].box) if boxes else 0.0)
 
     match: dict[int, int] = {}
-    for _, r, d in sorted(((agreement(r, d), r, d) for r in range(len(specs)) for d in range(len(found))),
-                          reverse=True):
+    for _, r, d in sorted(((agreement(r, d), r, d) for r in range(len(specs))
+                           for d in range(len(found))), reverse=True):
         if r not in match and d not in match.values():
             match[r] = d
     return match
@@ -487,7 +513,8 @@ def score_images(images: Tensor, prompts: list, boxes: list | None = None) -> Sh
         specs = parse_prompt(prompt) if isinstance(prompt, str) else list(prompt)
         wanted_boxes = None if boxes is None else [tuple(map(float, bx)) for bx in boxes[i]]
         if wanted_boxes is not None and len(wanted_boxes) != len(specs):
-            raise ValueError(f"image {i}: {len(specs)} objects requested but {len(wanted_boxes)} boxes given")
+            raise ValueError(f"image {i}: {len(specs)} objects requested but "
+                             f"{len(wanted_boxes)} boxes given")
         candidates = found[: len(specs)]  # the largest detections, one per requested object
         match = _match(specs, candidates, wanted_boxes)
 
