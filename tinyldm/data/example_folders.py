@@ -1,19 +1,25 @@
-"""Folders of real photographs to try `--data DIR` on, written from images that scikit-image ships (no download).
+"""Folders of real photographs to try `--data DIR` on, written from images that scikit-image ships
+(no download).
 
-    python -m tinyldm.data.example_folders faces runs/faces            # 100 faces, no captions -> --cond none
-    python -m tinyldm.data.example_folders textures runs/textures      # 6 photographs' crops, one sub-folder each
-    python -m tinyldm.data.example_folders captioned runs/captioned    # the same crops, a caption each
+    python -m tinyldm.data.example_folders faces runs/faces
+        # 100 faces, no captions -> --cond none
+    python -m tinyldm.data.example_folders textures runs/textures
+        # 6 photographs' crops, one sub-folder each
+    python -m tinyldm.data.example_folders captioned runs/captioned
+        # the same crops, a caption each
 
-* **faces**: the 100 faces of scikit-image's LFW subset (`skimage.data.lfw_subset()`, 25 x 25 grey crops of
-  Labeled Faces in the Wild; the subset's other 100 images are not faces and are left out).
-* **textures**: random square crops (64-160 px windows, resized to 32 px) of six photographs scikit-image ships
-  (the Hubble deep field, an immunohistochemistry slide, a retina, grass, a brick wall, a cup of coffee), in one
-  sub-folder per photograph: `--cond auto` reads them as classes.
-* **captioned**: the same kind of crops with a caption each in metadata.jsonl, saying what the photograph is,
-  how close the crop is and how bright it is ("a close-up of a brick wall, dark"): `--cond auto` -> text.
+* **faces**: the 100 faces of scikit-image's LFW subset (`skimage.data.lfw_subset()`, 25 x 25 grey
+  crops of Labeled Faces in the Wild; the subset's other 100 images are not faces and are left out).
+* **textures**: random square crops (64-160 px windows, resized to 32 px) of six photographs
+  scikit-image ships (the Hubble deep field, an immunohistochemistry slide, a retina, grass, a brick
+  wall, a cup of coffee), in one sub-folder per photograph: `--cond auto` reads them as classes.
+* **captioned**: the same kind of crops with a caption each in metadata.jsonl, saying what the
+  photograph is, how close the crop is and how bright it is ("a close-up of a brick wall, dark"):
+  `--cond auto` -> text.
 
-These are small, and a model trained on them for minutes on a CPU mostly learns them by heart; they are here to
-show the folder path end to end on photographs, not to measure a model against the paper's.
+These are small, and a model trained on them for minutes on a CPU mostly learns them by heart; they
+are here to show the folder path end to end on photographs, not to measure a model against the
+paper's.
 """
 
 from __future__ import annotations
@@ -25,8 +31,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-# sub-folder name -> (scikit-image loader, what the caption calls it, the photograph's region to crop from as
-# fractions (top, left, bottom, right): the retina's black surround is left out)
+# sub-folder name -> (scikit-image loader, what the caption calls it, the photograph's region to
+# crop from as fractions (top, left, bottom, right): the retina's black surround is left out)
 TEXTURES = {
     "stars": ("hubble_deep_field", "the night sky full of galaxies", (0.0, 0.0, 1.0, 1.0)),
     "tissue": ("immunohistochemistry", "stained tissue under a microscope", (0.0, 0.0, 1.0, 1.0)),
@@ -41,8 +47,9 @@ def _skimage_data():
     try:
         from skimage import data
     except ImportError as e:
-        raise SystemExit("the example folders are made from scikit-image's sample images: pip install "
-                         "scikit-image (it is in the dev extra: pip install -e '.[dev]')") from e
+        raise SystemExit("the example folders are made from scikit-image's sample images: "
+                         "pip install scikit-image (it is in the dev extra: "
+                         "pip install -e '.[dev]')") from e
     return data
 
 
@@ -56,7 +63,8 @@ def faces_folder(out: str | Path) -> Path:
 
 
 def _crops(n: int, size: int, seed: int):
-    """(sub-folder, crop as a PIL image, caption) for n random crops of each photograph, reproducibly."""
+    """(sub-folder, crop as a PIL image, caption) for n random crops of each photograph,
+    reproducibly."""
     data, rng = _skimage_data(), np.random.default_rng(seed)
     for name, (loader, subject, (top, left, bottom, right)) in TEXTURES.items():
         photo = np.asarray(getattr(data, loader)())
@@ -67,7 +75,8 @@ def _crops(n: int, size: int, seed: int):
         for _ in range(n):
             side = int(rng.integers(64, min(161, *region.shape[:2])))
             y, x = (int(rng.integers(0, d - side + 1)) for d in region.shape[:2])
-            crops.append((side, Image.fromarray(region[y: y + side, x: x + side]).resize((size, size), Image.LANCZOS)))
+            crops.append((side, Image.fromarray(region[y: y + side, x: x + side]).resize(
+                (size, size), Image.LANCZOS)))
         median = np.median([np.asarray(c).mean() for _, c in crops])
         for side, crop in crops:
             zoom = "a close-up of" if side < 112 else "a wide view of"
@@ -75,8 +84,10 @@ def _crops(n: int, size: int, seed: int):
             yield name, crop, f"{zoom} {subject}, {light}"
 
 
-def textures_folder(out: str | Path, *, n_per_class: int = 60, size: int = 32, seed: int = 0) -> Path:
-    """n_per_class crops of each of the six photographs, in one sub-folder per photograph (classes)."""
+def textures_folder(out: str | Path, *, n_per_class: int = 60, size: int = 32,
+                    seed: int = 0) -> Path:
+    """n_per_class crops of each of the six photographs, in one sub-folder per photograph
+    (classes)."""
     out = Path(out)
     counts: dict[str, int] = {}
     for name, crop, _ in _crops(n_per_class, size, seed):
@@ -86,7 +97,8 @@ def textures_folder(out: str | Path, *, n_per_class: int = 60, size: int = 32, s
     return out
 
 
-def captioned_folder(out: str | Path, *, n_per_class: int = 60, size: int = 32, seed: int = 0) -> Path:
+def captioned_folder(out: str | Path, *, n_per_class: int = 60, size: int = 32,
+                     seed: int = 0) -> Path:
     """The same kind of crops in one folder, each with a caption in metadata.jsonl."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -99,10 +111,12 @@ def captioned_folder(out: str | Path, *, n_per_class: int = 60, size: int = 32, 
 
 
 def main(argv: list[str] | None = None) -> Path:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("kind", choices=("faces", "textures", "captioned"))
     p.add_argument("out", help="the folder to write (created)")
-    p.add_argument("--n_per_class", type=int, default=60, help="textures / captioned: crops per photograph")
+    p.add_argument("--n_per_class", type=int, default=60,
+                   help="textures / captioned: crops per photograph")
     args = p.parse_args(argv)
     if args.kind == "faces":
         out = faces_folder(args.out)
