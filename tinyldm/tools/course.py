@@ -1,4 +1,5 @@
-"""The course kit lives in `tinyldm.course` (python -m tinyldm.course); this name keeps older commands working."""
+"""The course kit lives in `tinyldm.course` (python -m tinyldm.course); this name keeps older
+commands working."""
 
 from tinyldm.course.__main__ import main
 
