@@ -28,16 +28,17 @@ f = 2^(len(channel_mult) - 1), so channel_mult of length 1, 2, 3, 4, 5 gives f =
 
 Deliberate simplifications
 --------------------------
-* No separate 1x1 `quant_conv` / `post_quant_conv` by default: the encoder's last conv emits the moments
-  (KL) or the pre-quantization latent (VQ) directly, and the decoder's first conv reads z. The released
-  CompVis models have them (`quant_conv=True`), and pad their downsampling convs on the right and bottom
-  only (`downsample_padding="asymmetric"`); `tinyldm.pretrained` sets both when it loads one.
+* No separate 1x1 `quant_conv` / `post_quant_conv` by default: the encoder's last conv emits the
+  moments (KL) or the pre-quantization latent (VQ) directly, and the decoder's first conv reads z.
+  The released CompVis models have them (`quant_conv=True`), and pad their downsampling convs on the
+  right and bottom only (`downsample_padding="asymmetric"`); `tinyldm.pretrained` sets both when it
+  loads one.
 * The decoder mirrors the encoder with `num_res_blocks` blocks per level by default; CompVis (and
   diffusers' AutoencoderKL) use one more, which `decoder_res_blocks = num_res_blocks + 1` gives.
 * Dead VQ codes are *restarted*: a code whose exponential moving average of assignments falls
   below `vq_restart_threshold` is replaced by a random encoder output of the current batch
-  (the "random restarts" of Jukebox, arXiv 2005.00341). Since the usage buffer starts at 0, the first
-  training step initializes the whole codebook from data. The codebook is still learned by
+  (the "random restarts" of Jukebox, arXiv 2005.00341). Since the usage buffer starts at 0, the
+  first training step initializes the whole codebook from data. The codebook is still learned by
   gradient (the codebook loss), not by EMA updates.
 * KL: no learned output log-variance (CompVis' `logvar` parameter); the reconstruction loss is a
   plain L1/L2 (see autoencoder_loss.py).
@@ -64,31 +65,42 @@ class AutoencoderConfig:
     base_channels: int = 64
     channel_mult: tuple[int, ...] = (1, 2, 4)  # one entry per resolution level; f = 2^(len - 1)
     num_res_blocks: int = 2  # per level, in encoder and decoder
-    decoder_res_blocks: int | None = None  # per decoder level; None: num_res_blocks (CompVis: num_res_blocks + 1)
+    # per decoder level; None: num_res_blocks (CompVis: num_res_blocks + 1)
+    decoder_res_blocks: int | None = None
     z_channels: int = 4  # c, the latent's channel count
     mid_attention: bool = True  # self-attention in the middle block
     norm_groups: int = 32  # GroupNorm groups; every width must be divisible by it
     dropout: float = 0.0
-    regularizer: str = "kl"  # "kl" (diagonal Gaussian posterior), "vq" (codebook), or "identity" (f = 1, see below)
+    # "kl" (diagonal Gaussian posterior), "vq" (codebook), or "identity" (f = 1, see below)
+    regularizer: str = "kl"
     n_codes: int = 1024  # VQ: codebook size K
     vq_beta: float = 0.25  # VQ: commitment weight beta, VQ-VAE Eq. (3)
-    vq_restart_threshold: float = 0.03  # VQ: restart a code whose EMA count per step falls below this
+    # VQ: restart a code whose EMA count per step falls below this
+    vq_restart_threshold: float = 0.03
     vq_usage_decay: float = 0.99  # VQ: decay of that EMA
-    quant_conv: bool = False  # 1x1 convs after the encoder and before the decoder (the CompVis releases have them)
-    downsample_padding: str = "symmetric"  # "symmetric" (1 pixel all round) or "asymmetric" (right / bottom: CompVis)
+    # 1x1 convs after the encoder and before the decoder (the CompVis releases have them)
+    quant_conv: bool = False
+    # "symmetric" (1 pixel all round) or "asymmetric" (right / bottom: CompVis)
+    downsample_padding: str = "symmetric"
 
     def __post_init__(self):
         self.channel_mult = tuple(int(m) for m in self.channel_mult)
         if self.regularizer not in ("kl", "vq", "identity"):
-            raise ValueError(f"regularizer must be 'kl', 'vq' or 'identity', got {self.regularizer!r}")
-        if self.regularizer == "identity" and (self.z_channels != self.in_channels or self.channel_mult != (1,)):
-            raise ValueError("the identity first stage has z = x: set z_channels = in_channels and channel_mult = (1,)")
+            raise ValueError("regularizer must be 'kl', 'vq' or 'identity', "
+                             f"got {self.regularizer!r}")
+        if self.regularizer == "identity" and (self.z_channels != self.in_channels
+                                               or self.channel_mult != (1,)):
+            raise ValueError("the identity first stage has z = x: set z_channels = in_channels "
+                             "and channel_mult = (1,)")
         if not self.channel_mult or min(self.channel_mult) < 1:
-            raise ValueError(f"channel_mult must be non-empty positive ints, got {self.channel_mult}")
+            raise ValueError("channel_mult must be non-empty positive ints, "
+                             f"got {self.channel_mult}")
         if self.downsample_padding not in ("symmetric", "asymmetric"):
-            raise ValueError(f"downsample_padding must be 'symmetric' or 'asymmetric', got {self.downsample_padding!r}")
+            raise ValueError("downsample_padding must be 'symmetric' or 'asymmetric', "
+                             f"got {self.downsample_padding!r}")
         if self.decoder_res_blocks is not None and self.decoder_res_blocks < 1:
-            raise ValueError(f"decoder_res_blocks must be >= 1 or None, got {self.decoder_res_blocks}")
+            raise ValueError("decoder_res_blocks must be >= 1 or None, "
+                             f"got {self.decoder_res_blocks}")
         for m in self.channel_mult:
             if (self.base_channels * m) % self.norm_groups:
                 raise ValueError(
@@ -116,7 +128,8 @@ class AttnBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
-        q, k, v = self.qkv(self.norm(x)).reshape(B, 3, C, H * W).transpose(-1, -2).unbind(1)  # (B, HW, C)
+        # (B, HW, C)
+        q, k, v = self.qkv(self.norm(x)).reshape(B, 3, C, H * W).transpose(-1, -2).unbind(1)
         h = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(C)) v, (B, HW, C)
         return x + self.proj(h.transpose(-1, -2).reshape(B, C, H, W))
 
@@ -166,8 +179,10 @@ class Decoder(nn.Module):
         self.mid = _middle(c, cfg)
         blocks: list[nn.Module] = []
         for level in reversed(range(len(widths))):
-            for _ in range(cfg.num_res_blocks if cfg.decoder_res_blocks is None else cfg.decoder_res_blocks):
-                blocks.append(ResBlock(c, widths[level], groups=cfg.norm_groups, dropout=cfg.dropout))
+            for _ in range(cfg.num_res_blocks if cfg.decoder_res_blocks is None
+                           else cfg.decoder_res_blocks):
+                blocks.append(ResBlock(c, widths[level], groups=cfg.norm_groups,
+                                       dropout=cfg.dropout))
                 c = widths[level]
             if level > 0:
                 blocks.append(Upsample(c))
@@ -190,7 +205,8 @@ class DiagonalGaussian:
     def __init__(self, moments: torch.Tensor):
         B, C2, h, w = moments.shape
         assert C2 % 2 == 0, f"moments need an even channel count (mean, logvar), got {C2}"
-        mean, logvar = moments.float().chunk(2, dim=1)  # (B, c, h, w) each; fp32 even under autocast
+        # (B, c, h, w) each; fp32 even under autocast
+        mean, logvar = moments.float().chunk(2, dim=1)
         self.mean = mean
         self.logvar = logvar.clamp(-30.0, 20.0)  # keeps exp() finite, as CompVis does
         self.std = torch.exp(0.5 * self.logvar)
@@ -221,7 +237,8 @@ class QuantizerOutput:
 class VectorQuantizer(nn.Module):
     """Nearest-neighbour codebook lookup with straight-through gradients and dead-code restarts."""
 
-    def __init__(self, n_codes: int, dim: int, *, beta: float, restart_threshold: float, usage_decay: float):
+    def __init__(self, n_codes: int, dim: int, *, beta: float, restart_threshold: float,
+                 usage_decay: float):
         super().__init__()
         if n_codes < 2:
             raise ValueError(f"n_codes must be >= 2, got {n_codes}")
@@ -237,12 +254,14 @@ class VectorQuantizer(nn.Module):
         return self.codebook.num_embeddings
 
     def lookup(self, z_e: torch.Tensor) -> torch.Tensor:
-        """VQ-VAE Eq. (1): the index of the nearest codebook vector for each latent pixel of z_e -> (B, h, w)."""
+        """VQ-VAE Eq. (1): the index of the nearest codebook vector for each latent pixel of
+        z_e -> (B, h, w)."""
         B, C, h, w = z_e.shape
         # BEGIN ASSIGNMENT vq_lookup
         flat = z_e.detach().float().permute(0, 2, 3, 1).reshape(-1, C)  # (B*h*w, c)
         e = self.codebook.weight.detach().float()  # (K, c)
-        dist = flat.pow(2).sum(1, keepdim=True) - 2 * flat @ e.t() + e.pow(2).sum(1)[None]  # (B*h*w, K)
+        # (B*h*w, K)
+        dist = flat.pow(2).sum(1, keepdim=True) - 2 * flat @ e.t() + e.pow(2).sum(1)[None]
         return dist.argmin(dim=1).reshape(B, h, w)
         # END ASSIGNMENT vq_lookup
 
@@ -264,17 +283,20 @@ class VectorQuantizer(nn.Module):
     def forward(self, z_e: torch.Tensor) -> QuantizerOutput:
         B, C, h, w = z_e.shape
         if C != self.codebook.embedding_dim:
-            raise ValueError(f"z_e has {C} channels, codebook vectors have {self.codebook.embedding_dim}")
+            raise ValueError(f"z_e has {C} channels, "
+                             f"codebook vectors have {self.codebook.embedding_dim}")
         if self.training:
             self._restart_dead_codes(z_e)
         indices = self.lookup(z_e)
         e_k = self.embed(indices).to(z_e.dtype)
-        # VQ-VAE Eq. (3): ||sg[z_e] - e||^2 moves the codes, beta ||z_e - sg[e]||^2 commits the encoder
+        # VQ-VAE Eq. (3): ||sg[z_e] - e||^2 moves the codes,
+        # beta ||z_e - sg[e]||^2 commits the encoder
         loss = F.mse_loss(e_k.float(), z_e.detach().float()) + self.beta * F.mse_loss(
             z_e.float(), e_k.detach().float()
         )
         # BEGIN ASSIGNMENT vq_lookup
-        z_q = z_e + (e_k - z_e).detach()  # straight-through: forward e_k, backward d/dz_e = identity
+        # straight-through: forward e_k, backward d/dz_e = identity
+        z_q = z_e + (e_k - z_e).detach()
         # END ASSIGNMENT vq_lookup
         if self.training:
             with torch.no_grad():
@@ -288,7 +310,8 @@ def codebook_stats(indices: torch.Tensor, n_codes: int) -> dict[str, float]:
     counts = torch.bincount(indices.flatten().cpu(), minlength=n_codes).double()
     p = counts / counts.sum()
     entropy = -(p[p > 0] * p[p > 0].log()).sum()
-    return {"codebook_usage": float((counts > 0).double().mean()), "perplexity": float(entropy.exp())}
+    return {"codebook_usage": float((counts > 0).double().mean()),
+            "perplexity": float(entropy.exp())}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -316,7 +339,8 @@ class Autoencoder(nn.Module):
             self.encoder = Encoder(config, out_channels=moments)
             self.decoder = Decoder(config)
         if config.quant_conv and config.regularizer != "identity":
-            self.quant_conv, self.post_quant_conv = nn.Conv2d(moments, moments, 1), nn.Conv2d(c, c, 1)
+            self.quant_conv, self.post_quant_conv = (nn.Conv2d(moments, moments, 1),
+                                                     nn.Conv2d(c, c, 1))
         else:
             self.quant_conv = self.post_quant_conv = None
         self.quantizer = (
@@ -330,7 +354,8 @@ class Autoencoder(nn.Module):
             if config.regularizer == "vq"
             else None
         )
-        # Latent statistics measured on data (App. G); 1.0 / 0 / 1 until `set_latent_stats` is called.
+        # Latent statistics measured on data (App. G); 1.0 / 0 / 1 until `set_latent_stats`
+        # is called.
         self.register_buffer("scale_factor", torch.tensor(1.0))
         self.register_buffer("latent_mean", torch.zeros(c))
         self.register_buffer("latent_std", torch.ones(c))
@@ -343,12 +368,14 @@ class Autoencoder(nn.Module):
     def latent_shape(self, image_size: int) -> tuple[int, int, int]:
         f = self.downsample_factor
         if image_size % f:
-            raise ValueError(f"image size {image_size} is not divisible by the downsampling factor f={f}")
+            raise ValueError(f"image size {image_size} is not divisible by the downsampling "
+                             f"factor f={f}")
         return (self.config.z_channels, image_size // f, image_size // f)
 
     def _check_image(self, x: torch.Tensor) -> None:
         if x.ndim != 4 or x.shape[1] != self.config.in_channels:
-            raise ValueError(f"expected images (B, {self.config.in_channels}, H, W), got {tuple(x.shape)}")
+            raise ValueError(f"expected images (B, {self.config.in_channels}, H, W), "
+                             f"got {tuple(x.shape)}")
         f = self.downsample_factor
         if x.shape[2] % f or x.shape[3] % f:
             raise ValueError(f"image size {tuple(x.shape[2:])} is not divisible by f={f}")
@@ -383,7 +410,8 @@ class Autoencoder(nn.Module):
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """z (B, c, h, w), unscaled -> x_rec (B, 3, h*f, w*f). VQ: quantizes z first."""
         if z.ndim != 4 or z.shape[1] != self.config.z_channels:
-            raise ValueError(f"expected latents (B, {self.config.z_channels}, h, w), got {tuple(z.shape)}")
+            raise ValueError(f"expected latents (B, {self.config.z_channels}, h, w), "
+                             f"got {tuple(z.shape)}")
         if self.quantizer is not None:
             z = self.quantizer.embed(self.quantizer.lookup(z)).to(z.dtype)
         return self._decode(z)
@@ -395,9 +423,11 @@ class Autoencoder(nn.Module):
     def _decode(self, z: torch.Tensor) -> torch.Tensor:
         return self.decoder(z if self.post_quant_conv is None else self.post_quant_conv(z))
 
-    def forward(self, x: torch.Tensor, *, sample_posterior: bool = True, noise: torch.Tensor | None = None) -> AEOutput:
-        """Training pass: encode, regularize (sample or quantize), decode. KL: `noise` (B, c, h, w), if given,
-        is the N(0, I) draw of the posterior sample (a data-parallel run draws it for the global batch)."""
+    def forward(self, x: torch.Tensor, *, sample_posterior: bool = True,
+                noise: torch.Tensor | None = None) -> AEOutput:
+        """Training pass: encode, regularize (sample or quantize), decode. KL: `noise` (B, c, h, w),
+        if given, is the N(0, I) draw of the posterior sample (a data-parallel run draws it for the
+        global batch)."""
         if self.config.regularizer == "kl":
             q = self.posterior(x)
             if sample_posterior and noise is not None:
@@ -409,7 +439,8 @@ class Autoencoder(nn.Module):
         if self.quantizer is None:  # identity
             return AEOutput(x_rec=x, z=x)
         out = self.quantizer(self._encode(x))
-        return AEOutput(x_rec=self._decode(out.z_q), z=out.z_q, vq_loss=out.loss, indices=out.indices)
+        return AEOutput(x_rec=self._decode(out.z_q), z=out.z_q, vq_loss=out.loss,
+                        indices=out.indices)
 
     # -- latent statistics and (de)serialization ------------------------------------------------
     def set_latent_stats(self, stats: LatentStats) -> None:
@@ -418,7 +449,8 @@ class Autoencoder(nn.Module):
         self.latent_std.copy_(torch.as_tensor(stats.std))
 
     def to_dict(self) -> dict:
-        """{"config": plain dict, "state_dict": tensors}: what a checkpoint stores for this model."""
+        """{"config": plain dict, "state_dict": tensors}: what a checkpoint stores for this
+        model."""
         state_dict = {k: v.detach().cpu() for k, v in self.state_dict().items()}
         return {"config": asdict(self.config), "state_dict": state_dict}
 
@@ -432,7 +464,8 @@ class Autoencoder(nn.Module):
 
     @classmethod
     def from_checkpoint(cls, ckpt: dict, *, prefer_ema: bool = True) -> Autoencoder:
-        """Rebuild from a train_ae.py checkpoint dict (see training.checkpoint.load_checkpoint); EMA if present."""
+        """Rebuild from a train_ae.py checkpoint dict (see training.checkpoint.load_checkpoint); EMA
+        if present."""
         entry = ckpt.get("ema_autoencoder") if prefer_ema else None
         return cls.from_dict(entry if entry is not None else ckpt["autoencoder"]).eval()
 
