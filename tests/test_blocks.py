@@ -1,17 +1,25 @@
-"""The shared building blocks (tinyldm/blocks.py), against their formulas written out by hand, and the
-guarantee that sharing them must keep: one ResBlock for both stages."""
+"""The shared building blocks (tinyldm/blocks.py), against their formulas written out by hand, and
+the guarantee that sharing them must keep: one ResBlock for both stages."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from tinyldm.autoencoder import Autoencoder, AutoencoderConfig
-from tinyldm.blocks import Attention, Downsample, ResBlock, TransformerBlock, Upsample, attention_weights
+from tinyldm.blocks import (
+    Attention,
+    Downsample,
+    ResBlock,
+    TransformerBlock,
+    Upsample,
+    attention_weights,
+)
 from tinyldm.unet import UNet, UNetConfig
 
 
 def _randomise(module: torch.nn.Module) -> None:
-    """Zero-initialised and unit GroupNorm parameters would hide mistakes: give every parameter a value."""
+    """Zero-initialised and unit GroupNorm parameters would hide mistakes: give every parameter a
+    value."""
     with torch.no_grad():
         for p in module.parameters():
             p.normal_(0, 0.3)
@@ -50,7 +58,8 @@ def test_zero_initialised_resblock_starts_as_its_skip_connection():
     block = ResBlock(8, 16, groups=4, emb_dim=12, zero_init=True)
     x = torch.randn(2, 8, 4, 4)
     torch.testing.assert_close(block(x, torch.randn(2, 12)), block.skip(x))
-    assert not torch.equal(ResBlock(8, 16, groups=4)(x), block.skip(x))  # without zero_init it is not
+    # Without zero_init it is not.
+    assert not torch.equal(ResBlock(8, 16, groups=4)(x), block.skip(x))
 
 
 def test_resampling_halves_and_doubles_the_resolution():
@@ -64,15 +73,18 @@ def test_autoencoder_and_unet_are_built_from_the_same_blocks():
     ae = Autoencoder(AutoencoderConfig(base_channels=32, channel_mult=(1, 2)))
     unet = UNet(UNetConfig(latent_size=8, channels=32, channel_mult=(1, 2), attn_resolutions=(4,)))
     for kind in (ResBlock, Downsample, Upsample):
-        assert any(isinstance(m, kind) for m in ae.modules()) and any(isinstance(m, kind) for m in unet.modules())
-    # The autoencoder's blocks have no timestep input; the UNet's all have one and start at their skip.
+        assert any(isinstance(m, kind) for m in ae.modules())
+        assert any(isinstance(m, kind) for m in unet.modules())
+    # The autoencoder's blocks have no timestep input; the UNet's all have one and start at their
+    # skip.
     assert all(m.emb_proj is None for m in ae.modules() if isinstance(m, ResBlock))
     unet_blocks = [m for m in unet.modules() if isinstance(m, ResBlock)]
     assert all(m.emb_proj is not None and not m.conv2.weight.any() for m in unet_blocks)
 
 
 def test_transformer_block_ignores_padding_tokens_of_its_own_sequence():
-    """With a key padding mask, what sits in the padded positions cannot change the real tokens' outputs."""
+    """With a key padding mask, what sits in the padded positions cannot change the real tokens'
+    outputs."""
     block = TransformerBlock(16, head_dim=8).eval()
     x = torch.randn(2, 6, 16)
     mask = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 0]], dtype=torch.bool)
@@ -89,7 +101,8 @@ def test_cross_attention_block_reads_the_context_and_respects_its_mask():
     context_mask = torch.tensor([[True, True, False]])
     changed_padding = context.clone()
     changed_padding[:, 2] = 5.0
-    torch.testing.assert_close(block(x, context, context_mask), block(x, changed_padding, context_mask))
+    torch.testing.assert_close(block(x, context, context_mask),
+                               block(x, changed_padding, context_mask))
     changed_real = context.clone()
     changed_real[:, 0] = 5.0
     assert not torch.allclose(block(x, context, context_mask), block(x, changed_real, context_mask))
@@ -97,8 +110,9 @@ def test_cross_attention_block_reads_the_context_and_respects_its_mask():
 
 @pytest.mark.parametrize("context_dim", [None, 12])
 def test_attention_fused_and_explicit_are_the_formula(context_dim):
-    """Attention(fused=True) (F.scaled_dot_product_attention) and Attention(fused=False) (the explicit softmax)
-    give softmax(q k^T / sqrt(d)) v per head, written out here with a loop over heads; masked keys count for 0."""
+    """Attention(fused=True) (F.scaled_dot_product_attention) and Attention(fused=False) (the
+    explicit softmax) give softmax(q k^T / sqrt(d)) v per head, written out here with a loop over
+    heads; masked keys count for 0."""
     fused = Attention(16, 8, context_dim)
     _randomise(fused)
     explicit = Attention(16, 8, context_dim, fused=False)
@@ -117,6 +131,7 @@ def test_attention_fused_and_explicit_are_the_formula(context_dim):
     given = None if context_dim is None else context
     torch.testing.assert_close(fused(x, given, mask), expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(explicit(x, given, mask), expected, atol=1e-5, rtol=1e-5)
-    w = attention_weights(q.reshape(2, 5, 2, 8).transpose(1, 2), k.reshape(2, 5, 2, 8).transpose(1, 2), mask=mask)
+    q_heads, k_heads = (a.reshape(2, 5, 2, 8).transpose(1, 2) for a in (q, k))  # (B, heads, N, d)
+    w = attention_weights(q_heads, k_heads, mask=mask)
     assert torch.equal(w[0, :, :, 3:], torch.zeros(2, 5, 2))  # masked keys: exactly 0
     torch.testing.assert_close(w.sum(-1), torch.ones(2, 2, 5))

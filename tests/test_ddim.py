@@ -1,4 +1,5 @@
-"""Samplers, checked against oracles whose answers are known in closed form, and against diffusers."""
+"""Samplers, checked against oracles whose answers are known in closed form, and against
+diffusers."""
 
 import pytest
 import torch
@@ -21,11 +22,13 @@ from tinyldm.schedule import NoiseSchedule, make_betas, v_from_eps_x0
 
 
 def point_oracle(schedule, x_star, prediction="eps"):
-    """The exact denoiser when the data set is the single point x_star: x0_pred = x_star at every t."""
+    """The exact denoiser when the data set is the single point x_star: x0_pred = x_star at every
+    t."""
     def model(x_t, t, **_):
         ab = schedule.alpha_bar_at(t, x_t)
         eps = (x_t - ab.sqrt() * x_star) / (1 - ab).sqrt()
-        return {"eps": eps, "x0": x_star.expand_as(x_t), "v": v_from_eps_x0(eps, x_star, ab)}[prediction]
+        x0 = x_star.expand_as(x_t)
+        return {"eps": eps, "x0": x0, "v": v_from_eps_x0(eps, x_star, ab)}[prediction]
     return model
 
 
@@ -41,7 +44,8 @@ def gaussian_oracle(schedule, mu, std, prediction="eps"):
 
 
 def test_timesteps_spacings():
-    assert make_timesteps(1000, 50, "uniform") == list(range(981, 0, -20))  # CompVis: range(0, T, c) + 1
+    # CompVis: range(0, T, c) + 1
+    assert make_timesteps(1000, 50, "uniform") == list(range(981, 0, -20))
     assert make_timesteps(1000, 1000, "uniform") == list(range(999, -1, -1))
     assert make_timesteps(1000, 10, "trailing")[0] == 999
     for spacing in ["uniform", "trailing", "linspace"]:
@@ -49,15 +53,17 @@ def test_timesteps_spacings():
             if spacing == "uniform" and steps == 999:
                 continue  # refused, see below
             ts = make_timesteps(1000, steps, spacing)
-            assert len(ts) == steps and all(0 <= t < 1000 for t in ts) and ts == sorted(ts, reverse=True)
+            assert len(ts) == steps and all(0 <= t < 1000 for t in ts)
+            assert ts == sorted(ts, reverse=True)
     with pytest.raises(ValueError, match="spacing"):
         make_timesteps(1000, 10, "quadratic")
 
 
 @pytest.mark.parametrize("steps", [501, 600, 999])
 def test_uniform_spacing_refuses_stride_one_short_of_the_full_chain(steps):
-    """With T/2 < steps < T, T // steps = 1: 'uniform' would be 0..steps-1 and start at t = steps - 1 (600 steps:
-    t = 599, alpha_bar 0.16, far from pure noise). It is refused; trailing and linspace start at T - 1."""
+    """With T/2 < steps < T, T // steps = 1: 'uniform' would be 0..steps-1 and start at
+    t = steps - 1 (600 steps: t = 599, alpha_bar 0.16, far from pure noise). It is refused; trailing
+    and linspace start at T - 1."""
     with pytest.raises(ValueError, match="trailing"):
         make_timesteps(1000, steps, "uniform")
     for spacing in ("trailing", "linspace"):
@@ -72,7 +78,8 @@ def test_ddim_eta0_with_point_oracle_returns_the_point(steps, prediction):
     s = NoiseSchedule("scaled_linear")
     x_star = torch.randn(1, 3, 4, 4)
     x_T = torch.randn(5, 3, 4, 4)
-    out = sample(point_oracle(s, x_star, prediction), s, x_T, steps=steps, eta=0.0, prediction=prediction)
+    out = ddim_sample(point_oracle(s, x_star, prediction), s, x_T, steps=steps, eta=0.0,
+                      prediction=prediction)
     assert torch.allclose(out, x_star.expand_as(out), atol=1e-4)
 
 
@@ -90,7 +97,8 @@ def test_ddim_eta0_is_deterministic_and_seeded_noise_is_reproducible():
 
 
 def test_ddim_eta1_step_equals_ddpm_step_with_shared_noise():
-    """Eq. 16 with eta = 1 makes DDIM's update the DDPM posterior draw, for full and respaced sequences."""
+    """Eq. 16 with eta = 1 makes DDIM's update the DDPM posterior draw, for full and respaced
+    sequences."""
     s = NoiseSchedule("cosine")
     x_t, x0, noise = torch.randn(3, 8), torch.randn(3, 8), torch.randn(3, 8)
     for t, t_prev in [(999, 998), (500, 499), (1, 0), (981, 961), (600, 10)]:
@@ -102,14 +110,16 @@ def test_ddim_eta1_step_equals_ddpm_step_with_shared_noise():
 
 
 def test_ddpm_step_on_full_chain_draws_from_the_closed_form_posterior():
-    """With t_prev = t - 1, ddpm_step is mean + std * noise for DDPM Eq. 7 written out from the betas."""
+    """With t_prev = t - 1, ddpm_step is mean + std * noise for DDPM Eq. 7 written out from the
+    betas."""
     s = NoiseSchedule("linear")
     betas = make_betas("linear", 1000)  # float64
     alpha_bar = torch.cumprod(1 - betas, 0)
     x_t, x0 = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
     for t in [1, 400, 999]:
         beta, ab, ab_prev = betas[t], alpha_bar[t], alpha_bar[t - 1]
-        mean = ab_prev.sqrt() * beta / (1 - ab) * x0 + (1 - beta).sqrt() * (1 - ab_prev) / (1 - ab) * x_t
+        mean = (ab_prev.sqrt() * beta / (1 - ab) * x0
+                + (1 - beta).sqrt() * (1 - ab_prev) / (1 - ab) * x_t)
         var = (1 - ab_prev) / (1 - ab) * beta
         ab_t, ab_prev = s.alpha_bar_value(t), s.alpha_bar_value(t - 1)
         got = ddpm_step(x_t, x0, ab_t, ab_prev, noise=torch.zeros_like(x_t))
@@ -117,12 +127,14 @@ def test_ddpm_step_on_full_chain_draws_from_the_closed_form_posterior():
         got1 = ddpm_step(x_t, x0, ab_t, ab_prev, noise=torch.ones_like(x_t))
         assert torch.allclose(got1 - got, var.sqrt().expand_as(got), rtol=1e-7, atol=1e-12)
     # The last step, to alpha_bar = 1: variance 0 and mean x0.
-    assert torch.allclose(ddpm_step(x_t, x0, s.alpha_bar_value(0), 1.0, noise=torch.ones_like(x_t)), x0)
+    last = ddpm_step(x_t, x0, s.alpha_bar_value(0), 1.0, noise=torch.ones_like(x_t))
+    assert torch.allclose(last, x0)
 
 
 @pytest.mark.parametrize("method,eta", [("ddpm", 0.0), ("ddim", 1.0), ("ddim", 0.0), ("ddim", 0.5)])
 def test_samplers_reproduce_gaussian_data_distribution(method, eta):
-    """With the exact denoiser for N(mu, std^2) data, every sampler run over all T steps gives N(mu, std^2)."""
+    """With the exact denoiser for N(mu, std^2) data, every sampler run over all T steps gives
+    N(mu, std^2)."""
     s = NoiseSchedule("cosine")  # alpha_bar_{T-1} ~ 0, so x_T ~ N(0, I) is the true marginal
     mu, std = 0.7, 0.4
     x_T = torch.randn(10_000, 1, generator=torch.Generator().manual_seed(0))
@@ -134,13 +146,15 @@ def test_samplers_reproduce_gaussian_data_distribution(method, eta):
 
 @pytest.mark.parametrize("method", ["ddim", "ddpm"])
 def test_fewer_steps_converge_at_first_order(method):
-    """Fewer steps are a coarser discretisation: the std error shrinks roughly in proportion to 1 / steps."""
+    """Fewer steps are a coarser discretisation: the std error shrinks roughly in proportion to
+    1 / steps."""
     s = NoiseSchedule("cosine")
     model = gaussian_oracle(s, 0.7, 0.4)
     x_T = torch.randn(40_000, 1, generator=torch.Generator().manual_seed(0))
     err = {}
     for steps in [25, 100, 500]:  # divisors of T, so "uniform" spacing reaches the top of the chain
-        out = sample(model, s, x_T, steps=steps, method=method, generator=torch.Generator().manual_seed(1))
+        out = sample(model, s, x_T, steps=steps, method=method,
+                     generator=torch.Generator().manual_seed(1))
         err[steps] = abs(out.std().item() - 0.4)
     assert err[25] > 2 * err[100] > 2 * err[500] and err[500] < 0.005, err
 
@@ -149,9 +163,10 @@ def test_ddpm_and_ddim_eta1_agree_in_distribution_and_step_by_step():
     s = NoiseSchedule("scaled_linear", T=200)
     model = gaussian_oracle(s, -0.2, 0.6, prediction="v")
     x_T = torch.randn(2000, 2, generator=torch.Generator().manual_seed(0))
-    a = sample(model, s, x_T, steps=200, method="ddpm", prediction="v", generator=torch.Generator().manual_seed(5))
-    b = sample(model, s, x_T, steps=200, method="ddim", eta=1.0, prediction="v",
-               generator=torch.Generator().manual_seed(5))
+    a = ddpm_sample(model, s, x_T, steps=200, prediction="v",
+                    generator=torch.Generator().manual_seed(5))
+    b = ddim_sample(model, s, x_T, steps=200, eta=1.0, prediction="v",
+                    generator=torch.Generator().manual_seed(5))
     assert torch.allclose(a, b, atol=1e-4)  # same noise draws: same samples
 
 
@@ -164,8 +179,9 @@ def test_cfg_combines_conditional_and_unconditional_predictions():
 
     x, t = torch.randn(3, 4), torch.full((3,), 10)
     cond, uncond = {"context": torch.full((3,), 2.0)}, {"context": torch.full((3,), 0.5)}
-    assert torch.allclose(guided_prediction(model, x, t, cond=cond, uncond=uncond, guidance_scale=1.0), 2.0 * x)
-    assert torch.allclose(guided_prediction(model, x, t, cond=cond, uncond=uncond, guidance_scale=0.0), 0.5 * x)
+    for scale, expected in [(1.0, 2.0 * x), (0.0, 0.5 * x)]:
+        got = guided_prediction(model, x, t, cond=cond, uncond=uncond, guidance_scale=scale)
+        assert torch.allclose(got, expected)
     got = guided_prediction(model, x, t, cond=cond, uncond=uncond, guidance_scale=7.5)
     assert torch.allclose(got, 0.5 * x + 7.5 * (2.0 * x - 0.5 * x))  # eps_u + s (eps_c - eps_u)
     assert calls == [6, 6, 6]  # one batched call each
@@ -176,8 +192,9 @@ def test_cfg_combines_conditional_and_unconditional_predictions():
 
 @pytest.mark.parametrize("prediction", ["eps", "v"])
 def test_ddim_inversion_then_sampling_reconstructs(prediction):
-    """Gaussian data: the eta = 0 map noise -> data is a bijection, so inverting then sampling gives x0 back,
-    up to the first-order error of the inversion's approximation, which halves when the steps double."""
+    """Gaussian data: the eta = 0 map noise -> data is a bijection, so inverting then sampling gives
+    x0 back, up to the first-order error of the inversion's approximation, which halves when the
+    steps double."""
     s = NoiseSchedule("scaled_linear")
     model = gaussian_oracle(s, 0.3, 0.5, prediction)
     x0 = 0.3 + 0.5 * torch.randn(8, 3, 4, 4)
@@ -199,11 +216,13 @@ def test_callback_sees_every_step():
         sample(point_oracle(s, x_star), s, torch.randn(2, 2), steps=10, method=method,
                callback=lambda i, t, x, x0: seen.append((i, t)))
         assert [i for i, _ in seen] == list(range(10)) and seen[0][1] == 901, method
-    assert timestep_pairs(1000, 3) == [(667, 334), (334, 1), (1, -1)]  # the last step goes to alpha_bar = 1
+    # The last step goes to alpha_bar = 1.
+    assert timestep_pairs(1000, 3) == [(667, 334), (334, 1), (1, -1)]
 
 
 def test_sample_by_name_is_the_named_sampler():
-    """`sample(method=...)` passes eta to DDIM alone and the generator to the two samplers that draw noise."""
+    """`sample(method=...)` passes eta to DDIM alone and the generator to the two samplers that draw
+    noise."""
     s = NoiseSchedule("scaled_linear", T=100)
     model, x_T = gaussian_oracle(s, 0.2, 0.5), torch.randn(3, 2)
     seed = lambda: torch.Generator().manual_seed(7)  # noqa: E731
@@ -215,21 +234,24 @@ def test_sample_by_name_is_the_named_sampler():
                        plms_sample(model, s, x_T, steps=10))
     assert torch.equal(sample(model, s, x_T, steps=10, method="dpmpp", generator=seed()),
                        dpmpp_2m_sample(model, s, x_T, steps=10))
-    with pytest.raises(ValueError, match="unknown method 'euler'; choose one of ddim, ddpm, plms, dpmpp"):
+    with pytest.raises(ValueError, match="unknown method 'euler'; choose one of ddim, ddpm, plms"):
         sample(model, s, x_T, method="euler")
 
 
 def test_ddim_matches_diffusers_scheduler():
     diffusers = pytest.importorskip("diffusers")
-    # A fixed nonlinear "network", so the two samplers see identical predictions at identical inputs.
+    # A fixed nonlinear "network", so the two samplers see identical predictions at identical
+    # inputs.
     w = torch.randn(4, 4) / 2
 
     def model(x_t, t, **_):
-        return torch.tanh(torch.einsum("bchw,cd->bdhw", x_t, w)) + t.float()[:, None, None, None] / 1000
+        h = torch.tanh(torch.einsum("bchw,cd->bdhw", x_t, w))
+        return h + t.float().view(-1, 1, 1, 1) / 1000
 
     for prediction, theirs in [("eps", "epsilon"), ("v", "v_prediction")]:
-        ref = diffusers.DDIMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
-                                      beta_end=0.012, clip_sample=False, set_alpha_to_one=True, steps_offset=1,
+        ref = diffusers.DDIMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear",
+                                      beta_start=0.00085, beta_end=0.012, clip_sample=False,
+                                      set_alpha_to_one=True, steps_offset=1,
                                       timestep_spacing="leading", prediction_type=theirs)
         ref.set_timesteps(50)
         s = NoiseSchedule("scaled_linear", beta_start=0.00085, beta_end=0.012)
@@ -250,13 +272,13 @@ def test_ddim_matches_diffusers_scheduler():
 
 def test_ddpm_matches_diffusers_scheduler():
     diffusers = pytest.importorskip("diffusers")
-    ref = diffusers.DDPMScheduler(num_train_timesteps=100, beta_schedule="linear", beta_start=1e-3, beta_end=0.1,
-                                  clip_sample=False, variance_type="fixed_small")
+    ref = diffusers.DDPMScheduler(num_train_timesteps=100, beta_schedule="linear", beta_start=1e-3,
+                                  beta_end=0.1, clip_sample=False, variance_type="fixed_small")
     ref.set_timesteps(100)
     s = NoiseSchedule("linear", T=100, beta_start=1e-3, beta_end=0.1)
     model = gaussian_oracle(s, 0.1, 0.8)
     x_T = torch.randn(3, 5)
-    ours = sample(model, s, x_T, steps=100, method="ddpm", generator=torch.Generator().manual_seed(4))
+    ours = ddpm_sample(model, s, x_T, steps=100, generator=torch.Generator().manual_seed(4))
     g = torch.Generator().manual_seed(4)
     x = x_T.clone()
     for t in ref.timesteps:
@@ -264,28 +286,29 @@ def test_ddpm_matches_diffusers_scheduler():
     assert torch.allclose(ours, x, atol=1e-4)
 
 
-# --- PLMS and DPM-Solver++(2M) -------------------------------------------------------------------------------
+# --- PLMS and DPM-Solver++(2M) -----------------------------------------------------------------
 
 def _shared_model():
     w = torch.randn(4, 4, generator=torch.Generator().manual_seed(0)) / 2
 
     def model(x_t, t, **_):
-        return torch.tanh(torch.einsum("bchw,cd->bdhw", x_t, w)) + t.float()[:, None, None, None] / 1000
+        h = torch.tanh(torch.einsum("bchw,cd->bdhw", x_t, w))
+        return h + t.float().view(-1, 1, 1, 1) / 1000
     return model
 
 
 def _states(method, s, x_T, steps, **kw):
     """x at every timestep the sampler visits, and its output."""
     seen = []
-    out = sample(_shared_model(), s, x_T, steps=steps, method=method, callback=lambda i, t, x, x0: seen.append(x),
-                 **kw)
+    out = sample(_shared_model(), s, x_T, steps=steps, method=method,
+                 callback=lambda i, t, x, x0: seen.append(x), **kw)
     return seen, out
 
 
 @pytest.mark.parametrize("steps", [10, 25])
 def test_plms_matches_diffusers_pndm_step_by_step(steps):
-    """PNDMScheduler with skip_prk_steps (PLMS; its first step a Heun step, at a repeated timestep) and CompVis'
-    spacing: the same state after every step, to float32 rounding."""
+    """PNDMScheduler with skip_prk_steps (PLMS; its first step a Heun step, at a repeated timestep)
+    and CompVis' spacing: the same state after every step, to float32 rounding."""
     diffusers = pytest.importorskip("diffusers")
     ref = diffusers.PNDMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                                   skip_prk_steps=True, set_alpha_to_one=True, steps_offset=1)
@@ -308,8 +331,9 @@ def test_plms_matches_diffusers_pndm_step_by_step(steps):
 @pytest.mark.parametrize("steps", [10, 25])
 def test_dpm_solver_pp_2m_matches_diffusers_step_by_step(prediction, theirs, steps):
     diffusers = pytest.importorskip("diffusers")
-    ref = diffusers.DPMSolverMultistepScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                                                timestep_spacing="trailing", prediction_type=theirs)
+    ref = diffusers.DPMSolverMultistepScheduler(beta_schedule="scaled_linear", beta_start=0.00085,
+                                                beta_end=0.012, timestep_spacing="trailing",
+                                                prediction_type=theirs)
     ref.set_timesteps(steps)
     s = NoiseSchedule("scaled_linear", beta_start=0.00085, beta_end=0.012)
     x_T = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(4))
@@ -334,16 +358,17 @@ def test_plms_and_dpm_solver_pp_with_guidance_call_the_model_as_counted():
     c = torch.ones(2, 1)
     for method, evaluations in [("plms", 11), ("dpmpp", 10), ("ddim", 10)]:
         calls.clear()
-        sample(model, s, torch.randn(2, 1), steps=10, method=method, cond={"c": c}, uncond={"c": 0 * c},
-               guidance_scale=3.0)
-        assert calls == [4] * evaluations, method  # [uncond; cond] batched, one more evaluation for PLMS's start
+        sample(model, s, torch.randn(2, 1), steps=10, method=method, cond={"c": c},
+               uncond={"c": 0 * c}, guidance_scale=3.0)
+        # [uncond; cond] batched, one more evaluation for PLMS's start
+        assert calls == [4] * evaluations, method
 
 
 def test_higher_order_samplers_converge_faster_on_the_gaussian_oracle():
     """The probability-flow ODE of Gaussian data has a closed-form solution: x_t = sqrt(ab_t) mu +
-    sqrt(ab_t std^2 + 1 - ab_t) z with z fixed along the path. The error at the last visited timestep (t = 1),
-    as the number of steps doubles: DDIM halves it (order 1), DPM-Solver++(2M) quarters it (order 2); PLMS is
-    far more accurate than DDIM at every step count."""
+    sqrt(ab_t std^2 + 1 - ab_t) z with z fixed along the path. The error at the last visited
+    timestep (t = 1), as the number of steps doubles: DDIM halves it (order 1), DPM-Solver++(2M)
+    quarters it (order 2); PLMS is far more accurate than DDIM at every step count."""
     mu, std = 0.7, 0.4
     x_T = torch.randn(1000, 1, generator=torch.Generator().manual_seed(0)).double()
     s = NoiseSchedule("cosine")
@@ -356,7 +381,8 @@ def test_higher_order_samplers_converge_faster_on_the_gaussian_oracle():
 
     def error(method, steps):
         seen = []
-        sample(oracle, s, x_T, steps=steps, method=method, callback=lambda i, t, x, x0: seen.append((t, x)))
+        sample(oracle, s, x_T, steps=steps, method=method,
+               callback=lambda i, t, x, x0: seen.append((t, x)))
         (t0, _), (t_last, x_last) = seen[0], seen[-1]
         ab0, ab = s.alpha_bar_value(t0), s.alpha_bar_value(t_last)
         z = (x_T - ab0**0.5 * mu) / (ab0 * std**2 + 1 - ab0) ** 0.5

@@ -35,13 +35,15 @@ def test_schedule_closed_forms():
     T = 1000
     lin = make_betas("linear", T)
     assert lin[0].item() == pytest.approx(1e-4) and lin[-1].item() == pytest.approx(0.02)
-    assert torch.allclose(lin.diff(), torch.full((T - 1,), (0.02 - 1e-4) / (T - 1), dtype=torch.float64))
+    step = (0.02 - 1e-4) / (T - 1)
+    assert torch.allclose(lin.diff(), torch.full((T - 1,), step, dtype=torch.float64))
     # scaled_linear: sqrt(beta) is linear in t.
     sl = make_betas("scaled_linear", T, 0.0015, 0.0195)
     root_steps = sl.sqrt().diff()
     assert torch.allclose(root_steps, root_steps[0].expand_as(root_steps), atol=1e-12)
     assert sl[-1].item() == pytest.approx(0.0195)
-    # cosine: alpha_bar_t = f(t) / f(0) with f(t) = cos^2(((t+1)/T + s)/(1 + s) pi / 2), where unclipped.
+    # cosine: alpha_bar_t = f(t) / f(0) with f(t) = cos^2(((t+1)/T + s)/(1 + s) pi / 2), where
+    # unclipped.
     s = NoiseSchedule("cosine", T=T)
     f = lambda u: math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
     for t in [0, 10, 500, 900]:
@@ -67,20 +69,24 @@ def test_q_sample_moments_match_closed_form():
         x_t = s.q_sample(x0, torch.full((x0.shape[0],), t), torch.randn_like(x0))
         ab = s.alpha_bar[t]
         assert torch.allclose(x_t.mean(0), ab.sqrt() * x0[0], atol=0.01)  # Eq. 4 mean
-        assert torch.allclose(x_t.var(0), (1 - ab).expand(2), rtol=0.02, atol=1e-4)  # Eq. 4 variance
+        # Eq. 4 variance
+        assert torch.allclose(x_t.var(0), (1 - ab).expand(2), rtol=0.02, atol=1e-4)
 
 
 def test_posterior_is_bayes_rule_for_gaussians():
-    """q(x_{t-1} | x_t, x0) ∝ q(x_t | x_{t-1}) q(x_{t-1} | x0): multiply the two Gaussians by hand."""
+    """q(x_{t-1} | x_t, x0) ∝ q(x_t | x_{t-1}) q(x_{t-1} | x0): multiply the two Gaussians by
+    hand."""
     s = NoiseSchedule("cosine", T=1000)
     x0, x_t = torch.tensor([[0.3]]), torch.tensor([[-0.8]])
     betas = make_betas("cosine", 1000)  # float64, so the reference is exact
     alpha_bar = torch.cumprod(1 - betas, 0)
     for t in [1, 17, 500, 998]:
         beta, ab_prev = betas[t], alpha_bar[t - 1]
-        # As a function of y = x_{t-1}: N(x_t; sqrt(1-beta) y, beta) and N(y; sqrt(ab_prev) x0, 1 - ab_prev).
+        # As a function of y = x_{t-1}: N(x_t; sqrt(1-beta) y, beta) and
+        # N(y; sqrt(ab_prev) x0, 1 - ab_prev).
         precision = (1 - beta) / beta + 1 / (1 - ab_prev)
-        mean = ((1 - beta).sqrt() * x_t.double() / beta + ab_prev.sqrt() * x0.double() / (1 - ab_prev)) / precision
+        mean = ((1 - beta).sqrt() * x_t.double() / beta
+                + ab_prev.sqrt() * x0.double() / (1 - ab_prev)) / precision
         got_mean, got_var = q_posterior(x_t, x0, s.alpha_bar_value(t), s.alpha_bar_value(t - 1))
         assert got_mean.item() == pytest.approx(mean.item(), rel=1e-4)
         assert got_var == pytest.approx((1 / precision).item(), rel=1e-4)
@@ -103,8 +109,10 @@ def test_conversions_round_trip():
     for prediction, pred in [("eps", eps), ("x0", x0), ("v", v)]:
         assert torch.allclose(s.target(x0, eps, t, prediction), pred)
         e, x = eps_x0_from_prediction(pred, x_t, ab, prediction)
-        assert torch.allclose(e[2:], eps[2:], atol=1e-3) and torch.allclose(x[:-1], x0[:-1], atol=1e-3)
-    # v-prediction keeps unit scale at every t: v has the variance of eps and x0 when both are unit Gaussians.
+        assert torch.allclose(e[2:], eps[2:], atol=1e-3)
+        assert torch.allclose(x[:-1], x0[:-1], atol=1e-3)
+    # v-prediction keeps unit scale at every t: v has the variance of eps and x0 when both are unit
+    # Gaussians.
     assert v.var().item() == pytest.approx(1.0, abs=0.1)
 
 

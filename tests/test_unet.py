@@ -1,4 +1,5 @@
-"""The UNet: shapes, conditioning behaviour, attention against the explicit formula, gradients, overfitting."""
+"""The UNet: shapes, conditioning behaviour, attention against the explicit formula, gradients,
+overfitting."""
 
 import math
 
@@ -12,8 +13,8 @@ from tinyldm.unet import UNet, UNetConfig, timestep_embedding
 
 
 def small_config(**overrides) -> UNetConfig:
-    base = dict(in_channels=4, out_channels=4, latent_size=8, channels=32, channel_mult=(1, 2), num_res_blocks=1,
-                attn_resolutions=(4,), head_dim=16, context_dim=24, norm_groups=8)
+    base = dict(in_channels=4, out_channels=4, latent_size=8, channels=32, channel_mult=(1, 2),
+                num_res_blocks=1, attn_resolutions=(4,), head_dim=16, context_dim=24, norm_groups=8)
     return UNetConfig(**{**base, **overrides})
 
 
@@ -40,7 +41,8 @@ def test_timestep_embedding_closed_form():
     ({"context_dim": None}, (2, 4, 8, 8)),
     ({"in_channels": 3, "out_channels": 6, "channel_mult": (1, 2, 2), "attn_resolutions": (8, 2),
       "scale_shift_norm": False, "num_res_blocks": 2}, (2, 3, 8, 8)),
-    ({"concat_channels": 5, "num_classes": 7, "context_dim": None, "mid_attention": False}, (2, 4, 8, 8)),
+    ({"concat_channels": 5, "num_classes": 7, "context_dim": None, "mid_attention": False},
+     (2, 4, 8, 8)),
     ({}, (2, 4, 16, 24)),  # beyond the training size and non-square: the UNet is convolutional
 ])
 def test_output_shape(overrides, shape):
@@ -66,7 +68,8 @@ def test_context_changes_output_but_padded_tokens_do_not():
     mask = torch.tensor([[True] * 4 + [False] * 2, [True] * 6])
     with torch.no_grad():
         out = model(x, t, context=context, context_mask=mask)
-        assert not torch.allclose(out, model(x, t, context=torch.randn(2, 6, 24), context_mask=mask), atol=1e-3)
+        other_context = model(x, t, context=torch.randn(2, 6, 24), context_mask=mask)
+        assert not torch.allclose(out, other_context, atol=1e-3)
         other = context.clone()
         other[0, 4:] = 100 * torch.randn(2, 24)  # only padded positions of sample 0 change
         out2 = model(x, t, context=other, context_mask=mask)
@@ -81,14 +84,16 @@ def test_fused_attention_equals_explicit_softmax():
     mask = torch.rand(2, 7) > 0.4
     mask[:, 0] = True
     for m in [None, mask]:
-        fused = F.scaled_dot_product_attention(q, k, v, attn_mask=None if m is None else m[:, None, None, :])
+        attn_mask = None if m is None else m[:, None, None, :]
+        fused = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         assert torch.allclose(fused, attention_weights(q, k, mask=m) @ v, atol=1e-5)
     # And against the formula written out longhand for one head of one sample.
     s = (q[1, 2] @ k[1, 2].T) / math.sqrt(8)
     s[:, ~mask[1]] = -float("inf")
-    assert torch.allclose(attention_weights(q, k, mask=mask)[1, 2] @ v[1, 2], torch.softmax(s, -1) @ v[1, 2],
-                          atol=1e-5)
-    # Whole model: the fused path and the explicit path (fused_attention=False) agree, for both attention blocks.
+    w = attention_weights(q, k, mask=mask)
+    assert torch.allclose(w[1, 2] @ v[1, 2], torch.softmax(s, -1) @ v[1, 2], atol=1e-5)
+    # Whole model: the fused path and the explicit path (fused_attention=False) agree, for both
+    # attention blocks.
     for overrides in [{}, {"attention_block": "plain", "context_dim": None}]:
         model = UNet(small_config(**overrides)).eval()
         randomize_zero_layers(model)
@@ -103,8 +108,8 @@ def test_fused_attention_equals_explicit_softmax():
 
 
 def test_recorded_attention_maps_are_the_softmax_and_change_nothing():
-    """evaluation.attention_maps.record_attention: the probabilities each layer applies, recomputed by a hook
-    from the layer's own inputs; the model's output is bit for bit the same."""
+    """evaluation.attention_maps.record_attention: the probabilities each layer applies,
+    recomputed by a hook from the layer's own inputs; the model's output is bit for bit the same."""
     model = UNet(small_config(attn_resolutions=(8, 4))).eval()
     randomize_zero_layers(model)
     x, t, context = torch.randn(2, 4, 8, 8), torch.tensor([10, 700]), torch.randn(2, 6, 24)
@@ -117,10 +122,12 @@ def test_recorded_attention_maps_are_the_softmax_and_change_nothing():
     assert len(maps) == 7 and all(name.endswith("cross_attn") for name in maps)
     assert torch.equal(recorded, plain)
     for name, w in maps.items():
-        # (B, heads, h * w, L): 8 x 8 latent pixels with 32 channels = 2 heads, or 4 x 4 with 64 = 4 heads.
+        # (B, heads, h * w, L): 8 x 8 latent pixels with 32 channels = 2 heads, or 4 x 4 with 64 = 4
+        # heads.
         assert tuple(w.shape) in [(2, 2, 64, 6), (2, 4, 16, 6)], (name, tuple(w.shape))
-        assert torch.allclose(w.sum(-1), torch.ones(()), atol=1e-5)  # each query's row is a distribution
-        assert torch.equal(w[0, ..., 4:], torch.zeros_like(w[0, ..., 4:]))  # padded tokens get weight 0
+        # Each query's row is a distribution; padded tokens get weight 0.
+        assert torch.allclose(w.sum(-1), torch.ones(()), atol=1e-5)
+        assert torch.equal(w[0, ..., 4:], torch.zeros_like(w[0, ..., 4:]))
         assert (w[1] > 0).all()  # sample 1 has no padding
     # The hooks are gone after the block; with cross_only=False self-attention is recorded too.
     kept = dict(maps)
@@ -134,7 +141,8 @@ def test_recorded_attention_maps_are_the_softmax_and_change_nothing():
 
 
 def test_recorded_probabilities_are_the_ones_the_layer_applies():
-    """Those probabilities times the layer's values, through its output projection, give the layer's output."""
+    """Those probabilities times the layer's values, through its output projection, give the
+    layer's output."""
     layer = Attention(16, 8, context_dim=12)
     x, context = torch.randn(2, 5, 16), torch.randn(2, 3, 12)
     mask = torch.tensor([[True, True, False], [True, True, True]])
@@ -146,7 +154,8 @@ def test_recorded_probabilities_are_the_ones_the_layer_applies():
 
 
 def test_every_parameter_gets_a_gradient():
-    cfg = small_config(num_classes=3, concat_channels=2, channel_mult=(1, 2, 2), attn_resolutions=(8, 4, 2))
+    cfg = small_config(num_classes=3, concat_channels=2, channel_mult=(1, 2, 2),
+                       attn_resolutions=(8, 4, 2))
     model = UNet(cfg)
     randomize_zero_layers(model)
     kwargs = dict(context=torch.randn(3, 4, 24), class_labels=torch.tensor([0, 1, 2]),
@@ -189,7 +198,8 @@ def test_channels_last_and_bf16_autocast_agree_with_fp32():
     x, t, c = torch.randn(2, 4, 8, 8), torch.tensor([3, 300]), torch.randn(2, 3, 24)
     with torch.no_grad():
         ref = model(x, t, context=c)
-        cl = model.to(memory_format=torch.channels_last)(x.to(memory_format=torch.channels_last), t, context=c)
+        model = model.to(memory_format=torch.channels_last)
+        cl = model(x.to(memory_format=torch.channels_last), t, context=c)
         assert torch.allclose(ref, cl, atol=1e-5)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             low = model(x, t, context=c)
@@ -198,7 +208,8 @@ def test_channels_last_and_bf16_autocast_agree_with_fp32():
 
 
 def test_compiles_without_graph_breaks():
-    """Dynamo traces the whole forward and backward (aot_eager: no C++ compiler needed, and fast)."""
+    """Dynamo traces the whole forward and backward (aot_eager: no C++ compiler needed, and
+    fast)."""
     model = UNet(small_config())
     randomize_zero_layers(model)
     x, t, c = torch.randn(2, 4, 8, 8), torch.tensor([3, 300]), torch.randn(2, 3, 24)
@@ -229,15 +240,16 @@ def test_bad_inputs_are_clear_errors():
 
 
 def test_plain_attention_block_is_residual_multi_head_self_attention():
-    """attention_block="plain" (the paper's unconditional UNets): x + W_o softmax(q k^T / sqrt(d)) v over the
-    H * W positions of GroupNorm(x), per head; no feed-forward, no cross-attention."""
+    """attention_block="plain" (the paper's unconditional UNets): x + W_o softmax(q k^T / sqrt(d)) v
+    over the H * W positions of GroupNorm(x), per head; no feed-forward, no cross-attention."""
     from tinyldm.unet import SelfAttentionBlock
 
     cfg = UNetConfig(head_dim=8, norm_groups=4, context_dim=None, attention_block="plain")
     block = SelfAttentionBlock(16, cfg)
     torch.nn.init.normal_(block.attn.to_out.weight, std=0.2)  # zero-initialised: make it count
     x = torch.randn(2, 16, 3, 5)
-    tokens = torch.nn.functional.group_norm(x, 4, block.norm.weight, block.norm.bias, eps=1e-6).flatten(2).mT
+    normed = torch.nn.functional.group_norm(x, 4, block.norm.weight, block.norm.bias, eps=1e-6)
+    tokens = normed.flatten(2).mT  # (B, HW, C)
     a = block.attn
     q, k, v = (m(tokens).reshape(2, 15, 2, 8).transpose(1, 2) for m in (a.to_q, a.to_k, a.to_v))
     heads = torch.softmax(q @ k.mT / math.sqrt(8), dim=-1) @ v  # (B, heads, HW, d)
