@@ -5,13 +5,14 @@ Paper contract
 LDM (arXiv 2112.10752), App. G: the first stage is trained "in an adversarial manner following
 [VQGAN]": a patch-based discriminator D_psi tells images x from reconstructions D(E(x)), and
 
-    L_Autoencoder = min_{E,D} max_psi ( L_rec(x, D(E(x))) - L_adv(D(E(x))) + log D_psi(x) + L_reg(x; E, D) )
+    L_Autoencoder = min_{E,D} max_psi ( L_rec(x, D(E(x))) - L_adv(D(E(x))) + log D_psi(x)
+                                        + L_reg(x; E, D) )
 
-where L_rec is a pixel loss plus the LPIPS perceptual loss (Zhang et al., arXiv 1801.03924) and L_reg
-is the KL term (weight ~1e-6) or the VQ codebook loss (see autoencoder.py).
+where L_rec is a pixel loss plus the LPIPS perceptual loss (Zhang et al., arXiv 1801.03924) and
+L_reg is the KL term (weight ~1e-6) or the VQ codebook loss (see autoencoder.py).
 From VQGAN (Esser et al., arXiv 2012.09841) we take:
-* the PatchGAN discriminator (Isola et al., pix2pix, arXiv 1611.07004): a stack of stride-2 4x4 convs
-  with BatchNorm and LeakyReLU(0.2) whose output is one logit per overlapping image patch;
+* the PatchGAN discriminator (Isola et al., pix2pix, arXiv 1611.07004): a stack of stride-2 4x4
+  convs with BatchNorm and LeakyReLU(0.2) whose output is one logit per overlapping image patch;
 * the adaptive weight, Eq. (7):  lambda = ||grad_{D_L} L_rec|| / (||grad_{D_L} L_GAN|| + delta),
   D_L being the decoder's last layer; it balances the two gradients where they enter the decoder;
 * a start delay: the adversarial terms are off before step `disc_start` (as in the VQGAN and CompVis
@@ -20,9 +21,10 @@ Discriminator losses: hinge (Lim & Ye, arXiv 1705.02894; CompVis' default) or th
 logistic loss (Goodfellow et al. 2014).
 
 Reductions (a choice the paper leaves to its configs). Every term is a mean: L1 or L2 per pixel,
-LPIPS per image, the VQ loss per latent element; the KL is summed over one image's latent and divided
-by that image's element count C*H*W. CompVis sums the reconstruction loss over pixels instead; dividing
-both by C*H*W gives the same ratio between them, so `kl_weight = 1e-6` means what it means there.
+LPIPS per image, the VQ loss per latent element; the KL is summed over one image's latent and
+divided by that image's element count C*H*W. CompVis sums the reconstruction loss over pixels
+instead; dividing both by C*H*W gives the same ratio between them, so `kl_weight = 1e-6` means what
+it means there.
 
 Left out: CompVis' learned output log-variance, "ActNorm" in the discriminator, LeCam and R1
 regularizers, and the perceptual loss's own spatial averaging options.
@@ -45,7 +47,8 @@ class AELossConfig:
     rec_loss: str = "l1"  # "l1" or "l2"
     perceptual_weight: float = 1.0  # LPIPS weight; > 0 needs the optional `lpips` package
     lpips_net: str = "vgg"  # LPIPS backbone: "vgg", "alex" or "squeeze"
-    lpips_pretrained: bool = True  # False: a random backbone, no download (--smoke and tests; not a perceptual loss)
+    # False: a random backbone, no download (--smoke and tests; not a perceptual loss)
+    lpips_pretrained: bool = True
     kl_weight: float = 1e-6  # weight of KL(q_E(z|x) || N(0, I)), App. G
     codebook_weight: float = 1.0  # weight of the VQ codebook + commitment loss
     disc_start: int = 50001  # global step at which the adversarial terms switch on
@@ -60,7 +63,8 @@ class AELossConfig:
         if self.rec_loss not in ("l1", "l2"):
             raise ValueError(f"rec_loss must be 'l1' or 'l2', got {self.rec_loss!r}")
         if self.disc_loss not in ("hinge", "non_saturating"):
-            raise ValueError(f"disc_loss must be 'hinge' or 'non_saturating', got {self.disc_loss!r}")
+            raise ValueError("disc_loss must be 'hinge' or 'non_saturating', "
+                             f"got {self.disc_loss!r}")
         if self.perceptual_weight < 0 or self.kl_weight < 0 or self.disc_weight < 0:
             raise ValueError("loss weights must be >= 0")
         if self.disc_layers < 1:
@@ -81,18 +85,23 @@ def load_lpips(net: str = "vgg", *, pretrained: bool = True) -> nn.Module:
             "(or pip install 'tinyldm[lpips]'); or train without it with --perceptual_weight 0"
         ) from e
     try:
-        # pretrained=False: a random backbone (pnet_rand, nothing downloaded) under the linear heads that ship
-        # inside the lpips package (non-negative weights, so the distance stays >= 0 and is 0 for x = x).
-        with warnings.catch_warnings():  # lpips passes torchvision the `pretrained=` argument it deprecated
-            warnings.filterwarnings("ignore", message="Arguments other than a weight enum", category=UserWarning)
-            warnings.filterwarnings("ignore", message="The parameter 'pretrained' is deprecated", category=UserWarning)
+        # pretrained=False: a random backbone (pnet_rand, nothing downloaded) under the linear heads
+        # that ship inside the lpips package (non-negative weights, so the distance stays >= 0 and
+        # is 0 for x = x).
+        with warnings.catch_warnings():
+            # lpips passes torchvision the `pretrained=` argument it deprecated
+            warnings.filterwarnings("ignore", message="Arguments other than a weight enum",
+                                    category=UserWarning)
+            warnings.filterwarnings("ignore", message="The parameter 'pretrained' is deprecated",
+                                    category=UserWarning)
             model = lpips.LPIPS(net=net, pretrained=True, pnet_rand=not pretrained, verbose=False)
     except Exception as e:  # a failed download surfaces as URLError, OSError, RuntimeError, ...
         raise RuntimeError(
-            f"could not load the LPIPS weights (net={net!r}): {type(e).__name__}: {e}. LPIPS needs its "
-            "backbone's ImageNet weights from torchvision (downloaded once into the torch hub cache, "
-            "~/.cache/torch/hub/checkpoints) and the linear heads shipped inside the lpips package. "
-            "Fetch them on a machine with internet access, or train with --perceptual_weight 0."
+            f"could not load the LPIPS weights (net={net!r}): {type(e).__name__}: {e}. "
+            "LPIPS needs its backbone's ImageNet weights from torchvision (downloaded once into "
+            "the torch hub cache, ~/.cache/torch/hub/checkpoints) and the linear heads shipped "
+            "inside the lpips package. Fetch them on a machine with internet access, or train "
+            "with --perceptual_weight 0."
         ) from e
     return model.eval().requires_grad_(False)
 
@@ -102,7 +111,8 @@ def load_lpips(net: str = "vgg", *, pretrained: bool = True) -> nn.Module:
 
 
 class PatchDiscriminator(nn.Module):
-    """x (B, C, H, W) -> logits (B, 1, H', W'), one per overlapping patch (pix2pix's NLayerDiscriminator)."""
+    """x (B, C, H, W) -> logits (B, 1, H', W'), one per overlapping patch (pix2pix's
+    NLayerDiscriminator)."""
 
     def __init__(self, in_channels: int = 3, channels: int = 64, n_layers: int = 3):
         super().__init__()
@@ -112,7 +122,8 @@ class PatchDiscriminator(nn.Module):
         for n in range(1, n_layers + 1):
             c_next = channels * min(2**n, 8)
             stride = 2 if n < n_layers else 1  # the last hidden conv keeps the resolution
-            layers += [nn.Conv2d(c, c_next, 4, stride, 1, bias=False), nn.BatchNorm2d(c_next), nn.LeakyReLU(0.2)]
+            layers += [nn.Conv2d(c, c_next, 4, stride, 1, bias=False), nn.BatchNorm2d(c_next),
+                       nn.LeakyReLU(0.2)]
             c = c_next
         layers.append(nn.Conv2d(c, 1, 4, 1, 1))
         self.net = nn.Sequential(*layers)
@@ -127,7 +138,8 @@ class PatchDiscriminator(nn.Module):
         B, C, H, W = x.shape
         # n_layers stride-2 convs, then two 4x4 stride-1 convs that each remove one pixel
         if min(H, W) // 2**self.n_layers < 3:
-            raise ValueError(f"images of {H}x{W} are too small for a discriminator with {self.n_layers} layers")
+            raise ValueError(f"images of {H}x{W} are too small for a discriminator "
+                             f"with {self.n_layers} layers")
         return self.net(x)
 
 
@@ -135,18 +147,20 @@ def discriminator_hinge(logits_real: torch.Tensor, logits_fake: torch.Tensor) ->
     return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
 
 
-def discriminator_non_saturating(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
+def discriminator_non_saturating(logits_real: torch.Tensor,
+                                 logits_fake: torch.Tensor) -> torch.Tensor:
     # -log sigmoid(l) = softplus(-l) for reals, -log(1 - sigmoid(l)) = softplus(l) for fakes
     return 0.5 * (F.softplus(-logits_real).mean() + F.softplus(logits_fake).mean())
 
 
 def adaptive_weight(
-    rec_loss: torch.Tensor, adv_loss: torch.Tensor, last_layer: torch.Tensor, *, delta: float, max_value: float,
-    reduce=None,
+    rec_loss: torch.Tensor, adv_loss: torch.Tensor, last_layer: torch.Tensor, *, delta: float,
+    max_value: float, reduce=None,
 ) -> torch.Tensor:
-    """VQGAN Eq. (7): the adaptive weight lambda from the gradients of both losses at the decoder's last layer D_L,
-    clamped to [0, max_value], without gradient.
-    `reduce` (data parallel): averages each gradient over the processes, so lambda is the global batch's."""
+    """VQGAN Eq. (7): the adaptive weight lambda from the gradients of both losses at the decoder's
+    last layer D_L, clamped to [0, max_value], without gradient.
+    `reduce` (data parallel): averages each gradient over the processes, so lambda is the global
+    batch's."""
     grad_rec = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
     grad_adv = torch.autograd.grad(adv_loss, last_layer, retain_graph=True)[0]
     if reduce is not None:
@@ -164,10 +178,12 @@ def adaptive_weight(
 class AELoss(nn.Module):
     """Holds the discriminator (trained) and LPIPS (frozen); computes both players' losses."""
 
-    def __init__(self, config: AELossConfig, *, in_channels: int = 3, perceptual: nn.Module | None = None):
+    def __init__(self, config: AELossConfig, *, in_channels: int = 3,
+                 perceptual: nn.Module | None = None):
         super().__init__()
         self.config = config
-        self.discriminator = PatchDiscriminator(in_channels, config.disc_channels, config.disc_layers)
+        self.discriminator = PatchDiscriminator(in_channels, config.disc_channels,
+                                                config.disc_layers)
         if perceptual is None and config.perceptual_weight > 0:
             perceptual = load_lpips(config.lpips_net, pretrained=config.lpips_pretrained)
         self.perceptual = perceptual  # registered as a submodule, but frozen; not in any optimizer
@@ -175,14 +191,16 @@ class AELoss(nn.Module):
     def disc_active(self, step: int) -> bool:
         return step >= self.config.disc_start
 
-    def reconstruction(self, x: torch.Tensor, x_rec: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def reconstruction(self, x: torch.Tensor,
+                       x_rec: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(pixel loss, perceptual loss); both means, both differentiable w.r.t. x_rec."""
         diff = x_rec.float() - x.float()
         pixel = diff.abs().mean() if self.config.rec_loss == "l1" else diff.pow(2).mean()
         if self.config.perceptual_weight > 0:
             if self.perceptual is None:
                 raise RuntimeError("perceptual_weight > 0 but no perceptual network is loaded")
-            perceptual = self.perceptual(x_rec.float(), x.float()).mean()  # LPIPS takes inputs in [-1, 1]
+            # LPIPS takes inputs in [-1, 1]
+            perceptual = self.perceptual(x_rec.float(), x.float()).mean()
         else:
             perceptual = torch.zeros((), device=x.device)
         return pixel, perceptual
@@ -197,11 +215,13 @@ class AELoss(nn.Module):
     def autoencoder_loss(
         self, x: torch.Tensor, out: AEOutput, *, step: int, last_layer: torch.Tensor, reduce=None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The E, D player's loss at global `step`; also returns each term, detached, for logging."""
+        """The E, D player's loss at global `step`; also returns each term, detached, for
+        logging."""
         cfg = self.config
         B, C, H, W = x.shape
         if out.x_rec.shape != x.shape:
-            raise ValueError(f"reconstruction {tuple(out.x_rec.shape)} does not match input {tuple(x.shape)}")
+            raise ValueError(f"reconstruction {tuple(out.x_rec.shape)} does not match "
+                             f"input {tuple(x.shape)}")
         pixel, perceptual = self.reconstruction(x, out.x_rec)
         rec = pixel + cfg.perceptual_weight * perceptual  # L_rec
         logs = {"rec": pixel.detach(), "perceptual": perceptual.detach()}
@@ -220,7 +240,8 @@ class AELoss(nn.Module):
             g_adv = self.generator_adv(out.x_rec)
             if torch.is_grad_enabled():
                 lam = cfg.disc_weight * adaptive_weight(
-                    rec, g_adv, last_layer, delta=cfg.adaptive_delta, max_value=cfg.adaptive_max, reduce=reduce
+                    rec, g_adv, last_layer, delta=cfg.adaptive_delta, max_value=cfg.adaptive_max,
+                    reduce=reduce
                 )
             else:  # evaluation: no gradients to balance
                 lam = torch.tensor(cfg.disc_weight, device=x.device)
