@@ -1,4 +1,5 @@
-"""Latent diffusion: the training objective in latent space, generation, and the self-contained checkpoint.
+"""Latent diffusion: the training objective in latent space, generation, and the self-contained
+checkpoint.
 
 Contract with the paper
 -----------------------
@@ -6,17 +7,18 @@ LDM (Rombach et al., arXiv 2112.10752), Sec. 3.2-3.3. With a frozen autoencoder 
 latents rescaled to unit variance, z0 = scale_factor * E(x) (App. G), the denoiser eps_theta and the
 condition encoder tau_theta are trained together on (Eq. 3)
 
-    L_LDM = E_{z0, y, eps ~ N(0, I), t} || eps - eps_theta(z_t, t, tau_theta(y)) ||^2,   z_t = q_sample(z0, t, eps)
+    L_LDM = E_{z0, y, eps ~ N(0, I), t} || eps - eps_theta(z_t, t, tau_theta(y)) ||^2,
+    z_t = q_sample(z0, t, eps)
 
 optionally with the v- or x0-parameterized target instead of eps, or an L1 norm. With probability
 p_uncond the condition is replaced by the null one, so the same network also learns the
 unconditional model that classifier-free guidance needs (Ho & Salimans, arXiv 2207.12598, Alg. 1).
 Generation runs a sampler from tinyldm.ddim in latent space, then x = D(z0 / scale_factor).
 
-Image-like conditions (a segmentation map, a low-resolution image, a masked image and its mask; Secs.
-4.3.2, 4.4, 4.5) are not cross-attended but concatenated to z_t at the UNet's input (`concat`, at the
-latent size; tinyldm.data.image_conditions builds them). They are never dropped, so guidance acts on the other
-condition.
+Image-like conditions (a segmentation map, a low-resolution image, a masked image and its mask;
+Secs. 4.3.2, 4.4, 4.5) are not cross-attended but concatenated to z_t at the UNet's input (`concat`,
+at the latent size; tinyldm.data.image_conditions builds them). They are never dropped, so guidance
+acts on the other condition.
 
 What lives where: the schedule is tensors and pure functions (schedule.py), the samplers are loops
 over a model function (ddim.py); this file only wires them to a `Denoiser` (UNet + tau, the
@@ -49,31 +51,37 @@ class DiffusionConfig:
     p_uncond: float = 0.1  # condition dropout for classifier-free guidance
 
     def make_schedule(self) -> NoiseSchedule:
-        return NoiseSchedule(self.schedule, T=self.T, beta_start=self.beta_start, beta_end=self.beta_end)
+        return NoiseSchedule(self.schedule, T=self.T, beta_start=self.beta_start,
+                             beta_end=self.beta_end)
 
 
 class Denoiser(nn.Module):
-    """eps_theta(z_t, t, tau_theta(y)): the UNet and the condition encoder, trained (and EMA-averaged) together."""
+    """eps_theta(z_t, t, tau_theta(y)): the UNet and the condition encoder, trained (and
+    EMA-averaged) together."""
 
     def __init__(self, unet: UNet, cond: ConditionEncoder):
         super().__init__()
         if unet.cfg.context_dim != cond.context_dim:
-            raise ValueError(f"UNet context_dim={unet.cfg.context_dim} but the condition encoder gives "
-                             f"{cond.context_dim}")
+            raise ValueError(f"UNet context_dim={unet.cfg.context_dim} but the condition encoder "
+                             f"gives {cond.context_dim}")
         self.unet, self.cond = unet, cond
 
-    def forward(self, z_t: Tensor, t: Tensor, condition=None, *, concat: Tensor | None = None) -> Tensor:
-        """`concat` (B, C_c, h, w): the image-like condition stacked onto z_t (Sec. 3.3 "concatenation")."""
+    def forward(self, z_t: Tensor, t: Tensor, condition=None, *,
+                concat: Tensor | None = None) -> Tensor:
+        """`concat` (B, C_c, h, w): the image-like condition stacked onto z_t (Sec. 3.3
+        "concatenation")."""
         return self.unet(z_t, t, **self.cond(condition), concat=concat)
 
 
-def ldm_loss(denoiser: nn.Module, schedule: NoiseSchedule, z0: Tensor, t: Tensor, eps: Tensor, condition,
-             cfg: DiffusionConfig, *, concat: Tensor | None = None) -> Tensor:
-    """Eq. 3 on a batch of scaled latents z0 (B, c, h, w), given the step's draws t ~ U{0..T-1} (B,) and
-    eps ~ N(0, I) like z0, and the conditions (captions, class ids, layouts or None) after dropout.
+def ldm_loss(denoiser: nn.Module, schedule: NoiseSchedule, z0: Tensor, t: Tensor, eps: Tensor,
+             condition, cfg: DiffusionConfig, *, concat: Tensor | None = None) -> Tensor:
+    """Eq. 3 on a batch of scaled latents z0 (B, c, h, w), given the step's draws t ~ U{0..T-1} (B,)
+    and eps ~ N(0, I) like z0, and the conditions (captions, class ids, layouts or None) after
+    dropout.
 
-    `concat` (B, C_c, h, w) is an image-like condition at the latent size (a segmentation map, a low-res
-    image, a masked image's latent and its mask); it is never dropped: guidance acts on `condition` only.
+    `concat` (B, C_c, h, w) is an image-like condition at the latent size (a segmentation map, a
+    low-res image, a masked image's latent and its mask); it is never dropped: guidance acts on
+    `condition` only.
     """
     # BEGIN ASSIGNMENT training_step
     z_t = schedule.q_sample(z0, t, eps)  # DDPM Eq. 4
@@ -85,18 +93,19 @@ def ldm_loss(denoiser: nn.Module, schedule: NoiseSchedule, z0: Tensor, t: Tensor
 
 @torch.no_grad()
 def generate(denoiser: Denoiser, schedule: NoiseSchedule, autoencoder: Autoencoder, condition, *,
-             n: int | None = None, latent_size: tuple[int, int], prediction: str = "eps", steps: int = 50,
-             eta: float = 0.0, method: str = "ddim", guidance_scale: float = 1.0,
-             generator: torch.Generator | None = None, return_latents: bool = False, z_T: Tensor | None = None,
-             callback=None, concat: Tensor | None = None) -> Tensor:
+             n: int | None = None, latent_size: tuple[int, int], prediction: str = "eps",
+             steps: int = 50, eta: float = 0.0, method: str = "ddim", guidance_scale: float = 1.0,
+             generator: torch.Generator | None = None, return_latents: bool = False,
+             z_T: Tensor | None = None, callback=None, concat: Tensor | None = None) -> Tensor:
     """Images (B, 3, H, W) in [-1, 1] for a batch of conditions (or `n` unconditional samples).
 
     guidance_scale = 1 is the plain conditional model (one UNet call per step); any other value
     uses classifier-free guidance with the learned null condition (two calls, batched).
     `latent_size` may exceed the training size: the UNet is convolutional (paper Sec. 4.3.2).
-    `z_T` replaces the drawn starting noise (e.g. the output of `ddim_invert`); `callback(i, t, z_t, z0_pred)`
-    is passed to `tinyldm.ddim.sample` (trajectories, attention maps). `concat` (B, C_c, h, w) is the
-    image-like condition of concat-conditioned models; it goes into both halves of a guided batch.
+    `z_T` replaces the drawn starting noise (e.g. the output of `ddim_invert`);
+    `callback(i, t, z_t, z0_pred)` is passed to `tinyldm.ddim.sample` (trajectories, attention
+    maps). `concat` (B, C_c, h, w) is the image-like condition of concat-conditioned models; it goes
+    into both halves of a guided batch.
     """
     device = next(denoiser.parameters()).device
     B = batch_size(condition) if condition is not None else len(concat) if concat is not None else n
@@ -106,14 +115,17 @@ def generate(denoiser: Denoiser, schedule: NoiseSchedule, autoencoder: Autoencod
     if z_T is None:
         z_T = torch.randn((B, c, *latent_size), generator=generator, device=device)
     elif z_T.shape[:2] != (B, c):
-        raise ValueError(f"z_T has shape {tuple(z_T.shape)}; expected ({B}, {c}, h, w) for {B} conditions")
+        raise ValueError(f"z_T has shape {tuple(z_T.shape)}; "
+                         f"expected ({B}, {c}, h, w) for {B} conditions")
     image_cond = {} if concat is None else {"concat": concat}
-    cond = {**denoiser.cond(condition), **image_cond}  # encode the condition once, not at every step
+    # encode the condition once, not at every step
+    cond = {**denoiser.cond(condition), **image_cond}
     uncond = None
     if guidance_scale != 1.0 and condition is not None:
         uncond = {**denoiser.cond(denoiser.cond.null_condition(B)), **image_cond}
-    z0 = sample(denoiser.unet, schedule, z_T, steps=steps, method=method, eta=eta, prediction=prediction,
-                cond=cond, uncond=uncond, guidance_scale=guidance_scale, generator=generator, callback=callback)
+    z0 = sample(denoiser.unet, schedule, z_T, steps=steps, method=method, eta=eta,
+                prediction=prediction, cond=cond, uncond=uncond, guidance_scale=guidance_scale,
+                generator=generator, callback=callback)
     if return_latents:
         return z0
     return autoencoder.decode(z0 / autoencoder.scale_factor).clamp(-1, 1)
@@ -121,8 +133,8 @@ def generate(denoiser: Denoiser, schedule: NoiseSchedule, autoencoder: Autoencod
 
 # --- The self-contained checkpoint ---------------------------------------------------------------
 
-def ldm_payload(denoiser: Denoiser, ema: Denoiser | None, autoencoder: Autoencoder, cfg: DiffusionConfig,
-                image_size: int) -> dict:
+def ldm_payload(denoiser: Denoiser, ema: Denoiser | None, autoencoder: Autoencoder,
+                cfg: DiffusionConfig, image_size: int) -> dict:
     """Plain tensors and values: everything sample.py needs, in one file (weights_only loadable)."""
     cpu = lambda m: {k: v.detach().cpu() for k, v in m.state_dict().items()}  # noqa: E731
     return {
@@ -139,13 +151,17 @@ def ldm_payload(denoiser: Denoiser, ema: Denoiser | None, autoencoder: Autoencod
 def build_denoiser(unet_config: dict, cond_config: dict) -> Denoiser:
     unet_config = {**unet_config, "channel_mult": tuple(unet_config["channel_mult"]),
                    "attn_resolutions": tuple(unet_config["attn_resolutions"])}
-    return Denoiser(UNet(UNetConfig(**unet_config)), ConditionEncoder(ConditionConfig(**cond_config)))
+    return Denoiser(UNet(UNetConfig(**unet_config)),
+                    ConditionEncoder(ConditionConfig(**cond_config)))
 
 
-def load_ldm(ckpt: dict, *, use_ema: bool = True) -> tuple[Denoiser, NoiseSchedule, Autoencoder, DiffusionConfig]:
-    """Rebuild (denoiser, schedule, autoencoder, config) from a checkpoint dict (`load_checkpoint`'s)."""
+def load_ldm(ckpt: dict, *,
+             use_ema: bool = True) -> tuple[Denoiser, NoiseSchedule, Autoencoder, DiffusionConfig]:
+    """Rebuild (denoiser, schedule, autoencoder, config) from a checkpoint dict
+    (`load_checkpoint`'s)."""
     denoiser = build_denoiser(ckpt["unet_config"], ckpt["cond_config"])
     weights = ckpt["ema"] if use_ema and ckpt.get("ema") is not None else ckpt["denoiser"]
     denoiser.load_state_dict(weights)
     cfg = DiffusionConfig(**ckpt["diffusion_config"])
-    return denoiser.eval(), cfg.make_schedule(), Autoencoder.from_dict(ckpt["autoencoder"]).eval(), cfg
+    return (denoiser.eval(), cfg.make_schedule(),
+            Autoencoder.from_dict(ckpt["autoencoder"]).eval(), cfg)
