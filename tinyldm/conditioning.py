@@ -1,4 +1,5 @@
-"""The condition encoder tau: turns a caption or a class into the `context` the UNet cross-attends to.
+"""The condition encoder tau: turns a caption or a class into the `context` the UNet cross-attends
+to.
 
 Contract with the paper
 -----------------------
@@ -89,13 +90,16 @@ class Tokenizer:
         return [w for w in split_words(text) if w not in self.index]
 
     def __call__(self, texts: list[str], max_len: int) -> tuple[Tensor, Tensor]:
-        """Token ids (B, max_len) and mask (B, max_len), True for real tokens: <bos> words <eos> <pad>..."""
+        """Token ids (B, max_len) and mask (B, max_len), True for real tokens:
+        <bos> words <eos> <pad>..."""
         ids = torch.zeros(len(texts), max_len, dtype=torch.long)  # <pad> = 0
         for i, text in enumerate(texts):
             tokens = [BOS, *split_words(text), EOS]
             if len(tokens) > max_len:
-                raise ValueError(f"caption {text!r} has {len(tokens)} tokens with <bos>/<eos>; max_len is {max_len}")
-            ids[i, : len(tokens)] = torch.tensor([self.index.get(w, self.index[UNK]) for w in tokens])
+                raise ValueError(f"caption {text!r} has {len(tokens)} tokens with <bos>/<eos>; "
+                                 f"max_len is {max_len}")
+            ids[i, : len(tokens)] = torch.tensor([self.index.get(w, self.index[UNK])
+                                                  for w in tokens])
         return ids, ids != 0
 
 
@@ -116,7 +120,8 @@ class ConditionConfig:
 
 
 def transformer_blocks(cfg: ConditionConfig) -> nn.ModuleList:
-    """`layers` pre-norm transformer blocks (self-attention and GEGLU, no context); they add no positions."""
+    """`layers` pre-norm transformer blocks (self-attention and GEGLU, no context); they add no
+    positions."""
     return nn.ModuleList(TransformerBlock(cfg.context_dim, cfg.head_dim) for _ in range(cfg.layers))
 
 
@@ -125,7 +130,8 @@ def _rename_old_block_keys(module, state_dict, prefix, *args) -> None:
     `attn` and `norm2` (the feed-forward's norm); today they are `self_attn` and `norm3`."""
     old = re.compile(re.escape(prefix) + r"blocks\.(\d+)\.(attn|norm2)\.")
     for key in [k for k in state_dict if old.match(k)]:
-        new = old.sub(lambda m: f"{prefix}blocks.{m[1]}.{'self_attn' if m[2] == 'attn' else 'norm3'}.", key, count=1)
+        new = old.sub(lambda m: f"{prefix}blocks.{m[1]}."
+                                f"{'self_attn' if m[2] == 'attn' else 'norm3'}.", key, count=1)
         state_dict[new] = state_dict.pop(key)
 
 
@@ -157,16 +163,19 @@ class TextEncoder(nn.Module):
 
 
 class LayoutEncoder(nn.Module):
-    """tau for layouts: per object, class embedding + linear(Fourier features of its box); a set transformer.
+    """tau for layouts: per object, class embedding + linear(Fourier features of its box); a set
+    transformer.
 
-    Slot 0 of the output is a learned null token, real only for the empty layout (the null condition).
+    Slot 0 of the output is a learned null token, real only for the empty layout (the null
+    condition).
     """
 
     def __init__(self, cfg: ConditionConfig):
         super().__init__()
         D = cfg.context_dim
         self.class_emb = nn.Embedding(cfg.num_classes, D)
-        self.register_buffer("freqs", math.pi * 2.0 ** torch.arange(cfg.box_freqs), persistent=False)
+        self.register_buffer("freqs", math.pi * 2.0 ** torch.arange(cfg.box_freqs),
+                             persistent=False)
         self.box_proj = nn.Linear(4 * 2 * cfg.box_freqs, D)
         self.null = nn.Parameter(torch.randn(D) * 0.02)
         self.blocks = transformer_blocks(cfg)  # no positional embedding: the objects are a set
@@ -174,15 +183,18 @@ class LayoutEncoder(nn.Module):
         self.register_load_state_dict_pre_hook(_rename_old_block_keys)
 
     def forward(self, box_classes: Tensor, boxes: Tensor) -> tuple[Tensor, Tensor]:
-        """box_classes (B, K) with -1 = padding, boxes (B, K, 4) -> context (B, 1 + K, D), mask (B, 1 + K)."""
+        """box_classes (B, K) with -1 = padding, boxes (B, K, 4) -> context (B, 1 + K, D),
+        mask (B, 1 + K)."""
         B, K = box_classes.shape
         real = box_classes >= 0  # (B, K)
         angles = boxes[..., None] * self.freqs  # (B, K, 4, F)
         fourier = torch.cat([angles.sin(), angles.cos()], dim=-1).flatten(2)  # (B, K, 8F)
         objects = self.class_emb(box_classes.clamp(min=0)) + self.box_proj(fourier)  # (B, K, D)
-        objects = torch.where(real[..., None], objects, 0.0)  # padding carries nothing, whatever its box says
+        # padding carries nothing, whatever its box says
+        objects = torch.where(real[..., None], objects, 0.0)
         h = torch.cat([self.null.expand(B, 1, -1), objects], dim=1)  # (B, 1 + K, D)
-        mask = torch.cat([~real.any(dim=1, keepdim=True), real], dim=1)  # the null token only if no object
+        # the null token only if no object
+        mask = torch.cat([~real.any(dim=1, keepdim=True), real], dim=1)
         return self.norm(run_blocks(self.blocks, h, mask)), mask
 
 
@@ -195,21 +207,25 @@ class ConditionEncoder(nn.Module):
     """Condition -> (context (B, L, D), context_mask (B, L)) for the UNet, plus the null condition.
 
     encoder(["a red circle in the top left", ...]) for kind="text",
-    encoder(torch.tensor([3, 7])) for kind="class" (ids in 0..num_classes-1; num_classes is the null class),
+    encoder(torch.tensor([3, 7])) for kind="class" (ids in 0..num_classes-1; num_classes is the
+    null class),
     encoder({"box_classes": (B, K) int64, "boxes": (B, K, 4) float}) for kind="layout": the keys and
-    conventions of a ShapesDataset batch (class -1 pads; boxes (x0, y0, x1, y1) in [0, 1]; K <= max_objects;
-    other keys are ignored). The empty layout (every class -1) is the null condition.
+    conventions of a ShapesDataset batch (class -1 pads; boxes (x0, y0, x1, y1) in [0, 1];
+    K <= max_objects; other keys are ignored). The empty layout (every class -1) is the null
+    condition.
     """
 
     def __init__(self, cfg: ConditionConfig):
         super().__init__()
         if cfg.kind not in ("text", "class", "layout", "none"):
-            raise ValueError(f"unknown condition kind {cfg.kind!r}; choose 'text', 'class', 'layout' or 'none'")
+            raise ValueError(f"unknown condition kind {cfg.kind!r}; "
+                             "choose 'text', 'class', 'layout' or 'none'")
         self.cfg = cfg
         self.text = TextEncoder(cfg) if cfg.kind == "text" else None
         if cfg.kind in ("class", "layout") and cfg.num_classes < 1:
             raise ValueError(f"a {cfg.kind} condition needs num_classes >= 1")
-        self.class_emb = nn.Embedding(cfg.num_classes + 1, cfg.context_dim) if cfg.kind == "class" else None
+        self.class_emb = (nn.Embedding(cfg.num_classes + 1, cfg.context_dim)
+                          if cfg.kind == "class" else None)
         self.layout = LayoutEncoder(cfg) if cfg.kind == "layout" else None
 
     @property
@@ -218,19 +234,21 @@ class ConditionEncoder(nn.Module):
         return None if self.cfg.kind == "none" else self.cfg.context_dim
 
     def null_condition(self, n: int) -> list[str] | Tensor | dict | None:
-        """The condition that means "no condition": the empty caption, the extra null class, the empty layout."""
+        """The condition that means "no condition": the empty caption, the extra null class, the
+        empty layout."""
         if self.cfg.kind == "text":
             return [""] * n
         if self.cfg.kind == "class":
             return torch.full((n,), self.cfg.num_classes, dtype=torch.long)
         if self.cfg.kind == "layout":
             K = self.cfg.max_objects
-            return {"box_classes": torch.full((n, K), -1, dtype=torch.long), "boxes": torch.zeros(n, K, 4)}
+            return {"box_classes": torch.full((n, K), -1, dtype=torch.long),
+                    "boxes": torch.zeros(n, K, 4)}
         return None
 
     def drop(self, condition: list[str] | Tensor | dict, drop: Tensor):
-        """The conditions with those where `drop` (B,) bool is True replaced by the null condition (CFG
-        training: the caller draws `drop` with probability p_uncond)."""
+        """The conditions with those where `drop` (B,) bool is True replaced by the null condition
+        (CFG training: the caller draws `drop` with probability p_uncond)."""
         n = batch_size(condition)
         drop = drop.cpu()
         null = self.null_condition(n)
@@ -252,15 +270,18 @@ class ConditionEncoder(nn.Module):
                              f"{tuple(box_classes.shape)}")
         B, K = box_classes.shape
         if boxes.shape != (B, K, 4) or not boxes.is_floating_point():
-            raise ValueError(f"boxes must be float of shape ({B}, {K}, 4) to match box_classes, got "
-                             f"{boxes.dtype} {tuple(boxes.shape)}")
+            raise ValueError(f"boxes must be float of shape ({B}, {K}, 4) to match box_classes, "
+                             f"got {boxes.dtype} {tuple(boxes.shape)}")
         if K > self.cfg.max_objects:
-            raise ValueError(f"a layout has {K} object slots; max_objects is {self.cfg.max_objects}")
+            raise ValueError(f"a layout has {K} object slots; "
+                             f"max_objects is {self.cfg.max_objects}")
         if (box_classes < -1).any() or (box_classes >= self.cfg.num_classes).any():
-            raise ValueError(f"box class ids must be in 0..{self.cfg.num_classes - 1}, or -1 for padding")
+            raise ValueError(f"box class ids must be in 0..{self.cfg.num_classes - 1}, "
+                             "or -1 for padding")
         real_boxes = boxes[box_classes >= 0]  # (N, 4)
         if not ((real_boxes >= 0) & (real_boxes <= 1)).all():  # (NaN fails too)
-            raise ValueError("boxes must be (x0, y0, x1, y1) fractions of the image side, in [0, 1]")
+            raise ValueError("boxes must be (x0, y0, x1, y1) fractions of the image side, "
+                             "in [0, 1]")
         x0, y0, x1, y1 = real_boxes.unbind(-1)
         if not ((x0 <= x1) & (y0 <= y1)).all():
             raise ValueError("boxes must be (x0, y0, x1, y1) with x0 <= x1 and y0 <= y1")
@@ -269,19 +290,21 @@ class ConditionEncoder(nn.Module):
         """Keyword arguments for the UNet: {"context": (B, L, D), "context_mask": (B, L)}, or {}."""
         device = next(self.parameters()).device if self.cfg.kind != "none" else None
         if self.cfg.kind == "text":
-            # Always max_len tokens: conditional and null contexts then batch together for guidance, and
-            # shapes stay static (torch.compile, CUDA graphs). Padding is never attended to.
+            # Always max_len tokens: conditional and null contexts then batch together for guidance,
+            # and shapes stay static (torch.compile, CUDA graphs). Padding is never attended to.
             ids, mask = self.text.tokenizer(list(condition), self.cfg.max_len)
             ids, mask = ids.to(device), mask.to(device)
             return {"context": self.text(ids, mask), "context_mask": mask}
         if self.cfg.kind == "class":
             condition = torch.as_tensor(condition, device=device)
             if condition.min() < 0 or condition.max() > self.cfg.num_classes:
-                raise ValueError(f"class ids must be in 0..{self.cfg.num_classes} (the last is the null class)")
+                raise ValueError(f"class ids must be in 0..{self.cfg.num_classes} "
+                                 "(the last is the null class)")
             return {"context": self.class_emb(condition)[:, None, :]}  # (B, 1, D)
         if self.cfg.kind == "layout":
             if not isinstance(condition, dict):
-                raise ValueError("a layout condition is a dict {'box_classes': (B, K), 'boxes': (B, K, 4)}")
+                raise ValueError("a layout condition is a dict "
+                                 "{'box_classes': (B, K), 'boxes': (B, K, 4)}")
             box_classes, boxes = condition["box_classes"].to(device), condition["boxes"].to(device)
             self.check_layout(box_classes, boxes)
             # Pad to max_objects, for the same reason text pads to max_len.
@@ -289,5 +312,6 @@ class ConditionEncoder(nn.Module):
             box_classes = nn.functional.pad(box_classes, (0, pad), value=-1)  # (B, max_objects)
             boxes = nn.functional.pad(boxes.float(), (0, 0, 0, pad))  # (B, max_objects, 4)
             context, mask = self.layout(box_classes, boxes)
-            return {"context": context, "context_mask": mask}  # (B, 1 + max_objects, D), (B, 1 + max_objects)
+            # (B, 1 + max_objects, D), (B, 1 + max_objects)
+            return {"context": context, "context_mask": mask}
         return {}
