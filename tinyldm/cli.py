@@ -1,10 +1,11 @@
-"""How the command-line tools end when the user asked for something that cannot be done: one line on stderr,
-`error: <what is wrong and what to do>`, and exit status 2 (argparse's status for a usage error), never a
-traceback. A traceback is reserved for a bug in tinyldm. `--debug` (any script) or `TINYLDM_DEBUG=1` shows
-the traceback of a user error too.
+"""How the command-line tools end when the user asked for something that cannot be done: one line on
+stderr, `error: <what is wrong and what to do>`, and exit status 2 (argparse's status for a usage
+error), never a traceback. A traceback is reserved for a bug in tinyldm. `--debug` (any script) or
+`TINYLDM_DEBUG=1` shows the traceback of a user error too.
 
 What counts as the user's mistake, by exception type:
-* `UsageError`: raised by the tools' own checks (a flag's value, a combination of flags, a memory estimate);
+* `UsageError`: raised by the tools' own checks (a flag's value, a combination of flags, a memory
+  estimate);
 * `SystemExit("message")`: the older form of the same, still used by the scripts' checks;
 * `CheckpointError`: a checkpoint that is missing, truncated, corrupt or of the wrong kind;
 * `OSError` with a file name (a path that does not exist, cannot be written, a full disk);
@@ -39,18 +40,20 @@ _OS_HINTS = {
 
 
 class UsageError(SystemExit):
-    """A mistake in what the user asked for: reported by `run` as one line, with exit status 2. A SystemExit, so
-    that code which calls a tool's `main` without `run` still stops without a traceback."""
+    """A mistake in what the user asked for: reported by `run` as one line, with exit status 2. A
+    SystemExit, so that code which calls a tool's `main` without `run` still stops without a
+    traceback."""
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse's parser with one change: a bad or missing flag raises `UsageError` (one line naming the flag and
-    pointing at --help) instead of printing the usage block. `--debug` is accepted by every tool."""
+    """argparse's parser with one change: a bad or missing flag raises `UsageError` (one line naming
+    the flag and pointing at --help) instead of printing the usage block. `--debug` is accepted by
+    every tool."""
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        self.add_argument("--debug", action="store_true", help=f"show the full traceback of an error "
-                          f"(also: {DEBUG_ENV}=1)")
+        self.add_argument("--debug", action="store_true",
+                          help=f"show the full traceback of an error (also: {DEBUG_ENV}=1)")
 
     def error(self, message: str):
         command = self.prog if self.prog.startswith("python") else f"python {self.prog}"
@@ -83,11 +86,12 @@ def user_message(exc: BaseException) -> str | None:
         return one_line(exc.code) if isinstance(exc.code, str) else None
     oom = getattr(sys.modules.get("torch"), "OutOfMemoryError", ())
     if oom and isinstance(exc, oom):
-        return ("out of GPU memory: lower the batch size (--batch_size for training, --n or --height/--width for "
-                "sampling) and run again; " + one_line(str(exc).split(".")[0]))
+        return ("out of GPU memory: lower the batch size (--batch_size for training, --n or "
+                "--height/--width for sampling) and run again; "
+                + one_line(str(exc).split(".")[0]))
     if isinstance(exc, MemoryError):
-        return ("out of memory: lower the batch size (--batch_size for training, --n or --height/--width for "
-                "sampling) and run again")
+        return ("out of memory: lower the batch size (--batch_size for training, --n or "
+                "--height/--width for sampling) and run again")
     if isinstance(exc, OSError) and exc.filename is not None and exc.errno in _OS_HINTS:
         return f"{exc.filename}: {_OS_HINTS[exc.errno]} ({exc.strerror})"
     return None
@@ -98,8 +102,8 @@ def debug_requested(argv: list[str]) -> bool:
 
 
 def run(main: Callable[[list[str]], Any], argv: list[str] | None = None) -> Any:
-    """main(argv), ending a user error with `error: ...` on stderr and exit status 2 (with the traceback first
-    when --debug or TINYLDM_DEBUG=1 asks for it). Returns what main returns."""
+    """main(argv), ending a user error with `error: ...` on stderr and exit status 2 (with the
+    traceback first when --debug or TINYLDM_DEBUG=1 asks for it). Returns what main returns."""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return main(argv)
