@@ -1,6 +1,7 @@
-"""tinyldm/data.py on generated fixture trees: every image mode decodes to the right RGB, captions and
-classes are found, bad files are skipped and counted (also from DataLoader workers), CelebA and LSUN
-layouts load, errors name the path, and the latent cache is rebuilt exactly when its key changes."""
+"""tinyldm/data.py on generated fixture trees: every image mode decodes to the right RGB, captions
+and classes are found, bad files are skipped and counted (also from DataLoader workers), CelebA and
+LSUN layouts load, errors name the path, and the latent cache is rebuilt exactly when its key
+changes."""
 
 import io
 import json
@@ -41,14 +42,16 @@ def jpeg_bytes(size=(64, 48), color=BLUE) -> bytes:
 def write_png16_rgb(path: Path, rgb16: np.ndarray) -> None:
     """A 48-bit RGB PNG (PIL cannot write one), chunk by chunk."""
     h, w, _ = rgb16.shape
-    rows = b"".join(b"\x00" + rgb16[y].astype(">u2").tobytes() for y in range(h))  # filter 0 per row
+    # filter 0 per row
+    rows = b"".join(b"\x00" + rgb16[y].astype(">u2").tobytes() for y in range(h))
 
     def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data)))
 
     header = struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows))
-                     + chunk(b"IEND", b""))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+                     + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
 
 
 @pytest.fixture
@@ -64,16 +67,20 @@ def folder(tmp_path: Path) -> Path:
     rgba = Image.new("RGBA", (20, 20), (0, 0, 0, 0))  # fully transparent: white after compositing
     rgba.save(root / "nested" / "rgba.png")
     Image.new("RGB", (20, 20), GREEN).convert("P").save(root / "nested" / "palette.png")
-    Image.new("CMYK", (20, 20), (0, 255, 255, 0)).save(root / "nested" / "deeper" / "cmyk.jpg")  # red
-    Image.fromarray(np.full((20, 20), 65535, np.uint16)).save(root / "nested" / "deeper" / "grey16.png")
-    write_png16_rgb(root / "nested" / "deeper" / "rgb16.png", np.tile(np.array([65535, 0, 0]), (20, 20, 1)))
+    # red
+    Image.new("CMYK", (20, 20), (0, 255, 255, 0)).save(root / "nested" / "deeper" / "cmyk.jpg")
+    Image.fromarray(np.full((20, 20), 65535, np.uint16)).save(
+        root / "nested" / "deeper" / "grey16.png")
+    write_png16_rgb(root / "nested" / "deeper" / "rgb16.png",
+                    np.tile(np.array([65535, 0, 0]), (20, 20, 1)))
     (root / "truncated.jpg").write_bytes(jpeg_bytes()[:200])
     (root / "empty.png").write_bytes(b"")
     (root / "not_an_image.png").write_bytes(b"hello")
     (root / ".hidden.jpg").write_bytes(b"junk")  # ignored, like macOS "._x.jpg" files
     (root / "notes.md").write_text("not an image")
-    (root / "metadata.jsonl").write_text(json.dumps({"file_name": "red.png", "text": "a red card"}) + "\n\n"
-                                         + json.dumps({"file_name": "blue.jpg", "text": " blue "}) + "\n")
+    (root / "metadata.jsonl").write_text(
+        json.dumps({"file_name": "red.png", "text": "a red card"}) + "\n\n"
+        + json.dumps({"file_name": "blue.jpg", "text": " blue "}) + "\n")
     nested_meta = {"file_name": "deeper/cmyk.jpg", "text": "cmyk"}  # relative to its own folder
     (root / "nested" / "metadata.jsonl").write_text(json.dumps(nested_meta))
     (root / "nested" / "red.txt").write_text("a small red square\n")
@@ -93,8 +100,9 @@ def test_every_mode_and_format_becomes_rgb_in_range(folder):
     assert len(ds) == 13 and not any(".hidden" in p or "notes" in p for p in ds.items)
     items = by_name(ds)
     white = (255, 255, 255)
-    expect = {"red.png": RED, "blue.jpg": BLUE, "green.webp": GREEN, "red.BMP": RED, "grey.png": (0, 0, 0),
-              "rgba.png": white, "palette.png": GREEN, "cmyk.jpg": RED, "grey16.png": white, "rgb16.png": RED}
+    expect = {"red.png": RED, "blue.jpg": BLUE, "green.webp": GREEN, "red.BMP": RED,
+              "grey.png": (0, 0, 0), "rgba.png": white, "palette.png": GREEN, "cmyk.jpg": RED,
+              "grey16.png": white, "rgb16.png": RED}
     for name, rgb in expect.items():
         image = items[name]["image"]
         assert image.shape == (3, 8, 8) and image.dtype == torch.float32
@@ -103,7 +111,8 @@ def test_every_mode_and_format_becomes_rgb_in_range(folder):
 
 
 def test_sixteen_bit_grey_keeps_its_levels(tmp_path):
-    Image.fromarray(np.full((8, 8), 32896, np.uint16)).save(tmp_path / "mid.png")  # 32896 = 128 * 257
+    # 32896 = 128 * 257
+    Image.fromarray(np.full((8, 8), 32896, np.uint16)).save(tmp_path / "mid.png")
     assert np.array(load_image(tmp_path / "mid.png", 8))[0, 0].tolist() == [128, 128, 128]
 
 
@@ -126,7 +135,8 @@ def test_dataloader_workers_substitute_and_report_bad_files(folder):
     for _ in range(2):  # two epochs, no crash
         seen = sum(len(b["image"]) for b in loader)
         assert seen == len(ds)
-    assert {Path(p).name for p in ds.bad_files()} == {"truncated.jpg", "empty.png", "not_an_image.png"}
+    assert {Path(p).name for p in ds.bad_files()} == {"truncated.jpg", "empty.png",
+                                                      "not_an_image.png"}
 
 
 def test_nothing_readable_is_an_error_naming_the_folder(tmp_path):
@@ -163,10 +173,11 @@ def test_class_sub_folders(tmp_path):
         item = ds[i]
         want = (RED, GREEN, BLUE)[item["class_id"]]
         assert (item["image"][:, 0, 0] - torch.tensor(want) / 127.5 + 1).abs().max() < 0.01
-    assert folder_dataset(DataConfig(source="folder", root=str(tmp_path), image_size=8, class_folders=False),
-                          "all").class_ids == [-1] * 12
+    assert folder_dataset(DataConfig(source="folder", root=str(tmp_path), image_size=8,
+                                     class_folders=False), "all").class_ids == [-1] * 12
     Image.new("RGB", (12, 12)).save(tmp_path / "loose.png")
-    assert folder_dataset(cfg, "all").class_names == []  # not ImageFolder-shaped any more: no labels
+    # not ImageFolder-shaped any more: no labels
+    assert folder_dataset(cfg, "all").class_names == []
     with pytest.raises(ValueError, match="loose.png"):
         folder_dataset(DataConfig(source="folder", root=str(tmp_path), class_folders=True), "all")
 
@@ -174,7 +185,8 @@ def test_class_sub_folders(tmp_path):
 def test_empty_or_missing_folder_errors_name_the_path(tmp_path):
     (tmp_path / "empty" / "sub").mkdir(parents=True)
     (tmp_path / "empty" / "sub" / "readme.txt").write_text("no images here")
-    with pytest.raises(FileNotFoundError, match=r"no images \(.jpg .jpeg .png .webp .bmp\) in .*empty"):
+    with pytest.raises(FileNotFoundError,
+                       match=r"no images \(.jpg .jpeg .png .webp .bmp\) in .*empty"):
         folder_dataset(DataConfig(source="folder", root=str(tmp_path / "empty")))
     with pytest.raises(FileNotFoundError, match="nowhere"):
         folder_dataset(DataConfig(source="folder", root=str(tmp_path / "nowhere")))
@@ -185,25 +197,30 @@ def test_empty_or_missing_folder_errors_name_the_path(tmp_path):
 
 
 def test_center_crop_resize_and_random_flip(tmp_path):
-    image = np.zeros((40, 80, 3), np.uint8)  # wide: black margins, then a red | blue square in the middle
+    # wide: black margins, then a red | blue square in the middle
+    image = np.zeros((40, 80, 3), np.uint8)
     image[:, 20:40] = RED
     image[:, 40:60] = BLUE
     Image.fromarray(image).save(tmp_path / "wide.png")
     x = load_image(tmp_path / "wide.png", 16)
     assert x.size == (16, 16)
     x = np.array(x).astype(int)
-    assert (np.abs(x[:, :6] - RED).max(), np.abs(x[:, 10:] - BLUE).max()) == (0, 0)  # no black margin left
-    ds = folder_dataset(DataConfig(source="folder", root=str(tmp_path), image_size=16, hflip=True), "all")
+    # no black margin left
+    assert (np.abs(x[:, :6] - RED).max(), np.abs(x[:, 10:] - BLUE).max()) == (0, 0)
+    ds = folder_dataset(DataConfig(source="folder", root=str(tmp_path), image_size=16, hflip=True),
+                        "all")
     lefts = {round(ds[0]["image"][0, 0, 0].item()) for _ in range(40)}
     assert lefts == {-1, 1}  # red (R = 1) on the left, or flipped: blue (R = -1)
 
 
 def test_jpeg_draft_decoding_matches_a_full_decode(tmp_path):
     rng = np.random.default_rng(0)
-    smooth = np.kron(rng.integers(0, 255, (8, 8, 3)), np.ones((32, 32, 1))).astype(np.uint8)  # 256 x 256
+    # 256 x 256
+    smooth = np.kron(rng.integers(0, 255, (8, 8, 3)), np.ones((32, 32, 1))).astype(np.uint8)
     Image.fromarray(smooth).save(tmp_path / "big.jpg", quality=95)
     fast = np.array(load_image(tmp_path / "big.jpg", 32), dtype=float)
-    full = Image.open(tmp_path / "big.jpg").convert("RGB").resize((32, 32), Image.Resampling.BICUBIC)
+    full = Image.open(tmp_path / "big.jpg").convert("RGB").resize((32, 32),
+                                                                  Image.Resampling.BICUBIC)
     full = np.array(full, dtype=float)
     assert np.abs(fast - full).mean() < 2  # out of 255
 
@@ -213,11 +230,13 @@ def test_splits_are_disjoint_stable_and_subset_by_max_images(tmp_path):
         Image.new("RGB", (8, 8), (i, 0, 0)).save(tmp_path / f"{i:03d}.png")
     cfg = DataConfig(source="folder", root=str(tmp_path), image_size=8, eval_fraction=0.2)
     train, held_out = folder_dataset(cfg, "train").items, folder_dataset(cfg, "eval").items
-    assert not set(train) & set(held_out) and len(train) + len(held_out) == 60 and 4 <= len(held_out) <= 20
+    assert (not set(train) & set(held_out) and len(train) + len(held_out) == 60
+            and 4 <= len(held_out) <= 20)
     assert folder_dataset(cfg, "train").items == train
     Image.new("RGB", (8, 8)).save(tmp_path / "new.png")  # adding a file moves no other file across
     assert set(held_out) <= set(folder_dataset(cfg, "eval").items)
-    small = DataConfig(source="folder", root=str(tmp_path), image_size=8, eval_fraction=0.2, max_images=5)
+    small = DataConfig(source="folder", root=str(tmp_path), image_size=8, eval_fraction=0.2,
+                       max_images=5)
     assert folder_dataset(small, "train").items == train[:5]
     t, e = make_image_datasets("folder", str(tmp_path), image_size=8, n_eval=3, eval_fraction=0.2)
     assert len(e) == 3 and set(e.items) <= set(held_out) | {str(tmp_path / "new.png")}
@@ -227,8 +246,9 @@ def test_splits_are_disjoint_stable_and_subset_by_max_images(tmp_path):
 
 
 def test_a_small_folder_the_hash_rule_holds_nothing_out_of_still_gets_an_eval_split(tmp_path):
-    """A folder of a few dozen images can have no file in the 5% that the hash rule holds out (a folder of 28
-    did); it used to stop with "the 'eval' split is empty". The files with the lowest hashes are held out."""
+    """A folder of a few dozen images can have no file in the 5% that the hash rule holds out (a
+    folder of 28 did); it used to stop with "the 'eval' split is empty". The files with the lowest
+    hashes are held out."""
     from tinyldm.data.images import _in_eval
 
     cfg = DataConfig(source="folder", root=str(tmp_path), image_size=8)
@@ -247,7 +267,8 @@ def test_a_small_folder_the_hash_rule_holds_nothing_out_of_still_gets_an_eval_sp
 def test_make_dataset_shapes():
     ds = make_dataset(DataConfig(image_size=32, max_images=10))
     assert len(ds) == 10 and ds[0]["image"].shape == (3, 32, 32)
-    held_out = make_dataset(DataConfig(image_size=32), "eval", shapes=ShapesConfig(image_size=32, n_eval=7))
+    held_out = make_dataset(DataConfig(image_size=32), "eval",
+                            shapes=ShapesConfig(image_size=32, n_eval=7))
     assert len(held_out) == 7
     with pytest.raises(ValueError, match="left and right"):
         make_dataset(DataConfig(hflip=True))
@@ -256,11 +277,12 @@ def test_make_dataset_shapes():
 # --- CelebA ------------------------------------------------------------------------------------
 
 CELEBA_ATTRIBUTES = (
-    "5_o_Clock_Shadow Arched_Eyebrows Attractive Bags_Under_Eyes Bald Bangs Big_Lips Big_Nose Black_Hair "
-    "Blond_Hair Blurry Brown_Hair Bushy_Eyebrows Chubby Double_Chin Eyeglasses Goatee Gray_Hair Heavy_Makeup "
-    "High_Cheekbones Male Mouth_Slightly_Open Mustache Narrow_Eyes No_Beard Oval_Face Pale_Skin Pointy_Nose "
-    "Receding_Hairline Rosy_Cheeks Sideburns Smiling Straight_Hair Wavy_Hair Wearing_Earrings Wearing_Hat "
-    "Wearing_Lipstick Wearing_Necklace Wearing_Necktie Young").split()
+    "5_o_Clock_Shadow Arched_Eyebrows Attractive Bags_Under_Eyes Bald Bangs Big_Lips Big_Nose "
+    "Black_Hair Blond_Hair Blurry Brown_Hair Bushy_Eyebrows Chubby Double_Chin Eyeglasses Goatee "
+    "Gray_Hair Heavy_Makeup High_Cheekbones Male Mouth_Slightly_Open Mustache Narrow_Eyes No_Beard "
+    "Oval_Face Pale_Skin Pointy_Nose Receding_Hairline Rosy_Cheeks Sideburns Smiling Straight_Hair "
+    "Wavy_Hair Wearing_Earrings Wearing_Hat Wearing_Lipstick Wearing_Necklace Wearing_Necktie "
+    "Young").split()
 
 
 def attrs(*on: str) -> dict[str, bool]:
@@ -308,7 +330,8 @@ def replace_root(cfg: DataConfig, root: Path, **kw) -> DataConfig:
 def test_celeba_caption_from_attributes():
     assert celeba_caption(attrs("No_Beard")) == "a woman"
     man = attrs("Male", "Mustache", "Eyeglasses", "Wearing_Hat", "Black_Hair", "Straight_Hair")
-    assert celeba_caption(man) == "a man with straight black hair, eyeglasses, a hat, a beard and a mustache"
+    assert celeba_caption(man) == ("a man with straight black hair, eyeglasses, a hat, a beard "
+                                   "and a mustache")
     bald = attrs("No_Beard", "Young", "Bald", "Blond_Hair", "Blurry")
     assert celeba_caption(bald) == "a blurry photo of a young bald woman"
     open_mouth = attrs("No_Beard", "Attractive", "Mouth_Slightly_Open")
@@ -323,7 +346,8 @@ def test_celeba_missing_files_and_bad_attribute_are_clear_errors(celeba):
     with pytest.warns(UserWarning, match="1 images of the train split are missing"):
         assert len(celeba_dataset(cfg)) == 2
     (celeba / "list_attr_celeba.txt").unlink()
-    with pytest.raises(FileNotFoundError, match="list_attr_celeba.txt not found; expected the 40 binary"):
+    with pytest.raises(FileNotFoundError,
+                       match="list_attr_celeba.txt not found; expected the 40 binary"):
         celeba_dataset(cfg)
 
 
@@ -340,8 +364,8 @@ def test_lsun_lmdb_export(tmp_path):
     env.close()
     cfg = DataConfig(source="lsun", root=str(tmp_path / "bedroom_train_lmdb"), image_size=16)
     ds = lsun_dataset(cfg, "all")
-    assert len(ds) == 9 and len(lsun_dataset(replace_root(cfg, tmp_path / "bedroom_train_lmdb", max_images=3),
-                                             "all")) == 3
+    assert len(ds) == 9 and len(lsun_dataset(replace_root(cfg, tmp_path / "bedroom_train_lmdb",
+                                                          max_images=3), "all")) == 3
     loader = DataLoader(ds, batch_size=3, num_workers=2)  # each worker opens its own environment
     reds = torch.cat([b["image"][:, 0, 8, 8] for b in loader])
     assert len(reds) == 9 and ds.bad_files() == ["f" * 40]  # found by a worker, seen here
@@ -367,13 +391,15 @@ def test_lsun_extracted_folder_ignores_sub_folders_as_classes(tmp_path):
 
 def test_real_faces_from_scikit_image(tmp_path):
     skimage_data = pytest.importorskip("skimage.data")
-    faces = skimage_data.lfw_subset()[:100]  # (100, 25, 25) floats in [0, 1]; the last 100 are not faces
+    # (100, 25, 25) floats in [0, 1]; the last 100 are not faces
+    faces = skimage_data.lfw_subset()[:100]
     for i, face in enumerate(faces):
         Image.fromarray(np.round(face * 255).astype(np.uint8)).save(tmp_path / f"face_{i:03d}.png")
     ds = folder_dataset(DataConfig(source="folder", root=str(tmp_path), image_size=25), "all")
     batch = next(iter(DataLoader(ds, batch_size=100)))
     assert batch["image"].shape == (100, 3, 25, 25) and ds.bad_files() == []
-    want = torch.from_numpy(np.round(faces * 255)).float() / 127.5 - 1  # same size: pixels unchanged
+    # same size: pixels unchanged
+    want = torch.from_numpy(np.round(faces * 255)).float() / 127.5 - 1
     assert torch.allclose(batch["image"][:, 0], want, atol=1e-6)
     assert torch.equal(batch["image"][:, 0], batch["image"][:, 2])  # grey stays grey
 
@@ -397,17 +423,21 @@ def test_latent_cache_is_built_once_reused_and_rebuilt_when_its_key_changes(tmp_
     path, encoder = tmp_path / "cache" / "latents.pt", CountingEncoder()
     key = {"autoencoder": "abc", "data": {"image_size": 16}}
     first = latent_cache(ds, encoder, path=path, key=key, batch_size=4, verbose=False)
-    assert encoder.calls == 10 and len(first) == 10 and list(path.parent.iterdir()) == [path]  # no temp file
+    # no temp file
+    assert encoder.calls == 10 and len(first) == 10 and list(path.parent.iterdir()) == [path]
     item = first[3]
-    assert torch.equal(item["z"], encoder(ds[3]["image"][None])[0]) and item["caption"] == ds[3]["caption"]
+    assert (torch.equal(item["z"], encoder(ds[3]["image"][None])[0])
+            and item["caption"] == ds[3]["caption"])
     assert item["class_id"] == ds[3]["class_id"]
 
-    again = latent_cache(ds, CountingEncoder(offset=5.0), path=path, key=key, verbose=False)  # from disk
+    # from disk
+    again = latent_cache(ds, CountingEncoder(offset=5.0), path=path, key=key, verbose=False)
     assert torch.equal(again.latents, first.latents)
 
     stale = CountingEncoder(offset=1.0)
     with pytest.warns(UserWarning, match="stale.*autoencoder"):
-        rebuilt = latent_cache(ds, stale, path=path, key={**key, "autoencoder": "def"}, verbose=False)
+        rebuilt = latent_cache(ds, stale, path=path, key={**key, "autoencoder": "def"},
+                               verbose=False)
     assert stale.calls == 10 and torch.allclose(rebuilt.latents, first.latents + 1)
     plain = torch.load(path, weights_only=True)  # plain tensors and values only
     assert set(plain) >= {"format", "key", "latents", "conditions"}
@@ -426,7 +456,8 @@ def test_latent_cache_stores_both_flips_and_serves_either(tmp_path):
     assert torch.equal(cache.flipped[2], CountingEncoder()(x.flip(-1))[0])
     assert {torch.equal(cache[2]["z"], cache.latents[2]) for _ in range(30)} == {True, False}
     with pytest.warns(UserWarning, match="stale.*flip"):
-        plain = latent_cache(ds, CountingEncoder(), path=tmp_path / "z.pt", key={"k": 1}, verbose=False)
+        plain = latent_cache(ds, CountingEncoder(), path=tmp_path / "z.pt", key={"k": 1},
+                             verbose=False)
     assert plain.flipped is None
     with pytest.raises(ValueError, match="flip"):
         LatentDataset(torch.load(tmp_path / "z.pt", weights_only=True), flip=True)
@@ -439,33 +470,44 @@ def test_latent_cache_refuses_flipping_datasets_and_odd_keys(tmp_path, folder):
         latent_cache(flipping, CountingEncoder(), path=tmp_path / "a.pt", key={}, verbose=False)
     ds = make_dataset(DataConfig(image_size=16, max_images=2))
     with pytest.raises(TypeError, match="plain values"):
-        latent_cache(ds, CountingEncoder(), path=tmp_path / "a.pt", key={"when": object()}, verbose=False)
+        latent_cache(ds, CountingEncoder(), path=tmp_path / "a.pt", key={"when": object()},
+                     verbose=False)
     (tmp_path / "ckpt.pt").write_bytes(b"weights")
     assert len(file_digest(tmp_path / "ckpt.pt")) == 64
 
 
-# --- example folders of real photographs ----------------------------------------------------------------------
+# --- example folders of real photographs -------------------------------------------------------
 
 
 def test_example_folders_hold_real_photographs_in_the_three_layouts(tmp_path):
-    """faces: 100 LFW faces, no captions; textures: one sub-folder per photograph; captioned: metadata.jsonl.
-    What the folder loader reads from each is what --cond auto would choose from."""
+    """faces: 100 LFW faces, no captions; textures: one sub-folder per photograph; captioned:
+    metadata.jsonl. What the folder loader reads from each is what --cond auto would choose from."""
     pytest.importorskip("skimage")
-    from tinyldm.data.example_folders import TEXTURES, captioned_folder, faces_folder, textures_folder
+    from tinyldm.data.example_folders import (
+        TEXTURES,
+        captioned_folder,
+        faces_folder,
+        textures_folder,
+    )
 
-    faces = folder_dataset(DataConfig(source="folder", root=str(faces_folder(tmp_path / "f")), image_size=25), "all")
+    faces = folder_dataset(DataConfig(source="folder", root=str(faces_folder(tmp_path / "f")),
+                                      image_size=25), "all")
     assert len(faces) == 100 and not any(faces.captions) and min(faces.class_ids) < 0
-    textures = folder_dataset(DataConfig(source="folder", root=str(textures_folder(tmp_path / "t", n_per_class=5)),
+    textures = folder_dataset(DataConfig(source="folder",
+                                         root=str(textures_folder(tmp_path / "t", n_per_class=5)),
                                          image_size=32), "all")
     assert sorted(textures.class_names) == sorted(TEXTURES) and len(textures) == 30
     crops = torch.stack([textures[i]["image"] for i in range(len(textures))])
     per_class = torch.tensor(textures.class_ids)
     stars, retina = crops[per_class == textures.class_names.index("stars")], crops[
         per_class == textures.class_names.index("retina")]
-    assert stars.mean() < -0.5 < retina[:, 0].mean()  # a dark sky; a red retina (photographs, not noise)
+    # a dark sky; a red retina (photographs, not noise)
+    assert stars.mean() < -0.5 < retina[:, 0].mean()
     again = textures_folder(tmp_path / "t2", n_per_class=5)
-    assert (again / "brick" / "brick_003.png").read_bytes() == (tmp_path / "t" / "brick" / "brick_003.png").read_bytes()
-    captioned = folder_dataset(DataConfig(source="folder", root=str(captioned_folder(tmp_path / "c", n_per_class=5)),
+    assert ((again / "brick" / "brick_003.png").read_bytes()
+            == (tmp_path / "t" / "brick" / "brick_003.png").read_bytes())
+    captioned = folder_dataset(DataConfig(source="folder",
+                                          root=str(captioned_folder(tmp_path / "c", n_per_class=5)),
                                           image_size=32), "all")
     assert len(captioned) == 30 and all(captioned.captions)
     assert {c.split(",")[-1].strip() for c in captioned.captions} == {"bright", "dark"}
