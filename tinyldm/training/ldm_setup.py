@@ -1,6 +1,6 @@
-"""train_ldm.py's setup, out of the reader's way: its configuration resolved and checked, the first stage it
-needs (trained now by train_ae.py when none is given), the condition encoder sized from the data, the
-denoiser, and the memory check before the first step.
+"""train_ldm.py's setup, out of the reader's way: its configuration resolved and checked, the first
+stage it needs (trained now by train_ae.py when none is given), the condition encoder sized from the
+data, the denoiser, and the memory check before the first step.
 """
 
 from __future__ import annotations
@@ -39,11 +39,12 @@ from .memory import check_training, unet_profile, weights_bytes
 
 def resolve_configs(args: argparse.Namespace, stored: dict | None, config_cls: type, preset: dict
                     ) -> tuple[object, dict, DiffusionConfig]:
-    """`preset` (with --smoke's changes) < the resumed checkpoint's own configuration < the command line (e.g.
-    a larger --steps). Returns the training config (a `config_cls`), the UNet fields the user chose (the
-    latent shape and context width are filled in from the autoencoder and condition later) and the
-    diffusion config."""
-    saved = [{**stored["train_config"], **stored["unet_config"], **stored["diffusion_config"]}] if stored else []
+    """`preset` (with --smoke's changes) < the resumed checkpoint's own configuration < the command
+    line (e.g. a larger --steps). Returns the training config (a `config_cls`), the UNet fields the
+    user chose (the latent shape and context width are filled in from the autoencoder and condition
+    later) and the diffusion config."""
+    saved = ([{**stored["train_config"], **stored["unet_config"], **stored["diffusion_config"]}]
+             if stored else [])
     if stored:
         fields = config_fields(config_cls, UNetConfig, DiffusionConfig)
         check_resume_overrides(saved[0], {k: v for k, v in vars(args).items() if k in fields})
@@ -61,17 +62,21 @@ def resolve_configs(args: argparse.Namespace, stored: dict | None, config_cls: t
     diffusion = build_config(DiffusionConfig, *layers)
     check_sampling_steps(diffusion.T, config.eval_steps, "--eval_steps")
     if (config.cond == "layout" or config.task == "semantic") and config.dataset != "shapes":
-        raise UsageError(f"--cond {config.cond} / --task {config.task} need boxes or maps: only the shapes dataset has "
-                         "them here")
-    unet_fields = {f: v for layer in layers for f, v in layer.items() if f in UNetConfig.__dataclass_fields__}
-    check_values(unet_fields)  # the UNet is built later, from these and the autoencoder's latent shape
-    if config.cond != "none" and unet_fields.get("attention_block") == "plain":  # it has no cross-attention
+        raise UsageError(f"--cond {config.cond} / --task {config.task} need boxes or maps: "
+                         "only the shapes dataset has them here")
+    unet_fields = {f: v for layer in layers for f, v in layer.items()
+                   if f in UNetConfig.__dataclass_fields__}
+    # the UNet is built later, from these and the autoencoder's latent shape
+    check_values(unet_fields)
+    # it has no cross-attention
+    if config.cond != "none" and unet_fields.get("attention_block") == "plain":
         if "attention_block" in vars(args):
-            raise UsageError(f"--attention_block plain has no cross-attention, so it cannot read --cond "
-                             f"{config.cond}: use --attention_block transformer, or --cond none")
+            raise UsageError(f"--attention_block plain has no cross-attention, so it cannot read "
+                             f"--cond {config.cond}: use --attention_block transformer, or "
+                             f"--cond none")
         unet_fields["attention_block"] = "transformer"
-        print(f"--cond {config.cond}: transformer blocks with cross-attention instead of the unconditional "
-              "models' plain attention (Sec. 3.3)")
+        print(f"--cond {config.cond}: transformer blocks with cross-attention instead of the "
+              "unconditional models' plain attention (Sec. 3.3)")
     for derived in ("in_channels", "out_channels", "latent_size"):
         if derived in vars(args):
             raise UsageError(f"--{derived} is set from the autoencoder; do not pass it")
@@ -79,8 +84,9 @@ def resolve_configs(args: argparse.Namespace, stored: dict | None, config_cls: t
 
 
 def detect_condition(config, data_root: str | None) -> str:
-    """--cond auto: captions (on any training image) -> "text", a class for every image -> "class", else "none";
-    the shapes dataset -> "text". Reads the file list and the caption / class metadata, not the images."""
+    """--cond auto: captions (on any training image) -> "text", a class for every image -> "class",
+    else "none"; the shapes dataset -> "text". Reads the file list and the caption / class metadata,
+    not the images."""
     if config.dataset == "shapes":
         return "text"
     dataset = make_dataset(data_configs(asdict(config), data_root)[0], "train")
@@ -88,7 +94,8 @@ def detect_condition(config, data_root: str | None) -> str:
     classes = sorted(set(dataset.class_ids)) if min(dataset.class_ids) >= 0 else []
     cond = "text" if captioned else "class" if len(classes) > 1 else "none"
     found = (f"captions for {captioned} of {n} images" if captioned else
-             f"{len(classes)} class sub-folders" if len(classes) > 1 else "no captions and no class sub-folders")
+             f"{len(classes)} class sub-folders" if len(classes) > 1 else
+             "no captions and no class sub-folders")
     print(f"--cond auto: {dataset.name} has {n} training images with {found} -> --cond {cond}")
     return cond
 
@@ -99,60 +106,71 @@ def make_condition_config(config, unet_fields: dict, conditions: dict,
     if config.cond == "text":
         captions = conditions["caption"]
         if not any(captions):
-            raise UsageError("--cond text needs captions, and this dataset has none (use --cond class or none)")
+            raise UsageError("--cond text needs captions, and this dataset has none "
+                             "(use --cond class or none)")
         tokenizer = Tokenizer.from_texts(list(captions))
-        if config.dataset == "shapes":  # the grids' fixed prompts; other data sets draw held-out captions
+        # the grids' fixed prompts; other data sets draw held-out captions
+        if config.dataset == "shapes":
             unknown = sorted({w for p in FIXED_PROMPTS for w in tokenizer.unknown_words(p)})
             if unknown:
-                print(f"warning: words of the sample prompts never seen in training captions: {unknown}")
+                print(f"warning: words of the sample prompts never seen in training captions: "
+                      f"{unknown}")
         longest = max(len(split_words(c)) for c in captions) + 2  # with <bos> and <eos>
         if longest > config.max_tokens:  # sized from the data: no caption is cut
-            print(f"captions have up to {longest} tokens with <bos>/<eos>: the text encoder reads {longest} "
-                  f"(--max_tokens {config.max_tokens} raised to fit)")
+            print(f"captions have up to {longest} tokens with <bos>/<eos>: the text encoder reads "
+                  f"{longest} (--max_tokens {config.max_tokens} raised to fit)")
         return ConditionConfig(kind="text", context_dim=width, vocab=tokenizer.vocab,
                                max_len=max(config.max_tokens, longest), layers=config.text_layers,
                                head_dim=config.text_head_dim)
     if config.cond == "class":
         num_classes = len(class_names) or int(conditions["class_id"].max()) + 1
         if int(conditions["class_id"].min()) < 0:
-            raise UsageError("--cond class needs class labels (class sub-folders, or a CelebA attribute)")
+            raise UsageError("--cond class needs class labels "
+                             "(class sub-folders, or a CelebA attribute)")
         return ConditionConfig(kind="class", context_dim=width, num_classes=num_classes)
     if config.cond == "layout":
         return ConditionConfig(kind="layout", context_dim=width, num_classes=len(CLASS_NAMES),
-                               max_objects=config.max_shapes, layers=config.text_layers, head_dim=config.text_head_dim)
+                               max_objects=config.max_shapes, layers=config.text_layers,
+                               head_dim=config.text_head_dim)
     return ConditionConfig(kind="none")
 
 
 def make_denoiser(config, unet_fields: dict, cond_config: ConditionConfig, spec: TaskSpec,
                   latent_shape: tuple[int, int, int], device: torch.device) -> Denoiser:
-    """The condition encoder tau_theta and the UNet eps_theta (trained jointly), for latents (c, h, w)."""
+    """The condition encoder tau_theta and the UNet eps_theta (trained jointly), for latents
+    (c, h, w)."""
     c, h, w = latent_shape
     down = 2 ** (len(unet_fields.get("channel_mult", UNetConfig.channel_mult)) - 1)
     if h % down or w % down:
-        raise UsageError(f"the latents are {h} x {w}, which the UNet's {down}x downsampling (--channel_mult) cannot "
-                         f"halve evenly: choose --image_size so that image_size / f is a multiple of {down}, or "
-                         "fewer --channel_mult levels")
+        raise UsageError(f"the latents are {h} x {w}, which the UNet's {down}x downsampling "
+                         f"(--channel_mult) cannot halve evenly: choose --image_size so that "
+                         f"image_size / f is a multiple of {down}, "
+                         "or fewer --channel_mult levels")
     cond_encoder = ConditionEncoder(cond_config)
-    unet_config = UNetConfig(**{**unet_fields, "in_channels": c, "out_channels": c, "latent_size": h,
-                                "context_dim": cond_encoder.context_dim, "concat_channels": concat_channels(spec, c)})
+    unet_config = UNetConfig(**{**unet_fields, "in_channels": c, "out_channels": c,
+                                "latent_size": h, "context_dim": cond_encoder.context_dim,
+                                "concat_channels": concat_channels(spec, c)})
     denoiser = Denoiser(UNet(unet_config), cond_encoder).to(device)
     if config.channels_last and device.type == "cuda":
         denoiser.unet.to(memory_format=torch.channels_last)
     return denoiser
 
 
-def check_memory(denoiser: Denoiser, data: LatentTrainingSet, batch_size: int, device: torch.device) -> float:
-    """Refuse a batch that cannot fit in memory before the first step (see tinyldm.training.memory): the UNet's
-    activations at the latent size, the weights x 5 and the latent cache, which lives on the device."""
+def check_memory(denoiser: Denoiser, data: LatentTrainingSet, batch_size: int,
+                 device: torch.device) -> float:
+    """Refuse a batch that cannot fit in memory before the first step (see tinyldm.training.memory):
+    the UNet's activations at the latent size, the weights x 5 and the latent cache, which lives on
+    the device."""
     h, w = data.latents.shape[-2:]
     per_example = unet_profile(denoiser, (h, w)).training(h * w)
     cache = sum(t.numel() * 4 for t in (data.latents, data.std, data.flipped) if t is not None)
-    return check_training("the LDM", weights_bytes(denoiser), per_example, batch_size, device, extra=cache)
+    return check_training("the LDM", weights_bytes(denoiser), per_example, batch_size, device,
+                          extra=cache)
 
 
 def rank_zero_first(world: World, fn: Callable[[], tuple]) -> tuple:
-    """fn() in rank 0 first, then in the other processes: what rank 0 writes into --out (an autoencoder
-    trained for this run, the latent cache), the others then only read."""
+    """fn() in rank 0 first, then in the other processes: what rank 0 writes into --out (an
+    autoencoder trained for this run, the latent cache), the others then only read."""
     for turn in ("main", "others"):
         if world.is_main == (turn == "main"):
             result = fn()
@@ -160,12 +178,11 @@ def rank_zero_first(world: World, fn: Callable[[], tuple]) -> tuple:
     return result
 
 
-
 def first_stage(args: argparse.Namespace, config, out: Path, world: World, argv: list[str],
                 script_dir: Path) -> Path:
-    """The autoencoder checkpoint of this run: --ae, the one trained for it before in <out>/ae, or one that
-    train_ae.py trains now (or continues, when it was cut short) with the preset `config.ae_preset` on the
-    same data."""
+    """The autoencoder checkpoint of this run: --ae, the one trained for it before in <out>/ae, or
+    one that train_ae.py trains now (or continues, when it was cut short) with the preset
+    `config.ae_preset` on the same data."""
     if args.ae:
         return Path(args.ae)
     path = out / "ae" / "autoencoder.pt"
@@ -178,18 +195,21 @@ def first_stage(args: argparse.Namespace, config, out: Path, world: World, argv:
         print(f"the autoencoder in {path} stopped at step {stored['step']} of "
               f"{stored['train_config']['steps']}: continuing it")
     if world.enabled:
-        raise UsageError(f"no --ae: under torchrun every process would wait while one trained the autoencoder. "
-                         f"Train it first (python train_ae.py --preset {config.ae_preset} --out DIR, or torchrun "
+        raise UsageError(f"no --ae: under torchrun every process would wait while one trained the "
+                         f"autoencoder. Train it first "
+                         f"(python train_ae.py --preset {config.ae_preset} --out DIR, or torchrun "
                          "for a KL one), then pass --ae DIR/autoencoder.pt")
     cmd = ["--preset", config.ae_preset, "--out", str(out / "ae"), "--device", args.device]
     cmd += ["--smoke"] if args.smoke else []
     cmd += ["--steps", str(config.ae_steps)] if config.ae_steps and not args.smoke else []
     cmd += ["--tensorboard", "true"] if config.tensorboard else []
     if config.dataset != "shapes":  # the first stage learns the same images as the second
-        cmd += ["--dataset", config.dataset, "--data", str(args.data), "--image_size", str(config.image_size)]
+        cmd += ["--dataset", config.dataset, "--data", str(args.data),
+                "--image_size", str(config.image_size)]
     cmd += ["--resume"] if unfinished else []
     if not unfinished:
-        print(f"no --ae given: training the autoencoder first (python train_ae.py {' '.join(cmd)})", flush=True)
+        print(f"no --ae given: training the autoencoder first "
+              f"(python train_ae.py {' '.join(cmd)})", flush=True)
     status = run_script(script_dir / "train_ae.py", cmd)
     if status in (128 + signal.SIGINT, 128 + signal.SIGTERM):  # it checkpointed and said so
         print(f"Continue with: {resume_command('train_ldm.py', argv)}", file=sys.stderr, flush=True)
@@ -201,12 +221,13 @@ def first_stage(args: argparse.Namespace, config, out: Path, world: World, argv:
 
 
 def run_script(script: Path, argv: list[str]) -> int:
-    """`python script argv` in a child process; its exit status. Ctrl-C reaches the child from the terminal
-    (it finishes its step and checkpoints), so this process ignores it meanwhile; a SIGTERM sent to this
-    process is passed on."""
+    """`python script argv` in a child process; its exit status. Ctrl-C reaches the child from the
+    terminal (it finishes its step and checkpoints), so this process ignores it meanwhile; a SIGTERM
+    sent to this process is passed on."""
     with subprocess.Popen([sys.executable, str(script), *argv]) as child:
         previous = {signal.SIGINT: signal.signal(signal.SIGINT, signal.SIG_IGN),
-                    signal.SIGTERM: signal.signal(signal.SIGTERM, lambda signum, _: child.send_signal(signum))}
+                    signal.SIGTERM: signal.signal(signal.SIGTERM,
+                                                  lambda signum, _: child.send_signal(signum))}
         try:
             return child.wait()
         finally:
@@ -215,14 +236,15 @@ def run_script(script: Path, argv: list[str]) -> int:
 
 
 def check_resumable(args: argparse.Namespace, out: Path, stored: dict | None) -> None:
-    """--resume needs something to continue: ldm.pt, or at least the autoencoder trained for this run."""
+    """--resume needs something to continue: ldm.pt, or at least the autoencoder trained for this
+    run."""
     if not args.resume or stored:
         return
     if not (out / "ae" / "autoencoder.pt").exists():
-        raise UsageError(f"--resume: nothing to continue in {out} (no ldm.pt, no ae/autoencoder.pt); check --out, "
-                         "or drop --resume to start a new run")
-    print(f"--resume: {out} has no ldm.pt yet; the autoencoder continues if it was cut short, then the LDM "
-          "starts at step 0")
+        raise UsageError(f"--resume: nothing to continue in {out} (no ldm.pt, no "
+                         "ae/autoencoder.pt); check --out, or drop --resume to start a new run")
+    print(f"--resume: {out} has no ldm.pt yet; the autoencoder continues if it was cut short, "
+          "then the LDM starts at step 0")
 
 
 def describe_latents(data: LatentTrainingSet, ae) -> None:
@@ -230,18 +252,22 @@ def describe_latents(data: LatentTrainingSet, ae) -> None:
     z = (f"a fresh posterior sample each step, mean sigma {float(data.std.mean()):.4f} scaled"
          if data.std is not None else "posterior means" if ae.config.regularizer == "kl" else
          "pre-quantization latents (VQ)")
-    print(f"latents: {N} x {c} x {h} x {w}, scale factor {float(ae.scale_factor):.4f} (from the autoencoder's "
-          f"data), scaled std {float(data.latents.std()):.3f}; trains on {z}")
+    print(f"latents: {N} x {c} x {h} x {w}, scale factor {float(ae.scale_factor):.4f} "
+          f"(from the autoencoder's data), scaled std {float(data.latents.std()):.3f}; "
+          f"trains on {z}")
 
 
 def describe_denoiser(denoiser: Denoiser, config, device: torch.device, world: World) -> None:
-    n_params, n_unet = (sum(p.numel() for p in m.parameters()) / 1e6 for m in (denoiser, denoiser.unet))
-    print(f"denoiser: {n_params:.2f} M parameters (UNet {n_unet:.2f} M), cond={config.cond}, task={config.task}, "
-          f"device={device}" + (f", process {world.rank} of {world.size}" if world.enabled else ""))
+    n_params, n_unet = (sum(p.numel() for p in m.parameters()) / 1e6
+                        for m in (denoiser, denoiser.unet))
+    print(f"denoiser: {n_params:.2f} M parameters (UNet {n_unet:.2f} M), cond={config.cond}, "
+          f"task={config.task}, device={device}"
+          + (f", process {world.rank} of {world.size}" if world.enabled else ""))
 
 
 def compiled(denoiser: Denoiser, config) -> Denoiser:
-    """The denoiser with its UNet compiled in place under --compile (its state_dict keys stay the same)."""
+    """The denoiser with its UNet compiled in place under --compile (its state_dict keys stay the
+    same)."""
     if config.compile:
         denoiser.unet.compile()
     return denoiser
