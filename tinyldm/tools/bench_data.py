@@ -1,14 +1,17 @@
-"""Measure the data pipeline: loader images/s (shapes, a folder of JPEGs) and the shapes evaluator's scores.
+"""Measure the data pipeline: loader images/s (shapes, a folder of JPEGs) and the shapes evaluator's
+scores.
 
-    python -m tinyldm.tools.bench_data                 # shapes at 64 px; 2000 generated 128 px JPEGs read at 64 px
+    python -m tinyldm.tools.bench_data                 # shapes at 64 px; 2000 generated 128 px
+                                                         JPEGs read at 64 px
     python -m tinyldm.tools.bench_data --folder PATH   # your own folder instead of generated JPEGs
     python -m tinyldm.tools.bench_data --workers 0 2 4 --n_jpegs 500 --skip_evaluator
 
-Loader rates are for full passes of a DataLoader (batch 64, shuffled; the first batch, which pays for
-worker start-up, is not timed). The generated JPEGs are textured shapes renders plus pixel noise, saved
-at quality 90, so that decoding costs about what a photo of that size costs. The evaluator section scores
-the eval split against its own captions (ground truth), after a mild blur + noise, against noise and
-against shuffled captions (chance: colour 1/6, shape 1/3, position 1/9, all 1/162).
+Loader rates are for full passes of a DataLoader (batch 64, shuffled; the first batch, which pays
+for worker start-up, is not timed). The generated JPEGs are textured shapes renders plus pixel
+noise, saved at quality 90, so that decoding costs about what a photo of that size costs. The
+evaluator section scores the eval split against its own captions (ground truth), after a mild blur +
+noise, against noise and against shuffled captions (chance: colour 1/6, shape 1/3, position 1/9, all
+1/162).
 """
 
 import argparse
@@ -27,7 +30,8 @@ from tinyldm.data.shapes import ShapesConfig, ShapesDataset, render, score_image
 
 
 def images_per_second(dataset: Dataset, *, num_workers: int, batch_size: int = 64) -> float:
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=num_workers, drop_last=True)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=num_workers,
+                        drop_last=True)
     it = iter(loader)
     next(it)  # worker start-up is not the loader's throughput
     n, start = 0, time.perf_counter()
@@ -41,7 +45,8 @@ def write_jpegs(folder: Path, n: int, size: int = 128) -> None:
     rng = np.random.default_rng(0)
     for i in range(n):
         pixels = render(config, i).image.astype(np.float32) + rng.normal(0, 8, size=(size, size, 3))
-        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(folder / f"{i:05d}.jpg", quality=90)
+        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(folder / f"{i:05d}.jpg",
+                                                                       quality=90)
 
 
 def blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -53,7 +58,8 @@ def blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--folder", help="a folder of images to read instead of generated JPEGs")
     p.add_argument("--n_jpegs", type=int, default=2000)
     p.add_argument("--image_size", type=int, default=64)
@@ -73,7 +79,8 @@ def main() -> None:
         if folder is None:
             folder = tmp
             write_jpegs(Path(tmp), args.n_jpegs)
-        images = folder_dataset(DataConfig(source="folder", root=folder, image_size=args.image_size), "all")
+        images = folder_dataset(DataConfig(source="folder", root=folder,
+                                           image_size=args.image_size), "all")
         for w in args.workers:
             rate = images_per_second(images, num_workers=w)
             print(f"folder {folder} ({len(images)} images) at {args.image_size} px, workers={w}: "

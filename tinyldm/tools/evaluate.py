@@ -1,33 +1,38 @@
-"""Sample N images from a trained LDM and measure them, with the protocol written next to the numbers.
+"""Sample N images from a trained LDM and measure them, with the protocol written next to the
+numbers.
 
-    python -m tinyldm.tools.evaluate --ckpt runs/ldm-shapes/ldm.pt --n 1000 --json runs/ldm-shapes/metrics.json
+    python -m tinyldm.tools.evaluate --ckpt runs/ldm-shapes/ldm.pt --n 1000
+        --json runs/ldm-shapes/metrics.json
     python -m tinyldm.tools.evaluate --ckpt runs/ldm-photos/ldm.pt --data photos/ --n 500
-    python -m tinyldm.tools.evaluate --ckpt runs/ldm-shapes/ldm.pt --n 500 --sweep_steps 5 10 20 50   # per sampler
-    python -m tinyldm.tools.evaluate --ckpt runs/ldm-celeba64/ldm.pt --data /data/celeba --features inception \\
+    python -m tinyldm.tools.evaluate --ckpt runs/ldm-shapes/ldm.pt --n 500 --sweep_steps 5 10 20 50
+        # per sampler
+    python -m tinyldm.tools.evaluate --ckpt runs/ldm-celeba64/ldm.pt --data /data/celeba
+        --features inception \\
         --inception_weights pt_inception-2015-12-05-6726825d.pth
 
-From Python (e.g. at the end of training): `measure_checkpoint(ckpt_path, data_root, n, steps, guidance, device)`
-returns the dict the command prints and writes.
+From Python (e.g. at the end of training): `measure_checkpoint(ckpt_path, data_root, n, steps,
+guidance, device)` returns the dict the command prints and writes.
 
 The protocol (printed, and stored in the JSON):
 
-* reference set: the first N images of the held-out split of the checkpoint's own data set (a small folder
-  may hold out fewer than N: then all of them, and N is that number, said in one line);
-* generated set: one image per reference image, conditioned on that image's own caption, class, layout or
-  task input (unconditional models: N samples), `--steps` steps of `--sampler` (DDIM with `--eta` by default),
-  guidance `--guidance`, seed
+* reference set: the first N images of the held-out split of the checkpoint's own data set (a small
+  folder may hold out fewer than N: then all of them, and N is that number, said in one line);
+* generated set: one image per reference image, conditioned on that image's own caption, class,
+  layout or task input (unconditional models: N samples), `--steps` steps of `--sampler` (DDIM with
+  `--eta` by default), guidance `--guidance`, seed
   `--seed` (the sampler's noise comes from one generator, so the same flags give the same images);
-* features (`tinyldm.evaluation.features`), `--features auto` by default: a small classifier trained by
-  tinyldm on the training split's labels when every training image has one (shapes, class sub-folders;
-  reported as "FD (tinyldm classifier)"), else a small SimCLR encoder trained by tinyldm on the training
-  images alone (reported as "FD (tinyldm contrastive features)"); either is trained once and saved beside
-  the checkpoint (feature_classifier.pt, feature_contrastive.pt). `--features inception`: Inception-v3
-  through pytorch-fid, the only features reported as FID / KID;
-* metrics: Frechet distance, KID (mean and std over 100 subsets of max(2, min(1000, N / 2))), precision /
-  recall (k = min(3, N - 1)); the same metrics between the reference set and N training images drawn at
-  random (of each reference image's class, where the data have classes), the real-vs-real floor a perfect
-  model would reach at this N (Frechet distances are biased upwards at small N, so compare models at the
-  same N only); and where the data allow it, the task's own score (shapes evaluator, PSNR / SSIM).
+* features (`tinyldm.evaluation.features`), `--features auto` by default: a small classifier trained
+  by tinyldm on the training split's labels when every training image has one (shapes, class
+  sub-folders; reported as "FD (tinyldm classifier)"), else a small SimCLR encoder trained by
+  tinyldm on the training images alone (reported as "FD (tinyldm contrastive features)"); either is
+  trained once and saved beside the checkpoint (feature_classifier.pt, feature_contrastive.pt).
+  `--features inception`: Inception-v3 through pytorch-fid, the only features reported as FID / KID;
+* metrics: Frechet distance, KID (mean and std over 100 subsets of max(2, min(1000, N / 2))),
+  precision / recall (k = min(3, N - 1)); the same metrics between the reference set and N training
+  images drawn at random (of each reference image's class, where the data have classes), the
+  real-vs-real floor a perfect model would reach at this N (Frechet distances are biased upwards at
+  small N, so compare models at the same N only); and where the data allow it, the task's own score
+  (shapes evaluator, PSNR / SSIM).
 """
 
 from __future__ import annotations
@@ -42,7 +47,14 @@ import torch
 
 from tinyldm.cli import ArgumentParser, check_writable, run
 from tinyldm.data.images import make_dataset
-from tinyldm.data.tasks import TaskSpec, data_configs, generate_from_items, heldout_items, scorable, score_items
+from tinyldm.data.tasks import (
+    TaskSpec,
+    data_configs,
+    generate_from_items,
+    heldout_items,
+    scorable,
+    score_items,
+)
 from tinyldm.ddim import METHODS
 from tinyldm.evaluation.features import (
     ContrastiveEncoder,
@@ -65,22 +77,23 @@ FEATURES = ("auto", "classifier", "contrastive", "inception")
 
 
 def distribution_metrics(real: torch.Tensor, fake: torch.Tensor, *, seed: int = 0) -> dict:
-    """Frechet distance, KID and precision / recall between two feature sets (N >= 2 each). KID's subsets
-    (max(2, min(1000, N / 2)) features) and the neighbourhoods' k (min(3, N - 1)) shrink with tiny N and are
-    returned with the numbers."""
+    """Frechet distance, KID and precision / recall between two feature sets (N >= 2 each). KID's
+    subsets (max(2, min(1000, N / 2)) features) and the neighbourhoods' k (min(3, N - 1)) shrink
+    with tiny N and are returned with the numbers."""
     n = min(len(real), len(fake))
     subset_size, k = max(2, min(1000, n // 2)), min(3, n - 1)
     kid, kid_std = kernel_distance(real, fake, subsets=100, subset_size=subset_size,
                                    generator=torch.Generator().manual_seed(seed))
     precision, recall = precision_recall(real, fake, k=k)
-    return {"fd": frechet_from_features(real, fake), "kid": kid, "kid_std": kid_std, "precision": precision,
-            "recall": recall, "kid_subset_size": subset_size, "k": k}
+    return {"fd": frechet_from_features(real, fake), "kid": kid, "kid_std": kid_std,
+            "precision": precision, "recall": recall, "kid_subset_size": subset_size, "k": k}
 
 
 def choose_features(features: str, train_set, *, classifier: str | None = None,
                     contrastive: str | None = None) -> tuple[str, str]:
-    """(the feature kind, why): `auto` is the network whose file was given, else the classifier when every
-    training image has a class, else the contrastive encoder; any other kind is taken as asked."""
+    """(the feature kind, why): `auto` is the network whose file was given, else the classifier when
+    every training image has a class, else the contrastive encoder; any other kind is taken as
+    asked."""
     if features not in FEATURES:
         raise ValueError(f"features must be one of {', '.join(FEATURES)}, got {features!r}")
     if features != "auto":
@@ -94,11 +107,13 @@ def choose_features(features: str, train_set, *, classifier: str | None = None,
 
 
 def feature_function(kind: str, train_set, eval_set_fn, ckpt_path: Path, device: torch.device, *,
-                     classifier: str | None = None, classifier_steps: int = 600, contrastive: str | None = None,
-                     contrastive_steps: int = 600, inception_weights: str | None = None):
-    """(callable images -> features, name of the Frechet distance, details for the protocol). The tinyldm
-    networks are read from their file (default: beside the checkpoint), or trained on `train_set` and saved
-    there first; `eval_set_fn()` gives the held-out split their training reports on."""
+                     classifier: str | None = None, classifier_steps: int = 600,
+                     contrastive: str | None = None, contrastive_steps: int = 600,
+                     inception_weights: str | None = None):
+    """(callable images -> features, name of the Frechet distance, details for the protocol). The
+    tinyldm networks are read from their file (default: beside the checkpoint), or trained on
+    `train_set` and saved there first; `eval_set_fn()` gives the held-out split their training
+    reports on."""
     if kind == "inception":
         net = InceptionFeatures(inception_weights, device)
         return net, "FID", {"features": "Inception-v3 pool3 (pytorch-fid), 2048-d"}
@@ -106,45 +121,52 @@ def feature_function(kind: str, train_set, eval_set_fn, ckpt_path: Path, device:
         path = Path(classifier) if classifier else ckpt_path.parent / "feature_classifier.pt"
         if not path.exists():
             if not labelled(train_set):
-                raise SystemExit("--features classifier needs class labels (class sub-folders, a CelebA attribute "
-                                 "or the shapes data); these training images have none: use --features "
-                                 "contrastive (or auto)")
+                raise SystemExit("--features classifier needs class labels (class sub-folders, a "
+                                 "CelebA attribute or the shapes data); these training images have "
+                                 "none: use --features contrastive (or auto)")
             names = getattr(train_set, "class_names", None) or []
-            num_classes = len(names) or 1 + max(train_set[i]["class_id"] for i in range(min(len(train_set), 2000)))
-            print(f"training the feature classifier on {len(train_set)} labelled training images ({num_classes} "
-                  f"classes, {classifier_steps} steps) -> {path}")
-            model, meta = train_classifier(train_set, eval_set_fn(), num_classes, steps=classifier_steps,
-                                           device=device)
+            num_classes = len(names) or 1 + max(train_set[i]["class_id"]
+                                                for i in range(min(len(train_set), 2000)))
+            print(f"training the feature classifier on {len(train_set)} labelled training images "
+                  f"({num_classes} classes, {classifier_steps} steps) -> {path}")
+            model, meta = train_classifier(train_set, eval_set_fn(), num_classes,
+                                           steps=classifier_steps, device=device)
             save_feature_net(path, model, meta)
             print(f"held-out accuracy {meta['accuracy']:.1%} ({meta['train_seconds']:.0f} s)")
         model, meta = load_classifier(path)
         model = model.to(device)
         return (lambda x: model.features(x.to(device))), "FD (tinyldm classifier)", {
-            "features": f"tinyldm classifier {path} (128-d, held-out accuracy {meta['accuracy']:.3f})"}
+            "features": f"tinyldm classifier {path} (128-d, held-out accuracy "
+                        f"{meta['accuracy']:.3f})"}
     path = Path(contrastive) if contrastive else ckpt_path.parent / "feature_contrastive.pt"
     if not path.exists():
-        print(f"training the contrastive feature network (SimCLR) on {len(train_set)} training images, no labels "
-              f"({contrastive_steps} steps) -> {path}")
-        model, meta = train_contrastive(train_set, eval_set_fn(), steps=contrastive_steps, device=device)
+        print(f"training the contrastive feature network (SimCLR) on {len(train_set)} training "
+              f"images, no labels ({contrastive_steps} steps) -> {path}")
+        model, meta = train_contrastive(train_set, eval_set_fn(), steps=contrastive_steps,
+                                        device=device)
         save_feature_net(path, model, meta)
-        print(f"held-out view retrieval {meta['view_retrieval']:.1%} (chance {1 / meta['eval_images']:.1%}), "
-              f"final loss {meta['loss']:.3f} ({meta['train_seconds']:.0f} s)")
+        print(f"held-out view retrieval {meta['view_retrieval']:.1%} "
+              f"(chance {1 / meta['eval_images']:.1%}), final loss {meta['loss']:.3f} "
+              f"({meta['train_seconds']:.0f} s)")
     model, meta = load_feature_net(path, ContrastiveEncoder)
     model = model.to(device)
     return (lambda x: model.features(x.to(device))), "FD (tinyldm contrastive features)", {
-        "features": f"tinyldm contrastive encoder {path} (128-d, before the projection head; {meta['steps']} steps "
-                    f"on {meta['train_images']} training images, held-out view retrieval "
-                    f"{meta['view_retrieval']:.3f})"}
+        "features": f"tinyldm contrastive encoder {path} (128-d, before the projection head; "
+                    f"{meta['steps']} steps on {meta['train_images']} training images, held-out "
+                    f"view retrieval {meta['view_retrieval']:.3f})"}
 
 
-def floor_indices(train_set, held_out_classes: torch.Tensor, *, seed: int = 0) -> tuple[list[int], str]:
-    """Training images for the real-vs-real floor, as many as there are held-out images, drawn at random (seeded):
-    of the same class as each held-out image where both sets have classes (a folder's files are sorted by class,
-    so its first N would all be one class), else from the whole training set. Returns (indices, how)."""
+def floor_indices(train_set, held_out_classes: torch.Tensor, *,
+                  seed: int = 0) -> tuple[list[int], str]:
+    """Training images for the real-vs-real floor, as many as there are held-out images, drawn at
+    random (seeded): of the same class as each held-out image where both sets have classes (a
+    folder's files are sorted by class, so its first N would all be one class), else from the whole
+    training set. Returns (indices, how)."""
     g = torch.Generator().manual_seed(seed)
     n = min(len(held_out_classes), len(train_set))
     train_classes = getattr(train_set, "class_ids", None)
-    if train_classes is None or min(train_classes, default=-1) < 0 or int(held_out_classes.min()) < 0:
+    if (train_classes is None or min(train_classes, default=-1) < 0
+            or int(held_out_classes.min()) < 0):
         return torch.randperm(len(train_set), generator=g)[:n].tolist(), "drawn at random (seeded)"
     by_class: dict[int, list[int]] = {}
     for i in torch.randperm(len(train_set), generator=g).tolist():
@@ -152,13 +174,15 @@ def floor_indices(train_set, held_out_classes: torch.Tensor, *, seed: int = 0) -
     picked = [by_class[c].pop() for c in held_out_classes[:n].tolist() if by_class.get(c)]
     if len(picked) < n:  # a class with fewer training than held-out images: fill from the rest
         rest = [i for ids in by_class.values() for i in ids]
-        picked += [rest[j] for j in torch.randperm(len(rest), generator=g)[: n - len(picked)].tolist()]
+        picked += [rest[j]
+                   for j in torch.randperm(len(rest), generator=g)[: n - len(picked)].tolist()]
     return picked, "one of each held-out image's class, drawn at random (seeded)"
 
 
 @dataclass
 class Prepared:
-    """What measuring a checkpoint needs before it samples: the model, the held-out items, the features."""
+    """What measuring a checkpoint needs before it samples: the model, the held-out items, the
+    features."""
     denoiser: torch.nn.Module
     schedule: object
     ae: torch.nn.Module
@@ -176,19 +200,20 @@ class Prepared:
     scorable: bool
 
 
-def prepare(ckpt_path: str | Path, data_root: str | None, n: int, guidance: float, device: str | torch.device,
-            features: str, *, seed: int = 0, classifier: str | None = None, classifier_steps: int = 600,
-            contrastive: str | None = None, contrastive_steps: int = 600, inception_weights: str | None = None,
-            steps: tuple[int, ...] = ()) -> Prepared:
-    """Load the checkpoint, pick the held-out items and the features, and measure the real-vs-real floor.
-    `steps`: the step counts that will be sampled, checked before any work."""
+def prepare(ckpt_path: str | Path, data_root: str | None, n: int, guidance: float,
+            device: str | torch.device, features: str, *, seed: int = 0,
+            classifier: str | None = None, classifier_steps: int = 600,
+            contrastive: str | None = None, contrastive_steps: int = 600,
+            inception_weights: str | None = None, steps: tuple[int, ...] = ()) -> Prepared:
+    """Load the checkpoint, pick the held-out items and the features, and measure the real-vs-real
+    floor. `steps`: the step counts that will be sampled, checked before any work."""
     device = pick_device(device) if isinstance(device, str) else torch.device(device)
     ckpt_path = Path(ckpt_path)
     ckpt = load_checkpoint(ckpt_path, kind="ldm")
     train_config = ckpt["train_config"]
     if train_config["dataset"] != "shapes" and not data_root:
-        raise SystemExit(f"{ckpt_path} was trained on {train_config['dataset']} images: give their folder with "
-                         "--data (the checkpoint does not store it)")
+        raise SystemExit(f"{ckpt_path} was trained on {train_config['dataset']} images: give their "
+                         "folder with --data (the checkpoint does not store it)")
     denoiser, schedule, ae, diffusion = load_ldm(ckpt)
     for k in steps:
         check_sampling_steps(schedule.T, k)
@@ -199,11 +224,11 @@ def prepare(ckpt_path: str | Path, data_root: str | None, n: int, guidance: floa
     items = heldout_items(spec, data, shapes, n, allow_fewer=True)
     N = len(items["image"])
     if N < 2:
-        raise SystemExit(f"the held-out split has {N} image: distribution metrics need at least 2 (add images "
-                         "to the folder: about 5% of its files are held out)")
+        raise SystemExit(f"the held-out split has {N} image: distribution metrics need at least 2 "
+                         "(add images to the folder: about 5% of its files are held out)")
     if N < n:
-        print(f"the held-out split has only {N} images, fewer than the {n} asked for: using all {N} (and {N} "
-              "training images for the floor)")
+        print(f"the held-out split has only {N} images, fewer than the {n} asked for: using all "
+              f"{N} (and {N} training images for the floor)")
     train_set = make_dataset(data, "train", shapes=shapes)
     kind, why = choose_features(features, train_set, classifier=classifier, contrastive=contrastive)
     print(f"features: {kind} ({why})")
@@ -212,29 +237,36 @@ def prepare(ckpt_path: str | Path, data_root: str | None, n: int, guidance: floa
         classifier=classifier, classifier_steps=classifier_steps, contrastive=contrastive,
         contrastive_steps=contrastive_steps, inception_weights=inception_weights)
     guidance = guidance if denoiser.cond.cfg.kind != "none" else 1.0
-    protocol = {"checkpoint": str(ckpt_path), "n": N, "n_requested": n, "reference": f"first {N} held-out images "
-                f"of {train_config['dataset']} at {ckpt['image_size']} px", "guidance": guidance, "seed": seed,
+    protocol = {"checkpoint": str(ckpt_path), "n": N, "n_requested": n,
+                "reference": f"first {N} held-out images of {train_config['dataset']} at "
+                             f"{ckpt['image_size']} px", "guidance": guidance, "seed": seed,
                 "cond": spec.cond, "task": spec.task}
     floor_idx, how = floor_indices(train_set, items["class_id"], seed=seed)
     floor_images = torch.stack([train_set[i]["image"] for i in floor_idx])
     real = extract(feature_fn, items["image"])
     protocol.update(details, feature_kind=kind, feature_dim=real.shape[1], fd_name=fd_name,
-                    floor=f"the same {N} held-out images vs {len(floor_images)} training images, {how}")
+                    floor=f"the same {N} held-out images vs {len(floor_images)} training "
+                    f"images, {how}")
     floor = distribution_metrics(real, extract(feature_fn, floor_images), seed=seed)
-    return Prepared(denoiser, schedule, ae, diffusion, spec, items, ckpt["image_size"] // ae.downsample_factor,
-                    guidance, feature_fn, fd_name, protocol, real, floor, device,
-                    scorable(spec, train_config["dataset"]) and (spec.cond != "none" or spec.has_concat))
+    return Prepared(denoiser, schedule, ae, diffusion, spec, items,
+                    ckpt["image_size"] // ae.downsample_factor, guidance, feature_fn, fd_name,
+                    protocol, real, floor, device,
+                    scorable(spec, train_config["dataset"])
+                        and (spec.cond != "none" or spec.has_concat))
 
 
 def measure(p: Prepared, *, sampler: str = "ddim", steps: int = 50, eta: float = 0.0, seed: int = 0,
             amp: bool = True) -> dict:
-    """Sample one image per held-out item with `sampler` and measure them: metrics, task score, time."""
+    """Sample one image per held-out item with `sampler` and measure them: metrics, task score,
+    time."""
     check_sampling_steps(p.schedule.T, steps)
     g = torch.Generator(p.device).manual_seed(seed)
     start = time.perf_counter()
-    with torch.autocast(p.device.type, dtype=torch.bfloat16, enabled=p.device.type == "cuda" and amp):
-        images = generate_from_items(p.denoiser, p.schedule, p.ae, p.spec, p.items, (p.side, p.side), p.device,
-                                     prediction=p.diffusion.prediction, steps=steps, eta=eta, method=sampler,
+    with torch.autocast(p.device.type, dtype=torch.bfloat16,
+                        enabled=p.device.type == "cuda" and amp):
+        images = generate_from_items(p.denoiser, p.schedule, p.ae, p.spec, p.items,
+                                     (p.side, p.side), p.device, prediction=p.diffusion.prediction,
+                                     steps=steps, eta=eta, method=sampler,
                                      guidance_scale=p.guidance, generator=g).float()
     seconds = time.perf_counter() - start
     out = {"metrics": distribution_metrics(p.real, extract(p.feature_fn, images), seed=seed),
@@ -245,19 +277,22 @@ def measure(p: Prepared, *, sampler: str = "ddim", steps: int = 50, eta: float =
     return out
 
 
-def measure_checkpoint(ckpt_path: str | Path, data_root: str | None = None, n: int = 1000, steps: int = 50,
-                       guidance: float = 3.0, device: str | torch.device = "auto", features: str = "auto", *,
-                       eta: float = 0.0, seed: int = 0, amp: bool = True, classifier: str | None = None,
-                       classifier_steps: int = 600, contrastive: str | None = None, contrastive_steps: int = 600,
+def measure_checkpoint(ckpt_path: str | Path, data_root: str | None = None, n: int = 1000,
+                       steps: int = 50, guidance: float = 3.0, device: str | torch.device = "auto",
+                       features: str = "auto", *, eta: float = 0.0, seed: int = 0, amp: bool = True,
+                       classifier: str | None = None, classifier_steps: int = 600,
+                       contrastive: str | None = None, contrastive_steps: int = 600,
                        inception_weights: str | None = None, json_path: str | Path | None = None,
                        sampler: str = "ddim") -> dict:
-    """Sample one image per held-out image (up to n) from the checkpoint, measure them against those images
-    and the real-vs-real floor, print the protocol and the numbers, and return (and write to `json_path`)
-    {"protocol", "metrics", "real_vs_train_floor", "sample_seconds_per_image", and "task_score" where the
-    data allow one}. `data_root`: the data's folder, for checkpoints of folder / CelebA / LSUN data."""
-    p = prepare(ckpt_path, data_root, n, guidance, device, features, seed=seed, classifier=classifier,
-                classifier_steps=classifier_steps, contrastive=contrastive, contrastive_steps=contrastive_steps,
-                inception_weights=inception_weights, steps=(steps,))
+    """Sample one image per held-out image (up to n) from the checkpoint, measure them against those
+    images and the real-vs-real floor, print the protocol and the numbers, and return (and write to
+    `json_path`) {"protocol", "metrics", "real_vs_train_floor", "sample_seconds_per_image", and
+    "task_score" where the data allow one}. `data_root`: the data's folder, for checkpoints of
+    folder / CelebA / LSUN data."""
+    p = prepare(ckpt_path, data_root, n, guidance, device, features, seed=seed,
+                classifier=classifier, classifier_steps=classifier_steps, contrastive=contrastive,
+                contrastive_steps=contrastive_steps, inception_weights=inception_weights,
+                steps=(steps,))
     measured = measure(p, sampler=sampler, steps=steps, eta=eta, seed=seed, amp=amp)
     protocol = {**p.protocol, "sampler": sampler, "steps": steps, "eta": eta}
     metrics, floor = measured["metrics"], p.floor
@@ -266,10 +301,11 @@ def measure_checkpoint(ckpt_path: str | Path, data_root: str | None = None, n: i
     if "task_score" in measured:
         result["task_score"] = measured["task_score"]
     print("protocol: " + ", ".join(f"{k}={v}" for k, v in protocol.items()))
-    print(f"{p.fd_name}: {metrics['fd']:.3f}  [real-vs-real floor at N={protocol['n']}: {floor['fd']:.3f}]")
-    print(f"KID {metrics['kid']:.4f} +- {metrics['kid_std']:.4f}  [floor {floor['kid']:.4f}]; precision "
-          f"{metrics['precision']:.3f}, recall {metrics['recall']:.3f} (k = {metrics['k']}); "
-          f"{result['sample_seconds_per_image'] * 1e3:.1f} ms per image")
+    print(f"{p.fd_name}: {metrics['fd']:.3f}  [real-vs-real floor at N={protocol['n']}: "
+          f"{floor['fd']:.3f}]")
+    print(f"KID {metrics['kid']:.4f} +- {metrics['kid_std']:.4f}  [floor {floor['kid']:.4f}]; "
+          f"precision {metrics['precision']:.3f}, recall {metrics['recall']:.3f} "
+          f"(k = {metrics['k']}); {result['sample_seconds_per_image'] * 1e3:.1f} ms per image")
     if "task_score" in result:
         print("task score: " + ", ".join(f"{k} {v:.3f}" for k, v in result["task_score"].items()))
     if json_path:
@@ -278,68 +314,76 @@ def measure_checkpoint(ckpt_path: str | Path, data_root: str | None = None, n: i
 
 
 def sweep_samplers(ckpt_path: str | Path, samplers: list[str], steps: list[int], n: int = 500,
-                   data_root: str | None = None, guidance: float = 3.0, device: str | torch.device = "auto",
-                   features: str = "auto", *, eta: float = 0.0, seed: int = 0, amp: bool = True,
-                   json_path: str | Path | None = None, **feature_options) -> list[dict]:
-    """Quality against network evaluations: every sampler at every step count on the same held-out items and
-    features; prints a table (task score where the data have one, FD, ms per image) and returns its rows.
-    `feature_options`: prepare()'s classifier / contrastive / inception options."""
+                   data_root: str | None = None, guidance: float = 3.0,
+                   device: str | torch.device = "auto", features: str = "auto", *, eta: float = 0.0,
+                   seed: int = 0, amp: bool = True, json_path: str | Path | None = None,
+                   **feature_options) -> list[dict]:
+    """Quality against network evaluations: every sampler at every step count on the same held-out
+    items and features; prints a table (task score where the data have one, FD, ms per image) and
+    returns its rows. `feature_options`: prepare()'s classifier / contrastive / inception
+    options."""
     p = prepare(ckpt_path, data_root, n, guidance, device, features, seed=seed, steps=tuple(steps),
                 **feature_options)
     run = dict(eta=eta, seed=seed, amp=amp)
     print("protocol: " + ", ".join(f"{k}={v}" for k, v in p.protocol.items()))
-    print(f"{'sampler':<8}{'steps':>6}{'NFE':>5}{'task score':>12}{p.fd_name[:30]:>32}{'ms/image':>10}")
+    print(f"{'sampler':<8}{'steps':>6}{'NFE':>5}{'task score':>12}{p.fd_name[:30]:>32}"
+          f"{'ms/image':>10}")
     rows = []
     for sampler in samplers:
         for k in steps:
             m = measure(p, sampler=sampler, steps=k, **run)
             score = m.get("task_score", {}).get("all")
-            rows.append({"sampler": sampler, "steps": k, "nfe": m["network_evaluations"], "task_score": score,
-                         "fd": m["metrics"]["fd"], "ms_per_image": m["sample_seconds_per_image"] * 1e3})
+            rows.append({"sampler": sampler, "steps": k, "nfe": m["network_evaluations"],
+                         "task_score": score, "fd": m["metrics"]["fd"],
+                         "ms_per_image": m["sample_seconds_per_image"] * 1e3})
             print(f"{sampler:<8}{k:>6}{m['network_evaluations']:>5}"
                   f"{'' if score is None else f'{score:.1%}':>12}{m['metrics']['fd']:>32.3f}"
                   f"{m['sample_seconds_per_image'] * 1e3:>10.1f}", flush=True)
     print(f"real-vs-real floor of the FD at N={p.protocol['n']}: {p.floor['fd']:.3f}")
     if json_path:
-        Path(json_path).write_text(json.dumps({"protocol": p.protocol, "floor": p.floor, "rows": rows}, indent=1))
+        Path(json_path).write_text(json.dumps({"protocol": p.protocol, "floor": p.floor,
+                                               "rows": rows}, indent=1))
     return rows
 
 
 def evaluate_checkpoint(args: argparse.Namespace) -> dict | list:
     """The command line's flags -> `measure_checkpoint`, or `sweep_samplers` with --sweep_steps."""
-    common = dict(seed=args.seed, amp=args.amp, classifier=args.classifier, classifier_steps=args.classifier_steps,
-                  contrastive=args.contrastive, contrastive_steps=args.contrastive_steps,
+    common = dict(seed=args.seed, amp=args.amp, classifier=args.classifier,
+                  classifier_steps=args.classifier_steps, contrastive=args.contrastive,
+                  contrastive_steps=args.contrastive_steps,
                   inception_weights=args.inception_weights, json_path=args.json)
     if args.sweep_steps:
-        return sweep_samplers(args.ckpt, args.sweep_samplers, args.sweep_steps, args.n, data_root=args.data,
-                              guidance=args.guidance, device=args.device, features=args.features, eta=args.eta,
-                              **common)
-    return measure_checkpoint(args.ckpt, args.data, args.n, args.steps, args.guidance, args.device, args.features,
-                              eta=args.eta, sampler=args.sampler, **common)
+        return sweep_samplers(args.ckpt, args.sweep_samplers, args.sweep_steps, args.n,
+                              data_root=args.data, guidance=args.guidance, device=args.device,
+                              features=args.features, eta=args.eta, **common)
+    return measure_checkpoint(args.ckpt, args.data, args.n, args.steps, args.guidance, args.device,
+                              args.features, eta=args.eta, sampler=args.sampler, **common)
 
 
 def main(argv: list[str] | None = None) -> dict:
     p = ArgumentParser(prog="python -m tinyldm.tools.evaluate", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="ldm.pt from train_ldm.py")
-    p.add_argument("--n", type=int, default=1000, help="reference and generated images (compare at equal N only); "
-                   "a smaller held-out split gives all it has")
+    p.add_argument("--n", type=int, default=1000, help="reference and generated images (compare at "
+                   "equal N only); a smaller held-out split gives all it has")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--sampler", choices=list(METHODS), default="ddim")
-    p.add_argument("--sweep_steps", type=int, nargs="+", help="quality against steps: every --sweep_samplers at "
-                   "each of these step counts, one table")
-    p.add_argument("--sweep_samplers", nargs="+", choices=list(METHODS), default=["ddim", "plms", "dpmpp"])
+    p.add_argument("--sweep_steps", type=int, nargs="+", help="quality against steps: every "
+                   "--sweep_samplers at each of these step counts, one table")
+    p.add_argument("--sweep_samplers", nargs="+", choices=list(METHODS),
+                   default=["ddim", "plms", "dpmpp"])
     p.add_argument("--eta", type=float, default=0.0)
     p.add_argument("--guidance", type=float, default=3.0,
                    help="guidance scale (models with a cross-attended condition)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--features", choices=FEATURES, default="auto",
-                   help="auto: classifier when every training image has a class label, else contrastive")
-    p.add_argument("--classifier", help="a feature classifier checkpoint (default: <ckpt dir>/feature_classifier.pt, "
-                   "trained if missing)")
+                   help="auto: classifier when every training image has a class label, "
+                   "else contrastive")
+    p.add_argument("--classifier", help="a feature classifier checkpoint (default: "
+                   "<ckpt dir>/feature_classifier.pt, trained if missing)")
     p.add_argument("--classifier_steps", type=int, default=600)
-    p.add_argument("--contrastive", help="a contrastive feature network checkpoint (default: <ckpt dir>/"
-                   "feature_contrastive.pt, trained on the training images if missing)")
+    p.add_argument("--contrastive", help="a contrastive feature network checkpoint (default: "
+                   "<ckpt dir>/feature_contrastive.pt, trained on the training images if missing)")
     p.add_argument("--contrastive_steps", type=int, default=600)
     p.add_argument("--inception_weights", help="a local copy of pytorch-fid's weights file")
     p.add_argument("--data", help="the data root, for data sets that are not built in")
@@ -348,9 +392,11 @@ def main(argv: list[str] | None = None) -> dict:
                    help="bf16 autocast for sampling on CUDA")
     p.add_argument("--json", help="write the protocol and the numbers here")
     args = p.parse_args(argv)
-    check_sampling_flags(n=args.n, steps=args.steps, eta=args.eta, guidance=args.guidance, seed=args.seed)
+    check_sampling_flags(n=args.n, steps=args.steps, eta=args.eta, guidance=args.guidance,
+                         seed=args.seed)
     for k in args.sweep_steps or []:
-        check_sampling_flags(n=args.n, steps=k, eta=args.eta, guidance=args.guidance, seed=args.seed)
+        check_sampling_flags(n=args.n, steps=k, eta=args.eta, guidance=args.guidance,
+                             seed=args.seed)
     if args.json:
         check_writable(args.json, "--json")
     return evaluate_checkpoint(args)

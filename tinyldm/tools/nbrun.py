@@ -1,16 +1,20 @@
 """Run the notebooks top to bottom, keep their outputs, and record how long they took.
 
-    python -m tinyldm.tools.nbrun notebooks/*.ipynb            # full run: outputs saved into the .ipynb
-    python -m tinyldm.tools.nbrun --smoke notebooks/*.ipynb    # SMOKE=1: tiny settings, nothing saved (what CI runs)
-    python -m tinyldm.tools.nbrun --to_py notebooks/01_autoencoder.ipynb    # plain-text copy for editing or review
-    python -m tinyldm.tools.nbrun --from_py 01_autoencoder.py               # back to .ipynb (outputs dropped)
+    python -m tinyldm.tools.nbrun notebooks/*.ipynb  # full run: outputs saved into the .ipynb
+    python -m tinyldm.tools.nbrun --smoke notebooks/*.ipynb  # SMOKE=1: tiny settings, nothing saved
+                                                               (what CI runs)
+    python -m tinyldm.tools.nbrun --to_py notebooks/01_autoencoder.ipynb  # plain-text copy for
+                                                                            editing or review
+    python -m tinyldm.tools.nbrun --from_py 01_autoencoder.py  # back to .ipynb (outputs dropped)
 
-Every notebook reads the environment variable SMOKE ("1" = tiny data and few steps). A full run stores
-in the notebook's metadata (`tinyldm`) the date, the wall time, the CPU count and the torch version, so
-a reader knows what the committed figures came from. The notebooks' kernel starts in `notebooks/`.
+Every notebook reads the environment variable SMOKE ("1" = tiny data and few steps). A full run
+stores in the notebook's metadata (`tinyldm`) the date, the wall time, the CPU count and the torch
+version, so a reader knows what the committed figures came from. The notebooks' kernel starts in
+`notebooks/`.
 
-The `.py` form is the "percent" format: cells start with `# %%` (code) or `# %% [markdown]` (markdown,
-each line prefixed with `# `). Needs the `notebooks` extra (nbclient, nbformat, ipykernel, matplotlib).
+The `.py` form is the "percent" format: cells start with `# %%` (code) or `# %% [markdown]`
+(markdown, each line prefixed with `# `). Needs the `notebooks` extra (nbclient, nbformat,
+ipykernel, matplotlib).
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ from pathlib import Path
 def execute(path: str | os.PathLike, *, smoke: bool, save: bool, timeout: int = 900) -> float:
     """Execute one notebook in a fresh kernel (cwd = its folder); raise on the first failing cell.
 
-    Returns the wall time in seconds. With save=True the outputs and the run's metadata are written back.
+    Returns the wall time in seconds. With save=True the outputs and the run's metadata are written
+    back.
     """
     import nbformat
     from nbclient import NotebookClient
@@ -55,7 +60,8 @@ def execute(path: str | os.PathLike, *, smoke: bool, save: bool, timeout: int = 
             "wall_seconds": round(seconds, 1),
             "date": datetime.date.today().isoformat(),
             "machine": f"{os.cpu_count()} CPU cores, {platform.machine()}"
-                       + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU"),
+                       + (f", {torch.cuda.get_device_name()}"
+                          if torch.cuda.is_available() else ", no GPU"),
             "torch": torch.__version__,
         }
         nbformat.write(nb, path)
@@ -79,30 +85,37 @@ def py_to_notebook(text: str):
     import nbformat
 
     nb = nbformat.v4.new_notebook()
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3",
+                                 "language": "python"}
     nb.metadata["language_info"] = {"name": "python"}
     chunks = text.split("# %%")
     if chunks[0].strip():
-        raise ValueError("a percent-format notebook starts with '# %%' (text before the first cell)")
+        raise ValueError("a percent-format notebook starts with '# %%' (text before "
+                         "the first cell)")
     for chunk in chunks[1:]:
         header, _, body = chunk.partition("\n")
         body = body.strip("\n")
         if header.strip() == "[markdown]":
-            lines = [line[2:] if line.startswith("# ") else line.lstrip("#") for line in body.splitlines()]
+            lines = [line[2:] if line.startswith("# ") else line.lstrip("#")
+                     for line in body.splitlines()]
             nb.cells.append(nbformat.v4.new_markdown_cell("\n".join(lines)))
         elif header.strip():
-            raise ValueError(f"unknown cell header '# %%{header}' (use '# %%' or '# %% [markdown]')")
+            raise ValueError(f"unknown cell header '# %%{header}' (use '# %%' or "
+                             "'# %% [markdown]')")
         else:
             nb.cells.append(nbformat.v4.new_code_cell(body))
     return nb
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("paths", nargs="+")
     p.add_argument("--smoke", action="store_true", help="SMOKE=1 and do not save the outputs")
-    p.add_argument("--to_py", action="store_true", help="write <name>.py beside each notebook, and stop")
-    p.add_argument("--from_py", action="store_true", help="write <name>.ipynb beside each .py file, and stop")
+    p.add_argument("--to_py", action="store_true",
+                   help="write <name>.py beside each notebook, and stop")
+    p.add_argument("--from_py", action="store_true",
+                   help="write <name>.ipynb beside each .py file, and stop")
     args = p.parse_args(argv)
     import nbformat
 
@@ -116,7 +129,8 @@ def main(argv: list[str] | None = None) -> None:
         else:
             seconds = execute(path, smoke=args.smoke, save=not args.smoke)
             size = path.stat().st_size / 1e6
-            print(f"{path}: {seconds:.0f} s ({'smoke' if args.smoke else 'full'} run), {size:.2f} MB", flush=True)
+            print(f"{path}: {seconds:.0f} s ({'smoke' if args.smoke else 'full'} run), "
+                  f"{size:.2f} MB", flush=True)
 
 
 if __name__ == "__main__":
