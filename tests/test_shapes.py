@@ -1,5 +1,6 @@
-"""tinyldm/shapes.py: the data are what their captions and layouts say, and the evaluator's claims hold:
->= 99% on ground truth (also after mild blur and noise), chance or below on noise and on wrong prompts."""
+"""tinyldm/shapes.py: the data are what their captions and layouts say, and the evaluator's claims
+hold: >= 99% on ground truth (also after mild blur and noise), chance or below on noise and on wrong
+prompts."""
 
 import re
 
@@ -44,7 +45,8 @@ def batch(n: int, size: int, **kw) -> tuple[torch.Tensor, list[str], list[dict]]
 def test_deterministic_per_seed_and_index_and_splits_disjoint():
     cfg = ShapesConfig(image_size=32, n_train=100, n_eval=100)
     a, b = render(cfg, 7), render(cfg, 7)
-    assert np.array_equal(a.image, b.image) and a.caption == b.caption and np.array_equal(a.seg, b.seg)
+    assert (np.array_equal(a.image, b.image) and a.caption == b.caption
+            and np.array_equal(a.seg, b.seg))
     other_seed = render(ShapesConfig(image_size=32, n_train=100, seed=1), 7)
     assert not np.array_equal(a.image, other_seed.image)
     train = {render(cfg, i, "train").image.tobytes() for i in range(100)}
@@ -74,7 +76,8 @@ def test_items_collate_and_agree_with_their_layout_and_segmentation():
             mask = (b["seg"][i] == 1 + b["box_classes"][i, k]) & window  # this object's pixels
             ys, xs = mask.nonzero(as_tuple=True)
             assert len(ys) > 0.4 * (x1 - x0) * (y1 - y0)  # a triangle fills half its box
-            rgb = (b["image"][i][:, mask].mean(dim=1) + 1) * 127.5  # the object's pixels have its colour
+            # the object's pixels have its colour
+            rgb = (b["image"][i][:, mask].mean(dim=1) + 1) * 127.5
             assert (rgb - torch.tensor(COLORS[spec.color], dtype=torch.float32)).abs().max() < 40
             row, col = int(3 * ys.float().mean() / 64), int(3 * xs.float().mean() / 64)
             assert spec.position == POSITIONS[3 * row + col]
@@ -97,7 +100,8 @@ def test_captions_use_every_phrasing_only_vocabulary_words_and_parse_back():
 
 def test_parse_prompt_reads_free_phrasings_and_rejects_ambiguity():
     assert parse_prompt("Upper left: a blue disc") == [ShapeSpec("blue", "circle", "top left")]
-    assert parse_prompt("a green triangle at the bottom") == [ShapeSpec("green", "triangle", "bottom center")]
+    assert parse_prompt("a green triangle at the bottom") == [ShapeSpec("green", "triangle",
+                                                                        "bottom center")]
     assert parse_prompt("a square on the right") == [ShapeSpec(None, "square", "middle right")]
     assert parse_prompt("red circle") == [ShapeSpec("red", "circle", None)]
     assert parse_prompt("a red circle in the centre and a yellow square, lower right") == [
@@ -155,7 +159,8 @@ def test_noise_scores_at_most_chance():
 
 def test_wrong_prompts_score_near_chance_and_each_attribute_is_scored_alone():
     images, captions, items = batch(600, 32)
-    score = score_images(images, captions[1:] + captions[:1])  # each image against its neighbour's prompt
+    # each image against its neighbour's prompt
+    score = score_images(images, captions[1:] + captions[:1])
     for a in CHANCE:
         assert abs(getattr(score, a) - CHANCE[a]) < 0.06, (a, score.summary())
     assert score.all < 0.03
@@ -192,7 +197,8 @@ def test_layouts_are_scored_with_box_iou_and_several_objects():
     assert score.all >= 0.99 and score.iou > 0.85, score.summary()
     shifted = [b + torch.tensor([0.05, 0.05, 0.05, 0.05]) for b in boxes]
     assert score_images(images, specs, boxes=shifted).iou < score.iou - 0.2
-    one_more = [s + [ShapeSpec("red", "circle", p)] for s, p in zip(specs, POSITIONS * 12, strict=False)]
+    one_more = [s + [ShapeSpec("red", "circle", p)]
+                for s, p in zip(specs, POSITIONS * 12, strict=False)]
     assert score_images(images, one_more).all == 0  # an object that is not drawn is an error
 
 

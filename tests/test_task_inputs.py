@@ -1,5 +1,5 @@
-"""The tasks' inputs and scores (tinyldm.data.tasks), checked against their definitions in tasks.py and the
-shapes dataset's own ground truth, without training anything."""
+"""The tasks' inputs and scores (tinyldm.data.tasks), checked against their definitions in tasks.py
+and the shapes dataset's own ground truth, without training anything."""
 
 import pytest
 import torch
@@ -32,8 +32,8 @@ def items_for(task: str, cond: str = "none", n: int = 6) -> tuple[TaskSpec, dict
 
 @pytest.fixture(scope="module")
 def tiny_ae():
-    cfg = AutoencoderConfig(base_channels=16, channel_mult=(1, 2, 4), num_res_blocks=1, norm_groups=8,
-                            mid_attention=False)
+    cfg = AutoencoderConfig(base_channels=16, channel_mult=(1, 2, 4), num_res_blocks=1,
+                            norm_groups=8, mid_attention=False)
     return Autoencoder(cfg).eval().requires_grad_(False)
 
 
@@ -44,7 +44,8 @@ def test_spec_refuses_unknown_tasks_and_reads_old_checkpoints():
         TaskSpec(cond="audio")
     with pytest.raises(ValueError, match="sr_factor"):
         TaskSpec(sr_factor=0)
-    assert TaskSpec.from_config({"cond": "text"}) == TaskSpec(task="generate", cond="text", sr_factor=4)
+    assert TaskSpec.from_config({"cond": "text"}) == TaskSpec(task="generate", cond="text",
+                                                              sr_factor=4)
     assert not TaskSpec().has_concat and TaskSpec(task="inpaint").has_concat
 
 
@@ -82,10 +83,12 @@ def test_concat_has_the_declared_channels(task, tiny_ae):
         assert concat is None and concat_channels(spec, c) == 0
         return
     assert concat.shape == (6, concat_channels(spec, c), 8, 8)
-    if task == "semantic":  # class fractions of each latent pixel, background included: they sum to 1
+    # class fractions of each latent pixel, background included: they sum to 1
+    if task == "semantic":
         assert torch.allclose(concat.sum(1), torch.ones(6, 8, 8))
         assert concat_channels(spec, c) == len(CLASS_NAMES) + 1
-    if task == "inpaint":  # the last channel is the mask at latent size: 1 wherever any pixel is masked
+    # the last channel is the mask at latent size: 1 wherever any pixel is masked
+    if task == "inpaint":
         pooled = torch.nn.functional.max_pool2d(items["mask"], 4)
         assert torch.equal(concat[:, -1:], pooled)
         z = tiny_ae.encode(masked_image(items["image"], items["mask"])) * tiny_ae.scale_factor
@@ -117,22 +120,25 @@ def test_the_training_wrapper_caches_what_the_task_needs():
     data = make_dataset(*data_configs(SHAPES)[:1], "train", shapes=data_configs(SHAPES)[1])
     assert TaskInputs.wrap(data, TaskSpec(task="semantic")) is data
     pixels = TaskInputs.wrap(data, TaskSpec(task="inpaint"))[0]["pixels"]
-    assert pixels.dtype == torch.uint8 and (pixels.float() / 127.5 - 1 - data[0]["image"]).abs().max() <= 1 / 255
+    assert (pixels.dtype == torch.uint8
+            and (pixels.float() / 127.5 - 1 - data[0]["image"]).abs().max() <= 1 / 255)
     lowres = TaskInputs.wrap(data, TaskSpec(task="superres", sr_factor=2))[0]["lowres"]
     assert torch.equal(lowres, downsample(data[0]["image"][None], 2)[0])
     assert len(TaskInputs.wrap(data, TaskSpec(task="inpaint"))) == len(data) == 64
-    assert cache_keys(TaskSpec(task="inpaint", cond="layout")) == ("caption", "class_id", "pixels", "box_classes",
-                                                                   "boxes")
+    assert cache_keys(TaskSpec(task="inpaint", cond="layout")) == ("caption", "class_id", "pixels",
+                                                                   "box_classes", "boxes")
 
 
 def test_scores_of_the_originals_and_of_the_baselines():
-    """Scoring the held-out originals themselves: every object is found where the layout puts it, and the
-    super-resolution score of the bicubic upsampling is exactly the bicubic baseline's."""
+    """Scoring the held-out originals themselves: every object is found where the layout puts it,
+    and the super-resolution score of the bicubic upsampling is exactly the bicubic baseline's."""
     spec, items = items_for("semantic", n=12)
     perfect = score_items(spec, items, items["image"])
-    # IoU < 1: the evaluator boxes the drawn pixels, and a circle or triangle at 32 px fills less than its box
+    # IoU < 1: the evaluator boxes the drawn pixels, and a circle or triangle at 32 px fills less
+    # than its box
     assert perfect["all"] == 1.0 and perfect["box_iou"] > 0.8
-    wrong = score_items(spec, items, items["image"].roll(1, dims=0))  # each image scored against another's map
+    # each image scored against another's map
+    wrong = score_items(spec, items, items["image"].roll(1, dims=0))
     assert wrong["all"] < 0.5 and wrong["box_iou"] < perfect["box_iou"] - 0.3
 
     spec, items = items_for("superres")
@@ -147,12 +153,14 @@ def test_scores_of_the_originals_and_of_the_baselines():
     score = score_items(spec, items, grey)
     assert score["hole_psnr"] == pytest.approx(score["grey_fill_hole_psnr"])
     assert score["mask_coverage"] == pytest.approx(items["mask"].mean().item())
-    noisy = composite(items["image"] + 0.1 * torch.randn_like(items["image"]), items["image"], items["mask"])
+    noisy = composite(items["image"] + 0.1 * torch.randn_like(items["image"]), items["image"],
+                      items["mask"])
     assert score_items(spec, items, noisy)["hole_psnr"] > score["hole_psnr"] + 5
 
 
 def test_what_can_be_scored_where():
-    assert scorable(TaskSpec(task="superres"), "folder") and scorable(TaskSpec(task="inpaint"), "celeba")
+    assert (scorable(TaskSpec(task="superres"), "folder")
+            and scorable(TaskSpec(task="inpaint"), "celeba"))
     assert not scorable(TaskSpec(task="generate", cond="class"), "folder")
     assert scorable(TaskSpec(task="semantic"), "shapes")
     spec, items = items_for("semantic", n=2)

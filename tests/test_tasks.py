@@ -1,4 +1,5 @@
-"""The concat conditions of the image-to-image tasks (tinyldm/tasks.py): closed forms and invariants."""
+"""The concat conditions of the image-to-image tasks (tinyldm/tasks.py): closed forms and
+invariants."""
 
 import math
 
@@ -38,14 +39,16 @@ def test_semantic_condition_is_the_exact_class_fraction_of_each_block():
 
 
 def test_semantic_condition_on_shapes_conserves_class_areas():
-    """Channels sum to 1 per latent pixel, and fraction x block area summed over the latent = pixel counts."""
+    """Channels sum to 1 per latent pixel, and fraction x block area summed over the latent = pixel
+    counts."""
     cfg = ShapesConfig(image_size=32, max_shapes=4, n_train=4)
     seg = torch.stack([ShapesDataset(cfg)[i]["seg"] for i in range(4)])  # (4, 32, 32)
     K = len(CLASS_NAMES)
     c = semantic_condition(seg, K, 8)  # f = 4
     assert c.shape == (4, K + 1, 8, 8)
     torch.testing.assert_close(c.sum(1), torch.ones(4, 8, 8))
-    counts = torch.stack([torch.bincount(s.flatten(), minlength=K + 1) for s in seg]).float()  # (4, K + 1)
+    # (4, K + 1)
+    counts = torch.stack([torch.bincount(s.flatten(), minlength=K + 1) for s in seg]).float()
     torch.testing.assert_close(c.sum(dim=(2, 3)) * 16, counts)
     assert (counts[:, 1:].sum(1) > 0).all()  # the maps do contain objects
 
@@ -66,7 +69,8 @@ def test_semantic_condition_rejects_bad_inputs(seg, num_classes, size):
 
 
 def _grid(H):
-    yy, xx = torch.meshgrid(torch.arange(H) + 0.5, torch.arange(H) + 0.5, indexing="ij")  # pixel centres
+    # pixel centres
+    yy, xx = torch.meshgrid(torch.arange(H) + 0.5, torch.arange(H) + 0.5, indexing="ij")
     return yy, xx
 
 
@@ -80,18 +84,20 @@ def test_downsample_keeps_constants_and_upsampling_too():
 
 def test_downsample_is_antialiased_and_clamped():
     _, xx = _grid(32)
-    # Stripes with a period of 4 px alias to a constant under plain 4x bicubic sampling (|value| 0.875 there);
-    # the antialiased kernel averages each period away.
+    # Stripes with a period of 4 px alias to a constant under plain 4x bicubic sampling (|value|
+    # 0.875 there); the antialiased kernel averages each period away.
     stripes = (0.9 * torch.cos(2 * math.pi * xx / 4)).expand(1, 3, 32, 32)
     assert downsample(stripes).abs().max() < 0.1
-    # A sharp step overshoots with bicubic's negative lobes (1.06 here); the LR image stays in [-1, 1].
+    # A sharp step overshoots with bicubic's negative lobes (1.06 here); the LR image stays in
+    # [-1, 1].
     step = torch.where(xx < 19, -1.0, 1.0).expand(1, 3, 32, 32)
     assert downsample(step).abs().max() <= 1.0
 
 
 def test_bicubic_baseline_recovers_smooth_images_but_not_detail():
     yy, xx = _grid(64)
-    smooth = (0.6 * torch.sin(2 * math.pi * yy / 64) * torch.cos(2 * math.pi * xx / 64)).expand(2, 3, 64, 64)
+    smooth = (0.6 * torch.sin(2 * math.pi * yy / 64)
+              * torch.cos(2 * math.pi * xx / 64)).expand(2, 3, 64, 64)
     assert (psnr(upsample_bicubic(downsample(smooth), 64), smooth) > 35).all()  # ~45 dB
     noise = torch.rand(2, 3, 64, 64) * 2 - 1
     p = psnr(upsample_bicubic(downsample(noise), 64), noise)
@@ -99,7 +105,8 @@ def test_bicubic_baseline_recovers_smooth_images_but_not_detail():
 
 
 def test_superres_condition_is_the_lr_image_at_the_latent_size():
-    x_lr = downsample(torch.rand(2, 3, 32, 32) * 2 - 1, 4)  # (2, 3, 8, 8): f = 4 latent size of 32 px
+    # (2, 3, 8, 8): f = 4 latent size of 32 px
+    x_lr = downsample(torch.rand(2, 3, 32, 32) * 2 - 1, 4)
     assert superres_condition(x_lr, (8, 8)) is x_lr  # tau = identity
     bigger = superres_condition(x_lr, 16)
     assert bigger.shape == (2, 3, 16, 16)
@@ -131,7 +138,8 @@ def test_masks_are_binary_with_coverage_in_range(kind):
     coverage = m.mean(dim=(1, 2, 3))
     assert (coverage >= 0.1).all() and (coverage <= 0.6).all()
     assert coverage.std() > 0.03  # sizes vary, not one fixed mask
-    narrow = random_mask(30, 32, 32, kind=kind, min_coverage=0.4, max_coverage=0.5, generator=g).mean(dim=(1, 2, 3))
+    narrow = random_mask(30, 32, 32, kind=kind, min_coverage=0.4, max_coverage=0.5,
+                         generator=g).mean(dim=(1, 2, 3))
     assert (narrow >= 0.4).all() and (narrow <= 0.5).all()
 
 
@@ -154,13 +162,15 @@ def test_box_masks_are_one_filled_rectangle():
 
 
 def test_stroke_masks_are_not_rectangles():
-    m = random_mask(20, 32, 32, kind="strokes", generator=torch.Generator().manual_seed(0))[:, 0].bool()
+    m = random_mask(20, 32, 32, kind="strokes",
+                    generator=torch.Generator().manual_seed(0))[:, 0].bool()
     fill = [mi.sum() / (mi.any(1).sum() * mi.any(0).sum()) for mi in m]  # area / bounding-box area
     assert min(fill) < 0.9
 
 
 def test_random_mask_rejects_bad_arguments():
-    for kwargs in (dict(kind="circle"), dict(min_coverage=0.5, max_coverage=0.5), dict(max_coverage=1.5)):
+    for kwargs in (dict(kind="circle"), dict(min_coverage=0.5, max_coverage=0.5),
+                   dict(max_coverage=1.5)):
         with pytest.raises(ValueError):
             random_mask(2, 32, 32, **kwargs)
     with pytest.raises(ValueError):
@@ -190,15 +200,18 @@ def test_inpaint_condition_marks_every_latent_pixel_touching_the_hole():
     expected[0, 1, 1] = 1
     expected[1, 5:8, 0] = 1
     assert torch.equal(c[:, 4], expected)
-    torch.testing.assert_close(inpaint_condition(z, m, mode="area")[0, 4, 1, 1], torch.tensor(1 / 16))
+    torch.testing.assert_close(inpaint_condition(z, m, mode="area")[0, 4, 1, 1],
+                               torch.tensor(1 / 16))
 
 
 def test_latent_mask_covers_the_pixel_mask():
-    """max-pooling: upsampled back (nearest), the latent mask contains every missing pixel; area: the mean agrees."""
+    """max-pooling: upsampled back (nearest), the latent mask contains every missing pixel; area:
+    the mean agrees."""
     m = random_mask(16, 32, 32, generator=torch.Generator().manual_seed(0))
     up = torch.nn.functional.interpolate(mask_to_latent(m, 8), scale_factor=4, mode="nearest")
     assert (up >= m).all()
-    torch.testing.assert_close(mask_to_latent(m, 8, mode="area").mean(dim=(1, 2, 3)), m.mean(dim=(1, 2, 3)))
+    torch.testing.assert_close(mask_to_latent(m, 8, mode="area").mean(dim=(1, 2, 3)),
+                               m.mean(dim=(1, 2, 3)))
 
 
 def test_inpaint_condition_rejects_bad_inputs():
@@ -223,7 +236,8 @@ def test_composite_keeps_known_pixels_bitwise_and_fills_the_hole():
     out = composite(generated, known, m)
     assert torch.equal(out[~hole], known[~hole]) and torch.signbit(out[0, 0, 0]).all()
     assert torch.equal(out[hole], generated[hole])
-    torch.testing.assert_close(out, m * generated + (1 - m) * known)  # the formula, for finite images
+    # the formula, for finite images
+    torch.testing.assert_close(out, m * generated + (1 - m) * known)
     generated[~hole] = float("nan")  # whatever the model did outside the hole is discarded
     assert torch.equal(composite(generated, known, m)[~hole], known[~hole])
 
@@ -247,7 +261,8 @@ def test_masked_psnr_is_psnr_over_the_hole_pixels():
         torch.testing.assert_close(got[i], 10 * torch.log10(1 / d.pow(2).mean()))
     y2 = torch.where(m.bool(), y, -x)  # known pixels do not count
     torch.testing.assert_close(masked_psnr(x, y2, m), got)
-    torch.testing.assert_close(masked_psnr(x, y, torch.ones_like(m)), psnr(x, y))  # the whole image: plain PSNR
+    # the whole image: plain PSNR
+    torch.testing.assert_close(masked_psnr(x, y, torch.ones_like(m)), psnr(x, y))
     with pytest.raises(ValueError):
         masked_psnr(x, y, torch.zeros_like(m))  # no hole
 
