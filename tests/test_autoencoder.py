@@ -1,5 +1,5 @@
-"""Tests for tinyldm/autoencoder.py, tinyldm/autoencoder_loss.py and tinyldm/evaluation/metrics.py: the maths,
-not just shapes."""
+"""Tests for tinyldm/autoencoder.py, tinyldm/autoencoder_loss.py and tinyldm/evaluation/metrics.py:
+the maths, not just shapes."""
 
 import math
 import sys
@@ -31,7 +31,8 @@ from tinyldm.evaluation.metrics import psnr, ssim
 
 
 def tiny(**kw) -> AutoencoderConfig:
-    base = dict(base_channels=8, channel_mult=(1, 2), num_res_blocks=1, z_channels=4, norm_groups=4, n_codes=32)
+    base = dict(base_channels=8, channel_mult=(1, 2), num_res_blocks=1, z_channels=4, norm_groups=4,
+                n_codes=32)
     return AutoencoderConfig(**{**base, **kw})
 
 
@@ -42,7 +43,7 @@ def shapes_batch(n: int = 8, size: int = 16) -> torch.Tensor:
     return torch.stack([ds[i]["image"] for i in range(n)])
 
 
-# ---------------------------------------------------------------------------------------------- shapes
+# -------------------------------------------------------------------------------- shapes
 
 
 @pytest.mark.parametrize("levels,f", [(1, 1), (2, 2), (3, 4), (4, 8), (5, 16)])
@@ -83,16 +84,18 @@ def test_attention_is_softmax_attention():
     torch.testing.assert_close(block(x), expected, atol=1e-5, rtol=1e-5)
 
 
-# ---------------------------------------------------------------------------------------------- KL
+# -------------------------------------------------------------------------------- KL
 
 
 def test_kl_equals_torch_distributions():
     moments = torch.randn(3, 8, 5, 5) * 2  # mean and logvar of 4 latent channels
     q = DiagonalGaussian(moments)
     mean, logvar = moments.chunk(2, dim=1)
-    expected = kl_divergence(Normal(mean, torch.exp(0.5 * logvar)), Normal(0.0, 1.0)).sum(dim=(1, 2, 3))
+    expected = kl_divergence(Normal(mean, torch.exp(0.5 * logvar)),
+                             Normal(0.0, 1.0)).sum(dim=(1, 2, 3))
     torch.testing.assert_close(q.kl(), expected, rtol=1e-5, atol=1e-4)
-    assert torch.allclose(DiagonalGaussian(torch.zeros(1, 8, 2, 2)).kl(), torch.zeros(1))  # q = prior
+    # q = prior
+    assert torch.allclose(DiagonalGaussian(torch.zeros(1, 8, 2, 2)).kl(), torch.zeros(1))
 
 
 def test_posterior_sample_has_the_posterior_moments():
@@ -115,7 +118,7 @@ def test_kl_model_encode_is_posterior_mean():
     assert not torch.equal(sampled, model.encode(x))
 
 
-# ---------------------------------------------------------------------------------------------- VQ
+# -------------------------------------------------------------------------------- VQ
 
 
 def test_codebook_indices_are_valid_nearest_neighbours():
@@ -154,8 +157,8 @@ def test_dead_codes_are_restarted_from_encoder_outputs():
     flat = z_e.permute(0, 2, 3, 1).reshape(-1, 2)
     for code in vq.codebook.weight:
         assert (flat - code).abs().sum(1).min() < 1e-6
-    # now feed one repeated point only: every code but the one it hits decays (x0.5 per step) below the
-    # threshold and is restarted, i.e. moved onto that point
+    # now feed one repeated point only: every code but the one it hits decays (x0.5 per step) below
+    # the threshold and is restarted, i.e. moved onto that point
     point = torch.tensor([5.0, -5.0])
     before = vq.codebook.weight.detach().clone()
     for _ in range(10):
@@ -167,7 +170,8 @@ def test_dead_codes_are_restarted_from_encoder_outputs():
 
 def test_codebook_stats_perplexity():
     uniform = codebook_stats(torch.arange(16).repeat(4), 16)
-    assert uniform["codebook_usage"] == 1.0 and math.isclose(uniform["perplexity"], 16.0, rel_tol=1e-9)
+    assert (uniform["codebook_usage"] == 1.0
+            and math.isclose(uniform["perplexity"], 16.0, rel_tol=1e-9))
     single = codebook_stats(torch.zeros(10, dtype=torch.long), 16)
     assert single["codebook_usage"] == 1 / 16 and math.isclose(single["perplexity"], 1.0)
 
@@ -180,19 +184,22 @@ def test_vq_decode_quantizes_its_input():
     torch.testing.assert_close(model.decode(z + 1e-4 * torch.randn_like(z)), model.decode(z))
 
 
-# ---------------------------------------------------------------------------------------------- latent statistics
+# -------------------------------------------------------------------------------- latent statistics
 
 
 def test_latent_statistics_and_scale_factor():
     model = Autoencoder(tiny()).eval()
     x = torch.randn(6, 3, 16, 16)
-    stats = latent_statistics(model, [x[:4], x[4:]], max_images=5, generator=torch.Generator().manual_seed(0))
+    stats = latent_statistics(model, [x[:4], x[4:]], max_images=5,
+                              generator=torch.Generator().manual_seed(0))
     g = torch.Generator().manual_seed(0)
-    z = torch.cat([model.encode(x[:4], sample=True, generator=g), model.encode(x[4:5], sample=True, generator=g)])
+    z = torch.cat([model.encode(x[:4], sample=True, generator=g),
+                   model.encode(x[4:5], sample=True, generator=g)])
     assert stats.n_images == 5
     assert math.isclose(stats.scale_factor, 1 / z.std().item(), rel_tol=1e-5)
     torch.testing.assert_close(torch.tensor(stats.std), z.transpose(0, 1).reshape(4, -1).std(1))
-    assert math.isclose((z * stats.scale_factor).std().item(), 1.0, rel_tol=1e-5)  # App. G: unit std
+    # App. G: unit std
+    assert math.isclose((z * stats.scale_factor).std().item(), 1.0, rel_tol=1e-5)
     model.set_latent_stats(stats)
     assert math.isclose(model.scale_factor.item(), stats.scale_factor, rel_tol=1e-6)
     assert "scale_factor" in model.state_dict() and "latent_std" in model.state_dict()
@@ -207,7 +214,7 @@ def test_to_dict_round_trip():
     assert clone.scale_factor.item() == pytest.approx(0.37)
 
 
-# ---------------------------------------------------------------------------------------------- losses
+# -------------------------------------------------------------------------------- losses
 
 
 def test_adaptive_weight_matches_its_formula():
@@ -233,7 +240,8 @@ def test_discriminator_losses():
 
 def loss_setup(**loss_kw):
     model = Autoencoder(tiny()).train()
-    cfg = AELossConfig(**{**dict(perceptual_weight=0.0, disc_start=5, disc_channels=8, disc_layers=1), **loss_kw})
+    cfg = AELossConfig(**{**dict(perceptual_weight=0.0, disc_start=5, disc_channels=8,
+                                 disc_layers=1), **loss_kw})
     return model, cfg
 
 
@@ -276,8 +284,9 @@ def test_adversarial_term_sends_gradient_into_the_decoder():
 
 @pytest.mark.parametrize("net", ["alex", "vgg"])
 def test_perceptual_term_sends_gradient_into_the_decoder(net):
-    """The lpips package itself (random backbone, its shipped linear heads; offline): a distance, >= 0, zero
-    between an image and itself, larger for a more distorted copy; its gradient reaches the decoder."""
+    """The lpips package itself (random backbone, its shipped linear heads; offline): a distance,
+    >= 0, zero between an image and itself, larger for a more distorted copy; its gradient reaches
+    the decoder."""
     pytest.importorskip("lpips")
     model, cfg = loss_setup(perceptual_weight=1.0, lpips_net=net, lpips_pretrained=False)
     loss_fn = AELoss(cfg)  # random backbone: no download
@@ -308,7 +317,7 @@ def test_lpips_weights_that_cannot_load_are_a_clear_error(monkeypatch):
         load_lpips("vgg")
 
 
-# ---------------------------------------------------------------------------------------------- training
+# -------------------------------------------------------------------------------- training
 
 
 def test_overfit_one_batch_reaches_psnr():
@@ -327,7 +336,7 @@ def test_overfit_one_batch_reaches_psnr():
     assert quality > 28.0, quality  # the mean image of the batch alone scores ~22 dB
 
 
-# ---------------------------------------------------------------------------------------------- metrics
+# -------------------------------------------------------------------------------- metrics
 
 
 def test_psnr_known_value():
@@ -354,19 +363,22 @@ def test_ssim_matches_scikit_image():
     y = (x + 0.3 * torch.randn_like(x)).clamp(-1, 1)
     ours = ssim(x, y)
     for i in range(2):
-        a, b = ((x[i] + 1) / 2).permute(1, 2, 0).double().numpy(), ((y[i] + 1) / 2).permute(1, 2, 0).double().numpy()
+        a, b = (((x[i] + 1) / 2).permute(1, 2, 0).double().numpy(),
+                ((y[i] + 1) / 2).permute(1, 2, 0).double().numpy())
         ref = metrics.structural_similarity(
-            a, b, channel_axis=2, data_range=1.0, gaussian_weights=True, sigma=1.5, use_sample_covariance=False
+            a, b, channel_axis=2, data_range=1.0, gaussian_weights=True, sigma=1.5,
+            use_sample_covariance=False
         )
         assert ours[i].item() == pytest.approx(ref, abs=1e-5)
 
 
 def test_decoder_res_blocks():
-    """None keeps the decoder as before (num_res_blocks per level, so old checkpoints load); CompVis and
-    diffusers use one more block per decoder level."""
+    """None keeps the decoder as before (num_res_blocks per level, so old checkpoints load); CompVis
+    and diffusers use one more block per decoder level."""
     from tinyldm.autoencoder import ResBlock
 
-    small = dict(base_channels=16, channel_mult=(1, 2), num_res_blocks=1, norm_groups=8, mid_attention=False)
+    small = dict(base_channels=16, channel_mult=(1, 2), num_res_blocks=1, norm_groups=8,
+                 mid_attention=False)
     default = Autoencoder(AutoencoderConfig(**small))
     same = Autoencoder(AutoencoderConfig(**small, decoder_res_blocks=1))
     assert default.state_dict().keys() == same.state_dict().keys()
@@ -382,11 +394,13 @@ def test_decoder_res_blocks():
 
 
 def test_identity_first_stage_is_pixel_space():
-    """regularizer="identity": z = x exactly, f = 1, no parameters; refused unless z has the image's shape."""
+    """regularizer="identity": z = x exactly, f = 1, no parameters; refused unless z has the image's
+    shape."""
     ae = Autoencoder(AutoencoderConfig(regularizer="identity", z_channels=3, channel_mult=(1,)))
     x = torch.rand(2, 3, 8, 8) * 2 - 1
     assert ae.downsample_factor == 1 and sum(p.numel() for p in ae.parameters()) == 0
-    assert torch.equal(ae.encode(x), x) and torch.equal(ae.decode(x), x) and torch.equal(ae(x).x_rec, x)
+    assert (torch.equal(ae.encode(x), x) and torch.equal(ae.decode(x), x)
+            and torch.equal(ae(x).x_rec, x))
     stats = latent_statistics(ae, [x], max_images=2)
     assert stats.global_std == pytest.approx(float(x.std()), rel=1e-6)
     with pytest.raises(ValueError, match="z = x"):

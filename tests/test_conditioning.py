@@ -1,5 +1,5 @@
-"""The condition encoder tau: tokenizer, text transformer, class embedder, layout set transformer, null condition
-and dropout."""
+"""The condition encoder tau: tokenizer, text transformer, class embedder, layout set transformer,
+null condition and dropout."""
 
 import pytest
 import torch
@@ -7,13 +7,14 @@ import torch
 from tinyldm.conditioning import ConditionConfig, ConditionEncoder, Tokenizer, split_words
 from tinyldm.unet import UNet, UNetConfig
 
-CAPTIONS = ["a red circle in the top left", "top left: a small blue square", "a green triangle in the center"]
+CAPTIONS = ["a red circle in the top left", "top left: a small blue square",
+            "a green triangle in the center"]
 
 
 def text_encoder(**kw) -> ConditionEncoder:
     tok = Tokenizer.from_texts(CAPTIONS)
-    return ConditionEncoder(ConditionConfig(kind="text", context_dim=32, vocab=tok.vocab, max_len=12, layers=2,
-                                            head_dim=16, **kw))
+    return ConditionEncoder(ConditionConfig(kind="text", context_dim=32, vocab=tok.vocab,
+                                            max_len=12, layers=2, head_dim=16, **kw))
 
 
 def test_tokenizer_round_trip_and_unknown_words():
@@ -21,10 +22,12 @@ def test_tokenizer_round_trip_and_unknown_words():
     tok = Tokenizer.from_texts(CAPTIONS)
     ids, mask = tok(["a red circle", "top left: a purple hexagon"], max_len=10)
     assert ids.shape == mask.shape == (2, 10)
-    assert [tok.vocab[i] for i in ids[0, : mask[0].sum()]] == ["<bos>", "a", "red", "circle", "<eos>"]
+    assert [tok.vocab[i] for i in ids[0, : mask[0].sum()]] == ["<bos>", "a", "red", "circle",
+                                                               "<eos>"]
     assert mask[1].sum() == 8 and (ids[1, 8:] == 0).all()
     assert tok.unknown_words("top left: a purple hexagon") == ["purple", "hexagon"]
-    assert (ids[1] == tok.index["<unk>"]).sum() == 2  # unknown words become <unk>, they are not dropped
+    # unknown words become <unk>, they are not dropped
+    assert (ids[1] == tok.index["<unk>"]).sum() == 2
     with pytest.raises(ValueError, match="max_len"):
         tok(["a red circle in the top left"], max_len=5)
     assert Tokenizer(tok.vocab).vocab == tok.vocab  # what a checkpoint stores rebuilds it
@@ -36,7 +39,8 @@ def test_text_context_ignores_padding_and_depends_on_words():
         batch = enc(["a red circle", CAPTIONS[2]])
         alone = enc(["a red circle"])
         n = 5  # <bos> a red circle <eos>
-        assert batch["context"].shape == (2, 12, 32) and alone["context"].shape == (1, 12, 32)  # always max_len
+        # always max_len
+        assert batch["context"].shape == (2, 12, 32) and alone["context"].shape == (1, 12, 32)
         assert alone["context_mask"][0].sum() == n
         # Real tokens do not see padding: the same caption gives the same context in any batch.
         assert torch.allclose(batch["context"][0, :n], alone["context"][0, :n], atol=1e-5)
@@ -57,7 +61,8 @@ def test_null_conditions_and_dropout_rate():
     assert ctx["context_mask"].sum() == 2  # <bos> <eos>: a learned null, not zeros
     g = torch.Generator().manual_seed(0)
     mask = torch.rand(2_000, generator=g) < 0.1
-    dropped = enc.drop(["a red circle"] * 2_000, mask)  # exactly the masked captions become the null one
+    # exactly the masked captions become the null one
+    dropped = enc.drop(["a red circle"] * 2_000, mask)
     assert [c == "" for c in dropped] == mask.tolist() and 0 < mask.sum() < 2_000
 
     cls = ConditionEncoder(ConditionConfig(kind="class", context_dim=16, num_classes=5))
@@ -76,8 +81,9 @@ def test_null_conditions_and_dropout_rate():
 def test_text_encoder_trains_jointly_with_the_unet():
     """The LDM objective (Eq. 3) sends gradient through the UNet's cross-attention into tau."""
     enc = text_encoder()
-    unet = UNet(UNetConfig(latent_size=8, channels=32, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,),
-                           head_dim=16, context_dim=enc.context_dim, norm_groups=8))
+    unet = UNet(UNetConfig(latent_size=8, channels=32, channel_mult=(1, 2), num_res_blocks=1,
+                           attn_resolutions=(8,), head_dim=16, context_dim=enc.context_dim,
+                           norm_groups=8))
     opt = torch.optim.Adam([*enc.parameters(), *unet.parameters()], lr=1e-3)
     # Two captions, two different targets: the pair can only be fit through the context.
     x, t = torch.zeros(2, 4, 8, 8), torch.tensor([500, 500])
@@ -104,9 +110,11 @@ def layout(box_classes: list[list[int]], boxes: list[list[list[float]]]) -> dict
 
 
 def cross_attention_unet() -> UNet:
-    """A tiny UNet reading a 32-wide context, with its zero-initialised output layers given weights."""
-    unet = UNet(UNetConfig(latent_size=8, channels=32, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8, 4),
-                           head_dim=16, context_dim=32, norm_groups=8)).eval()
+    """A tiny UNet reading a 32-wide context, with its zero-initialised output layers given
+    weights."""
+    unet = UNet(UNetConfig(latent_size=8, channels=32, channel_mult=(1, 2), num_res_blocks=1,
+                           attn_resolutions=(8, 4), head_dim=16, context_dim=32,
+                           norm_groups=8)).eval()
     with torch.no_grad():
         for p in unet.parameters():
             if p.abs().sum() == 0:
@@ -120,7 +128,8 @@ LAYOUT = layout([[2, -1, 5, 2, -1]], [[[0.1, 0.1, 0.3, 0.4], [0, 0, 0, 0], [0.5,
 
 
 def test_layout_is_a_set():
-    """No positions across objects: permuting them permutes the tokens and leaves eps_theta unchanged."""
+    """No positions across objects: permuting them permutes the tokens and leaves eps_theta
+    unchanged."""
     enc, unet = layout_encoder().eval(), cross_attention_unet()
     x, t = torch.randn(1, 4, 8, 8), torch.tensor([300])
     perm = torch.tensor([3, 4, 0, 2, 1])
@@ -132,7 +141,8 @@ def test_layout_is_a_set():
         assert torch.equal(b["context_mask"][:, 1:], a["context_mask"][:, 1:][:, perm])
         assert torch.allclose(b["context"][:, 1:], a["context"][:, 1:][:, perm], atol=1e-5)
         assert torch.allclose(unet(x, t, **a), unet(x, t, **b), atol=1e-5)
-        # Not invariant because every token is the same: the two objects of class 2 differ by their boxes.
+        # Not invariant because every token is the same: the two objects of class 2 differ by their
+        # boxes.
         assert (a["context"][0, 1] - a["context"][0, 4]).abs().max() > 0.1
 
 
@@ -140,9 +150,11 @@ def test_layout_padding_is_never_read():
     enc, unet = layout_encoder().eval(), cross_attention_unet()
     x, t = torch.randn(1, 4, 8, 8), torch.tensor([300])
     real = LAYOUT["box_classes"][0] >= 0
-    short = {"box_classes": LAYOUT["box_classes"][:, real], "boxes": LAYOUT["boxes"][:, real]}  # K = 3
+    # K = 3
+    short = {"box_classes": LAYOUT["box_classes"][:, real], "boxes": LAYOUT["boxes"][:, real]}
     garbage = {"box_classes": LAYOUT["box_classes"], "boxes": LAYOUT["boxes"].clone()}
-    garbage["boxes"][0, ~real] = torch.tensor([7.0, -3.0, float("nan"), 0.5])  # out of range: not checked, not read
+    # out of range: not checked, not read
+    garbage["boxes"][0, ~real] = torch.tensor([7.0, -3.0, float("nan"), 0.5])
     with torch.no_grad():
         a, b, c = enc(LAYOUT), enc(short), enc(garbage)
         assert b["context_mask"][0].tolist() == [False, True, True, True, False, False]
@@ -153,7 +165,8 @@ def test_layout_padding_is_never_read():
         assert torch.allclose(unet(x, t, **b), out, atol=1e-5)
         assert torch.allclose(unet(x, t, **c), out, atol=1e-5)
         # Padding is the same as leaving the slots out of the context altogether.
-        assert torch.allclose(unet(x, t, context=a["context"][:, a["context_mask"][0]]), out, atol=1e-5)
+        assert torch.allclose(unet(x, t, context=a["context"][:, a["context_mask"][0]]), out,
+                              atol=1e-5)
 
 
 def test_moving_or_relabelling_one_object_changes_the_context():
@@ -167,8 +180,10 @@ def test_moving_or_relabelling_one_object_changes_the_context():
         a, out = enc(LAYOUT), unet(x, t, **enc(LAYOUT))
         for other in (moved, relabelled):
             b = enc(other)
-            assert (b["context"][0, 3] - a["context"][0, 3]).abs().max() > 0.05  # the changed object's token
-            assert (b["context"][0, 1] - a["context"][0, 1]).abs().max() > 1e-3  # and, through attention, the others
+            # the changed object's token
+            assert (b["context"][0, 3] - a["context"][0, 3]).abs().max() > 0.05
+            # and, through attention, the others
+            assert (b["context"][0, 1] - a["context"][0, 1]).abs().max() > 1e-3
             assert (unet(x, t, **b) - out).abs().max() > 1e-4
 
 
@@ -178,9 +193,11 @@ def test_layout_null_condition_and_dropout():
     assert null["context_mask"].tolist() == [[True] + [False] * 5] * 3  # one learned null token
     assert torch.allclose(null["context"][0], null["context"][2])
     cond = enc(LAYOUT)
-    assert cond["context"].shape[1:] == null["context"].shape[1:]  # the two halves of a guided batch concatenate
+    # the two halves of a guided batch concatenate
+    assert cond["context"].shape[1:] == null["context"].shape[1:]
     assert (cond["context"][0, 1] - null["context"][0, 0]).abs().max() > 0.1
-    # The null token is a parameter: the empty layout's context gets gradient (it is learned, not fixed).
+    # The null token is a parameter: the empty layout's context gets gradient (it is learned, not
+    # fixed).
     enc(enc.null_condition(1))["context"].square().sum().backward()
     assert enc.layout.null.grad.abs().sum() > 0
 
@@ -190,7 +207,8 @@ def test_layout_null_condition_and_dropout():
     mask = torch.rand(2_000, generator=g) < 0.1
     out = enc.drop(many, mask)
     dropped = (out["box_classes"] == -1).all(1)
-    assert torch.equal(dropped, mask) and torch.equal(out["boxes"][mask], torch.zeros(int(mask.sum()), 3, 4))
+    assert (torch.equal(dropped, mask)
+            and torch.equal(out["boxes"][mask], torch.zeros(int(mask.sum()), 3, 4)))
     assert torch.equal(out["box_classes"][~dropped], many["box_classes"][~dropped])
     assert torch.equal(out["boxes"][~dropped], many["boxes"][~dropped])
     # Dropped rows encode exactly to the null condition; the others to themselves.
@@ -215,7 +233,8 @@ def test_layout_null_condition_and_dropout():
     (lambda d: d.update(boxes=d["boxes"][:, :4]), "shape"),
     (lambda d: d.update(box_classes=d["box_classes"][0]), "shape"),
     (lambda d: d.update(box_classes=d["box_classes"].float()), "int64"),
-    (lambda d: d.update(box_classes=torch.zeros(1, 6, dtype=torch.long), boxes=torch.zeros(1, 6, 4)), "max_objects"),
+    (lambda d: d.update(box_classes=torch.zeros(1, 6, dtype=torch.long),
+                        boxes=torch.zeros(1, 6, 4)), "max_objects"),
 ])
 def test_bad_layouts_are_rejected(change, match):
     enc = layout_encoder()
@@ -228,7 +247,8 @@ def test_bad_layouts_are_rejected(change, match):
 
 
 def test_layout_tokens_carry_the_box_position():
-    """A small head on the pooled context learns where a single object is (Fourier features are decodable)."""
+    """A small head on the pooled context learns where a single object is (Fourier features are
+    decodable)."""
     enc = layout_encoder(layers=1)
     head = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 2))
     opt = torch.optim.Adam([*enc.parameters(), *head.parameters()], lr=3e-3)
