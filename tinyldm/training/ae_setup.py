@@ -1,7 +1,7 @@
-"""train_ae.py's setup, out of the reader's way: its configuration resolved and checked, the images (a step's
-batch is a pure function of the step), the autoencoder with its discriminator and optimizers (restored when
-resuming), the memory check before the first step, the objective in one line, and the identity first stage
-(f = 1, nothing to train) for pixel-space diffusion.
+"""train_ae.py's setup, out of the reader's way: its configuration resolved and checked, the images
+(a step's batch is a pure function of the step), the autoencoder with its discriminator and
+optimizers (restored when resuming), the memory check before the first step, the objective in one
+line, and the identity first stage (f = 1, nothing to train) for pixel-space diffusion.
 """
 
 from __future__ import annotations
@@ -42,22 +42,25 @@ def make_datasets(config, data_path: str | None) -> tuple[Dataset, Dataset]:
     if config.dataset == "shapes":
         from tinyldm.data.shapes import ShapesConfig, ShapesDataset
 
-        shapes = ShapesConfig(image_size=config.image_size, n_train=config.n_train, n_eval=config.n_eval)
+        shapes = ShapesConfig(image_size=config.image_size, n_train=config.n_train,
+                              n_eval=config.n_eval)
         return _Images(ShapesDataset(shapes, "train")), _Images(ShapesDataset(shapes, "eval"))
     if data_path is None:
         raise UsageError(f"--dataset {config.dataset} needs --data PATH")
     from tinyldm.data.images import make_image_datasets
 
     train, held_out = make_image_datasets(config.dataset, data_path, image_size=config.image_size,
-                                          n_eval=config.n_eval, hflip=config.hflip, max_images=config.n_train or None)
+                                          n_eval=config.n_eval, hflip=config.hflip,
+                                          max_images=config.n_train or None)
     return _Images(train), _Images(held_out)
 
 
 class StepBatches:
-    """A batch sampler whose k-th batch is `batch_indices(k)`: the order depends on the step alone. Under
-    torchrun each process gets its share of that global batch (`world.shard`)."""
+    """A batch sampler whose k-th batch is `batch_indices(k)`: the order depends on the step alone.
+    Under torchrun each process gets its share of that global batch (`world.shard`)."""
 
-    def __init__(self, n: int, batch_size: int, seed: int, start: int, stop: int, world: World | None = None):
+    def __init__(self, n: int, batch_size: int, seed: int, start: int, stop: int,
+                 world: World | None = None):
         self.n, self.batch_size, self.seed, self.start, self.stop = n, batch_size, seed, start, stop
         self.world = world or World()
 
@@ -72,10 +75,12 @@ class StepBatches:
 
 def make_loader(train_set: Dataset, config, start: int, world: World, device: torch.device):
     """The training batches of steps start..config.steps (this process's share of each)."""
-    batches = StepBatches(len(train_set), config.batch_size, config.seed, start, config.steps, world)
+    batches = StepBatches(len(train_set), config.batch_size, config.seed, start, config.steps,
+                          world)
     # Its own generator: a DataLoader otherwise draws its workers' base seed from the global RNG.
     return DataLoader(train_set, batch_sampler=batches, num_workers=config.num_workers,
-                      pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(config.seed + start))
+                      pin_memory=device.type == "cuda",
+                      generator=torch.Generator().manual_seed(config.seed + start))
 
 
 def first_images(dataset: Dataset, n: int, batch_size: int):
@@ -104,15 +109,16 @@ class TrainState:
 
 def build_state(ae_config: AutoencoderConfig, loss_config: AELossConfig, config, world: World,
                 device: torch.device, ckpt: dict | None) -> TrainState:
-    """The autoencoder, its loss and discriminator, their Adam optimizers and the EMA; restored from `ckpt`
-    (weights, optimizers, step and RNG state) when resuming."""
+    """The autoencoder, its loss and discriminator, their Adam optimizers and the EMA; restored from
+    `ckpt` (weights, optimizers, step and RNG state) when resuming."""
     model = Autoencoder(ae_config).to(device)
     loss_fn = AELoss(loss_config, in_channels=ae_config.in_channels).to(device)
     if world.enabled and device.type == "cuda":  # the PatchGAN's BatchNorm over the global batch
         loss_fn.discriminator = torch.nn.SyncBatchNorm.convert_sync_batchnorm(loss_fn.discriminator)
     betas = (config.adam_beta1, config.adam_beta2)
     opt_ae = torch.optim.Adam(model.parameters(), lr=config.lr, betas=betas)
-    opt_disc = torch.optim.Adam(loss_fn.discriminator.parameters(), lr=config.disc_lr or config.lr, betas=betas)
+    opt_disc = torch.optim.Adam(loss_fn.discriminator.parameters(), lr=config.disc_lr or config.lr,
+                                betas=betas)
     ema = EMA(model, config.ema_decay) if config.ema_decay > 0 else None
     start = 0
     if ckpt is not None:
@@ -121,21 +127,23 @@ def build_state(ae_config: AutoencoderConfig, loss_config: AELossConfig, config,
         opt_ae.load_state_dict(ckpt["opt_ae"])
         opt_disc.load_state_dict(ckpt["opt_disc"])
         if ema is not None and ckpt["ema_autoencoder"] is not None:
-            ema.load_state_dict({**ckpt["ema_state"], "model": ckpt["ema_autoencoder"]["state_dict"]})
+            ema.load_state_dict({**ckpt["ema_state"],
+                                 "model": ckpt["ema_autoencoder"]["state_dict"]})
         start = int(ckpt["step"])
         set_rng_state(ckpt["rng"])
     return TrainState(model, loss_fn, opt_ae, opt_disc, ema, start)
 
 
-def resolve_configs(args: argparse.Namespace, ckpt_path: Path, configs: tuple[type, type, type], preset: dict
-                    ) -> tuple[AutoencoderConfig, AELossConfig, object, dict | None]:
-    """(ae_config, loss_config, config, checkpoint): `preset` (shrunk by --smoke) or, with --resume, the
-    checkpoint's stored configuration, overridden by the flags; the checkpoint is None unless resuming.
-    `configs`: the autoencoder's, the loss's and the script's config classes."""
+def resolve_configs(args: argparse.Namespace, ckpt_path: Path, configs: tuple[type, type, type],
+                    preset: dict) -> tuple[AutoencoderConfig, AELossConfig, object, dict | None]:
+    """(ae_config, loss_config, config, checkpoint): `preset` (shrunk by --smoke) or, with --resume,
+    the checkpoint's stored configuration, overridden by the flags; the checkpoint is None unless
+    resuming. `configs`: the autoencoder's, the loss's and the script's config classes."""
     overrides = {k: v for k, v in vars(args).items() if k in config_fields(*configs)}
     ckpt = None
     if args.resume is not None:
-        ckpt = load_checkpoint(ckpt_path if args.resume == "auto" else args.resume, kind="autoencoder")
+        ckpt = load_checkpoint(ckpt_path if args.resume == "auto" else args.resume,
+                               kind="autoencoder")
         base = {**ckpt["ae_config"], **ckpt["loss_config"], **ckpt["train_config"]}
         check_resume_overrides(base, overrides)
         if overrides:
@@ -146,71 +154,80 @@ def resolve_configs(args: argparse.Namespace, ckpt_path: Path, configs: tuple[ty
     check_data_flags(config.dataset, args.data, config.hflip)
     f = ae_config.downsample_factor
     if config.image_size % f:
-        raise UsageError(f"--image_size {config.image_size} must be a multiple of the autoencoder's downsampling "
-                         f"factor f = {f} (--channel_mult {','.join(map(str, ae_config.channel_mult))}): "
+        raise UsageError(f"--image_size {config.image_size} must be a multiple of the "
+                         f"autoencoder's downsampling factor f = {f} "
+                         f"(--channel_mult {','.join(map(str, ae_config.channel_mult))}): "
                          f"e.g. {config.image_size // f * f or f}")
     return ae_config, loss_config, config, ckpt
 
 
 def save_identity(ae_config: AutoencoderConfig, loss_config: AELossConfig, config,
                   args: argparse.Namespace, ckpt_path: Path, device: torch.device) -> dict:
-    """--regularizer identity: nothing to train. Measure the pixels' scale factor and write a checkpoint that
-    train_ldm.py reads like any other first stage (it then trains a pixel-space diffusion model)."""
+    """--regularizer identity: nothing to train. Measure the pixels' scale factor and write a
+    checkpoint that train_ldm.py reads like any other first stage (it then trains a pixel-space
+    diffusion model)."""
     model = Autoencoder(ae_config).to(device)
     train_set, _ = make_datasets(config, args.data)
-    stats = latent_statistics(model, first_images(train_set, config.stats_images, config.batch_size),
+    stats = latent_statistics(model,
+                              first_images(train_set, config.stats_images, config.batch_size),
                               max_images=config.stats_images,
                               generator=torch.Generator(device).manual_seed(config.seed))
-    # Pixel-space diffusion models (DDPM, ADM, the paper's LDM-1) train on pixels in [-1, 1] as they are;
-    # the measured std is reported but not divided out.
+    # Pixel-space diffusion models (DDPM, ADM, the paper's LDM-1) train on pixels in [-1, 1] as they
+    # are; the measured std is reported but not divided out.
     model.set_latent_stats(replace(stats, scale_factor=1.0))
     save_checkpoint(ckpt_path, {
         "step": 0, "ae_config": asdict(ae_config), "loss_config": asdict(loss_config),
-        "train_config": asdict(config), "autoencoder": model.to_dict(), "ema_autoencoder": None, "ema_state": None,
-        "discriminator": {}, "opt_ae": {}, "opt_disc": {}, "rng": rng_state(), "metrics": {"latent": asdict(stats)},
+        "train_config": asdict(config), "autoencoder": model.to_dict(), "ema_autoencoder": None,
+        "ema_state": None, "discriminator": {}, "opt_ae": {}, "opt_disc": {}, "rng": rng_state(),
+        "metrics": {"latent": asdict(stats)},
     }, kind="autoencoder")
-    print(f"identity first stage (z = x, f = 1): pixels used as they are in [-1, 1] (std {stats.global_std:.4f}, "
-          f"scale_factor 1); nothing to train -> {ckpt_path}")
+    print(f"identity first stage (z = x, f = 1): pixels used as they are in [-1, 1] "
+          f"(std {stats.global_std:.4f}, scale_factor 1); nothing to train -> {ckpt_path}")
     return {"latent": asdict(stats), "checkpoint": str(ckpt_path)}
 
 
 def check_memory(state: TrainState, ae_config: AutoencoderConfig, config, world: World,
                  device: torch.device) -> float:
-    """Refuse a batch that cannot fit in memory before the first step (see tinyldm.training.memory): the
-    autoencoder's activations and the discriminator's (run on real and reconstructed images), and, when LPIPS is
-    on, its backbone's (on both)."""
+    """Refuse a batch that cannot fit in memory before the first step (see tinyldm.training.memory):
+    the autoencoder's activations and the discriminator's (run on real and reconstructed images),
+    and, when LPIPS is on, its backbone's (on both)."""
     S = config.image_size
     x = torch.zeros(1, ae_config.in_channels, S, S, device=device)
-    parts = [(state.model, lambda: state.model(x), 1), (state.loss_fn.discriminator,
-                                                          lambda: state.loss_fn.discriminator(x), 2)]
+    parts = [(state.model, lambda: state.model(x), 1),
+             (state.loss_fn.discriminator, lambda: state.loss_fn.discriminator(x), 2)]
     if state.loss_fn.perceptual is not None:
         parts.append((state.loss_fn.perceptual, lambda: state.loss_fn.perceptual(x, x), 1))
     per_example = sum(times * profile(m, fn, S * S).training(S * S) for m, fn, times in parts)
     trained = weights_bytes(state.model, state.loss_fn.discriminator)
-    return check_training("the autoencoder", trained, per_example, config.batch_size // world.size, device)
+    return check_training("the autoencoder", trained, per_example, config.batch_size // world.size,
+                          device)
 
 
 def describe_loss(loss: AELossConfig, ae: AutoencoderConfig) -> str:
-    """The training objective in one line, e.g. "L1 + 1 x LPIPS (vgg) + 1e-06 x KL + 0.5 x PatchGAN from step 50001"."""
+    """The training objective in one line, e.g.
+    "L1 + 1 x LPIPS (vgg) + 1e-06 x KL + 0.5 x PatchGAN from step 50001"."""
     terms = [loss.rec_loss.upper()]
     if loss.perceptual_weight > 0:
-        backbone = "" if loss.lpips_pretrained else ", random backbone: a plumbing check, not a perceptual loss"
+        backbone = ("" if loss.lpips_pretrained else
+                    ", random backbone: a plumbing check, not a perceptual loss")
         terms.append(f"{loss.perceptual_weight:g} x LPIPS ({loss.lpips_net}{backbone})")
     if ae.regularizer == "kl":
         terms.append(f"{loss.kl_weight:g} x KL")
     elif ae.regularizer == "vq":
         terms.append(f"{loss.codebook_weight:g} x codebook")
     if loss.disc_weight > 0:
-        terms.append(f"{loss.disc_weight:g} x PatchGAN ({loss.disc_loss}) from step {loss.disc_start}")
+        terms.append(f"{loss.disc_weight:g} x PatchGAN ({loss.disc_loss}) "
+                     f"from step {loss.disc_start}")
     return " + ".join(terms)
 
 
-
-def describe(state: TrainState, config, train_set: Dataset, held_out: Dataset, device: torch.device) -> None:
+def describe(state: TrainState, config, train_set: Dataset, held_out: Dataset,
+             device: torch.device) -> None:
     model, ae_config = state.model, state.model.config
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"autoencoder: {n_params / 1e6:.2f}M params, f={ae_config.downsample_factor}, {ae_config.regularizer}, "
-          f"latent {model.latent_shape(config.image_size)} for {config.image_size}px; {len(train_set)} train / "
-          f"{len(held_out)} held-out images; device {device}; steps {state.start}..{config.steps}")
-    print(f"loss: {describe_loss(state.loss_fn.config, ae_config)}; bf16 autocast {'on' if config.amp else 'off'} "
-          "(CUDA only)")
+    print(f"autoencoder: {n_params / 1e6:.2f}M params, f={ae_config.downsample_factor}, "
+          f"{ae_config.regularizer}, latent {model.latent_shape(config.image_size)} for "
+          f"{config.image_size}px; {len(train_set)} train / {len(held_out)} held-out images; "
+          f"device {device}; steps {state.start}..{config.steps}")
+    print(f"loss: {describe_loss(state.loss_fn.config, ae_config)}; "
+          f"bf16 autocast {'on' if config.amp else 'off'} (CUDA only)")
