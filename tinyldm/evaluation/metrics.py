@@ -4,7 +4,8 @@
 * SSIM: Wang, Bovik, Sheikh & Simoncelli, "Image Quality Assessment: From Error Visibility to
   Structural Similarity", IEEE TIP 2004. Eq. (13):
 
-      SSIM(x, y) = (2 mu_x mu_y + C1)(2 sigma_xy + C2) / ((mu_x^2 + mu_y^2 + C1)(sigma_x^2 + sigma_y^2 + C2))
+      SSIM(x, y) = (2 mu_x mu_y + C1)(2 sigma_xy + C2)
+                   / ((mu_x^2 + mu_y^2 + C1)(sigma_x^2 + sigma_y^2 + C2))
 
   with C1 = (K1 L)^2, C2 = (K2 L)^2, K1 = 0.01, K2 = 0.03, and local statistics weighted by an
   11x11 Gaussian window of std 1.5 (Sec. III-C), evaluated where the window fits inside the image
@@ -13,27 +14,30 @@
   `structural_similarity(..., gaussian_weights=True, sigma=1.5, use_sample_covariance=False)`.
   Images smaller than the window use a window as large as the image.
 
-Distribution metrics, on feature vectors (N, D) of real and generated images (which network makes the
-features is `tinyldm.evaluation.features`' business; only Inception-v3 features make the numbers "FID" / "KID"):
+Distribution metrics, on feature vectors (N, D) of real and generated images (which network makes
+the features is `tinyldm.evaluation.features`' business; only Inception-v3 features make the numbers
+"FID" / "KID"):
 
-* Frechet distance (Heusel et al., arXiv 1706.08500, Eq. 6; Dowson & Landau 1982): fit a Gaussian to each
-  set and take the squared 2-Wasserstein distance between them,
+* Frechet distance (Heusel et al., arXiv 1706.08500, Eq. 6; Dowson & Landau 1982): fit a Gaussian to
+  each set and take the squared 2-Wasserstein distance between them,
 
       d^2 = ||mu_1 - mu_2||^2 + Tr(S_1 + S_2 - 2 (S_1 S_2)^(1/2)),
 
-  with Tr (S_1 S_2)^(1/2) = Tr (S_1^(1/2) S_2 S_1^(1/2))^(1/2), a symmetric PSD matrix whose square root is
-  taken through its eigen-decomposition in float64 (negative round-off eigenvalues clipped to 0).
-  S is the unbiased (N - 1) covariance, as in the reference implementations.
-* Kernel distance (KID; Binkowski et al., arXiv 1801.01401, Sec. 3 and App. C): the unbiased estimate of
-  the squared MMD with the cubic polynomial kernel k(x, y) = (x . y / D + 1)^3, averaged over random
-  subsets of equal size m drawn from both sets:
+  with Tr (S_1 S_2)^(1/2) = Tr (S_1^(1/2) S_2 S_1^(1/2))^(1/2), a symmetric PSD matrix whose square
+  root is taken through its eigen-decomposition in float64 (negative round-off eigenvalues clipped
+  to 0). S is the unbiased (N - 1) covariance, as in the reference implementations.
+* Kernel distance (KID; Binkowski et al., arXiv 1801.01401, Sec. 3 and App. C): the unbiased
+  estimate of the squared MMD with the cubic polynomial kernel k(x, y) = (x . y / D + 1)^3, averaged
+  over random subsets of equal size m drawn from both sets:
 
-      MMD^2_u = sum_{i != j} k(x_i, x_j) / (m (m - 1)) + sum_{i != j} k(y_i, y_j) / (m (m - 1)) - 2 mean_ij k(x_i, y_j).
+      MMD^2_u = sum_{i != j} k(x_i, x_j) / (m (m - 1)) + sum_{i != j} k(y_i, y_j) / (m (m - 1))
+                - 2 mean_ij k(x_i, y_j).
 
   Unbiased, so it can come out slightly negative when the two sets share a distribution.
-* Precision and recall (Kynkaanniemi et al., arXiv 1904.06991, Eqs. 1-3): each real feature owns a ball
-  reaching its k-th nearest real neighbour; precision is the share of generated features inside some real
-  ball, recall the share of real features inside some generated ball (balls from generated neighbours).
+* Precision and recall (Kynkaanniemi et al., arXiv 1904.06991, Eqs. 1-3): each real feature owns a
+  ball reaching its k-th nearest real neighbour; precision is the share of generated features inside
+  some real ball, recall the share of real features inside some generated ball (balls from generated
+  neighbours).
 """
 
 from __future__ import annotations
@@ -48,7 +52,8 @@ def _to_unit(x: torch.Tensor) -> torch.Tensor:
 
 def _check_pair(x: torch.Tensor, y: torch.Tensor) -> None:
     if x.shape != y.shape or x.ndim != 4:
-        raise ValueError(f"expected two (B, C, H, W) batches of equal shape, got {tuple(x.shape)}, {tuple(y.shape)}")
+        raise ValueError(f"expected two (B, C, H, W) batches of equal shape, got {tuple(x.shape)}, "
+                         f"{tuple(y.shape)}")
 
 
 def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -66,7 +71,8 @@ def gaussian_window(size: int, sigma: float) -> torch.Tensor:
 
 
 def ssim(
-    x: torch.Tensor, y: torch.Tensor, *, window_size: int = 11, sigma: float = 1.5, k1: float = 0.01, k2: float = 0.03
+    x: torch.Tensor, y: torch.Tensor, *, window_size: int = 11, sigma: float = 1.5,
+    k1: float = 0.01, k2: float = 0.03
 ) -> torch.Tensor:
     """Per-image mean SSIM of images in [-1, 1] (clamped, compared on [0, 1]), shape (B,)."""
     _check_pair(x, y)
@@ -75,9 +81,11 @@ def ssim(
     g = gaussian_window(size, sigma).to(x.device)
     x, y = _to_unit(x).double(), _to_unit(y).double()
 
-    def blur(t: torch.Tensor) -> torch.Tensor:  # separable depthwise Gaussian, "valid" positions only
+    # separable depthwise Gaussian, "valid" positions only
+    def blur(t: torch.Tensor) -> torch.Tensor:
         t = F.conv2d(t, g.view(1, 1, size, 1).expand(C, 1, size, 1), groups=C)
-        return F.conv2d(t, g.view(1, 1, 1, size).expand(C, 1, 1, size), groups=C)  # (B, C, H-s+1, W-s+1)
+        # (B, C, H-s+1, W-s+1)
+        return F.conv2d(t, g.view(1, 1, 1, size).expand(C, 1, 1, size), groups=C)
 
     c1, c2 = (k1 * 1.0) ** 2, (k2 * 1.0) ** 2  # dynamic range L = 1
     mu_x, mu_y = blur(x), blur(y)
@@ -85,7 +93,8 @@ def ssim(
     var_y = blur(y * y) - mu_y**2
     cov_xy = blur(x * y) - mu_x * mu_y
     # Eq. (13)
-    ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov_xy + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
+    ssim_map = (((2 * mu_x * mu_y + c1) * (2 * cov_xy + c2))
+                / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2)))
     return ssim_map.mean(dim=(1, 2, 3)).float()  # Eq. (17), then over channels
 
 
@@ -109,17 +118,21 @@ def feature_stats(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def sqrtm_psd(a: torch.Tensor) -> torch.Tensor:
-    """The symmetric square root of a symmetric positive semi-definite matrix (round-off symmetrised away)."""
+    """The symmetric square root of a symmetric positive semi-definite matrix (round-off symmetrised
+    away)."""
     w, v = torch.linalg.eigh((a + a.T) / 2)
     return (v * w.clamp_min(0).sqrt()) @ v.T
 
 
-def frechet_distance(mu1: torch.Tensor, sigma1: torch.Tensor, mu2: torch.Tensor, sigma2: torch.Tensor) -> float:
+def frechet_distance(mu1: torch.Tensor, sigma1: torch.Tensor, mu2: torch.Tensor,
+                     sigma2: torch.Tensor) -> float:
     """Squared Frechet (2-Wasserstein) distance between N(mu1, sigma1) and N(mu2, sigma2)."""
     mu1, sigma1, mu2, sigma2 = (t.double() for t in (mu1, sigma1, mu2, sigma2))
     root1 = sqrtm_psd(sigma1)
-    cross = sqrtm_psd(root1 @ sigma2 @ root1)  # (S_1^(1/2) S_2 S_1^(1/2))^(1/2): same trace as (S_1 S_2)^(1/2)
-    d2 = (mu1 - mu2).square().sum() + torch.trace(sigma1) + torch.trace(sigma2) - 2 * torch.trace(cross)
+    # (S_1^(1/2) S_2 S_1^(1/2))^(1/2): same trace as (S_1 S_2)^(1/2)
+    cross = sqrtm_psd(root1 @ sigma2 @ root1)
+    d2 = ((mu1 - mu2).square().sum() + torch.trace(sigma1) + torch.trace(sigma2)
+          - 2 * torch.trace(cross))
     return max(float(d2), 0.0)
 
 
@@ -133,13 +146,16 @@ def _mmd2_unbiased(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     kernel = lambda a, b: (a @ b.T / d + 1) ** 3  # noqa: E731
     kxx, kyy, kxy = kernel(x, x), kernel(y, y), kernel(x, y)
     off = m * (m - 1)
-    return (kxx.sum() - kxx.diagonal().sum()) / off + (kyy.sum() - kyy.diagonal().sum()) / off - 2 * kxy.mean()
+    return ((kxx.sum() - kxx.diagonal().sum()) / off + (kyy.sum() - kyy.diagonal().sum()) / off
+            - 2 * kxy.mean())
 
 
-def kernel_distance(real: torch.Tensor, fake: torch.Tensor, *, subsets: int = 100, subset_size: int = 1000,
+def kernel_distance(real: torch.Tensor, fake: torch.Tensor, *, subsets: int = 100,
+                    subset_size: int = 1000,
                     generator: torch.Generator | None = None) -> tuple[float, float]:
-    """KID: mean and standard deviation over `subsets` draws of the unbiased MMD^2 (cubic kernel) between
-    `subset_size` real and `subset_size` generated features (capped at the smaller set's size)."""
+    """KID: mean and standard deviation over `subsets` draws of the unbiased MMD^2 (cubic kernel)
+    between `subset_size` real and `subset_size` generated features (capped at the smaller set's
+    size)."""
     _check_features(real, fake)
     m = min(subset_size, len(real), len(fake))
     real, fake = real.double(), fake.double()

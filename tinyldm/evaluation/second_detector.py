@@ -1,17 +1,19 @@
-"""A second, differently built judge of prompt faithfulness on the shapes data, to check the shapes evaluator.
+"""A second, differently built judge of prompt faithfulness on the shapes data, to check the shapes
+evaluator.
 
-The shapes evaluator (`tinyldm.data.shapes.score_images`) is hand-built: it finds objects by connected
-components, names their colour by votes along colour blend lines and their shape by image moments. This
-detector shares none of that:
+The shapes evaluator (`tinyldm.data.shapes.score_images`) is hand-built: it finds objects by
+connected components, names their colour by votes along colour blend lines and their shape by image
+moments. This detector shares none of that:
 
-* colour and shape: the argmax of tinyldm's feature classifier (`tinyldm.evaluation.features`), a small CNN
-  trained on real shapes images to their 18 colour x shape classes; it pools over the whole image, so it
-  does not locate anything;
-* position: the centroid of the foreground, every pixel weighted by its RGB distance from the image's median
-  colour (the background), read off the 3 x 3 grid.
+* colour and shape: the argmax of tinyldm's feature classifier (`tinyldm.evaluation.features`), a
+  small CNN trained on real shapes images to their 18 colour x shape classes; it pools over the
+  whole image, so it does not locate anything;
+* position: the centroid of the foreground, every pixel weighted by its RGB distance from the
+  image's median colour (the background), read off the 3 x 3 grid.
 
-It judges one-object prompts only (the quickstart's). Agreement of the two on ground-truth images says both
-read the data; their disagreement on samples says how much a faithfulness figure depends on the judge.
+It judges one-object prompts only (the quickstart's). Agreement of the two on ground-truth images
+says both read the data; their disagreement on samples says how much a faithfulness figure depends
+on the judge.
 
     python -m tinyldm.evaluation.second_detector --ckpt runs/ldm-shapes/ldm.pt --n 500
 """
@@ -40,16 +42,18 @@ class Verdicts:
         return self.color & self.shape & self.position
 
     def summary(self) -> dict[str, float]:
-        return {k: float(getattr(self, k).float().mean()) for k in ("all", "color", "shape", "position")}
+        return {k: float(getattr(self, k).float().mean())
+                for k in ("all", "color", "shape", "position")}
 
 
 def foreground_position(images: Tensor) -> list[str]:
-    """The grid cell of each image's foreground centroid (pixels weighted by their distance from the median
-    colour), as a position name."""
+    """The grid cell of each image's foreground centroid (pixels weighted by their distance from the
+    median colour), as a position name."""
     x = (images.float() + 1) / 2  # (N, 3, H, W) in [0, 1]
     background = x.flatten(2).median(dim=2).values[:, :, None, None]
     weight = (x - background).norm(dim=1)  # (N, H, W)
-    weight = torch.where(weight > 0.15, weight, torch.zeros_like(weight))  # ignore faint texture and noise
+    # ignore faint texture and noise
+    weight = torch.where(weight > 0.15, weight, torch.zeros_like(weight))
     N, H, W = weight.shape
     total = weight.sum(dim=(1, 2)).clamp_min(1e-8)
     ys = (weight * torch.arange(H, dtype=torch.float32)[None, :, None]).sum(dim=(1, 2)) / total
@@ -60,8 +64,10 @@ def foreground_position(images: Tensor) -> list[str]:
 
 
 @torch.no_grad()
-def judge(images: Tensor, prompts: list[str], classifier: torch.nn.Module, batch_size: int = 256) -> Verdicts:
-    """Per image, whether its colour, shape and position are the one-object prompt's, by this detector."""
+def judge(images: Tensor, prompts: list[str], classifier: torch.nn.Module,
+          batch_size: int = 256) -> Verdicts:
+    """Per image, whether its colour, shape and position are the one-object prompt's, by this
+    detector."""
     specs = [parse_prompt(p) for p in prompts]
     if any(len(s) != 1 for s in specs):
         raise ValueError("the second detector judges one-object prompts only")
@@ -74,19 +80,20 @@ def judge(images: Tensor, prompts: list[str], classifier: torch.nn.Module, batch
     want = [s[0] for s in specs]
     return Verdicts(color=torch.tensor([n[0] == w.color for n, w in zip(names, want, strict=True)]),
                     shape=torch.tensor([n[1] == w.shape for n, w in zip(names, want, strict=True)]),
-                    position=torch.tensor([p == w.position for p, w in zip(positions, want, strict=True)]))
+                    position=torch.tensor([p == w.position
+                                           for p, w in zip(positions, want, strict=True)]))
 
 
 def compare(images: Tensor, prompts: list[str], classifier: torch.nn.Module) -> dict:
-    """Both judges on the same images: each one's scores, and how often their verdicts ("all attributes right")
-    agree."""
+    """Both judges on the same images: each one's scores, and how often their verdicts ("all
+    attributes right") agree."""
     ours = judge(images, prompts, classifier)
     evaluator = score_images(images, prompts)
     theirs = torch.tensor([r["all"] == 1.0 for r in evaluator.per_image])
     return {"evaluator": {"all": evaluator.all, "color": evaluator.color, "shape": evaluator.shape,
                           "position": evaluator.position},
-            "second_detector": ours.summary(), "agreement": float((ours.all == theirs).float().mean()),
-            "n": len(images)}
+            "second_detector": ours.summary(),
+            "agreement": float((ours.all == theirs).float().mean()), "n": len(images)}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -100,7 +107,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     p = ArgumentParser(prog="python -m tinyldm.evaluation.second_detector", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="a text-conditioned shapes checkpoint (the quickstart's)")
+    p.add_argument("--ckpt", required=True,
+                   help="a text-conditioned shapes checkpoint (the quickstart's)")
     p.add_argument("--n", type=int, default=500)
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--sampler", default="ddim")
@@ -110,28 +118,34 @@ def main(argv: list[str] | None = None) -> dict:
     ckpt = load_checkpoint(args.ckpt, kind="ldm")
     config = ckpt["train_config"]
     if config["dataset"] != "shapes":
-        raise SystemExit(f"{args.ckpt} was not trained on shapes: the second detector knows only shapes")
+        raise SystemExit(f"{args.ckpt} was not trained on shapes: the second detector "
+                         "knows only shapes")
     spec = TaskSpec.from_config(config)
     data, shapes = data_configs(config, None)
     items = heldout_items(spec, data, shapes, args.n)
     train_set = make_dataset(data, "train", shapes=shapes)
-    feature_function("classifier", train_set, lambda: make_dataset(data, "eval", shapes=shapes), Path(args.ckpt),
-                     torch.device("cpu"))  # trains and saves the classifier beside the checkpoint if missing
+    # trains and saves the classifier beside the checkpoint if missing
+    feature_function("classifier", train_set, lambda: make_dataset(data, "eval", shapes=shapes),
+                     Path(args.ckpt), torch.device("cpu"))
     classifier, _ = load_classifier(Path(args.ckpt).parent / "feature_classifier.pt")
     prompts = list(items["caption"])
     real = compare(items["image"], prompts, classifier)
     denoiser, schedule, ae, diffusion = load_ldm(ckpt)
     side = ckpt["image_size"] // ae.downsample_factor
-    images = generate_from_items(denoiser, schedule, ae, spec, items, (side, side), torch.device("cpu"),
-                                 prediction=diffusion.prediction, steps=args.steps, method=args.sampler,
-                                 guidance_scale=args.guidance, generator=torch.Generator().manual_seed(args.seed))
+    images = generate_from_items(denoiser, schedule, ae, spec, items, (side, side),
+                                 torch.device("cpu"), prediction=diffusion.prediction,
+                                 steps=args.steps, method=args.sampler,
+                                 guidance_scale=args.guidance,
+                                 generator=torch.Generator().manual_seed(args.seed))
     fake = compare(images, prompts, classifier)
-    for name, r in (("held-out images (ground truth)", real), (f"samples ({args.sampler}, {args.steps} steps, "
-                                                               f"guidance {args.guidance:g})", fake)):
+    for name, r in (("held-out images (ground truth)", real),
+                    (f"samples ({args.sampler}, {args.steps} steps, guidance {args.guidance:g})",
+                     fake)):
         e, s = r["evaluator"], r["second_detector"]
-        print(f"{name}, N = {r['n']}: evaluator {e['all']:.1%} (colour {e['color']:.1%}, shape {e['shape']:.1%}, "
-              f"position {e['position']:.1%}); second detector {s['all']:.1%} (colour {s['color']:.1%}, shape "
-              f"{s['shape']:.1%}, position {s['position']:.1%}); same verdict on {r['agreement']:.1%} of images")
+        print(f"{name}, N = {r['n']}: evaluator {e['all']:.1%} (colour {e['color']:.1%}, shape "
+              f"{e['shape']:.1%}, position {e['position']:.1%}); second detector {s['all']:.1%} "
+              f"(colour {s['color']:.1%}, shape {s['shape']:.1%}, position {s['position']:.1%}); "
+              f"same verdict on {r['agreement']:.1%} of images")
     return {"ground_truth": real, "samples": fake}
 
 

@@ -1,8 +1,8 @@
 """Pictures for people: image grids as arrays (for PNG files and for matplotlib in the notebooks).
 
-Images everywhere in tinyldm are float tensors (N, C, H, W) in [-1, 1] with C = 1 or 3. matplotlib is
-optional (the `notebooks` extra) and imported only by `show_images`; `save_image_grid` writes a PNG
-with pillow.
+Images everywhere in tinyldm are float tensors (N, C, H, W) in [-1, 1] with C = 1 or 3. matplotlib
+is optional (the `notebooks` extra) and imported only by `show_images`; `save_image_grid` writes a
+PNG with pillow.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ import torch
 
 
 def image_grid(images: torch.Tensor, *, nrow: int = 8, pad: int = 2) -> np.ndarray:
-    """Tile (N, C, H, W) images in [-1, 1] into one uint8 array (rows, cols, 3) on a white background."""
+    """Tile (N, C, H, W) images in [-1, 1] into one uint8 array (rows, cols, 3) on a white
+    background."""
     if images.ndim != 4 or images.shape[1] not in (1, 3):
         raise ValueError(f"expected (N, 1 or 3, H, W) images, got {tuple(images.shape)}")
     N, C, H, W = images.shape
@@ -26,13 +27,14 @@ def image_grid(images: torch.Tensor, *, nrow: int = 8, pad: int = 2) -> np.ndarr
     x = ((images.detach().float().cpu() + 1) / 2).clamp(0, 1)
     for i in range(N):
         r, c = divmod(i, nrow)
-        grid[:, pad + r * (H + pad) : pad + r * (H + pad) + H, pad + c * (W + pad) : pad + c * (W + pad) + W] = x[i]
+        grid[:, pad + r * (H + pad) : pad + r * (H + pad) + H,
+             pad + c * (W + pad) : pad + c * (W + pad) + W] = x[i]
     grid = grid.expand(3, -1, -1) if C == 1 else grid
     return (grid * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
 
 
-def show_images(images: torch.Tensor, *, nrow: int = 8, title: str | None = None, ax=None, scale: float = 0.6,
-                pad: int = 1):
+def show_images(images: torch.Tensor, *, nrow: int = 8, title: str | None = None, ax=None,
+                scale: float = 0.6, pad: int = 1):
     """Draw an image grid with matplotlib (nearest-neighbour, no axes). Returns the Axes.
 
     `scale` is inches per image, so 32 px shapes stay readable without a large PNG in the notebook.
@@ -43,7 +45,8 @@ def show_images(images: torch.Tensor, *, nrow: int = 8, title: str | None = None
     if ax is None:
         n_cols = max(1, min(nrow, len(images)))
         n_rows = math.ceil(len(images) / n_cols)
-        _, ax = plt.subplots(figsize=(max(1.0, scale * n_cols), max(1.0, scale * n_rows) + (0.3 if title else 0)))
+        _, ax = plt.subplots(figsize=(max(1.0, scale * n_cols),
+                                      max(1.0, scale * n_rows) + (0.3 if title else 0)))
     ax.imshow(grid, interpolation="nearest")
     ax.set_axis_off()
     if title:
@@ -52,16 +55,19 @@ def show_images(images: torch.Tensor, *, nrow: int = 8, title: str | None = None
 
 
 def label_image(labels: torch.Tensor, palette: torch.Tensor) -> torch.Tensor:
-    """A label map (B, H, W) of ids 0..K-1 painted with palette (K, 3) uint8 colours -> (B, 3, H, W) in [-1, 1]."""
+    """A label map (B, H, W) of ids 0..K-1 painted with palette (K, 3) uint8 colours -> (B, 3, H, W)
+    in [-1, 1]."""
     if labels.ndim != 3 or labels.dtype.is_floating_point:
-        raise ValueError(f"expected integer labels (B, H, W), got {labels.dtype} {tuple(labels.shape)}")
+        raise ValueError(f"expected integer labels (B, H, W), got {labels.dtype} "
+                         f"{tuple(labels.shape)}")
     if int(labels.min()) < 0 or int(labels.max()) >= len(palette):
         raise ValueError(f"label ids must be in 0..{len(palette) - 1}")
     rgb = palette.float()[labels.long()]  # (B, H, W, 3)
     return rgb.permute(0, 3, 1, 2) / 127.5 - 1.0
 
 
-def save_image_grid(images: torch.Tensor, path: str | os.PathLike, *, nrow: int = 8, pad: int = 2) -> Path:
+def save_image_grid(images: torch.Tensor, path: str | os.PathLike, *, nrow: int = 8,
+                    pad: int = 2) -> Path:
     """Tile (N, C, H, W) images in [-1, 1] (C = 1 or 3) into one PNG, written atomically."""
     from PIL import Image
 
@@ -70,7 +76,8 @@ def save_image_grid(images: torch.Tensor, path: str | os.PathLike, *, nrow: int 
 
 
 def _save_png(image, path: str | os.PathLike) -> Path:
-    """A PIL image to `path` as PNG via a temporary file and a rename: a reader never sees half a file."""
+    """A PIL image to `path` as PNG via a temporary file and a rename: a reader never sees half a
+    file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -85,22 +92,27 @@ CURVE_SIZE, CURVE_BOX = (480, 240), (64, 24, 464, 200)
 
 def save_curve(steps: list[float], values: list[float], path: str | os.PathLike, *, title: str,
                log_y: bool = True) -> Path:
-    """A line plot of `values` against `steps` as a PNG, drawn with pillow alone (no matplotlib needed), written
-    atomically: for watching a long run's loss beside its sample grids. With `log_y` the vertical axis is
-    log10(value), where a loss falling by a constant factor per step is a straight line."""
+    """A line plot of `values` against `steps` as a PNG, drawn with pillow alone (no matplotlib
+    needed), written atomically: for watching a long run's loss beside its sample grids. With
+    `log_y` the vertical axis is log10(value), where a loss falling by a constant factor per step is
+    a straight line."""
     from PIL import Image, ImageDraw
 
     if len(steps) != len(values) or not steps:
-        raise ValueError(f"need as many steps as values, and at least one: got {len(steps)} and {len(values)}")
+        raise ValueError(f"need as many steps as values, and at least one: got {len(steps)} and "
+                         f"{len(values)}")
     ys = [math.log10(v) if log_y else v for v in values]  # (log_y: values must be > 0)
     x0, x1, y0, y1 = min(steps), max(steps), min(ys), max(ys)
     left, top, right, bottom = CURVE_BOX
-    to_x = lambda s: left + (right - left) * ((s - x0) / (x1 - x0) if x1 > x0 else 0.5)  # noqa: E731
-    to_y = lambda y: bottom - (bottom - top) * ((y - y0) / (y1 - y0) if y1 > y0 else 0.5)  # noqa: E731
+    to_x = lambda s: left + (right - left) * ((s - x0) / (x1 - x0)  # noqa: E731
+                                              if x1 > x0 else 0.5)
+    to_y = lambda y: bottom - (bottom - top) * ((y - y0) / (y1 - y0)  # noqa: E731
+                                                if y1 > y0 else 0.5)
     image = Image.new("RGB", CURVE_SIZE, "white")
     draw = ImageDraw.Draw(image)
     draw.rectangle(CURVE_BOX, outline=(160, 160, 160))
-    draw.line([(to_x(s), to_y(y)) for s, y in zip(steps, ys, strict=True)], fill=(31, 119, 180), width=2)
+    draw.line([(to_x(s), to_y(y)) for s, y in zip(steps, ys, strict=True)], fill=(31, 119, 180),
+              width=2)
     label = (lambda y: f"{10 ** y:.3g}") if log_y else (lambda y: f"{y:.3g}")
     draw.text((4, top - 6), label(y1), fill="black")
     draw.text((4, bottom - 6), label(y0), fill="black")
@@ -110,14 +122,17 @@ def save_curve(steps: list[float], values: list[float], path: str | os.PathLike,
     return _save_png(image, path)
 
 
-def save_loss_curve(log_path: str | os.PathLike, path: str | os.PathLike, *, key: str = "loss") -> Path | None:
-    """`save_curve` of the records of a JSONL training log (tinyldm.training.loop.JSONLLogger) that hold `key`;
-    None while there are fewer than two."""
+def save_loss_curve(log_path: str | os.PathLike, path: str | os.PathLike, *,
+                    key: str = "loss") -> Path | None:
+    """`save_curve` of the records of a JSONL training log (tinyldm.training.loop.JSONLLogger) that
+    hold `key`; None while there are fewer than two."""
     import json
 
     records = [json.loads(line) for line in Path(log_path).read_text().splitlines() if line.strip()]
-    points = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float)) and r[key] > 0]
+    points = [(r["step"], r[key]) for r in records
+              if isinstance(r.get(key), (int, float)) and r[key] > 0]
     if len(points) < 2:
         return None
     steps, values = zip(*points, strict=True)
-    return save_curve(list(steps), list(values), path, title=f"{key} per step, {Path(log_path).parent.name}")
+    return save_curve(list(steps), list(values), path,
+                      title=f"{key} per step, {Path(log_path).parent.name}")
