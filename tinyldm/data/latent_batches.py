@@ -1,12 +1,14 @@
-"""The LDM's training set in latent space: stage one's cached latents, their conditions, and each step's batch.
+"""The LDM's training set in latent space: stage one's cached latents, their conditions, and each
+step's batch.
 
-`LatentTrainingSet.build` encodes the training images once with the frozen autoencoder (the latent cache,
-`tinyldm.data.latents`), keeps the latents on the device, scaled by the autoencoder's scale factor (App. G),
-and `batch(step, generator)` returns this process's share of the step's global batch: its latents z0 (a
-fresh posterior draw z ~ q(z|x) with a KL autoencoder and --posterior sample), its conditions (captions,
-class ids, layouts) and its concatenated task input (a segmentation map, a low-resolution image, or the masked
-image's latent and the mask, with a fresh mask every step). Every draw is seeded by the step, so `--resume`
-continues exactly and N processes train like one.
+`LatentTrainingSet.build` encodes the training images once with the frozen autoencoder (the latent
+cache, `tinyldm.data.latents`), keeps the latents on the device, scaled by the autoencoder's scale
+factor (App. G), and `batch(step, generator)` returns this process's share of the step's global
+batch: its latents z0 (a fresh posterior draw z ~ q(z|x) with a KL autoencoder and
+--posterior sample), its conditions (captions, class ids, layouts) and its concatenated task input
+(a segmentation map, a low-resolution image, or the masked image's latent and the mask, with a fresh
+mask every step). Every draw is seeded by the step, so `--resume` continues exactly and N processes
+train like one.
 """
 
 from __future__ import annotations
@@ -32,8 +34,9 @@ def task_spec(config) -> TaskSpec:
 
 @dataclass
 class LatentTrainingSet:
-    """The training set on the device. Latents are scaled; `std` is the posterior's (None: train on the mean);
-    the `flipped` twins exist with --hflip; `pixels` (uint8 images) only for inpainting."""
+    """The training set on the device. Latents are scaled; `std` is the posterior's (None: train on
+    the mean); the `flipped` twins exist with --hflip; `pixels` (uint8 images) only for
+    inpainting."""
 
     config: object  # the run's TrainLDMConfig
     world: World
@@ -51,8 +54,9 @@ class LatentTrainingSet:
     @classmethod
     def build(cls, ae: Autoencoder, ae_path, config, data_root: str | None, out, world: World,
               device: torch.device) -> LatentTrainingSet:
-        """Encode the training set once (cached in <out>/latents.pt, keyed by the autoencoder file and the data
-        settings); with --posterior sample and a KL autoencoder the cache holds each posterior's mean and std."""
+        """Encode the training set once (cached in <out>/latents.pt, keyed by the autoencoder file
+        and the data settings); with --posterior sample and a KL autoencoder the cache holds each
+        posterior's mean and std."""
         data, shapes = data_configs(asdict(config), data_root)
         spec = task_spec(config)
         dataset = TaskInputs.wrap(make_dataset(data, "train", shapes=shapes), spec)
@@ -81,27 +85,32 @@ class LatentTrainingSet:
         (mean, std), (flipped, flipped_std) = split(cached.latents), split(cached.flipped)
         conditions = cached.conditions
         concat = None
-        if config.task in ("semantic", "superres"):  # the task input of every image; inpainting masks afresh
+        # the task input of every image; inpainting masks afresh
+        if config.task in ("semantic", "superres"):
             concat = task_concat(spec, conditions, tuple(mean.shape[-2:])).to(device)
         concat_flipped = concat.flip(-1) if concat is not None and flipped is not None else None
         pixels = conditions["pixels"].to(device) if config.task == "inpaint" else None
-        return cls(config, world, ae, conditions, mean, std, flipped, flipped_std, concat, concat_flipped, pixels,
-                   list(getattr(dataset, "class_names", [])))
+        return cls(config, world, ae, conditions, mean, std, flipped, flipped_std, concat,
+                   concat_flipped, pixels, list(getattr(dataset, "class_names", [])))
 
     def batch(self, step: int, generator: torch.Generator) -> tuple[Tensor, object, Tensor | None]:
-        """(z0, condition, concat): this process's share of the global batch of `step`. The flips are the first
-        draw from `generator` (made with or without --hflip, so the draws after them do not depend on it)."""
+        """(z0, condition, concat): this process's share of the global batch of `step`. The flips
+        are the first draw from `generator` (made with or without --hflip, so the draws after them
+        do not depend on it)."""
         config, world, device = self.config, self.world, self.latents.device
         idx_all = batch_indices(step, n=len(self.latents), batch_size=config.batch_size,
                                 seed=config.seed).to(device)
-        flip = world.shard(torch.rand(len(idx_all), 1, 1, 1, generator=generator, device=device) < 0.5)
+        flip = world.shard(torch.rand(len(idx_all), 1, 1, 1, generator=generator,
+                                      device=device) < 0.5)
         idx = world.shard(idx_all)
         z0, std = self.latents[idx], self.std[idx] if self.std is not None else None
         concat = self.concat[idx] if self.concat is not None else None
-        if self.flipped is not None:  # each image in either orientation (its task input flipped with it)
+        # each image in either orientation (its task input flipped with it)
+        if self.flipped is not None:
             z0 = torch.where(flip, self.flipped[idx], z0)
             std = torch.where(flip, self.flipped_std[idx], std) if std is not None else None
-            concat = torch.where(flip, self.concat_flipped[idx], concat) if concat is not None else None
+            concat = (torch.where(flip, self.concat_flipped[idx], concat)
+                      if concat is not None else None)
         if std is not None:  # a fresh draw z ~ q(z|x) = N(mu, sigma^2) for this step (App. G)
             g = torch.Generator(device).manual_seed(seed_stream(config.seed, step, 3))
             noise = torch.randn((len(idx_all), *z0.shape[1:]), generator=g, device=device)
@@ -115,11 +124,13 @@ class LatentTrainingSet:
         return z0, self.condition(idx), concat
 
     def condition(self, idx: Tensor) -> object:
-        """The conditions of examples `idx`: captions (list), class ids (B,) or a layout dict; None."""
+        """The conditions of examples `idx`: captions (list), class ids (B,) or a layout dict;
+        None."""
         if self.config.cond == "text":
             return [self.conditions["caption"][i] for i in idx.tolist()]
         if self.config.cond == "class":
             return self.conditions["class_id"][idx.cpu()].to(idx.device)
         if self.config.cond == "layout":
-            return {k: self.conditions[k][idx.cpu()].to(idx.device) for k in ("box_classes", "boxes")}
+            return {k: self.conditions[k][idx.cpu()].to(idx.device)
+                    for k in ("box_classes", "boxes")}
         return None
