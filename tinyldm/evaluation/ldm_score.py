@@ -1,11 +1,12 @@
 """What a train_ldm.py run shows and ends with: its sample grids and its final measurement.
 
-* `SampleGrid`: the fixed prompts (shapes), one image per class, or the first held-out inputs (layouts, tasks,
-  captioned folders); `save_samples` draws them with the EMA weights and a fixed seed.
-* `evaluate_run`: the end-of-run score. Text on shapes: prompt faithfulness (colour, shape and position all
-  right, by the exact evaluator); classes, layouts and tasks: their own score on held-out inputs
-  (`tinyldm.data.tasks.score_items`); other data: the feature distance to held-out images that
-  `python -m tinyldm.tools.evaluate` measures.
+* `SampleGrid`: the fixed prompts (shapes), one image per class, or the first held-out inputs
+  (layouts, tasks, captioned folders); `save_samples` draws them with the EMA weights and a fixed
+  seed.
+* `evaluate_run`: the end-of-run score. Text on shapes: prompt faithfulness (colour, shape and
+  position all right, by the exact evaluator); classes, layouts and tasks: their own score on
+  held-out inputs (`tinyldm.data.tasks.score_items`); other data: the feature distance to held-out
+  images that `python -m tinyldm.tools.evaluate` measures.
 """
 
 from __future__ import annotations
@@ -20,22 +21,30 @@ from ..autoencoder import Autoencoder
 from ..conditioning import split_words
 from ..data.latent_batches import task_spec
 from ..data.shapes import CLASS_NAMES, ShapeSpec, all_prompts, score_images
-from ..data.tasks import data_configs, generate_from_items, heldout_items, item_conditions, scorable, score_items
+from ..data.tasks import (
+    data_configs,
+    generate_from_items,
+    heldout_items,
+    item_conditions,
+    scorable,
+    score_items,
+)
 from ..ldm import Denoiser, DiffusionConfig, generate
 from ..schedule import NoiseSchedule
 from .viz import save_image_grid
 
 FIXED_PROMPTS = [  # the sample grids' prompts, in the shapes dataset's phrasings
-    "a red circle in the top left", "a blue square in the center", "a green triangle in the bottom right",
-    "top right: a yellow circle", "a purple square in the middle left", "an orange triangle at the top center",
+    "a red circle in the top left", "a blue square in the center",
+    "a green triangle in the bottom right", "top right: a yellow circle",
+    "a purple square in the middle left", "an orange triangle at the top center",
     "a blue circle in the bottom left", "a red triangle in the center",
 ]
 
 
-def generate_in_chunks(denoiser: Denoiser, schedule: NoiseSchedule, ae: Autoencoder, conditions, n: int, *,
-                       chunk: int = 64, **options) -> torch.Tensor:
-    """`ldm.generate` for n conditions (a list, a tensor, or None: unconditional), `chunk` at a time, one
-    generator for all (`options["generator"]`); images (n, 3, H, W) on the CPU."""
+def generate_in_chunks(denoiser: Denoiser, schedule: NoiseSchedule, ae: Autoencoder, conditions,
+                       n: int, *, chunk: int = 64, **options) -> torch.Tensor:
+    """`ldm.generate` for n conditions (a list, a tensor, or None: unconditional), `chunk` at a
+    time, one generator for all (`options["generator"]`); images (n, 3, H, W) on the CPU."""
     images = []
     for i in range(0, n, chunk):
         part = conditions[i : i + chunk] if conditions is not None else None
@@ -45,7 +54,8 @@ def generate_in_chunks(denoiser: Denoiser, schedule: NoiseSchedule, ae: Autoenco
 
 @dataclass
 class SampleGrid:
-    """What the sample grids show: the fixed prompts or classes, or the first held-out inputs (layouts, tasks)."""
+    """What the sample grids show: the fixed prompts or classes, or the first held-out inputs
+    (layouts, tasks)."""
     condition: list[str] | torch.Tensor | dict | None
     concat: torch.Tensor | None
     n: int
@@ -53,14 +63,18 @@ class SampleGrid:
     device: torch.device
 
     @classmethod
-    def for_run(cls, config, class_names: list[str], data_root: str | None, latent_hw: tuple[int, int],
-                device: torch.device, ae: Autoencoder, max_len: int) -> SampleGrid:
+    def for_run(cls, config, class_names: list[str], data_root: str | None,
+                latent_hw: tuple[int, int], device: torch.device, ae: Autoencoder,
+                max_len: int) -> SampleGrid:
         held_out_captions = config.cond == "text" and config.dataset != "shapes"
-        if config.cond == "layout" or config.task != "generate" or held_out_captions:  # the first 8 held-out inputs
+        # the first 8 held-out inputs
+        if config.cond == "layout" or config.task != "generate" or held_out_captions:
             spec = task_spec(config)
-            items = heldout_items(spec, *data_configs(asdict(config), data_root), 8, allow_fewer=True)
+            items = heldout_items(spec, *data_configs(asdict(config), data_root), 8,
+                                  allow_fewer=True)
             condition, concat = item_conditions(spec, items, latent_hw, device, ae)
-            if held_out_captions:  # words past the text encoder's length are left out of the grid's prompts
+            # words past the text encoder's length are left out of the grid's prompts
+            if held_out_captions:
                 condition = [" ".join(split_words(c)[: max_len - 2]) for c in condition]
             return cls(condition, concat, len(items["image"]), latent_hw, device)
         return cls(sample_prompts(config, class_names), None, 8, latent_hw, device)
@@ -74,36 +88,42 @@ def sample_prompts(config, class_names: list[str], n: int = 8):
     return None
 
 
-def save_samples(path: Path, *, model: Denoiser, schedule: NoiseSchedule, ae: Autoencoder, grid: SampleGrid,
-                 diffusion: DiffusionConfig, config) -> Path:
-    """`path` (samples_XXXXXXX.png): one row of images for the grid's conditions, the weights of `model`
-    (the EMA's), a fixed seed."""
+def save_samples(path: Path, *, model: Denoiser, schedule: NoiseSchedule, ae: Autoencoder,
+                 grid: SampleGrid, diffusion: DiffusionConfig, config) -> Path:
+    """`path` (samples_XXXXXXX.png): one row of images for the grid's conditions, the weights of
+    `model` (the EMA's), a fixed seed."""
     g = torch.Generator(grid.device).manual_seed(0)
     images = generate(model, schedule, ae, grid.condition, n=grid.n, latent_size=grid.latent_hw,
-                      prediction=diffusion.prediction, steps=config.eval_steps, guidance_scale=config.eval_cfg,
-                      generator=g, concat=grid.concat)
+                      prediction=diffusion.prediction, steps=config.eval_steps,
+                      guidance_scale=config.eval_cfg, generator=g, concat=grid.concat)
     return save_image_grid(images, path, nrow=grid.n)
 
 
 def evaluate_run(model: Denoiser, schedule, ae: Autoencoder, config, diffusion: DiffusionConfig,
-                 latent_hw: tuple[int, int], device: torch.device, data_root: str | None, ckpt_path: Path) -> dict:
-    """The end-of-run score, printed: prompt faithfulness for text on shapes, else the task's own score on
-    held-out inputs where it has one, else (other data) the feature distance between samples and held-out images
-    that `python -m tinyldm.tools.evaluate` measures; {} with --eval_images 0."""
+                 latent_hw: tuple[int, int], device: torch.device, data_root: str | None,
+                 ckpt_path: Path) -> dict:
+    """The end-of-run score, printed: prompt faithfulness for text on shapes, else the task's own
+    score on held-out inputs where it has one, else (other data) the feature distance between
+    samples and held-out images that `python -m tinyldm.tools.evaluate` measures; {} with
+    --eval_images 0."""
     spec = task_spec(config)
     if config.eval_images <= 0:
         return {}
     if config.dataset == "shapes" and config.cond == "text" and config.task == "generate":
         result = evaluate_shapes(model, schedule, ae, config, diffusion, latent_hw, device)
-        print(f"prompt faithfulness (color, shape and position all right): {result['prompt_faithfulness']:.1%} "
-              f"over {result['images']} prompts [color {result['color']:.1%}, shape {result['shape']:.1%}, "
-              f"position {result['position']:.1%}], {config.eval_steps} DDIM steps, guidance {config.eval_cfg}")
+        print(f"prompt faithfulness (color, shape and position all right): "
+              f"{result['prompt_faithfulness']:.1%} over {result['images']} prompts "
+              f"[color {result['color']:.1%}, shape {result['shape']:.1%}, "
+              f"position {result['position']:.1%}], {config.eval_steps} DDIM steps, "
+              f"guidance {config.eval_cfg}")
         return result
-    if scorable(spec, config.dataset) and (config.cond in ("class", "layout") or config.task != "generate"):
+    if scorable(spec, config.dataset) and (config.cond in ("class", "layout")
+                                           or config.task != "generate"):
         scores = evaluate_task(model, schedule, ae, config, diffusion, latent_hw, device, data_root)
-        shown = {k: round(v, 4) for k, v in scores.items() if isinstance(v, float) and k != "seconds_per_image"}
-        print(f"evaluation (cond={config.cond}, task={config.task}, {scores['images']} held-out inputs, "
-              f"{config.eval_steps} DDIM steps, guidance {config.eval_cfg}): {shown}")
+        shown = {k: round(v, 4) for k, v in scores.items()
+                 if isinstance(v, float) and k != "seconds_per_image"}
+        print(f"evaluation (cond={config.cond}, task={config.task}, {scores['images']} held-out "
+              f"inputs, {config.eval_steps} DDIM steps, guidance {config.eval_cfg}): {shown}")
         return scores
     if config.dataset == "shapes":
         return {}
@@ -112,31 +132,36 @@ def evaluate_run(model: Denoiser, schedule, ae: Autoencoder, config, diffusion: 
     print(f"evaluation: python -m tinyldm.tools.evaluate --ckpt {ckpt_path} --data {data_root} --n "
           f"{config.eval_images} --steps {config.eval_steps} --guidance {config.eval_cfg}")
     try:
-        measured = measure_checkpoint(ckpt_path, data_root, n=config.eval_images, steps=config.eval_steps,
-                                      guidance=config.eval_cfg, device=device, classifier_steps=config.feature_steps,
+        measured = measure_checkpoint(ckpt_path, data_root, n=config.eval_images,
+                                      steps=config.eval_steps, guidance=config.eval_cfg,
+                                      device=device, classifier_steps=config.feature_steps,
                                       contrastive_steps=config.feature_steps,
                                       json_path=ckpt_path.parent / "metrics.json")
-    except SystemExit as stop:  # the model is trained and saved; only its measurement cannot be made
+    except SystemExit as stop:
+        # the model is trained and saved; only its measurement cannot be made
         print(f"evaluation skipped: {stop}")
         return {"evaluation_skipped": str(stop)}
     metrics, floor = measured["metrics"], measured["real_vs_train_floor"]
-    return {"fd_name": measured["protocol"]["fd_name"], "fd": metrics["fd"], "fd_floor": floor["fd"],
-            "kid": metrics["kid"], "precision": metrics["precision"], "recall": metrics["recall"],
-            "images": measured["protocol"]["n"]}
+    return {"fd_name": measured["protocol"]["fd_name"], "fd": metrics["fd"],
+            "fd_floor": floor["fd"], "kid": metrics["kid"], "precision": metrics["precision"],
+            "recall": metrics["recall"], "images": measured["protocol"]["n"]}
 
 
 def evaluate_task(denoiser: Denoiser, schedule, ae: Autoencoder, config, diffusion: DiffusionConfig,
                   latent_hw: tuple[int, int], device: torch.device, data_root: str | None) -> dict:
     """The number that says how well the task worked, on `eval_images` held-out items (see
-    `tinyldm.data.tasks.score_items`); class: colour and shape accuracy of images generated for each class in turn."""
+    `tinyldm.data.tasks.score_items`); class: colour and shape accuracy of images generated for each
+    class in turn."""
     n = config.eval_images
     g = torch.Generator(device).manual_seed(1234)
-    kw = dict(prediction=diffusion.prediction, steps=config.eval_steps, guidance_scale=config.eval_cfg, generator=g)
+    kw = dict(prediction=diffusion.prediction, steps=config.eval_steps,
+              guidance_scale=config.eval_cfg, generator=g)
     start = time.perf_counter()
     result = {"images": n, "ddim_steps": config.eval_steps, "guidance_scale": config.eval_cfg}
     if config.cond == "class" and config.task == "generate":
         ids = torch.arange(n) % len(CLASS_NAMES)
-        images = generate_in_chunks(denoiser, schedule, ae, ids.to(device), n, latent_size=latent_hw, **kw)
+        images = generate_in_chunks(denoiser, schedule, ae, ids.to(device), n,
+                                    latent_size=latent_hw, **kw)
         wanted = [[ShapeSpec(*CLASS_NAMES[c].split(" "), None)] for c in ids.tolist()]
         score = score_images(images, wanted)
         result.update(class_accuracy=score.all, color=score.color, shape=score.shape)
@@ -152,14 +177,17 @@ def evaluate_task(denoiser: Denoiser, schedule, ae: Autoencoder, config, diffusi
     return result
 
 
-def evaluate_shapes(denoiser: Denoiser, schedule, ae: Autoencoder, config, diffusion: DiffusionConfig,
-                    latent_hw: tuple[int, int], device: torch.device) -> dict:
-    """Prompt faithfulness: images for `eval_images` prompts (cycling through all 162), scored exactly."""
+def evaluate_shapes(denoiser: Denoiser, schedule, ae: Autoencoder, config,
+                    diffusion: DiffusionConfig, latent_hw: tuple[int, int],
+                    device: torch.device) -> dict:
+    """Prompt faithfulness: images for `eval_images` prompts (cycling through all 162), scored
+    exactly."""
     prompts = [all_prompts()[i % 162] for i in range(config.eval_images)]
     g = torch.Generator(device).manual_seed(1234)
     start = time.perf_counter()
-    images = generate_in_chunks(denoiser, schedule, ae, prompts if config.cond == "text" else None, len(prompts),
-                                latent_size=latent_hw, prediction=diffusion.prediction, steps=config.eval_steps,
+    images = generate_in_chunks(denoiser, schedule, ae, prompts if config.cond == "text" else None,
+                                len(prompts), latent_size=latent_hw,
+                                prediction=diffusion.prediction, steps=config.eval_steps,
                                 guidance_scale=config.eval_cfg, generator=g)
     seconds = time.perf_counter() - start
     score = score_images(images, prompts)
