@@ -1,6 +1,6 @@
-"""What a train_ae.py run shows and ends with: reconstruction grids, held-out PSNR / SSIM with the KL or
-codebook statistics, and the latent statistics of training images that set the scale factor the LDM
-divides by (App. G).
+"""What a train_ae.py run shows and ends with: reconstruction grids, held-out PSNR / SSIM with the
+KL or codebook statistics, and the latent statistics of training images that set the scale factor
+the LDM divides by (App. G).
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ def save_reconstructions(model: Autoencoder, x: torch.Tensor, path: Path) -> Pat
 
 
 @torch.no_grad()
-def reconstruction_scores(model: Autoencoder, held_out: Dataset, config, device: torch.device) -> dict:
+def reconstruction_scores(model: Autoencoder, held_out: Dataset, config,
+                          device: torch.device) -> dict:
     """Held-out PSNR / SSIM, and KL (KL-reg.) or codebook usage / perplexity (VQ-reg.)."""
     model.eval()
     psnrs, ssims, kls, stds, indices = [], [], [], [], []
@@ -51,7 +52,8 @@ def reconstruction_scores(model: Autoencoder, held_out: Dataset, config, device:
     result = {"n_eval": int(torch.cat(psnrs).numel()), "psnr": float(torch.cat(psnrs).mean()),
               "ssim": float(torch.cat(ssims).mean())}
     if kls:
-        result.update(kl_per_image=float(torch.cat(kls).mean()), posterior_std=float(torch.cat(stds).mean()))
+        result.update(kl_per_image=float(torch.cat(kls).mean()),
+                      posterior_std=float(torch.cat(stds).mean()))
     else:
         result.update(codebook_stats(torch.cat(indices), model.quantizer.n_codes))
     return result
@@ -59,13 +61,13 @@ def reconstruction_scores(model: Autoencoder, held_out: Dataset, config, device:
 
 def final_metrics(state, train_set: Dataset, held_out: Dataset, config,
                   device: torch.device, train_seconds: float) -> dict:
-    """The held-out scores of the weights in use, and the latent statistics of training images, which set the
-    scale factor the LDM divides by (stored in the model and its EMA)."""
+    """The held-out scores of the weights in use, and the latent statistics of training images,
+    which set the scale factor the LDM divides by (stored in the model and its EMA)."""
     eval_model = state.eval_model
     metrics = reconstruction_scores(eval_model, held_out, config, device)
     stats = latent_statistics(
-        eval_model, first_images(train_set, config.stats_images, config.batch_size), max_images=config.stats_images,
-        generator=torch.Generator().manual_seed(config.seed),
+        eval_model, first_images(train_set, config.stats_images, config.batch_size),
+        max_images=config.stats_images, generator=torch.Generator().manual_seed(config.seed),
     )
     for m in {id(state.model): state.model, id(eval_model): eval_model}.values():
         m.set_latent_stats(stats)
@@ -76,13 +78,16 @@ def final_metrics(state, train_set: Dataset, held_out: Dataset, config,
 def format_metrics(m: dict) -> str:
     lines = [f"held-out ({m['n_eval']} images): PSNR {m['psnr']:.2f} dB  SSIM {m['ssim']:.4f}"]
     if "kl_per_image" in m:
-        lines.append(f"KL per image {m['kl_per_image']:.1f} nats, mean posterior std {m['posterior_std']:.4f}")
+        lines.append(f"KL per image {m['kl_per_image']:.1f} nats, "
+                     f"mean posterior std {m['posterior_std']:.4f}")
     else:
         lines.append(f"codebook usage {m['codebook_usage']:.3f}, perplexity {m['perplexity']:.1f}")
     lat = m["latent"]
     fmt = " ".join(f"{v:+.3f}" for v in lat["mean"]), " ".join(f"{v:.3f}" for v in lat["std"])
-    lines.append(f"latent per-channel mean [{fmt[0]}] std [{fmt[1]}] over {lat['n_images']} train images")
-    lines.append(f"latent global std {lat['global_std']:.4f} -> scale_factor {lat['scale_factor']:.4f}")
+    lines.append(f"latent per-channel mean [{fmt[0]}] std [{fmt[1]}] "
+                 f"over {lat['n_images']} train images")
+    lines.append(f"latent global std {lat['global_std']:.4f} "
+                 f"-> scale_factor {lat['scale_factor']:.4f}")
     lines.append(f"train time {m['train_seconds']:.1f} s")
     return "\n".join(lines)
 
