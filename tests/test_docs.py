@@ -1,13 +1,14 @@
 """The documentation's commands exist: every flag a page shows is one its entry point accepts.
 
-A documented command is a line of a fenced code block, or an inline `code` span, in README.md, docs/*.md or
-notebooks/README.md, that starts with `python `, `python3 `, `torchrun ` or `bash .ci/` (also after
-`VAR=value` and after `&&`). Its entry point is a script (`train_ldm.py`), a module (`-m tinyldm.course`,
-with a sub-command such as `student` when the module has them) or torchrun (its own flags, then the script's).
-Each entry point's `--help` runs once, in a subprocess from the repository root, and every `--flag` of the
-command must be an option of that help text. `bash .ci/gpu_check STAGE` takes only the stages the script knows.
-The file map (docs/files.md, which the README links) must name files that exist, and every module of the
-package; the pages' relative links and images must point at files (and headings) that exist.
+A documented command is a line of a fenced code block, or an inline `code` span, in README.md,
+docs/*.md or notebooks/README.md, that starts with `python `, `python3 `, `torchrun ` or `bash .ci/`
+(also after `VAR=value` and after `&&`). Its entry point is a script (`train_ldm.py`), a module
+(`-m tinyldm.course`, with a sub-command such as `student` when the module has them) or torchrun
+(its own flags, then the script's). Each entry point's `--help` runs once, in a subprocess from the
+repository root, and every `--flag` of the command must be an option of that help text.
+`bash .ci/gpu_check STAGE` takes only the stages the script knows. The file map (docs/files.md,
+which the README links) must name files that exist, and every module of the package; the pages'
+relative links and images must point at files (and headings) that exist.
 """
 
 import importlib.util
@@ -22,14 +23,16 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "notebooks" / "README.md"]
-FILE_MAP = ROOT / "docs" / "files.md"  # every file, one row each (the README keeps a short map of the folders)
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")),
+         ROOT / "notebooks" / "README.md"]
+# every file, one row each (the README keeps a short map of the folders)
+FILE_MAP = ROOT / "docs" / "files.md"
 GPU_CHECK_STAGES = ("fetch", "1", "2", "3", "4")  # the cases of .ci/gpu_check
 SEPARATORS = {"&&", "||", ";", "|"}
 FLAG = re.compile(r"--[A-Za-z0-9][\w-]*")
 
 
-# --- finding the commands ------------------------------------------------------------------------------------
+# --- finding the commands -------------------------------------------------------------------------
 
 def commands_in(text: str) -> list[tuple[int, list[str]]]:
     """(line number, tokens) of every command in a markdown text, one per `&&`-separated part."""
@@ -42,7 +45,8 @@ def commands_in(text: str) -> list[tuple[int, list[str]]]:
             prose.append("")
         elif fenced:
             start = i
-            while line.endswith("\\") and i + 1 < len(lines):  # a command continued on the next line
+            # a command continued on the next line
+            while line.endswith("\\") and i + 1 < len(lines):
                 i += 1
                 line = line[:-1] + " " + lines[i].strip()
                 prose.append("")
@@ -52,7 +56,8 @@ def commands_in(text: str) -> list[tuple[int, list[str]]]:
             prose.append(lines[i])
         i += 1
     text = "\n".join(prose)  # fenced lines blanked, so line numbers still count
-    for m in re.finditer(r"(?<!`)`([^`\n]+(?:\n[^`\n]+)?)`(?!`)", text):  # a span may cross one line break
+    # a span may cross one line break
+    for m in re.finditer(r"(?<!`)`([^`\n]+(?:\n[^`\n]+)?)`(?!`)", text):
         candidates.append((text.count("\n", 0, m.start()) + 1, " ".join(m.group(1).split())))
     found = []
     for lineno, line in candidates:
@@ -84,23 +89,25 @@ def documented_commands() -> list[tuple[str, list[str]]]:
             for page in PAGES for lineno, tokens in commands_in(page.read_text(encoding="utf-8"))]
 
 
-# --- what an entry point accepts -----------------------------------------------------------------------------
+# --- what an entry point accepts ------------------------------------------------------------------
 
 @cache
 def help_text(argv: tuple[str, ...]) -> str:
     """The `--help` output of `python <argv>` run from the repository root."""
-    out = subprocess.run([sys.executable, *argv, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=180)
+    out = subprocess.run([sys.executable, *argv, "--help"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=180)
     assert out.returncode == 0, f"python {' '.join(argv)} --help failed:\n{out.stderr[-2000:]}"
     return out.stdout
 
 
 def accepted_flags(text: str) -> set[str]:
-    """The options of an argparse-style help text: those in the usage block and those that start an option
-    line (both spellings of `--a-b, --a_b`), never words of the description."""
+    """The options of an argparse-style help text: those in the usage block and those that start an
+    option line (both spellings of `--a-b, --a_b`), never words of the description."""
     usage = text.split("\n\n", 1)[0]
     flags = set(FLAG.findall(usage))
     lines = text.splitlines()
-    headers = [i for i, line in enumerate(lines) if line.rstrip() in ("options:", "optional arguments:")]
+    headers = [i for i, line in enumerate(lines)
+               if line.rstrip() in ("options:", "optional arguments:")]
     for line in lines[headers[0] if headers else 0:]:
         if re.match(r"\s{2,}-", line):
             flags.update(FLAG.findall(re.split(r"\s{2,}", line.strip())[0]))
@@ -136,7 +143,8 @@ def python_entry(tokens: list[str]) -> tuple[tuple[str, ...] | None, list[str], 
 
 
 def split_torchrun(tokens: list[str]) -> tuple[list[str], list[str]]:
-    """torchrun's own flags, and the script's command as `python script.py ...` (empty without a script)."""
+    """torchrun's own flags, and the script's command as `python script.py ...` (empty without a
+    script)."""
     scripts = [i for i, t in enumerate(tokens) if t.endswith(".py")]
     if not scripts:
         return [t for t in tokens[1:] if t.startswith("--")], []
@@ -144,7 +152,8 @@ def split_torchrun(tokens: list[str]) -> tuple[list[str], list[str]]:
 
 
 def check(tokens: list[str]) -> list[str]:
-    """What is wrong with a documented command: unknown flags, entry points, sub-commands or stages."""
+    """What is wrong with a documented command: unknown flags, entry points, sub-commands or
+    stages."""
     if tokens[0] == "bash":
         if not (ROOT / tokens[1]).is_file():
             return [f"no script {tokens[1]}"]
@@ -160,7 +169,8 @@ def check(tokens: list[str]) -> list[str]:
     argv, rest, problems = python_entry(tokens)
     if argv is None:
         return problems
-    if rest and not rest[0].startswith("-"):  # a positional: a sub-command, if the entry point has them
+    # a positional: a sub-command, if the entry point has them
+    if rest and not rest[0].startswith("-"):
         choices = sub_commands(help_text(argv))
         if choices and rest[0] not in choices:
             return [f"{' '.join(argv)}: no sub-command {rest[0]!r} (has {sorted(choices)})"]
@@ -188,14 +198,15 @@ def help_argvs(tokens: list[str]) -> set[tuple[str, ...]]:
     return argvs | ({argv} if argv is not None else set())
 
 
-# --- the tests -----------------------------------------------------------------------------------------------
+# --- the tests ------------------------------------------------------------------------------------
 
 COMMANDS = documented_commands()
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _help_texts_in_parallel():
-    """Each help starts Python and imports torch: run them side by side once; the tests read the cache."""
+    """Each help starts Python and imports torch: run them side by side once; the tests read the
+    cache."""
     argvs = set().union(*(help_argvs(tokens) for _, tokens in COMMANDS))
     with ThreadPoolExecutor(max_workers=4) as pool:
         list(pool.map(help_text, sorted(argvs)))
@@ -204,7 +215,8 @@ def _help_texts_in_parallel():
 def test_the_pages_show_commands():
     where = {w.split(":")[0] for w, _ in COMMANDS}
     assert "README.md" in where and len(COMMANDS) >= 40, sorted(where)
-    assert any(t[0] == "torchrun" for _, t in COMMANDS) and any(t[:2] == ["bash", ".ci/gpu_check"] for _, t in COMMANDS)
+    assert (any(t[0] == "torchrun" for _, t in COMMANDS)
+            and any(t[:2] == ["bash", ".ci/gpu_check"] for _, t in COMMANDS))
 
 
 @pytest.mark.parametrize("where, tokens", COMMANDS, ids=[w for w, _ in COMMANDS])
@@ -237,8 +249,10 @@ def test_a_wrong_flag_in_a_documented_command_is_caught(prefix, bad):
 def test_a_wrong_torchrun_flag_is_checked_against_torchrun():
     tokens = first_documented(["torchrun"])
     script = [i for i, t in enumerate(tokens) if t.endswith(".py")][0]
-    assert check([*tokens[:script], "--nproc-per-node=2", *tokens[script:]]) == []  # torchrun takes both spellings
-    assert check([*tokens[:script], "--preset", "shapes", *tokens[script:]]) == ["--preset"]  # the script's flag
+    # torchrun takes both spellings
+    assert check([*tokens[:script], "--nproc-per-node=2", *tokens[script:]]) == []
+    # the script's flag
+    assert check([*tokens[:script], "--preset", "shapes", *tokens[script:]]) == ["--preset"]
 
 
 @pytest.mark.parametrize("command, problem", [
@@ -255,7 +269,8 @@ def test_a_wrong_entry_point_is_caught(command, problem):
 
 def test_commands_are_found_in_blocks_spans_and_chains():
     text = ("Run `python sample.py --ckpt a.pt\n--n 8` or:\n\n```bash\n"
-            "pip install -e . && python train_ae.py --smoke \\\n    --out x   # a comment --not_a_flag\n"
+            "pip install -e . && python train_ae.py --smoke \\\n"
+            "    --out x   # a comment --not_a_flag\n"
             "DRY=1 bash .ci/gpu_check 1\necho python\n```\n")
     assert commands_in(text) == [
         (5, ["python", "train_ae.py", "--smoke", "--out", "x"]),
@@ -264,7 +279,7 @@ def test_commands_are_found_in_blocks_spans_and_chains():
     ]
 
 
-# --- the file map --------------------------------------------------------------------------------------------
+# --- the file map ---------------------------------------------------------------------------------
 
 def file_map_paths(page: str) -> list[str]:
     """The paths in the first column of a page's "File map" table."""
@@ -283,10 +298,13 @@ def test_file_map_names_existing_files():
 
 def test_file_map_names_every_module_and_script():
     named = set(file_map_paths(FILE_MAP.read_text(encoding="utf-8")))
-    modules = {p.relative_to(ROOT).as_posix() for p in (ROOT / "tinyldm").rglob("*.py") if p.name != "__init__.py"
-               and "tinyldm/course/grading/" not in p.as_posix()}  # the kit's grading tests: named as a folder
+    modules = {p.relative_to(ROOT).as_posix() for p in (ROOT / "tinyldm").rglob("*.py")
+               if p.name != "__init__.py"
+               # the kit's grading tests: named as a folder
+               and "tinyldm/course/grading/" not in p.as_posix()}
     scripts = {p.name for p in ROOT.glob("*.py")}
-    assert modules - named == set() and scripts - named == set(), "missing from docs/files.md's file map"
+    assert modules - named == set() and scripts - named == set(), (
+        "missing from docs/files.md's file map")
 
 
 def test_the_readme_links_the_file_map():
@@ -294,16 +312,19 @@ def test_the_readme_links_the_file_map():
 
 
 def test_file_map_check_catches_a_missing_file():
-    readme = "## File map\n\n| file | what |\n|---|---|\n| `tinyldm/schedule.py` | x |\n| `tinyldm/old.py` | y |\n"
+    readme = ("## File map\n\n| file | what |\n|---|---|\n| `tinyldm/schedule.py` | x |\n"
+              "| `tinyldm/old.py` | y |\n")
     assert file_map_paths(readme) == ["tinyldm/schedule.py", "tinyldm/old.py"]
     assert [p for p in file_map_paths(readme) if not (ROOT / p).exists()] == ["tinyldm/old.py"]
 
 
-# --- links between the pages ---------------------------------------------------------------------------------
+# --- links between the pages ----------------------------------------------------------------------
 
 def heading_anchors(markdown: str) -> set[str]:
-    """GitHub's anchors for a page's headings: lower case, punctuation dropped, spaces as hyphens."""
-    headings = re.findall(r"^#+ (.+)$", re.sub(r"^```.*?^```", "", markdown, flags=re.M | re.S), re.M)
+    """GitHub's anchors for a page's headings: lower case, punctuation dropped, spaces as
+    hyphens."""
+    headings = re.findall(r"^#+ (.+)$", re.sub(r"^```.*?^```", "", markdown, flags=re.M | re.S),
+                          re.M)
     return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
 
 
@@ -318,7 +339,8 @@ def broken_links(page: Path) -> list[str]:
         file = (page.parent / path).resolve() if path else page
         if not file.exists():
             broken.append(target)
-        elif anchor and file.suffix == ".md" and anchor not in heading_anchors(file.read_text(encoding="utf-8")):
+        elif (anchor and file.suffix == ".md"
+              and anchor not in heading_anchors(file.read_text(encoding="utf-8"))):
             broken.append(target)
     return broken
 
@@ -331,5 +353,6 @@ def test_links_and_images_resolve(page):
 def test_a_broken_link_is_caught(tmp_path):
     (tmp_path / "a.png").write_bytes(b"")
     page = tmp_path / "page.md"
-    page.write_text("# Quick start (Fig. 1)\n![x](a.png) [ok](#quick-start-fig-1) [gone](b.md) [anchor](#nowhere)\n")
+    page.write_text("# Quick start (Fig. 1)\n"
+                    "![x](a.png) [ok](#quick-start-fig-1) [gone](b.md) [anchor](#nowhere)\n")
     assert broken_links(page) == ["b.md", "#nowhere"]

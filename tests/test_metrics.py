@@ -37,7 +37,8 @@ def test_sqrtm_squares_back():
 
 
 def test_frechet_distance_of_diagonal_gaussians_is_the_closed_form():
-    """Commuting (diagonal) covariances: d^2 = |mu1 - mu2|^2 + sum_i (s1_i - s2_i)^2 with s the std devs."""
+    """Commuting (diagonal) covariances: d^2 = |mu1 - mu2|^2 + sum_i (s1_i - s2_i)^2 with s the std
+    devs."""
     mu1, mu2 = torch.tensor([0.0, 1.0, -2.0]), torch.tensor([1.0, 1.0, 0.5])
     s1, s2 = torch.tensor([1.0, 2.0, 0.5]), torch.tensor([3.0, 0.5, 0.5])
     expected = (mu1 - mu2).square().sum() + (s1 - s2).square().sum()
@@ -46,8 +47,8 @@ def test_frechet_distance_of_diagonal_gaussians_is_the_closed_form():
 
 
 def test_frechet_distance_with_non_commuting_covariances():
-    """Against Tr(S1 + S2 - 2 (S1 S2)^(1/2)) computed with an independent square root of the non-symmetric
-    product S1 S2 (the textbook form), and the metric's basic properties."""
+    """Against Tr(S1 + S2 - 2 (S1 S2)^(1/2)) computed with an independent square root of the
+    non-symmetric product S1 S2 (the textbook form), and the metric's basic properties."""
     a, b = random_spd(5, 1), random_spd(5, 2)
     assert not torch.allclose(a @ b, b @ a)
     mu = torch.zeros(5, dtype=torch.float64)
@@ -88,14 +89,16 @@ def test_kernel_distance_is_the_unbiased_mmd():
 
 
 def test_kernel_distance_is_unbiased_and_grows_with_the_shift():
-    """Same distribution: the estimate averages to 0 (it goes negative half the time); shifted: positive."""
+    """Same distribution: the estimate averages to 0 (it goes negative half the time); shifted:
+    positive."""
     g = torch.Generator().manual_seed(1)
-    draws = [kernel_distance(torch.randn(40, 8, generator=g), torch.randn(40, 8, generator=g), subsets=1,
-                             generator=g)[0] for _ in range(300)]
+    draws = [kernel_distance(torch.randn(40, 8, generator=g), torch.randn(40, 8, generator=g),
+                             subsets=1, generator=g)[0] for _ in range(300)]
     mean, se = sum(draws) / len(draws), torch.tensor(draws).std().item() / math.sqrt(len(draws))
     assert abs(mean) < 3 * se and min(draws) < 0
-    shifts = [kernel_distance(torch.randn(200, 8, generator=g), torch.randn(200, 8, generator=g) + s,
-                              subsets=5, generator=g)[0] for s in (0.25, 0.5, 1.0)]
+    shifts = [kernel_distance(torch.randn(200, 8, generator=g),
+                              torch.randn(200, 8, generator=g) + s, subsets=5, generator=g)[0]
+              for s in (0.25, 0.5, 1.0)]
     assert 0 < shifts[0] < shifts[1] < shifts[2]
 
 
@@ -107,7 +110,8 @@ def test_precision_and_recall():
     assert p > 0.9 and r > 0.9
     far = torch.randn(400, 2, generator=g) + 20
     assert precision_recall(real, far) == (0.0, 0.0)
-    collapsed = 0.1 * torch.randn(400, 2, generator=g)  # every sample near the mode: precise, poor recall
+    # every sample near the mode: precise, poor recall
+    collapsed = 0.1 * torch.randn(400, 2, generator=g)
     p, r = precision_recall(real, collapsed)
     assert p > 0.95 and r < 0.3
     with pytest.raises(ValueError, match="more than 3"):

@@ -1,18 +1,21 @@
-"""Every notebook runs top to bottom in smoke mode (SMOKE=1), and is committed with a full run's outputs."""
+"""Every notebook runs top to bottom in smoke mode (SMOKE=1), and is committed with a full run's
+outputs."""
 
 from pathlib import Path
 
 import pytest
 
-nbformat = pytest.importorskip("nbformat", reason="the notebooks extra: pip install -e '.[notebooks]'")
+nbformat = pytest.importorskip("nbformat",
+                               reason="the notebooks extra: pip install -e '.[notebooks]'")
 pytest.importorskip("nbclient")
 pytest.importorskip("ipykernel")
 pytest.importorskip("matplotlib")
 
 from tinyldm.tools.nbrun import execute, notebook_to_py, py_to_notebook  # noqa: E402
 
-# Every notebook's full run fits 10 minutes on 2 CPU cores, except the experiment that needs training time
-# itself: the compression sweep trains four diffusion models for the same minutes each.
+# Every notebook's full run fits 10 minutes on 2 CPU cores, except the experiment that needs
+# training time itself: the compression sweep trains four diffusion models for the same minutes
+# each.
 LONG_RUNS = {"07_compression_tradeoff": 1500}
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
 MAX_MB = 3.0
@@ -26,12 +29,15 @@ def test_there_are_notebooks():
 def test_notebook_committed_with_full_outputs(path):
     nb = nbformat.read(path, as_version=4)
     run = nb.metadata.get("tinyldm")
-    assert run is not None and run["smoke"] is False, f"{path.name}: run `python -m tinyldm.tools.nbrun {path}` first"
+    assert run is not None and run["smoke"] is False, (
+        f"{path.name}: run `python -m tinyldm.tools.nbrun {path}` first")
     limit = LONG_RUNS.get(path.stem, 600)
-    assert run["wall_seconds"] < limit, f"{path.name}: full run took {run['wall_seconds']} s (target < {limit} s)"
+    assert run["wall_seconds"] < limit, (f"{path.name}: full run took {run['wall_seconds']} s "
+                                         f"(target < {limit} s)")
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert code and all(c.execution_count for c in code), f"{path.name}: cells without outputs"
-    assert [c.execution_count for c in code] == list(range(1, len(code) + 1)), f"{path.name}: not run in order"
+    assert [c.execution_count for c in code] == list(range(1, len(code) + 1)), (
+        f"{path.name}: not run in order")
     errors = [o for c in code for o in c.outputs if o.output_type == "error"]
     assert not errors, f"{path.name}: committed with an error output"
     assert path.stat().st_size < MAX_MB * 1e6, f"{path.name} is {path.stat().st_size / 1e6:.1f} MB"
@@ -44,7 +50,8 @@ def test_notebook_runs_in_smoke_mode(path):
 
 
 def test_percent_format_round_trip():
-    text = "# %% [markdown]\n# # Title\n#\n# Some *text*.\n\n# %%\nx = 1\nprint(x)\n\n# %%\ny = [\n    2,\n]\n"
+    text = ("# %% [markdown]\n# # Title\n#\n# Some *text*.\n\n# %%\nx = 1\nprint(x)\n\n"
+            "# %%\ny = [\n    2,\n]\n")
     nb = py_to_notebook(text)
     assert [c.cell_type for c in nb.cells] == ["markdown", "code", "code"]
     assert nb.cells[0].source == "# Title\n\nSome *text*."

@@ -1,5 +1,6 @@
-"""The second detector (a learned classifier for colour and shape, a foreground centroid for position): it reads
-ground-truth shapes images as the hand-built evaluator does, and it is built from different parts."""
+"""The second detector (a learned classifier for colour and shape, a foreground centroid for
+position): it reads ground-truth shapes images as the hand-built evaluator does, and it is built
+from different parts."""
 
 import pytest
 import torch
@@ -13,14 +14,17 @@ def test_the_foreground_centroid_names_every_grid_cell():
     images = torch.full((9, 3, 30, 30), 0.8)
     for k in range(9):
         r, c = divmod(k, 3)
-        images[k, :, 10 * r + 3:10 * r + 7, 10 * c + 3:10 * c + 7] = torch.tensor([-1.0, 0.5, -0.5])[:, None, None]
+        images[k, :, 10 * r + 3:10 * r + 7,
+               10 * c + 3:10 * c + 7] = torch.tensor([-1.0, 0.5, -0.5])[:, None, None]
     assert foreground_position(images) == list(POSITIONS)
 
 
 @pytest.fixture(scope="module")
 def classifier_and_images():
-    cfg = ShapesConfig(image_size=32, n_train=10_000, n_eval=300)  # what evaluate.py trains it on (~12 s)
-    model, info = train_classifier(ShapesDataset(cfg, "train"), ShapesDataset(cfg, "eval"), 18, steps=600)
+    # what evaluate.py trains it on (~12 s)
+    cfg = ShapesConfig(image_size=32, n_train=10_000, n_eval=300)
+    model, info = train_classifier(ShapesDataset(cfg, "train"), ShapesDataset(cfg, "eval"), 18,
+                                   steps=600)
     assert info["accuracy"] > 0.9
     held_out = ShapesDataset(cfg, "eval")
     items = [held_out[i] for i in range(200)]
@@ -30,17 +34,21 @@ def classifier_and_images():
 def test_both_judges_read_ground_truth_images_alike(classifier_and_images):
     model, images, prompts = classifier_and_images
     r = compare(images, prompts, model)
-    assert r["evaluator"]["all"] > 0.97 and r["second_detector"]["all"] > 0.9 and r["agreement"] > 0.9
+    assert (r["evaluator"]["all"] > 0.97 and r["second_detector"]["all"] > 0.9
+            and r["agreement"] > 0.9)
     assert r["second_detector"]["position"] == 1.0 and r["n"] == 200
 
 
 def test_wrong_prompts_are_judged_wrong(classifier_and_images):
     model, images, prompts = classifier_and_images
-    swapped = [p.replace("circle", "TMP").replace("square", "circle").replace("TMP", "square") for p in prompts]
-    moved = [p.replace("left", "TMP").replace("right", "left").replace("TMP", "right") for p in prompts]
+    swapped = [p.replace("circle", "TMP").replace("square", "circle").replace("TMP", "square")
+               for p in prompts]
+    moved = [p.replace("left", "TMP").replace("right", "left").replace("TMP", "right")
+             for p in prompts]
     v_shape, v_moved = judge(images, swapped, model), judge(images, moved, model)
     triangles = torch.tensor(["triangle" in p for p in prompts])
-    assert v_shape.shape[~triangles].float().mean() < 0.1  # circles called squares and squares circles: wrong
+    # circles called squares and squares circles: wrong
+    assert v_shape.shape[~triangles].float().mean() < 0.1
     sides = torch.tensor([("left" in p or "right" in p) for p in prompts])
     assert not v_moved.position[sides].any() and v_moved.position[~sides].all()
     with pytest.raises(ValueError, match="one-object"):
