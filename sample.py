@@ -1,14 +1,12 @@
-"""Sample images from a trained latent diffusion model (one self-contained checkpoint from train_ldm.py).
+"""Sample images from a trained latent diffusion model (one self-contained train_ldm.py checkpoint).
 
     python sample.py --ckpt runs/ldm-shapes/ldm.pt --prompt "a red circle in the top left" --n 8
-    python sample.py --ckpt runs/ldm-shapes/ldm.pt --prompt "a blue square in the center" --guidance 5 --steps 25
-    python sample.py --ckpt runs/ldm-shapes_class/ldm.pt --class "red circle" --n 16
-    python sample.py --ckpt runs/ldm-celeba64/ldm.pt --n 16 --height 128 --width 128   # beyond training size
-    python sample.py --ckpt runs/ldm-shapes_semantic/ldm.pt --from_eval 8   # layout / map / low-res models
-    python sample.py --ckpt runs/ldm-shapes_semantic/ldm.pt --from_eval 4 --height 64 --width 64   # 2x2 mosaics
-    python sample.py --pretrained CompVis/ldm-celebahq-256 --n 4           # the paper's released model (see below)
-    python sample.py --pretrained CompVis/ldm-super-resolution-4x-openimages --image small.png   # x4 upscaling
-    python sample.py --pretrained CompVis/ldm-text2im-large-256 --prompt "a painting of a squirrel" --guidance 5
+    python sample.py --ckpt runs/ldm-shapes_class/ldm.pt --class "red circle" --n 16 --steps 25
+    python sample.py --ckpt runs/ldm-celeba64/ldm.pt --n 16 --height 128 --width 128  # beyond 64 px
+    python sample.py --ckpt runs/ldm-shapes_semantic/ldm.pt --from_eval 4 --height 64 --width 64
+    python sample.py --pretrained CompVis/ldm-celebahq-256 --n 4  # a released model (see below)
+    python sample.py --pretrained CompVis/ldm-super-resolution-4x-openimages --image small.png  # x4
+    python sample.py --pretrained CompVis/ldm-text2im-large-256 --prompt "a squirrel" --guidance 5
 
 Each --prompt (repeatable) or --class gets --n images; without either, the model samples
 unconditionally. Writes a grid (--out, one row per prompt) and, with --singles, one PNG per image.
@@ -16,12 +14,12 @@ For models trained on the shapes dataset, it also prints the exact evaluator's p
 
 Models that generate from an input (layouts, semantic maps, low-resolution or masked images:
 train_ldm.py's --cond layout and --task semantic / superres / inpaint) take theirs from the first
---from_eval N held-out images; the grid's first row shows the inputs, the second the samples, the last
-the originals. With --height/--width a multiple k of the training size, each input is a k x k mosaic.
+--from_eval N held-out images; the grid's first row shows the inputs, the second the samples, the
+last the originals. With --height/--width k times the training size, each input is a k x k mosaic.
 
---pretrained ID_OR_DIR runs one of the paper's released models (a diffusers-format folder, or a hub id with the
-`pretrained` extra) through tinyldm's own UNet, autoencoder and sampler (`tinyldm.pretrained`); the
-super-resolution model takes its low-resolution input from --image, the text-to-image model --prompt.
+--pretrained ID_OR_DIR runs one of the paper's released models (a diffusers-format folder, or a hub
+id with the `pretrained` extra) through tinyldm's own UNet, autoencoder and sampler
+(`tinyldm.pretrained`); the super-resolution model upscales --image, the text-to-image one --prompt.
 """
 
 from __future__ import annotations
@@ -49,43 +47,46 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--ckpt", help="ldm.pt written by train_ldm.py")
-    what.add_argument("--pretrained", metavar="ID_OR_DIR", help="a released model: hub id or diffusers-format folder")
-    p.add_argument("--image", help="--pretrained super-resolution: the low-resolution image to upscale")
+    what.add_argument("--pretrained", metavar="ID_OR_DIR", help="a released model: hub id or dir")
+    p.add_argument("--image", help="--pretrained super-resolution: the low-res image to upscale")
     p.add_argument("--prompt", action="append", default=[], help="a caption (repeatable)")
-    p.add_argument("--class", dest="class_name", action="append", default=[], help="a class name (repeatable)")
-    p.add_argument("--n", type=int, default=8, help="images per prompt / class (or in all, unconditionally)")
+    p.add_argument("--class", dest="class_name", action="append", default=[], help="(repeatable)")
+    p.add_argument("--n", type=int, default=8, help="images per prompt / class (or in all if none)")
     p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity: 0 deterministic, 1 like DDPM")
-    p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (1 = none)")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity: 0 none, 1 like DDPM")
+    p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance (1: none)")
     p.add_argument("--sampler", choices=list(METHODS), default="ddim",
-                   help="ddim (--eta), ddpm, plms (CompVis' LDM sampler; one extra evaluation) or dpmpp "
-                        "(DPM-Solver++(2M): as good at 5-10 steps as DDIM at 50, docs/samplers.md)")
+                   help="ddim (--eta), ddpm, plms (CompVis' LDM sampler; 1 extra evaluation) or "
+                        "dpmpp (DPM-Solver++(2M): 5-10 steps match DDIM's 50, docs/samplers.md)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--height", type=int, default=None, help="image height in pixels (default: training size)")
+    p.add_argument("--height", type=int, default=None, help="height in px (default: training size)")
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--out", default="samples.png", help="the grid")
-    p.add_argument("--singles", action="store_true", help="also write each image as <out stem>_NNN.png")
+    p.add_argument("--singles", action="store_true", help="also save each as <out stem>_NNN.png")
     p.add_argument("--no_ema", action="store_true", help="use the raw weights instead of the EMA")
     p.add_argument("--from_eval", type=int, default=0, metavar="N",
-                   help="layout / semantic / superres / inpaint models: generate from N held-out inputs")
-    p.add_argument("--data", default=None, help="--from_eval on a folder / celeba / lsun dataset: its path")
+                   help="layout / semantic / superres / inpaint: generate from N held-out inputs")
+    p.add_argument("--data", default=None, help="--from_eval's folder / celeba / lsun data path")
     p.add_argument("--device", default="auto")
     return check_args(p.parse_args(argv))
 
 
 def check_args(args: argparse.Namespace) -> argparse.Namespace:
-    """Refuse, before any work, values that cannot be meant: each check names the flag and the range."""
-    check_sampling_flags(n=args.n, steps=args.steps, eta=args.eta, guidance=args.guidance, seed=args.seed)
+    """Refuse, before any work, values that cannot be meant: each check names flag and range."""
+    check_sampling_flags(n=args.n, steps=args.steps, eta=args.eta, guidance=args.guidance,
+                         seed=args.seed)
     for flag in ("height", "width"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise UsageError(f"--{flag} {getattr(args, flag)}: give a positive size in pixels")
     if args.from_eval < 0:
-        raise UsageError(f"--from_eval {args.from_eval}: give a number of held-out inputs, 1 or more")
+        raise UsageError(f"--from_eval {args.from_eval}: give a number of held-out inputs, "
+                         "1 or more")
     check_writable(args.out, "--out")
     return args
 
 
-def conditions(args: argparse.Namespace, kind: str, class_names: list[str], tokenizer, max_len: int) -> list:
+def conditions(args: argparse.Namespace, kind: str, class_names: list[str], tokenizer,
+               max_len: int) -> list:
     """One entry per image: captions, class ids, or [None]."""
     if kind == "text":
         if args.class_name:
@@ -95,13 +96,15 @@ def conditions(args: argparse.Namespace, kind: str, class_names: list[str], toke
             return [""] * args.n
         for prompt in args.prompt:
             try:
-                tokenizer([prompt], max_len)  # refuses a caption longer than the model's token positions
+                tokenizer([prompt], max_len)  # refuses captions longer than the token positions
             except ValueError as e:
-                raise UsageError(f"--prompt: {e}: this model reads at most {max_len} tokens; shorten the prompt (or "
-                                 "train with a larger --max_tokens)") from None
+                raise UsageError(f"--prompt: {e}: this model reads at most {max_len} tokens; "
+                                 "shorten the prompt (or train with a larger "
+                                 "--max_tokens)") from None
             unknown = tokenizer.unknown_words(prompt)
             if unknown:
-                print(f"warning: {prompt!r} has words the model never saw in training: {unknown} (read as <unk>)")
+                print(f"warning: {prompt!r} has words the model never saw in training: {unknown} "
+                      "(read as <unk>)")
         return [p for p in args.prompt for _ in range(args.n)]
     if kind == "class":
         if args.prompt:
@@ -109,7 +112,8 @@ def conditions(args: argparse.Namespace, kind: str, class_names: list[str], toke
         ids = []
         for name in args.class_name or []:
             if name not in class_names:
-                raise UsageError(f"unknown class {name!r}; this model knows: {', '.join(class_names)}")
+                raise UsageError(f"unknown class {name!r}; this model knows: "
+                                 f"{', '.join(class_names)}")
             ids += [class_names.index(name)] * args.n
         return ids or [len(class_names)] * args.n  # no --class: the null class, i.e. unconditional
     if args.prompt or args.class_name:
@@ -118,7 +122,7 @@ def conditions(args: argparse.Namespace, kind: str, class_names: list[str], toke
 
 
 def check_size(H: int, W: int, ae, denoiser) -> int:
-    """Refuse an image size the autoencoder or the UNet cannot produce; returns the autoencoder's factor f."""
+    """Refuse sizes the autoencoder or UNet cannot produce; returns the autoencoder's factor f."""
     f = ae.downsample_factor
     if H % f or W % f:
         raise UsageError(f"--height/--width must be multiples of the autoencoder's factor f={f}")
@@ -129,7 +133,7 @@ def check_size(H: int, W: int, ae, denoiser) -> int:
 
 
 def prompt_faithfulness(prompts: list[str], images: torch.Tensor, captions: list[str]) -> dict:
-    """The shapes evaluator's score of text-to-image samples ({} when a prompt is not a shapes caption)."""
+    """The shapes evaluator's score of text-to-image samples ({} for a non-shapes prompt)."""
     try:
         for prompt in prompts:
             parse_prompt(prompt)
@@ -156,38 +160,36 @@ def main(argv: list[str] | None = None) -> dict:
     if kind == "layout" or task != "generate":
         if not args.from_eval:
             what = "layouts" if kind == "layout" else f"its {task} input"
-            raise UsageError(f"this model generates from {what}: pass --from_eval N to use the first N held-out inputs")
+            raise UsageError(f"this model generates from {what}: pass --from_eval N to use the "
+                             "first N held-out inputs")
         return sample_from_inputs(args, ckpt, denoiser, schedule, ae, diffusion, device)
     if args.from_eval:
-        raise UsageError("--from_eval is for layout / semantic / superres / inpaint models; this one takes --prompt / "
-                         "--class")
+        raise UsageError("--from_eval is for layout / semantic / superres / inpaint models; "
+                         "this one takes --prompt / --class")
     tokenizer = denoiser.cond.text.tokenizer if kind == "text" else None
     conds = conditions(args, kind, ckpt.get("class_names", []), tokenizer,
                        denoiser.cond.cfg.max_len if kind == "text" else 0)
-
     H, W = args.height or ckpt["image_size"], args.width or ckpt["image_size"]
     f = check_size(H, W, ae, denoiser)
     side = ckpt["image_size"] // f  # the memory estimate, from one probe at the training size
     SamplingEstimate(denoiser, ae, (side, side)).check(
         len(conds), H, W, guided=kind != "none" and args.guidance != 1, device=device,
         step=f * 2 ** (len(denoiser.unet.cfg.channel_mult) - 1))
-
     g = torch.Generator(device).manual_seed(args.seed)
     start = time.perf_counter()
     condition = None if kind == "none" else conds if kind == "text" else torch.tensor(conds)
-    images = generate_in_chunks(denoiser, schedule, ae, condition, len(conds), latent_size=(H // f, W // f),
-                                prediction=diffusion.prediction, steps=args.steps, eta=args.eta,
-                                method=args.sampler, guidance_scale=args.guidance if kind != "none" else 1.0,
-                                generator=g)
+    images = generate_in_chunks(
+        denoiser, schedule, ae, condition, len(conds), latent_size=(H // f, W // f),
+        prediction=diffusion.prediction, steps=args.steps, eta=args.eta, method=args.sampler,
+        guidance_scale=args.guidance if kind != "none" else 1.0, generator=g)
     seconds = time.perf_counter() - start
     out = save_image_grid(images, args.out, nrow=args.n if args.n <= 16 else 16)
     if args.singles:
         for j, img in enumerate(images):
             save_image_grid(img[None], out.with_name(f"{out.stem}_{j:03d}.png"), nrow=1, pad=0)
-    print(f"{len(images)} images ({H}x{W}) in {seconds:.2f} s: {seconds / len(images) * 1000:.0f} ms per image "
-          f"({args.sampler}, {args.steps} steps, guidance {args.guidance if kind != 'none' else 'none'}, "
-          f"device {device}) "
-          f"-> {out}")
+    print(f"{len(images)} images ({H}x{W}) in {seconds:.2f} s: "
+          f"{seconds / len(images) * 1000:.0f} ms per image ({args.sampler}, {args.steps} steps, "
+          f"guidance {args.guidance if kind != 'none' else 'none'}, device {device}) -> {out}")
     result = {"images": len(images), "seconds_per_image": seconds / len(images), "grid": str(out)}
     if kind == "text" and args.prompt and ckpt["train_config"].get("dataset") == "shapes":
         result.update(prompt_faithfulness(args.prompt, images, conds))
