@@ -1,7 +1,7 @@
 """What sample.py does beyond drawing from a checkpoint's own conditions, out of the reader's way:
-`sample_from_inputs` (--from_eval: models that generate from held-out layouts, semantic maps, low-resolution or
-masked images, shown inputs | samples | originals and scored) and `sample_pretrained` (--pretrained: the
-paper's released models through tinyldm's own modules).
+`sample_from_inputs` (--from_eval: models that generate from held-out layouts, semantic maps,
+low-resolution or masked images, shown inputs | samples | originals and scored) and
+`sample_pretrained` (--pretrained: the paper's released models through tinyldm's own modules).
 """
 
 from __future__ import annotations
@@ -14,37 +14,52 @@ import torch
 from ..cli import UsageError
 from ..data.image_conditions import masked_image, tile, untile, upsample_bicubic
 from ..data.shapes import seg_palette
-from ..data.tasks import TaskSpec, data_configs, generate_from_items, heldout_items, scorable, score_items
+from ..data.tasks import (
+    TaskSpec,
+    data_configs,
+    generate_from_items,
+    heldout_items,
+    scorable,
+    score_items,
+)
 from ..evaluation.viz import label_image, save_image_grid
 from ..training.flags import check_sampling_steps
 from ..training.memory import SamplingEstimate
 
 
-def sample_from_inputs(args: argparse.Namespace, ckpt: dict, denoiser, schedule, ae, diffusion, device) -> dict:
-    """Generate from held-out layouts / maps / low-res / masked images, show inputs | samples | originals, score."""
+def sample_from_inputs(args: argparse.Namespace, ckpt: dict, denoiser, schedule, ae, diffusion,
+                       device) -> dict:
+    """Generate from held-out layouts / maps / low-res / masked images, show inputs | samples |
+    originals, score."""
     train = ckpt["train_config"]
     spec = TaskSpec.from_config(train)
     size = train["image_size"]
     H, W = args.height or size, args.width or size
-    k = H // size  # beyond the training size: each input is a k x k mosaic of held-out inputs (paper Fig. 9)
+    # beyond the training size: each input is a k x k mosaic of held-out inputs (paper Fig. 9)
+    k = H // size
     if H != W or H % size or (k > 1 and (denoiser.cond.cfg.kind != "none" or not spec.has_concat)):
-        raise UsageError(f"--from_eval samples at the training size ({size}) or, for semantic / superres / inpaint "
-                         f"models without a cross-attended condition, at a square multiple of it ({2 * size}, ...)")
+        raise UsageError(f"--from_eval samples at the training size ({size}) or, for semantic / "
+                         "superres / inpaint models without a cross-attended condition, at a "
+                         f"square multiple of it ({2 * size}, ...)")
     f = ae.downsample_factor
     SamplingEstimate(denoiser, ae, (size // f, size // f)).check(
-        args.from_eval, H, W, guided=denoiser.cond.cfg.kind != "none" and args.guidance != 1, device=device,
-        step=size)
+        args.from_eval, H, W, guided=denoiser.cond.cfg.kind != "none" and args.guidance != 1,
+        device=device, step=size)
     items = heldout_items(spec, *data_configs(train, args.data), args.from_eval * k * k)
     g = torch.Generator(device).manual_seed(args.seed)
     start = time.perf_counter()
-    options = dict(prediction=diffusion.prediction, steps=args.steps, eta=args.eta, method=args.sampler,
-                   guidance_scale=args.guidance if denoiser.cond.cfg.kind != "none" else 1.0, generator=g)
+    options = dict(prediction=diffusion.prediction, steps=args.steps, eta=args.eta,
+                   method=args.sampler,
+                   guidance_scale=args.guidance if denoiser.cond.cfg.kind != "none" else 1.0,
+                   generator=g)
     if k == 1:
-        images = generate_from_items(denoiser, schedule, ae, spec, items, (size // f,) * 2, device, **options)
+        images = generate_from_items(denoiser, schedule, ae, spec, items, (size // f,) * 2, device,
+                                     **options)
     else:  # generate the mosaics at k times the latent size, then cut them back into tiles to score
         spatial = ("image", "seg", "lowres", "mask")
         mosaic = {key: tile(v, k) for key, v in items.items() if key in spatial and v is not None}
-        big = generate_from_items(denoiser, schedule, ae, spec, mosaic, (k * size // f,) * 2, device, **options)
+        big = generate_from_items(denoiser, schedule, ae, spec, mosaic, (k * size // f,) * 2,
+                                  device, **options)
         images = untile(big, k)
     seconds = time.perf_counter() - start
     if spec.task == "semantic":  # the map, each object in its class colour
@@ -60,15 +75,17 @@ def sample_from_inputs(args: argparse.Namespace, ckpt: dict, denoiser, schedule,
         rows = [tile(r, k) for r in rows]
     out = save_image_grid(torch.cat(rows), args.out, nrow=len(rows[0]))
     scores = score_items(spec, items, images) if scorable(spec, train["dataset"]) else {}
-    print(f"{len(images)} images from held-out inputs{f' (in {k}x{k} mosaics of {H}x{W})' if k > 1 else ''} in "
-          f"{seconds:.2f} s (cond={spec.cond}, task={spec.task}) "
-          f"-> {out}; {', '.join(f'{name} {v:.3f}' for name, v in scores.items() if v is not None)}")
-    return {"images": len(images), "seconds_per_image": seconds / len(images), "grid": str(out), **scores}
+    print(f"{len(images)} images from held-out inputs"
+          f"{f' (in {k}x{k} mosaics of {H}x{W})' if k > 1 else ''} in {seconds:.2f} s "
+          f"(cond={spec.cond}, task={spec.task}) -> {out}; "
+          f"{', '.join(f'{name} {v:.3f}' for name, v in scores.items() if v is not None)}")
+    return {"images": len(images), "seconds_per_image": seconds / len(images), "grid": str(out),
+            **scores}
 
 
 def sample_pretrained(args: argparse.Namespace, device: torch.device) -> dict:
-    """--pretrained: n samples of an unconditional release, the x4 upscaling of --image, or n images per --prompt
-    of the text-to-image release (guided by --guidance against the empty prompt)."""
+    """--pretrained: n samples of an unconditional release, the x4 upscaling of --image, or n images
+    per --prompt of the text-to-image release (guided by --guidance against the empty prompt)."""
     from ..pretrained import load
 
     model = load(args.pretrained).to(device)
@@ -78,35 +95,40 @@ def sample_pretrained(args: argparse.Namespace, device: torch.device) -> dict:
         if not args.prompt:
             raise UsageError(f"{args.pretrained} is text-to-image: pass at least one --prompt")
         tokenizer = model.denoiser.cond.tokenizer
-        cut = [p for p, long in zip(args.prompt, tokenizer.truncated(args.prompt), strict=True) if long]
+        cut = [p for p, long in zip(args.prompt, tokenizer.truncated(args.prompt), strict=True)
+               if long]
         if cut:
             print(f"warning: {len(cut)} prompt(s) longer than the model's {tokenizer.max_len} "
                   f"tokens are cut there, as in training: {cut[0][:60]!r}...")
         prompts = [p for p in args.prompt for _ in range(args.n)]
     elif args.prompt:
-        raise UsageError(f"{args.pretrained} takes no --prompt (only the text-to-image release does)")
+        raise UsageError(f"{args.pretrained} takes no --prompt "
+                         "(only the text-to-image release does)")
     if model.denoiser.unet.cfg.concat_channels:
         if not args.image:
             raise UsageError(f"{args.pretrained} upscales an image: pass it with --image PATH")
         import numpy as np
         from PIL import Image
 
-        pixels = torch.from_numpy(np.asarray(Image.open(args.image).convert("RGB"), dtype=np.float32))  # (h, w, 3)
+        pixels = torch.from_numpy(np.asarray(Image.open(args.image).convert("RGB"),
+                                             dtype=np.float32))  # (h, w, 3)
         concat = (pixels.permute(2, 0, 1)[None] / 127.5 - 1).repeat(args.n, 1, 1, 1).to(device)
     elif args.image:
-        raise UsageError(f"{args.pretrained} takes no --image (only the super-resolution release does)")
+        raise UsageError(f"{args.pretrained} takes no --image "
+                         "(only the super-resolution release does)")
     g = torch.Generator(device).manual_seed(args.seed)
     guidance = args.guidance if prompts else 1.0
     start = time.perf_counter()
-    images = model.generate(args.n, prompts=prompts, steps=args.steps, eta=args.eta, method=args.sampler,
-                            guidance_scale=guidance,
+    images = model.generate(args.n, prompts=prompts, steps=args.steps, eta=args.eta,
+                            method=args.sampler, guidance_scale=guidance,
                             concat=concat, generator=g).cpu()
     seconds = time.perf_counter() - start
     out = save_image_grid(images, args.out, nrow=min(len(images), 8) if prompts is None else args.n)
     if args.singles:
         for j, img in enumerate(images):
             save_image_grid(img[None], out.with_name(f"{out.stem}_{j:03d}.png"), nrow=1, pad=0)
-    print(f"{len(images)} images ({images.shape[-2]}x{images.shape[-1]}) from {model.source} in {seconds:.2f} s: "
-          f"{seconds / len(images) * 1000:.0f} ms per image ({args.sampler}, {args.steps} steps"
-          f"{f', guidance {guidance:g}' if prompts else ''}, device {device}) -> {out}")
+    print(f"{len(images)} images ({images.shape[-2]}x{images.shape[-1]}) from {model.source} in "
+          f"{seconds:.2f} s: {seconds / len(images) * 1000:.0f} ms per image ({args.sampler}, "
+          f"{args.steps} steps{f', guidance {guidance:g}' if prompts else ''}, "
+          f"device {device}) -> {out}")
     return {"images": len(images), "seconds_per_image": seconds / len(images), "grid": str(out)}
