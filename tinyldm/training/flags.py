@@ -2,9 +2,9 @@
 
 Flags left unset stay absent from the parsed namespace, so `build_config` can merge layers in order:
 a named preset, then what a checkpoint stored, then what the command line says (`--resume` with a
-larger `--steps` continues a run with its own settings and the new step count). The checks below refuse,
-with the flag to use, what a run would otherwise ignore or get wrong: data flags the dataset does not read, and
-step counts the sampler's spacing cannot place.
+larger `--steps` continues a run with its own settings and the new step count). The checks below
+refuse, with the flag to use, what a run would otherwise ignore or get wrong: data flags the dataset
+does not read, and step counts the sampler's spacing cannot place.
 """
 
 from __future__ import annotations
@@ -56,7 +56,8 @@ def add_config_args(parser: argparse.ArgumentParser, *config_classes: type) -> N
         group = parser.add_argument_group(cls.__name__)
         for f in dataclasses.fields(cls):
             if f.name in seen:
-                raise ValueError(f"config field {f.name!r} is in both {seen[f.name]} and {cls.__name__}")
+                raise ValueError(f"config field {f.name!r} is in both {seen[f.name]} and "
+                                 f"{cls.__name__}")
             seen[f.name] = cls.__name__
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             if default is None:  # `int | None = None`: show the type that can be given
@@ -75,8 +76,9 @@ def config_fields(*config_classes: type) -> set[str]:
 
 
 def build_config(cls: type, *layers: dict) -> Any:
-    """cls(**merged) where later layers (preset, checkpoint, command line) override earlier ones; every value is
-    checked against `FIELD_RULES` first, so that a bad one is refused naming its flag before it reaches torch."""
+    """cls(**merged) where later layers (preset, checkpoint, command line) override earlier ones;
+    every value is checked against `FIELD_RULES` first, so that a bad one is refused naming its flag
+    before it reaches torch."""
     names = {f.name for f in dataclasses.fields(cls)}
     merged: dict = {}
     for layer in layers:
@@ -97,7 +99,8 @@ def _int_at_least(low: int) -> Callable[[Any], bool]:
     return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= low
 
 
-def _in_range(low: float, high: float, *, high_open: bool = False, low_open: bool = False) -> Callable[[Any], bool]:
+def _in_range(low: float, high: float, *, high_open: bool = False,
+              low_open: bool = False) -> Callable[[Any], bool]:
     def ok(v: Any) -> bool:
         if not _finite(v):
             return False
@@ -112,42 +115,50 @@ _FRACTION = (_in_range(0.0, 1.0), "a number in [0, 1]")
 _DECAY = (_in_range(0.0, 1.0, high_open=True), "a number in [0, 1)")
 FIELD_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     **dict.fromkeys(
-        ["image_size", "batch_size", "steps", "log_every", "sample_every", "ckpt_every", "sample_every", "eval_steps",
-         "T", "channels", "num_res_blocks", "head_dim", "transformer_depth", "norm_groups", "base_channels",
-         "z_channels", "n_codes", "text_layers", "text_head_dim", "max_tokens", "disc_channels", "disc_layers",
-         "in_channels", "out_channels", "latent_size", "stats_images", "feature_steps", "sr_factor"], _POSITIVE_INT),
-    **dict.fromkeys(["n_train", "n_eval", "warmup_steps", "ae_steps", "eval_images", "num_workers", "disc_start",
-                     "concat_channels"], _COUNT),
+        ["image_size", "batch_size", "steps", "log_every", "sample_every", "ckpt_every",
+         "sample_every", "eval_steps", "T", "channels", "num_res_blocks", "head_dim",
+         "transformer_depth", "norm_groups", "base_channels", "z_channels", "n_codes",
+         "text_layers", "text_head_dim", "max_tokens", "disc_channels", "disc_layers",
+         "in_channels", "out_channels", "latent_size", "stats_images", "feature_steps",
+         "sr_factor"], _POSITIVE_INT),
+    **dict.fromkeys(["n_train", "n_eval", "warmup_steps", "ae_steps", "eval_images", "num_workers",
+                     "disc_start", "concat_channels"], _COUNT),
     "seed": (lambda v: _int_at_least(0)(v) and v < 2**63, "a whole number in 0 .. 2**63 - 1"),
-    "max_shapes": (lambda v: _int_at_least(1)(v) and v <= 9, "a whole number in 1..9 (one object per grid cell)"),
+    "max_shapes": (lambda v: _int_at_least(1)(v) and v <= 9,
+                   "a whole number in 1..9 (one object per grid cell)"),
     "lr": (_in_range(0.0, 1.0, low_open=True), "a learning rate in (0, 1], e.g. 1e-4"),
     "disc_lr": (_in_range(0.0, 1.0), "a learning rate in [0, 1] (0: the same as --lr)"),
-    **dict.fromkeys(["weight_decay", "grad_clip", "max_minutes", "eval_cfg", "kl_weight", "codebook_weight",
-                     "disc_weight", "perceptual_weight", "vq_beta", "adaptive_max"], _WEIGHT),
+    **dict.fromkeys(["weight_decay", "grad_clip", "max_minutes", "eval_cfg", "kl_weight",
+                     "codebook_weight", "disc_weight", "perceptual_weight", "vq_beta",
+                     "adaptive_max"], _WEIGHT),
     **dict.fromkeys(["lr_min_ratio", "p_uncond", "vq_restart_threshold"], _FRACTION),
     **dict.fromkeys(["ema_decay", "dropout", "adam_beta1", "adam_beta2", "vq_usage_decay"], _DECAY),
     **dict.fromkeys(["beta_start", "beta_end"],
                     (lambda v: v is None or _in_range(0.0, 1.0, low_open=True, high_open=True)(v),
                      "a noise level in (0, 1)")),
-    **dict.fromkeys(["norm_eps", "adaptive_delta"], (_in_range(0.0, 1.0, low_open=True), "a small number > 0")),
-    "channel_mult": (lambda v: isinstance(v, tuple) and len(v) > 0 and all(_int_at_least(1)(m) for m in v),
+    **dict.fromkeys(["norm_eps", "adaptive_delta"],
+                    (_in_range(0.0, 1.0, low_open=True), "a small number > 0")),
+    "channel_mult": (lambda v: isinstance(v, tuple) and len(v) > 0
+                     and all(_int_at_least(1)(m) for m in v),
                      "comma-separated whole numbers >= 1, e.g. 1,2,4"),
     "attn_resolutions": (lambda v: isinstance(v, tuple) and all(_int_at_least(1)(m) for m in v),
                          "comma-separated latent sizes, e.g. 16,8 (or empty)"),
 }
 
 
-# Flags that a resumed run may change: when to stop, what to log, save and evaluate. Every other config flag changes
-# the model, the data, the batch or the optimisation, and a run continued with it would be neither the old run nor
-# a new one.
+# Flags that a resumed run may change: when to stop, what to log, save and evaluate. Every other
+# config flag changes the model, the data, the batch or the optimisation, and a run continued with
+# it would be neither the old run nor a new one.
 RESUME_SAFE = frozenset({
-    "steps", "max_minutes", "log_every", "sample_every", "sample_every", "ckpt_every", "stats_images", "eval_images",
-    "eval_steps", "eval_cfg", "feature_steps", "tensorboard", "check_replicas", "num_workers",
+    "steps", "max_minutes", "log_every", "sample_every", "sample_every", "ckpt_every",
+    "stats_images", "eval_images", "eval_steps", "eval_cfg", "feature_steps", "tensorboard",
+    "check_replicas", "num_workers",
 })
 
 
 def check_resume_overrides(stored: dict, overrides: dict) -> None:
-    """Refuse `--resume` with flags whose values differ from the stored run's (except `RESUME_SAFE`), listing all."""
+    """Refuse `--resume` with flags whose values differ from the stored run's (except
+    `RESUME_SAFE`), listing all."""
 
     def plain(v: Any) -> Any:
         return tuple(v) if isinstance(v, list | tuple) else v
@@ -159,9 +170,9 @@ def check_resume_overrides(stored: dict, overrides: dict) -> None:
                if k in stored and k not in RESUME_SAFE and plain(v) != plain(stored[k])]
     if changed:
         listed = "; ".join(f"--{k} {shown(v)} (the run has {shown(old)})" for k, v, old in changed)
-        raise UsageError(f"--resume with flags that change the run: {listed}. Drop them to continue the run as it "
-                         f"was, or start a new run with another --out (flags that may change: "
-                         f"{', '.join(sorted(RESUME_SAFE))})")
+        raise UsageError(f"--resume with flags that change the run: {listed}. Drop them to "
+                         "continue the run as it was, or start a new run with another --out "
+                         f"(flags that may change: {', '.join(sorted(RESUME_SAFE))})")
 
 
 def check_values(values: dict) -> None:
@@ -174,45 +185,54 @@ def check_values(values: dict) -> None:
 
 
 def default_preset(args: argparse.Namespace) -> argparse.Namespace:
-    """No --preset: "folder" when --data names one (your own images, said on the first line), else "shapes"."""
+    """No --preset: "folder" when --data names one (your own images, said on the first line), else
+    "shapes"."""
     if args.preset is None:
         args.preset = "folder" if args.data else "shapes"
         if args.data:
-            print(f"--data {args.data} without --preset: using the folder preset (32 px, CPU-sized)")
+            print(f"--data {args.data} without --preset: "
+                  "using the folder preset (32 px, CPU-sized)")
     return args
 
 
 def check_data_flags(dataset: str, data: str | None, hflip: bool) -> None:
-    """Refuse a data flag that the chosen dataset would ignore or get wrong, naming the flag to use instead."""
+    """Refuse a data flag that the chosen dataset would ignore or get wrong, naming the flag to use
+    instead."""
     if dataset != "shapes" and data is None:
-        raise SystemExit(f"--dataset {dataset} needs --data PATH: the folder of images (folder), the CelebA root "
-                         "(celeba) or the LSUN folder or LMDB export (lsun)")
+        raise SystemExit(f"--dataset {dataset} needs --data PATH: the folder of images (folder), "
+                         "the CelebA root (celeba) or the LSUN folder or LMDB export (lsun)")
     if dataset == "shapes" and data is not None:
-        raise SystemExit(f"--data {data} would be ignored: the dataset is the built-in shapes (the preset's). "
-                         "Add --dataset folder (or celeba, lsun) to train on those images")
+        raise SystemExit(f"--data {data} would be ignored: the dataset is the built-in shapes "
+                         "(the preset's). Add --dataset folder (or celeba, lsun) to train on "
+                         "those images")
     if dataset == "shapes" and hflip:
-        raise SystemExit("--hflip does not apply to the shapes dataset: its captions, boxes and maps say left and "
-                         "right, which a mirrored image would contradict. Drop --hflip (it is for folder / celeba / "
-                         "lsun)")
+        raise SystemExit("--hflip does not apply to the shapes dataset: its captions, boxes and "
+                         "maps say left and right, which a mirrored image would contradict. Drop "
+                         "--hflip (it is for folder / celeba / lsun)")
 
 
 def check_sampling_flags(*, n: int, steps: int, eta: float, guidance: float, seed: int) -> None:
-    """The sampling flags every tool shares (sample.py, the evaluate command), refused before any work."""
+    """The sampling flags every tool shares (sample.py, the evaluate command), refused before any
+    work."""
     if n < 1:
         raise UsageError(f"--n {n}: ask for at least one image (--n 1 or more)")
     if steps < 1:
-        raise UsageError(f"--steps {steps}: the sampler needs at least one step (50 is the default)")
+        raise UsageError(f"--steps {steps}: the sampler needs at least one step "
+                         "(50 is the default)")
     if not 0.0 <= eta <= 1.0:
-        raise UsageError(f"--eta {eta:g}: DDIM's eta is in [0, 1] (0 deterministic, 1 as stochastic as DDPM)")
+        raise UsageError(f"--eta {eta:g}: DDIM's eta is in [0, 1] "
+                         "(0 deterministic, 1 as stochastic as DDPM)")
     if not math.isfinite(guidance) or guidance < 0:
-        raise UsageError(f"--guidance {guidance:g}: use a scale >= 0 (1 = no guidance, 3-8 typical)")
+        raise UsageError(f"--guidance {guidance:g}: use a scale >= 0 "
+                         "(1 = no guidance, 3-8 typical)")
     if not 0 <= seed < 2**63:
         raise UsageError(f"--seed {seed}: use a seed in 0 .. 2**63 - 1")
 
 
 def check_sampling_steps(T: int, steps: int, flag: str = "--steps") -> None:
-    """The sampler's timestep sequence for `steps` steps of a T-step schedule, refused up front with the flag's
-    name instead of failing after training or loading (see `tinyldm.ddim.make_timesteps`)."""
+    """The sampler's timestep sequence for `steps` steps of a T-step schedule, refused up front with
+    the flag's name instead of failing after training or loading (see
+    `tinyldm.ddim.make_timesteps`)."""
     from tinyldm.ddim import make_timesteps
 
     try:
