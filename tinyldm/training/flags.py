@@ -116,11 +116,10 @@ _DECAY = (_in_range(0.0, 1.0, high_open=True), "a number in [0, 1)")
 FIELD_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     **dict.fromkeys(
         ["image_size", "batch_size", "steps", "log_every", "sample_every", "ckpt_every",
-         "sample_every", "eval_steps", "T", "channels", "num_res_blocks", "head_dim",
-         "transformer_depth", "norm_groups", "base_channels", "z_channels", "n_codes",
-         "text_layers", "text_head_dim", "max_tokens", "disc_channels", "disc_layers",
-         "in_channels", "out_channels", "latent_size", "stats_images", "feature_steps",
-         "sr_factor"], _POSITIVE_INT),
+         "eval_steps", "T", "channels", "num_res_blocks", "head_dim", "transformer_depth",
+         "norm_groups", "base_channels", "z_channels", "n_codes", "text_layers", "text_head_dim",
+         "max_tokens", "disc_channels", "disc_layers", "in_channels", "out_channels", "latent_size",
+         "stats_images", "feature_steps", "sr_factor"], _POSITIVE_INT),
     **dict.fromkeys(["n_train", "n_eval", "warmup_steps", "ae_steps", "eval_images", "num_workers",
                      "disc_start", "concat_channels"], _COUNT),
     "seed": (lambda v: _int_at_least(0)(v) and v < 2**63, "a whole number in 0 .. 2**63 - 1"),
@@ -150,9 +149,9 @@ FIELD_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
 # config flag changes the model, the data, the batch or the optimisation, and a run continued with
 # it would be neither the old run nor a new one.
 RESUME_SAFE = frozenset({
-    "steps", "max_minutes", "log_every", "sample_every", "sample_every", "ckpt_every",
-    "stats_images", "eval_images", "eval_steps", "eval_cfg", "feature_steps", "tensorboard",
-    "check_replicas", "num_workers",
+    "steps", "max_minutes", "log_every", "sample_every", "ckpt_every", "stats_images",
+    "eval_images", "eval_steps", "eval_cfg", "feature_steps", "tensorboard", "check_replicas",
+    "num_workers",
 })
 
 
