@@ -4,7 +4,8 @@ import torch
 
 
 def randomise(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Every parameter drawn (norm weights around 1, biases around 0): defaults would hide a swapped layer."""
+    """Every parameter drawn (norm weights around 1, biases around 0): defaults would hide a swapped
+    layer."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in module.parameters():
@@ -15,10 +16,12 @@ def randomise(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return module
 
 
-def tiny_unet(context_dim: int | None = None, channels: int = 3, seed: int = 0, fused_attention: bool = True):
+def tiny_unet(context_dim: int | None = None, channels: int = 3, seed: int = 0,
+              fused_attention: bool = True):
     from tinyldm.unet import UNet, UNetConfig
 
     torch.manual_seed(seed)
     return UNet(UNetConfig(in_channels=channels, out_channels=channels, latent_size=8, channels=32,
-                           channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8, 4), head_dim=16,
-                           context_dim=context_dim, norm_groups=8, fused_attention=fused_attention))
+                           channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8, 4),
+                           head_dim=16, context_dim=context_dim, norm_groups=8,
+                           fused_attention=fused_attention))

@@ -1,5 +1,5 @@
-"""attention, hidden: a UNet built with fused_attention=False runs the student's attention, and trains like the
-fused kernel."""
+"""attention, hidden: a UNet built with fused_attention=False runs the student's attention, and
+trains like the fused kernel."""
 
 import torch
 import torch.nn.functional as F
@@ -13,11 +13,13 @@ def test_the_unet_runs_this_attention_when_told(monkeypatch):
     explicit_unet = tiny_unet(context_dim=16, fused_attention=False).eval()
     explicit_unet.load_state_dict(unet.state_dict())
     g = torch.Generator().manual_seed(2)
-    x, t, context = torch.randn(2, 3, 8, 8, generator=g), torch.tensor([10, 700]), torch.randn(2, 5, 16, generator=g)
+    x, t = torch.randn(2, 3, 8, 8, generator=g), torch.tensor([10, 700])
+    context = torch.randn(2, 5, 16, generator=g)
     mask = torch.tensor([[True] * 5, [True] * 2 + [False] * 3])
     calls = []
     original = blocks.attention_weights
-    monkeypatch.setattr(blocks, "attention_weights", lambda *a, **k: calls.append(1) or original(*a, **k))
+    counted = lambda *a, **k: calls.append(1) or original(*a, **k)  # noqa: E731
+    monkeypatch.setattr(blocks, "attention_weights", counted)
     with torch.no_grad():
         fused = unet(x, t, context=context, context_mask=mask)
         assert not calls
@@ -33,9 +35,11 @@ def test_a_short_training_run_with_this_attention_matches_the_fused_kernel():
         table = torch.randn(4, 1, 16, generator=g)  # one context token per class
         losses = []
         for _ in range(25):
-            x, labels = torch.randn(16, 3, 8, 8, generator=g), torch.randint(0, 4, (16,), generator=g)
+            x = torch.randn(16, 3, 8, 8, generator=g)
+            labels = torch.randint(0, 4, (16,), generator=g)
             target = x * 0.5 + labels.float().view(16, 1, 1, 1) / 4
-            loss = F.mse_loss(unet(x, torch.randint(0, 1000, (16,), generator=g), context=table[labels]), target)
+            t = torch.randint(0, 1000, (16,), generator=g)
+            loss = F.mse_loss(unet(x, t, context=table[labels]), target)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -43,4 +47,5 @@ def test_a_short_training_run_with_this_attention_matches_the_fused_kernel():
         return losses
 
     fused, explicit = run(False), run(True)
-    assert max(abs(a - b) / a for a, b in zip(fused, explicit, strict=True)) < 1e-3, (fused[-3:], explicit[-3:])
+    gap = max(abs(a - b) / a for a, b in zip(fused, explicit, strict=True))
+    assert gap < 1e-3, (fused[-3:], explicit[-3:])

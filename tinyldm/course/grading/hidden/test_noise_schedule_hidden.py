@@ -13,5 +13,5 @@ def test_the_posterior_variance_follows_from_alpha_bar():
     t = np.arange(1, 200)
     want = betas[t] * (1 - ab[t - 1]) / (1 - ab[t])
     x = torch.zeros(1)
-    got = [q_posterior(x, x, s.alpha_bar_value(i), s.alpha_bar_value(i - 1))[1] for i in range(1, 200)]
+    got = [q_posterior(x, x, s.alpha_bar_value(i), s.alpha_bar_value(i - 1))[1] for i in t]
     assert np.allclose(got, want, rtol=1e-5)
