@@ -1,17 +1,18 @@
-"""Memory a job needs, estimated before it starts: a request that cannot fit is refused with the estimate and the
-largest size or batch that does, instead of being killed by the operating system (CPU) or running out of GPU
-memory minutes in.
+"""Memory a job needs, estimated before it starts: a request that cannot fit is refused with the
+estimate and the largest size or batch that does, instead of being killed by the operating system
+(CPU) or running out of GPU memory minutes in.
 
-How. The model runs once on one small input (the size it was trained at) with forward hooks on every module,
-which record what a larger input would hold: the activations (they grow with the number of pixels) and the
-attention matrices that are really held (heads x queries x keys: cross-attention's grows with the pixels;
-self-attention's with their square, but only with the explicit formula of `blocks.explicit_attention`: the
-fused kernel streams over the keys and never holds it). Sampling holds, per image, the UNet's skip
-connections plus a few of its largest activations, and the attention matrix of one layer at a time; training
-keeps every activation for the backward pass, plus four copies of the weights (weights, gradients, Adam's two
-moments) and the EMA's.
-Measured against the peak resident memory of `sample.py` on 2 CPU cores (the quickstart model, guided, 256 to
-1024 px): the estimate is about twice what the run holds above the ~0.7 GiB of Python and torch themselves.
+How. The model runs once on one small input (the size it was trained at) with forward hooks on every
+module, which record what a larger input would hold: the activations (they grow with the number of
+pixels) and the attention matrices that are really held (heads x queries x keys: cross-attention's
+grows with the pixels; self-attention's with their square, but only with the explicit formula of
+`blocks.explicit_attention`: the fused kernel streams over the keys and never holds it). Sampling
+holds, per image, the UNet's skip connections plus a few of its largest activations, and the
+attention matrix of one layer at a time; training keeps every activation for the backward pass, plus
+four copies of the weights (weights, gradients, Adam's two moments) and the EMA's.
+Measured against the peak resident memory of `sample.py` on 2 CPU cores (the quickstart model,
+guided, 256 to 1024 px): the estimate is about twice what the run holds above the ~0.7 GiB of Python
+and torch themselves.
 A request is refused above `HEADROOM` of the free memory.
 """
 
@@ -31,8 +32,8 @@ HEADROOM = 0.9  # the share of the free memory a job may be estimated to need
 
 
 def available_bytes(device: torch.device) -> int | None:
-    """Free memory on `device`: CUDA's free memory, the CPU's MemAvailable (Linux; physical memory elsewhere);
-    None where it cannot be known (mps)."""
+    """Free memory on `device`: CUDA's free memory, the CPU's MemAvailable (Linux; physical memory
+    elsewhere); None where it cannot be known (mps)."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(free)
@@ -53,14 +54,17 @@ def available_bytes(device: torch.device) -> int | None:
 
 @dataclass
 class Profile:
-    """What one input of `pixels` positions holds, in bytes, split by how each part grows with the pixels."""
+    """What one input of `pixels` positions holds, in bytes, split by how each part grows with the
+    pixels."""
 
     pixels: int
     activations: int       # every module output (what training keeps for backward)
-    working: int           # what inference holds at once: the skip connections + the 4 largest outputs
+    working: int           # what inference holds at once: the skip connections + the 4 largest
+                           # outputs
     self_attention: int    # the largest self-attention matrix (grows with pixels^2)
     cross_attention: int   # the largest cross-attention matrix (grows with pixels)
-    all_attention: int     # every attention matrix, self + cross, at the probe size (training keeps them)
+    all_attention: int     # every attention matrix, self + cross, at the probe size (training
+                           # keeps them)
     self_share: float      # the part of all_attention that is self-attention
 
     def inference(self, pixels: int) -> float:
@@ -83,8 +87,9 @@ def _bytes(t: object) -> int:
 
 @torch.no_grad()
 def profile(model: nn.Module, run, pixels: int, skips: list[nn.Module] = ()) -> Profile:
-    """Run `run()` (one input, batch 1, `pixels` positions) with hooks on every module of `model`; `skips` are the
-    modules whose outputs inference keeps until later (a UNet's skip connections)."""
+    """Run `run()` (one input, batch 1, `pixels` positions) with hooks on every module of `model`;
+    `skips` are the modules whose outputs inference keeps until later (a UNet's skip
+    connections)."""
     from tinyldm.autoencoder import AttnBlock
     from tinyldm.blocks import Attention
 
@@ -100,10 +105,12 @@ def profile(model: nn.Module, run, pixels: int, skips: list[nn.Module] = ()) -> 
             kept[0] += _bytes(out)
 
     def on_attention(module, args, kwargs):
-        # The fused kernel (F.scaled_dot_product_attention without a mask: flash / memory-efficient on CPU and
-        # CUDA) never holds the (queries x keys) matrix; the explicit formula and masked calls do.
+        # The fused kernel (F.scaled_dot_product_attention without a mask: flash / memory-efficient
+        # on CPU and CUDA) never holds the (queries x keys) matrix; the explicit formula and masked
+        # calls do.
         x = args[0]
-        if isinstance(module, AttnBlock):  # (B, C, H, W): one head over H*W positions, always fused, no mask
+        # (B, C, H, W): one head over H*W positions, always fused, no mask
+        if isinstance(module, AttnBlock):
             return
         context = args[1] if len(args) > 1 else kwargs.get("context")
         explicit = not module.fused
@@ -111,7 +118,8 @@ def profile(model: nn.Module, run, pixels: int, skips: list[nn.Module] = ()) -> 
             return
         n = x.shape[1]
         keys = n if context is None else context.shape[1]
-        size, kind = x.shape[0] * module.heads * n * keys * 4, "self" if context is None else "cross"
+        size, kind = (x.shape[0] * module.heads * n * keys * 4,
+                      "self" if context is None else "cross")
         attn[kind] = max(attn[kind], size)
         attn[f"all_{kind}"] += size
 
@@ -119,7 +127,8 @@ def profile(model: nn.Module, run, pixels: int, skips: list[nn.Module] = ()) -> 
     handles += [m.register_forward_pre_hook(on_attention, with_kwargs=True) for m in model.modules()
                 if isinstance(m, Attention | AttnBlock)]
     modes = {m: m.training for m in model.modules()}
-    model.eval()  # the probe must not change the model: no batch-norm statistics, no codebook usage updates
+    # the probe must not change the model: no batch-norm statistics, no codebook usage updates
+    model.eval()
     try:
         run()
     finally:
@@ -149,7 +158,8 @@ def describe(nbytes: float) -> str:
 
 
 def unet_profile(denoiser, latent_hw: tuple[int, int]) -> Profile:
-    """The profile of the denoiser's UNet on one latent of `latent_hw`, with its condition's context length."""
+    """The profile of the denoiser's UNet on one latent of `latent_hw`, with its condition's context
+    length."""
     unet, (h, w) = denoiser.unet, latent_hw
     device = next(denoiser.parameters()).device
     z = torch.zeros(1, unet.cfg.in_channels, h, w, device=device)
@@ -159,7 +169,8 @@ def unet_profile(denoiser, latent_hw: tuple[int, int]) -> Profile:
         extra["concat"] = torch.zeros(1, unet.cfg.concat_channels, h, w, device=device)
     if unet.cfg.context_dim:
         cfg = denoiser.cond.cfg
-        length = {"text": getattr(cfg, "max_len", 16), "layout": getattr(cfg, "max_objects", 1)}.get(cfg.kind, 1)
+        length = {"text": getattr(cfg, "max_len", 16),
+                  "layout": getattr(cfg, "max_objects", 1)}.get(cfg.kind, 1)
         extra["context"] = torch.zeros(1, length, unet.cfg.context_dim, device=device)
     if unet.class_emb is not None:
         extra["class_labels"] = torch.zeros(1, dtype=torch.long, device=device)
@@ -168,8 +179,8 @@ def unet_profile(denoiser, latent_hw: tuple[int, int]) -> Profile:
 
 
 class SamplingEstimate:
-    """Bytes to sample `n` images of (H, W) pixels with `generate` in chunks of `chunk`, for a denoiser and
-    autoencoder profiled once at the training size."""
+    """Bytes to sample `n` images of (H, W) pixels with `generate` in chunks of `chunk`, for a
+    denoiser and autoencoder profiled once at the training size."""
 
     def __init__(self, denoiser, ae, latent_hw: tuple[int, int]):
         self.f = ae.downsample_factor
@@ -186,15 +197,16 @@ class SamplingEstimate:
 
     def check(self, n: int, H: int, W: int, *, guided: bool, device: torch.device, chunk: int = 64,
               step: int = 8) -> float:
-        """Refuse (UsageError) a request whose estimate exceeds the free memory, naming the largest --n at this
-        size and the largest square size for --n 1 that fit. Returns the estimate."""
+        """Refuse (UsageError) a request whose estimate exceeds the free memory, naming the largest
+        --n at this size and the largest square size for --n 1 that fit. Returns the estimate."""
         need = self.bytes(n, H, W, guided=guided, chunk=chunk)
         free = available_bytes(device)
         if free is None or need <= HEADROOM * free:
             return need
-        fits_n = next((k for k in (64, 32, 16, 8, 4, 2, 1) if k < n and self.bytes(k, H, W, guided=guided,
-                                                                              chunk=chunk) <= HEADROOM * free), 0)
-        low, high = 1, 2**20 // step  # the largest k with a (k * step)^2 image fitting: binary search
+        fits_n = next((k for k in (64, 32, 16, 8, 4, 2, 1) if k < n
+                       and self.bytes(k, H, W, guided=guided, chunk=chunk) <= HEADROOM * free), 0)
+        # the largest k with a (k * step)^2 image fitting: binary search
+        low, high = 1, 2**20 // step
         while low < high:
             k = (low + high + 1) // 2
             if self.bytes(1, k * step, k * step, guided=guided, chunk=chunk) <= HEADROOM * free:
@@ -203,26 +215,27 @@ class SamplingEstimate:
                 high = k - 1
         side = low * step
         lower = f"--n {fits_n} fits at {H}x{W}; " if fits_n else ""
-        raise UsageError(f"sampling {n} image(s) of {H}x{W} needs about {describe(need)}, and {device} has "
-                         f"{describe(free)} free: {lower}at --n 1 the largest square that fits is about "
-                         f"{side}x{side} (--height/--width)")
+        raise UsageError(f"sampling {n} image(s) of {H}x{W} needs about {describe(need)}, and "
+                         f"{device} has {describe(free)} free: {lower}at --n 1 the largest square "
+                         f"that fits is about {side}x{side} (--height/--width)")
 
 
 # ----------------------------------------------------------------------------------------------
 # Training
 
 
-def check_training(name: str, model_bytes: int, per_example: float, batch: int, device: torch.device,
-                   extra: float = 0.0) -> float:
-    """Refuse a training run whose estimate (weights x 5: weights, gradients, Adam's moments, EMA; `per_example`
-    activations per example; `extra`, e.g. a latent cache) exceeds the free memory, naming the largest
-    --batch_size that fits. Returns the estimate."""
+def check_training(name: str, model_bytes: int, per_example: float, batch: int,
+                   device: torch.device, extra: float = 0.0) -> float:
+    """Refuse a training run whose estimate (weights x 5: weights, gradients, Adam's moments, EMA;
+    `per_example` activations per example; `extra`, e.g. a latent cache) exceeds the free memory,
+    naming the largest --batch_size that fits. Returns the estimate."""
     need = 5 * model_bytes + batch * per_example + extra
     free = available_bytes(device)
     if free is None or need <= HEADROOM * free:
         return need
-    fits = math.floor((HEADROOM * free - 5 * model_bytes - extra) / per_example) if per_example else 0
+    fits = (math.floor((HEADROOM * free - 5 * model_bytes - extra) / per_example)
+            if per_example else 0)
     advice = (f"--batch_size {fits} fits" if fits >= 1 else
               "even one example does not fit: use a smaller model (--channels) or image size")
-    raise UsageError(f"training {name} with --batch_size {batch} needs about {describe(need)}, and {device} has "
-                     f"{describe(free)} free: {advice}")
+    raise UsageError(f"training {name} with --batch_size {batch} needs about {describe(need)}, and "
+                     f"{device} has {describe(free)} free: {advice}")
