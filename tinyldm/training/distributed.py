@@ -1,18 +1,20 @@
 """Data parallelism under PyTorch's own launcher: `torchrun --nproc_per_node=N train_ldm.py ...`.
 
-torchrun starts N processes and tells each its place through environment variables (RANK, WORLD_SIZE,
-LOCAL_RANK, MASTER_ADDR / MASTER_PORT); `setup()` reads them and joins the process group (NCCL on GPUs,
-gloo on CPUs). Without torchrun WORLD_SIZE is unset and everything is a plain single process.
+torchrun starts N processes and tells each its place through environment variables (RANK,
+WORLD_SIZE, LOCAL_RANK, MASTER_ADDR / MASTER_PORT); `setup()` reads them and joins the process group
+(NCCL on GPUs, gloo on CPUs). Without torchrun WORLD_SIZE is unset and everything is a plain single
+process.
 
 The conventions the training scripts follow:
-* `--batch_size` is the *global* batch: each step takes the same global batch as a single process would
-  (a pure function of the step) and each process trains on every world-th example of it. DDP averages
-  the gradients, so one step equals one single-process step on the global batch, and `--resume` works
-  with any number of processes.
-* The random draws of a step (timesteps, noise, condition dropout, flips, masks) are made for the whole
-  global batch from a generator seeded by the step, identically in every process, and sliced the same way.
-* Rank 0 alone writes: checkpoints, logs, sample grids, the evaluation; it also builds the latent cache,
-  which the others then read.
+* `--batch_size` is the *global* batch: each step takes the same global batch as a single process
+  would (a pure function of the step) and each process trains on every world-th example of it. DDP
+  averages the gradients, so one step equals one single-process step on the global batch, and
+  `--resume` works with any number of processes.
+* The random draws of a step (timesteps, noise, condition dropout, flips, masks) are made for the
+  whole global batch from a generator seeded by the step, identically in every process, and sliced
+  the same way.
+* Rank 0 alone writes: checkpoints, logs, sample grids, the evaluation; it also builds the latent
+  cache, which the others then read.
 """
 
 from __future__ import annotations
@@ -44,7 +46,8 @@ class World:
             dist.barrier()
 
     def mean(self, value: torch.Tensor) -> float:
-        """The mean of a scalar over the processes (each holds the mean of an equal share of the batch)."""
+        """The mean of a scalar over the processes (each holds the mean of an equal share of the
+        batch)."""
         if self.enabled:
             value = value.detach().clone()
             dist.all_reduce(value)
@@ -52,7 +55,8 @@ class World:
         return float(value)
 
     def any(self, flag: bool, device: torch.device) -> bool:
-        """True in every process if it is True in one (e.g. a time budget spent: all stop at the same step)."""
+        """True in every process if it is True in one (e.g. a time budget spent: all stop at the
+        same step)."""
         if not self.enabled:
             return flag
         t = torch.tensor([float(flag)], device=device)
@@ -84,7 +88,8 @@ class World:
                     b /= self.size
 
     def shard(self, x):
-        """This process's share of a global batch: every `size`-th item from `rank` (tensors or lists)."""
+        """This process's share of a global batch: every `size`-th item from `rank` (tensors or
+        lists)."""
         return x[self.rank :: self.size] if self.enabled else x
 
 
@@ -95,7 +100,8 @@ def setup(device_name: str = "auto") -> tuple[World, str]:
     if size == 1:
         return World(), device_name
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    cuda = torch.cuda.is_available() and device_name in ("auto", "cuda") or device_name.startswith("cuda")
+    cuda = (torch.cuda.is_available() and device_name in ("auto", "cuda")
+            or device_name.startswith("cuda"))
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if cuda else "gloo")
     if cuda:
@@ -107,15 +113,15 @@ def setup(device_name: str = "auto") -> tuple[World, str]:
 
 
 def join(device_name: str, batch_size: int) -> tuple[World, torch.device]:
-    """Join the process group when torchrun started us (one process otherwise); this process's device. The
-    global batch must split evenly over the processes."""
+    """Join the process group when torchrun started us (one process otherwise); this process's
+    device. The global batch must split evenly over the processes."""
     from ..cli import UsageError
     from .loop import pick_device
 
     world, device_name = setup(device_name)
     if batch_size % world.size:
-        raise UsageError(f"--batch_size {batch_size} (the global batch) must be divisible by the {world.size} "
-                         "processes")
+        raise UsageError(f"--batch_size {batch_size} (the global batch) must be divisible by the "
+                         f"{world.size} processes")
     return world, pick_device(device_name)
 
 
@@ -125,10 +131,11 @@ def teardown(world: World) -> None:
 
 
 def leave(result: dict) -> None:
-    """End a script's process after `main` returned `result`. A process other than rank 0 has written
-    nothing and has torn its process group down; it leaves at once with `os._exit`, skipping the
-    interpreter's finalisation, where a gloo process whose peer is still finishing can abort
-    ("terminate called without an active exception"). Rank 0 and single-process runs exit normally."""
+    """End a script's process after `main` returned `result`. A process other than rank 0 has
+    written nothing and has torn its process group down; it leaves at once with `os._exit`, skipping
+    the interpreter's finalisation, where a gloo process whose peer is still finishing can abort
+    ("terminate called without an active exception"). Rank 0 and single-process runs exit
+    normally."""
     if isinstance(result, dict) and result.get("rank", 0) != 0:
         sys.stdout.flush()
         sys.stderr.flush()
@@ -136,7 +143,8 @@ def leave(result: dict) -> None:
 
 
 def replica_spread(model: torch.nn.Module, world: World) -> float:
-    """Largest difference between the processes' checksums of the weights (0.0: identical replicas)."""
+    """Largest difference between the processes' checksums of the weights (0.0: identical
+    replicas)."""
     if not world.enabled:
         return 0.0
     total = torch.stack([p.detach().double().square().sum() for p in model.parameters()]).sum()

@@ -1,17 +1,19 @@
-"""What a training loop needs around its step: the device, seeds and random state, the data order, EMA, a log.
+"""What a training loop needs around its step: the device, seeds and random state, the data order,
+EMA, a log.
 
 * `pick_device("auto")`: cuda > mps > cpu;
-* `seed_everything(seed)` seeds Python, numpy and torch; `seed_stream(seed, step, stream)` is the seed of
-  the generator a step draws its randomness from (noise, timesteps, flips, condition drops, masks), so
-  every draw is a function of (seed, step): `--resume` continues exactly, with any number of processes;
+* `seed_everything(seed)` seeds Python, numpy and torch; `seed_stream(seed, step, stream)` is the
+  seed of the generator a step draws its randomness from (noise, timesteps, flips, condition drops,
+  masks), so every draw is a function of (seed, step): `--resume` continues exactly, with any number
+  of processes;
 * `rng_state` / `set_rng_state`: torch (CPU and CUDA), numpy and Python `random`, as plain values;
 * `batch_indices(step, ...)`: the data order as a pure function of the step, which makes `--resume`
   exact without saving a data loader's state;
 * `EMA`: an exponential moving average of a model's weights, with the usual warm-up
   decay_t = min(decay, (1 + t) / (10 + t)) so short runs are not dominated by the random init;
 * `JSONLLogger`: one JSON object per line; on resume it drops records past the resumed step;
-* `GracefulStop`: SIGINT (Ctrl-C) or SIGTERM while training finishes the step, writes a checkpoint and
-  exits with a line saying how to resume; a second signal stops at once.
+* `GracefulStop`: SIGINT (Ctrl-C) or SIGTERM while training finishes the step, writes a checkpoint
+  and exits with a line saying how to resume; a second signal stops at once.
 The loop itself, which uses all of these, is `tinyldm.training.trainer.Trainer`.
 """
 
@@ -52,15 +54,18 @@ def pick_device(name: str = "auto") -> torch.device:
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
-    np.random.seed(seed % 2**32)  # noqa: NPY002 (the legacy global RNG is what third-party code uses)
+    np.random.seed(seed % 2**32)  # noqa: NPY002 (the legacy global RNG is what third-party
+                                  # code uses)
     torch.manual_seed(seed)
 
 
 def seed_stream(seed: int, step: int, stream: int = 0) -> int:
-    """The seed of the generator for stream `stream` of a step's draws, a function of (seed, step) alone.
+    """The seed of the generator for stream `stream` of a step's draws, a function of (seed, step)
+    alone.
 
-    The scripts use stream 1 for the draws made on the device (noise, timesteps, flips), stream 2 for those
-    made on the CPU (condition drops) and stream 0 for inpainting masks; streams 2**40 apart never meet.
+    The scripts use stream 1 for the draws made on the device (noise, timesteps, flips), stream 2
+    for those made on the CPU (condition drops) and stream 0 for inpainting masks; streams 2**40
+    apart never meet.
     """
     return 2**40 * stream + seed * 1_000_003 + step
 
@@ -82,10 +87,12 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     n = state["numpy"]
     keys = n["keys"].numpy().astype(np.uint32)
-    np.random.set_state(("MT19937", keys, n["pos"], n["has_gauss"], n["cached_gaussian"]))  # noqa: NPY002
+    np.random.set_state(("MT19937", keys, n["pos"], n["has_gauss"],  # noqa: NPY002
+                         n["cached_gaussian"]))
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
-    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+    if (state["cuda"] and torch.cuda.is_available()
+            and len(state["cuda"]) == torch.cuda.device_count()):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
@@ -113,7 +120,8 @@ def batch_indices(step: int, *, n: int, batch_size: int, seed: int) -> torch.Ten
 
 
 class EMA:
-    """shadow <- decay_t * shadow + (1 - decay_t) * param, decay_t = min(decay, (1 + t) / (10 + t))."""
+    """shadow <- decay_t * shadow + (1 - decay_t) * param,
+    decay_t = min(decay, (1 + t) / (10 + t))."""
 
     def __init__(self, model: nn.Module, decay: float = 0.999):
         if not 0.0 < decay < 1.0:
@@ -132,7 +140,8 @@ class EMA:
             b_ema.copy_(b)  # running statistics, codebook usage, ...: copied, not averaged
 
     def state_dict(self) -> dict:
-        return {"decay": self.decay, "num_updates": self.num_updates, "model": self.model.state_dict()}
+        return {"decay": self.decay, "num_updates": self.num_updates,
+                "model": self.model.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.decay, self.num_updates = float(state["decay"]), int(state["num_updates"])
@@ -144,9 +153,10 @@ class EMA:
 
 
 class JSONLLogger:
-    """Appends one JSON object per call to `path`; `resume_step` drops records with step > it. With `tensorboard`
-    (a folder), every number is also written as a TensorBoard scalar (and `image` adds a picture): the optional
-    `tensorboard` package, `pip install 'tinyldm[tensorboard]'`, then `tensorboard --logdir <folder>`."""
+    """Appends one JSON object per call to `path`; `resume_step` drops records with step > it. With
+    `tensorboard` (a folder), every number is also written as a TensorBoard scalar (and `image` adds
+    a picture): the optional `tensorboard` package, `pip install 'tinyldm[tensorboard]'`, then
+    `tensorboard --logdir <folder>`."""
 
     def __init__(self, path: str | os.PathLike, *, resume_step: int | None = None,
                  tensorboard: str | os.PathLike | None = None):
@@ -155,17 +165,21 @@ class JSONLLogger:
         if resume_step is None:
             self.path.write_text("")
         elif self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines() if _record_step(line) <= resume_step]
+            kept = [line for line in self.path.read_text().splitlines()
+                    if _record_step(line) <= resume_step]
             self.path.write_text("".join(line + "\n" for line in kept))
         self.writer = None
         if tensorboard is not None:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as e:
-                raise SystemExit("--tensorboard needs the tensorboard package: pip install 'tinyldm[tensorboard]' "
-                                 "(or pip install tensorboard), or train without --tensorboard") from e
-            # purge_step: on resume, TensorBoard hides the events the previous run wrote after the checkpoint
-            self.writer = SummaryWriter(str(tensorboard), purge_step=None if resume_step is None else resume_step + 1)
+                raise SystemExit("--tensorboard needs the tensorboard package: pip install "
+                                 "'tinyldm[tensorboard]' (or pip install tensorboard), or train "
+                                 "without --tensorboard") from e
+            # purge_step: on resume, TensorBoard hides the events the previous run wrote after the
+            # checkpoint
+            self.writer = SummaryWriter(str(tensorboard),
+                                        purge_step=None if resume_step is None else resume_step + 1)
 
     def log(self, **record: Any) -> None:
         plain = {k: (v.item() if isinstance(v, torch.Tensor) else v) for k, v in record.items()}
@@ -178,12 +192,14 @@ class JSONLLogger:
             self.writer.flush()
 
     def image(self, tag: str, path: str | os.PathLike, step: int) -> None:
-        """Show a saved PNG (a sample or reconstruction grid) in TensorBoard's image tab; nothing without it."""
+        """Show a saved PNG (a sample or reconstruction grid) in TensorBoard's image tab; nothing
+        without it."""
         if self.writer is not None:
             import numpy as np
             from PIL import Image
 
-            self.writer.add_image(tag, np.asarray(Image.open(path).convert("RGB")), step, dataformats="HWC")
+            self.writer.add_image(tag, np.asarray(Image.open(path).convert("RGB")), step,
+                                  dataformats="HWC")
             self.writer.flush()
 
     def close(self) -> None:
@@ -203,10 +219,10 @@ def _record_step(line: str) -> float:
 
 
 class GracefulStop:
-    """Within `with GracefulStop() as stop:`, SIGINT and SIGTERM set `stop.signal` instead of killing the process;
-    the loop checks `stop.requested` after each step, writes a checkpoint and calls `stop.exit(...)`. A second
-    signal raises KeyboardInterrupt at once (nothing more is written). Outside the main thread, where Python
-    cannot take signals, it does nothing."""
+    """Within `with GracefulStop() as stop:`, SIGINT and SIGTERM set `stop.signal` instead of
+    killing the process; the loop checks `stop.requested` after each step, writes a checkpoint and
+    calls `stop.exit(...)`. A second signal raises KeyboardInterrupt at once (nothing more is
+    written). Outside the main thread, where Python cannot take signals, it does nothing."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -236,9 +252,10 @@ class GracefulStop:
         return self.signal is not None
 
     def exit(self, step: int, total: int, checkpoint: Path, resume: str) -> None:
-        """Say where the run stopped and how to continue, then exit with 128 + the signal's number."""
-        print(f"stopped by {signal.Signals(self.signal).name} after step {step} of {total}; checkpoint {checkpoint}. "
-              f"Continue with: {resume}", file=sys.stderr, flush=True)
+        """Say where the run stopped and how to continue, then exit with 128 + the signal's
+        number."""
+        print(f"stopped by {signal.Signals(self.signal).name} after step {step} of {total}; "
+              f"checkpoint {checkpoint}. Continue with: {resume}", file=sys.stderr, flush=True)
         raise SystemExit(128 + int(self.signal))
 
 
@@ -246,7 +263,8 @@ def resume_command(script: str, argv: list[str]) -> str:
     """The command line that continues a run started with `argv`: the same flags plus --resume."""
     args, i = [], 0
     while i < len(argv):
-        if argv[i] == "--resume":  # with its optional path (train_ae.py): the checkpoint is named by --out anyway
+        # with its optional path (train_ae.py): the checkpoint is named by --out anyway
+        if argv[i] == "--resume":
             i += 2 if i + 1 < len(argv) and not argv[i + 1].startswith("--") else 1
             continue
         if not argv[i].startswith("--resume="):
