@@ -1,6 +1,6 @@
-"""train_ldm.py and train_ae.py under torchrun: 2 CPU processes (gloo) train like one process on the same
-global batch, hold identical weights after every step, write once (rank 0), and resume with another
-process count."""
+"""train_ldm.py and train_ae.py under torchrun: 2 CPU processes (gloo) train like one process on the
+same global batch, hold identical weights after every step, write once (rank 0), and resume with
+another process count."""
 
 import json
 import os
@@ -25,9 +25,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(n: int, *args, script: str = "train_ldm.py", check: bool = True) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}", f"--master_port={free_port()}",
-           script, *args]
+def torchrun(n: int, *args, script: str = "train_ldm.py",
+             check: bool = True) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}",
+           f"--master_port={free_port()}", script, *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     if check:
@@ -43,8 +44,8 @@ def ae_path(tmp_path_factory):
 
 
 def flags(out, ae_path, *more):
-    return ["--smoke", "--out", str(out), "--ae", str(ae_path), "--device", "cpu", "--log_every", "1",
-            "--eval_images", "0", *more]
+    return ["--smoke", "--out", str(out), "--ae", str(ae_path), "--device", "cpu",
+            "--log_every", "1", "--eval_images", "0", *more]
 
 
 def records(out, key="loss"):
@@ -57,15 +58,18 @@ def weights(out):
 
 def assert_same_weights(a, b, atol=1e-3):
     for k in a["denoiser"]:
-        torch.testing.assert_close(a["denoiser"][k].float(), b["denoiser"][k].float(), atol=atol, rtol=0)
+        torch.testing.assert_close(a["denoiser"][k].float(), b["denoiser"][k].float(), atol=atol,
+                                   rtol=0)
 
 
 def test_two_processes_train_like_one(tmp_path, ae_path):
     train_ldm.main(flags(tmp_path / "one", ae_path))
     torchrun(2, *flags(tmp_path / "two", ae_path, "--check_replicas", "true"))
     one, two = records(tmp_path / "one"), records(tmp_path / "two")
-    assert [r["step"] for r in two] == [1, 2, 3, 4, 5, 6]  # one log line per step: only rank 0 writes
-    assert all(r["replica_spread"] == 0.0 for r in two)  # both processes hold the same weights after each step
+    # one log line per step: only rank 0 writes
+    assert [r["step"] for r in two] == [1, 2, 3, 4, 5, 6]
+    # both processes hold the same weights after each step
+    assert all(r["replica_spread"] == 0.0 for r in two)
     for a, b in zip(one, two, strict=True):  # the global batch's loss, step by step
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
     ckpt = weights(tmp_path / "two")
@@ -76,8 +80,8 @@ def test_two_processes_train_like_one(tmp_path, ae_path):
 
 
 def test_resume_with_another_number_of_processes(tmp_path, ae_path):
-    """3 steps on 2 processes, then 3 more on 1, equal 6 steps on 1: data order and noise are functions of
-    the step and the global batch, not of the process count."""
+    """3 steps on 2 processes, then 3 more on 1, equal 6 steps on 1: data order and noise are
+    functions of the step and the global batch, not of the process count."""
     torchrun(2, *flags(tmp_path / "split", ae_path, "--steps", "3"))
     train_ldm.main(flags(tmp_path / "split", ae_path, "--steps", "6", "--resume"))
     train_ldm.main(flags(tmp_path / "straight", ae_path, "--steps", "6"))
@@ -92,37 +96,44 @@ def test_each_process_takes_every_world_th_item():
 
 
 def test_rank_zero_alone_trains_a_missing_autoencoder(tmp_path):
-    proc = torchrun(2, "--smoke", "--out", str(tmp_path / "run"), "--device", "cpu", "--eval_images", "0")
-    assert proc.stdout.count("training the autoencoder first") == 1  # the other process waited, then read it
-    assert (tmp_path / "run" / "ae" / "autoencoder.pt").exists() and (tmp_path / "run" / "ldm.pt").exists()
+    proc = torchrun(2, "--smoke", "--out", str(tmp_path / "run"), "--device", "cpu",
+                    "--eval_images", "0")
+    # the other process waited, then read it
+    assert proc.stdout.count("training the autoencoder first") == 1
+    assert ((tmp_path / "run" / "ae" / "autoencoder.pt").exists()
+            and (tmp_path / "run" / "ldm.pt").exists())
 
 
 def test_autoencoder_two_processes_train_like_one(tmp_path):
-    """Before the discriminator starts: the same losses and weights as one process on the global batch
-    (the posterior noise and the data order are functions of the step). With the discriminator on, the
-    processes still hold identical weights (its gradients and BatchNorm statistics are averaged); its
-    BatchNorm sees each process's share only (SyncBatchNorm on GPUs), so there it is close, not equal."""
+    """Before the discriminator starts: the same losses and weights as one process on the global
+    batch (the posterior noise and the data order are functions of the step). With the discriminator
+    on, the processes still hold identical weights (its gradients and BatchNorm statistics are
+    averaged); its BatchNorm sees each process's share only (SyncBatchNorm on GPUs), so there it is
+    close, not equal."""
     args = ["--smoke", "--log_every", "1", "--disc_start", "100"]
     train_ae.main([*args, "--out", str(tmp_path / "one")])
     torchrun(2, *args, "--out", str(tmp_path / "two"), script="train_ae.py")
     one, two = records(tmp_path / "one", "rec"), records(tmp_path / "two", "rec")
     assert [r["step"] for r in two] == [1, 2, 3, 4, 5, 6]
     for a, b in zip(one, two, strict=True):
-        assert b["rec"] == pytest.approx(a["rec"], rel=1e-5) and b["kl"] == pytest.approx(a["kl"], rel=1e-5)
-    a = torch.load(tmp_path / "one" / "autoencoder.pt", weights_only=True)["autoencoder"]["state_dict"]
-    b = torch.load(tmp_path / "two" / "autoencoder.pt", weights_only=True)["autoencoder"]["state_dict"]
+        assert (b["rec"] == pytest.approx(a["rec"], rel=1e-5)
+                and b["kl"] == pytest.approx(a["kl"], rel=1e-5))
+    a = torch.load(tmp_path / "one" / "autoencoder.pt",
+                   weights_only=True)["autoencoder"]["state_dict"]
+    b = torch.load(tmp_path / "two" / "autoencoder.pt",
+                   weights_only=True)["autoencoder"]["state_dict"]
     for k in a:
         torch.testing.assert_close(a[k].float(), b[k].float(), atol=1e-3, rtol=0)
 
-    torchrun(2, "--smoke", "--log_every", "1", "--check_replicas", "true", "--out", str(tmp_path / "gan"),
-             script="train_ae.py")
+    torchrun(2, "--smoke", "--log_every", "1", "--check_replicas", "true",
+             "--out", str(tmp_path / "gan"), script="train_ae.py")
     gan = records(tmp_path / "gan", "rec")
     assert any("g_adv" in r for r in gan) and all(r["replica_spread"] == 0.0 for r in gan)
 
 
 def test_vq_autoencoder_is_refused_under_torchrun(tmp_path):
-    proc = torchrun(2, "--smoke", "--regularizer", "vq", "--out", str(tmp_path / "vq"), script="train_ae.py",
-                    check=False)
+    proc = torchrun(2, "--smoke", "--regularizer", "vq", "--out", str(tmp_path / "vq"),
+                    script="train_ae.py", check=False)
     assert proc.returncode != 0 and "does not train under torchrun yet" in proc.stdout + proc.stderr
 
 
@@ -131,6 +142,8 @@ def test_other_ranks_leave_without_finalisation_and_rank_0_exits_normally(rank, 
     code = ("import atexit; from tinyldm.training.distributed import leave; "
             "atexit.register(lambda: print('finalised')); "
             f"print('trained', flush=False); leave({{'rank': {rank}}})")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0 and proc.stdout.startswith("trained")  # buffered output is flushed first
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    # buffered output is flushed first
+    assert proc.returncode == 0 and proc.stdout.startswith("trained")
     assert ("finalised" in proc.stdout) == finalised

@@ -1,5 +1,5 @@
-"""tinyldm/training: the per-step seed streams and the learning-rate schedule, which exact resume depends on;
-the log."""
+"""tinyldm/training: the per-step seed streams and the learning-rate schedule, which exact resume
+depends on; the log."""
 
 import json
 import sys
@@ -15,12 +15,15 @@ from tinyldm.training.trainer import TrainingConfig, lr_at
 def test_seed_streams_are_functions_of_seed_and_step_and_never_meet():
     seeds = {(stream, seed, step): seed_stream(seed, step, stream)
              for stream in range(4) for seed in range(3) for step in range(0, 100_000, 997)}
-    assert len(set(seeds.values())) == len(seeds)  # no two (stream, seed, step) share a generator seed
-    assert seed_stream(7, 12, 1) == 2**40 + 7 * 1_000_003 + 12  # the values the scripts have always used
+    # no two (stream, seed, step) share a generator seed
+    assert len(set(seeds.values())) == len(seeds)
+    # the values the scripts have always used
+    assert seed_stream(7, 12, 1) == 2**40 + 7 * 1_000_003 + 12
     assert seed_stream(7, 12, 2) == 2**41 + 7 * 1_000_003 + 12
     assert seed_stream(7, 12) == 7 * 1_000_003 + 12
     draw = lambda s: torch.randn(4, generator=torch.Generator().manual_seed(s))  # noqa: E731
-    assert torch.equal(draw(seed_stream(3, 5, 1)), draw(seed_stream(3, 5, 1)))  # same step: same draws
+    # same step: same draws
+    assert torch.equal(draw(seed_stream(3, 5, 1)), draw(seed_stream(3, 5, 1)))
 
 
 def test_warmup_is_linear_then_constant_or_a_cosine_to_the_floor():
@@ -30,14 +33,16 @@ def test_warmup_is_linear_then_constant_or_a_cosine_to_the_floor():
     assert lr_at(0, replace(config, warmup_steps=0)) == 1e-3  # no warm-up
     assert lr_at(3, config, 2e-3) == 2e-3  # another optimizer's base rate (the discriminator's)
     cosine = replace(config, lr_schedule="cosine", lr_min_ratio=0.1)
-    # Half-way through the decay (step 4 + 5 of 10): the mean of lr and the floor; at the end, the floor.
-    assert lr_at(9, cosine) == pytest.approx(0.5 * (1e-3 + 1e-4)) and lr_at(14, cosine) == pytest.approx(1e-4)
+    # Half-way through the decay (step 4 + 5 of 10): the mean of lr and the floor; at the end, the
+    # floor.
+    assert (lr_at(9, cosine) == pytest.approx(0.5 * (1e-3 + 1e-4))
+            and lr_at(14, cosine) == pytest.approx(1e-4))
     assert lr_at(3, cosine) == 1e-3 and lr_at(4, cosine) == pytest.approx(1e-3)
 
 
 def test_tensorboard_mirrors_the_log_and_forgets_what_a_resume_replaces(tmp_path):
-    """--tensorboard: every number of log.jsonl is a scalar at its step; a resumed run purges the events written
-    after its checkpoint, like the JSONL log drops those lines."""
+    """--tensorboard: every number of log.jsonl is a scalar at its step; a resumed run purges the
+    events written after its checkpoint, like the JSONL log drops those lines."""
     pytest.importorskip("tensorboard")
     from PIL import Image
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -48,14 +53,18 @@ def test_tensorboard_mirrors_the_log_and_forgets_what_a_resume_replaces(tmp_path
     Image.new("RGB", (6, 4), (255, 0, 0)).save(tmp_path / "grid.png")
     log.image("samples", tmp_path / "grid.png", 3)
     log.close()
-    log = JSONLLogger(tmp_path / "log.jsonl", resume_step=2, tensorboard=tmp_path / "tb")  # resumed at step 2
+    # resumed at step 2
+    log = JSONLLogger(tmp_path / "log.jsonl", resume_step=2, tensorboard=tmp_path / "tb")
     log.log(step=3, loss=0.25, lr=1e-3)
     log.close()
     events = EventAccumulator(str(tmp_path / "tb"))
     events.Reload()
-    assert {"loss", "lr"} <= set(events.Tags()["scalars"]) and events.Tags()["images"] == ["samples"]
-    assert [(e.step, round(e.value, 4)) for e in events.Scalars("loss")] == [(1, 1.0), (2, 0.5), (3, 0.25)]
-    assert [json.loads(line)["loss"] for line in (tmp_path / "log.jsonl").read_text().splitlines()] == [1.0, 0.5, 0.25]
+    assert ({"loss", "lr"} <= set(events.Tags()["scalars"])
+            and events.Tags()["images"] == ["samples"])
+    assert ([(e.step, round(e.value, 4)) for e in events.Scalars("loss")]
+            == [(1, 1.0), (2, 0.5), (3, 0.25)])
+    assert [json.loads(line)["loss"]
+            for line in (tmp_path / "log.jsonl").read_text().splitlines()] == [1.0, 0.5, 0.25]
 
 
 def test_tensorboard_without_its_package_says_what_to_install(tmp_path, monkeypatch):
