@@ -1,4 +1,5 @@
-"""The latent-diffusion wiring: Eq. 3's loss, generation through the decoder, the self-contained checkpoint."""
+"""The latent-diffusion wiring: Eq. 3's loss, generation through the decoder, the self-contained
+checkpoint."""
 
 from dataclasses import asdict
 
@@ -8,7 +9,15 @@ import torch
 from tinyldm.autoencoder import Autoencoder, AutoencoderConfig
 from tinyldm.conditioning import ConditionConfig, ConditionEncoder, Tokenizer
 from tinyldm.ddim import make_timesteps, sample
-from tinyldm.ldm import Denoiser, DiffusionConfig, build_denoiser, generate, ldm_loss, ldm_payload, load_ldm
+from tinyldm.ldm import (
+    Denoiser,
+    DiffusionConfig,
+    build_denoiser,
+    generate,
+    ldm_loss,
+    ldm_payload,
+    load_ldm,
+)
 from tinyldm.schedule import eps_x0_from_prediction
 from tinyldm.training.checkpoint import load_checkpoint, save_checkpoint
 from tinyldm.unet import UNet, UNetConfig
@@ -17,12 +26,14 @@ CAPTIONS = ["a red circle", "a blue square"]
 
 
 def tiny_parts(prediction="eps"):
-    ae = Autoencoder(AutoencoderConfig(base_channels=8, channel_mult=(1, 2), num_res_blocks=1, z_channels=3,
-                                       norm_groups=4, mid_attention=False)).eval()
-    cond = ConditionEncoder(ConditionConfig(kind="text", context_dim=32, vocab=Tokenizer.from_texts(CAPTIONS).vocab,
-                                            max_len=6, layers=1, head_dim=16))
-    unet = UNet(UNetConfig(in_channels=3, out_channels=3, latent_size=8, channels=32, channel_mult=(1, 2),
-                           num_res_blocks=1, attn_resolutions=(4,), head_dim=16, context_dim=32, norm_groups=8))
+    ae = Autoencoder(AutoencoderConfig(base_channels=8, channel_mult=(1, 2), num_res_blocks=1,
+                                       z_channels=3, norm_groups=4, mid_attention=False)).eval()
+    cond = ConditionEncoder(ConditionConfig(kind="text", context_dim=32,
+                                            vocab=Tokenizer.from_texts(CAPTIONS).vocab, max_len=6,
+                                            layers=1, head_dim=16))
+    unet = UNet(UNetConfig(in_channels=3, out_channels=3, latent_size=8, channels=32,
+                           channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
+                           head_dim=16, context_dim=32, norm_groups=8))
     return ae, Denoiser(unet, cond), DiffusionConfig(T=100, prediction=prediction)
 
 
@@ -39,7 +50,8 @@ def test_ldm_loss_learns_two_conditional_latents(prediction):
     first = None
     for _ in range(200):
         z0 = torch.stack([z_a, z_b] * 4)
-        t, eps = torch.randint(0, schedule.T, (len(z0),)), torch.randn_like(z0)  # t ~ U{0..T-1}, eps ~ N(0, I)
+        # t ~ U{0..T-1}, eps ~ N(0, I)
+        t, eps = torch.randint(0, schedule.T, (len(z0),)), torch.randn_like(z0)
         loss = ldm_loss(den, schedule, z0, t, eps, CAPTIONS * 4, cfg)
         first = first or loss.item()
         opt.zero_grad()
@@ -50,7 +62,8 @@ def test_ldm_loss_learns_two_conditional_latents(prediction):
     with torch.no_grad():
         t = torch.full((2,), 60)
         z_t = schedule.q_sample(torch.stack([z_a, z_b]), t, torch.randn(2, 3, 8, 8))
-        eps, x0 = eps_x0_from_prediction(den(z_t, t, CAPTIONS), z_t, schedule.alpha_bar_at(t, z_t), prediction)
+        eps, x0 = eps_x0_from_prediction(den(z_t, t, CAPTIONS), z_t, schedule.alpha_bar_at(t, z_t),
+                                         prediction)
     assert x0[0].mean() > 0.5 and x0[1].mean() < -0.5
 
 
@@ -59,7 +72,8 @@ def test_generate_shapes_guidance_and_size_beyond_training():
     den.eval()
     schedule = cfg.make_schedule()
     g = torch.Generator().manual_seed(0)
-    img = generate(den, schedule, ae, CAPTIONS, latent_size=(8, 8), steps=5, guidance_scale=3.0, generator=g)
+    img = generate(den, schedule, ae, CAPTIONS, latent_size=(8, 8), steps=5, guidance_scale=3.0,
+                   generator=g)
     assert img.shape == (2, 3, 16, 16) and img.min() >= -1 and img.max() <= 1
     big = generate(den, schedule, ae, CAPTIONS, latent_size=(16, 16), steps=3, generator=g)
     assert big.shape == (2, 3, 32, 32)
@@ -72,20 +86,23 @@ def test_generate_shapes_guidance_and_size_beyond_training():
     ae.scale_factor.fill_(2.0)
     z0 = generate(den, schedule, ae, CAPTIONS, latent_size=(8, 8), steps=2,
                   generator=torch.Generator().manual_seed(1), return_latents=True)
-    img = generate(den, schedule, ae, CAPTIONS, latent_size=(8, 8), steps=2, generator=torch.Generator().manual_seed(1))
+    img = generate(den, schedule, ae, CAPTIONS, latent_size=(8, 8), steps=2,
+                   generator=torch.Generator().manual_seed(1))
     assert torch.allclose(img, ae.decode(z0 / 2.0).clamp(-1, 1), atol=1e-5)
 
 
 def test_generate_from_given_noise_with_callback_equals_the_sampler():
-    """z_T and callback pass straight through: the same start gives the sampler's own result, and the
-    callback sees every step's z0 prediction, the last of which is the returned latent (DDIM, eta 0)."""
+    """z_T and callback pass straight through: the same start gives the sampler's own result, and
+    the callback sees every step's z0 prediction, the last of which is the returned latent (DDIM,
+    eta 0)."""
     ae, den, cfg = tiny_parts()
     den.eval()
     schedule = cfg.make_schedule()
     z_T = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(3))
     seen = []
-    z0 = generate(den, schedule, ae, CAPTIONS, latent_size=(8, 8), steps=4, guidance_scale=2.0, z_T=z_T.clone(),
-                  return_latents=True, callback=lambda i, t, z_t, z0_pred: seen.append((i, t, z0_pred.clone())))
+    z0 = generate(den, schedule, ae, CAPTIONS, latent_size=(8, 8), steps=4, guidance_scale=2.0,
+                  z_T=z_T.clone(), return_latents=True,
+                  callback=lambda i, t, z_t, z0_pred: seen.append((i, t, z0_pred.clone())))
     with torch.no_grad():
         ref = sample(den.unet, schedule, z_T, steps=4, cond=den.cond(CAPTIONS),
                      uncond=den.cond(den.cond.null_condition(2)), guidance_scale=2.0)
@@ -93,15 +110,17 @@ def test_generate_from_given_noise_with_callback_equals_the_sampler():
     assert [(i, t) for i, t, _ in seen] == list(enumerate(make_timesteps(cfg.T, 4)))
     assert torch.allclose(seen[-1][2], z0, atol=1e-6)
     with pytest.raises(ValueError, match="z_T has shape"):
-        generate(den, schedule, ae, CAPTIONS, latent_size=(8, 8), steps=2, z_T=torch.randn(3, 3, 8, 8))
+        generate(den, schedule, ae, CAPTIONS, latent_size=(8, 8), steps=2,
+                 z_T=torch.randn(3, 3, 8, 8))
 
 
 def concat_parts():
-    """An unconditional (no cross-attention) denoiser with one concat channel, as for image-to-image tasks."""
+    """An unconditional (no cross-attention) denoiser with one concat channel, as for image-to-image
+    tasks."""
     cond = ConditionEncoder(ConditionConfig(kind="none"))
-    unet = UNet(UNetConfig(in_channels=3, out_channels=3, concat_channels=1, latent_size=8, channels=32,
-                           channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), context_dim=None,
-                           norm_groups=8))
+    unet = UNet(UNetConfig(in_channels=3, out_channels=3, concat_channels=1, latent_size=8,
+                           channels=32, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(),
+                           context_dim=None, norm_groups=8))
     return Denoiser(unet, cond), DiffusionConfig(T=1000, p_uncond=0.0, prediction="x0")
 
 
@@ -119,7 +138,8 @@ def test_ldm_loss_learns_the_target_from_the_concat_condition():
     first = None
     for _ in range(150):
         t, eps = torch.randint(0, schedule.T, (8,)), torch.randn(8, *z0.shape[1:])
-        loss = ldm_loss(den, schedule, z0.repeat(4, 1, 1, 1), t, eps, None, cfg, concat=maps.repeat(4, 1, 1, 1))
+        loss = ldm_loss(den, schedule, z0.repeat(4, 1, 1, 1), t, eps, None, cfg,
+                        concat=maps.repeat(4, 1, 1, 1))
         first = first or loss.item()
         opt.zero_grad()
         loss.backward()
@@ -144,16 +164,17 @@ def test_generate_passes_concat_to_every_call_and_both_guidance_halves():
     img = generate(den, cfg.make_schedule(), ae, None, latent_size=(8, 8), steps=3, concat=concat)
     assert img.shape == (2, 3, 16, 16) and len(seen) == 3
     assert all(torch.equal(c, concat) for c in seen)
-    # A text model with a concat map: guidance batches [uncond; cond], the map goes into both halves.
+    # A text model with a concat map: guidance batches [uncond; cond], the map goes into both
+    # halves.
     ae, den_t, cfg_t = tiny_parts()
-    unet = UNet(UNetConfig(**{**asdict(den_t.unet.cfg), "concat_channels": 1, "channel_mult": (1, 2),
-                              "attn_resolutions": (4,)}))
+    unet = UNet(UNetConfig(**{**asdict(den_t.unet.cfg), "concat_channels": 1,
+                              "channel_mult": (1, 2), "attn_resolutions": (4,)}))
     den_t = Denoiser(unet, den_t.cond).eval()
     seen.clear()
     forward = den_t.unet.forward
     den_t.unet.forward = lambda *a, **kw: seen.append(kw["concat"]) or forward(*a, **kw)
-    generate(den_t, cfg_t.make_schedule(), ae, CAPTIONS, latent_size=(8, 8), steps=2, guidance_scale=3.0,
-             concat=concat)
+    generate(den_t, cfg_t.make_schedule(), ae, CAPTIONS, latent_size=(8, 8), steps=2,
+             guidance_scale=3.0, concat=concat)
     assert len(seen) == 2 and all(torch.equal(c, torch.cat([concat, concat])) for c in seen)
 
 
@@ -172,6 +193,7 @@ def test_checkpoint_is_self_contained_and_weights_only(tmp_path):
     for (k, p), q in zip(ema.state_dict().items(), den2.state_dict().values(), strict=True):
         assert torch.equal(p, q), k  # the EMA weights are the ones used for sampling
     den3, *_ = load_ldm(ckpt, use_ema=False)
-    assert all(torch.equal(p, q) for p, q in zip(den.state_dict().values(), den3.state_dict().values(), strict=True))
+    assert all(torch.equal(p, q)
+               for p, q in zip(den.state_dict().values(), den3.state_dict().values(), strict=True))
     for p, q in zip(ae.state_dict().values(), ae2.state_dict().values(), strict=True):
         assert torch.equal(p, q)
