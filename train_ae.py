@@ -185,8 +185,7 @@ def main(argv: list[str] | None = None) -> dict:
     if not world.is_main:  # rank 0 alone evaluates and writes the final checkpoint
         return {"step": config.steps, "rank": world.rank}
 
-    if config.steps % config.sample_every:
-        trainer.sample_grid(recon, config.steps)
+    trainer.sample_grid(recon, config.steps)
     metrics = final_metrics(state, train_set, held_out, config, device, trainer.seconds)
     save_ae(ckpt_path, config.steps, state=state, configs=configs, rng=rng_after_training,
             metrics=metrics)

@@ -88,15 +88,15 @@ def sample_prompts(config, class_names: list[str], n: int = 8):
     return None
 
 
-def save_samples(path: Path, *, model: Denoiser, schedule: NoiseSchedule, ae: Autoencoder,
-                 grid: SampleGrid, diffusion: DiffusionConfig, config) -> Path:
-    """`path` (samples_XXXXXXX.png): one row of images for the grid's conditions, the weights of
-    `model` (the EMA's), a fixed seed."""
+def save_samples(out: Path, step: int, *, model: Denoiser, schedule: NoiseSchedule,
+                 ae: Autoencoder, grid: SampleGrid, diffusion: DiffusionConfig, config) -> Path:
+    """<out>/samples_XXXXXXX.png of `step`: one row of images for the grid's conditions, the weights
+    of `model` (the EMA's), a fixed seed."""
     g = torch.Generator(grid.device).manual_seed(0)
     images = generate(model, schedule, ae, grid.condition, n=grid.n, latent_size=grid.latent_hw,
                       prediction=diffusion.prediction, steps=config.eval_steps,
                       guidance_scale=config.eval_cfg, generator=g, concat=grid.concat)
-    return save_image_grid(images, path, nrow=grid.n)
+    return save_image_grid(images, out / f"samples_{step:07d}.png", nrow=grid.n)
 
 
 def evaluate_run(model: Denoiser, schedule, ae: Autoencoder, config, diffusion: DiffusionConfig,

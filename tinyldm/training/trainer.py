@@ -1,22 +1,25 @@
 """One training loop for both stages, the way minGPT keeps its trainer.py beside its projects.
 
-A script writes its own training step, `train_step(step) -> {name: value}`: it draws the step's batch,
-computes the loss, calls backward and its optimizers, and returns the terms to log (0-dim tensors, left on
-the device). That is the part a reader came for. `Trainer.run` does everything around it, once for both
-stages:
+A script writes its own training step, `train_step(step) -> {name: value}`: it draws the step's
+batch, computes the loss, calls backward and its optimizers, and returns the terms to log (0-dim
+tensors, left on the device). That is the part a reader came for. `Trainer.run` does everything
+around it, once for both stages:
 
 * the learning rate of every step (`lr_at`), set on each optimizer before the step;
 * the EMA of the weights after it (rank 0 only: it alone samples and saves);
-* bf16 autocast on CUDA (`trainer.autocast()`) and, under torchrun, the DDP wrapper (`trainer.distribute`);
-* log.jsonl every `log_every` steps: each term's mean over the window and over the processes (the only
-  all-reduce, made on log steps), the learning rate and images per second; a term that is not finite stops
-  the run before a checkpoint can store it;
+* bf16 autocast on CUDA (`trainer.autocast()`), and under torchrun the DDP wrapper
+  (`trainer.distribute`);
+* log.jsonl every `log_every` steps: each term's mean over the window and over the processes (an
+  all-reduce on log and checkpoint steps only), the learning rate and images per second; a term that
+  is not finite stops the run before a checkpoint can store it;
 * the sample grid every `sample_every` steps, with loss.png redrawn beside it;
-* a checkpoint every `ckpt_every` steps, written atomically by the script's `save(step)`;
-* Ctrl-C / SIGTERM: finish the step, checkpoint, print the resume command and exit with 128 + the signal;
-  the time budget `max_minutes`: checkpoint and return early. The processes agree on both on log steps.
+* a checkpoint every `ckpt_every` steps, written by the script's `save(step)`;
+* Ctrl-C / SIGTERM: finish the step, checkpoint, print the resume command and exit with 128 + the
+  signal; the time budget `max_minutes`: checkpoint and return early. Under torchrun the processes
+  agree on both on log steps.
 
-The script writes the final checkpoint itself, after the loop (the autoencoder's holds its latent scale).
+After the loop the script draws its last grid and writes its last checkpoint (the autoencoder's
+holds the latent scale factor, measured after training).
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ class TrainingConfig:
     steps: int = 1000
     lr: float = 1e-4
     warmup_steps: int = 0  # linear warm-up from lr / warmup_steps to lr
-    lr_schedule: str = "constant"  # after the warm-up: "constant", or "cosine" to lr_min_ratio * lr at `steps`
+    lr_schedule: str = "constant"  # after the warm-up: "constant", or "cosine" to lr_min_ratio * lr
     lr_min_ratio: float = 0.0
     ema_decay: float = 0.0  # 0: no EMA of the weights
     amp: bool = False  # bf16 autocast (CUDA only)
@@ -57,12 +60,13 @@ class TrainingConfig:
     ckpt_every: int = 500
     max_minutes: float = 0.0  # > 0: stop after this much training-loop time, checkpointed
     tensorboard: bool = False  # also log to <out>/tensorboard (pip install 'tinyldm[tensorboard]')
-    check_replicas: bool = False  # under torchrun: log the largest difference between the processes' weights
+    check_replicas: bool = False  # under torchrun: log the processes' largest weight difference
 
 
 def lr_at(step: int, config: TrainingConfig, base_lr: float | None = None) -> float:
-    """The learning rate of `step` (0-based): linear warm-up over `warmup_steps`, then constant, or a cosine
-    decay to `lr_min_ratio * base_lr` at `steps`."""
+    """The learning rate of `step` (0-based) for an optimizer whose rate is `base_lr` (default
+    `config.lr`): linear warm-up over `warmup_steps`, then constant, or a cosine decay to
+    `lr_min_ratio * base_lr` at `steps`."""
     lr = config.lr if base_lr is None else base_lr
     if step < config.warmup_steps:
         return lr * min(1.0, (step + 1) / config.warmup_steps)
@@ -74,10 +78,10 @@ def lr_at(step: int, config: TrainingConfig, base_lr: float | None = None) -> fl
 
 
 class LogWindow:
-    """The sum and count of each logged term since the last record, the images seen and the time taken."""
+    """Each logged term's sum and count since the last record, the images seen, the time taken."""
 
     def __init__(self, first_step: int):
-        self.sums: dict[str, list] = {}  # name -> [sum, count]; sums stay on the device until a log step
+        self.sums: dict[str, list] = {}  # name -> [sum, count]; on the device until a log step
         self.first_step, self.images, self.start = first_step, 0, time.perf_counter()
 
     def add(self, logs: dict, images: int) -> None:
@@ -97,16 +101,18 @@ class LogWindow:
 class Trainer:
     """Runs a script's `train_step` from `start` to `config.steps` (see the module docstring).
 
-    `optimizers` maps each optimizer to its base learning rate; `ema` (or None) averages `model` after each
-    step; `replicas` are the modules whose copies in the processes `--check_replicas` compares; `script` and
-    `argv` make the command that resumes a stopped run."""
+    `optimizers` maps each optimizer to its base learning rate; `ema` (or None) averages `model`
+    after each step; `replicas` are the modules whose copies in the processes `--check_replicas`
+    compares; `script` and `argv` make the command that resumes a stopped run; `loss_key` names the
+    logged term that loss.png shows."""
 
-    def __init__(self, config: TrainingConfig, *, script: str, argv: list[str], out: Path, ckpt_path: Path,
-                 world: World, device: torch.device, optimizers: dict, model: torch.nn.Module,
-                 ema: EMA | None = None, replicas: tuple[torch.nn.Module, ...] = (), loss_key: str = "loss",
+    def __init__(self, config: TrainingConfig, *, script: str, argv: list[str], out: Path,
+                 ckpt_path: Path, world: World, device: torch.device, optimizers: dict,
+                 model: torch.nn.Module, ema: EMA | None = None,
+                 replicas: tuple[torch.nn.Module, ...] = (), loss_key: str = "loss",
                  resumed_step: int | None = None):
-        self.config, self.script, self.argv, self.out, self.ckpt_path = config, script, argv, out, ckpt_path
-        self.world, self.device = world, device
+        self.config, self.script, self.argv = config, script, argv
+        self.out, self.ckpt_path, self.world, self.device = out, ckpt_path, world, device
         self.optimizers, self.model, self.ema, self.replicas = optimizers, model, ema, replicas
         self.loss_key = loss_key
         self.seconds = 0.0  # the last run's training-loop time
@@ -120,8 +126,8 @@ class Trainer:
         return torch.autocast("cuda", dtype=torch.bfloat16) if on else contextlib.nullcontext()
 
     def distribute(self, model: torch.nn.Module, *, find_unused: bool = False) -> torch.nn.Module:
-        """`model`, or under torchrun `model` in DistributedDataParallel, which averages the processes'
-        gradients during backward (one step equals one single-process step on the global batch)."""
+        """`model`, or under torchrun `model` in DistributedDataParallel, which averages the
+        processes' gradients during backward (one step equals one step on the global batch)."""
         if not self.world.enabled:
             return model
         ids = [self.device.index] if self.device.type == "cuda" else None
@@ -129,15 +135,16 @@ class Trainer:
 
     def run(self, train_step: Callable[[int], dict], *, start: int, save: Callable[[int], None],
             sample: Callable[[int], Path] | None = None) -> int:
-        """Steps start..steps-1; returns the number of steps done (fewer when the time budget ran out).
-        A signal ends the process here, after a checkpoint."""
+        """Steps start..steps-1; returns the number of steps done (fewer when the time budget ran
+        out). A signal ends the process here, after a checkpoint."""
         config, world = self.config, self.world
         window, t_loop, done, saved = LogWindow(start), time.perf_counter(), start, start
         if start >= config.steps:
-            print(f"already trained for {config.steps} steps; nothing to do (raise --steps to continue)")
-        quiet = {} if world.is_main else {"disable": True}  # rank 0 keeps tqdm's default: TQDM_DISABLE works
-        with GracefulStop() as stop, tqdm(range(start, config.steps), initial=start, total=config.steps,
-                                          desc=Path(self.script).stem, mininterval=2.0, **quiet) as bar:
+            print(f"already trained for {config.steps} steps; nothing to do (raise --steps)")
+        quiet = {} if world.is_main else {"disable": True}  # rank 0: TQDM_DISABLE=1 still works
+        bar = tqdm(range(start, config.steps), initial=start, total=config.steps,
+                   desc=Path(self.script).stem, mininterval=2.0, **quiet)
+        with GracefulStop() as stop, bar:
             for step in bar:
                 for opt, base_lr in self.optimizers.items():
                     for group in opt.param_groups:
@@ -148,39 +155,47 @@ class Trainer:
                 window.add(logs, config.batch_size)
                 done = step + 1
                 log_step = done % config.log_every == 0 or done == config.steps
-                if log_step:
-                    window = self._write_log(window, done, bar)  # stops on a term that is not finite
+                if log_step:  # stops on a term that is not finite
+                    window = self._write_log(window, done, bar)
+                if done == config.steps:
+                    break  # the script draws the last grid and writes the last checkpoint
                 if done % config.sample_every == 0 and world.is_main and sample is not None:
                     self.sample_grid(sample, done)
-                if done == config.steps:
-                    break  # the script writes the last checkpoint
                 if done % config.ckpt_every == 0:
                     self._check_finite(window.means(world), window.first_step, done)
                     saved = self._save(save, done)
                 # Under torchrun the processes agree on stopping (an all-reduce) on log steps only.
-                if not log_step and world.enabled:
-                    continue
-                budget_spent = config.max_minutes and time.perf_counter() - t_loop > 60 * config.max_minutes
-                if world.any(stop.requested, self.device):
+                reason = self._stop_reason(stop, t_loop) if log_step or not world.enabled else None
+                if reason is not None:
                     saved = saved if saved == done else self._save(save, done)
+                if reason == "signal":
                     world.barrier()
                     teardown_distributed(world)
-                    stop.exit(done, config.steps, self.ckpt_path, resume_command(self.script, self.argv))
-                if world.any(bool(budget_spent), self.device):
-                    saved = saved if saved == done else self._save(save, done)
-                    print(f"\nthe time budget of {config.max_minutes} min of training is spent after {done} "
-                          "steps; stopping")
+                    stop.exit(done, config.steps, self.ckpt_path,
+                              resume_command(self.script, self.argv))
+                if reason == "time":
+                    print(f"\nthe time budget of {config.max_minutes} min of training is spent "
+                          f"after {done} steps; stopping")
                     break
         self.seconds = time.perf_counter() - t_loop
         return done
+
+    def _stop_reason(self, stop: GracefulStop, t_loop: float) -> str | None:
+        """"signal" (Ctrl-C or SIGTERM), "time" (--max_minutes spent) or None, the same in every
+        process: true in all if in one."""
+        if self.world.any(stop.requested, self.device):
+            return "signal"
+        minutes = (time.perf_counter() - t_loop) / 60
+        spent = bool(self.config.max_minutes) and minutes > self.config.max_minutes
+        return "time" if self.world.any(spent, self.device) else None
 
     def _check_finite(self, means: dict[str, float], first: int, done: int) -> None:
         bad = {k: v for k, v in means.items() if not math.isfinite(v)}
         if bad:  # before any checkpoint of these weights: the last one written stays a good one
             terms = ", ".join(f"{k} is {v}" for k, v in bad.items())
-            raise UsageError(f"{terms} in steps {first + 1}-{done}: stopping. The last good checkpoint is "
-                             f"{self.ckpt_path} (lower --lr, or check the data and the latents' scale). "
-                             "Nothing was overwritten.")
+            raise UsageError(f"{terms} in steps {first + 1}-{done}: stopping. The last good "
+                             f"checkpoint is {self.ckpt_path} (lower --lr, or check the data and "
+                             "the latents' scale). Nothing was overwritten.")
 
     def _write_log(self, window: LogWindow, done: int, bar: tqdm) -> LogWindow:
         """One record of log.jsonl for the window ending at step `done`; returns the next window."""
@@ -195,7 +210,7 @@ class Trainer:
         return LogWindow(done)
 
     def sample_grid(self, sample: Callable[[int], Path], done: int) -> Path:
-        """The grid of step `done` (`sample` writes it), shown in TensorBoard, with loss.png redrawn."""
+        """The grid of step `done` (`sample` writes it), shown in TensorBoard; loss.png redrawn."""
         path = sample(done)
         save_loss_curve(self.log.path, self.out / "loss.png", key=self.loss_key)  # the loss so far
         self.log.image("grid", path, done)
