@@ -1,7 +1,8 @@
 """Failures a user can cause: each ends in one line (`error: ...`, exit status 2) and loses nothing.
 
-The bad-input corpus runs every tool's `main` through `tinyldm.cli.run`, as `python <script>` does (a few run as
-real subprocesses, to check that wiring); the signal, lock, full-disk and resume tests train smoke models.
+The bad-input corpus runs every tool's `main` through `tinyldm.cli.run`, as `python <script>` does
+(a few run as real subprocesses, to check that wiring); the signal, lock, full-disk and resume tests
+train smoke models.
 """
 
 import errno
@@ -33,7 +34,8 @@ FAST = ["--smoke", "--device", "cpu", "--sample_every", "100000", "--eval_images
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A smoke LDM (text-conditioned shapes) and its autoencoder, plus bad files to feed the tools."""
+    """A smoke LDM (text-conditioned shapes) and its autoencoder, plus bad files to feed the
+    tools."""
     root = tmp_path_factory.mktemp("failures")
     out = root / "run"
     train_ldm.main(["--smoke", "--out", str(out), "--device", "cpu"])
@@ -47,13 +49,15 @@ def trained(tmp_path_factory):
 
 
 def one_error_line(capsys, main, argv) -> str:
-    """Run main(argv) as the command line would; assert exit status 2 and a single `error:` line on stderr."""
+    """Run main(argv) as the command line would; assert exit status 2 and a single `error:` line on
+    stderr."""
     with pytest.raises(SystemExit) as exit_info:
         run(main, argv)
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == 2, err
     assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if line.strip() and not re.search(r"\d+/\d+ \[", line)]  # bars
+    lines = [line for line in err.splitlines()
+             if line.strip() and not re.search(r"\d+/\d+ \[", line)]  # bars
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     return lines[0]
 
@@ -137,7 +141,8 @@ def _fill(argv: list[str], trained: dict) -> list[str]:
     return [a.format(ldm=trained["ldm"], ae=trained["ae"], root=trained["root"]) for a in argv]
 
 
-@pytest.mark.parametrize("argv, words", SAMPLE_PROBES, ids=[" ".join(a)[-40:] for a, _ in SAMPLE_PROBES])
+@pytest.mark.parametrize("argv, words", SAMPLE_PROBES,
+                         ids=[" ".join(a)[-40:] for a, _ in SAMPLE_PROBES])
 def test_sample_py_bad_inputs_end_in_one_line(trained, capsys, argv, words):
     argv = _fill(argv, trained)
     if "--out" not in argv:
@@ -146,31 +151,39 @@ def test_sample_py_bad_inputs_end_in_one_line(trained, capsys, argv, words):
     assert not (trained["root"] / "grid.png").exists()  # refused before any work
 
 
-@pytest.mark.parametrize("argv, words", TRAIN_LDM_PROBES, ids=[" ".join(a)[-40:] for a, _ in TRAIN_LDM_PROBES])
+@pytest.mark.parametrize("argv, words", TRAIN_LDM_PROBES,
+                         ids=[" ".join(a)[-40:] for a, _ in TRAIN_LDM_PROBES])
 def test_train_ldm_py_bad_inputs_end_in_one_line(trained, capsys, tmp_path, argv, words):
     argv = _fill(argv, trained)
     out = [] if "--out" in argv else ["--out", str(tmp_path / "run")]
-    assert words in one_error_line(capsys, train_ldm.main, ["--smoke", "--device", "cpu", *out, *argv])
+    assert words in one_error_line(capsys, train_ldm.main,
+                                   ["--smoke", "--device", "cpu", *out, *argv])
     assert not (tmp_path / "run" / "ldm.pt").exists()
 
 
-@pytest.mark.parametrize("argv, words", TRAIN_AE_PROBES, ids=[" ".join(a)[-40:] for a, _ in TRAIN_AE_PROBES])
+@pytest.mark.parametrize("argv, words", TRAIN_AE_PROBES,
+                         ids=[" ".join(a)[-40:] for a, _ in TRAIN_AE_PROBES])
 def test_train_ae_py_bad_inputs_end_in_one_line(trained, capsys, tmp_path, argv, words):
     argv = _fill(argv, trained)
     assert words in one_error_line(capsys, train_ae.main,
-                                   ["--smoke", "--device", "cpu", "--out", str(tmp_path / "ae"), *argv])
+                                   ["--smoke", "--device", "cpu", "--out", str(tmp_path / "ae"),
+                                    *argv])
     assert not (tmp_path / "ae" / "autoencoder.pt").exists()
 
 
-@pytest.mark.parametrize("argv, words", EVALUATE_PROBES, ids=[" ".join(a)[-40:] for a, _ in EVALUATE_PROBES])
+@pytest.mark.parametrize("argv, words", EVALUATE_PROBES,
+                         ids=[" ".join(a)[-40:] for a, _ in EVALUATE_PROBES])
 def test_evaluate_bad_inputs_end_in_one_line(trained, capsys, argv, words):
-    assert words in one_error_line(capsys, evaluate_main, [*_fill(argv, trained), "--device", "cpu"])
+    assert words in one_error_line(capsys, evaluate_main,
+                                   [*_fill(argv, trained), "--device", "cpu"])
 
 
 def test_course_kit_bad_inputs_end_in_one_line(trained, capsys, tmp_path):
-    assert "unknown assignments" in one_error_line(capsys, course_main, ["student", "--out", str(tmp_path / "s"),
-                                                                         "--only", "no_such_assignment"])
-    assert "does not exist" in one_error_line(capsys, course_main, ["grade", "--submission", str(tmp_path / "x")])
+    assert "unknown assignments" in one_error_line(capsys, course_main,
+                                                   ["student", "--out", str(tmp_path / "s"),
+                                                    "--only", "no_such_assignment"])
+    assert "does not exist" in one_error_line(capsys, course_main,
+                                              ["grade", "--submission", str(tmp_path / "x")])
     assert "required" in one_error_line(capsys, course_main, ["student"])
 
 
@@ -179,16 +192,19 @@ def test_the_scripts_wire_the_one_line_errors_and_debug_shows_the_traceback(trai
     missing = str(trained["root"] / "missing.pt")
     for cmd in ([sys.executable, "sample.py", "--ckpt", missing],
                 [sys.executable, "train_ldm.py", "--smoke", "--steps", "0"],
-                [sys.executable, "train_ae.py", "--smoke", "--out", str(trained["root"] / "ae0"), "--lr", "-1"],
+                [sys.executable, "train_ae.py", "--smoke", "--out", str(trained["root"] / "ae0"),
+                 "--lr", "-1"],
                 [sys.executable, "-m", "tinyldm.tools.evaluate", "--ckpt", missing]):
         p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert p.returncode == 2, p.stderr
         assert len(p.stderr.strip().splitlines()) == 1 and p.stderr.startswith("error: "), p.stderr
-    p = subprocess.run([sys.executable, "sample.py", "--ckpt", missing, "--debug"], cwd=ROOT, capture_output=True,
-                       text=True, timeout=120)
-    assert p.returncode == 2 and "Traceback" in p.stderr and p.stderr.strip().splitlines()[-1].startswith("error:")
-    p = subprocess.run([sys.executable, "sample.py", "--ckpt", missing], cwd=ROOT, capture_output=True, text=True,
-                       timeout=120, env={**os.environ, "TINYLDM_DEBUG": "1"})
+    p = subprocess.run([sys.executable, "sample.py", "--ckpt", missing, "--debug"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert (p.returncode == 2 and "Traceback" in p.stderr
+            and p.stderr.strip().splitlines()[-1].startswith("error:"))
+    p = subprocess.run([sys.executable, "sample.py", "--ckpt", missing], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "TINYLDM_DEBUG": "1"})
     assert "Traceback" in p.stderr
 
 
@@ -205,8 +221,8 @@ def test_a_bug_keeps_its_traceback(capsys):
 
 
 def test_the_sampling_memory_estimate_grows_as_the_model_does(trained):
-    """Activations grow with the pixels, self-attention with their square: the estimate follows both, and the
-    sizes it offers as fitting do fit by its own measure."""
+    """Activations grow with the pixels, self-attention with their square: the estimate follows
+    both, and the sizes it offers as fitting do fit by its own measure."""
     from tinyldm.blocks import explicit_attention
     from tinyldm.ldm import load_ldm
     from tinyldm.training.memory import SamplingEstimate
@@ -214,15 +230,21 @@ def test_the_sampling_memory_estimate_grows_as_the_model_does(trained):
     denoiser, _, ae, _ = load_ldm(load_checkpoint(trained["ldm"], kind="ldm"))
     est = SamplingEstimate(denoiser, ae, (8, 8))
     fixed = est.fixed
-    growth = (est.bytes(1, 1024, 1024, guided=True) - fixed) / (est.bytes(1, 512, 512, guided=True) - fixed)
-    assert growth == pytest.approx(4, rel=0.02)  # the fused kernel holds no attention matrix: linear in pixels
-    with explicit_attention():  # the explicit formula holds (queries x keys) per head: self-attention is quadratic
+    growth = ((est.bytes(1, 1024, 1024, guided=True) - fixed)
+              / (est.bytes(1, 512, 512, guided=True) - fixed))
+    # the fused kernel holds no attention matrix: linear in pixels
+    assert growth == pytest.approx(4, rel=0.02)
+    # the explicit formula holds (queries x keys) per head: self-attention is quadratic
+    with explicit_attention():
         explicit = SamplingEstimate(denoiser, ae, (8, 8))
-    growth = (explicit.bytes(1, 1024, 1024, guided=True) - fixed) / (explicit.bytes(1, 512, 512, guided=True) - fixed)
+    growth = ((explicit.bytes(1, 1024, 1024, guided=True) - fixed)
+              / (explicit.bytes(1, 512, 512, guided=True) - fixed))
     assert growth > 10
     assert explicit.bytes(1, 64, 64, guided=True) > est.bytes(1, 64, 64, guided=True)
-    assert est.bytes(8, 32, 32, guided=True) > est.bytes(8, 32, 32, guided=False)  # guidance doubles the UNet batch
-    with pytest.raises(UsageError, match=r"needs about .* largest square that fits is about (\d+)x\1") as info:
+    # guidance doubles the UNet batch
+    assert est.bytes(8, 32, 32, guided=True) > est.bytes(8, 32, 32, guided=False)
+    with pytest.raises(UsageError,
+                       match=r"needs about .* largest square that fits is about (\d+)x\1") as info:
         est.check(1, 100_000, 100_000, guided=True, device=torch.device("cpu"))
     side = int(str(info.value).split("about ")[-1].split("x")[0])
     from tinyldm.training.memory import available_bytes
@@ -237,7 +259,8 @@ def test_the_sampling_memory_estimate_grows_as_the_model_does(trained):
 def _start(script: str, argv: list[str]) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, script, *argv], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"})  # as the tests: 1 thread
+                            # as the tests: 1 thread
+                            env={**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"})
 
 
 def _wait_for_steps(log: Path, steps: int, proc: subprocess.Popen, timeout: float = 120) -> None:
@@ -253,8 +276,10 @@ def _wait_for_steps(log: Path, steps: int, proc: subprocess.Popen, timeout: floa
 
 def _weights(path: Path) -> dict:
     ckpt = load_checkpoint(path)
-    parts = ("denoiser", "ema", "optimizer", "autoencoder", "ema_autoencoder", "opt_ae", "discriminator")
-    return {k: v for part in parts if isinstance(ckpt.get(part), dict) for k, v in _flat(ckpt[part], part).items()}
+    parts = ("denoiser", "ema", "optimizer", "autoencoder", "ema_autoencoder", "opt_ae",
+             "discriminator")
+    return {k: v for part in parts if isinstance(ckpt.get(part), dict)
+            for k, v in _flat(ckpt[part], part).items()}
 
 
 def _flat(d: dict, prefix: str) -> dict:
@@ -279,12 +304,14 @@ def _assert_same_weights(a: Path, b: Path) -> int:
 def ldm_reference(trained, tmp_path_factory):
     """An uninterrupted 120-step smoke LDM run, to compare interrupted-and-resumed runs with."""
     out = tmp_path_factory.mktemp("reference") / "run"
-    argv = [*FAST, "--ae", str(trained["ae"]), "--steps", "120", "--ckpt_every", "40", "--log_every", "1"]
+    argv = [*FAST, "--ae", str(trained["ae"]), "--steps", "120", "--ckpt_every", "40",
+            "--log_every", "1"]
     train_ldm.main([*argv, "--out", str(out)])
     return argv, out / "ldm.pt"
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL], ids=["SIGINT", "SIGTERM", "SIGKILL"])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL],
+                         ids=["SIGINT", "SIGTERM", "SIGKILL"])
 def test_a_signal_mid_training_loses_nothing_and_resume_is_exact(ldm_reference, tmp_path, sig):
     argv, reference = ldm_reference
     out = tmp_path / "run"
@@ -295,7 +322,8 @@ def test_a_signal_mid_training_loses_nothing_and_resume_is_exact(ldm_reference, 
     if sig == signal.SIGKILL:
         assert proc.returncode == -signal.SIGKILL
         step = load_checkpoint(out / "ldm.pt")["step"]
-        assert step == 40  # the last periodic checkpoint; the steps after it are lost, as SIGKILL allows
+        # the last periodic checkpoint; the steps after it are lost, as SIGKILL allows
+        assert step == 40
     else:
         assert proc.returncode == 128 + sig, err
         step = load_checkpoint(out / "ldm.pt")["step"]
@@ -303,14 +331,15 @@ def test_a_signal_mid_training_loses_nothing_and_resume_is_exact(ldm_reference, 
         assert f"stopped by {signal.Signals(sig).name} after step {step} of 120" in err
         assert "Continue with: python train_ldm.py" in err and err.rstrip().endswith("--resume")
     assert not (out / ".lock").exists() or sig == signal.SIGKILL
-    train_ldm.main([*argv, "--out", str(out), "--resume"])  # a lock left by SIGKILL is stale: taken over
+    # a lock left by SIGKILL is stale: taken over
+    train_ldm.main([*argv, "--out", str(out), "--resume"])
     assert _assert_same_weights(out / "ldm.pt", reference) > 100
 
 
 def test_sigterm_while_the_autoencoder_trains(tmp_path):
     """train_ae.py stops the same way, and its resumed run equals an uninterrupted one."""
-    argv = ["--smoke", "--device", "cpu", "--steps", "150", "--log_every", "1", "--sample_every", "100000",
-            "--ckpt_every", "1000"]
+    argv = ["--smoke", "--device", "cpu", "--steps", "150", "--log_every", "1",
+            "--sample_every", "100000", "--ckpt_every", "1000"]
     reference = tmp_path / "reference"
     train_ae.main([*argv, "--out", str(reference)])
     out = tmp_path / "run"
@@ -344,15 +373,18 @@ def test_the_resume_command_repeats_the_flags():
         "python train_ae.py --steps 5 --resume"
 
 
-def test_resume_refuses_flags_that_change_the_run_and_allows_the_others(ldm_reference, capsys, tmp_path):
+def test_resume_refuses_flags_that_change_the_run_and_allows_the_others(ldm_reference, capsys,
+                                                                        tmp_path):
     argv, reference = ldm_reference
     out = tmp_path / "run"
     train_ldm.main([*argv, "--out", str(out), "--steps", "40"])
-    message = one_error_line(capsys, train_ldm.main, [*argv, "--out", str(out), "--steps", "120", "--resume",
-                                                      "--lr", "0.5", "--batch_size", "4"])
+    message = one_error_line(capsys, train_ldm.main,
+                             [*argv, "--out", str(out), "--steps", "120", "--resume",
+                              "--lr", "0.5", "--batch_size", "4"])
     assert "--lr 0.5 (the run has" in message and "--batch_size 4 (the run has" in message
     assert load_checkpoint(out / "ldm.pt")["step"] == 40
-    train_ldm.main([*argv, "--out", str(out), "--resume", "--log_every", "7", "--steps", "120"])  # safe to change
+    # safe to change
+    train_ldm.main([*argv, "--out", str(out), "--resume", "--log_every", "7", "--steps", "120"])
     _assert_same_weights(out / "ldm.pt", reference)
 
 
@@ -360,9 +392,11 @@ def test_resume_refuses_flags_that_change_the_run_and_allows_the_others(ldm_refe
 # One run per folder
 
 
-def test_a_second_run_in_the_same_folder_is_refused_and_a_stale_lock_is_taken_over(trained, capsys, tmp_path):
+def test_a_second_run_in_the_same_folder_is_refused_and_a_stale_lock_is_taken_over(trained, capsys,
+                                                                                   tmp_path):
     out = tmp_path / "run"
-    argv = [*FAST, "--ae", str(trained["ae"]), "--steps", "100000", "--log_every", "1", "--out", str(out)]
+    argv = [*FAST, "--ae", str(trained["ae"]), "--steps", "100000", "--log_every", "1",
+            "--out", str(out)]
     first = _start("train_ldm.py", argv)
     try:
         _wait_for_steps(out / "log.jsonl", 1, first)
@@ -373,14 +407,16 @@ def test_a_second_run_in_the_same_folder_is_refused_and_a_stale_lock_is_taken_ov
         first.wait()
     assert json.loads((out / ".lock").read_text())["pid"] == first.pid  # SIGKILL leaves it behind
     result = train_ldm.main([*FAST, "--ae", str(trained["ae"]), "--steps", "3", "--out", str(out)])
-    assert result["steps"] == 3 and "taking over" in capsys.readouterr().out  # the stale lock was taken over
+    # the stale lock was taken over
+    assert result["steps"] == 3 and "taking over" in capsys.readouterr().out
 
 
 def test_the_lock_names_a_live_owner_and_is_released(tmp_path):
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         (tmp_path / ".lock").write_text(json.dumps({"pid": sleeper.pid, "host": os.uname().nodename,
-                                                    "started": "then", "command": "python train_ldm.py"}))
+                                                    "started": "then",
+                                                    "command": "python train_ldm.py"}))
         with pytest.raises(UsageError, match=f"in use by process {sleeper.pid}"):
             RunLock(tmp_path).acquire()
     finally:
@@ -396,12 +432,14 @@ def test_the_lock_names_a_live_owner_and_is_released(tmp_path):
 # Faults while writing
 
 
-def test_a_disk_full_during_a_checkpoint_leaves_the_previous_one(trained, capsys, tmp_path, monkeypatch):
-    """The second checkpoint write fails half-way (ENOSPC): the run ends in one line, ldm.pt still holds step 3,
-    no temporary file is left, and --resume continues from it."""
+def test_a_disk_full_during_a_checkpoint_leaves_the_previous_one(trained, capsys, tmp_path,
+                                                                 monkeypatch):
+    """The second checkpoint write fails half-way (ENOSPC): the run ends in one line, ldm.pt still
+    holds step 3, no temporary file is left, and --resume continues from it."""
     real_save, calls = torch.save, []
 
-    def save_until_the_disk_fills(obj, f, *args, **kwargs):  # torch.save, failing on the second LDM checkpoint
+    # torch.save, failing on the second LDM checkpoint
+    def save_until_the_disk_fills(obj, f, *args, **kwargs):
         calls.extend([1] if isinstance(obj, dict) and obj.get("kind") == "ldm" else [])
         if len(calls) == 2 and obj.get("kind") == "ldm":
             f.write(b"PK\x03\x04" + b"\0" * 1000)  # part of a file, as a disk filling up leaves it
@@ -409,7 +447,8 @@ def test_a_disk_full_during_a_checkpoint_leaves_the_previous_one(trained, capsys
         return real_save(obj, f, *args, **kwargs)
 
     out = tmp_path / "run"
-    argv = [*FAST, "--ae", str(trained["ae"]), "--steps", "6", "--ckpt_every", "3", "--out", str(out)]
+    argv = [*FAST, "--ae", str(trained["ae"]), "--steps", "6", "--ckpt_every", "3",
+            "--out", str(out)]
     monkeypatch.setattr(checkpoint_module.torch, "save", save_until_the_disk_fills)
     message = one_error_line(capsys, train_ldm.main, argv)
     assert "No space left on device" in message and "still holds the previous checkpoint" in message
