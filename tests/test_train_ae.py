@@ -1,4 +1,5 @@
-"""Tests for train_ae.py and tinyldm/training/ (checkpoints, flags, EMA, random state): exact resume, presets."""
+"""Tests for train_ae.py and tinyldm/training/ (checkpoints, flags, EMA, random state): exact
+resume, presets."""
 
 import argparse
 import json
@@ -15,14 +16,22 @@ from tinyldm.autoencoder_loss import AELossConfig
 from tinyldm.evaluation.viz import save_image_grid
 from tinyldm.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from tinyldm.training.flags import add_config_args, build_config
-from tinyldm.training.loop import EMA, JSONLLogger, batch_indices, pick_device, rng_state, set_rng_state
+from tinyldm.training.loop import (
+    EMA,
+    JSONLLogger,
+    batch_indices,
+    pick_device,
+    rng_state,
+    set_rng_state,
+)
 
 
 def run(tmp_path: Path, *flags: str, out: str = "run") -> dict:
     return train_ae.main(["--out", str(tmp_path / out), "--device", "cpu", *flags])
 
 
-# ---------------------------------------------------------------------------------------------- checkpoints
+# ----------------------------------------------------------------------------------------------
+# checkpoints
 
 
 def test_checkpoint_round_trip_with_weights_only(tmp_path):
@@ -30,8 +39,9 @@ def test_checkpoint_round_trip_with_weights_only(tmp_path):
     opt = torch.optim.Adam(model.parameters())
     model(torch.randn(4, 3)).sum().backward()
     opt.step()
-    path = save_checkpoint(tmp_path / "a" / "ckpt.pt", {"model": model.state_dict(), "opt": opt.state_dict(),
-                                                         "config": {"x": (1, 2)}, "rng": rng_state()}, kind="demo")
+    path = save_checkpoint(tmp_path / "a" / "ckpt.pt",
+                           {"model": model.state_dict(), "opt": opt.state_dict(),
+                            "config": {"x": (1, 2)}, "rng": rng_state()}, kind="demo")
     assert not list(path.parent.glob(".*tmp"))  # no temp file left behind
     raw = torch.load(path, weights_only=True)  # plain tensors and values only
     assert raw["kind"] == "demo"
@@ -73,7 +83,8 @@ def test_rng_state_round_trip():
     assert torch.equal(a[0], b[0]) and (a[1] == b[1]).all() and a[2] == b[2]
 
 
-# ---------------------------------------------------------------------------------------------- small utilities
+# ----------------------------------------------------------------------------------------------
+# small utilities
 
 
 def test_pick_device():
@@ -104,8 +115,10 @@ def test_ema_follows_its_formula():
 
 def test_batch_indices_are_epochs_of_permutations_and_pure():
     n, b = 10, 4
-    stream = torch.cat([batch_indices(s, n=n, batch_size=b, seed=7) for s in range(5)])  # 20 = 2 epochs
-    assert sorted(stream[:10].tolist()) == list(range(10)) and sorted(stream[10:].tolist()) == list(range(10))
+    # 20 = 2 epochs
+    stream = torch.cat([batch_indices(s, n=n, batch_size=b, seed=7) for s in range(5)])
+    assert (sorted(stream[:10].tolist()) == list(range(10))
+            and sorted(stream[10:].tolist()) == list(range(10)))
     assert torch.equal(batch_indices(3, n=n, batch_size=b, seed=7), stream[12:16])
     assert not torch.equal(batch_indices(0, n=n, batch_size=b, seed=8), stream[:4])
 
@@ -150,12 +163,14 @@ def test_save_image_grid(tmp_path):
     assert array[1, 1].tolist() == [0, 0, 0] and array[1, 7].tolist() == [255, 255, 255]
 
 
-# ---------------------------------------------------------------------------------------------- presets
+# ----------------------------------------------------------------------------------------------
+# presets
 
 
 def test_presets_build_valid_configs_with_their_named_factor_and_regularizer():
     for name, preset in train_ae.PRESETS.items():
-        assert set(preset) <= {f for cls in train_ae.CONFIGS for f in cls.__dataclass_fields__}, name
+        assert (set(preset)
+                <= {f for cls in train_ae.CONFIGS for f in cls.__dataclass_fields__}), name
         ae = build_config(AutoencoderConfig, preset)
         build_config(AELossConfig, preset)
         build_config(train_ae.TrainAEConfig, preset)
@@ -165,12 +180,12 @@ def test_presets_build_valid_configs_with_their_named_factor_and_regularizer():
             assert ae.downsample_factor == 4 and ae.regularizer == "vq"
         else:
             assert ae.downsample_factor == 4 and ae.regularizer == "kl"
-    assert {"shapes", "shapes_vq", "celeba64", "celeba128", "lsun64", "lsun128", "celeba128_f8", "lsun64_vq"} <= set(
-        train_ae.PRESETS
-    )
+    assert {"shapes", "shapes_vq", "celeba64", "celeba128", "lsun64", "lsun128", "celeba128_f8",
+            "lsun64_vq"} <= set(train_ae.PRESETS)
 
 
-# ---------------------------------------------------------------------------------------------- the script
+# ----------------------------------------------------------------------------------------------
+# the script
 
 
 def test_smoke_run_writes_a_loadable_checkpoint_and_metrics(tmp_path):
@@ -181,7 +196,8 @@ def test_smoke_run_writes_a_loadable_checkpoint_and_metrics(tmp_path):
     assert json.loads((out / "metrics.json").read_text())["psnr"] == pytest.approx(metrics["psnr"])
     ckpt = load_checkpoint(out / "autoencoder.pt", kind="autoencoder")
     assert ckpt["step"] == 6 and ckpt["ae_config"]["base_channels"] == 8
-    model = Autoencoder.from_checkpoint(ckpt)  # the EMA weights, with the measured latent statistics
+    # the EMA weights, with the measured latent statistics
+    model = Autoencoder.from_checkpoint(ckpt)
     assert model.scale_factor.item() == pytest.approx(metrics["latent"]["scale_factor"])
     assert model.scale_factor.item() == pytest.approx(1 / metrics["latent"]["global_std"])
     assert 0 < metrics["ssim"] <= 1 and metrics["psnr"] > 5
@@ -190,7 +206,8 @@ def test_smoke_run_writes_a_loadable_checkpoint_and_metrics(tmp_path):
 
 
 def test_resume_continues_exactly(tmp_path, monkeypatch):
-    flags = ["--smoke", "--steps", "6", "--disc_start", "2", "--ckpt_every", "4", "--ema_decay", "0.9"]
+    flags = ["--smoke", "--steps", "6", "--disc_start", "2", "--ckpt_every", "4",
+             "--ema_decay", "0.9"]
     straight = run(tmp_path, *flags, out="straight")
 
     real_save = train_ae.save_checkpoint
@@ -215,8 +232,10 @@ def test_resume_continues_exactly(tmp_path, monkeypatch):
     for k, v in a["discriminator"].items():
         assert torch.equal(v, b["discriminator"][k]), k
     assert straight == {**resumed, "train_seconds": straight["train_seconds"]}
-    log = [json.loads(line) for line in (tmp_path / "resumed" / "log.jsonl").read_text().splitlines()]
-    log_straight = [json.loads(line) for line in (tmp_path / "straight" / "log.jsonl").read_text().splitlines()]
+    log = [json.loads(line)
+           for line in (tmp_path / "resumed" / "log.jsonl").read_text().splitlines()]
+    log_straight = [json.loads(line)
+                    for line in (tmp_path / "straight" / "log.jsonl").read_text().splitlines()]
     strip = ("img_per_s",)
     assert [{k: v for k, v in r.items() if k not in strip} for r in log] == [
         {k: v for k, v in r.items() if k not in strip} for r in log_straight
@@ -231,9 +250,11 @@ def test_vq_smoke_run_reports_codebook_stats(tmp_path):
 
 
 def test_flags_override_the_preset(tmp_path):
-    run(tmp_path, "--smoke", "--steps", "1", "--z_channels", "3", "--channel_mult", "1,2,2", "--rec_loss", "l2")
+    run(tmp_path, "--smoke", "--steps", "1", "--z_channels", "3", "--channel_mult", "1,2,2",
+        "--rec_loss", "l2")
     ckpt = load_checkpoint(tmp_path / "run" / "autoencoder.pt")
-    assert ckpt["ae_config"]["z_channels"] == 3 and tuple(ckpt["ae_config"]["channel_mult"]) == (1, 2, 2)
+    assert (ckpt["ae_config"]["z_channels"] == 3
+            and tuple(ckpt["ae_config"]["channel_mult"]) == (1, 2, 2))
     assert ckpt["loss_config"]["rec_loss"] == "l2"
 
 
@@ -246,22 +267,25 @@ def test_resume_refuses_a_truncated_checkpoint(tmp_path):
 
 
 def test_identity_first_stage_checkpoint_trains_a_pixel_space_ldm(tmp_path):
-    """train_ae.py --regularizer identity writes a checkpoint at once (nothing to train; pixels kept in
-    [-1, 1], scale factor 1) that train_ldm.py uses like any first stage: diffusion on 3 x 32 x 32 pixels."""
+    """train_ae.py --regularizer identity writes a checkpoint at once (nothing to train; pixels kept
+    in [-1, 1], scale factor 1) that train_ldm.py uses like any first stage: diffusion on
+    3 x 32 x 32 pixels."""
     import train_ldm
     from tinyldm.training.checkpoint import load_checkpoint
 
-    r = train_ae.main(["--smoke", "--regularizer", "identity", "--z_channels", "3", "--channel_mult", "1",
-                       "--out", str(tmp_path / "ae")])
+    r = train_ae.main(["--smoke", "--regularizer", "identity", "--z_channels", "3",
+                       "--channel_mult", "1", "--out", str(tmp_path / "ae")])
     ckpt = load_checkpoint(tmp_path / "ae" / "autoencoder.pt", kind="autoencoder")
-    assert ckpt["autoencoder"]["state_dict"]["scale_factor"] == 1.0 and r["latent"]["global_std"] > 0
-    train_ldm.main(["--smoke", "--ae", str(tmp_path / "ae" / "autoencoder.pt"), "--out", str(tmp_path / "ldm"),
-                    "--channel_mult", "1,2,2,2", "--device", "cpu"])
+    assert (ckpt["autoencoder"]["state_dict"]["scale_factor"] == 1.0
+            and r["latent"]["global_std"] > 0)
+    train_ldm.main(["--smoke", "--ae", str(tmp_path / "ae" / "autoencoder.pt"),
+                    "--out", str(tmp_path / "ldm"), "--channel_mult", "1,2,2,2", "--device", "cpu"])
     ldm = load_checkpoint(tmp_path / "ldm" / "ldm.pt", kind="ldm")
     assert ldm["unet_config"]["latent_size"] == 32 and ldm["unet_config"]["in_channels"] == 3
 
 
-@pytest.mark.parametrize("flags, message", [(["--data", "."], "--dataset folder"), (["--hflip", "true"], "--hflip"),
+@pytest.mark.parametrize("flags, message", [(["--data", "."], "--dataset folder"),
+                                            (["--hflip", "true"], "--hflip"),
                                             (["--dataset", "folder"], "--data PATH")])
 def test_data_flags_the_dataset_would_ignore_are_refused(tmp_path, flags, message):
     with pytest.raises(SystemExit, match=message):
@@ -277,30 +301,38 @@ def test_data_alone_picks_the_folder_preset(tmp_path, capsys):
     for i in range(24):
         Image.new("RGB", (20, 24), (10 * i, 50, 200 - 5 * i)).save(photos / f"{i:02d}.png")
     metrics = train_ae.main(["--data", str(photos), "--smoke", "--out", str(tmp_path / "ae")])
-    assert "using the folder preset" in capsys.readouterr().out and metrics["psnr"] == metrics["psnr"]
+    assert ("using the folder preset" in capsys.readouterr().out
+            and metrics["psnr"] == metrics["psnr"])
     ckpt = load_checkpoint(tmp_path / "ae" / "autoencoder.pt", kind="autoencoder")
     assert ckpt["train_config"]["dataset"] == "folder"
 
 
-# ---------------------------------------------------------------------------------------------- the paper's settings
+# ----------------------------------------------------------------------------------------------
+# the paper's settings
 
 
-@pytest.mark.parametrize("preset", ["celeba64", "celeba128_f8", "lsun64_vq", "folder64", "folder128", "folder256"])
+@pytest.mark.parametrize("preset",
+                         ["celeba64", "celeba128_f8", "lsun64_vq", "folder64", "folder128",
+                          "folder256"])
 def test_photo_presets_follow_the_released_first_stage_configs(preset):
-    """CompVis vq-f4: disc_start 0, disc_weight 0.75 (the presets inherited 50001 and 0.5 from kl-f4); every
-    CompVis decoder runs num_res_blocks + 1 ResBlocks per level (the presets had 2); lr 4.5e-6 x batch."""
+    """CompVis vq-f4: disc_start 0, disc_weight 0.75 (the presets inherited 50001 and 0.5 from
+    kl-f4); every CompVis decoder runs num_res_blocks + 1 ResBlocks per level (the presets had 2);
+    lr 4.5e-6 x batch."""
     from tinyldm.blocks import ResBlock, Upsample
 
     p = train_ae.PRESETS[preset]
     ae_config, loss = build_config(AutoencoderConfig, p), build_config(AELossConfig, p)
     if ae_config.regularizer == "vq":
-        assert (loss.disc_start, loss.disc_weight, loss.codebook_weight, ae_config.n_codes) == (0, 0.75, 1.0, 8192)
+        assert ((loss.disc_start, loss.disc_weight, loss.codebook_weight, ae_config.n_codes)
+                == (0, 0.75, 1.0, 8192))
     else:
         assert (loss.disc_start, loss.disc_weight, loss.kl_weight) == (50_001, 0.5, 1e-6)
-    assert (loss.rec_loss, loss.perceptual_weight, loss.disc_layers, loss.disc_channels) == ("l1", 1.0, 3, 64)
+    assert ((loss.rec_loss, loss.perceptual_weight, loss.disc_layers, loss.disc_channels)
+            == ("l1", 1.0, 3, 64))
     assert ae_config.base_channels == 128 and ae_config.num_res_blocks == 2
     assert p["lr"] == pytest.approx(4.5e-6 * p["batch_size"])
-    small = Autoencoder(replace(ae_config, base_channels=32))  # the structure, at a quarter of the width
+    # the structure, at a quarter of the width
+    small = Autoencoder(replace(ae_config, base_channels=32))
     per_level = [0]
     for block in small.decoder.up:  # ResBlocks of one level, then an Upsample
         if isinstance(block, Upsample):
@@ -310,17 +342,22 @@ def test_photo_presets_follow_the_released_first_stage_configs(preset):
 
 
 def test_the_autoencoder_trains_in_full_precision_unless_asked():
-    """bf16 autocast cost 2.5 dB of held-out PSNR in a pair of otherwise equal GPU runs: it is opt-in (--amp true)."""
+    """bf16 autocast cost 2.5 dB of held-out PSNR in a pair of otherwise equal GPU runs: it is
+    opt-in (--amp true)."""
     assert train_ae.TrainAEConfig().amp is False
     assert not any(p.get("amp") for p in train_ae.PRESETS.values())
 
 
 def test_photo_preset_smoke_runs_include_lpips_and_the_discriminator(tmp_path, lfw_faces, capsys):
-    """--smoke keeps a photo preset's loss: LPIPS (the lpips package, random backbone, offline) and the PatchGAN."""
+    """--smoke keeps a photo preset's loss: LPIPS (the lpips package, random backbone, offline) and
+    the PatchGAN."""
     pytest.importorskip("lpips")
-    run(tmp_path, "--preset", "celeba64_vq", "--smoke", "--dataset", "folder", "--data", str(lfw_faces))
+    run(tmp_path, "--preset", "celeba64_vq", "--smoke", "--dataset", "folder",
+        "--data", str(lfw_faces))
     assert "LPIPS (vgg, random backbone" in capsys.readouterr().out
-    records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    records = [json.loads(line)
+               for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     steps = [r for r in records if "loss_ae" in r]
     assert all(r["perceptual"] > 0 for r in steps)
-    assert "loss_disc" in steps[-1] and "g_adv" in steps[-1]  # the discriminator is on by the last steps
+    # the discriminator is on by the last steps
+    assert "loss_disc" in steps[-1] and "g_adv" in steps[-1]
