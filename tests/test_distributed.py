@@ -95,13 +95,14 @@ def test_each_process_takes_every_world_th_item():
     assert World().shard([1, 2]) == [1, 2] and not World().enabled
 
 
-def test_rank_zero_alone_trains_a_missing_autoencoder(tmp_path):
+def test_torchrun_asks_for_the_autoencoder_first(tmp_path):
+    """No process trains a missing first stage while the others wait at a barrier: the run is
+    refused, in one line, with the command that trains it."""
     proc = torchrun(2, "--smoke", "--out", str(tmp_path / "run"), "--device", "cpu",
-                    "--eval_images", "0")
-    # the other process waited, then read it
-    assert proc.stdout.count("training the autoencoder first") == 1
-    assert ((tmp_path / "run" / "ae" / "autoencoder.pt").exists()
-            and (tmp_path / "run" / "ldm.pt").exists())
+                    "--eval_images", "0", check=False)
+    assert proc.returncode != 0 and "error: no --ae: under torchrun" in proc.stderr
+    assert "python train_ae.py --preset shapes --out DIR" in proc.stderr
+    assert not (tmp_path / "run" / "ae").exists() and not (tmp_path / "run" / "ldm.pt").exists()
 
 
 def test_autoencoder_two_processes_train_like_one(tmp_path):
@@ -134,7 +135,7 @@ def test_autoencoder_two_processes_train_like_one(tmp_path):
 def test_vq_autoencoder_is_refused_under_torchrun(tmp_path):
     proc = torchrun(2, "--smoke", "--regularizer", "vq", "--out", str(tmp_path / "vq"),
                     script="train_ae.py", check=False)
-    assert proc.returncode != 0 and "does not train under torchrun yet" in proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "does not train under torchrun" in proc.stdout + proc.stderr
 
 
 @pytest.mark.parametrize("rank, finalised", [(1, False), (0, True)])

@@ -223,11 +223,11 @@ def test_a_bug_keeps_its_traceback(capsys):
 def test_the_sampling_memory_estimate_grows_as_the_model_does(trained):
     """Activations grow with the pixels, self-attention with their square: the estimate follows
     both, and the sizes it offers as fitting do fit by its own measure."""
-    from tinyldm.blocks import explicit_attention
     from tinyldm.ldm import load_ldm
     from tinyldm.training.memory import SamplingEstimate
 
-    denoiser, _, ae, _ = load_ldm(load_checkpoint(trained["ldm"], kind="ldm"))
+    ckpt = load_checkpoint(trained["ldm"], kind="ldm")
+    denoiser, _, ae, _ = load_ldm(ckpt)
     est = SamplingEstimate(denoiser, ae, (8, 8))
     fixed = est.fixed
     growth = ((est.bytes(1, 1024, 1024, guided=True) - fixed)
@@ -235,8 +235,8 @@ def test_the_sampling_memory_estimate_grows_as_the_model_does(trained):
     # the fused kernel holds no attention matrix: linear in pixels
     assert growth == pytest.approx(4, rel=0.02)
     # the explicit formula holds (queries x keys) per head: self-attention is quadratic
-    with explicit_attention():
-        explicit = SamplingEstimate(denoiser, ae, (8, 8))
+    explicit_unet = {**ckpt["unet_config"], "fused_attention": False}
+    explicit = SamplingEstimate(load_ldm({**ckpt, "unet_config": explicit_unet})[0], ae, (8, 8))
     growth = ((explicit.bytes(1, 1024, 1024, guided=True) - fixed)
               / (explicit.bytes(1, 512, 512, guided=True) - fixed))
     assert growth > 10

@@ -1,8 +1,8 @@
 """tinyldm: Latent Diffusion Models (Rombach et al., arXiv 2112.10752), small enough to read.
 
 The paper's code, in reading order (each file imports only the ones above it):
-    schedule.py          the forward (noising) process: betas, alpha_bar, q_sample, posterior,
-                         parameterizations
+    schedule.py          the forward (noising) process: betas, alpha_bar, q_sample, the DDPM
+                         posterior (Eq. 7), the eps / x0 / v parameterizations
     blocks.py            the shared building blocks: ResBlock, down/upsampling, attention,
                          transformer block
     autoencoder.py       the first stage (Sec. 3.1): encoder, decoder, KL or VQ regularizer, latent
@@ -12,8 +12,8 @@ The paper's code, in reading order (each file imports only the ones above it):
     unet.py              the denoiser (Sec. 3.3): a UNet with timestep embedding and cross-attention
     conditioning.py      tau_theta: the text, class and layout encoders, and the null condition for
                          guidance
-    ddim.py              the samplers: ancestral DDPM, DDIM with eta, classifier-free guidance,
-                         inversion
+    ddim.py              the samplers, one function each: ancestral DDPM, DDIM with eta, PLMS,
+                         DPM-Solver++(2M); classifier-free guidance; DDIM inversion
     ldm.py               the wiring (Eq. 3): the latent-space loss, generation, the self-contained
                          checkpoint
 
@@ -23,9 +23,11 @@ level).
 Out of the reader's path:
     data/        the shapes dataset and its evaluator, image folders / CelebA / LSUN, the latent
                  cache, the paper's tasks' inputs
-    training/    the training loop's support: seeds, EMA, checkpoints, flags, torchrun, speed paths
-    evaluation/  metrics (PSNR, SSIM, FD, KID, precision / recall), feature extractors, image grids
-    tools/       python -m tinyldm.tools.{evaluate, bench, course, nbrun}
+    training/    the one trainer both scripts run, the scripts' setup, seeds, EMA, checkpoints,
+                 flags, presets, torchrun, speed paths
+    evaluation/  metrics (PSNR, SSIM, FD, KID, precision / recall), feature extractors, image
+                 grids, attention maps, the scores each training run ends with
+    tools/       python -m tinyldm.tools.{evaluate, bench, course, nbrun}; sample.py's other modes
 """
 
 __version__ = "0.1.0"

@@ -125,16 +125,6 @@ def transformer_blocks(cfg: ConditionConfig) -> nn.ModuleList:
     return nn.ModuleList(TransformerBlock(cfg.context_dim, cfg.head_dim) for _ in range(cfg.layers))
 
 
-def _rename_old_block_keys(module, state_dict, prefix, *args) -> None:
-    """Checkpoints written before the encoders shared the UNet's TransformerBlock name its layers
-    `attn` and `norm2` (the feed-forward's norm); today they are `self_attn` and `norm3`."""
-    old = re.compile(re.escape(prefix) + r"blocks\.(\d+)\.(attn|norm2)\.")
-    for key in [k for k in state_dict if old.match(k)]:
-        new = old.sub(lambda m: f"{prefix}blocks.{m[1]}."
-                                f"{'self_attn' if m[2] == 'attn' else 'norm3'}.", key, count=1)
-        state_dict[new] = state_dict.pop(key)
-
-
 def run_blocks(blocks: nn.ModuleList, h: Tensor, mask: Tensor) -> Tensor:
     """h (B, L, D) through the blocks; keys where mask (B, L) is False are never attended to."""
     for block in blocks:
@@ -154,7 +144,6 @@ class TextEncoder(nn.Module):
         self.pos_emb = nn.Parameter(torch.randn(cfg.max_len, D) * 0.02)
         self.blocks = transformer_blocks(cfg)
         self.norm = nn.LayerNorm(D)
-        self.register_load_state_dict_pre_hook(_rename_old_block_keys)
 
     def forward(self, ids: Tensor, mask: Tensor) -> Tensor:
         B, L = ids.shape
@@ -180,7 +169,6 @@ class LayoutEncoder(nn.Module):
         self.null = nn.Parameter(torch.randn(D) * 0.02)
         self.blocks = transformer_blocks(cfg)  # no positional embedding: the objects are a set
         self.norm = nn.LayerNorm(D)
-        self.register_load_state_dict_pre_hook(_rename_old_block_keys)
 
     def forward(self, box_classes: Tensor, boxes: Tensor) -> tuple[Tensor, Tensor]:
         """box_classes (B, K) with -1 = padding, boxes (B, K, 4) -> context (B, 1 + K, D),

@@ -5,9 +5,9 @@ estimate and the largest size or batch that does, instead of being killed by the
 How. The model runs once on one small input (the size it was trained at) with forward hooks on every
 module, which record what a larger input would hold: the activations (they grow with the number of
 pixels) and the attention matrices that are really held (heads x queries x keys: cross-attention's
-grows with the pixels; self-attention's with their square, but only with the explicit formula of
-`blocks.explicit_attention`: the fused kernel streams over the keys and never holds it). Sampling
-holds, per image, the UNet's skip connections plus a few of its largest activations, and the
+grows with the pixels; self-attention's with their square, but only with the explicit formula, in a
+UNet built with `fused_attention=False`: the fused kernel streams over the keys and never holds it).
+Sampling holds, per image, the UNet's skip connections plus a few of its largest activations, and the
 attention matrix of one layer at a time; training keeps every activation for the backward pass, plus
 four copies of the weights (weights, gradients, Adam's two moments) and the EMA's.
 Measured against the peak resident memory of `sample.py` on 2 CPU cores (the quickstart model,
