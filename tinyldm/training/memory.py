@@ -7,9 +7,9 @@ module, which record what a larger input would hold: the activations (they grow 
 pixels) and the attention matrices that are really held (heads x queries x keys: cross-attention's
 grows with the pixels; self-attention's with their square, but only with the explicit formula, in a
 UNet built with `fused_attention=False`: the fused kernel streams over the keys and never holds it).
-Sampling holds, per image, the UNet's skip connections plus a few of its largest activations, and the
-attention matrix of one layer at a time; training keeps every activation for the backward pass, plus
-four copies of the weights (weights, gradients, Adam's two moments) and the EMA's.
+Sampling holds, per image, the UNet's skip connections plus a few of its largest activations, and
+the attention matrix of one layer at a time; training keeps every activation for the backward pass,
+plus four copies of the weights (weights, gradients, Adam's two moments) and the EMA's.
 Measured against the peak resident memory of `sample.py` on 2 CPU cores (the quickstart model,
 guided, 256 to 1024 px): the estimate is about twice what the run holds above the ~0.7 GiB of Python
 and torch themselves.
