@@ -4,9 +4,9 @@ error), never a traceback. A traceback is reserved for a bug in tinyldm. `--debu
 `TINYLDM_DEBUG=1` shows the traceback of a user error too.
 
 What counts as the user's mistake, by exception type:
-* `UsageError`: raised by the tools' own checks (a flag's value, a combination of flags, a memory
-  estimate);
-* `SystemExit("message")`: the older form of the same, still used by the scripts' checks;
+* `UsageError`: raised by tinyldm's own checks (a flag's value, a combination of flags, a memory
+  estimate, a missing optional package);
+* `SystemExit("message")` from code that is not tinyldm's (argparse, a third-party package);
 * `CheckpointError`: a checkpoint that is missing, truncated, corrupt or of the wrong kind;
 * `OSError` with a file name (a path that does not exist, cannot be written, a full disk);
 * running out of memory, which names the flag that sizes the work.

@@ -31,6 +31,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..cli import UsageError
+
 # sub-folder name -> (scikit-image loader, what the caption calls it, the photograph's region to
 # crop from as fractions (top, left, bottom, right): the retina's black surround is left out)
 TEXTURES = {
@@ -47,7 +49,7 @@ def _skimage_data():
     try:
         from skimage import data
     except ImportError as e:
-        raise SystemExit("the example folders are made from scikit-image's sample images: "
+        raise UsageError("the example folders are made from scikit-image's sample images: "
                          "pip install scikit-image (it is in the dev extra: "
                          "pip install -e '.[dev]')") from e
     return data

@@ -26,6 +26,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
+from tinyldm.cli import UsageError
 from tinyldm.data.image_conditions import (
     composite,
     downsample,
@@ -163,7 +164,7 @@ def heldout_items(spec: TaskSpec, data: DataConfig, shapes: ShapesConfig | None,
     gives all it has."""
     dataset = make_dataset(replace(data, max_images=None, hflip=False), "eval", shapes=shapes)
     if len(dataset) < n and not allow_fewer:
-        raise SystemExit(f"the held-out split has {len(dataset)} images, fewer than the {n} asked "
+        raise UsageError(f"the held-out split has {len(dataset)} images, fewer than the {n} asked "
                          "for (ask for fewer, or hold out more with a larger eval_fraction)")
     n = min(n, len(dataset))
     items = [dataset[i] for i in range(n)]

@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from tinyldm.cli import UsageError
 from tinyldm.training.checkpoint import load_checkpoint, save_checkpoint
 
 # the name pytorch-fid's downloader looks for
@@ -304,7 +305,7 @@ class InceptionFeatures:
         try:
             from pytorch_fid.inception import InceptionV3
         except ImportError:
-            raise SystemExit("FID / KID need the pytorch-fid package: pip install -e '.[metrics]' "
+            raise UsageError("FID / KID need the pytorch-fid package: pip install -e '.[metrics]' "
                              "(or use --features classifier or contrastive, which need nothing "
                              "beyond tinyldm)") from None
         hub_dir = torch.hub.get_dir()
@@ -313,14 +314,14 @@ class InceptionFeatures:
             if weights is not None:
                 weights = Path(weights).resolve()
                 if not weights.is_file():
-                    raise SystemExit(f"Inception weights {weights} do not exist")
+                    raise UsageError(f"Inception weights {weights} do not exist")
                 (Path(tmp) / "checkpoints").mkdir()
                 (Path(tmp) / "checkpoints" / INCEPTION_FILE).symlink_to(weights)
                 torch.hub.set_dir(tmp)
             try:
                 self.model = InceptionV3([InceptionV3.BLOCK_INDEX_BY_DIM[2048]]).to(device).eval()
             except Exception as e:  # no internet, a proxy, a truncated file: say what to do instead
-                raise SystemExit("could not load the Inception-v3 weights for FID "
+                raise UsageError("could not load the Inception-v3 weights for FID "
                                  f"({type(e).__name__}: {e}). Download {INCEPTION_FILE} from the "
                                  "pytorch-fid releases on a machine with internet and pass it with "
                                  "--inception_weights PATH, or use --features classifier / "

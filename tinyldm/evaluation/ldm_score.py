@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from ..autoencoder import Autoencoder
+from ..cli import UsageError
 from ..conditioning import split_words
 from ..data.latent_batches import task_spec
 from ..data.shapes import CLASS_NAMES, ShapeSpec, all_prompts, score_images
@@ -137,7 +138,7 @@ def evaluate_run(model: Denoiser, schedule, ae: Autoencoder, config, diffusion: 
                                       device=device, classifier_steps=config.feature_steps,
                                       contrastive_steps=config.feature_steps,
                                       json_path=ckpt_path.parent / "metrics.json")
-    except SystemExit as stop:
+    except UsageError as stop:
         # the model is trained and saved; only its measurement cannot be made
         print(f"evaluation skipped: {stop}")
         return {"evaluation_skipped": str(stop)}

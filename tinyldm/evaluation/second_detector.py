@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from tinyldm.cli import ArgumentParser, run
+from tinyldm.cli import ArgumentParser, UsageError, run
 from tinyldm.data.shapes import CLASS_NAMES, POSITIONS, parse_prompt, score_images
 
 
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> dict:
     ckpt = load_checkpoint(args.ckpt, kind="ldm")
     config = ckpt["train_config"]
     if config["dataset"] != "shapes":
-        raise SystemExit(f"{args.ckpt} was not trained on shapes: the second detector "
+        raise UsageError(f"{args.ckpt} was not trained on shapes: the second detector "
                          "knows only shapes")
     spec = TaskSpec.from_config(config)
     data, shapes = data_configs(config, None)

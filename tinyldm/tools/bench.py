@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from tinyldm.autoencoder import Autoencoder
+from tinyldm.cli import UsageError
 from tinyldm.ddim import sample
 from tinyldm.schedule import NoiseSchedule
 from tinyldm.tools.bench_models import (  # noqa: F401 -- re-exported: `bench.CONFIGS` and friends
@@ -578,13 +579,13 @@ def main(argv: list[str] | None = None) -> dict:
     names = args.config or (list(GPU_CONFIGS) if device.type == "cuda" else ["cpu"])
     modes = args.modes or (list(MODES) if device.type == "cuda" else ["eager"])
     if device.type != "cuda" and "reduce-overhead" in modes + (args.diffusers_modes or []):
-        raise SystemExit("mode reduce-overhead records CUDA graphs: it needs --device cuda")
+        raise UsageError("mode reduce-overhead records CUDA graphs: it needs --device cuda")
     with_diffusers = not args.no_diffusers
     if with_diffusers:
         try:
             import diffusers  # noqa: F401
         except ImportError:
-            raise SystemExit("diffusers is not installed: pip install -e '.[bench]', or pass "
+            raise UsageError("diffusers is not installed: pip install -e '.[bench]', or pass "
                              "--no_diffusers") from None
     repeat, warmup = (1, 1) if args.smoke else (args.repeat, 2)
     env = environment(device)

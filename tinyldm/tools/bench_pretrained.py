@@ -38,6 +38,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from tinyldm.autoencoder import Autoencoder
+from tinyldm.cli import UsageError
 from tinyldm.conditioning import ConditionConfig, ConditionEncoder
 from tinyldm.ldm import Denoiser, DiffusionConfig
 from tinyldm.pretrained import RELEASES, PretrainedLDM
@@ -214,7 +215,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         out = subprocess.run(cmd + (["--full"] if args.full else []), capture_output=True,
                              text=True)
         if out.returncode:
-            raise SystemExit(f"{release}: the measurement failed:\n{out.stderr[-2000:]}")
+            raise UsageError(f"{release}: the measurement failed:\n{out.stderr[-2000:]}")
         row = json.loads(out.stdout.strip().splitlines()[-1])[0]
         print(report(row), flush=True)
         rows.append(row)

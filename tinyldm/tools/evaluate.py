@@ -45,7 +45,7 @@ from pathlib import Path
 
 import torch
 
-from tinyldm.cli import ArgumentParser, check_writable, run
+from tinyldm.cli import ArgumentParser, UsageError, check_writable, run
 from tinyldm.data.images import make_dataset
 from tinyldm.data.tasks import (
     TaskSpec,
@@ -121,7 +121,7 @@ def feature_function(kind: str, train_set, eval_set_fn, ckpt_path: Path, device:
         path = Path(classifier) if classifier else ckpt_path.parent / "feature_classifier.pt"
         if not path.exists():
             if not labelled(train_set):
-                raise SystemExit("--features classifier needs class labels (class sub-folders, a "
+                raise UsageError("--features classifier needs class labels (class sub-folders, a "
                                  "CelebA attribute or the shapes data); these training images have "
                                  "none: use --features contrastive (or auto)")
             names = getattr(train_set, "class_names", None) or []
@@ -212,7 +212,7 @@ def prepare(ckpt_path: str | Path, data_root: str | None, n: int, guidance: floa
     ckpt = load_checkpoint(ckpt_path, kind="ldm")
     train_config = ckpt["train_config"]
     if train_config["dataset"] != "shapes" and not data_root:
-        raise SystemExit(f"{ckpt_path} was trained on {train_config['dataset']} images: give their "
+        raise UsageError(f"{ckpt_path} was trained on {train_config['dataset']} images: give their "
                          "folder with --data (the checkpoint does not store it)")
     denoiser, schedule, ae, diffusion = load_ldm(ckpt)
     for k in steps:
@@ -224,7 +224,7 @@ def prepare(ckpt_path: str | Path, data_root: str | None, n: int, guidance: floa
     items = heldout_items(spec, data, shapes, n, allow_fewer=True)
     N = len(items["image"])
     if N < 2:
-        raise SystemExit(f"the held-out split has {N} image: distribution metrics need at least 2 "
+        raise UsageError(f"the held-out split has {N} image: distribution metrics need at least 2 "
                          "(add images to the folder: about 5% of its files are held out)")
     if N < n:
         print(f"the held-out split has only {N} images, fewer than the {n} asked for: using all "

@@ -198,14 +198,14 @@ def check_data_flags(dataset: str, data: str | None, hflip: bool) -> None:
     """Refuse a data flag that the chosen dataset would ignore or get wrong, naming the flag to use
     instead."""
     if dataset != "shapes" and data is None:
-        raise SystemExit(f"--dataset {dataset} needs --data PATH: the folder of images (folder), "
+        raise UsageError(f"--dataset {dataset} needs --data PATH: the folder of images (folder), "
                          "the CelebA root (celeba) or the LSUN folder or LMDB export (lsun)")
     if dataset == "shapes" and data is not None:
-        raise SystemExit(f"--data {data} would be ignored: the dataset is the built-in shapes "
+        raise UsageError(f"--data {data} would be ignored: the dataset is the built-in shapes "
                          "(the preset's). Add --dataset folder (or celeba, lsun) to train on "
                          "those images")
     if dataset == "shapes" and hflip:
-        raise SystemExit("--hflip does not apply to the shapes dataset: its captions, boxes and "
+        raise UsageError("--hflip does not apply to the shapes dataset: its captions, boxes and "
                          "maps say left and right, which a mirrored image would contradict. Drop "
                          "--hflip (it is for folder / celeba / lsun)")
 
@@ -237,4 +237,4 @@ def check_sampling_steps(T: int, steps: int, flag: str = "--steps") -> None:
     try:
         make_timesteps(T, steps)
     except ValueError as e:
-        raise SystemExit(f"{flag} {steps}: {e}") from None
+        raise UsageError(f"{flag} {steps}: {e}") from None

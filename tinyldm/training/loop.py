@@ -35,6 +35,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..cli import UsageError
+
 
 def pick_device(name: str = "auto") -> torch.device:
     """'auto' -> cuda if available, else mps, else cpu; any other name is checked and returned."""
@@ -173,7 +175,7 @@ class JSONLLogger:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as e:
-                raise SystemExit("--tensorboard needs the tensorboard package: pip install "
+                raise UsageError("--tensorboard needs the tensorboard package: pip install "
                                  "'tinyldm[tensorboard]' (or pip install tensorboard), or train "
                                  "without --tensorboard") from e
             # purge_step: on resume, TensorBoard hides the events the previous run wrote after the
