@@ -1,41 +1,52 @@
-"""The paper's released models, run by tinyldm's own code: their diffusers-format weights converted by name.
+"""The paper's released models, run by tinyldm's own code: their diffusers-format weights converted
+by name.
 
     from tinyldm.pretrained import load
-    model = load("CompVis/ldm-celebahq-256")        # a hub id (needs the `pretrained` extra and internet once)
-    model = load("path/to/ldm-celebahq-256")        # or a local diffusers-format folder named after the release:
-    # hf download CompVis/ldm-celebahq-256 --local-dir ldm-celebahq-256  (the folder's name selects RELEASES' entry)
-    images = model.generate(n=4, steps=50)           # (4, 3, 256, 256) in [-1, 1], through tinyldm's sampler
+    model = load("CompVis/ldm-celebahq-256")        # a hub id (needs the `pretrained` extra and
+                                                      internet once)
+    model = load("path/to/ldm-celebahq-256")        # or a local diffusers-format folder named
+                                                      after the release:
+    # hf download CompVis/ldm-celebahq-256 --local-dir ldm-celebahq-256
+      (the folder's name selects RELEASES' entry)
+    images = model.generate(n=4, steps=50)           # (4, 3, 256, 256) in [-1, 1], through
+                                                       tinyldm's sampler
 
     unet.py          diffusers' UNet2DModel (the unconditional and concat-conditioned releases) and
                      UNet2DConditionModel (text-to-image: cross-attention) <-> tinyldm's UNet
     autoencoder.py   diffusers' VQModel / AutoencoderKL (vq-f4, kl-f8) <-> tinyldm's Autoencoder
     ldmbert.py       the text-to-image release's text encoder (LDMBert) and its WordPiece tokenizer
 
-The reverse way (`unet_to_diffusers`, `autoencoder_to_diffusers`) exports a model trained here that diffusers'
-classes can express (plain attention, no condition; num_res_blocks + 1 decoder blocks) for diffusers' pipelines.
+The reverse way (`unet_to_diffusers`, `autoencoder_to_diffusers`) exports a model trained here that
+diffusers' classes can express (plain attention, no condition; num_res_blocks + 1 decoder blocks)
+for diffusers' pipelines.
 
-A folder is read as diffusers writes it: `model_index.json`, and `unet/`, `vqvae/` (or `vae/`), `scheduler/`, each
-with a `config.json` and `diffusion_pytorch_model.safetensors` (read with safetensors) or `.bin` (read with
-`torch.load(weights_only=True)`): no code is ever unpickled.
+A folder is read as diffusers writes it: `model_index.json`, and `unet/`, `vqvae/` (or `vae/`),
+`scheduler/`, each with a `config.json` and `diffusion_pytorch_model.safetensors` (read with
+safetensors) or `.bin` (read with `torch.load(weights_only=True)`): no code is ever unpickled.
 
-Where the hub's files disagree with how CompVis trained a release, tinyldm follows the paper (`RELEASES`):
+Where the hub's files disagree with how CompVis trained a release, tinyldm follows the paper
+(`RELEASES`):
 
-* `CompVis/ldm-celebahq-256` has no `scaling_factor` in its VQ config, so diffusers' LDMPipeline divides the
-  latents by its default 0.18215 before decoding and draws broken images; CompVis trained this LDM on the VQ
-  latents as they are (`scale_factor` 1.0 in celebahq-ldm-vq-4.yaml's LatentDiffusion default, `scale_by_std`
-  off). tinyldm uses 1.0.
-* Its scheduler config has `steps_offset` 0; CompVis' DDIM ("uniform" spacing) visits t = 1, 21, ..., 981 for
-  50 steps, i.e. an offset of 1. tinyldm's sampler uses that spacing for every model.
-* The noise schedule is set from each release's CompVis config (sqrt-linear betas, T = 1000; 0.0015 to 0.0195
-  for CelebA-HQ, 0.0015 to 0.0155 for super-resolution, 0.00085 to 0.012 for text-to-image), not read.
+* `CompVis/ldm-celebahq-256` has no `scaling_factor` in its VQ config, so diffusers' LDMPipeline
+  divides the latents by its default 0.18215 before decoding and draws broken images; CompVis
+  trained this LDM on the VQ latents as they are (`scale_factor` 1.0 in celebahq-ldm-vq-4.yaml's
+  LatentDiffusion default, `scale_by_std` off). tinyldm uses 1.0.
+* Its scheduler config has `steps_offset` 0; CompVis' DDIM ("uniform" spacing) visits
+  t = 1, 21, ..., 981 for 50 steps, i.e. an offset of 1. tinyldm's sampler uses that spacing for
+  every model.
+* The noise schedule is set from each release's CompVis config (sqrt-linear betas, T = 1000;
+  0.0015 to 0.0195 for CelebA-HQ, 0.0015 to 0.0155 for super-resolution, 0.00085 to 0.012 for
+  text-to-image), not read.
 
-* The text-to-image release's KL latents are scaled by 0.18215 (txt2img-1p4B-eval.yaml's scale_factor, which
-  the hub's VAE config also has).
+* The text-to-image release's KL latents are scaled by 0.18215 (txt2img-1p4B-eval.yaml's
+  scale_factor, which the hub's VAE config also has).
 
-The text-to-image release adds `bert/` (LDMBert) and `tokenizer/` folders; its `generate` takes prompts:
+The text-to-image release adds `bert/` (LDMBert) and `tokenizer/` folders; its `generate` takes
+prompts:
 
     model = load("CompVis/ldm-text2im-large-256")
-    images = model.generate(prompts=["a painting of a squirrel eating a burger"], guidance_scale=5.0)
+    images = model.generate(prompts=["a painting of a squirrel eating a burger"],
+                            guidance_scale=5.0)
 """
 
 from __future__ import annotations
@@ -56,29 +67,36 @@ from tinyldm.pretrained.ldmbert import LDMBertCondition, WordPieceTokenizer, bui
 from tinyldm.pretrained.unet import build_unet, unet_from_diffusers
 from tinyldm.schedule import NoiseSchedule
 
-__all__ = ["RELEASES", "PretrainedLDM", "Release", "autoencoder_from_diffusers", "load", "unet_from_diffusers"]
+__all__ = ["RELEASES", "PretrainedLDM", "Release", "autoencoder_from_diffusers", "load",
+           "unet_from_diffusers"]
 
 
 @dataclass(frozen=True)
 class Release:
-    """What tinyldm needs to know about a released model beyond its files (see the module docstring)."""
+    """What tinyldm needs to know about a released model beyond its files (see the module
+    docstring)."""
     first_stage: str  # "vq" or "kl"
     scale_factor: float  # latents are multiplied by this before diffusion, divided before decoding
-    concat_channels: int = 0  # channels of a concatenated condition (super-resolution: the low-res image)
-    schedule: dict = field(default_factory=lambda: {"schedule": "scaled_linear", "T": 1000, "beta_start": 0.0015,
-                                                    "beta_end": 0.0195})
+    # channels of a concatenated condition (super-resolution: the low-res image)
+    concat_channels: int = 0
+    schedule: dict = field(default_factory=lambda: {"schedule": "scaled_linear", "T": 1000,
+                                                    "beta_start": 0.0015, "beta_end": 0.0195})
     note: str = ""
 
 
 RELEASES = {
-    "CompVis/ldm-celebahq-256": Release("vq", 1.0, note="unconditional CelebA-HQ faces, 256 px, LDM-4 (vq-f4)"),
+    "CompVis/ldm-celebahq-256": Release("vq", 1.0, note="unconditional CelebA-HQ faces, 256 px, "
+                                                        "LDM-4 (vq-f4)"),
     "CompVis/ldm-super-resolution-4x-openimages": Release(
-        "vq", 1.0, concat_channels=3, schedule={"schedule": "scaled_linear", "T": 1000, "beta_start": 0.0015,
-                                                "beta_end": 0.0155},  # models/ldm/bsr_sr/config.yaml
+        "vq", 1.0, concat_channels=3,
+        schedule={"schedule": "scaled_linear", "T": 1000, "beta_start": 0.0015,
+                  "beta_end": 0.0155},  # models/ldm/bsr_sr/config.yaml
         note="4x super-resolution (the low-res image concatenated to z_t), LDM-4"),
     "CompVis/ldm-text2im-large-256": Release(
-        "kl", 0.18215, schedule={"schedule": "scaled_linear", "T": 1000, "beta_start": 0.00085, "beta_end": 0.012},
-        note="text-to-image (LAION-400M, 256 px): LDMBert text encoder, cross-attention UNet, LDM-8 (kl-f8)"),
+        "kl", 0.18215, schedule={"schedule": "scaled_linear", "T": 1000, "beta_start": 0.00085,
+                                 "beta_end": 0.012},
+        note="text-to-image (LAION-400M, 256 px): LDMBert text encoder, cross-attention UNet, "
+             "LDM-8 (kl-f8)"),
 }
 
 
@@ -108,40 +126,46 @@ class PretrainedLDM:
         return isinstance(self.denoiser.cond, LDMBertCondition)
 
     @torch.no_grad()
-    def generate(self, n: int = 1, *, prompts: list[str] | None = None, steps: int = 50, eta: float = 0.0,
-                 method: str = "ddim", guidance_scale: float = 1.0, concat: Tensor | None = None,
+    def generate(self, n: int = 1, *, prompts: list[str] | None = None, steps: int = 50,
+                 eta: float = 0.0, method: str = "ddim", guidance_scale: float = 1.0,
+                 concat: Tensor | None = None,
                  generator: torch.Generator | None = None, z_T: Tensor | None = None) -> Tensor:
-        """Images (B, 3, H, W) in [-1, 1], sampled with tinyldm's samplers (`method`: ddim, ddpm, plms, dpmpp;
-        CompVis' uniform spacing).
+        """Images (B, 3, H, W) in [-1, 1], sampled with tinyldm's samplers (`method`: ddim, ddpm,
+        plms, dpmpp; CompVis' uniform spacing).
 
-        Unconditional releases draw `n` images; the super-resolution release one per `concat` image; the
-        text-to-image release one per prompt, with classifier-free guidance against the empty prompt when
-        guidance_scale != 1 (CompVis' txt2img script uses 5)."""
+        Unconditional releases draw `n` images; the super-resolution release one per `concat` image;
+        the text-to-image release one per prompt, with classifier-free guidance against the empty
+        prompt when guidance_scale != 1 (CompVis' txt2img script uses 5)."""
         if self.prompted != (prompts is not None):
             raise ValueError(f"{self.source} {'needs' if self.prompted else 'takes no'} prompts")
         side = self.latent_size if concat is None else concat.shape[-1]
-        return generate(self.denoiser, self.schedule, self.autoencoder, prompts, n=n, latent_size=(side, side),
-                        steps=steps, eta=eta, method=method, guidance_scale=guidance_scale, generator=generator,
-                        z_T=z_T, concat=concat)
+        return generate(self.denoiser, self.schedule, self.autoencoder, prompts, n=n,
+                        latent_size=(side, side), steps=steps, eta=eta, method=method,
+                        guidance_scale=guidance_scale, generator=generator, z_T=z_T, concat=concat)
 
 
 def _weights(folder: Path) -> dict[str, Tensor]:
-    """A component's tensors: safetensors if present, else a PyTorch file read with weights_only=True."""
-    for name in ("diffusion_pytorch_model.safetensors", "model.safetensors"):  # diffusers', transformers' names
+    """A component's tensors: safetensors if present, else a PyTorch file read with
+    weights_only=True."""
+    # diffusers', transformers' names
+    for name in ("diffusion_pytorch_model.safetensors", "model.safetensors"):
         if (folder / name).exists():
             from safetensors.torch import load_file
 
             return load_file(str(folder / name))
     for name in ("diffusion_pytorch_model.bin", "pytorch_model.bin"):
         if (folder / name).exists():
-            return torch.load(folder / name, map_location="cpu", weights_only=True)  # tensors only, never code
-    raise FileNotFoundError(f"no weights (diffusion_pytorch_model / model .safetensors, or .bin) in {folder}")
+            # tensors only, never code
+            return torch.load(folder / name, map_location="cpu", weights_only=True)
+    raise FileNotFoundError("no weights (diffusion_pytorch_model / model .safetensors, or .bin) in "
+                            f"{folder}")
 
 
 def _config(folder: Path) -> dict:
     path = folder / "config.json"
     if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: is {folder.parent} a diffusers-format model folder?")
+        raise FileNotFoundError(f"{path} is missing: is {folder.parent} a diffusers-format model "
+                                "folder?")
     return json.loads(path.read_text())
 
 
@@ -149,61 +173,73 @@ def _download(repo_id: str) -> Path:
     try:
         from huggingface_hub import snapshot_download
     except ImportError as e:
-        raise SystemExit(f"{repo_id!r} is not a local folder, and downloading it needs huggingface_hub: "
-                         "pip install -e '.[pretrained]' (or pass the path of a downloaded copy)") from e
+        raise SystemExit(f"{repo_id!r} is not a local folder, and downloading it needs "
+                         "huggingface_hub: pip install -e '.[pretrained]' (or pass the path of a "
+                         "downloaded copy)") from e
     try:
         path = Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.txt"]))
-        for part in ("unet", "vqvae", "vae", "bert"):  # a component published only as a .bin: fetch that instead
+        # a component published only as a .bin: fetch that instead
+        for part in ("unet", "vqvae", "vae", "bert"):
             if (path / part).is_dir() and not list((path / part).glob("*.safetensors")):
                 path = Path(snapshot_download(repo_id, allow_patterns=[f"{part}/*.bin"]))
         return path
     except Exception as e:  # offline, unknown id, gated: one line that says what happened
-        raise SystemExit(f"could not download {repo_id!r} ({type(e).__name__}: {e}); where the hub can be "
-                         f"reached, run `hf download {repo_id} --local-dir {repo_id.split('/')[-1]}` and pass "
-                         "that folder") from e
+        raise SystemExit(f"could not download {repo_id!r} ({type(e).__name__}: {e}); where the hub "
+                         f"can be reached, run `hf download {repo_id} --local-dir "
+                         f"{repo_id.split('/')[-1]}` and pass that folder") from e
 
 
 def load(id_or_path: str | os.PathLike, *, release: str | None = None) -> PretrainedLDM:
-    """A released LDM from a diffusers-format folder or a hub id, in tinyldm's modules (CPU, eval mode).
-    `release`: which entry of RELEASES a local folder is (default: the folder's name matched against the ids;
-    a folder that matches none is read with its own scheduler config and the VQ latents unscaled)."""
+    """A released LDM from a diffusers-format folder or a hub id, in tinyldm's modules (CPU, eval
+    mode). `release`: which entry of RELEASES a local folder is (default: the folder's name matched
+    against the ids; a folder that matches none is read with its own scheduler config and the VQ
+    latents unscaled)."""
     path = Path(id_or_path)
     name = str(id_or_path)
     if not path.exists():
         if name not in RELEASES:
-            raise SystemExit(f"{name!r} is neither a folder nor a known release ({', '.join(RELEASES)})")
+            raise SystemExit(f"{name!r} is neither a folder nor a known release "
+                             f"({', '.join(RELEASES)})")
         path = _download(name)
     key = release or next((r for r in RELEASES if r.split("/")[-1] == path.name or r == name), None)
     info = RELEASES.get(key) if key else None
-    index = json.loads((path / "model_index.json").read_text()) if (path / "model_index.json").exists() else {}
+    index = (json.loads((path / "model_index.json").read_text())
+             if (path / "model_index.json").exists() else {})
     first_stage_dir = next((path / d for d in ("vqvae", "vae") if (path / d).exists()), None)
     if first_stage_dir is None or not (path / "unet").exists():
-        raise FileNotFoundError(f"{path} has no unet/ and vqvae/ (or vae/) folders: not an LDM pipeline folder")
+        raise FileNotFoundError(f"{path} has no unet/ and vqvae/ (or vae/) folders: not an LDM "
+                                "pipeline folder")
     ae_cfg_dict = _config(first_stage_dir)
-    regularizer = info.first_stage if info else ("vq" if "num_vq_embeddings" in ae_cfg_dict else "kl")
+    regularizer = (info.first_stage if info
+                   else ("vq" if "num_vq_embeddings" in ae_cfg_dict else "kl"))
     unet_cfg_dict = _config(path / "unet")
     concat = info.concat_channels if info else max(0, unet_cfg_dict.get("in_channels", 3)
                                                    - unet_cfg_dict.get("out_channels", 3))
     unet = build_unet(unet_cfg_dict, _weights(path / "unet"), concat_channels=concat)
-    scale = info.scale_factor if info else 1.0 if regularizer == "vq" else ae_cfg_dict.get("scaling_factor", 0.18215)
-    ae = build_autoencoder(ae_cfg_dict, _weights(first_stage_dir), regularizer=regularizer, scale_factor=scale)
+    scale = (info.scale_factor if info else 1.0 if regularizer == "vq"
+             else ae_cfg_dict.get("scaling_factor", 0.18215))
+    ae = build_autoencoder(ae_cfg_dict, _weights(first_stage_dir), regularizer=regularizer,
+                           scale_factor=scale)
     if info:
         schedule = dict(info.schedule)
     else:  # an unknown folder: its own scheduler config, diffusers' names mapped to tinyldm's
         sched_file = path / "scheduler" / "scheduler_config.json"
         sched = json.loads(sched_file.read_text()) if sched_file.exists() else {}
-        kinds = {"scaled_linear": "scaled_linear", "linear": "linear", "squaredcos_cap_v2": "cosine"}
+        kinds = {"scaled_linear": "scaled_linear", "linear": "linear",
+                 "squaredcos_cap_v2": "cosine"}
         if sched.get("beta_schedule", "scaled_linear") not in kinds:
             raise ValueError(f"beta_schedule {sched['beta_schedule']!r} has no tinyldm counterpart")
         schedule = {"schedule": kinds[sched.get("beta_schedule", "scaled_linear")],
-                    "T": sched.get("num_train_timesteps", 1000), "beta_start": sched.get("beta_start"),
-                    "beta_end": sched.get("beta_end")}
+                    "T": sched.get("num_train_timesteps", 1000),
+                    "beta_start": sched.get("beta_start"), "beta_end": sched.get("beta_end")}
     diffusion = DiffusionConfig(**schedule, prediction="eps")
-    if (path / "bert").exists():  # the text-to-image release: LDMBert reads the prompt, the UNet cross-attends
+    # the text-to-image release: LDMBert reads the prompt, the UNet cross-attends
+    if (path / "bert").exists():
         if not (path / "tokenizer").exists():
             raise FileNotFoundError(f"{path} has bert/ but no tokenizer/ folder")
         bert = build_ldmbert(_config(path / "bert"), _weights(path / "bert"))
-        cond = LDMBertCondition(bert, WordPieceTokenizer(path / "tokenizer", max_len=bert.cfg.max_len))
+        cond = LDMBertCondition(bert, WordPieceTokenizer(path / "tokenizer",
+                                                         max_len=bert.cfg.max_len))
     else:
         cond = ConditionEncoder(ConditionConfig(kind="none"))
     denoiser = Denoiser(unet, cond).eval()
