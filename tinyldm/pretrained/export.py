@@ -1,24 +1,28 @@
 """A model trained with tinyldm, saved in the diffusers format, for diffusers' classes to sample.
 
-    python -m tinyldm.pretrained.export runs/ldm-celeba64/ldm.pt exported/       # then, in diffusers:
-    # DiffusionPipeline.from_pretrained("exported")                              (unconditional models)
+    python -m tinyldm.pretrained.export runs/ldm-celeba64/ldm.pt exported/  # then, in diffusers:
+    # DiffusionPipeline.from_pretrained("exported")                         (unconditional models)
 
 What is written (each part with diffusers' own `save_pretrained`):
 
-    unconditional, plain attention (the photo presets)   an LDMPipeline folder: unet/ (UNet2DModel), vqvae/
-                                                         (VQModel or AutoencoderKL), scheduler/, model_index.json
-    class-conditional (cross-attention to a class token)  unet/ (UNet2DConditionModel), vqvae/, scheduler/, and
-                                                         class_embeddings.safetensors + class_embeddings.json
+    unconditional, plain attention (the photo presets)
+        an LDMPipeline folder: unet/ (UNet2DModel), vqvae/ (VQModel or AutoencoderKL), scheduler/,
+        model_index.json
+    class-conditional (cross-attention to a class token)
+        unet/ (UNet2DConditionModel), vqvae/, scheduler/, and class_embeddings.safetensors +
+        class_embeddings.json
 
-diffusers has no pipeline for an LDM whose UNet cross-attends to one learned token per class, so the class
-model's folder holds the class embedding table (`embeddings`: (num_classes + 1, context_dim), the last row the
-null class that classifier-free guidance uses) and its names; `class_condition` below reads them, and
-docs/pretrained.md shows the ten-line DDIM loop with diffusers' scheduler that samples it. The text models
-trained here read captions with tinyldm's own word-level encoder, which diffusers does not have: refused.
+diffusers has no pipeline for an LDM whose UNet cross-attends to one learned token per class, so the
+class model's folder holds the class embedding table (`embeddings`: (num_classes + 1, context_dim),
+the last row the null class that classifier-free guidance uses) and its names; `class_condition`
+below reads them, and docs/pretrained.md shows the ten-line DDIM loop with diffusers' scheduler that
+samples it. The text models trained here read captions with tinyldm's own word-level encoder, which
+diffusers does not have: refused.
 
-The scheduler is diffusers' DDIMScheduler set to tinyldm's sampler: the model's betas and prediction type,
-CompVis' "uniform" spacing (t = 1, 21, ... for 50 steps: `steps_offset` 1), the last step to alpha_bar = 1, no
-clipping. The EMA weights are exported when the checkpoint has them, as sample.py uses them.
+The scheduler is diffusers' DDIMScheduler set to tinyldm's sampler: the model's betas and prediction
+type, CompVis' "uniform" spacing (t = 1, 21, ... for 50 steps: `steps_offset` 1), the last step to
+alpha_bar = 1, no clipping. The EMA weights are exported when the checkpoint has them, as sample.py
+uses them.
 """
 
 from __future__ import annotations
@@ -44,8 +48,8 @@ def diffusers_scheduler_config(cfg: DiffusionConfig) -> dict:
     """DDIMScheduler settings that reproduce tinyldm's DDIM for a model trained with `cfg`."""
     lo, hi = DEFAULT_BETA_RANGE.get(cfg.schedule, (None, None))
     config = dict(num_train_timesteps=cfg.T, beta_schedule=_SCHEDULES[cfg.schedule],
-                  prediction_type=_PREDICTIONS[cfg.prediction], clip_sample=False, set_alpha_to_one=True,
-                  steps_offset=1, timestep_spacing="leading")
+                  prediction_type=_PREDICTIONS[cfg.prediction], clip_sample=False,
+                  set_alpha_to_one=True, steps_offset=1, timestep_spacing="leading")
     if cfg.schedule != "cosine":
         config.update(beta_start=cfg.beta_start if cfg.beta_start is not None else lo,
                       beta_end=cfg.beta_end if cfg.beta_end is not None else hi)
@@ -53,17 +57,19 @@ def diffusers_scheduler_config(cfg: DiffusionConfig) -> dict:
 
 
 def export_checkpoint(ckpt: dict, out: str | Path) -> Path:
-    """Write a tinyldm LDM checkpoint (the dict `load_checkpoint` returns) as a diffusers-format folder."""
+    """Write a tinyldm LDM checkpoint (the dict `load_checkpoint` returns) as a diffusers-format
+    folder."""
     import diffusers
 
     kind = ckpt["cond_config"]["kind"]
     if kind not in ("none", "class"):
-        raise ValueError(f"a {kind}-conditional model reads its condition with tinyldm's own encoder, which diffusers "
-                         "has no counterpart for; unconditional and class-conditional models export")
+        raise ValueError(f"a {kind}-conditional model reads its condition with tinyldm's own "
+                         "encoder, which diffusers has no counterpart for; unconditional and "
+                         "class-conditional models export")
     denoiser, _, autoencoder, cfg = load_ldm(ckpt)
     if denoiser.unet.cfg.concat_channels:
-        raise ValueError("concat-conditioned models (inpainting, super-resolution, semantic maps) do not export: "
-                         "diffusers' LDM pipelines take no image condition")
+        raise ValueError("concat-conditioned models (inpainting, super-resolution, semantic maps) "
+                         "do not export: diffusers' LDM pipelines take no image condition")
     out = Path(out)
     unet = unet_to_diffusers(denoiser.unet)
     vqvae = autoencoder_to_diffusers(autoencoder)
@@ -79,13 +85,14 @@ def export_checkpoint(ckpt: dict, out: str | Path) -> Path:
     save_file({"embeddings": table}, str(out / "class_embeddings.safetensors"))
     names = list(ckpt.get("class_names") or [])
     (out / "class_embeddings.json").write_text(json.dumps(
-        {"class_names": names, "num_classes": table.shape[0] - 1, "null_class": table.shape[0] - 1}, indent=1))
+        {"class_names": names, "num_classes": table.shape[0] - 1,
+         "null_class": table.shape[0] - 1}, indent=1))
     return out
 
 
 def class_condition(folder: str | Path, labels: Tensor) -> Tensor:
-    """The `encoder_hidden_states` (B, 1, context_dim) of an exported class model for class ids `labels` (B,);
-    id num_classes is the null class."""
+    """The `encoder_hidden_states` (B, 1, context_dim) of an exported class model for class ids
+    `labels` (B,); id num_classes is the null class."""
     from safetensors.torch import load_file
 
     table = load_file(str(Path(folder) / "class_embeddings.safetensors"))["embeddings"]
@@ -103,10 +110,12 @@ def main(argv: list[str] | None = None) -> Path:
     try:
         out = export_checkpoint(load_checkpoint(args.ckpt, kind="ldm"), args.out)
     except ImportError as e:
-        raise SystemExit(f"exporting needs diffusers and safetensors: pip install diffusers safetensors ({e})") from e
+        raise SystemExit("exporting needs diffusers and safetensors: pip install diffusers "
+                         f"safetensors ({e})") from e
     except ValueError as e:
         raise SystemExit(f"{args.ckpt}: {e}") from e
-    print(f"{args.ckpt} -> {out} (diffusers format: {', '.join(sorted(q.name for q in out.iterdir()))})")
+    print(f"{args.ckpt} -> {out} (diffusers format: "
+          f"{', '.join(sorted(q.name for q in out.iterdir()))})")
     return out
 
 
