@@ -1,27 +1,33 @@
-"""LDMBert: the text encoder tau_theta of the paper's text-to-image model, and its WordPiece tokenizer.
+"""LDMBert: the text encoder tau_theta of the paper's text-to-image model, and its WordPiece
+tokenizer.
 
 Contract with the paper
 -----------------------
 LDM (Rombach et al., arXiv 2112.10752), Sec. 4.3.1: for text-to-image on LAION-400M, tau_theta is "a
 transformer" trained from scratch together with the UNet (Eq. 3), reading a BERT tokenization of the
-prompt. The released model (CompVis' txt2img-1p4B config, `BERTEmbedder` with n_embed 1280, n_layer 32):
+prompt. The released model (CompVis' txt2img-1p4B config, `BERTEmbedder` with n_embed 1280, n_layer
+32):
 
-    ids      = [CLS] wordpieces(prompt) [SEP] [PAD] ...     always 77 tokens, cut at 77 (uncased BERT vocabulary)
+    ids      = [CLS] wordpieces(prompt) [SEP] [PAD] ...     always 77 tokens, cut at 77 (uncased
+                                                             BERT vocabulary)
     h        = token_emb(ids) + pos_emb(0..76)               learned absolute positions
     for each of the 32 layers (pre-LN):
-        h    = h + out(attention(LN(h)))                     8 heads of 64 (inner width 512), q/k/v without bias
+        h    = h + out(attention(LN(h)))                     8 heads of 64 (inner width 512),
+                                                             q/k/v without bias
         h    = h + fc2(GELU(fc1(LN(h))))                     1280 -> 5120 -> 1280
-    context  = LN(h)                                         (B, 77, 1280): what the UNet cross-attends to
+    context  = LN(h)                                         (B, 77, 1280): what the UNet
+                                                             cross-attends to
 
 There is no attention mask: the padding tokens are attended to, and the empty prompt "" (the null
 condition of classifier-free guidance) is [CLS] [SEP] and 75 [PAD]s run through the same network.
 
-Weights come from diffusers' `LDMBertModel` folder (`bert/`): `model.*` is the encoder above; `to_logits`
-(the masked-language-model head, 1280 -> 30522) is not used to condition the UNet and is not loaded.
+Weights come from diffusers' `LDMBertModel` folder (`bert/`): `model.*` is the encoder above;
+`to_logits` (the masked-language-model head, 1280 -> 30522) is not used to condition the UNet and is
+not loaded.
 
-The tokenizer is BERT's uncased WordPiece (lower-case, accents stripped, punctuation split, the longest
-vocabulary prefix first, `##` for a word's continuation), run by the `tokenizers` package from the
-release's `tokenizer/` folder (`tokenizer.json`, or `vocab.txt`): the `pretrained` extra.
+The tokenizer is BERT's uncased WordPiece (lower-case, accents stripped, punctuation split, the
+longest vocabulary prefix first, `##` for a word's continuation), run by the `tokenizers` package
+from the release's `tokenizer/` folder (`tokenizer.json`, or `vocab.txt`): the `pretrained` extra.
 """
 
 from __future__ import annotations
@@ -46,19 +52,24 @@ class LDMBertConfig:
 
     @classmethod
     def from_diffusers(cls, config: dict) -> LDMBertConfig:
-        """From diffusers' LDMBertConfig (bert/config.json); what this encoder cannot express is refused."""
+        """From diffusers' LDMBertConfig (bert/config.json); what this encoder cannot express is
+        refused."""
         if config.get("activation_function", "gelu") != "gelu":
-            raise ValueError(f"activation_function {config['activation_function']!r}: tinyldm's LDMBert uses GELU")
+            raise ValueError(f"activation_function {config['activation_function']!r}: tinyldm's "
+                             "LDMBert uses GELU")
         if config.get("scale_embedding", False):
-            raise ValueError("scale_embedding=True (token embeddings times sqrt(d_model)) is not supported")
-        return cls(vocab_size=config.get("vocab_size", 30522), max_len=config.get("max_position_embeddings", 77),
+            raise ValueError("scale_embedding=True (token embeddings times sqrt(d_model)) is not "
+                             "supported")
+        return cls(vocab_size=config.get("vocab_size", 30522),
+                   max_len=config.get("max_position_embeddings", 77),
                    width=config.get("d_model", 1280), layers=config.get("encoder_layers", 32),
-                   heads=config.get("encoder_attention_heads", 8), head_dim=config.get("head_dim", 64),
-                   ffn=config.get("encoder_ffn_dim", 5120))
+                   heads=config.get("encoder_attention_heads", 8),
+                   head_dim=config.get("head_dim", 64), ffn=config.get("encoder_ffn_dim", 5120))
 
 
 class LDMBertLayer(nn.Module):
-    """One pre-LN transformer layer: self-attention (no q/k/v bias), then a GELU MLP, each added to h."""
+    """One pre-LN transformer layer: self-attention (no q/k/v bias), then a GELU MLP, each added to
+    h."""
 
     def __init__(self, cfg: LDMBertConfig):
         super().__init__()
@@ -75,8 +86,10 @@ class LDMBertLayer(nn.Module):
     def forward(self, h: Tensor) -> Tensor:
         B, L, _ = h.shape
         x = self.norm1(h)
-        q, k, v = (proj(x).view(B, L, self.heads, -1).transpose(1, 2) for proj in (self.to_q, self.to_k, self.to_v))
-        a = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(head_dim)) v, every token sees every token
+        q, k, v = (proj(x).view(B, L, self.heads, -1).transpose(1, 2)
+                   for proj in (self.to_q, self.to_k, self.to_v))
+        # softmax(q k^T / sqrt(head_dim)) v, every token sees every token
+        a = F.scaled_dot_product_attention(q, k, v)
         h = h + self.to_out(a.transpose(1, 2).reshape(B, L, -1))
         return h + self.fc2(F.gelu(self.fc1(self.norm2(h))))  # exact (erf) GELU
 
@@ -100,23 +113,25 @@ class LDMBert(nn.Module):
 
 
 class WordPieceTokenizer:
-    """The release's uncased BERT WordPiece tokenizer, always `max_len` ids: [CLS] pieces [SEP] [PAD]...
+    """The release's uncased BERT WordPiece tokenizer, always `max_len` ids: [CLS] pieces [SEP]
+    [PAD]...
 
-    A prompt longer than max_len - 2 pieces is cut (as the release was trained and is sampled); `truncated`
-    tells which prompts lost pieces, so callers can say so."""
+    A prompt longer than max_len - 2 pieces is cut (as the release was trained and is sampled);
+    `truncated` tells which prompts lost pieces, so callers can say so."""
 
     def __init__(self, folder: str | Path, max_len: int = 77):
         try:
             from tokenizers import Tokenizer
             from tokenizers.implementations import BertWordPieceTokenizer
         except ImportError as e:
-            raise SystemExit("the text-to-image release's tokenizer needs the `tokenizers` package: "
-                             "pip install -e '.[pretrained]'") from e
+            raise SystemExit("the text-to-image release's tokenizer needs the `tokenizers` "
+                             "package: pip install -e '.[pretrained]'") from e
         folder = Path(folder)
         if (folder / "tokenizer.json").exists():
             self.tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
         elif (folder / "vocab.txt").exists():
-            self.tok = BertWordPieceTokenizer(str(folder / "vocab.txt"), lowercase=True, strip_accents=None)
+            self.tok = BertWordPieceTokenizer(str(folder / "vocab.txt"), lowercase=True,
+                                              strip_accents=None)
         else:
             raise FileNotFoundError(f"{folder} has neither tokenizer.json nor vocab.txt")
         self.max_len = max_len
@@ -127,11 +142,13 @@ class WordPieceTokenizer:
         self.tok.no_truncation()
 
     def pieces(self, text: str) -> list[str]:
-        """The word pieces of one prompt, without [CLS] / [SEP]: 'Squirrels!' -> ['squirrel', '##s', '!']"""
+        """The word pieces of one prompt, without [CLS] / [SEP]:
+        'Squirrels!' -> ['squirrel', '##s', '!']"""
         return self.tok.encode(text, add_special_tokens=False).tokens
 
     def truncated(self, texts: list[str]) -> list[bool]:
-        return [len(self.tok.encode(t, add_special_tokens=False).ids) > self.max_len - 2 for t in texts]
+        return [len(self.tok.encode(t, add_special_tokens=False).ids) > self.max_len - 2
+                for t in texts]
 
     def __call__(self, texts: list[str]) -> Tensor:
         ids = torch.full((len(texts), self.max_len), self.pad_id, dtype=torch.long)
@@ -143,7 +160,8 @@ class WordPieceTokenizer:
 
 
 class LDMBertCondition(nn.Module):
-    """tau_theta for tinyldm's Denoiser: a list of prompts -> {"context": (B, 77, 1280)}; the null prompt is ""."""
+    """tau_theta for tinyldm's Denoiser: a list of prompts -> {"context": (B, 77, 1280)}; the null
+    prompt is ""."""
 
     def __init__(self, bert: LDMBert, tokenizer: WordPieceTokenizer):
         super().__init__()
@@ -171,23 +189,27 @@ UNUSED = ("to_logits.",)  # the masked-LM head of LDMBertModel: not part of tau_
 
 def key_map(cfg: LDMBertConfig) -> dict[str, str]:
     """diffusers name -> tinyldm name, for every tensor of tau_theta."""
-    names = {"model.embed_tokens.weight": "token_emb.weight", "model.embed_positions.weight": "pos_emb.weight",
+    names = {"model.embed_tokens.weight": "token_emb.weight",
+             "model.embed_positions.weight": "pos_emb.weight",
              "model.layer_norm.weight": "norm.weight", "model.layer_norm.bias": "norm.bias"}
     for i in range(cfg.layers):
         for theirs, ours in _LAYER.items():
-            for p in ("weight",) if theirs.endswith(("q_proj", "k_proj", "v_proj")) else ("weight", "bias"):
+            for p in (("weight",) if theirs.endswith(("q_proj", "k_proj", "v_proj"))
+                      else ("weight", "bias")):
                 names[f"model.layers.{i}.{theirs}.{p}"] = f"layers.{i}.{ours}.{p}"
     return names
 
 
 def ldmbert_state_dict(state: dict[str, Tensor], cfg: LDMBertConfig) -> dict[str, Tensor]:
-    """diffusers' LDMBertModel state dict -> LDMBert's; every encoder tensor must be used and every slot filled."""
+    """diffusers' LDMBertModel state dict -> LDMBert's; every encoder tensor must be used and every
+    slot filled."""
     names = key_map(cfg)
     unused = [k for k in state if k not in names and not k.startswith(UNUSED)]
     missing = [k for k in names if k not in state]
     if unused or missing:
-        raise ValueError(f"LDMBert weights do not match the config: {len(missing)} tinyldm tensors unfilled "
-                         f"({[names[k] for k in missing][:5]}), {len(unused)} diffusers tensors unused ({unused[:5]})")
+        raise ValueError(f"LDMBert weights do not match the config: {len(missing)} tinyldm tensors "
+                         f"unfilled ({[names[k] for k in missing][:5]}), {len(unused)} diffusers "
+                         f"tensors unused ({unused[:5]})")
     return {ours: state[theirs] for theirs, ours in names.items()}
 
 
