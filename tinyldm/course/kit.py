@@ -1,17 +1,20 @@
-"""The course kit's machinery: assignments, marked regions, student copies, and grading in a tree the grader owns.
+"""The course kit's machinery: assignments, marked regions, student copies, and grading in a tree
+the grader owns.
 
-A solution region is marked in the library source by a comment pair around the lines a student writes:
+A solution region is marked in the library source by a comment pair around the lines a student
+writes:
 
     # BEGIN ASSIGNMENT ddim_step
     ...the reference solution...
     # END ASSIGNMENT ddim_step
 
-A student copy keeps the markers and replaces what is between them by `raise NotImplementedError(<task>)`.
-Grading never runs the student's tree: it copies the instructor's project (with the hidden tests) to a
-temporary folder, and for each assignment in turn writes the student's lines between that assignment's
-markers, the reference solution in every other region, and runs that assignment's grading tests in a
-separate process (per-test and overall timeouts; reports in a temporary folder). Only a test that passed
-earns its point: failed, errored, skipped, xfailed, timed out or never run all score 0.
+A student copy keeps the markers and replaces what is between them by
+`raise NotImplementedError(<task>)`. Grading never runs the student's tree: it copies the
+instructor's project (with the hidden tests) to a temporary folder, and for each assignment in turn
+writes the student's lines between that assignment's markers, the reference solution in every other
+region, and runs that assignment's grading tests in a separate process (per-test and overall
+timeouts; reports in a temporary folder). Only a test that passed earns its point: failed, errored,
+skipped, xfailed, timed out or never run all score 0.
 """
 
 from __future__ import annotations
@@ -34,21 +37,24 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 GRADING = "tinyldm/course/grading"  # the grading tests, relative to a project root
 HIDDEN = f"{GRADING}/hidden"  # kept out of student copies
-INSTRUCTOR_ONLY = (HIDDEN, "tinyldm/course/mutants.py", "tests/test_course.py")  # kept out of student copies
+# kept out of student copies
+INSTRUCTOR_ONLY = (HIDDEN, "tinyldm/course/mutants.py", "tests/test_course.py")
 BEGIN = re.compile(r"^(\s*)# BEGIN ASSIGNMENT (\w+)\s*$")
 END = re.compile(r"^\s*# END ASSIGNMENT (\w+)\s*$")
-# Names a solution region may not use: the regions are a few lines of tensor maths, and these reach the test
-# process itself (skipping, exiting, reading or writing files, importing).
-FORBIDDEN = {"pytest", "_pytest", "sys", "os", "atexit", "signal", "subprocess", "builtins", "__builtins__",
-             "__import__", "importlib", "exec", "eval", "compile", "open", "globals", "locals", "vars",
-             "setattr", "delattr", "exit", "quit", "breakpoint", "input", "inspect", "threading", "time"}
+# Names a solution region may not use: the regions are a few lines of tensor maths, and these reach
+# the test process itself (skipping, exiting, reading or writing files, importing).
+FORBIDDEN = {"pytest", "_pytest", "sys", "os", "atexit", "signal", "subprocess", "builtins",
+             "__builtins__", "__import__", "importlib", "exec", "eval", "compile", "open",
+             "globals", "locals", "vars", "setattr", "delattr", "exit", "quit", "breakpoint",
+             "input", "inspect", "threading", "time"}
 
 
 @dataclass(frozen=True)
 class Assignment:
     name: str
     file: str
-    task: str  # the stub's message: the equation to implement (by reference) and the shapes, never the code
+    # the stub's message: the equation to implement (by reference) and the shapes, never the code
+    task: str
     timeout: int = 60  # seconds per grading test
     requires: tuple[str, ...] = ()  # reference packages its grading tests compare against
 
@@ -60,50 +66,56 @@ class Assignment:
 
 ASSIGNMENTS = {a.name: a for a in (
     Assignment("noise_schedule", "tinyldm/schedule.py",
-               "alpha_bar_t from the betas (DDPM Eq. 4 and the line above it). betas: float64 (T,); "
-               "alpha_bar: float64 (T,)."),
+               "alpha_bar_t from the betas (DDPM Eq. 4 and the line above it). betas: float64 "
+               "(T,); alpha_bar: float64 (T,)."),
     Assignment("forward_process", "tinyldm/schedule.py",
-               "a draw of x_t ~ q(x_t | x0) using the given noise (DDPM Eq. 4). x0, noise: (B, C, H, W); t: (B,) "
-               "int64; self.alpha_bar_at(t, x0) gives alpha_bar_t as (B, 1, 1, 1)."),
+               "a draw of x_t ~ q(x_t | x0) using the given noise (DDPM Eq. 4). x0, noise: "
+               "(B, C, H, W); t: (B,) int64; self.alpha_bar_at(t, x0) gives alpha_bar_t as "
+               "(B, 1, 1, 1)."),
     Assignment("training_step", "tinyldm/ldm.py",
-               "the LDM objective (LDM Eq. 3) on the batch: noise z0 to z_t with eps at t, predict with the "
-               "denoiser, return the loss against schedule.target(...) with cfg.loss ('l2' or 'l1'). z0, eps: "
-               "(B, C, h, w); t: (B,); returns a scalar.", timeout=240),
+               "the LDM objective (LDM Eq. 3) on the batch: noise z0 to z_t with eps at t, predict "
+               "with the denoiser, return the loss against schedule.target(...) with cfg.loss "
+               "('l2' or 'l1'). z0, eps: (B, C, h, w); t: (B,); returns a scalar.", timeout=240),
     Assignment("ddim_step", "tinyldm/ddim.py",
-               "one DDIM update from t to t_prev (DDIM Eq. 12, sigma from Eq. 16 scaled by eta). x0, eps, noise: "
-               "(B, C, h, w); alpha_bar_t, alpha_bar_prev: floats; noise is only needed when eta > 0.",
+               "one DDIM update from t to t_prev (DDIM Eq. 12, sigma from Eq. 16 scaled by eta). "
+               "x0, eps, noise: (B, C, h, w); alpha_bar_t, alpha_bar_prev: floats; noise is only "
+               "needed when eta > 0.",
                requires=("diffusers",)),
     Assignment("classifier_free_guidance", "tinyldm/ddim.py",
-               "the guided prediction from pred_u and pred_c (Ho & Salimans, Eq. 6, with guidance_scale as its "
-               "scale; 1 means the conditional model). pred_u, pred_c: (B, C, h, w)."),
+               "the guided prediction from pred_u and pred_c (Ho & Salimans, Eq. 6, with "
+               "guidance_scale as its scale; 1 means the conditional model). pred_u, pred_c: "
+               "(B, C, h, w)."),
     Assignment("attention", "tinyldm/blocks.py",
-               "the attention probabilities (LDM Sec. 3.3; Vaswani et al. Eq. 1). q: (B, heads, N, d); k: (B, "
-               "heads, L, d); mask: (B, L) bool or None, True where a key counts; returns (B, heads, N, L), each "
-               "row summing to 1, masked keys exactly 0. A UNet built with fused_attention=False runs yours.",
+               "the attention probabilities (LDM Sec. 3.3; Vaswani et al. Eq. 1). "
+               "q: (B, heads, N, d); k: (B, heads, L, d); mask: (B, L) bool or None, True where a "
+               "key counts; returns (B, heads, N, L), each row summing to 1, masked keys exactly "
+               "0. A UNet built with fused_attention=False runs yours.",
                timeout=180),
     Assignment("cross_attention", "tinyldm/blocks.py",
-               "the cross-attention sub-layer of the transformer block (LDM Sec. 3.3, Fig. 3): pre-norm and "
-               "residual like the self-attention above it, queries from x, keys and values from context. "
-               "x: (B, N, C); context: (B, L, D); context_mask: (B, L) or None."),
+               "the cross-attention sub-layer of the transformer block (LDM Sec. 3.3, Fig. 3): "
+               "pre-norm and residual like the self-attention above it, queries from x, keys and "
+               "values from context. x: (B, N, C); context: (B, L, D); context_mask: (B, L) or "
+               "None."),
     Assignment("kl_term", "tinyldm/autoencoder.py",
-               "KL(N(mean, exp(logvar)) || N(0, I)) per image, summed over (c, h, w) (Kingma & Welling, App. B). "
-               "self.mean, self.logvar: (B, c, h, w); returns (B,)."),
+               "KL(N(mean, exp(logvar)) || N(0, I)) per image, summed over (c, h, w) "
+               "(Kingma & Welling, App. B). self.mean, self.logvar: (B, c, h, w); returns (B,)."),
     Assignment("vq_lookup", "tinyldm/autoencoder.py",
-               "two places (VQ-VAE Eqs. 1-3): in lookup, the index of the nearest codebook vector for every "
-               "latent pixel (self.codebook.weight: (K, c); z_e: (B, c, h, w) -> (B, h, w) int64); in forward, "
-               "z_q with the value of e_k and the gradient of z_e (straight-through)."),
+               "two places (VQ-VAE Eqs. 1-3): in lookup, the index of the nearest codebook vector "
+               "for every latent pixel (self.codebook.weight: (K, c); z_e: (B, c, h, w) -> "
+               "(B, h, w) int64); in forward, z_q with the value of e_k and the gradient of z_e "
+               "(straight-through)."),
     Assignment("adaptive_weight", "tinyldm/autoencoder_loss.py",
-               "the adaptive weight lambda of VQGAN Eq. 7 from grad_rec and grad_adv (the two losses' gradients "
-               "at the decoder's last layer), with delta in the denominator, clamped to [0, max_value], "
-               "carrying no gradient. Returns a scalar tensor."),
+               "the adaptive weight lambda of VQGAN Eq. 7 from grad_rec and grad_adv (the two "
+               "losses' gradients at the decoder's last layer), with delta in the denominator, "
+               "clamped to [0, max_value], carrying no gradient. Returns a scalar tensor."),
 )}
 
 
-# --- Regions -------------------------------------------------------------------------------------------------
+# --- Regions --------------------------------------------------------------------------------------
 
 def regions(text: str) -> list[tuple[str, int, int, str]]:
-    """(name, BEGIN line, END line, indentation) of each marked region, 0-based; an assignment may have
-    several regions (the VQ lookup and its straight-through line)."""
+    """(name, BEGIN line, END line, indentation) of each marked region, 0-based; an assignment may
+    have several regions (the VQ lookup and its straight-through line)."""
     found, open_ = [], None
     for i, line in enumerate(text.splitlines()):
         if m := BEGIN.match(line):
@@ -127,7 +139,8 @@ def bodies(text: str, name: str) -> list[str]:
 
 
 def with_bodies(text: str, name: str, new: list[str]) -> str:
-    """`text` with the lines between `name`'s marker pairs replaced by `new` (one string per region)."""
+    """`text` with the lines between `name`'s marker pairs replaced by `new` (one string per
+    region)."""
     mine = [r for r in regions(text) if r[0] == name]
     if len(mine) != len(new):
         raise ValueError(f"{name} has {len(mine)} regions, got {len(new)} bodies")
@@ -138,23 +151,27 @@ def with_bodies(text: str, name: str, new: list[str]) -> str:
 
 
 def stub(text: str, names: set[str]) -> str:
-    """The text with each named region's lines replaced by a NotImplementedError carrying its task."""
+    """The text with each named region's lines replaced by a NotImplementedError carrying its
+    task."""
     for name in {r[0] for r in regions(text)} & names:
         indent = next(r[3] for r in regions(text) if r[0] == name)
         message = f"assignment {name}: {ASSIGNMENTS[name].task}"
-        text = with_bodies(text, name, [f"{indent}raise NotImplementedError({message!r})\n"] * len(bodies(text, name)))
+        text = with_bodies(text, name, [f"{indent}raise NotImplementedError({message!r})\n"]
+                           * len(bodies(text, name)))
     return text
 
 
 def skeleton_digest(text: str) -> str:
-    """sha256 of the text with every region's lines removed: equal iff nothing outside the regions changed."""
+    """sha256 of the text with every region's lines removed: equal iff nothing outside the regions
+    changed."""
     for name in {r[0] for r in regions(text)}:
         text = with_bodies(text, name, [""] * len(bodies(text, name)))
     return hashlib.sha256(text.encode()).hexdigest()
 
 
 def apply_mutant(text: str, name: str, old: str, new: str) -> str:
-    """`name`'s reference region(s) in `text` with `old` replaced by `new`; `old` must occur exactly once there."""
+    """`name`'s reference region(s) in `text` with `old` replaced by `new`; `old` must occur exactly
+    once there."""
     current = bodies(text, name)
     hits = [i for i, body in enumerate(current) if old in body]
     if len(hits) != 1 or current[hits[0]].count(old) != 1:
@@ -163,9 +180,10 @@ def apply_mutant(text: str, name: str, old: str, new: str) -> str:
     return with_bodies(text, name, current)
 
 
-def mutant_submissions(folder: Path, names: list[str] | None = None, root: Path = ROOT) -> list[tuple[str, str, Path]]:
-    """One submission folder per wrong answer in mutants.py, and one with the reference first for each assignment:
-    [(assignment, label, folder)], label "(the reference)" for the reference."""
+def mutant_submissions(folder: Path, names: list[str] | None = None,
+                       root: Path = ROOT) -> list[tuple[str, str, Path]]:
+    """One submission folder per wrong answer in mutants.py, and one with the reference first for
+    each assignment: [(assignment, label, folder)], label "(the reference)" for the reference."""
     from tinyldm.course.mutants import MUTANTS
 
     out = []
@@ -175,7 +193,8 @@ def mutant_submissions(folder: Path, names: list[str] | None = None, root: Path 
         for i, (label, old, new) in enumerate([("(the reference)", "", "")] + MUTANTS[name]):
             sub = Path(folder) / f"{name}-{i}"
             sub.mkdir(parents=True)
-            (sub / Path(a.file).name).write_text(apply_mutant(reference, name, old, new) if old else reference)
+            (sub / Path(a.file).name).write_text(apply_mutant(reference, name, old, new) if old
+                                                 else reference)
             out.append((name, label, sub))
     return out
 
@@ -190,29 +209,35 @@ def check_solution(body: str) -> str | None:
     for node in ast.walk(tree):
         if isinstance(node, ast.Import | ast.ImportFrom):
             return "imports are not allowed in a solution region"
-        name = node.id if isinstance(node, ast.Name) else node.attr if isinstance(node, ast.Attribute) else None
-        if name in FORBIDDEN or (isinstance(name, str) and name.startswith("__") and name != "__init__"):
+        name = (node.id if isinstance(node, ast.Name)
+                else node.attr if isinstance(node, ast.Attribute) else None)
+        if name in FORBIDDEN or (isinstance(name, str) and name.startswith("__")
+                                 and name != "__init__"):
             return f"{name!r} is not allowed in a solution region"
     return None
 
 
-# --- Files and copies -----------------------------------------------------------------------------------------
+# --- Files and copies -----------------------------------------------------------------------------
 
-SKIP_DIRS = {".git", "__pycache__", "runs", ".pytest_cache", ".ruff_cache", ".venv", "venv", "build", "dist"}
+SKIP_DIRS = {".git", "__pycache__", "runs", ".pytest_cache", ".ruff_cache", ".venv", "venv",
+             "build", "dist"}
 
 
 def project_files(root: Path = ROOT) -> list[str]:
-    """The project's files: in a git checkout, the tracked ones and the new ones git does not ignore; elsewhere
-    (a student copy, an autograder bundle) every file under `root` outside build, cache and run folders."""
+    """The project's files: in a git checkout, the tracked ones and the new ones git does not
+    ignore; elsewhere (a student copy, an autograder bundle) every file under `root` outside build,
+    cache and run folders."""
     if (root / ".git").exists() and shutil.which("git"):
-        out = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=root,
-                             capture_output=True, text=True)
+        out = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+                             cwd=root, capture_output=True, text=True)
         if out.returncode == 0:
             return [f for f in out.stdout.splitlines() if (root / f).is_file()]
     files = []
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS and not d.endswith(".egg-info"))
-        files += [str(Path(dirpath, f).relative_to(root)) for f in sorted(filenames) if not f.endswith(".pyc")]
+        dirnames[:] = sorted(d for d in dirnames
+                             if d not in SKIP_DIRS and not d.endswith(".egg-info"))
+        files += [str(Path(dirpath, f).relative_to(root)) for f in sorted(filenames)
+                  if not f.endswith(".pyc")]
     return files
 
 
@@ -228,8 +253,8 @@ def copy_project(out: Path, root: Path = ROOT, *, instructor: bool = True) -> Pa
 
 
 def make_student_copy(out: Path, names: list[str] | None = None, root: Path = ROOT) -> Path:
-    """The project at `out` with the chosen assignments (default: all) stubbed, the hidden tests and the
-    mutants left out, and ASSIGNMENTS.md: what to implement, where, and the visible tests."""
+    """The project at `out` with the chosen assignments (default: all) stubbed, the hidden tests and
+    the mutants left out, and ASSIGNMENTS.md: what to implement, where, and the visible tests."""
     names = list(ASSIGNMENTS) if names is None else names
     unknown = sorted(set(names) - set(ASSIGNMENTS))
     if unknown:
@@ -245,10 +270,13 @@ def make_student_copy(out: Path, names: list[str] | None = None, root: Path = RO
             raise SystemExit(f"{rel} has no marked region for {sorted(missing)}")
         (out / rel).write_text(stub(text, set(names)))
     lines = ["# Assignments", "",
-             "Write each solution between its `# BEGIN ASSIGNMENT` / `# END ASSIGNMENT` markers, in place of the",
-             "`raise NotImplementedError`. Keep the markers, and change nothing outside them: grading takes only",
+             ("Write each solution between its `# BEGIN ASSIGNMENT` / `# END ASSIGNMENT` markers, "
+              "in place of the"),
+             ("`raise NotImplementedError`. Keep the markers, and change nothing outside them: "
+              "grading takes only"),
              "the lines between the markers. Check yourself with the visible tests",
-             "(`python -m pytest tinyldm/course/grading/test_<assignment>.py`); more tests grade it.", "",
+             ("(`python -m pytest tinyldm/course/grading/test_<assignment>.py`); more tests grade "
+              "it."), "",
              "| assignment | file | what to write | visible tests |", "|---|---|---|---|"]
     for n in names:
         a = ASSIGNMENTS[n]
@@ -257,7 +285,7 @@ def make_student_copy(out: Path, names: list[str] | None = None, root: Path = RO
     return out
 
 
-# --- Grading --------------------------------------------------------------------------------------------------
+# --- Grading --------------------------------------------------------------------------------------
 
 @dataclass
 class CaseResult:
@@ -273,7 +301,8 @@ class Report:
     submission: str
     cases: list[CaseResult] = field(default_factory=list)
     notes: dict[str, str] = field(default_factory=dict)  # assignment -> what the grader noticed
-    seconds: dict[str, float] = field(default_factory=dict)  # assignment -> wall time of its grading
+    # assignment -> wall time of its grading
+    seconds: dict[str, float] = field(default_factory=dict)
 
     def score(self, name: str) -> tuple[int, int]:
         mine = [c for c in self.cases if c.assignment == name]
@@ -281,7 +310,8 @@ class Report:
 
 
 def _locate(submission: Path, rel: str) -> Path | None:
-    """The submitted version of project file `rel`: at its path in a copy, or by its name among loose files."""
+    """The submitted version of project file `rel`: at its path in a copy, or by its name among
+    loose files."""
     for candidate in (submission / rel, submission / Path(rel).name):
         if candidate.is_file():
             return candidate
@@ -289,24 +319,28 @@ def _locate(submission: Path, rel: str) -> Path | None:
 
 
 def _env(tree: Path, timeout: int, threads: int | None) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(tree), "PYTHONDONTWRITEBYTECODE": "1", "TINYLDM_GRADING_TREE": str(tree),
-           "TINYLDM_TEST_TIMEOUT": str(timeout), "TQDM_DISABLE": "1"}
+    env = {**os.environ, "PYTHONPATH": str(tree), "PYTHONDONTWRITEBYTECODE": "1",
+           "TINYLDM_GRADING_TREE": str(tree), "TINYLDM_TEST_TIMEOUT": str(timeout),
+           "TQDM_DISABLE": "1"}
     if threads:
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     return env
 
 
 def collect(tree: Path, names: list[str]) -> dict[str, list[str]]:
-    """assignment -> the node ids of its grading tests in `tree` (the reference tree: what a submission owes)."""
+    """assignment -> the node ids of its grading tests in `tree` (the reference tree: what a
+    submission owes)."""
     files = [f for n in names for f in ASSIGNMENTS[n].tests if (tree / f).exists()]
     if not files:
-        raise SystemExit(f"{tree} has no grading tests ({GRADING}): is the reference the instructor's project?")
-    out = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-o", "addopts=", "-p",
-                          "no:cacheprovider", *files],
+        raise SystemExit(f"{tree} has no grading tests ({GRADING}): is the reference the "
+                         "instructor's project?")
+    out = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-o", "addopts=",
+                          "-p", "no:cacheprovider", *files],
                          cwd=tree, env=_env(tree, 60, None), capture_output=True, text=True)
     ids = [line.strip() for line in out.stdout.splitlines() if "::" in line]
     if out.returncode != 0 or not ids:
-        raise RuntimeError(f"could not collect the grading tests:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+        raise RuntimeError(f"could not collect the grading tests:\n{out.stdout[-3000:]}\n"
+                           f"{out.stderr[-3000:]}")
     by_name = {n: [] for n in names}
     for node in ids:
         stem = Path(node.split("::")[0]).stem.removeprefix("test_").removesuffix("_hidden")
@@ -317,20 +351,24 @@ def collect(tree: Path, names: list[str]) -> dict[str, list[str]]:
 
 def _run_cases(tree: Path, nodes: list[str], *, timeout: int, grace: int, threads: int | None,
                stop_early: bool) -> dict[str, tuple[bool, str]]:
-    """Run `nodes` in `tree` in a separate process; node id -> (passed, output). Reports go to a temporary
-    folder; a run past its overall timeout is killed, and every test it did not report scores 0."""
+    """Run `nodes` in `tree` in a separate process; node id -> (passed, output). Reports go to a
+    temporary folder; a run past its overall timeout is killed, and every test it did not report
+    scores 0."""
     with tempfile.TemporaryDirectory() as reports:
         report = Path(reports) / "report.xml"
-        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=", f"--junitxml={report}",
-               *(["-x"] if stop_early else []), *sorted({n.split("::")[0] for n in nodes})]
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=",
+               f"--junitxml={report}", *(["-x"] if stop_early else []),
+               *sorted({n.split("::")[0] for n in nodes})]
         overall = timeout * len(nodes) + grace
-        proc = subprocess.Popen(cmd, cwd=tree, env=_env(tree, timeout, threads), stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        proc = subprocess.Popen(cmd, cwd=tree, env=_env(tree, timeout, threads),
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
         try:
             log, _ = proc.communicate(timeout=overall)
             killed = None
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)  # the whole process group: nothing the solution started survives
+            # the whole process group: nothing the solution started survives
+            os.killpg(proc.pid, signal.SIGKILL)
             log, _ = proc.communicate()
             killed = f"the grading process was stopped after {overall} s (an endless loop?)"
         results: dict[str, tuple[bool, str]] = {}
@@ -343,23 +381,28 @@ def _run_cases(tree: Path, nodes: list[str], *, timeout: int, grace: int, thread
                 file = case.get("classname", "").replace(".", "/")
                 node = f"{file}.py::{case.get('name', '')}"
                 bad = [child for child in case if child.tag in ("failure", "error", "skipped")]
-                text = "; ".join(f"{c.tag}: {c.get('message') or ''}\n{(c.text or '')[-1500:]}" for c in bad)
+                text = "; ".join(f"{c.tag}: {c.get('message') or ''}\n{(c.text or '')[-1500:]}"
+                                 for c in bad)
                 results[node] = (not bad, text.strip())
-    return {n: results.get(n, (False, killed or "not run: " + (log or "")[-1500:].strip())) for n in nodes}
+    return {n: results.get(n, (False, killed or "not run: " + (log or "")[-1500:].strip()))
+            for n in nodes}
 
 
 class Grader:
-    """A grading tree: a temporary copy of the reference project, and the grading tests each assignment owes.
+    """A grading tree: a temporary copy of the reference project, and the grading tests each
+    assignment owes.
 
         with Grader(names) as grader:
             report = grader.grade("path/to/submission")
 
-    `timeout` overrides the assignments' per-test limits; a run is stopped `grace` seconds after all its tests'
-    limits together. `stop_early` ends an assignment's run at its first failed test (the kit's own tests use it:
-    they only ask whether a wrong answer loses a point). `threads` sets the test process's CPU threads."""
+    `timeout` overrides the assignments' per-test limits; a run is stopped `grace` seconds after all
+    its tests' limits together. `stop_early` ends an assignment's run at its first failed test (the
+    kit's own tests use it: they only ask whether a wrong answer loses a point). `threads` sets the
+    test process's CPU threads."""
 
-    def __init__(self, names: list[str] | None = None, *, reference: str | Path = ROOT, timeout: int | None = None,
-                 grace: int = 60, threads: int | None = None, stop_early: bool = False, quiet: bool = False):
+    def __init__(self, names: list[str] | None = None, *, reference: str | Path = ROOT,
+                 timeout: int | None = None, grace: int = 60, threads: int | None = None,
+                 stop_early: bool = False, quiet: bool = False):
         self.names = list(ASSIGNMENTS) if names is None else names
         unknown = sorted(set(self.names) - set(ASSIGNMENTS))
         if unknown:
@@ -368,8 +411,8 @@ class Grader:
             try:
                 __import__(package)
             except ImportError as e:
-                raise SystemExit(f"grading needs {package} (its tests compare against it): pip install "
-                                 f"{package}") from e
+                raise SystemExit(f"grading needs {package} (its tests compare against it): "
+                                 f"pip install {package}") from e
         self.reference, self.timeout, self.grace = Path(reference), timeout, grace
         self.threads, self.stop_early, self.quiet = threads, stop_early, quiet
 
@@ -382,7 +425,8 @@ class Grader:
     def __exit__(self, *exc) -> None:
         self._tmp.cleanup()
 
-    def _body(self, submission: Path, a: Assignment, report: Report) -> tuple[list[str] | None, str | None]:
+    def _body(self, submission: Path, a: Assignment,
+              report: Report) -> tuple[list[str] | None, str | None]:
         """The submitted lines of `a`'s regions, or why there are none to grade."""
         pristine = (self.tree / a.file).read_text()
         submitted = _locate(submission, a.file)
@@ -402,15 +446,16 @@ class Grader:
             return None, "not implemented (the stub is still there)"
         try:
             if skeleton_digest(text) != skeleton_digest(pristine):
-                report.notes[a.name] = (f"{a.file} was changed outside its regions: those changes are ignored "
-                                        "(graded with the reference code)")
+                report.notes[a.name] = (f"{a.file} was changed outside its regions: those changes "
+                                        "are ignored (graded with the reference code)")
         except ValueError:
             pass
         return body, None
 
     def grade(self, submission: str | Path, only: list[str] | None = None) -> Report:
-        """Grade a submission (a student copy, or a folder of the submitted files), each assignment on its own
-        (the reference solution in every other region); `only`: a subset of the grader's assignments."""
+        """Grade a submission (a student copy, or a folder of the submitted files), each assignment
+        on its own (the reference solution in every other region); `only`: a subset of the grader's
+        assignments."""
         submission = Path(submission)
         report = Report(str(submission))
         for name in self.names if only is None else only:
@@ -418,22 +463,25 @@ class Grader:
             nodes = self.owed[name]
             body, problem = self._body(submission, a, report)
             if problem:
-                report.cases += [CaseResult(name, n, "/hidden/" not in n, False, problem) for n in nodes]
+                report.cases += [CaseResult(name, n, "/hidden/" not in n, False, problem)
+                                 for n in nodes]
                 report.notes[name] = problem
             else:
                 pristine = (self.tree / a.file).read_text()
                 (self.tree / a.file).write_text(with_bodies(pristine, name, body))
                 try:
-                    outcome = _run_cases(self.tree, nodes, timeout=self.timeout or a.timeout, grace=self.grace,
-                                         threads=self.threads, stop_early=self.stop_early)
+                    outcome = _run_cases(self.tree, nodes, timeout=self.timeout or a.timeout,
+                                         grace=self.grace, threads=self.threads,
+                                         stop_early=self.stop_early)
                 finally:
                     (self.tree / a.file).write_text(pristine)
-                report.cases += [CaseResult(name, n, "/hidden/" not in n, *outcome[n]) for n in nodes]
+                report.cases += [CaseResult(name, n, "/hidden/" not in n, *outcome[n])
+                                 for n in nodes]
             report.seconds[name] = time.perf_counter() - start
             if not self.quiet:
                 ok, total = report.score(name)
-                print(f"{name:<26}{f'{ok}/{total}':>8}{report.seconds[name]:6.0f} s  {report.notes.get(name, '')}",
-                      flush=True)
+                print(f"{name:<26}{f'{ok}/{total}':>8}{report.seconds[name]:6.0f} s  "
+                      f"{report.notes.get(name, '')}", flush=True)
         return report
 
 
@@ -448,10 +496,11 @@ def results_json(report: Report) -> dict:
     tests = []
     for c in report.cases:
         tests.append({"name": f"{c.assignment}: {c.test.split('::')[-1]}", "score": float(c.passed),
-                      "max_score": 1.0, "output": c.output[-4000:] or ("passed" if c.passed else "failed"),
+                      "max_score": 1.0,
+                      "output": c.output[-4000:] or ("passed" if c.passed else "failed"),
                       "visibility": "visible" if c.visible else "after_published"})
-    summary = [f"{n}: {report.score(n)[0]}/{report.score(n)[1]}" + (f" ({report.notes[n]})" if n in report.notes
-                                                                    else "")
+    summary = [f"{n}: {report.score(n)[0]}/{report.score(n)[1]}"
+               + (f" ({report.notes[n]})" if n in report.notes else "")
                for n in dict.fromkeys(c.assignment for c in report.cases)]
     return {"score": float(sum(c.passed for c in report.cases)), "output": "\n".join(summary),
             "visibility": "visible", "stdout_visibility": "hidden", "tests": tests}
@@ -467,8 +516,10 @@ RESULTS_SCHEMA = {
         "tests": {"type": "array", "items": {
             "type": "object", "required": ["name", "score", "max_score", "output", "visibility"],
             "properties": {"name": {"type": "string"}, "score": {"type": "number", "minimum": 0},
-                           "max_score": {"type": "number", "minimum": 0}, "output": {"type": "string"},
-                           "visibility": {"enum": ["hidden", "after_due_date", "after_published", "visible"]}},
+                           "max_score": {"type": "number", "minimum": 0},
+                           "output": {"type": "string"},
+                           "visibility": {"enum": ["hidden", "after_due_date", "after_published",
+                                                   "visible"]}},
             "additionalProperties": False}},
     },
 }
