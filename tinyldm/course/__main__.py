@@ -20,30 +20,36 @@ SETUP_SH = """#!/usr/bin/env bash
 set -euo pipefail
 cd /autograder/source
 python3 -m pip install --upgrade pip
-python3 -m pip install torch --index-url https://download.pytorch.org/whl/cpu   # the CPU build: grading needs no GPU
+python3 -m pip install torch --index-url https://download.pytorch.org/whl/cpu   \
+# the CPU build: grading needs no GPU
 python3 -m pip install -e ".[course]"
 """
 
 RUN_AUTOGRADER = """#!/usr/bin/env bash
-# Gradescope runs this for each submission: the student's files are in $AUTOGRADER/submission, the scores go to
-# $AUTOGRADER/results/results.json. AUTOGRADER_ROOT overrides /autograder (to try the bundle locally).
+# Gradescope runs this for each submission: the student's files are in $AUTOGRADER/submission, \
+the scores go to
+# $AUTOGRADER/results/results.json. AUTOGRADER_ROOT overrides /autograder (to try the bundle \
+locally).
 set -uo pipefail
 AUTOGRADER="${AUTOGRADER_ROOT:-/autograder}"
 mkdir -p "$AUTOGRADER/results"
 cd "$AUTOGRADER/source"
-"${PYTHON:-python3}" -m tinyldm.course grade --submission "$AUTOGRADER/submission" --reference "$AUTOGRADER/source" \\
+"${PYTHON:-python3}" -m tinyldm.course grade --submission "$AUTOGRADER/submission" \
+--reference "$AUTOGRADER/source" \\
     --json "$AUTOGRADER/results/results.json" ONLY
 """
 
 
 def write_autograder(out: Path, names: list[str] | None = None, root: Path = ROOT) -> Path:
-    """A Gradescope autograder bundle: setup.sh, run_autograder, the project with its hidden tests, and a zip."""
+    """A Gradescope autograder bundle: setup.sh, run_autograder, the project with its hidden tests,
+    and a zip."""
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise SystemExit(f"{out} exists and is not empty: choose a new folder")
     kit.copy_project(out / "source", root)
     only = f"--only {' '.join(names)}" if names else ""
-    for name, text in (("setup.sh", SETUP_SH), ("run_autograder", RUN_AUTOGRADER.replace("ONLY", only))):
+    for name, text in (("setup.sh", SETUP_SH),
+                       ("run_autograder", RUN_AUTOGRADER.replace("ONLY", only))):
         path = out / name
         path.write_text(text)
         path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
@@ -51,13 +57,15 @@ def write_autograder(out: Path, names: list[str] | None = None, root: Path = ROO
     staging = out.parent / f".{out.name}-zip"
     shutil.rmtree(staging, ignore_errors=True)
     shutil.copytree(out, staging)
-    archive = shutil.make_archive(str(out / "autograder"), "zip", staging)  # setup.sh at the zip's top level
+    # setup.sh at the zip's top level
+    archive = shutil.make_archive(str(out / "autograder"), "zip", staging)
     shutil.rmtree(staging)
     return Path(archive)
 
 
 def grade_folder(folder: Path, names: list[str] | None, out_csv: Path, **kw) -> list[dict]:
-    """Grade every sub-folder of `folder` (one per student) into one CSV: a column per assignment, and the total."""
+    """Grade every sub-folder of `folder` (one per student) into one CSV: a column per assignment,
+    and the total."""
     names = list(ASSIGNMENTS) if names is None else names
     rows = []
     for sub in sorted(p for p in Path(folder).iterdir() if p.is_dir()):
@@ -79,7 +87,8 @@ def grade_folder(folder: Path, names: list[str] | None, out_csv: Path, **kw) -> 
 
 
 def mutant_table(names: list[str] | None = None) -> list[dict]:
-    """Grade every mutant (a reference solution with one plausible mistake) as a submission; print the table."""
+    """Grade every mutant (a reference solution with one plausible mistake) as a submission; print
+    the table."""
     import tempfile
 
     rows = []
@@ -108,7 +117,8 @@ def main(argv: list[str] | None = None) -> object:
     what.add_argument("--submission", help="a student copy, or a folder of the submitted files")
     what.add_argument("--folder", help="a folder with one sub-folder per submission (writes --csv)")
     what.add_argument("--root", help=argparse.SUPPRESS)  # the old name of --submission
-    g.add_argument("--reference", default=str(ROOT), help="the instructor's project (default: this one)")
+    g.add_argument("--reference", default=str(ROOT),
+                   help="the instructor's project (default: this one)")
     g.add_argument("--only", nargs="+")
     g.add_argument("--json", help="write Gradescope's results.json here")
     g.add_argument("--csv", default="grades.csv", help="with --folder: the table to write")
@@ -124,19 +134,21 @@ def main(argv: list[str] | None = None) -> object:
         return ASSIGNMENTS
     if args.command == "student":
         out = make_student_copy(Path(args.out), args.only)
-        print(f"student copy in {out} ({len(args.only or ASSIGNMENTS)} assignments); see {out / 'ASSIGNMENTS.md'}")
+        print(f"student copy in {out} ({len(args.only or ASSIGNMENTS)} assignments); "
+              f"see {out / 'ASSIGNMENTS.md'}")
         return out
     if args.command == "autograder":
         archive = write_autograder(Path(args.out), args.only)
-        print(f"autograder bundle in {args.out}; upload {archive} to Gradescope (a 'zip file upload' autograder)")
+        print(f"autograder bundle in {args.out}; upload {archive} to Gradescope "
+              "(a 'zip file upload' autograder)")
         return archive
     if args.command == "mutants":
         return mutant_table(args.only)
     for flag, path in (("--submission", args.submission or args.root), ("--folder", args.folder),
                        ("--reference", args.reference)):
         if path is not None and not Path(path).exists():
-            raise UsageError(f"{flag} {path} does not exist: give the folder (or, for --submission, the folder of "
-                             "files) to grade")
+            raise UsageError(f"{flag} {path} does not exist: give the folder (or, for "
+                             "--submission, the folder of files) to grade")
     start = time.perf_counter()
     if args.folder:
         rows = grade_folder(Path(args.folder), args.only, Path(args.csv), reference=args.reference)
