@@ -1,7 +1,9 @@
-"""The grading tests' harness: a time limit per test, and a check that the code under test is the grading tree's.
+"""The grading tests' harness: a time limit per test, and a check that the code under test is the
+grading tree's.
 
-The grader runs these tests in a temporary copy of the instructor's project (TINYLDM_GRADING_TREE) holding the
-student's lines in one assignment's regions; an installed tinyldm from elsewhere must not be what they test.
+The grader runs these tests in a temporary copy of the instructor's project (TINYLDM_GRADING_TREE)
+holding the student's lines in one assignment's regions; an installed tinyldm from elsewhere must
+not be what they test.
 """
 
 import os
@@ -16,7 +18,8 @@ import tinyldm
 def pytest_configure(config):
     tree = os.environ.get("TINYLDM_GRADING_TREE")
     if tree and Path(tinyldm.__file__).resolve().parents[1] != Path(tree).resolve():
-        raise pytest.UsageError(f"tinyldm was imported from {tinyldm.__file__}, not from the grading tree {tree}")
+        raise pytest.UsageError(f"tinyldm was imported from {tinyldm.__file__}, not from the "
+                                f"grading tree {tree}")
 
 
 @pytest.hookimpl(hookwrapper=True)

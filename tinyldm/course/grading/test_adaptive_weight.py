@@ -22,14 +22,16 @@ def _by_hand(rec, adv, layer, delta, max_value):
 def test_the_weight_of_eq7():
     rec, adv, layer = _losses()
     got = adaptive_weight(rec, adv, layer, delta=1e-4, max_value=1e4)
-    assert got.ndim == 0 and abs(float(got) - _by_hand(rec, adv, layer, 1e-4, 1e4)) < 1e-5 * _by_hand(
-        rec, adv, layer, 1e-4, 1e4)
+    assert got.ndim == 0 and (abs(float(got) - _by_hand(rec, adv, layer, 1e-4, 1e4))
+                              < 1e-5 * _by_hand(rec, adv, layer, 1e-4, 1e4))
 
 
 def test_delta_counts_when_the_adversarial_gradient_is_small():
-    rec, adv, layer = _losses(adv_scale=1e-5, seed=1)  # ||grad_adv|| ~ 1e-4: delta = 1e-4 halves lambda
+    # ||grad_adv|| ~ 1e-4: delta = 1e-4 halves lambda
+    rec, adv, layer = _losses(adv_scale=1e-5, seed=1)
     want = _by_hand(rec, adv, layer, 1e-4, 1e9)
-    assert abs(float(adaptive_weight(rec, adv, layer, delta=1e-4, max_value=1e9)) - want) < 1e-4 * want
+    assert (abs(float(adaptive_weight(rec, adv, layer, delta=1e-4, max_value=1e9)) - want)
+            < 1e-4 * want)
 
 
 def test_clamped_to_max_value():

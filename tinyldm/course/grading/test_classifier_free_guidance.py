@@ -12,14 +12,16 @@ def _model(x_t, t, c):
 
 def _preds():
     g = torch.Generator().manual_seed(0)
-    x, c, u = torch.randn(2, 3, 4, 4, generator=g), torch.randn(2, 3, 4, 4, generator=g), torch.zeros(2, 3, 4, 4)
+    x, c, u = (torch.randn(2, 3, 4, 4, generator=g), torch.randn(2, 3, 4, 4, generator=g),
+               torch.zeros(2, 3, 4, 4))
     return x, {"c": c}, {"c": u}, _model(x, None, c), _model(x, None, u)
 
 
 @pytest.mark.parametrize("scale", [0.0, 2.0, 3.5, 7.5])
 def test_the_guided_prediction_at_several_scales(scale):
     x, cond, uncond, pred_c, pred_u = _preds()
-    got = guided_prediction(_model, x, torch.zeros(2), cond=cond, uncond=uncond, guidance_scale=scale)
+    got = guided_prediction(_model, x, torch.zeros(2), cond=cond, uncond=uncond,
+                            guidance_scale=scale)
     assert torch.allclose(got, pred_u + scale * (pred_c - pred_u), atol=1e-6)
 
 

@@ -23,12 +23,14 @@ def test_with_a_point_oracle_every_step_lands_on_the_noised_point():
 
 def test_eta_one_is_the_ddpm_step():
     s = NoiseSchedule("cosine")
-    x_t, x0, noise = torch.randn(3, 8).double(), torch.randn(3, 8).double(), torch.randn(3, 8).double()
+    x_t, x0, noise = (torch.randn(3, 8).double(), torch.randn(3, 8).double(),
+                      torch.randn(3, 8).double())
     for t, t_prev in [(999, 998), (500, 499), (981, 961), (600, 10)]:
         ab_t, ab_prev = s.alpha_bar_value(t), s.alpha_bar_value(t_prev)
         eps = (x_t - ab_t**0.5 * x0) / (1 - ab_t) ** 0.5
         a = ddim_step(x0, eps, ab_t, ab_prev, eta=1.0, noise=noise)
-        assert torch.allclose(a, ddpm_step(x_t, x0, ab_t, ab_prev, noise=noise), atol=1e-9), (t, t_prev)
+        assert torch.allclose(a, ddpm_step(x_t, x0, ab_t, ab_prev, noise=noise),
+                              atol=1e-9), (t, t_prev)
 
 
 def test_matches_diffusers_ddim_scheduler():

@@ -19,4 +19,5 @@ def test_equals_torch_distributions():
 
 
 def test_zero_for_the_prior_itself():
-    assert torch.equal(_posterior(torch.zeros(2, 4, 3, 3), torch.zeros(2, 4, 3, 3)).kl(), torch.zeros(2))
+    assert torch.equal(_posterior(torch.zeros(2, 4, 3, 3), torch.zeros(2, 4, 3, 3)).kl(),
+                       torch.zeros(2))

@@ -16,7 +16,8 @@ def _quantizer(seed=0):
 def test_indices_are_the_nearest_codes():
     q = _quantizer()
     z = torch.randn(2, 4, 5, 6, generator=torch.Generator().manual_seed(1)) * 1.5
-    want = torch.cdist(z.permute(0, 2, 3, 1).reshape(-1, 4), q.codebook.weight).argmin(1).reshape(2, 5, 6)
+    want = torch.cdist(z.permute(0, 2, 3, 1).reshape(-1, 4),
+                       q.codebook.weight).argmin(1).reshape(2, 5, 6)
     assert torch.equal(q.lookup(z), want)
 
 

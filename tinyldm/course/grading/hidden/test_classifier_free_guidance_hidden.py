@@ -1,4 +1,5 @@
-"""classifier_free_guidance, hidden: a scale above one extrapolates away from the unconditional prediction."""
+"""classifier_free_guidance, hidden: a scale above one extrapolates away from the unconditional
+prediction."""
 
 import torch
 
@@ -10,6 +11,7 @@ def test_scale_two_extrapolates():
         return x_t + 3 * c
 
     x, c = torch.randn(2, 3, 2, 2), torch.randn(2, 3, 2, 2)
-    got = guided_prediction(model, x, torch.zeros(2), cond={"c": c}, uncond={"c": torch.zeros_like(c)},
-                            guidance_scale=2.0)
-    assert torch.allclose(got, 2 * model(x, None, c) - model(x, None, torch.zeros_like(c)), atol=1e-6)
+    got = guided_prediction(model, x, torch.zeros(2), cond={"c": c},
+                            uncond={"c": torch.zeros_like(c)}, guidance_scale=2.0)
+    assert torch.allclose(got, 2 * model(x, None, c) - model(x, None, torch.zeros_like(c)),
+                          atol=1e-6)

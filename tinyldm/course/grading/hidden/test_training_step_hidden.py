@@ -8,9 +8,10 @@ from tinyldm.course.grading._helpers import tiny_unet
 from tinyldm.data.shapes import ShapesConfig, ShapesDataset
 from tinyldm.ldm import Denoiser, DiffusionConfig, ldm_loss
 
-# The reference solution's run: 200 Adam steps of batch 32 on 256 shapes images (8 x 8 x 3 after pooling),
-# eps prediction: the mean loss of the last 20 steps is 0.034 (the first 20: 0.49; a network that predicts 0
-# scores 1.0). The bar is three times the reference's; about 10 s on 2 CPU cores.
+# The reference solution's run: 200 Adam steps of batch 32 on 256 shapes images (8 x 8 x 3 after
+# pooling), eps prediction: the mean loss of the last 20 steps is 0.034 (the first 20: 0.49; a
+# network that predicts 0 scores 1.0). The bar is three times the reference's; about 10 s on 2 CPU
+# cores.
 STEPS, BAR = 200, 0.1
 
 
