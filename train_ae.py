@@ -173,19 +173,19 @@ def main(argv: list[str] | None = None) -> dict:
                       loss_key="loss_ae", resumed_step=state.start if ckpt is not None else None)
     batches = iter(ae_setup.make_loader(train_set, config, state.start, world, device))
     grid_x = next(ae_setup.first_images(held_out, 8, 8)).to(device)
-    recon = lambda step: save_reconstructions(state.eval_model, grid_x,  # noqa: E731
-                                              out / f"recon_{step:07d}.png")
+    save_grid = lambda step: save_reconstructions(state.eval_model, grid_x,  # noqa: E731
+                                                  out / f"recon_{step:07d}.png")
     step = partial(train_step, state=state, model=trainer.distribute(state.model), batches=batches,
                    config=config, world=world, trainer=trainer)
     state.model.train()
-    trainer.run(step, start=state.start, sample=recon,
+    trainer.run(step, start=state.start, sample=save_grid,
                 save=lambda step: save_ae(ckpt_path, step, state=state, configs=configs))
     rng_after_training = rng_state()  # the evaluation below draws from its own generators
     trainer.close()
     if not world.is_main:  # rank 0 alone evaluates and writes the final checkpoint
         return {"step": config.steps, "rank": world.rank}
 
-    trainer.sample_grid(recon, config.steps)
+    trainer.sample_grid(save_grid, config.steps)
     metrics = final_metrics(state, train_set, held_out, config, device, trainer.seconds)
     save_ae(ckpt_path, config.steps, state=state, configs=configs, rng=rng_after_training,
             metrics=metrics)

@@ -190,11 +190,11 @@ def main(argv: list[str] | None = None) -> dict:
     latent_hw = tuple(data.latents.shape[-2:])
     grid = SampleGrid.for_run(config, data.class_names, args.data, latent_hw, device, ae,
                               denoiser.cond.cfg.max_len)
-    draw = partial(save_samples, out, model=ema.model, schedule=schedule, ae=ae, grid=grid,
-                   diffusion=diffusion, config=config)
+    save_grid = partial(save_samples, out, model=ema.model, schedule=schedule, ae=ae, grid=grid,
+                        diffusion=diffusion, config=config)
     step = partial(train_step, model=model, denoiser=denoiser, opt=opt, schedule=schedule,
                    data=data, diffusion=diffusion, config=config, trainer=trainer)
-    done = trainer.run(step, start=start, save=save, sample=draw)
+    done = trainer.run(step, start=start, save=save, sample=save_grid)
     if done > start and world.is_main:
         save(done)
     trainer.close()
@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> dict:
     # The final grid and measurement, with the EMA weights.
     result = {"steps": done, "wall_seconds": time.perf_counter() - t_start,
               "train_loop_seconds": trainer.seconds, "checkpoint": str(ckpt_path),
-              "samples": str(trainer.sample_grid(draw, done))}
+              "samples": str(trainer.sample_grid(save_grid, done))}
     print(f"samples: {result['samples']}")
     result.update(evaluate_run(ema.model, schedule, ae, config, diffusion, latent_hw, device,
                                args.data, ckpt_path))
