@@ -40,7 +40,7 @@ from tinyldm.evaluation.ae_score import final_metrics, format_metrics, save_reco
 from tinyldm.training import ae_setup
 from tinyldm.training.ae_setup import TrainState
 from tinyldm.training.checkpoint import RunLock, save_checkpoint
-from tinyldm.training.distributed import World, join, leave
+from tinyldm.training.distributed import World, exit_process, join
 from tinyldm.training.flags import add_config_args, default_preset
 from tinyldm.training.loop import rng_state, seed_everything, seed_stream
 from tinyldm.training.presets import AE_PRESETS, AE_SMOKE
@@ -196,4 +196,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    leave(run(main, sys.argv[1:]))  # under torchrun, ranks other than 0 leave at once
+    exit_process(run(main, sys.argv[1:]))  # under torchrun, ranks other than 0 leave at once

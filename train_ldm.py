@@ -39,7 +39,7 @@ from tinyldm.evaluation.ldm_score import SampleGrid, evaluate_run, save_samples
 from tinyldm.ldm import Denoiser, DiffusionConfig, ldm_loss, ldm_payload
 from tinyldm.training import ldm_setup
 from tinyldm.training.checkpoint import RunLock, load_checkpoint, save_checkpoint
-from tinyldm.training.distributed import join, leave
+from tinyldm.training.distributed import exit_process, join
 from tinyldm.training.flags import add_config_args, default_preset
 from tinyldm.training.loop import EMA, rng_state, seed_everything, seed_stream, set_rng_state
 from tinyldm.training.presets import LDM_PRESETS, LDM_SMOKE
@@ -215,4 +215,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    leave(run(main, sys.argv[1:]))  # under torchrun, ranks other than 0 leave at once
+    exit_process(run(main, sys.argv[1:]))  # under torchrun, ranks other than 0 leave at once

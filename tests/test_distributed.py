@@ -140,9 +140,9 @@ def test_vq_autoencoder_is_refused_under_torchrun(tmp_path):
 
 @pytest.mark.parametrize("rank, finalised", [(1, False), (0, True)])
 def test_other_ranks_leave_without_finalisation_and_rank_0_exits_normally(rank, finalised):
-    code = ("import atexit; from tinyldm.training.distributed import leave; "
+    code = ("import atexit; from tinyldm.training.distributed import exit_process; "
             "atexit.register(lambda: print('finalised')); "
-            f"print('trained', flush=False); leave({{'rank': {rank}}})")
+            f"print('trained', flush=False); exit_process({{'rank': {rank}}})")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                           timeout=120)
     # buffered output is flushed first

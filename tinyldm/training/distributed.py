@@ -130,7 +130,7 @@ def teardown(world: World) -> None:
         dist.destroy_process_group()
 
 
-def leave(result: dict) -> None:
+def exit_process(result: dict) -> None:
     """End a script's process after `main` returned `result`. A process other than rank 0 has
     written nothing and has torn its process group down; it leaves at once with `os._exit`, skipping
     the interpreter's finalisation, where a gloo process whose peer is still finishing can abort
