@@ -1,0 +1,97 @@
+"""tinyldm/training/trainer.py on a toy problem: the loop both scripts run (learning rate, EMA, log
+windows, grids, checkpoints, a loss that turns NaN, the time budget), in a fraction of a second."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from tinyldm.cli import UsageError
+from tinyldm.training.distributed import World
+from tinyldm.training.loop import EMA
+from tinyldm.training.trainer import Trainer, TrainingConfig, lr_at
+
+
+def toy(tmp_path, **fields):
+    """A linear model fitted to y = 3x with SGD, and a Trainer around it (one process, CPU)."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(1, 1, bias=False)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    config = TrainingConfig(**{"batch_size": 8, "steps": 12, "lr": 0.1, "log_every": 4,
+                               "sample_every": 6, "ckpt_every": 5, **fields})
+    ema = EMA(model, decay=0.5)
+    trainer = Trainer(config, script="train_toy.py", argv=["--steps", str(config.steps)],
+                      out=tmp_path, ckpt_path=tmp_path / "toy.pt", world=World(),
+                      device=torch.device("cpu"), optimizers={opt: config.lr}, model=model, ema=ema)
+    lrs, losses = [], []
+
+    def step(i):
+        lrs.append(opt.param_groups[0]["lr"])
+        x = torch.randn(config.batch_size, 1, generator=torch.Generator().manual_seed(i))
+        loss = (model(x) - 3 * x).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+        return {"loss": loss.detach()}
+
+    return trainer, model, ema, step, lrs, losses
+
+
+def test_the_loop_sets_the_rate_averages_the_log_window_and_keeps_the_cadences(tmp_path):
+    trainer, model, ema, step, lrs, losses = toy(tmp_path, warmup_steps=2)
+    saved, grids = [], []
+
+    def sample(i):
+        grids.append(i)
+        path = tmp_path / f"grid_{i}.png"
+        from tinyldm.evaluation.viz import save_image_grid
+        return save_image_grid(torch.zeros(1, 3, 4, 4), path, nrow=1)
+
+    done = trainer.run(step, start=0, save=saved.append, sample=sample)
+    assert done == 12 and lrs == [lr_at(i, trainer.config) for i in range(12)]
+    assert lrs[:3] == [0.05, 0.1, 0.1]
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [4, 8, 12]
+    for r, window in zip(records, (losses[0:4], losses[4:8], losses[8:12]), strict=True):
+        assert r["loss"] == pytest.approx(sum(window) / 4, rel=1e-6)  # the window's mean
+    assert records[-1]["lr"] == 0.1 and all(r["img_per_s"] > 0 for r in records)
+    # checkpoints every 5 steps but never at the end (the script writes that one); grids every 6,
+    # not at the last step either (the script draws it)
+    assert saved == [5, 10] and grids == [6]
+    assert not (tmp_path / "loss.png").exists()  # one record at step 6: no curve yet
+    trainer.sample_grid(sample, 12)  # what the scripts do after the loop
+    assert grids == [6, 12] and (tmp_path / "loss.png").exists()
+    assert ema.num_updates == 12 and not torch.equal(ema.model.weight, model.weight)
+    assert abs(model.weight.item() - 3) < abs(0.0 - 3)  # it learned something
+
+
+def test_a_loss_that_turns_nan_stops_before_the_next_checkpoint(tmp_path):
+    trainer, model, ema, step, lrs, losses = toy(tmp_path, log_every=10, ckpt_every=5)
+    saved = []
+
+    def poisoned(i):
+        logs = step(i)
+        return {"loss": logs["loss"] * math.nan} if i == 7 else logs
+
+    # the window since the last log record holds the bad step
+    with pytest.raises(UsageError, match=r"loss is nan in steps 1-10: stopping"):
+        trainer.run(poisoned, start=0, save=saved.append)
+    assert saved == [5]  # step 10's checkpoint, which would hold blown-up weights, is not written
+
+
+def test_the_time_budget_checkpoints_and_returns_early(tmp_path):
+    trainer, model, ema, step, lrs, losses = toy(tmp_path, steps=1000, max_minutes=1e-9,
+                                                 ckpt_every=500)
+    saved = []
+    done = trainer.run(step, start=0, save=saved.append)
+    assert done == 1 and saved == [1]
+
+
+def test_a_finished_run_does_nothing_and_a_resumed_one_continues_the_schedule(tmp_path, capsys):
+    trainer, model, ema, step, lrs, losses = toy(tmp_path, warmup_steps=20, steps=12)
+    assert trainer.run(step, start=12, save=lambda i: None) == 12 and not lrs
+    assert "already trained for 12 steps" in capsys.readouterr().out
+    trainer.run(step, start=7, save=lambda i: None)
+    assert lrs == [lr_at(i, trainer.config) for i in range(7, 12)]  # the warm-up where it was
