@@ -14,6 +14,8 @@ from tinyldm.tools import bench
 from tinyldm.training.speed import graphed_sampler
 from tinyldm.unet import UNet, UNetConfig
 
+pytestmark = pytest.mark.slow  # speed, FLOPs and memory, and the benchmark tools end to end
+
 diffusers = pytest.importorskip("diffusers",
                                 reason="the `bench` extra (diffusers) is not installed")
 

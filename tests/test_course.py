@@ -17,6 +17,8 @@ from tinyldm.course import kit
 from tinyldm.course.__main__ import grade_folder, main, write_autograder
 from tinyldm.course.mutants import MUTANTS
 
+pytestmark = pytest.mark.slow  # grades submissions in subprocesses, every mutant included
+
 pytest.importorskip("diffusers",
                     reason="the ddim_step grading compares against it: pip install -e '.[dev]'")
 

@@ -16,6 +16,8 @@ import train_ae
 import train_ldm
 from tinyldm.training.distributed import World
 
+pytestmark = pytest.mark.slow  # torchrun with two processes
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

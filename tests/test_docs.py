@@ -212,6 +212,7 @@ def _help_texts_in_parallel():
         list(pool.map(help_text, sorted(argvs)))
 
 
+@pytest.mark.slow
 def test_the_pages_show_commands():
     where = {w.split(":")[0] for w, _ in COMMANDS}
     assert "README.md" in where and len(COMMANDS) >= 40, sorted(where)
@@ -219,6 +220,7 @@ def test_the_pages_show_commands():
             and any(t[:2] == ["bash", ".ci/gpu_check"] for _, t in COMMANDS))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where, tokens", COMMANDS, ids=[w for w, _ in COMMANDS])
 def test_documented_command_exists(where, tokens):
     assert check(tokens) == [], f"{where}: {shlex.join(tokens)}"

@@ -31,6 +31,8 @@ from tinyldm.evaluation.features import (
 )
 from tinyldm.tools import evaluate
 
+pytestmark = pytest.mark.slow  # trains a model and its feature networks, then samples and measures
+
 
 @pytest.fixture(scope="module")
 def smoke_ckpt(tmp_path_factory):

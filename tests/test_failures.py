@@ -28,6 +28,8 @@ from tinyldm.training import checkpoint as checkpoint_module
 from tinyldm.training.checkpoint import RunLock, load_checkpoint
 from tinyldm.training.loop import GracefulStop, resume_command
 
+pytestmark = pytest.mark.slow  # the scripts against bad inputs, signals and faults, end to end
+
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--smoke", "--device", "cpu", "--sample_every", "100000", "--eval_images", "0"]
 

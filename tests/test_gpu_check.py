@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # dry-runs every stage of .ci/gpu_check in a subprocess
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -13,6 +13,8 @@ pytest.importorskip("matplotlib")
 
 from tinyldm.tools.nbrun import execute, notebook_to_py, py_to_notebook  # noqa: E402
 
+pytestmark = pytest.mark.slow  # runs every notebook in its smoke setting
+
 # Every notebook's full run fits 10 minutes on 2 CPU cores, except the experiment that needs
 # training time itself: the compression sweep trains four diffusion models for the same minutes
 # each.

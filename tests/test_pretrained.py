@@ -352,6 +352,7 @@ def test_the_released_shapes_are_the_ones_tested_here():
         **KL_F8, "block_out_channels": (128, 256, 512, 512)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("release", ["CompVis/ldm-celebahq-256",
                                      "CompVis/ldm-super-resolution-4x-openimages"])
 def test_the_full_size_unets_compute_what_diffusers_computes(release):
@@ -367,6 +368,7 @@ def test_the_full_size_unets_compute_what_diffusers_computes(release):
     assert want.abs().max() > 0.5 and (got - want).abs().max() < 1e-5 * float(want.abs().max())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("regularizer", ["vq", "kl"])
 def test_the_full_size_first_stages_compute_what_diffusers_computes(regularizer):
     """vq-f4 (55 M) and kl-f8 (84 M) at their release size, on a 256 x 256 image: encode, codes,

@@ -99,6 +99,7 @@ def test_ldmbert_computes_what_diffusers_computes():
     assert (other - want).abs().max() > 0.1  # token order (the positions) matters
 
 
+@pytest.mark.slow
 def test_the_full_size_ldmbert_computes_what_diffusers_computes():
     """The release's size (32 layers, 1280 wide, 30522 tokens: 543 M parameters with the unused LM
     head)."""
@@ -151,6 +152,7 @@ def test_every_tensor_of_the_full_size_text2im_unet_is_mapped():
         assert set(converted) == set(UNet(cfg).state_dict())
 
 
+@pytest.mark.slow
 def test_the_full_size_text2im_unet_computes_what_diffusers_computes():
     """The release's UNet at its size, random weights, a 77 x 1280 context: the same eps to float32
     rounding."""

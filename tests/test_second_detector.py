@@ -9,6 +9,8 @@ from tinyldm.data.shapes import POSITIONS, ShapesConfig, ShapesDataset
 from tinyldm.evaluation.features import train_classifier
 from tinyldm.evaluation.second_detector import compare, foreground_position, judge
 
+pytestmark = pytest.mark.slow  # trains the second detector's classifier first
+
 
 def test_the_foreground_centroid_names_every_grid_cell():
     images = torch.full((9, 3, 30, 30), 0.8)

@@ -25,6 +25,8 @@ from tinyldm.training.loop import (
     set_rng_state,
 )
 
+pytestmark = pytest.mark.slow  # train_ae.py end to end, in its smoke settings
+
 
 def run(tmp_path: Path, *flags: str, out: str = "run") -> dict:
     return train_ae.main(["--out", str(tmp_path / out), "--device", "cpu", *flags])

@@ -20,6 +20,8 @@ from tinyldm.data.tasks import (
 )
 from tinyldm.training.checkpoint import CheckpointError, load_checkpoint
 
+pytestmark = pytest.mark.slow  # train_ldm.py end to end, in its smoke settings
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

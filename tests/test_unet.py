@@ -207,6 +207,7 @@ def test_channels_last_and_bf16_autocast_agree_with_fp32():
     assert (low.float() - ref).abs().mean() < 0.05 * ref.abs().mean()
 
 
+@pytest.mark.slow
 def test_compiles_without_graph_breaks():
     """Dynamo traces the whole forward and backward (aot_eager: no C++ compiler needed, and
     fast)."""
