@@ -1,14 +1,13 @@
 """Sample N images from a trained LDM and measure them, with the protocol written next to the
 numbers.
 
-    python -m tinyldm.tools.evaluate --ckpt runs/ldm-shapes/ldm.pt --n 1000
+    python -m tinyldm.tools.evaluate --ckpt runs/ldm-shapes/ldm.pt --n 1000 \\
         --json runs/ldm-shapes/metrics.json
     python -m tinyldm.tools.evaluate --ckpt runs/ldm-photos/ldm.pt --data photos/ --n 500
-    python -m tinyldm.tools.evaluate --ckpt runs/ldm-shapes/ldm.pt --n 500 --sweep_steps 5 10 20 50
-        # per sampler
-    python -m tinyldm.tools.evaluate --ckpt runs/ldm-celeba64/ldm.pt --data /data/celeba
-        --features inception \\
-        --inception_weights pt_inception-2015-12-05-6726825d.pth
+    python -m tinyldm.tools.evaluate --ckpt runs/ldm-shapes/ldm.pt --n 500 \\
+        --sweep_steps 5 10 20 50   # a table per sampler
+    python -m tinyldm.tools.evaluate --ckpt runs/ldm-celeba64/ldm.pt --data /data/celeba \\
+        --features inception --inception_weights pt_inception-2015-12-05-6726825d.pth
 
 From Python (e.g. at the end of training): `measure_checkpoint(ckpt_path, data_root, n, steps,
 guidance, device)` returns the dict the command prints and writes.
