@@ -45,7 +45,7 @@ def write_autograder(out: Path, names: list[str] | None = None, root: Path = ROO
     and a zip."""
     out = Path(out)
     if out.exists() and any(out.iterdir()):
-        raise SystemExit(f"{out} exists and is not empty: choose a new folder")
+        raise UsageError(f"{out} exists and is not empty: choose a new folder")
     kit.copy_project(out / "source", root)
     only = f"--only {' '.join(names)}" if names else ""
     for name, text in (("setup.sh", SETUP_SH),

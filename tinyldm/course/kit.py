@@ -34,6 +34,8 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tinyldm.cli import UsageError
+
 ROOT = Path(__file__).resolve().parents[2]
 GRADING = "tinyldm/course/grading"  # the grading tests, relative to a project root
 HIDDEN = f"{GRADING}/hidden"  # kept out of student copies
@@ -258,16 +260,16 @@ def make_student_copy(out: Path, names: list[str] | None = None, root: Path = RO
     names = list(ASSIGNMENTS) if names is None else names
     unknown = sorted(set(names) - set(ASSIGNMENTS))
     if unknown:
-        raise SystemExit(f"unknown assignments {unknown}; choose from {', '.join(ASSIGNMENTS)}")
+        raise UsageError(f"unknown assignments {unknown}; choose from {', '.join(ASSIGNMENTS)}")
     out = Path(out)
     if out.exists() and any(out.iterdir()):
-        raise SystemExit(f"{out} exists and is not empty: choose a new folder")
+        raise UsageError(f"{out} exists and is not empty: choose a new folder")
     copy_project(out, root, instructor=False)
     for rel in sorted({ASSIGNMENTS[n].file for n in names}):
         text = (root / rel).read_text()
         missing = {n for n in names if ASSIGNMENTS[n].file == rel} - {r[0] for r in regions(text)}
         if missing:
-            raise SystemExit(f"{rel} has no marked region for {sorted(missing)}")
+            raise UsageError(f"{rel} has no marked region for {sorted(missing)}")
         (out / rel).write_text(stub(text, set(names)))
     lines = ["# Assignments", "",
              ("Write each solution between its `# BEGIN ASSIGNMENT` / `# END ASSIGNMENT` markers, "
@@ -332,7 +334,7 @@ def collect(tree: Path, names: list[str]) -> dict[str, list[str]]:
     submission owes)."""
     files = [f for n in names for f in ASSIGNMENTS[n].tests if (tree / f).exists()]
     if not files:
-        raise SystemExit(f"{tree} has no grading tests ({GRADING}): is the reference the "
+        raise UsageError(f"{tree} has no grading tests ({GRADING}): is the reference the "
                          "instructor's project?")
     out = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-o", "addopts=",
                           "-p", "no:cacheprovider", *files],
@@ -406,12 +408,12 @@ class Grader:
         self.names = list(ASSIGNMENTS) if names is None else names
         unknown = sorted(set(self.names) - set(ASSIGNMENTS))
         if unknown:
-            raise SystemExit(f"unknown assignments {unknown}; choose from {', '.join(ASSIGNMENTS)}")
+            raise UsageError(f"unknown assignments {unknown}; choose from {', '.join(ASSIGNMENTS)}")
         for package in sorted({p for n in self.names for p in ASSIGNMENTS[n].requires}):
             try:
                 __import__(package)
             except ImportError as e:
-                raise SystemExit(f"grading needs {package} (its tests compare against it): "
+                raise UsageError(f"grading needs {package} (its tests compare against it): "
                                  f"pip install {package}") from e
         self.reference, self.timeout, self.grace = Path(reference), timeout, grace
         self.threads, self.stop_early, self.quiet = threads, stop_early, quiet

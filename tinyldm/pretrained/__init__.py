@@ -60,6 +60,7 @@ import torch
 from torch import Tensor
 
 from tinyldm.autoencoder import Autoencoder
+from tinyldm.cli import UsageError
 from tinyldm.conditioning import ConditionConfig, ConditionEncoder
 from tinyldm.ldm import Denoiser, DiffusionConfig, generate
 from tinyldm.pretrained.autoencoder import autoencoder_from_diffusers, build_autoencoder
@@ -173,7 +174,7 @@ def _download(repo_id: str) -> Path:
     try:
         from huggingface_hub import snapshot_download
     except ImportError as e:
-        raise SystemExit(f"{repo_id!r} is not a local folder, and downloading it needs "
+        raise UsageError(f"{repo_id!r} is not a local folder, and downloading it needs "
                          "huggingface_hub: pip install -e '.[pretrained]' (or pass the path of a "
                          "downloaded copy)") from e
     try:
@@ -184,7 +185,7 @@ def _download(repo_id: str) -> Path:
                 path = Path(snapshot_download(repo_id, allow_patterns=[f"{part}/*.bin"]))
         return path
     except Exception as e:  # offline, unknown id, gated: one line that says what happened
-        raise SystemExit(f"could not download {repo_id!r} ({type(e).__name__}: {e}); where the hub "
+        raise UsageError(f"could not download {repo_id!r} ({type(e).__name__}: {e}); where the hub "
                          f"can be reached, run `hf download {repo_id} --local-dir "
                          f"{repo_id.split('/')[-1]}` and pass that folder") from e
 
@@ -198,7 +199,7 @@ def load(id_or_path: str | os.PathLike, *, release: str | None = None) -> Pretra
     name = str(id_or_path)
     if not path.exists():
         if name not in RELEASES:
-            raise SystemExit(f"{name!r} is neither a folder nor a known release "
+            raise UsageError(f"{name!r} is neither a folder nor a known release "
                              f"({', '.join(RELEASES)})")
         path = _download(name)
     key = release or next((r for r in RELEASES if r.split("/")[-1] == path.name or r == name), None)

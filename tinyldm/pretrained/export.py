@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from tinyldm.cli import ArgumentParser, run
+from tinyldm.cli import ArgumentParser, UsageError, run
 from tinyldm.ldm import DiffusionConfig, load_ldm
 from tinyldm.pretrained.autoencoder import autoencoder_to_diffusers
 from tinyldm.pretrained.unet import unet_to_diffusers
@@ -110,10 +110,10 @@ def main(argv: list[str] | None = None) -> Path:
     try:
         out = export_checkpoint(load_checkpoint(args.ckpt, kind="ldm"), args.out)
     except ImportError as e:
-        raise SystemExit("exporting needs diffusers and safetensors: pip install diffusers "
+        raise UsageError("exporting needs diffusers and safetensors: pip install diffusers "
                          f"safetensors ({e})") from e
     except ValueError as e:
-        raise SystemExit(f"{args.ckpt}: {e}") from e
+        raise UsageError(f"{args.ckpt}: {e}") from e
     print(f"{args.ckpt} -> {out} (diffusers format: "
           f"{', '.join(sorted(q.name for q in out.iterdir()))})")
     return out

@@ -39,6 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from tinyldm.cli import UsageError
+
 
 @dataclass
 class LDMBertConfig:
@@ -124,7 +126,7 @@ class WordPieceTokenizer:
             from tokenizers import Tokenizer
             from tokenizers.implementations import BertWordPieceTokenizer
         except ImportError as e:
-            raise SystemExit("the text-to-image release's tokenizer needs the `tokenizers` "
+            raise UsageError("the text-to-image release's tokenizer needs the `tokenizers` "
                              "package: pip install -e '.[pretrained]'") from e
         folder = Path(folder)
         if (folder / "tokenizer.json").exists():
