@@ -33,10 +33,11 @@ from pathlib import Path
 
 import torch
 
-from tinyldm.autoencoder import AutoencoderConfig, codebook_stats
+from tinyldm.autoencoder import AutoencoderConfig
 from tinyldm.autoencoder_loss import AELossConfig
 from tinyldm.cli import ArgumentParser, UsageError, run
 from tinyldm.evaluation.ae_score import final_metrics, format_metrics, save_reconstructions
+from tinyldm.evaluation.metrics import codebook_stats
 from tinyldm.training import ae_setup
 from tinyldm.training.ae_setup import TrainState
 from tinyldm.training.checkpoint import RunLock, save_checkpoint

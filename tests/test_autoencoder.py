@@ -16,7 +16,6 @@ from tinyldm.autoencoder import (
     AutoencoderConfig,
     DiagonalGaussian,
     VectorQuantizer,
-    codebook_stats,
     latent_statistics,
 )
 from tinyldm.autoencoder_loss import (
@@ -27,7 +26,7 @@ from tinyldm.autoencoder_loss import (
     discriminator_non_saturating,
     load_lpips,
 )
-from tinyldm.evaluation.metrics import psnr, ssim
+from tinyldm.evaluation.metrics import codebook_stats, psnr, ssim
 
 
 def tiny(**kw) -> AutoencoderConfig:

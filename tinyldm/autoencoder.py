@@ -305,15 +305,6 @@ class VectorQuantizer(nn.Module):
         return QuantizerOutput(z_q=z_q, loss=loss, indices=indices)
 
 
-def codebook_stats(indices: torch.Tensor, n_codes: int) -> dict[str, float]:
-    """Usage (fraction of codes hit) and perplexity exp(H(p)) of the code histogram in `indices`."""
-    counts = torch.bincount(indices.flatten().cpu(), minlength=n_codes).double()
-    p = counts / counts.sum()
-    entropy = -(p[p > 0] * p[p > 0].log()).sum()
-    return {"codebook_usage": float((counts > 0).double().mean()),
-            "perplexity": float(entropy.exp())}
-
-
 # ----------------------------------------------------------------------------------------------
 # The autoencoder
 

@@ -11,9 +11,9 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from ..autoencoder import Autoencoder, codebook_stats, latent_statistics
+from ..autoencoder import Autoencoder, latent_statistics
 from ..training.ae_setup import first_images
-from .metrics import psnr, ssim
+from .metrics import codebook_stats, psnr, ssim
 from .viz import save_image_grid
 
 

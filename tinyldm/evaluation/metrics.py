@@ -38,6 +38,9 @@ the features is `tinyldm.evaluation.features`' business; only Inception-v3 featu
   ball reaching its k-th nearest real neighbour; precision is the share of generated features inside
   some real ball, recall the share of real features inside some generated ball (balls from generated
   neighbours).
+
+And a VQ codebook's health: `codebook_stats`, the share of codes in use and the perplexity of the
+code histogram.
 """
 
 from __future__ import annotations
@@ -180,3 +183,12 @@ def precision_recall(real: torch.Tensor, fake: torch.Tensor, *, k: int = 3) -> t
         return float((torch.cdist(points, centres) <= r[None, :]).any(dim=1).double().mean())
 
     return covered(fake, real, radii(real)), covered(real, fake, radii(fake))
+
+
+def codebook_stats(indices: torch.Tensor, n_codes: int) -> dict[str, float]:
+    """Usage (fraction of codes hit) and perplexity exp(H(p)) of the code histogram in `indices`."""
+    counts = torch.bincount(indices.flatten().cpu(), minlength=n_codes).double()
+    p = counts / counts.sum()
+    entropy = -(p[p > 0] * p[p > 0].log()).sum()
+    return {"codebook_usage": float((counts > 0).double().mean()),
+            "perplexity": float(entropy.exp())}
