@@ -12,7 +12,8 @@ condition encoder tau_theta are trained together on (Eq. 3)
 
 optionally with the v- or x0-parameterized target instead of eps, or an L1 norm. With probability
 p_uncond the condition is replaced by the null one, so the same network also learns the
-unconditional model that classifier-free guidance needs (Ho & Salimans, arXiv 2207.12598, Alg. 1).
+unconditional model that classifier-free guidance needs (Ho & Salimans, arXiv 2207.12598, Alg. 1);
+the training step draws t, eps and that dropout and hands them to `ldm_loss`.
 Generation runs a sampler from tinyldm.ddim in latent space, then x = D(z0 / scale_factor).
 
 Image-like conditions (a segmentation map, a low-resolution image, a masked image and its mask;
