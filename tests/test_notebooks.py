@@ -15,7 +15,8 @@ from tinyldm.tools.nbrun import execute, notebook_to_py, py_to_notebook  # noqa:
 
 pytestmark = pytest.mark.slow  # runs every notebook in its smoke setting
 
-# Every notebook's full run fits 10 minutes on 2 CPU cores, except the experiment that needs
+# Every notebook's full run fits 10 minutes on 2 CPU cores of the faster kind of machine and 15 on
+# the slower kind (the same run takes up to 1.8x longer there), except the experiment that needs
 # training time itself: the compression sweep trains four diffusion models for the same minutes
 # each.
 LONG_RUNS = {"07_compression_tradeoff": 1500}
@@ -33,7 +34,7 @@ def test_notebook_committed_with_full_outputs(path):
     run = nb.metadata.get("tinyldm")
     assert run is not None and run["smoke"] is False, (
         f"{path.name}: run `python -m tinyldm.tools.nbrun {path}` first")
-    limit = LONG_RUNS.get(path.stem, 600)
+    limit = LONG_RUNS.get(path.stem, 900)
     assert run["wall_seconds"] < limit, (f"{path.name}: full run took {run['wall_seconds']} s "
                                          f"(target < {limit} s)")
     code = [c for c in nb.cells if c.cell_type == "code"]
