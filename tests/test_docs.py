@@ -238,7 +238,7 @@ def first_documented(prefix: list[str]) -> list[str]:
     (["python", "train_ldm.py"], "--no-ema"),  # dashes where the scripts use underscores
     (["python", "train_ae.py"], "--not_a_flag"),
     (["python", "-m", "tinyldm.tools.evaluate"], "--cfg"),
-    (["python", "-m", "tinyldm.course", "student"], "--root"),  # grade's flag, not student's
+    (["python", "-m", "tinyldm.course", "student"], "--json"),  # grade's flag, not student's
     (["python", "-m", "tinyldm.tools.bench"], "--diffusers-modes"),
     (["torchrun"], "--not_a_flag"),
 ])

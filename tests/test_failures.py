@@ -184,9 +184,10 @@ def test_course_kit_bad_inputs_end_in_one_line(trained, capsys, tmp_path):
     assert "unknown assignments" in one_error_line(capsys, course_main,
                                                    ["student", "--out", str(tmp_path / "s"),
                                                     "--only", "no_such_assignment"])
-    assert "does not exist" in one_error_line(capsys, course_main,
-                                              ["grade", "--submission", str(tmp_path / "x")])
+    assert "is not a folder" in one_error_line(capsys, course_main,
+                                               ["grade", "--submission", str(tmp_path / "x")])
     assert "required" in one_error_line(capsys, course_main, ["student"])
+    assert "unknown assignment" in one_error_line(capsys, course_main, ["check", "backprop"])
 
 
 def test_the_scripts_wire_the_one_line_errors_and_debug_shows_the_traceback(trained):

@@ -33,9 +33,9 @@ locally).
 set -uo pipefail
 AUTOGRADER="${AUTOGRADER_ROOT:-/autograder}"
 mkdir -p "$AUTOGRADER/results"
+chmod 700 "$AUTOGRADER/source"  # the reference and the hidden cases: no other user reads them
 cd "$AUTOGRADER/source"
-"${PYTHON:-python3}" -m tinyldm.course grade --submission "$AUTOGRADER/submission" \
---reference "$AUTOGRADER/source" \\
+"${PYTHON:-python3}" -m tinyldm.course grade --submission "$AUTOGRADER/submission" \\
     --json "$AUTOGRADER/results/results.json" ONLY
 """
 
@@ -64,13 +64,16 @@ def write_autograder(out: Path, names: list[str] | None = None, root: Path = ROO
 
 
 def grade_folder(folder: Path, names: list[str] | None, out_csv: Path, **kw) -> list[dict]:
-    """Grade every sub-folder of `folder` (one per student) into one CSV: a column per assignment,
-    and the total."""
+    """Grade every sub-folder of `folder` (one per student; links are skipped) into one CSV: a
+    column per assignment, and the total."""
     names = list(ASSIGNMENTS) if names is None else names
     rows = []
-    for sub in sorted(p for p in Path(folder).iterdir() if p.is_dir()):
-        print(f"== {sub.name}", flush=True)
-        report = grade_submission(sub, names, **kw)
+    with kit.Grader(names, **kw) as grader:
+        reports = []
+        for sub in sorted(p for p in Path(folder).iterdir() if p.is_dir() and not p.is_symlink()):
+            print(f"== {sub.name}", flush=True)
+            reports.append((sub, grader.grade(sub)))
+    for sub, report in reports:
         row = {"submission": sub.name}
         for n in names:
             ok, total = report.score(n)
@@ -84,6 +87,23 @@ def grade_folder(folder: Path, names: list[str] | None, out_csv: Path, **kw) -> 
         writer.writeheader()
         writer.writerows(rows)
     return rows
+
+
+def check(name: str) -> list:
+    """`python -m tinyldm.course check NAME`: the visible cases on this copy, each failure with its
+    hint (the case's docstring). Prints values, never code."""
+    results = kit.self_check(name)
+    cases = {c.__name__: c for c in kit.load_cases(name, False)}
+    for r in results:
+        case = r.test.split("::")[-1]
+        print(f"{'PASS' if r.passed else 'FAIL'}  {case}")
+        if not r.passed:
+            hint = " ".join((cases[case].__doc__ or "").split())
+            print(f"      {r.output}\n      hint: {hint}")
+    ok = sum(r.passed for r in results)
+    print(f"{name}: {ok}/{len(results)} visible cases pass"
+          + ("" if ok < len(results) else "; hidden cases grade it too"))
+    return results
 
 
 def mutant_table(names: list[str] | None = None) -> list[dict]:
@@ -109,6 +129,8 @@ def main(argv: list[str] | None = None) -> object:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="the assignments, their files and tests")
+    c = sub.add_parser("check", help="run an assignment's visible cases on this copy, with hints")
+    c.add_argument("assignment")
     s = sub.add_parser("student", help="a student copy")
     s.add_argument("--out", required=True)
     s.add_argument("--only", nargs="+", help="these assignments only (default: all)")
@@ -116,9 +138,6 @@ def main(argv: list[str] | None = None) -> object:
     what = g.add_mutually_exclusive_group()
     what.add_argument("--submission", help="a student copy, or a folder of the submitted files")
     what.add_argument("--folder", help="a folder with one sub-folder per submission (writes --csv)")
-    what.add_argument("--root", help=argparse.SUPPRESS)  # the old name of --submission
-    g.add_argument("--reference", default=str(ROOT),
-                   help="the instructor's project (default: this one)")
     g.add_argument("--only", nargs="+")
     g.add_argument("--json", help="write Gradescope's results.json here")
     g.add_argument("--csv", default="grades.csv", help="with --folder: the table to write")
@@ -144,23 +163,27 @@ def main(argv: list[str] | None = None) -> object:
         return archive
     if args.command == "mutants":
         return mutant_table(args.only)
-    for flag, path in (("--submission", args.submission or args.root), ("--folder", args.folder),
-                       ("--reference", args.reference)):
-        if path is not None and not Path(path).exists():
-            raise UsageError(f"{flag} {path} does not exist: give the folder (or, for "
+    if args.command == "check":
+        return check(args.assignment)
+    for flag, path in (("--submission", args.submission), ("--folder", args.folder)):
+        if path is not None and not Path(path).is_dir():
+            raise UsageError(f"{flag} {path} is not a folder: give the folder (or, for "
                              "--submission, the folder of files) to grade")
     start = time.perf_counter()
     if args.folder:
-        rows = grade_folder(Path(args.folder), args.only, Path(args.csv), reference=args.reference)
+        rows = grade_folder(Path(args.folder), args.only, Path(args.csv))
         print(f"{len(rows)} submissions -> {args.csv} ({time.perf_counter() - start:.0f} s)")
         return rows
-    submission = args.submission or args.root or "."
-    report = grade_submission(submission, args.only, reference=args.reference)
+    report = grade_submission(args.submission or ".", args.only)
     ok, total = sum(c.passed for c in report.cases), len(report.cases)
-    print(f"{'total':<26}{f'{ok}/{total}':>8}  ({time.perf_counter() - start:.0f} s)")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(results_json(report), indent=1))
+    print(f"{'total':<26}{f'{ok}/{total}':>8}  ({time.perf_counter() - start:.0f} s; sandbox: "
+          f"{report.sandbox})")
+    if args.json:  # every process of the students' runs is gone by now
+        out = Path(args.json)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        partial = out.with_name(f".{out.name}.partial")
+        partial.write_text(json.dumps(results_json(report), indent=1))
+        partial.replace(out)
     return report
 
 

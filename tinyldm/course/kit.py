@@ -1,5 +1,5 @@
-"""The course kit's machinery: assignments, marked regions, student copies, and grading in a tree
-the grader owns.
+"""The course kit's machinery: assignments, marked regions, student copies, and grading where no
+student code decides a score.
 
 A solution region is marked in the library source by a comment pair around the lines a student
 writes:
@@ -9,32 +9,34 @@ writes:
     # END ASSIGNMENT ddim_step
 
 A student copy keeps the markers and replaces what is between them by
-`raise NotImplementedError(<task>)`. Grading never runs the student's tree: it copies the
-instructor's project (with the hidden tests) to a temporary folder, and for each assignment in turn
-writes the student's lines between that assignment's markers, the reference solution in every other
-region, and runs that assignment's grading tests in a separate process (per-test and overall
-timeouts; reports in a temporary folder). Only a test that passed earns its point: failed, errored,
-skipped, xfailed, timed out or never run all score 0.
+`raise NotImplementedError(<task>)`. Grading builds, for each assignment in turn, a fresh tree of
+the library with every graded region stubbed and the student's lines in that assignment's regions.
+The student's code runs there, in a sandboxed child process (sandbox.py), which only computes: the
+grading cases (grading/) send it inputs and get back tensors (probe.py), and the grader's own
+process compares them with the expected values and decides. No output, report or exit status of the
+child can change a score.
 """
 
 from __future__ import annotations
 
 import ast
 import hashlib
+import importlib
+import inspect
 import os
 import re
+import secrets
 import shutil
-import signal
+import stat
 import subprocess
-import sys
 import tempfile
 import textwrap
 import time
-import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tinyldm.cli import UsageError
+from tinyldm.course import sandbox
 
 ROOT = Path(__file__).resolve().parents[2]
 GRADING = "tinyldm/course/grading"  # the grading tests, relative to a project root
@@ -43,12 +45,7 @@ HIDDEN = f"{GRADING}/hidden"  # kept out of student copies
 INSTRUCTOR_ONLY = (HIDDEN, "tinyldm/course/mutants.py", "tests/test_course.py")
 BEGIN = re.compile(r"^(\s*)# BEGIN ASSIGNMENT (\w+)\s*$")
 END = re.compile(r"^\s*# END ASSIGNMENT (\w+)\s*$")
-# Names a solution region may not use: the regions are a few lines of tensor maths, and these reach
-# the test process itself (skipping, exiting, reading or writing files, importing).
-FORBIDDEN = {"pytest", "_pytest", "sys", "os", "atexit", "signal", "subprocess", "builtins",
-             "__builtins__", "__import__", "importlib", "exec", "eval", "compile", "open",
-             "globals", "locals", "vars", "setattr", "delattr", "exit", "quit", "breakpoint",
-             "input", "inspect", "threading", "time"}
+MAX_SUBMITTED_BYTES = 1_000_000  # a submitted file larger than this is refused
 
 
 @dataclass(frozen=True)
@@ -57,13 +54,13 @@ class Assignment:
     file: str
     # the stub's message: the equation to implement (by reference) and the shapes, never the code
     task: str
-    timeout: int = 60  # seconds per grading test
-    requires: tuple[str, ...] = ()  # reference packages its grading tests compare against
+    timeout: int = 60  # seconds of the student's code per grading case
+    requires: tuple[str, ...] = ()  # reference packages its grading cases compare against
 
     @property
     def tests(self) -> tuple[str, str]:
-        """Its grading test files: visible (in student copies) and hidden (instructor only)."""
-        return f"{GRADING}/test_{self.name}.py", f"{HIDDEN}/test_{self.name}_hidden.py"
+        """Its grading cases: visible (in student copies) and hidden (instructor only)."""
+        return f"{GRADING}/{self.name}.py", f"{HIDDEN}/{self.name}.py"
 
 
 ASSIGNMENTS = {a.name: a for a in (
@@ -201,21 +198,34 @@ def mutant_submissions(folder: Path, names: list[str] | None = None,
     return out
 
 
+def degenerate_submissions(folder: Path, names: list[str] | None = None,
+                           root: Path = ROOT) -> list[tuple[str, str, Path]]:
+    """One submission folder per answer in mutants.DEGENERATE (zeros, constants, random draws):
+    [(assignment, label, folder)]."""
+    from tinyldm.course.mutants import DEGENERATE
+
+    out = []
+    for name in DEGENERATE if names is None else names:
+        a = ASSIGNMENTS[name]
+        text = (root / a.file).read_text()
+        indents = [r[3] for r in regions(text) if r[0] == name]
+        for i, (label, lines) in enumerate(DEGENERATE[name]):
+            sub = Path(folder) / f"{name}-degenerate-{i}"
+            sub.mkdir(parents=True)
+            new = [f"{indent}{line}\n" for indent, line in zip(indents, lines, strict=True)]
+            (sub / Path(a.file).name).write_text(with_bodies(text, name, new))
+            out.append((name, label, sub))
+    return out
+
+
 def check_solution(body: str) -> str | None:
-    """Why a region's lines cannot be graded (a syntax error, a forbidden name), or None."""
+    """Why a region's lines cannot be graded (a syntax error), or None. Nothing else is refused:
+    the lines run in a sandbox whose outputs are only data."""
     source = textwrap.dedent(body)
     try:
-        tree = ast.parse(source if source.strip() else "pass")
+        ast.parse(source if source.strip() else "pass")
     except SyntaxError as e:
         return f"SyntaxError in the region, its line {e.lineno}: {e.msg}"
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import | ast.ImportFrom):
-            return "imports are not allowed in a solution region"
-        name = (node.id if isinstance(node, ast.Name)
-                else node.attr if isinstance(node, ast.Attribute) else None)
-        if name in FORBIDDEN or (isinstance(name, str) and name.startswith("__")
-                                 and name != "__init__"):
-            return f"{name!r} is not allowed in a solution region"
     return None
 
 
@@ -289,10 +299,11 @@ def make_student_copy(out: Path, names: list[str] | None = None, root: Path = RO
 
 # --- Grading --------------------------------------------------------------------------------------
 
+
 @dataclass
 class CaseResult:
     assignment: str
-    test: str  # pytest node id, relative to the project root
+    test: str  # "<file relative to the project root>::<case>"
     visible: bool
     passed: bool
     output: str = ""
@@ -301,127 +312,170 @@ class CaseResult:
 @dataclass
 class Report:
     submission: str
+    sandbox: str = ""  # how the student's code was shut in (Grader.describe)
     cases: list[CaseResult] = field(default_factory=list)
     notes: dict[str, str] = field(default_factory=dict)  # assignment -> what the grader noticed
-    # assignment -> wall time of its grading
-    seconds: dict[str, float] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)  # assignment -> wall time
 
     def score(self, name: str) -> tuple[int, int]:
         mine = [c for c in self.cases if c.assignment == name]
         return sum(c.passed for c in mine), len(mine)
 
 
-def _locate(submission: Path, rel: str) -> Path | None:
-    """The submitted version of project file `rel`: at its path in a copy, or by its name among
-    loose files."""
-    for candidate in (submission / rel, submission / Path(rel).name):
-        if candidate.is_file():
-            return candidate
+def read_submitted(folder: Path, rel: str, limit: int = MAX_SUBMITTED_BYTES) -> str | None:
+    """The submitted text of project file `rel`: at its place in a copy, or by its name at the top
+    of `folder`; None if neither is there. Refuses (UsageError) what is not a regular file inside
+    `folder`: a symbolic link at any level, a device or pipe, a file over `limit` bytes."""
+    for candidate in (Path(rel), Path(Path(rel).name)):
+        path = Path(folder)
+        for i, part in enumerate(candidate.parts):
+            path = path / part
+            try:
+                mode = os.lstat(path).st_mode
+            except FileNotFoundError:
+                break
+            if stat.S_ISLNK(mode):
+                raise UsageError(f"{path} is a symbolic link: submit the file itself")
+            if i < len(candidate.parts) - 1 and not stat.S_ISDIR(mode):
+                break
+        else:
+            flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+            fd = os.open(path, flags)
+            with os.fdopen(fd, "rb") as f:
+                info = os.fstat(fd)
+                if not stat.S_ISREG(info.st_mode):
+                    raise UsageError(f"{path} is not a regular file: submit the file itself")
+                if info.st_size > limit:
+                    raise UsageError(f"{path} has {info.st_size} bytes, over the limit of "
+                                     f"{limit}: submit the library file")
+                data = f.read(limit + 1)
+            if len(data) > limit:
+                raise UsageError(f"{path} is over the limit of {limit} bytes")
+            return data.decode(errors="replace")
     return None
 
 
-def _env(tree: Path, timeout: int, threads: int | None) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(tree), "PYTHONDONTWRITEBYTECODE": "1",
-           "TINYLDM_GRADING_TREE": str(tree), "TINYLDM_TEST_TIMEOUT": str(timeout),
-           "TQDM_DISABLE": "1"}
-    if threads:
-        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    return env
+def load_cases(name: str, hidden: bool) -> list:
+    """The case functions of an assignment's visible (or hidden) grading module, in file order;
+    [] when the module is not there (a student copy has no hidden cases)."""
+    module = f"tinyldm.course.grading.{'hidden.' if hidden else ''}{name}"
+    try:
+        m = importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name and module.startswith(e.name):
+            return []
+        raise
+    return [f for f in vars(m).values() if inspect.isfunction(f) and f.__module__ == m.__name__
+            and not f.__name__.startswith("_")]
 
 
-def collect(tree: Path, names: list[str]) -> dict[str, list[str]]:
-    """assignment -> the node ids of its grading tests in `tree` (the reference tree: what a
-    submission owes)."""
-    files = [f for n in names for f in ASSIGNMENTS[n].tests if (tree / f).exists()]
-    if not files:
-        raise UsageError(f"{tree} has no grading tests ({GRADING}): is the reference the "
-                         "instructor's project?")
-    out = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-o", "addopts=",
-                          "-p", "no:cacheprovider", *files],
-                         cwd=tree, env=_env(tree, 60, None), capture_output=True, text=True)
-    ids = [line.strip() for line in out.stdout.splitlines() if "::" in line]
-    if out.returncode != 0 or not ids:
-        raise RuntimeError(f"could not collect the grading tests:\n{out.stdout[-3000:]}\n"
-                           f"{out.stderr[-3000:]}")
-    by_name = {n: [] for n in names}
-    for node in ids:
-        stem = Path(node.split("::")[0]).stem.removeprefix("test_").removesuffix("_hidden")
-        if stem in by_name:
-            by_name[stem].append(node)
-    return by_name
+def library_tree(out: Path, stubbed: set[str], root: Path = ROOT) -> Path:
+    """The `tinyldm` package of `root` at `out`, without the grading cases and the mutants, with the
+    `stubbed` assignments' regions stubbed, readable by every user (the sandbox runs as another)."""
+    for rel in project_files(root):
+        if not rel.startswith("tinyldm/") or rel.startswith((GRADING, *INSTRUCTOR_ONLY)):
+            continue
+        dest = out / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if rel in {ASSIGNMENTS[n].file for n in stubbed}:
+            dest.write_text(stub((root / rel).read_text(), stubbed))
+        else:
+            shutil.copyfile(root / rel, dest)
+    for path in [out, *out.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    return out
 
 
-def _run_cases(tree: Path, nodes: list[str], *, timeout: int, grace: int, threads: int | None,
-               stop_early: bool) -> dict[str, tuple[bool, str]]:
-    """Run `nodes` in `tree` in a separate process; node id -> (passed, output). Reports go to a
-    temporary folder; a run past its overall timeout is killed, and every test it did not report
-    scores 0."""
-    with tempfile.TemporaryDirectory() as reports:
-        report = Path(reports) / "report.xml"
-        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=",
-               f"--junitxml={report}", *(["-x"] if stop_early else []),
-               *sorted({n.split("::")[0] for n in nodes})]
-        overall = timeout * len(nodes) + grace
-        proc = subprocess.Popen(cmd, cwd=tree, env=_env(tree, timeout, threads),
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                start_new_session=True)
+def hidden_folders(root: Path = ROOT) -> list[Path]:
+    """What the sandbox covers: the instructor's project (or, installed as a package, tinyldm)."""
+    return [root] if (root / "pyproject.toml").exists() else [root / "tinyldm"]
+
+
+def run_cases(child: sandbox.Child, name: str, cases: list, *, timeout: int,
+              stop_early: bool = False, visible: bool | None = None) -> list[CaseResult]:
+    """Run `cases` of assignment `name` against `child`; each case's inputs are drawn afresh.
+    A case passes when it returns; a failed check, an error the student's code raised, a time-out
+    or a reply that does not fit all fail it with the reason."""
+    import torch
+
+    from tinyldm.course.grading import Failed
+
+    out, stopped = [], None
+    for case in cases:
+        module = case.__module__.replace(".", "/")
+        node = f"{module}.py::{case.__name__}"
+        shown = "/hidden/" not in node if visible is None else visible
+        if stopped:
+            out.append(CaseResult(name, node, shown, False, stopped))
+            continue
+        g = torch.Generator().manual_seed(secrets.randbits(62))
         try:
-            log, _ = proc.communicate(timeout=overall)
-            killed = None
-        except subprocess.TimeoutExpired:
-            # the whole process group: nothing the solution started survives
-            os.killpg(proc.pid, signal.SIGKILL)
-            log, _ = proc.communicate()
-            killed = f"the grading process was stopped after {overall} s (an endless loop?)"
-        results: dict[str, tuple[bool, str]] = {}
-        if report.exists():
-            try:
-                root = ET.parse(report).getroot()
-            except ET.ParseError:
-                root = ET.Element("none")
-            for case in root.iter("testcase"):
-                file = case.get("classname", "").replace(".", "/")
-                node = f"{file}.py::{case.get('name', '')}"
-                bad = [child for child in case if child.tag in ("failure", "error", "skipped")]
-                text = "; ".join(f"{c.tag}: {c.get('message') or ''}\n{(c.text or '')[-1500:]}"
-                                 for c in bad)
-                results[node] = (not bad, text.strip())
-    return {n: results.get(n, (False, killed or "not run: " + (log or "")[-1500:].strip()))
-            for n in nodes}
+            if child.proc is None:
+                child.start()  # its own time limit: importing torch is not the student's time
+            deadline = time.monotonic() + timeout
+
+            def run(probe, _deadline=deadline, **inputs):
+                return child.call(probe, inputs, deadline=_deadline, limit=timeout)
+
+            case(run, g)
+            passed, output = True, ""
+        except Failed as e:
+            passed, output = False, str(e)
+        except sandbox.ChildError as e:
+            passed, output = False, str(e)
+            if e.fatal:
+                child.close()  # killed, and started afresh by the next case's first call
+        except Exception as e:  # a reply the checks could not use (a wrong shape, a wrong dtype)
+            passed, output = False, f"{type(e).__name__}: {e}"[:600]
+        out.append(CaseResult(name, node, shown, passed, output))
+        if stop_early and not passed:
+            stopped = "not run (grading stopped at the first failed case)"
+    child.close()
+    return out
 
 
 class Grader:
-    """A grading tree: a temporary copy of the reference project, and the grading tests each
-    assignment owes.
+    """Grades submissions for `names` (default: all assignments).
 
         with Grader(names) as grader:
             report = grader.grade("path/to/submission")
 
-    `timeout` overrides the assignments' per-test limits; a run is stopped `grace` seconds after all
-    its tests' limits together. `stop_early` ends an assignment's run at its first failed test (the
-    kit's own tests use it: they only ask whether a wrong answer loses a point). `threads` sets the
-    test process's CPU threads."""
+    `timeout` overrides the assignments' per-case limits; `stop_early` ends an assignment at its
+    first failed case (the kit's own tests use it: they only ask whether a wrong answer loses a
+    point); `threads` sets the child's CPU threads; `isolation` ("namespaces" or "reaper"; default:
+    the strongest this machine allows, see sandbox.py)."""
 
-    def __init__(self, names: list[str] | None = None, *, reference: str | Path = ROOT,
-                 timeout: int | None = None, grace: int = 60, threads: int | None = None,
-                 stop_early: bool = False, quiet: bool = False):
+    def __init__(self, names: list[str] | None = None, *, timeout: int | None = None,
+                 threads: int | None = None, stop_early: bool = False, quiet: bool = False,
+                 isolation: str | None = None):
         self.names = list(ASSIGNMENTS) if names is None else names
         unknown = sorted(set(self.names) - set(ASSIGNMENTS))
         if unknown:
             raise UsageError(f"unknown assignments {unknown}; choose from {', '.join(ASSIGNMENTS)}")
         for package in sorted({p for n in self.names for p in ASSIGNMENTS[n].requires}):
             try:
-                __import__(package)
+                importlib.import_module(package)
             except ImportError as e:
-                raise UsageError(f"grading needs {package} (its tests compare against it): "
+                raise UsageError(f"grading needs {package} (its cases compare against it): "
                                  f"pip install {package}") from e
-        self.reference, self.timeout, self.grace = Path(reference), timeout, grace
-        self.threads, self.stop_early, self.quiet = threads, stop_early, quiet
+        self.timeout, self.threads = timeout, threads
+        self.stop_early, self.quiet = stop_early, quiet
+        self.isolation = isolation or sandbox.isolation()
+        self.cases = {n: load_cases(n, False) + load_cases(n, True) for n in self.names}
+        if not all(self.cases.values()):
+            raise UsageError(f"no grading cases for {[n for n in self.names if not self.cases[n]]}"
+                             f" in {ROOT / GRADING}: grade from the instructor's project")
+
+    def describe(self) -> str:
+        user = (f"as uid {sandbox.SANDBOX_UID}" if os.geteuid() == 0 else
+                "as this user")
+        return f"{self.isolation}, {user}"
 
     def __enter__(self) -> Grader:
-        self._tmp = tempfile.TemporaryDirectory(prefix="tinyldm-grading-")
-        self.tree = copy_project(Path(self._tmp.name) / "project", self.reference)
-        self.owed = collect(self.tree, self.names)
+        self._tmp = tempfile.TemporaryDirectory(prefix="tmp")
+        self.base = Path(self._tmp.name)
+        self.base.chmod(0o755)  # the sandbox's user reads the trees below it
+        self.library = library_tree(self.base / "library", set(self.names))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -430,11 +484,13 @@ class Grader:
     def _body(self, submission: Path, a: Assignment,
               report: Report) -> tuple[list[str] | None, str | None]:
         """The submitted lines of `a`'s regions, or why there are none to grade."""
-        pristine = (self.tree / a.file).read_text()
-        submitted = _locate(submission, a.file)
-        if submitted is None:
+        pristine = (ROOT / a.file).read_text()
+        try:
+            text = read_submitted(submission, a.file)
+        except UsageError as e:
+            return None, f"refused: {e}"
+        if text is None:
             return None, f"{a.file} was not submitted"
-        text = submitted.read_text(errors="replace")
         try:
             body = bodies(text, a.name)
         except ValueError as e:
@@ -449,36 +505,40 @@ class Grader:
         try:
             if skeleton_digest(text) != skeleton_digest(pristine):
                 report.notes[a.name] = (f"{a.file} was changed outside its regions: those changes "
-                                        "are ignored (graded with the reference code)")
+                                        "are ignored (graded with the library's own code)")
         except ValueError:
             pass
         return body, None
 
     def grade(self, submission: str | Path, only: list[str] | None = None) -> Report:
         """Grade a submission (a student copy, or a folder of the submitted files), each assignment
-        on its own (the reference solution in every other region); `only`: a subset of the grader's
-        assignments."""
+        in a tree of its own; `only`: a subset of the grader's assignments."""
         submission = Path(submission)
-        report = Report(str(submission))
+        report = Report(str(submission), self.describe())
         for name in self.names if only is None else only:
             start, a = time.perf_counter(), ASSIGNMENTS[name]
-            nodes = self.owed[name]
             body, problem = self._body(submission, a, report)
             if problem:
-                report.cases += [CaseResult(name, n, "/hidden/" not in n, False, problem)
-                                 for n in nodes]
+                report.cases += [CaseResult(name, f"{c.__module__.replace('.', '/')}.py::"
+                                            f"{c.__name__}", ".hidden." not in c.__module__,
+                                            False, problem) for c in self.cases[name]]
                 report.notes[name] = problem
             else:
-                pristine = (self.tree / a.file).read_text()
-                (self.tree / a.file).write_text(with_bodies(pristine, name, body))
+                tree = Path(tempfile.mkdtemp(dir=self.base))
+                shutil.copytree(self.library, tree, dirs_exist_ok=True)
+                stubbed = (self.library / a.file).read_text()
+                (tree / a.file).write_text(with_bodies(stubbed, name, body))
+                (tree / a.file).chmod(0o644)
+                tree.chmod(0o755)
+                child = sandbox.Child(tree, isolation=self.isolation, hide=hidden_folders(),
+                                      threads=self.threads)
                 try:
-                    outcome = _run_cases(self.tree, nodes, timeout=self.timeout or a.timeout,
-                                         grace=self.grace, threads=self.threads,
-                                         stop_early=self.stop_early)
+                    report.cases += run_cases(child, name, self.cases[name],
+                                              timeout=self.timeout or a.timeout,
+                                              stop_early=self.stop_early)
                 finally:
-                    (self.tree / a.file).write_text(pristine)
-                report.cases += [CaseResult(name, n, "/hidden/" not in n, *outcome[n])
-                                 for n in nodes]
+                    child.close()
+                    shutil.rmtree(tree, ignore_errors=True)
             report.seconds[name] = time.perf_counter() - start
             if not self.quiet:
                 ok, total = report.score(name)
@@ -488,9 +548,25 @@ class Grader:
 
 
 def grade_submission(submission: str | Path, names: list[str] | None = None, **kw) -> Report:
-    """Grade one submission in a fresh grading tree (see `Grader` for the options)."""
+    """Grade one submission with a fresh grader (see `Grader` for the options)."""
     with Grader(names, **kw) as grader:
         return grader.grade(submission)
+
+
+def self_check(name: str, root: Path = ROOT, *, isolation: str | None = None,
+               timeout: int | None = None) -> list[CaseResult]:
+    """The visible cases of `name` against the project at `root` as it is (a student's copy), run
+    the way grading runs them."""
+    if name not in ASSIGNMENTS:
+        raise UsageError(f"unknown assignment {name!r}; choose from {', '.join(ASSIGNMENTS)}")
+    a = ASSIGNMENTS[name]
+    with tempfile.TemporaryDirectory(prefix="tmp") as tmp:
+        base = Path(tmp)
+        base.chmod(0o755)
+        tree = library_tree(base / "library", set(), root)
+        child = sandbox.Child(tree, isolation=isolation or sandbox.isolation(), hide=[])
+        return run_cases(child, name, load_cases(name, False), timeout=timeout or a.timeout,
+                         visible=True)
 
 
 def results_json(report: Report) -> dict:
@@ -504,6 +580,7 @@ def results_json(report: Report) -> dict:
     summary = [f"{n}: {report.score(n)[0]}/{report.score(n)[1]}"
                + (f" ({report.notes[n]})" if n in report.notes else "")
                for n in dict.fromkeys(c.assignment for c in report.cases)]
+    summary.append(f"(the code ran in a sandbox: {report.sandbox})")
     return {"score": float(sum(c.passed for c in report.cases)), "output": "\n".join(summary),
             "visibility": "visible", "stdout_visibility": "hidden", "tests": tests}
 
