@@ -304,6 +304,11 @@ def test_each_attack_scores_no_more_than_zeros_and_leaves_nothing_behind(tmp_pat
             assert not sandbox_processes(), what
         again = grader.grade(kl_submission(tmp_path / "right2", KL_REFERENCE))
         assert again.score("kl_term") == (4, 4)  # nothing an attack did reached a later tree
+        linked = tmp_path / "linked"
+        linked.mkdir()
+        (linked / "autoencoder.py").symlink_to(kit.ROOT / "tinyldm/autoencoder.py")
+        report = grader.grade(linked)  # the submission is a link to the reference
+        assert report.score("kl_term") == (0, 4) and "symbolic link" in report.notes["kl_term"]
     if os.geteuid() == 0 or sandbox.isolation() == "namespaces":
         assert not mark.exists()
 
