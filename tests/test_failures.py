@@ -5,7 +5,9 @@ The bad-input corpus runs every tool's `main` through `tinyldm.cli.run`, as `pyt
 train smoke models.
 """
 
+import contextlib
 import errno
+import io
 import json
 import os
 import re
@@ -415,20 +417,69 @@ def test_a_second_run_in_the_same_folder_is_refused_and_a_stale_lock_is_taken_ov
 
 
 def test_the_lock_names_a_live_owner_and_is_released(tmp_path):
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from tinyldm.training.checkpoint import RunLock; "
+         f"RunLock({str(tmp_path)!r}).acquire(); print('held', flush=True); time.sleep(60)"],
+        cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE, text=True)
     try:
-        (tmp_path / ".lock").write_text(json.dumps({"pid": sleeper.pid, "host": os.uname().nodename,
-                                                    "started": "then",
-                                                    "command": "python train_ldm.py"}))
-        with pytest.raises(UsageError, match=f"in use by process {sleeper.pid}"):
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(UsageError, match=f"in use by process {holder.pid}"):
             RunLock(tmp_path).acquire()
     finally:
-        sleeper.kill()
-        sleeper.wait()
-    lock = RunLock(tmp_path).acquire()  # its owner is gone: taken over
+        holder.kill()
+        holder.wait()
+    lock = RunLock(tmp_path).acquire()  # the kernel dropped the killed holder's lock: taken
     assert json.loads((tmp_path / ".lock").read_text())["pid"] == os.getpid()
+    assert RunLock(tmp_path).acquire() is not None  # re-entrant within a process
+    lock.release()
+    assert (tmp_path / ".lock").exists()  # still held once
     lock.release()
     assert not (tmp_path / ".lock").exists()
+
+
+def test_many_simultaneous_starts_on_a_stale_lock_never_give_two_holders(tmp_path):
+    """100 rounds: a killed run's lock file is left behind, then 8 processes try to take it at
+    the same moment. Each holder logs when it enters and leaves; no two may overlap."""
+    log = tmp_path / "log"
+    for round_ in range(100):
+        (tmp_path / ".lock").write_text(json.dumps({"pid": 999_999_999,
+                                                    "host": os.uname().nodename}))
+        gate_r, gate_w = os.pipe()
+        children = []
+        for _ in range(8):
+            pid = os.fork()
+            if pid == 0:  # a contender: wait for the gate, try once
+                code = 0
+                try:
+                    os.close(gate_w)
+                    os.read(gate_r, 1)
+                    lock = RunLock(tmp_path)
+                    try:
+                        with contextlib.redirect_stdout(io.StringIO()):
+                            lock.acquire()
+                    except UsageError:
+                        pass
+                    else:
+                        with open(log, "a") as f:
+                            f.write(f"in {round_} {os.getpid()}\n")
+                        time.sleep(0.01)
+                        with open(log, "a") as f:
+                            f.write(f"out {round_} {os.getpid()}\n")
+                        lock.release()
+                except BaseException:
+                    code = 1
+                os._exit(code)
+            children.append(pid)
+        os.close(gate_r)
+        os.close(gate_w)  # every contender starts now
+        assert all(os.waitpid(pid, 0)[1] == 0 for pid in children)
+    events = [line.split() for line in log.read_text().splitlines()]
+    holders = 0
+    for kind, _, _ in events:
+        holders += 1 if kind == "in" else -1
+        assert holders in (0, 1), "two processes held the lock at once"
+    rounds = {r for kind, r, _ in events if kind == "in"}
+    assert len(rounds) == 100  # every round had a holder
 
 
 # ----------------------------------------------------------------------------------------------

@@ -111,17 +111,18 @@ def load_checkpoint(path: str | os.PathLike, *, kind: str | None = None,
 
 
 class RunLock:
-    """`<folder>/.lock`, created exclusively, holding the owner's pid, host, start time and command
-    line.
+    """`<folder>/.lock`: a kernel lock (`flock`) on that file, which also records the owner's pid,
+    host, start time and command line.
 
-    `acquire` refuses a folder whose lock belongs to a live process (naming it), takes over a lock
-    whose process no longer runs on this host (a killed run), and is re-entrant within one process
-    (tests run several mains).
-    The lock goes when `release` is called or the process exits normally; after SIGKILL it stays,
-    and is stale.
+    `acquire` refuses a folder whose lock another process holds (naming it from the file). The
+    kernel drops the lock when its process ends, however it ends, so a lock left by a killed run is
+    simply taken (with a note). A lock is taken only on the file the folder holds at that moment:
+    the file's inode is checked after locking, so two runs can never both hold one. Re-entrant
+    within one process (tests run several mains). `release`, or a normal exit, removes the file.
     """
 
     NAME = ".lock"
+    _held: dict[str, tuple[int, int]] = {}  # path -> (fd, holds) in this process
 
     def __init__(self, folder: str | os.PathLike):
         self.path = Path(folder) / self.NAME
@@ -140,58 +141,59 @@ class RunLock:
             return None
 
     def acquire(self) -> RunLock:
+        import fcntl
+
+        key = str(self.path.resolve())
+        if key in RunLock._held:
+            fd, holds = RunLock._held[key]
+            RunLock._held[key] = (fd, holds + 1)
+            return self
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        me = {"pid": os.getpid(), "host": socket.gethostname(),
-              "started": time.strftime("%Y-%m-%d %H:%M:%S"), "command": " ".join(sys.argv)}
-        for _ in range(3):
+        for _ in range(20):
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                other = self.owner()
-                # half-written by a process that is starting, or garbage: look again
-                if other is None:
-                    time.sleep(0.2)
-                    other = self.owner()
-                if (other is not None and other.get("pid") == me["pid"]
-                        and other.get("host") == me["host"]):
-                    break  # this process holds it already
-                if other is not None and other.get("host") != me["host"]:
-                    raise UsageError(f"{self.path.parent} is in use by process {other.get('pid')} "
-                                     f"on {other.get('host')} (started {other.get('started')}: "
-                                     f"{other.get('command')}); choose another --out, or delete "
-                                     f"{self.path} if that run is over") from None
-                if other is not None and _alive(other.get("pid")):
-                    raise UsageError(f"{self.path.parent} is in use by process {other['pid']} "
-                                     f"(started {other.get('started')}: {other.get('command')}); "
-                                     "wait for it, stop it, or choose another --out") from None
-                who = (f"process {other['pid']}, which no longer runs" if other
-                       else "an unreadable lock")
-                print(f"note: taking over {self.path} from {who}")
-                self.path.unlink(missing_ok=True)
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                other = self.owner() or {}
+                where = "" if other.get("host") in (None, socket.gethostname()) else \
+                    f" on {other['host']}"
+                raise UsageError(f"{self.path.parent} is in use by process {other.get('pid', '?')}"
+                                 f"{where} (started {other.get('started', '?')}: "
+                                 f"{other.get('command', '?')}); wait for it, stop it, or choose "
+                                 "another --out") from None
+            try:  # locked: but is it still the folder's lock file, or one unlinked meanwhile?
+                current = os.stat(self.path).st_ino
+            except FileNotFoundError:
+                current = None
+            if current != os.fstat(fd).st_ino:
+                os.close(fd)
                 continue
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
-            break
-        else:
-            raise UsageError(f"could not take the lock {self.path}; delete it if no run is using "
-                             f"{self.path.parent}")
-        atexit.register(self.release)
-        return self
+            try:  # what a killed run left
+                other = json.loads(os.pread(fd, 1 << 16, 0) or b"null")
+            except ValueError:
+                other = None
+            if isinstance(other, dict) and other.get("pid") != os.getpid():
+                print(f"note: taking over {self.path} from process {other.get('pid')}, which no "
+                      "longer runs")
+            me = {"pid": os.getpid(), "host": socket.gethostname(),
+                  "started": time.strftime("%Y-%m-%d %H:%M:%S"), "command": " ".join(sys.argv)}
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(me).encode(), 0)
+            RunLock._held[key] = (fd, 1)
+            atexit.register(self.release)
+            return self
+        raise UsageError(f"could not take the lock {self.path}: other runs keep replacing it")
 
     def release(self) -> None:
-        other = self.owner()
-        if (other is not None and other.get("pid") == os.getpid()
-                and other.get("host") == socket.gethostname()):
-            self.path.unlink(missing_ok=True)
+        key = str(self.path.resolve())
+        if key not in RunLock._held:
+            return
+        fd, holds = RunLock._held.pop(key)
+        if holds > 1:
+            RunLock._held[key] = (fd, holds - 1)
+            return
+        self.path.unlink(missing_ok=True)  # while still locked: nobody can take this file now
+        os.close(fd)
 
 
-def _alive(pid: object) -> bool:
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # it exists, owned by someone else
-        return True
-    return True
