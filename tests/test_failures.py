@@ -513,6 +513,29 @@ def test_a_disk_full_during_a_checkpoint_leaves_the_previous_one(trained, capsys
     assert load_checkpoint(out / "ldm.pt")["step"] == 6
 
 
+def test_a_disk_full_while_writing_the_latent_cache_ends_in_one_line_and_leaves_no_file(
+        trained, capsys, tmp_path, monkeypatch):
+    """The latent cache's write fails half-way (ENOSPC): one line, and no temporary file left on
+    the full disk."""
+    from tinyldm.data import latents
+
+    real_save = torch.save
+
+    def full_disk(obj, f, *args, **kwargs):
+        if isinstance(obj, dict) and "key" in obj and hasattr(f, "write"):
+            f.write(b"PK\x03\x04" + b"\0" * 1000)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_save(obj, f, *args, **kwargs)
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(latents.torch, "save", full_disk)
+    message = one_error_line(capsys, train_ldm.main,
+                             [*FAST, "--ae", str(trained["ae"]), "--steps", "2", "--out", str(out)])
+    assert "writing the latent cache" in message and "No space left on device" in message
+    assert "nothing was written" in message and "temporary file was removed" in message
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
 def test_a_truncated_latent_cache_is_rebuilt_with_a_warning(trained, tmp_path):
     out = tmp_path / "run"
     argv = [*FAST, "--ae", str(trained["ae"]), "--steps", "2", "--out", str(out)]

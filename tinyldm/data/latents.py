@@ -13,6 +13,7 @@ whole run.
 import hashlib
 import json
 import os
+import tempfile
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +22,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
+
+from tinyldm.cli import UsageError
 
 CACHE_FORMAT = "tinyldm-latents-1"
 
@@ -76,12 +79,28 @@ def encode_dataset(dataset: Dataset, encode: Callable[[Tensor], Tensor], *, flip
 
 def save_latent_cache(cache: dict, path: str | os.PathLike) -> None:
     """torch.save to a temporary file beside `path`, then rename: a crash never leaves half a
-    cache."""
+    cache. A failed write (a full disk) removes the temporary file and ends in one line saying what
+    `path` still holds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(cache, tmp)
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(cache, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        Path(tmp).unlink(missing_ok=True)
+        if not isinstance(e, OSError | RuntimeError) or isinstance(e, NotImplementedError):
+            raise
+        # torch.save reports a failed write as RuntimeError or OSError
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).split("\n")[0]
+        kept = (f"{path} still holds the previous cache" if path.exists()
+                else f"nothing was written to {path}")
+        raise UsageError(f"writing the latent cache {path} failed ({reason}); {kept}, and the "
+                         "temporary file was removed. Free some disk space (or choose another "
+                         "--out) and run again") from e
 
 
 def _key_text(key: dict) -> str:
