@@ -156,7 +156,7 @@ def test_captions_from_metadata_jsonl_and_sidecar_txt(folder):
     assert captions["red.BMP"] == "a small red square"
     assert captions["green.webp"] == ""
     (folder / "metadata.jsonl").write_text('{"file_name": "red.png"}\n')
-    with pytest.raises(ValueError, match=r"metadata.jsonl, line 1.*'text'"):
+    with pytest.raises(SystemExit, match=r"metadata.jsonl, line 1: field .text. must be a string"):
         folder_dataset(DataConfig(source="folder", root=str(folder), image_size=8), "all")
 
 

@@ -547,3 +547,69 @@ def test_a_truncated_latent_cache_is_rebuilt_with_a_warning(trained, tmp_path):
     assert load_checkpoint(out / "ldm.pt")["step"] == 2
     assert first["steps"] == second["steps"] == 2
     torch.load(cache, weights_only=True)  # whole again
+
+
+# ----------------------------------------------------------------------------------------------
+# Image folders: what is not an image, what declares too many pixels, malformed metadata
+
+
+def _png_declaring(width: int, height: int) -> bytes:
+    """A few hundred bytes of PNG whose header declares width x height 16-bit RGBA pixels."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+
+    header = struct.pack(">IIBBBBB", width, height, 16, 6, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+            + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+
+
+def test_a_folder_skips_a_fifo_and_an_image_that_declares_too_many_pixels(tmp_path):
+    from PIL import Image
+
+    from tinyldm.data.images import DataConfig, folder_dataset, load_image
+
+    root = tmp_path / "images"
+    root.mkdir()
+    for i in range(4):
+        Image.new("RGB", (40, 40), (60 * i, 0, 0)).save(root / f"ok{i}.png")
+    os.mkfifo(root / "a.png")  # opening it to read would block for ever
+    (root / "huge.png").write_bytes(_png_declaring(12_000, 12_000))
+    assert (root / "huge.png").stat().st_size < 1000
+    signal.alarm(60)  # a blocked read fails the test instead of hanging it
+    try:
+        with pytest.warns(UserWarning, match="not regular files: a.png"):
+            data = folder_dataset(DataConfig(source="folder", root=str(root), image_size=32),
+                                  split="all")
+        with pytest.warns(UserWarning, match="declares 12000 x 12000 pixels"):
+            items = [data[i] for i in range(len(data))]
+        with pytest.raises(ValueError, match="not a regular file"):
+            load_image(root / "a.png", 32)
+    finally:
+        signal.alarm(0)
+    assert len(items) == len(data) == 5
+    assert [Path(p).name for p in data.bad_files()] == ["huge.png"]
+    assert "1 unreadable and skipped" in data.summary()
+
+
+@pytest.mark.parametrize("line, words", [
+    (b'{"file_name": "ok0.png", "text": "caf\xe9"}\n', "line 2: not UTF-8 text"),
+    (b'{"file_name": 3, "text": "a red square"}\n', "line 2: field 'file_name' must be a string"),
+    (b'{"file_name": "ok0.png", "text": ["a"]}\n', "line 2: field 'text' must be a string"),
+    (b'["ok0.png", "a red square"]\n', "line 2: expected a JSON object"),
+])
+def test_a_malformed_metadata_line_ends_in_one_line_naming_file_line_and_field(
+        capsys, tmp_path, line, words):
+    from PIL import Image
+
+    root = tmp_path / "images"
+    root.mkdir()
+    for i in range(4):
+        Image.new("RGB", (40, 40), (60 * i, 0, 0)).save(root / f"ok{i}.png")
+    (root / "metadata.jsonl").write_bytes(b'{"file_name": "ok1.png", "text": "fine"}\n' + line)
+    message = one_error_line(capsys, train_ldm.main, [*FAST, "--data", str(root), "--steps", "1",
+                                                      "--out", str(tmp_path / "run")])
+    assert "metadata.jsonl" in message and words in message

@@ -24,10 +24,13 @@ Grey, RGBA, palette, CMYK and 16-bit images become 8-bit RGB (alpha over white).
 "eval" (held out) by a hash of the file name, so adding files moves no other file across (CelebA:
 its official partition); "all" for everything. `max_images` keeps the first N of the split.
 
-Bad files never stop an epoch: an image that fails to decode is warned about, flagged in a tensor in
-shared memory (so DataLoader workers' findings reach the main process) and replaced by the next
-readable one; `dataset.summary()` reports them. An empty folder or a missing CelebA file is an
-error that names the path and what was expected.
+Bad files never stop an epoch: an image that fails to decode, is not a regular file (a FIFO named
+a.png), or whose header declares more pixels than `max_pixels(image_size)` (checked before decoding:
+a small file can declare a huge image) is warned about, flagged in a tensor in shared memory (so
+DataLoader workers' findings reach the main process) and replaced by the next readable one;
+`dataset.summary()` reports them. A folder's walk skips, and names, entries that are not regular
+files. An empty folder, a missing CelebA file or a malformed metadata.jsonl line is an error that
+names the path (and line and field) and what was expected.
 
 The latent cache that the LDM trainer reads lives in `tinyldm.data.latents`.
 """
@@ -37,6 +40,7 @@ import io
 import json
 import os
 import posixpath
+import stat
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
@@ -48,6 +52,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from tinyldm.cli import UsageError
 from tinyldm.data.shapes import ShapesConfig, ShapesDataset
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -107,13 +112,28 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")  # L, 1, CMYK, YCbCr, ...
 
 
+def max_pixels(image_size: int) -> int:
+    """The most pixels an image's header may declare for `image_size` training: 64 M (a 48 MP
+    photograph passes), or (16 x image_size)^2 for large sizes."""
+    return max(64_000_000, (16 * image_size) ** 2)
+
+
 def load_image(source, image_size: int,
                crop: tuple[float, float, float, float] | None = None) -> Image.Image:
     """Decode a file (path or file object) into an RGB image_size x image_size PIL image: the crop
     box (fractions of width and height; None = the centred square) resized with bicubic
-    filtering."""
-    with Image.open(source) as img:
+    filtering. Raises ValueError, before decoding, for a path that is not a regular file and for a
+    header that declares more than max_pixels(image_size) pixels."""
+    if isinstance(source, str | os.PathLike) and not stat.S_ISREG(os.stat(source).st_mode):
+        raise ValueError("not a regular file")
+    with warnings.catch_warnings():  # PIL's own bomb warning: the bound below decides
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        opened = Image.open(source)
+    with opened as img:
         w, h = img.size
+        if w * h > max_pixels(image_size):
+            raise ValueError(f"its header declares {w} x {h} pixels, more than the "
+                             f"{max_pixels(image_size):,} allowed for {image_size} px images")
         fw, fh = (crop[2] - crop[0], crop[3] - crop[1]) if crop else (min(w, h) / w, min(w, h) / h)
         # JPEG only: decode at 1/2, 1/4 or 1/8 scale, keeping >= 2x the output size so bicubic does
         # the rest
@@ -270,7 +290,7 @@ def _select(keys: Iterable[str], split: str, config: DataConfig, name: str) -> l
 def _walk(root: Path) -> tuple[list[str], set[str], list[str]]:
     """Sorted relative paths of the images, the .txt files and the metadata.jsonl files under
     root."""
-    images, texts, metas = [], set(), []
+    images, texts, metas, odd = [], set(), [], []
     for folder, subfolders, files in os.walk(root):
         subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
         rel = Path(folder).relative_to(root)
@@ -278,12 +298,23 @@ def _walk(root: Path) -> tuple[list[str], set[str], list[str]]:
             path, ext = (rel / f).as_posix(), os.path.splitext(f)[1].lower()
             if f.startswith("."):  # hidden, e.g. macOS "._x.jpg" resource forks
                 continue
+            if ext in IMAGE_EXTENSIONS + (".txt", ".jsonl"):
+                try:  # a FIFO, socket or device named a.png would block or mislead the reader
+                    regular = stat.S_ISREG(os.stat(Path(folder) / f).st_mode)
+                except OSError:  # a dangling link
+                    regular = False
+                if not regular:
+                    odd.append(path)
+                    continue
             if ext in IMAGE_EXTENSIONS:
                 images.append(path)
             elif ext == ".txt":
                 texts.add(path)
             elif f == "metadata.jsonl":
                 metas.append(path)
+    if odd:
+        warnings.warn(f"{root}: skipped {len(odd)} entries that are not regular files: "
+                      f"{', '.join(odd[:5])}{', ...' if len(odd) > 5 else ''}", stacklevel=3)
     return sorted(images), texts, metas
 
 
@@ -291,20 +322,28 @@ def _read_captions(root: Path, images: list[str], texts: set[str],
                    metas: list[str]) -> list[str] | None:
     captions = {}
     for meta in metas:
-        with open(root / meta, encoding="utf-8") as f:
-            for line_number, line in enumerate(f, 1):
+        with open(root / meta, "rb") as f:
+            for line_number, raw in enumerate(f, 1):
+                where = f"{root / meta}, line {line_number}"
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise UsageError(f"{where}: not UTF-8 text (byte {e.start}); save the file as "
+                                     "UTF-8") from None
                 if not line.strip():
                     continue
                 try:
                     row = json.loads(line)
                 except ValueError:
                     row = None
-                row = row if isinstance(row, dict) else {}
+                if not isinstance(row, dict):
+                    raise UsageError(f"{where}: expected a JSON object with string fields "
+                                     f"'file_name' and 'text', got {line.strip()[:100]!r}")
                 name, text = row.get("file_name"), row.get("text", row.get("caption"))
-                if not (isinstance(name, str) and isinstance(text, str)):
-                    raise ValueError(f"{root / meta}, line {line_number}: expected a JSON object "
-                                     "with string fields 'file_name' and 'text', "
-                                     f"got {line.strip()[:100]!r}")
+                for field, value in (("file_name", name), ("text", text)):
+                    if not isinstance(value, str):
+                        raise UsageError(f"{where}: field '{field}' must be a string, got "
+                                         f"{json.dumps(value)[:60]}")
                 captions[posixpath.normpath(posixpath.join(posixpath.dirname(meta),
                                                            name))] = text.strip()
     for image in images:
