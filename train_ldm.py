@@ -123,13 +123,14 @@ def train_step(step: int, *, model: torch.nn.Module, denoiser: Denoiser, opt: to
 
 
 def save_ldm(path: Path, step: int, *, denoiser: Denoiser, ema: EMA, opt: torch.optim.Optimizer,
-             ae: Autoencoder, ae_path: Path, diffusion: DiffusionConfig, config: TrainLDMConfig,
-             class_names: list[str], processes: int) -> None:
-    """ldm.pt: the self-contained model (`ldm_payload`) and what --resume needs to continue."""
+             ae: Autoencoder, ae_path: Path, ae_digest: str, diffusion: DiffusionConfig,
+             config: TrainLDMConfig, class_names: list[str], processes: int) -> None:
+    """ldm.pt: the self-contained model (`ldm_payload`) and what --resume needs to continue,
+    pinned to its autoencoder file by digest."""
     payload = ldm_payload(denoiser, ema.model, ae, diffusion, config.image_size)
     payload.update(train_config=asdict(config), step=step, optimizer=opt.state_dict(),
                    rng=rng_state(), ema_state=ema.state_dict(), ae_path=str(ae_path),
-                   class_names=class_names, processes=processes)
+                   ae_digest=ae_digest, class_names=class_names, processes=processes)
     save_checkpoint(path, payload, kind="ldm")
 
 
@@ -167,6 +168,7 @@ def main(argv: list[str] | None = None) -> dict:
     world, device = join(args.device, config.batch_size)  # one process unless torchrun started us
 
     # Stage one, frozen: the autoencoder, and the scaled latents of the training set (cached once).
+    ldm_setup.check_pinned_autoencoder(args, out, stored)
     ae_path = Path(stored["ae_path"]) if stored else ldm_setup.first_stage(
         args, config, out, world, argv, script_dir=Path(__file__).resolve().parent)
     ae = Autoencoder.from_checkpoint(load_checkpoint(ae_path, kind="autoencoder")).to(device)
@@ -185,8 +187,8 @@ def main(argv: list[str] | None = None) -> dict:
                       ema=ema, replicas=(denoiser,), resumed_step=start if stored else None)
     model = trainer.distribute(ldm_setup.compiled(denoiser, config), find_unused=True)
     save = partial(save_ldm, ckpt_path, denoiser=denoiser, ema=ema, opt=opt, ae=ae, ae_path=ae_path,
-                   diffusion=diffusion, config=config, class_names=data.class_names,
-                   processes=world.size)
+                   ae_digest=data.ae_digest, diffusion=diffusion, config=config,
+                   class_names=data.class_names, processes=world.size)
     latent_hw = tuple(data.latents.shape[-2:])
     grid = SampleGrid.for_run(config, data.class_names, args.data, latent_hw, device, ae,
                               denoiser.cond.cfg.max_len)

@@ -613,3 +613,27 @@ def test_a_malformed_metadata_line_ends_in_one_line_naming_file_line_and_field(
     message = one_error_line(capsys, train_ldm.main, [*FAST, "--data", str(root), "--steps", "1",
                                                       "--out", str(tmp_path / "run")])
     assert "metadata.jsonl" in message and words in message
+
+
+# ----------------------------------------------------------------------------------------------
+# A run is pinned to its autoencoder
+
+
+def test_resume_refuses_another_autoencoder_and_a_changed_one(trained, capsys, tmp_path):
+    ae = tmp_path / "ae.pt"
+    ae.write_bytes(Path(trained["ae"]).read_bytes())
+    out = tmp_path / "run"
+    argv = [*FAST, "--ae", str(ae), "--steps", "2", "--out", str(out)]
+    train_ldm.main(argv)
+    assert load_checkpoint(out / "ldm.pt")["ae_digest"]
+    message = one_error_line(capsys, train_ldm.main, [*FAST, "--ae", str(trained["ae"]),
+                                                      "--steps", "4", "--out", str(out),
+                                                      "--resume"])
+    assert f"trained on the autoencoder {ae}" in message and "is another" in message
+    stored = load_checkpoint(ae, kind="autoencoder")  # the same path, other bytes
+    stored["step"] += 1
+    torch.save(stored, ae)
+    message = one_error_line(capsys, train_ldm.main, [*argv[:-4], "--steps", "4", "--out",
+                                                      str(out), "--resume"])
+    assert f"the autoencoder {ae} changed after the run" in message
+    assert load_checkpoint(out / "ldm.pt")["step"] == 2  # nothing was trained on the new one

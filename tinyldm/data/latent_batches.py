@@ -50,6 +50,7 @@ class LatentTrainingSet:
     concat_flipped: Tensor | None
     pixels: Tensor | None  # (N, 3, H, W) uint8
     class_names: list[str]
+    ae_digest: str = ""  # SHA-256 of the autoencoder file the latents were encoded with
 
     @classmethod
     def build(cls, ae: Autoencoder, ae_path, config, data_root: str | None, out, world: World,
@@ -61,7 +62,8 @@ class LatentTrainingSet:
         spec = task_spec(config)
         dataset = TaskInputs.wrap(make_dataset(data, "train", shapes=shapes), spec)
         with_std = config.posterior == "sample" and ae.config.regularizer == "kl"
-        key = {"autoencoder": file_digest(ae_path), "data": asdict(data),
+        digest = file_digest(ae_path)
+        key = {"autoencoder": digest, "data": asdict(data),
                "shapes": asdict(shapes) if shapes else None,
                "sr_factor": config.sr_factor if config.task == "superres" else None,
                "posterior": "mean_and_std" if with_std else "mean"}
@@ -91,7 +93,7 @@ class LatentTrainingSet:
         concat_flipped = concat.flip(-1) if concat is not None and flipped is not None else None
         pixels = conditions["pixels"].to(device) if config.task == "inpaint" else None
         return cls(config, world, ae, conditions, mean, std, flipped, flipped_std, concat,
-                   concat_flipped, pixels, list(getattr(dataset, "class_names", [])))
+                   concat_flipped, pixels, list(getattr(dataset, "class_names", [])), digest)
 
     def batch(self, step: int, generator: torch.Generator) -> tuple[Tensor, object, Tensor | None]:
         """(z0, condition, concat): this process's share of the global batch of `step`. The flips

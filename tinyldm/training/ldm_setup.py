@@ -221,6 +221,28 @@ def first_stage(args: argparse.Namespace, config, out: Path, world: World, argv:
     return path
 
 
+def check_pinned_autoencoder(args: argparse.Namespace, out: Path, stored: dict | None) -> None:
+    """A resumed run continues on the autoencoder it was trained on, unchanged: refuses another
+    --ae, and a file whose bytes changed since (ldm.pt holds its SHA-256)."""
+    from tinyldm.data.latents import file_digest
+
+    if not stored:
+        return
+    pinned = Path(stored["ae_path"])
+    if args.ae and Path(args.ae).resolve() != pinned.resolve():
+        raise UsageError(f"--resume continues the run in {out}, whose UNet was trained on the "
+                         f"autoencoder {pinned}; --ae {args.ae} is another. Drop --ae to continue "
+                         f"it, or start a new run (another --out) with --ae {args.ae}")
+    if not pinned.exists():
+        raise UsageError(f"the run in {out} was trained on the autoencoder {pinned}, which is no "
+                         "longer there: put it back to continue, or start a new run")
+    if stored.get("ae_digest") not in (None, file_digest(pinned)):
+        raise UsageError(f"the autoencoder {pinned} changed after the run in {out} began (its "
+                         "SHA-256 differs from the one in ldm.pt): the UNet was trained on the "
+                         "old one's latents. Put the old file back to continue, or start a new "
+                         f"run (another --out) with --ae {pinned}")
+
+
 def run_script(script: Path, argv: list[str]) -> int:
     """`python script argv` in a child process; its exit status. Ctrl-C reaches the child from the
     terminal (it finishes its step and checkpoints), so this process ignores it meanwhile; a SIGTERM
