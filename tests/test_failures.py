@@ -637,3 +637,40 @@ def test_resume_refuses_another_autoencoder_and_a_changed_one(trained, capsys, t
                                                       str(out), "--resume"])
     assert f"the autoencoder {ae} changed after the run" in message
     assert load_checkpoint(out / "ldm.pt")["step"] == 2  # nothing was trained on the new one
+
+
+# ----------------------------------------------------------------------------------------------
+# Sizes are not taken on trust
+
+
+def test_a_crafted_or_malformed_checkpoint_is_refused_before_anything_is_built(trained, capsys,
+                                                                                tmp_path):
+    """A config that asks for 16,384 channels beside the stored few-MB weights, a missing entry and
+    a mistyped one: each ends in one line naming the file, and nothing large is allocated."""
+    import resource
+
+    ldm = torch.load(trained["ldm"], weights_only=True)
+    huge = {**ldm, "unet_config": {**ldm["unet_config"], "channels": 16_384}}
+    missing = {k: v for k, v in ldm.items() if k != "denoiser"}
+    mistyped = {**ldm, "unet_config": {**ldm["unet_config"], "channel_mult": "many"}}
+    ae = torch.load(trained["ae"], weights_only=True)
+    big_ae = {**ae, "autoencoder": {**ae["autoencoder"],
+                                    "config": {**ae["autoencoder"]["config"],
+                                               "base_channels": 8192}}}
+    files = {}
+    for name, payload in [("huge", huge), ("missing", missing), ("mistyped", mistyped),
+                          ("big_ae", big_ae)]:
+        files[name] = tmp_path / f"{name}.pt"
+        torch.save(payload, files[name])
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for name, words in [("huge", "config does not match its stored weights"),
+                        ("missing", "malformed 'ldm' checkpoint (KeyError: 'denoiser')"),
+                        ("mistyped", "malformed 'ldm' checkpoint")]:
+        message = one_error_line(capsys, sample.main, ["--ckpt", str(files[name]), "--n", "1",
+                                                       "--out", str(tmp_path / "g.png")])
+        assert str(files[name]) in message and words in message, message
+    message = one_error_line(capsys, train_ldm.main, [*FAST, "--ae", str(files["big_ae"]),
+                                                      "--out", str(tmp_path / "run")])
+    assert "autoencoder's config does not match its stored weights" in message
+    grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before  # KiB
+    assert grown < 1_000_000, f"{grown} KiB more peak memory"  # a 16,384-channel UNet is ~10 GB

@@ -99,7 +99,55 @@ def load_checkpoint(path: str | os.PathLike, *, kind: str | None = None,
     if data.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} has checkpoint format {data.get('format')}, "
                               f"expected {CHECKPOINT_FORMAT}")
+    check_shapes(path, data)
     return data
+
+
+def check_shapes(path: str | os.PathLike, data: dict) -> None:
+    """Refuse an 'ldm' or 'autoencoder' checkpoint whose configs do not build modules that its
+    stored tensors fit, before any real memory is allocated: each module is built on the meta
+    device and compared with the stored tensors by name and shape. A crafted config (16,384
+    channels beside a few KB of weights) or a missing or mistyped entry ends in one line."""
+    from tinyldm.autoencoder import Autoencoder, AutoencoderConfig
+    from tinyldm.ldm import DiffusionConfig, build_denoiser
+
+    def denoiser():
+        return build_denoiser(data["unet_config"], data["cond_config"])
+
+    def autoencoder(entry):
+        return lambda: Autoencoder(AutoencoderConfig(**entry["config"]))
+
+    try:
+        entries = []
+        if data["kind"] == "ldm":
+            DiffusionConfig(**data["diffusion_config"])
+            entries += [("the denoiser", denoiser, data["denoiser"])]
+            entries += [("the EMA denoiser", denoiser, data["ema"])] if data.get("ema") else []
+            entries += [("the autoencoder", autoencoder(data["autoencoder"]),
+                         data["autoencoder"]["state_dict"])]
+        elif data["kind"] == "autoencoder":
+            for key in ("autoencoder", "ema_autoencoder"):
+                if key in data and data[key] is not None:
+                    entries.append((f"its {key.replace('_', ' ')}", autoencoder(data[key]),
+                                    data[key]["state_dict"]))
+            if not entries:
+                raise KeyError("autoencoder")
+        for what, make, state in entries:
+            with torch.device("meta"):
+                want = {k: tuple(v.shape) for k, v in make().state_dict().items()}
+            have = {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
+            if want != have:
+                diff = [f"{k}: config {want.get(k)}, stored {have.get(k)}"
+                        for k in sorted(set(want) | set(have)) if want.get(k) != have.get(k)]
+                raise CheckpointError(f"{path}: {what}'s config does not match its stored "
+                                      f"weights ({len(diff)} tensors differ, e.g. {diff[0]}): a "
+                                      "damaged or crafted file; nothing was built from it")
+    except CheckpointError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as e:
+        raise CheckpointError(f"{path} is a malformed {data['kind']!r} checkpoint "
+                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+                              ) from e
 
 
 # ----------------------------------------------------------------------------------------------
