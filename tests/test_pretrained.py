@@ -585,6 +585,10 @@ def test_the_export_command_writes_a_folder_diffusers_pipeline_loads(tmp_path, c
     text = _trained_here("class", "eps")
     text["cond_config"] = {**text["cond_config"], "kind": "text",
                            "vocab": ["<pad>", "<bos>", "<eos>", "<unk>"], "head_dim": 32}
+    from tinyldm.ldm import build_denoiser  # weights that fit the text encoder's config
+
+    weights = build_denoiser(text["unet_config"], text["cond_config"]).state_dict()
+    text.update(denoiser=weights, **({"ema": weights} if text.get("ema") is not None else {}))
     with pytest.raises(SystemExit, match="text-conditional model reads its condition with "
                                          "tinyldm's own encoder"):
         path = save_checkpoint(tmp_path / "text.pt", {k: v for k, v in text.items() if k != "kind"},
