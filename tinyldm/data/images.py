@@ -313,7 +313,7 @@ def _walk(root: Path) -> tuple[list[str], set[str], list[str]]:
             elif f == "metadata.jsonl":
                 metas.append(path)
     if odd:
-        warnings.warn(f"{root}: skipped {len(odd)} entries that are not regular files: "
+        warnings.warn(f"{root}: skipped what is not a regular file ({len(odd)}): "
                       f"{', '.join(odd[:5])}{', ...' if len(odd) > 5 else ''}", stacklevel=3)
     return sorted(images), texts, metas
 
