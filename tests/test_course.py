@@ -1,6 +1,6 @@
 """The course kit: marked regions, student copies that hand out no code, and a grader whose verdict
-no student code can reach. The attacks below are the ways a student tried to steer the earlier,
-pytest-based grader; each must score no more than an answer of zeros."""
+no student code can reach. The attacks below are ways a student can try to steer a grader; each
+must score no more than an answer of zeros."""
 
 import ast
 import csv
