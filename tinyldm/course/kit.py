@@ -391,8 +391,15 @@ def hidden_folders(root: Path = ROOT) -> list[Path]:
     return [root] if (root / "pyproject.toml").exists() else [root / "tinyldm"]
 
 
+def case_node(case) -> tuple[str, bool]:
+    """A case's id ("<file>::<function>", relative to the project root) and whether students see
+    it (it is not in grading/hidden/)."""
+    return (f"{case.__module__.replace('.', '/')}.py::{case.__name__}",
+            ".hidden." not in case.__module__)
+
+
 def run_cases(child: sandbox.Child, name: str, cases: list, *, timeout: int,
-              stop_early: bool = False, visible: bool | None = None) -> list[CaseResult]:
+              stop_early: bool = False) -> list[CaseResult]:
     """Run `cases` of assignment `name` against `child`; each case's inputs are drawn afresh.
     A case passes when it returns; a failed check, an error the student's code raised, a time-out
     or a reply that does not fit all fail it with the reason."""
@@ -402,9 +409,7 @@ def run_cases(child: sandbox.Child, name: str, cases: list, *, timeout: int,
 
     out, stopped = [], None
     for case in cases:
-        module = case.__module__.replace(".", "/")
-        node = f"{module}.py::{case.__name__}"
-        shown = "/hidden/" not in node if visible is None else visible
+        node, shown = case_node(case)
         if stopped:
             out.append(CaseResult(name, node, shown, False, stopped))
             continue
@@ -519,9 +524,8 @@ class Grader:
             start, a = time.perf_counter(), ASSIGNMENTS[name]
             body, problem = self._body(submission, a, report)
             if problem:
-                report.cases += [CaseResult(name, f"{c.__module__.replace('.', '/')}.py::"
-                                            f"{c.__name__}", ".hidden." not in c.__module__,
-                                            False, problem) for c in self.cases[name]]
+                report.cases += [CaseResult(name, *case_node(c), False, problem)
+                                 for c in self.cases[name]]
                 report.notes[name] = problem
             else:
                 tree = Path(tempfile.mkdtemp(dir=self.base))
@@ -565,8 +569,7 @@ def self_check(name: str, root: Path = ROOT, *, isolation: str | None = None,
         base.chmod(0o755)
         tree = library_tree(base / "library", set(), root)
         child = sandbox.Child(tree, isolation=isolation or sandbox.isolation(), hide=[])
-        return run_cases(child, name, load_cases(name, False), timeout=timeout or a.timeout,
-                         visible=True)
+        return run_cases(child, name, load_cases(name, False), timeout=timeout or a.timeout)
 
 
 def results_json(report: Report) -> dict:

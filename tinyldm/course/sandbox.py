@@ -226,12 +226,6 @@ class Child:
         self._stderr.close()
         self.proc = None
 
-    def __enter__(self) -> Child:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
     # -- talking --
 
     def stderr_tail(self, chars: int = 2000) -> str:
@@ -310,7 +304,7 @@ class Child:
 MS_NOSUID, MS_NODEV, MS_BIND, MS_REC = 2, 4, 4096, 16384
 PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS, PR_CAPBSET_DROP, PR_SET_SECUREBITS = 1, 38, 24, 28
 PR_SET_CHILD_SUBREAPER = 36
-# SECBIT_NOROOT, SECBIT_NO_SETUID_FIXUP, SECBIT_KEEP_CAPS_LOCKED, and their locks
+# SECBIT_NOROOT and SECBIT_NO_SETUID_FIXUP, each locked, and SECBIT_KEEP_CAPS_LOCKED
 SECUREBITS = 0x01 | 0x02 | 0x04 | 0x08 | 0x20
 
 

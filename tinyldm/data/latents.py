@@ -13,17 +13,15 @@ whole run.
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from tinyldm.cli import UsageError
+from tinyldm.training.checkpoint import save_atomically
 
 CACHE_FORMAT = "tinyldm-latents-1"
 
@@ -78,29 +76,9 @@ def encode_dataset(dataset: Dataset, encode: Callable[[Tensor], Tensor], *, flip
 
 
 def save_latent_cache(cache: dict, path: str | os.PathLike) -> None:
-    """torch.save to a temporary file beside `path`, then rename: a crash never leaves half a
-    cache. A failed write (a full disk) removes the temporary file and ends in one line saying what
-    `path` still holds."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(cache, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
-        if not isinstance(e, OSError | RuntimeError) or isinstance(e, NotImplementedError):
-            raise
-        # torch.save reports a failed write as RuntimeError or OSError
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).split("\n")[0]
-        kept = (f"{path} still holds the previous cache" if path.exists()
-                else f"nothing was written to {path}")
-        raise UsageError(f"writing the latent cache {path} failed ({reason}); {kept}, and the "
-                         "temporary file was removed. Free some disk space (or choose another "
-                         "--out) and run again") from e
+    """torch.save to a temporary file beside `path`, then rename (`save_atomically`): a crash never
+    leaves half a cache, and a failed write (a full disk) ends in one line."""
+    save_atomically(cache, path, what="the latent cache", kept="the previous cache")
 
 
 def _key_text(key: dict) -> str:

@@ -23,6 +23,7 @@ import socket
 import sys
 import tempfile
 import time
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -43,27 +44,33 @@ class CheckpointError(ValueError):
 
 def save_checkpoint(path: str | os.PathLike, payload: dict, *, kind: str) -> Path:
     """torch.save({"kind": kind, "format": 1, **payload}) to `path`, atomically."""
+    return save_atomically({"kind": kind, "format": CHECKPOINT_FORMAT, **payload}, path,
+                           what="the checkpoint",
+                           kept="the previous checkpoint, unchanged, which --resume continues from")
+
+
+def save_atomically(obj: object, path: str | os.PathLike, *, what: str, kept: str) -> Path:
+    """torch.save(obj) to a temporary file beside `path`, synced, then renamed: a crash never leaves
+    half a file. A failed write (a full disk) removes the temporary file and ends in one line
+    (CheckpointError) saying what `path` still holds: `kept`, or nothing."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = {"kind": kind, "format": CHECKPOINT_FORMAT, **payload}
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(data, f)
+            torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)  # atomic on POSIX and Windows when both live in the same folder
     except BaseException as e:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        if isinstance(e, OSError | RuntimeError) and not isinstance(e, NotImplementedError):
-            # torch.save reports a failed write (a full disk) as RuntimeError or OSError
-            before = (f"{path} still holds the previous checkpoint, unchanged, which --resume "
-                      "continues from" if path.exists() else f"nothing was written to {path}")
-            raise CheckpointError(f"writing the checkpoint {path} failed ({_reason(e)}); "
-                                  f"{before}. Free some disk space (or choose another --out) and "
-                                  "run again") from e
-        raise
+        Path(tmp).unlink(missing_ok=True)
+        if not isinstance(e, OSError | RuntimeError) or isinstance(e, NotImplementedError):
+            raise
+        # torch.save reports a failed write (a full disk) as RuntimeError or OSError
+        before = f"{path} still holds {kept}" if path.exists() else f"nothing was written to {path}"
+        raise CheckpointError(f"writing {what} {path} failed ({_reason(e)}); {before}, and the "
+                              "temporary file was removed. Free some disk space (or choose "
+                              "another --out) and run again") from e
     return path
 
 
@@ -111,7 +118,8 @@ def check_shapes(path: str | os.PathLike, data: dict) -> None:
     from tinyldm.autoencoder import Autoencoder, AutoencoderConfig
     from tinyldm.ldm import DiffusionConfig, build_denoiser
 
-    def denoiser():
+    @cache
+    def denoiser():  # the same shapes for the weights and their EMA: built once
         return build_denoiser(data["unet_config"], data["cond_config"])
 
     def autoencoder(entry):
