@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> dict:
     device = pick_device(args.device)
     if args.pretrained:
         return sample_pretrained(args, device)
-    ckpt = load_checkpoint(args.ckpt, kind="ldm")
+    ckpt = load_checkpoint(args.ckpt, kind="ldm", device=device)  # refuses what it cannot hold
     denoiser, schedule, ae, diffusion = load_ldm(ckpt, use_ema=not args.no_ema)
     check_sampling_steps(schedule.T, args.steps)
     denoiser, ae, schedule = denoiser.to(device), ae.to(device), schedule.to(device)

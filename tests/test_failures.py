@@ -674,3 +674,115 @@ def test_a_crafted_or_malformed_checkpoint_is_refused_before_anything_is_built(t
     assert "autoencoder's config does not match its stored weights" in message
     grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before  # KiB
     assert grown < 1_000_000, f"{grown} KiB more peak memory"  # a 16,384-channel UNet is ~10 GB
+
+
+def _diffusers_folder(root: Path) -> Path:
+    """A small LDMPipeline (UNet2DModel + VQModel, random weights) saved as diffusers saves it."""
+    diffusers = pytest.importorskip("diffusers", reason="writes it: pip install -e '.[dev]'")
+    unet = diffusers.UNet2DModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1,
+                                 block_out_channels=(32, 64), norm_num_groups=8,
+                                 down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                                 up_block_types=("AttnUpBlock2D", "UpBlock2D"))
+    vq = diffusers.VQModel(block_out_channels=(32, 64), latent_channels=3, num_vq_embeddings=64,
+                           down_block_types=("DownEncoderBlock2D",) * 2, layers_per_block=1,
+                           up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8)
+    folder = root / "tiny-ldm"
+    diffusers.LDMPipeline(vqvae=vq, unet=unet,
+                          scheduler=diffusers.DDIMScheduler()).save_pretrained(folder)
+    return folder
+
+
+def _edit_config(part: str, **changes):
+    def edit(folder: Path) -> None:
+        path = folder / part / "config.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+    return edit
+
+
+CRAFTED_FOLDERS = {  # name: (how the copy is damaged, words of the one line)
+    "huge unet": (_edit_config("unet", block_out_channels=[16_384, 16_384]),
+                  "unet does not hold the UNet its config.json describes"),
+    "huge autoencoder": (_edit_config("vqvae", block_out_channels=[8192, 16_384]),
+                         "vqvae does not hold the autoencoder its config.json describes"),
+    "mistyped": (_edit_config("unet", block_out_channels="many"),
+                 "block_out_channels = 'many' is not a size"),
+    "negative": (_edit_config("unet", layers_per_block=-1), "layers_per_block = -1 is not a size"),
+    "missing key": (lambda f: (f / "unet" / "config.json").write_text('{"sample_size": 8}'),
+                    "(KeyError: 'block_out_channels')"),
+    "not JSON": (lambda f: (f / "vqvae" / "config.json").write_bytes(b"{\xff not json"),
+                 "config.json is not JSON"),
+    "8-byte safetensors": (
+        lambda f: (f / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(
+            (2**40).to_bytes(8, "little")), "is not a safetensors file"),
+    "no tensors": (
+        lambda f: (f / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(
+            (2).to_bytes(8, "little") + b"{}"), "144 tinyldm tensors unfilled"),
+    "huge sample_size": (_edit_config("unet", sample_size=100_000),
+                         "set by unet/config.json's sample_size"),
+}
+
+
+@pytest.mark.parametrize("name", list(CRAFTED_FOLDERS))
+def test_a_crafted_diffusers_folder_is_refused_before_anything_is_built(capsys, tmp_path, name):
+    """A diffusers-format folder whose config.json asks for what its weights do not hold (16,384
+    channels beside a few MB, a 100,000-px sample_size), or whose files are malformed: one line
+    naming the file, and nothing large allocated (each would ask for 2 GB to 120 GB)."""
+    import resource
+    import shutil
+
+    good = _diffusers_folder(tmp_path / "good")
+    folder = tmp_path / name.replace(" ", "-")
+    shutil.copytree(good, folder)
+    damage, words = CRAFTED_FOLDERS[name]
+    damage(folder)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    message = one_error_line(capsys, sample.main, ["--pretrained", str(folder), "--n", "1",
+                                                   "--steps", "2", "--device", "cpu",
+                                                   "--out", str(tmp_path / "g.png")])
+    grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before  # KiB
+    assert words in message, message
+    assert str(folder) in message or "sample_size" in message, message
+    assert grown < 500_000, f"{grown} KiB more peak memory"
+    # the undamaged folder samples
+    sample.main(["--pretrained", str(good), "--n", "1", "--steps", "2", "--device", "cpu",
+                 "--out", str(tmp_path / "g.png")])
+
+
+def test_weights_the_device_cannot_hold_are_refused_before_any_module_is_built(
+        trained, capsys, tmp_path, monkeypatch):
+    """A checkpoint (or released folder) whose configs match its tensors but which the free memory
+    cannot hold: a file larger than it is refused before it is read; weights that what is left
+    cannot hold are refused from the config's size, before any module is built or loaded."""
+    from tinyldm.autoencoder import Autoencoder, AutoencoderConfig
+    from tinyldm.ldm import build_denoiser
+    from tinyldm.training import memory
+
+    path = trained["ldm"]
+    ckpt = load_checkpoint(path)
+    with torch.device("meta"):  # what the refusal must name: the denoiser once, plus the AE
+        denoiser = build_denoiser(ckpt["unet_config"], ckpt["cond_config"])
+        ae = Autoencoder(AutoencoderConfig(**ckpt["autoencoder"]["config"]))
+    need = sum(t.numel() * t.element_size() for m in (denoiser, ae)
+               for t in m.state_dict().values())
+    size = path.stat().st_size
+    assert size > need  # the file holds the weights (and their EMA, the optimizer's state)
+    monkeypatch.setattr(torch.nn.Module, "load_state_dict",
+                        lambda *a, **k: pytest.fail("a module was loaded before the refusal"))
+    argv = ["--ckpt", str(path), "--n", "1", "--out", str(tmp_path / "g.png")]
+    monkeypatch.setattr(memory, "available_bytes", lambda device: int(size / memory.HEADROOM) - 1)
+    message = one_error_line(capsys, sample.main, argv)
+    assert f"{path}: reading it needs {memory.describe(size)}" in message, message
+    # the file fits, and reading it leaves less than its weights need
+    free = iter([int(size / memory.HEADROOM) + 1] + [int(need / memory.HEADROOM) - 1] * 9)
+    monkeypatch.setattr(memory, "available_bytes", lambda device: next(free))
+    message = one_error_line(capsys, sample.main, argv)
+    assert f"{path}: its weights need {memory.describe(need)}" in message, message
+    folder = _diffusers_folder(tmp_path)
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 2**20)
+    message = one_error_line(capsys, sample.main, ["--pretrained", str(folder), "--n", "1",
+                                                   "--device", "cpu",
+                                                   "--out", str(tmp_path / "g.png")])
+    assert f"{folder}: its weights need" in message and "1 MiB free" in message, message
+    monkeypatch.undo()  # with the machine's real free memory, the same checkpoint samples
+    assert sample.main(["--ckpt", str(path), "--n", "1", "--steps", "2",
+                        "--out", str(tmp_path / "g.png")])["images"] == 1

@@ -63,10 +63,22 @@ from tinyldm.autoencoder import Autoencoder
 from tinyldm.cli import UsageError
 from tinyldm.conditioning import ConditionConfig, ConditionEncoder
 from tinyldm.ldm import Denoiser, DiffusionConfig, generate
-from tinyldm.pretrained.autoencoder import autoencoder_from_diffusers, build_autoencoder
-from tinyldm.pretrained.ldmbert import LDMBertCondition, WordPieceTokenizer, build_ldmbert
-from tinyldm.pretrained.unet import build_unet, unet_from_diffusers
+from tinyldm.pretrained.autoencoder import (
+    autoencoder_config,
+    autoencoder_from_diffusers,
+    autoencoder_state_dict,
+)
+from tinyldm.pretrained.ldmbert import (
+    LDMBert,
+    LDMBertCondition,
+    LDMBertConfig,
+    WordPieceTokenizer,
+    ldmbert_state_dict,
+)
+from tinyldm.pretrained.unet import unet_config, unet_from_diffusers, unet_state_dict
 from tinyldm.schedule import NoiseSchedule
+from tinyldm.training.memory import check_weights
+from tinyldm.unet import UNet
 
 __all__ = ["RELEASES", "PretrainedLDM", "Release", "autoencoder_from_diffusers", "load",
            "unet_from_diffusers"]
@@ -147,19 +159,38 @@ class PretrainedLDM:
 
 def _weights(folder: Path) -> dict[str, Tensor]:
     """A component's tensors: safetensors if present, else a PyTorch file read with
-    weights_only=True."""
-    # diffusers', transformers' names
+    weights_only=True. A file that is not one ends in one line naming it."""
+    for name in ("diffusion_pytorch_model.safetensors", "model.safetensors",
+                 "diffusion_pytorch_model.bin", "pytorch_model.bin"):  # diffusers', transformers'
+        if (folder / name).exists():  # a file larger than the free memory is refused unread
+            check_weights(str(folder / name), (folder / name).stat().st_size, reading=True)
+            break
     for name in ("diffusion_pytorch_model.safetensors", "model.safetensors"):
         if (folder / name).exists():
             from safetensors.torch import load_file
 
-            return load_file(str(folder / name))
+            return _refusing(folder / name, "is not a safetensors file",
+                             lambda path=folder / name: load_file(str(path)))
     for name in ("diffusion_pytorch_model.bin", "pytorch_model.bin"):
         if (folder / name).exists():
             # tensors only, never code
-            return torch.load(folder / name, map_location="cpu", weights_only=True)
+            state = _refusing(folder / name, "is not a PyTorch weights file",
+                              lambda path=folder / name: torch.load(
+                                  path, map_location="cpu", weights_only=True))
+            if not isinstance(state, dict) or not all(isinstance(v, Tensor)
+                                                      for v in state.values()):
+                raise UsageError(f"{folder / name} holds no plain dict of tensors")
+            return state
     raise FileNotFoundError("no weights (diffusion_pytorch_model / model .safetensors, or .bin) in "
                             f"{folder}")
+
+
+# config.json entries read as sizes: each must be a positive whole number (or a list of them)
+_SIZES = ("block_out_channels", "sample_size", "in_channels", "out_channels", "layers_per_block",
+          "norm_num_groups", "latent_channels", "num_vq_embeddings", "vq_embed_dim",
+          "cross_attention_dim", "attention_head_dim", "transformer_layers_per_block",
+          "vocab_size", "max_position_embeddings", "d_model", "encoder_layers",
+          "encoder_attention_heads", "head_dim", "encoder_ffn_dim", "num_train_timesteps")
 
 
 def _config(folder: Path) -> dict:
@@ -167,7 +198,38 @@ def _config(folder: Path) -> dict:
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing: is {folder.parent} a diffusers-format model "
                                 "folder?")
-    return json.loads(path.read_text())
+    config = _refusing(path, "is not JSON", lambda: json.loads(path.read_bytes()))
+    if not isinstance(config, dict):
+        raise UsageError(f"{path} is not a JSON object (a damaged or crafted file)")
+    for key in _SIZES:
+        value = config.get(key)
+        values = value if isinstance(value, list) else [value]
+        if value is not None and (not values or not all(
+                isinstance(v, int) and not isinstance(v, bool) and 0 < v <= 2**20
+                for v in values)):
+            raise UsageError(f"{path}: {key} = {value!r} is not a size (a whole number from 1 to "
+                             f"2^20, or a list of them): a damaged or crafted file; nothing was "
+                             "built from it")
+    return config
+
+
+def _refusing(path: Path, what: str, read):
+    """read(), with a file that cannot be read as expected ending in one line naming it."""
+    import pickle
+
+    try:
+        from safetensors import SafetensorError
+    except ImportError:  # without safetensors only .bin files are read
+        SafetensorError = OSError  # noqa: N806
+
+    try:
+        return read()
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError, RuntimeError,
+            OverflowError, EOFError, OSError, pickle.UnpicklingError, SafetensorError) as e:
+        # json's, safetensors', the zip reader's, a conversion's errors (a bug keeps its traceback)
+        reason = str(e).splitlines()[0] if str(e) else ""
+        raise UsageError(f"{path} {what} ({type(e).__name__}: {reason}): a damaged or crafted "
+                         "file; nothing was built from it") from e
 
 
 def _download(repo_id: str) -> Path:
@@ -190,11 +252,17 @@ def _download(repo_id: str) -> Path:
                          f"{repo_id.split('/')[-1]}` and pass that folder") from e
 
 
-def load(id_or_path: str | os.PathLike, *, release: str | None = None) -> PretrainedLDM:
-    """A released LDM from a diffusers-format folder or a hub id, in tinyldm's modules (CPU, eval
-    mode). `release`: which entry of RELEASES a local folder is (default: the folder's name matched
-    against the ids; a folder that matches none is read with its own scheduler config and the VQ
-    latents unscaled)."""
+def load(id_or_path: str | os.PathLike, *, release: str | None = None,
+         device: str | torch.device = "cpu") -> PretrainedLDM:
+    """A released LDM from a diffusers-format folder or a hub id, in tinyldm's modules (eval mode,
+    on `device`). `release`: which entry of RELEASES a local folder is (default: the folder's name
+    matched against the ids; a folder that matches none is read with its own scheduler config and
+    the VQ latents unscaled).
+
+    Nothing is built before every config has been read, each of its sizes checked, every stored
+    tensor matched by name and shape against what the config implies (on the meta device), and
+    the weights' total checked against the free memory of the CPU and `device`: a damaged or
+    crafted folder ends in one line naming the file."""
     path = Path(id_or_path)
     name = str(id_or_path)
     if not path.exists():
@@ -204,7 +272,8 @@ def load(id_or_path: str | os.PathLike, *, release: str | None = None) -> Pretra
         path = _download(name)
     key = release or next((r for r in RELEASES if r.split("/")[-1] == path.name or r == name), None)
     info = RELEASES.get(key) if key else None
-    index = (json.loads((path / "model_index.json").read_text())
+    index = (_refusing(path / "model_index.json", "is not JSON",
+                       lambda: json.loads((path / "model_index.json").read_bytes()))
              if (path / "model_index.json").exists() else {})
     first_stage_dir = next((path / d for d in ("vqvae", "vae") if (path / d).exists()), None)
     if first_stage_dir is None or not (path / "unet").exists():
@@ -216,34 +285,64 @@ def load(id_or_path: str | os.PathLike, *, release: str | None = None) -> Pretra
     unet_cfg_dict = _config(path / "unet")
     concat = info.concat_channels if info else max(0, unet_cfg_dict.get("in_channels", 3)
                                                    - unet_cfg_dict.get("out_channels", 3))
-    unet = build_unet(unet_cfg_dict, _weights(path / "unet"), concat_channels=concat)
     scale = (info.scale_factor if info else 1.0 if regularizer == "vq"
              else ae_cfg_dict.get("scaling_factor", 0.18215))
-    ae = build_autoencoder(ae_cfg_dict, _weights(first_stage_dir), regularizer=regularizer,
-                           scale_factor=scale)
-    if info:
-        schedule = dict(info.schedule)
-    else:  # an unknown folder: its own scheduler config, diffusers' names mapped to tinyldm's
-        sched_file = path / "scheduler" / "scheduler_config.json"
-        sched = json.loads(sched_file.read_text()) if sched_file.exists() else {}
-        kinds = {"scaled_linear": "scaled_linear", "linear": "linear",
-                 "squaredcos_cap_v2": "cosine"}
-        if sched.get("beta_schedule", "scaled_linear") not in kinds:
-            raise ValueError(f"beta_schedule {sched['beta_schedule']!r} has no tinyldm counterpart")
-        schedule = {"schedule": kinds[sched.get("beta_schedule", "scaled_linear")],
-                    "T": sched.get("num_train_timesteps", 1000),
-                    "beta_start": sched.get("beta_start"), "beta_end": sched.get("beta_end")}
-    diffusion = DiffusionConfig(**schedule, prediction="eps")
-    # the text-to-image release: LDMBert reads the prompt, the UNet cross-attends
-    if (path / "bert").exists():
+    # configs -> tinyldm's, stored tensors -> tinyldm's names, each checked against the shapes the
+    # config implies on the meta device: nothing is allocated for a config the weights do not fit
+    unet_cfg, unet_sd = _refusing(path / "unet", "does not hold the UNet its config.json describes",
+                                  lambda: _converted(unet_config(unet_cfg_dict,
+                                                                 concat_channels=concat),
+                                                     path / "unet", unet_state_dict))
+    ae_cfg, ae_sd = _refusing(first_stage_dir, "does not hold the autoencoder its config.json "
+                              "describes", lambda: _converted(
+                                  autoencoder_config(ae_cfg_dict, regularizer=regularizer),
+                                  first_stage_dir, autoencoder_state_dict))
+    bert = None
+    if (path / "bert").exists():  # the text-to-image release: LDMBert reads the prompt
         if not (path / "tokenizer").exists():
             raise FileNotFoundError(f"{path} has bert/ but no tokenizer/ folder")
-        bert = build_ldmbert(_config(path / "bert"), _weights(path / "bert"))
-        cond = LDMBertCondition(bert, WordPieceTokenizer(path / "tokenizer",
-                                                         max_len=bert.cfg.max_len))
+        bert_cfg_dict = _config(path / "bert")
+        bert = _refusing(path / "bert", "does not hold the LDMBert its config.json describes",
+                         lambda: _converted(LDMBertConfig.from_diffusers(bert_cfg_dict),
+                                            path / "bert", ldmbert_state_dict))
+    parts = [unet_sd, ae_sd] + ([bert[1]] if bert else [])
+    check_weights(str(path), sum(4 * t.numel() for sd in parts for t in sd.values()), device)
+    schedule = dict(info.schedule) if info else _scheduler(path)
+    diffusion = DiffusionConfig(**schedule, prediction="eps")
+    unet = UNet(unet_cfg)
+    unet.load_state_dict(unet_sd)
+    ae = Autoencoder(ae_cfg)
+    ae.load_state_dict(ae_sd)
+    ae.scale_factor.fill_(scale)
+    if bert:
+        encoder = LDMBert(bert[0])
+        encoder.load_state_dict(bert[1])
+        cond = LDMBertCondition(encoder.eval(), WordPieceTokenizer(path / "tokenizer",
+                                                                   max_len=bert[0].max_len))
     else:
         cond = ConditionEncoder(ConditionConfig(kind="none"))
-    denoiser = Denoiser(unet, cond).eval()
-    image_size = unet.cfg.latent_size * ae.downsample_factor
-    return PretrainedLDM(denoiser, diffusion.make_schedule(), ae, diffusion, image_size,
-                         source=f"{name} ({index.get('_class_name', 'a diffusers pipeline')})")
+    denoiser = Denoiser(unet.eval(), cond).eval()
+    image_size = unet_cfg.latent_size * ae.downsample_factor
+    return PretrainedLDM(denoiser, diffusion.make_schedule(), ae.eval(), diffusion, image_size,
+                         source=f"{name} ({index.get('_class_name', 'a diffusers pipeline')})"
+                         ).to(device)
+
+
+def _converted(cfg, folder: Path, convert) -> tuple:
+    """(cfg, the folder's tensors under tinyldm's names): `convert` refuses any tensor left unused
+    or unfilled, or of another shape than `cfg` implies."""
+    return cfg, convert(_weights(folder), cfg)
+
+
+def _scheduler(path: Path) -> dict:
+    """An unknown folder's noise schedule: its own scheduler config, diffusers' names mapped to
+    tinyldm's."""
+    sched_file = path / "scheduler" / "scheduler_config.json"
+    sched = (_refusing(sched_file, "is not JSON", lambda: json.loads(sched_file.read_bytes()))
+             if sched_file.exists() else {})
+    kinds = {"scaled_linear": "scaled_linear", "linear": "linear", "squaredcos_cap_v2": "cosine"}
+    if sched.get("beta_schedule", "scaled_linear") not in kinds:
+        raise ValueError(f"beta_schedule {sched['beta_schedule']!r} has no tinyldm counterpart")
+    return {"schedule": kinds[sched.get("beta_schedule", "scaled_linear")],
+            "T": sched.get("num_train_timesteps", 1000),
+            "beta_start": sched.get("beta_start"), "beta_end": sched.get("beta_end")}

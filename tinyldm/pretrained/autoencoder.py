@@ -168,8 +168,9 @@ def build_autoencoder(config: Mapping, state: Mapping[str, Tensor], *, regulariz
     state dict, with `scale_factor` (the LDM multiplies latents by it; see `tinyldm.pretrained` for
     each release's)."""
     cfg = autoencoder_config(config, regularizer=regularizer)
+    weights = autoencoder_state_dict(state, cfg)  # checked against cfg's shapes before building
     ae = Autoencoder(cfg)
-    ae.load_state_dict(autoencoder_state_dict(state, cfg))
+    ae.load_state_dict(weights)
     ae.scale_factor.fill_(scale_factor)
     return ae.eval()
 

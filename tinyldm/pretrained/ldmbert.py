@@ -212,13 +212,22 @@ def ldmbert_state_dict(state: dict[str, Tensor], cfg: LDMBertConfig) -> dict[str
         raise ValueError(f"LDMBert weights do not match the config: {len(missing)} tinyldm tensors "
                          f"unfilled ({[names[k] for k in missing][:5]}), {len(unused)} diffusers "
                          f"tensors unused ({unused[:5]})")
-    return {ours: state[theirs] for theirs, ours in names.items()}
+    out = {ours: state[theirs] for theirs, ours in names.items()}
+    with torch.device("meta"):  # the target's shapes, without allocating its weights
+        target = LDMBert(cfg).state_dict()
+    wrong = [f"{n} {tuple(t.shape)} vs {tuple(target[n].shape)}" for n, t in out.items()
+             if n in target and tuple(t.shape) != tuple(target[n].shape)]
+    if wrong or set(out) != set(target):
+        raise ValueError(f"LDMBert weights do not match the config: shapes differ: {wrong[:3]}, "
+                         f"names differ: {sorted(set(out) ^ set(target))[:3]}")
+    return out
 
 
 def build_ldmbert(config: dict, state: dict[str, Tensor]) -> LDMBert:
     cfg = LDMBertConfig.from_diffusers(config)
+    weights = ldmbert_state_dict(state, cfg)  # checked against cfg's shapes before building
     bert = LDMBert(cfg)
-    bert.load_state_dict(ldmbert_state_dict(state, cfg))
+    bert.load_state_dict(weights)
     return bert.eval()
 
 

@@ -231,8 +231,9 @@ def unet_state_dict(state: Mapping[str, Tensor], cfg: UNetConfig) -> dict[str, T
 def build_unet(config: Mapping, state: Mapping[str, Tensor], *, concat_channels: int = 0) -> UNet:
     """tinyldm's UNet (eval mode) from a diffusers UNet's config dict and state dict."""
     cfg = unet_config(config, concat_channels=concat_channels)
+    weights = unet_state_dict(state, cfg)  # checked against cfg's shapes before building
     unet = UNet(cfg)
-    unet.load_state_dict(unet_state_dict(state, cfg))
+    unet.load_state_dict(weights)
     return unet.eval()
 
 

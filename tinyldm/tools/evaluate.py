@@ -208,7 +208,7 @@ def prepare(ckpt_path: str | Path, data_root: str | None, n: int, guidance: floa
     floor. `steps`: the step counts that will be sampled, checked before any work."""
     device = pick_device(device) if isinstance(device, str) else torch.device(device)
     ckpt_path = Path(ckpt_path)
-    ckpt = load_checkpoint(ckpt_path, kind="ldm")
+    ckpt = load_checkpoint(ckpt_path, kind="ldm", device=device)
     train_config = ckpt["train_config"]
     if train_config["dataset"] != "shapes" and not data_root:
         raise UsageError(f"{ckpt_path} was trained on {train_config['dataset']} images: give their "

@@ -88,7 +88,7 @@ def sample_pretrained(args: argparse.Namespace, device: torch.device) -> dict:
     per --prompt of the text-to-image release (guided by --guidance against the empty prompt)."""
     from ..pretrained import load
 
-    model = load(args.pretrained).to(device)
+    model = load(args.pretrained, device=device)  # refuses weights the device cannot hold
     check_sampling_steps(model.schedule.T, args.steps)
     concat, prompts = None, None
     if model.prompted:
@@ -116,8 +116,17 @@ def sample_pretrained(args: argparse.Namespace, device: torch.device) -> dict:
     elif args.image:
         raise UsageError(f"{args.pretrained} takes no --image "
                          "(only the super-resolution release does)")
-    g = torch.Generator(device).manual_seed(args.seed)
     guidance = args.guidance if prompts else 1.0
+    # the memory estimate, from one small probe: a crafted sample_size cannot ask for more unnoticed
+    f, probe = model.autoencoder.downsample_factor, 2 ** len(model.denoiser.unet.cfg.channel_mult)
+    H, W = ((model.image_size,) * 2 if concat is None
+            else (f * concat.shape[-2], f * concat.shape[-1]))  # the low-res image is z_t's size
+    n = len(prompts) if prompts else len(concat) if concat is not None else args.n
+    SamplingEstimate(model.denoiser, model.autoencoder, (probe, probe)).check(
+        n, H, W, guided=guidance != 1, device=device, step=f * probe // 2,
+        size_from="set by unet/config.json's sample_size" if concat is None
+        else "set by --image's size")
+    g = torch.Generator(device).manual_seed(args.seed)
     start = time.perf_counter()
     images = model.generate(args.n, prompts=prompts, steps=args.steps, eta=args.eta,
                             method=args.sampler, guidance_scale=guidance,

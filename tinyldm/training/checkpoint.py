@@ -81,14 +81,19 @@ def _reason(e: BaseException) -> str:
 
 
 def load_checkpoint(path: str | os.PathLike, *, kind: str | None = None,
-                    map_location: Any = "cpu") -> dict:
+                    map_location: Any = "cpu", device: Any = None) -> dict:
     """torch.load(path, weights_only=True), with clear errors for files that are not usable
-    checkpoints."""
+    checkpoints. A file larger than the free memory is refused before it is read, and its configs
+    are checked against its tensors' shapes; with `device`, weights that it (or the CPU, where they
+    are built) cannot hold are refused before any module is built."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     if path.stat().st_size == 0:
         raise CheckpointError(f"checkpoint {path} is empty (an interrupted write?)")
+    from tinyldm.training.memory import check_weights
+
+    check_weights(str(path), path.stat().st_size, reading=True)  # a file larger than memory
     try:
         data = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
@@ -106,15 +111,19 @@ def load_checkpoint(path: str | os.PathLike, *, kind: str | None = None,
     if data.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} has checkpoint format {data.get('format')}, "
                               f"expected {CHECKPOINT_FORMAT}")
-    check_shapes(path, data)
+    nbytes = check_shapes(path, data)
+    if device is not None:
+        check_weights(str(path), nbytes, device)
     return data
 
 
-def check_shapes(path: str | os.PathLike, data: dict) -> None:
+def check_shapes(path: str | os.PathLike, data: dict) -> int:
     """Refuse an 'ldm' or 'autoencoder' checkpoint whose configs do not build modules that its
     stored tensors fit, before any real memory is allocated: each module is built on the meta
     device and compared with the stored tensors by name and shape. A crafted config (16,384
-    channels beside a few KB of weights) or a missing or mistyped entry ends in one line."""
+    channels beside a few KB of weights) or a missing or mistyped entry ends in one line. Returns
+    the bytes of the modules one model needs (the denoiser once, whether EMA or not, and its
+    autoencoder)."""
     from tinyldm.autoencoder import Autoencoder, AutoencoderConfig
     from tinyldm.ldm import DiffusionConfig, build_denoiser
 
@@ -140,9 +149,14 @@ def check_shapes(path: str | os.PathLike, data: dict) -> None:
                                     data[key]["state_dict"]))
             if not entries:
                 raise KeyError("autoencoder")
+        sizes = {}  # bytes per module ("denoiser", "autoencoder"), an EMA's counted once
         for what, make, state in entries:
             with torch.device("meta"):
-                want = {k: tuple(v.shape) for k, v in make().state_dict().items()}
+                built = make().state_dict()
+            want = {k: tuple(v.shape) for k, v in built.items()}
+            module = what.split()[-1]
+            sizes[module] = max(sizes.get(module, 0),
+                                sum(v.numel() * v.element_size() for v in built.values()))
             have = {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
             if want != have:
                 diff = [f"{k}: config {want.get(k)}, stored {have.get(k)}"
@@ -150,6 +164,7 @@ def check_shapes(path: str | os.PathLike, data: dict) -> None:
                 raise CheckpointError(f"{path}: {what}'s config does not match its stored "
                                       f"weights ({len(diff)} tensors differ, e.g. {diff[0]}): a "
                                       "damaged or crafted file; nothing was built from it")
+        return sum(sizes.values())
     except CheckpointError:
         raise
     except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as e:

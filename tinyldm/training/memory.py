@@ -168,9 +168,10 @@ def unet_profile(denoiser, latent_hw: tuple[int, int]) -> Profile:
     if unet.cfg.concat_channels:
         extra["concat"] = torch.zeros(1, unet.cfg.concat_channels, h, w, device=device)
     if unet.cfg.context_dim:
-        cfg = denoiser.cond.cfg
-        length = {"text": getattr(cfg, "max_len", 16),
-                  "layout": getattr(cfg, "max_objects", 1)}.get(cfg.kind, 1)
+        cfg = getattr(denoiser.cond, "cfg", None)  # tinyldm's ConditionEncoder; LDMBert has none
+        length = (denoiser.cond.tokenizer.max_len if cfg is None else
+                  {"text": getattr(cfg, "max_len", 16),
+                   "layout": getattr(cfg, "max_objects", 1)}.get(cfg.kind, 1))
         extra["context"] = torch.zeros(1, length, unet.cfg.context_dim, device=device)
     if unet.class_emb is not None:
         extra["class_labels"] = torch.zeros(1, dtype=torch.long, device=device)
@@ -196,9 +197,10 @@ class SamplingEstimate:
                 + b * self.decoder.inference(pixels) + n * 3 * H * W * 4)
 
     def check(self, n: int, H: int, W: int, *, guided: bool, device: torch.device, chunk: int = 64,
-              step: int = 8) -> float:
+              step: int = 8, size_from: str = "--height/--width") -> float:
         """Refuse (UsageError) a request whose estimate exceeds the free memory, naming the largest
-        --n at this size and the largest square size for --n 1 that fit. Returns the estimate."""
+        --n at this size and the largest square size for --n 1 that fit (`size_from`: where the
+        size was set). Returns the estimate."""
         need = self.bytes(n, H, W, guided=guided, chunk=chunk)
         free = available_bytes(device)
         if free is None or need <= HEADROOM * free:
@@ -217,7 +219,20 @@ class SamplingEstimate:
         lower = f"--n {fits_n} fits at {H}x{W}; " if fits_n else ""
         raise UsageError(f"sampling {n} image(s) of {H}x{W} needs about {describe(need)}, and "
                          f"{device} has {describe(free)} free: {lower}at --n 1 the largest square "
-                         f"that fits is about {side}x{side} (--height/--width)")
+                         f"that fits is about {side}x{side} ({size_from})")
+
+
+def check_weights(what: str, nbytes: int, device: torch.device | str = "cpu", *,
+                  reading: bool = False) -> None:
+    """Refuse weights of `nbytes` that the CPU (where they are built) or `device` cannot hold,
+    before any is built: `nbytes` from a config already checked against the stored tensors' shapes,
+    so a file cannot ask for more than it holds (or, `reading`, a file's size before it is read)."""
+    for where in dict.fromkeys([torch.device("cpu"), torch.device(device)]):
+        free = available_bytes(where)
+        if free is not None and nbytes > HEADROOM * free:
+            raise UsageError(f"{what}: {'reading it needs' if reading else 'its weights need'} "
+                             f"{describe(nbytes)}, and {where} has {describe(free)} free; nothing "
+                             "was built. Use a machine with more memory (or another --device)")
 
 
 # ----------------------------------------------------------------------------------------------
