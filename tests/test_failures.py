@@ -536,6 +536,32 @@ def test_a_disk_full_while_writing_the_latent_cache_ends_in_one_line_and_leaves_
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
 
 
+@pytest.mark.parametrize("size, what", [("32k", "the latent cache"), ("1m", "the checkpoint")])
+def test_a_real_full_disk_ends_in_one_line_and_leaves_no_temporary_file(trained, tmp_path, size,
+                                                                        what):
+    """train_ldm.py on a tmpfs of 32 KiB (the latent cache, 70 KB, does not fit) or 1 MiB (the
+    checkpoint does not), in a mount namespace of its own (needs root or user namespaces): one line
+    saying the disk is full, exit status 2, no temporary file left on it."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    script = (f"mount -t tmpfs -o size={size} tmpfs {disk} && {sys.executable} train_ldm.py "
+              f"{' '.join(FAST)} --ae {trained['ae']} --steps 2 --out {disk}/run; "
+              f"echo status $?; ls -A {disk}/run")
+    for prefix in (["unshare", "-m"], ["unshare", "-r", "-m"]):
+        proc = subprocess.run([*prefix, "sh", "-c", script], cwd=ROOT, capture_output=True,
+                              text=True, timeout=600)
+        if "status" in proc.stdout:
+            break
+    else:
+        pytest.skip(f"no mount namespace here: {proc.stderr.strip()[:200]}")
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert "status 2" in proc.stdout and len(errors) == 1, proc.stderr[-2000:]
+    assert f"writing {what}" in errors[0] and "No space left on device" in errors[0]
+    assert "temporary file was removed" in errors[0]
+    left = proc.stdout.split("status 2")[1].split()
+    assert not [name for name in left if name.endswith(".tmp")], left
+
+
 def test_a_truncated_latent_cache_is_rebuilt_with_a_warning(trained, tmp_path):
     out = tmp_path / "run"
     argv = [*FAST, "--ae", str(trained["ae"]), "--steps", "2", "--out", str(out)]
@@ -665,7 +691,7 @@ def test_a_crafted_or_malformed_checkpoint_is_refused_before_anything_is_built(t
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     for name, words in [("huge", "config does not match its stored weights"),
                         ("missing", "malformed 'ldm' checkpoint (KeyError: 'denoiser')"),
-                        ("mistyped", "malformed 'ldm' checkpoint")]:
+                        ("mistyped", "unet_config channel_mult = 'many' is not of type")]:
         message = one_error_line(capsys, sample.main, ["--ckpt", str(files[name]), "--n", "1",
                                                        "--out", str(tmp_path / "g.png")])
         assert str(files[name]) in message and words in message, message
@@ -674,6 +700,25 @@ def test_a_crafted_or_malformed_checkpoint_is_refused_before_anything_is_built(t
     assert "autoencoder's config does not match its stored weights" in message
     grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before  # KiB
     assert grown < 1_000_000, f"{grown} KiB more peak memory"  # a 16,384-channel UNet is ~10 GB
+
+
+@pytest.mark.parametrize("entry, ok", [
+    ({"channels": 64}, True), ({"channels": True}, False), ({"channels": 64.0}, False),
+    ({"channel_mult": [1, 2, 4]}, True), ({"channel_mult": (1, "2")}, False),
+    ({"channel_mult": 3}, False), ({"num_heads": None}, True), ({"num_heads": 4}, True),
+    ({"num_heads": "4"}, False), ({"norm_eps": 1}, True), ({"norm_eps": "1e-6"}, False),
+    ({"attention_block": "plain"}, True), ({"attention_block": 1}, False),
+    ({"mid_attention": 1}, False), ({"unknown_entry": object()}, True),  # left to the constructor
+])
+def test_stored_configs_are_checked_against_the_declared_types(entry, ok):
+    from tinyldm.training.checkpoint import CheckpointError, check_types
+    from tinyldm.unet import UNetConfig
+
+    if ok:
+        check_types("x.pt", "unet_config", UNetConfig, entry)
+    else:
+        with pytest.raises(CheckpointError, match=f"x.pt: unet_config {next(iter(entry))} = "):
+            check_types("x.pt", "unet_config", UNetConfig, entry)
 
 
 def _diffusers_folder(root: Path) -> Path:

@@ -23,6 +23,8 @@ import socket
 import sys
 import tempfile
 import time
+import types
+import typing
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -63,15 +65,31 @@ def save_atomically(obj: object, path: str | os.PathLike, *, what: str, kept: st
             os.fsync(f.fileno())
         os.replace(tmp, path)  # atomic on POSIX and Windows when both live in the same folder
     except BaseException as e:
+        full = _disk_full(e, path.parent)  # measured before the temporary file goes
         Path(tmp).unlink(missing_ok=True)
         if not isinstance(e, OSError | RuntimeError) or isinstance(e, NotImplementedError):
             raise
         # torch.save reports a failed write (a full disk) as RuntimeError or OSError
         before = f"{path} still holds {kept}" if path.exists() else f"nothing was written to {path}"
-        raise CheckpointError(f"writing {what} {path} failed ({_reason(e)}); {before}, and the "
-                              "temporary file was removed. Free some disk space (or choose "
+        raise CheckpointError(f"writing {what} {path} failed ({full or _reason(e)}); {before}, "
+                              "and the temporary file was removed. Free some disk space (or choose "
                               "another --out) and run again") from e
     return path
+
+
+def _disk_full(e: BaseException, folder: Path) -> str | None:
+    """What a write that failed for a full disk says (torch's zip writer reports it as a
+    RuntimeError about positions), else None."""
+    import errno
+    import shutil
+
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return None
+    if getattr(e, "errno", None) == errno.ENOSPC or free < 2**20:
+        return f"No space left on device: {free // 1024} KiB free on it"
+    return None
 
 
 def _reason(e: BaseException) -> str:
@@ -125,7 +143,9 @@ def check_shapes(path: str | os.PathLike, data: dict) -> int:
     the bytes of the modules one model needs (the denoiser once, whether EMA or not, and its
     autoencoder)."""
     from tinyldm.autoencoder import Autoencoder, AutoencoderConfig
+    from tinyldm.conditioning import ConditionConfig
     from tinyldm.ldm import DiffusionConfig, build_denoiser
+    from tinyldm.unet import UNetConfig
 
     @cache
     def denoiser():  # the same shapes for the weights and their EMA: built once
@@ -137,6 +157,11 @@ def check_shapes(path: str | os.PathLike, data: dict) -> int:
     try:
         entries = []
         if data["kind"] == "ldm":
+            for key, cls in (("unet_config", UNetConfig), ("cond_config", ConditionConfig),
+                             ("diffusion_config", DiffusionConfig)):
+                check_types(path, key, cls, data[key])
+            check_types(path, "autoencoder config", AutoencoderConfig,
+                        data["autoencoder"]["config"])
             DiffusionConfig(**data["diffusion_config"])
             entries += [("the denoiser", denoiser, data["denoiser"])]
             entries += [("the EMA denoiser", denoiser, data["ema"])] if data.get("ema") else []
@@ -145,6 +170,7 @@ def check_shapes(path: str | os.PathLike, data: dict) -> int:
         elif data["kind"] == "autoencoder":
             for key in ("autoencoder", "ema_autoencoder"):
                 if key in data and data[key] is not None:
+                    check_types(path, f"{key} config", AutoencoderConfig, data[key]["config"])
                     entries.append((f"its {key.replace('_', ' ')}", autoencoder(data[key]),
                                     data[key]["state_dict"]))
             if not entries:
@@ -171,6 +197,41 @@ def check_shapes(path: str | os.PathLike, data: dict) -> int:
         raise CheckpointError(f"{path} is a malformed {data['kind']!r} checkpoint "
                               f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
                               ) from e
+
+
+def check_types(path: str | os.PathLike, where: str, cls: type, values: dict) -> None:
+    """Refuse a stored config whose entries do not have the types `cls` (a config dataclass)
+    declares, naming the entry: "channel_mult = 'many'" says more than the TypeError that building
+    it would raise. Entries `cls` does not declare are left to its constructor."""
+    hints = typing.get_type_hints(cls)
+    if not isinstance(values, dict):
+        raise CheckpointError(f"{path}: {where} is a {type(values).__name__}, not a dict: a "
+                              "damaged or crafted file; nothing was built from it")
+    for key, value in values.items():
+        if key in hints and not _has_type(value, hints[key]):
+            raise CheckpointError(f"{path}: {where} {key} = {value!r:.60} is not of type "
+                                  f"{hints[key]}: a damaged or crafted file; nothing was built "
+                                  "from it")
+
+
+def _has_type(value: Any, hint: Any) -> bool:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_has_type(value, a) for a in args)
+    if origin in (tuple, list):  # stored as lists or tuples
+        if not isinstance(value, tuple | list):
+            return False
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            return len(value) == len(args) and all(map(_has_type, value, args))
+        return all(_has_type(v, args[0]) for v in value) if args else True
+    if hint is type(None):
+        return value is None
+    if hint in (int, float):  # an int is a float too, a bool is neither
+        return isinstance(value, int | float if hint is float else int) and not isinstance(
+            value, bool)
+    if hint in (bool, str):
+        return isinstance(value, hint)
+    return True  # another declared type: its constructor checks it
 
 
 # ----------------------------------------------------------------------------------------------
