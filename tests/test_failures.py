@@ -823,10 +823,16 @@ def test_weights_the_device_cannot_hold_are_refused_before_any_module_is_built(
     message = one_error_line(capsys, sample.main, argv)
     assert f"{path}: its weights need {memory.describe(need)}" in message, message
     folder = _diffusers_folder(tmp_path)
+    argv = ["--pretrained", str(folder), "--n", "1", "--device", "cpu", "--out",
+            str(tmp_path / "g.png")]
     monkeypatch.setattr(memory, "available_bytes", lambda device: 2**20)
-    message = one_error_line(capsys, sample.main, ["--pretrained", str(folder), "--n", "1",
-                                                   "--device", "cpu",
-                                                   "--out", str(tmp_path / "g.png")])
+    message = one_error_line(capsys, sample.main, argv)  # the UNet's file is 3 MB
+    assert f"{folder}/unet/diffusion_pytorch_model.safetensors: reading it needs" in message
+    assert "1 MiB free" in message, message
+    # both files fit (read one after the other), and then the weights do not
+    free = iter([2**30, 2**30] + [2**20] * 9)
+    monkeypatch.setattr(memory, "available_bytes", lambda device: next(free))
+    message = one_error_line(capsys, sample.main, argv)
     assert f"{folder}: its weights need" in message and "1 MiB free" in message, message
     monkeypatch.undo()  # with the machine's real free memory, the same checkpoint samples
     assert sample.main(["--ckpt", str(path), "--n", "1", "--steps", "2",
