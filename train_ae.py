@@ -44,6 +44,7 @@ from tinyldm.training.checkpoint import RunLock, save_checkpoint
 from tinyldm.training.distributed import World, exit_process, join
 from tinyldm.training.flags import add_config_args, default_preset
 from tinyldm.training.loop import rng_state, seed_everything, seed_stream
+from tinyldm.training.plan import plan_folder
 from tinyldm.training.presets import AE_PRESETS, AE_SMOKE
 from tinyldm.training.trainer import Trainer, TrainingConfig
 
@@ -87,6 +88,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda:1, mps")
     p.add_argument("--resume", nargs="?", const="auto", default=None,
                    help="continue from a checkpoint (default: OUT/autoencoder.pt)")
+    p.add_argument("--plan", nargs="?", const="", default=None, metavar="JSON",
+                   help="print what the run will do (times from real steps) and exit")
     add_config_args(p, *CONFIGS)
     return default_preset(p.parse_args(argv))
 
@@ -148,7 +151,7 @@ def save_ae(path: Path, step: int, *, state: TrainState, configs: tuple, rng: di
 def main(argv: list[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    out = Path(args.out)
+    out = plan_folder() if args.plan is not None else Path(args.out)  # a plan writes elsewhere
     ckpt_path = out / "autoencoder.pt"
     lock = RunLock.for_rank_zero(out)  # one run per output folder
     preset = {**PRESETS[args.preset], **(SMOKE if args.smoke else {})}
@@ -172,13 +175,18 @@ def main(argv: list[str] | None = None) -> dict:
                       world=world, device=device, optimizers=optimizers, model=state.model,
                       ema=state.ema, replicas=(state.model, state.loss_fn.discriminator),
                       loss_key="loss_ae", resumed_step=state.start if ckpt is not None else None)
-    batches = iter(ae_setup.make_loader(train_set, config, state.start, world, device))
+    batches = iter(ae_setup.make_loader(train_set, config, state.start, world, device,
+                                        endless=args.plan is not None))
     grid_x = next(ae_setup.first_images(held_out, 8, 8)).to(device)
     save_grid = lambda step: save_reconstructions(state.eval_model, grid_x,  # noqa: E731
                                                   out / f"recon_{step:07d}.png")
     step = partial(train_step, state=state, model=trainer.distribute(state.model), batches=batches,
                    config=config, world=world, trainer=trainer)
     state.model.train()
+    if args.plan is not None:  # real steps timed, stages printed; nothing written to --out
+        return ae_setup.plan(state, config, train_set, held_out, device, step=step, grid=save_grid,
+                             save=lambda k: save_ae(ckpt_path, k, state=state, configs=configs),
+                             ckpt_path=ckpt_path, json_path=args.plan)
     trainer.run(step, start=state.start, sample=save_grid,
                 save=lambda step: save_ae(ckpt_path, step, state=state, configs=configs))
     rng_after_training = rng_state()  # the evaluation below draws from its own generators

@@ -42,6 +42,7 @@ from tinyldm.training.checkpoint import RunLock, load_checkpoint, save_checkpoin
 from tinyldm.training.distributed import exit_process, join
 from tinyldm.training.flags import add_config_args, default_preset
 from tinyldm.training.loop import EMA, rng_state, seed_everything, seed_stream, set_rng_state
+from tinyldm.training.plan import plan_folder
 from tinyldm.training.presets import LDM_PRESETS, LDM_SMOKE
 from tinyldm.training.trainer import Trainer, TrainingConfig
 from tinyldm.unet import UNetConfig
@@ -93,6 +94,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--data", default=None, help="dataset folder (folder / celeba / lsun)")
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda:1, mps")
     p.add_argument("--resume", action="store_true", help="continue from <out>/ldm.pt")
+    p.add_argument("--plan", nargs="?", const="", default=None, metavar="JSON",
+                   help="print what the run will do (times from real steps) and exit")
     add_config_args(p, TrainLDMConfig, UNetConfig, DiffusionConfig)
     return default_preset(p.parse_args(argv))
 
@@ -159,6 +162,7 @@ def main(argv: list[str] | None = None) -> dict:
     argv, t_start = list(sys.argv[1:] if argv is None else argv), time.perf_counter()
     args = parse_args(argv)
     out = Path(args.out or f"runs/ldm-{args.preset}{'-smoke' if args.smoke else ''}")
+    out = plan_folder() if args.plan is not None else out  # a plan writes elsewhere
     ckpt_path = out / "ldm.pt"
     lock = RunLock.for_rank_zero(out)  # one run per output folder
     stored = load_checkpoint(ckpt_path, kind="ldm") if args.resume and ckpt_path.exists() else None
@@ -171,11 +175,15 @@ def main(argv: list[str] | None = None) -> dict:
     ldm_setup.check_pinned_autoencoder(args, out, stored)
     ae_path = Path(stored["ae_path"]) if stored else ldm_setup.first_stage(
         args, config, out, world, argv, script_dir=Path(__file__).resolve().parent)
-    ae = Autoencoder.from_checkpoint(load_checkpoint(ae_path, kind="autoencoder")).to(device)
+    ae_ckpt = load_checkpoint(ae_path, kind="autoencoder")
+    ae = Autoencoder.from_checkpoint(ae_ckpt).to(device)
     ae.requires_grad_(False)
-    data = ldm_setup.rank_zero_first(world, lambda: LatentTrainingSet.build(
-        ae, ae_path, config, args.data, out, world, device))
-    ldm_setup.describe_latents(data, ae)
+    if args.plan is not None:  # the cache of a few batches, timed
+        data, cache = ldm_setup.plan_latents(ae, ae_path, config, args.data, out, world, device)
+    else:
+        data = ldm_setup.rank_zero_first(world, lambda: LatentTrainingSet.build(
+            ae, ae_path, config, args.data, out, world, device))
+    ldm_setup.describe_latents(data, ae, ae_ckpt, ae_path, config)  # and health lines
 
     # Stage two: the denoiser and its training loop.
     denoiser, ema, schedule, opt = stage_two(config, unet_fields, diffusion, data, stored, device)
@@ -184,7 +192,8 @@ def main(argv: list[str] | None = None) -> dict:
     start = stored["step"] if stored else 0
     trainer = Trainer(config, script="train_ldm.py", argv=argv, out=out, ckpt_path=ckpt_path,
                       world=world, device=device, optimizers={opt: config.lr}, model=denoiser,
-                      ema=ema, replicas=(denoiser,), resumed_step=start if stored else None)
+                      ema=ema, replicas=(denoiser,), resumed_step=start if stored else None,
+                      diverge=10.0)  # a loss 10x its best and above its first: stop
     model = trainer.distribute(ldm_setup.compiled(denoiser, config), find_unused=True)
     save = partial(save_ldm, ckpt_path, denoiser=denoiser, ema=ema, opt=opt, ae=ae, ae_path=ae_path,
                    ae_digest=data.ae_digest, diffusion=diffusion, config=config,
@@ -193,9 +202,14 @@ def main(argv: list[str] | None = None) -> dict:
     grid = SampleGrid.for_run(config, data.class_names, args.data, latent_hw, device, ae,
                               denoiser.cond.cfg.max_len)
     save_grid = partial(save_samples, out, model=ema.model, schedule=schedule, ae=ae, grid=grid,
-                        diffusion=diffusion, config=config)
+                        diffusion=diffusion, config=config, raw=denoiser, ema=ema)
     step = partial(train_step, model=model, denoiser=denoiser, opt=opt, schedule=schedule,
                    data=data, diffusion=diffusion, config=config, trainer=trainer)
+    if args.plan is not None:  # real steps timed, stages printed; nothing written to --out
+        return ldm_setup.plan(step=step, ema=ema, save=save, ckpt_path=ckpt_path, grid=save_grid,
+                              grid_images=grid.n, denoiser=denoiser, cache=cache, data=data,
+                              config=config, start=start, device=device, out=out,
+                              json_path=args.plan)
     done = trainer.run(step, start=start, save=save, sample=save_grid)
     if done > start and world.is_main:
         save(done)

@@ -95,3 +95,35 @@ def test_a_finished_run_does_nothing_and_a_resumed_one_continues_the_schedule(tm
     assert "already trained for 12 steps" in capsys.readouterr().out
     trainer.run(step, start=7, save=lambda i: None)
     assert lrs == [lr_at(i, trainer.config) for i in range(7, 12)]  # the warm-up where it was
+
+
+def test_a_loss_that_diverges_stops_before_the_next_checkpoint(tmp_path):
+    """With `diverge`, a logged loss above its first window and 10x its best stops the run in one
+    line; the checkpoint written before it is the last one. A loss that only wobbles does not."""
+    trainer, model, ema, step, lrs, losses = toy(tmp_path, steps=40, log_every=4, ckpt_every=6)
+    trainer.diverge = 10.0
+    saved = []
+
+    def exploding(i):  # from step 26 on, 100x what the untrained model's first steps had
+        logs = step(i)
+        return {"loss": torch.tensor(100 * max(losses[:4])) if i >= 25 else logs["loss"]}
+
+    with pytest.raises(UsageError, match=r"loss diverged: .* in steps 25-28, above its first"):
+        trainer.run(exploding, start=0, save=saved.append)
+    assert saved == [6, 12, 18, 24]  # nothing after the loss blew up
+    trainer, model, ema, step, lrs, losses = toy(tmp_path / "b", steps=40, log_every=4)
+    trainer.diverge = 10.0
+    g = torch.Generator().manual_seed(0)
+
+    def wobbling(i):  # settles near 0, then noise of up to 5x its level: no stop
+        return {"loss": torch.tensor(1.0 / (1 + i) + 0.05 * float(torch.rand(1, generator=g)) * 5)}
+
+    assert trainer.run(wobbling, start=0, save=lambda i: None) == 40
+
+
+def test_a_non_finite_loss_under_bf16_names_the_autocast(tmp_path):
+    trainer, model, ema, step, lrs, losses = toy(tmp_path, amp=True, log_every=2)
+    trainer.device = torch.device("cuda")  # what --amp acts on; the toy still runs on the CPU
+    trainer.autocast = lambda: torch.autocast("cpu", enabled=False)
+    with pytest.raises(UsageError, match=r"under bf16 autocast: .*\(--amp false to check\)"):
+        trainer.run(lambda i: {"loss": torch.tensor(math.inf)}, start=0, save=lambda i: None)

@@ -90,14 +90,32 @@ def sample_prompts(config, class_names: list[str], n: int = 8):
 
 
 def save_samples(out: Path, step: int, *, model: Denoiser, schedule: NoiseSchedule,
-                 ae: Autoencoder, grid: SampleGrid, diffusion: DiffusionConfig, config) -> Path:
+                 ae: Autoencoder, grid: SampleGrid, diffusion: DiffusionConfig, config,
+                 raw: Denoiser | None = None, ema=None) -> Path:
     """<out>/samples_XXXXXXX.png of `step`: one row of images for the grid's conditions, the weights
-    of `model` (the EMA's), a fixed seed."""
-    g = torch.Generator(grid.device).manual_seed(0)
-    images = generate(model, schedule, ae, grid.condition, n=grid.n, latent_size=grid.latent_hw,
-                      prediction=diffusion.prediction, steps=config.eval_steps,
-                      guidance_scale=config.eval_cfg, generator=g, concat=grid.concat)
-    return save_image_grid(images, out / f"samples_{step:07d}.png", nrow=grid.n)
+    of `model` (the EMA's), a fixed seed. While `ema` is young (fewer updates than its time
+    constant 1 / (1 - decay)), a second row from the `raw` weights, same seed: an EMA that still
+    remembers the first steps draws noise for a while when the raw weights already draw images."""
+    rows = [model] + ([raw] if raw is not None and ema is not None and young(ema) else [])
+    if len(rows) == 2 and not getattr(ema, "said_young", False):
+        ema.said_young = True
+        print(f"\nhealth: the EMA (decay {ema.decay}) has averaged {ema.num_updates} of the "
+              f"~{1 / (1 - ema.decay):.0f} steps it remembers: until then each sample grid's "
+              "second row shows the raw weights (same seed). Raw images while the EMA row is "
+              "noise: the run is fine, the EMA is still young")
+    images = []
+    for weights in rows:
+        g = torch.Generator(grid.device).manual_seed(0)
+        images.append(generate(weights, schedule, ae, grid.condition, n=grid.n,
+                               latent_size=grid.latent_hw, prediction=diffusion.prediction,
+                               steps=config.eval_steps, guidance_scale=config.eval_cfg,
+                               generator=g, concat=grid.concat))
+    return save_image_grid(torch.cat(images), out / f"samples_{step:07d}.png", nrow=grid.n)
+
+
+def young(ema) -> bool:
+    """Fewer updates than the EMA's time constant, 1 / (1 - decay) steps."""
+    return ema.num_updates < 1 / (1 - ema.decay)
 
 
 def evaluate_run(model: Denoiser, schedule, ae: Autoencoder, config, diffusion: DiffusionConfig,

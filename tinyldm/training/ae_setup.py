@@ -7,6 +7,8 @@ line, and the identity first stage (f = 1, nothing to train) for pixel-space dif
 from __future__ import annotations
 
 import argparse
+import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -73,10 +75,12 @@ class StepBatches:
         return self.stop - self.start
 
 
-def make_loader(train_set: Dataset, config, start: int, world: World, device: torch.device):
-    """The training batches of steps start..config.steps (this process's share of each)."""
-    batches = StepBatches(len(train_set), config.batch_size, config.seed, start, config.steps,
-                          world)
+def make_loader(train_set: Dataset, config, start: int, world: World, device: torch.device, *,
+                endless: bool = False):
+    """The training batches of steps start..config.steps (this process's share of each); `endless`
+    (a --plan's timed steps, which may outnumber a short run's): on past config.steps."""
+    stop = start + 2**40 if endless else config.steps
+    batches = StepBatches(len(train_set), config.batch_size, config.seed, start, stop, world)
     # Its own generator: a DataLoader otherwise draws its workers' base seed from the global RNG.
     return DataLoader(train_set, batch_sampler=batches, num_workers=config.num_workers,
                       pin_memory=device.type == "cuda",
@@ -231,3 +235,56 @@ def describe(state: TrainState, config, train_set: Dataset, held_out: Dataset,
           f"device {device}; steps {state.start}..{config.steps}")
     print(f"loss: {describe_loss(state.loss_fn.config, ae_config)}; "
           f"bf16 autocast {'on' if config.amp else 'off'} (CUDA only)")
+    if len(train_set) < config.batch_size:  # (memorising shows in the held-out score it measures)
+        from .plan import memorising
+
+        print(f"health: {memorising(len(train_set), config.steps, config.batch_size)[0]}")
+
+
+def plan(state: TrainState, config, train_set: Dataset, held_out: Dataset, device: torch.device,
+         *, step: Callable[[int], dict], save: Callable[[int], None], ckpt_path: Path,
+         grid: Callable[[int], object], json_path: str | None) -> dict:
+    """--plan: the stage's time from real steps of `step` (before and after the discriminator
+    joins, each timed), one grid and one checkpoint (written to the plan's temporary folder), and
+    the final held-out measurement extrapolated from one batch; printed by `plan.report` (see
+    tinyldm.training.plan)."""
+    from .plan import Stage, grids_and_checkpoints, memorising, report, seconds_per_call
+
+    start, steps, disc = state.start, config.steps, state.loss_fn.config.disc_start
+    memory = check_memory(state, state.model.config, config, World(), device)
+    state.model.train()
+
+    def run(k: int) -> None:  # what Trainer.run does each step
+        step(k)
+        if state.ema is not None:
+            state.ema.update(state.model)
+
+    before = max(0, min(steps, disc) - start)  # steps without the discriminator, then with it
+    after = steps - start - before
+    t_before = seconds_per_call(run, device, first=start) if before else 0.0
+    t_after = seconds_per_call(run, device, first=max(start, disc)) if after else 0.0
+    t0 = time.perf_counter()
+    save(start)
+    t1 = time.perf_counter()
+    grid(start)
+    t_ckpt, t_grid = t1 - t0, time.perf_counter() - t1
+    grids, ckpts, extra = grids_and_checkpoints(steps, start, config.sample_every,
+                                                config.ckpt_every, t_grid, t_ckpt)
+    x = next(first_images(held_out, config.batch_size, config.batch_size)).to(device)
+    with torch.no_grad():
+        t_batch = seconds_per_call(lambda _: state.eval_model(x), device, warmup=1, timed=2)
+    batches = -(-min(len(held_out), config.n_eval) // len(x)) - (-config.stats_images // len(x))
+    how = ", then ".join(([f"{t_before * 1000:.0f} ms a step"] if before else [])
+                         + ([f"{t_after * 1000:.0f} ms with the discriminator"] if after else []))
+    size = ckpt_path.stat().st_size
+    cfg = state.model.config
+    stages = [
+        Stage(f"autoencoder ({cfg.regularizer}, f={cfg.downsample_factor})",
+              before * t_before + after * t_after + extra, after + before, config.batch_size,
+              len(train_set), memory=memory, disk=size,
+              how=f"{how}; {grids} grids, {ckpts} checkpoints of {size / 1e6:.1f} MB",
+              notes=memorising(len(train_set), steps - start, config.batch_size)),
+        Stage("held-out score, scale factor", batches * t_batch, images=batches * len(x),
+              how=f"{batches} batches of {len(x)} at {t_batch * 1000:.0f} ms"),
+    ]
+    return report(stages, device, json_path=json_path, ae_config=asdict(cfg))

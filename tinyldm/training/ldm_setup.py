@@ -6,9 +6,11 @@ data, the denoiser, and the memory check before the first step.
 from __future__ import annotations
 
 import argparse
+import json
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -36,6 +38,8 @@ from .flags import (
 )
 from .loop import resume_command
 from .memory import check_training, unet_profile, weights_bytes
+from .plan import Stage, memorising
+from .presets import AE_GATES_DB
 
 
 def resolve_configs(args: argparse.Namespace, stored: dict | None, config_cls: type, preset: dict
@@ -206,8 +210,10 @@ def first_stage(args: argparse.Namespace, config, out: Path, world: World, argv:
     cmd += ["--tensorboard", "true"] if config.tensorboard else []
     if config.dataset != "shapes":  # the first stage learns the same images as the second
         cmd += ["--dataset", config.dataset, "--data", str(args.data),
-                "--image_size", str(config.image_size)]
+                "--image_size", str(config.image_size), "--n_train", str(config.n_train)]
     cmd += ["--resume"] if unfinished else []
+    if args.plan is not None:
+        return plan_first_stage(cmd, path, script_dir)
     if not unfinished:
         print(f"no --ae given: training the autoencoder first "
               f"(python train_ae.py {' '.join(cmd)})", flush=True)
@@ -270,14 +276,53 @@ def check_resumable(args: argparse.Namespace, out: Path, stored: dict | None) ->
           "then the LDM starts at step 0")
 
 
-def describe_latents(data: LatentTrainingSet, ae) -> None:
+def describe_latents(data: LatentTrainingSet, ae, ae_ckpt: dict, ae_path: Path, config) -> None:
+    """The latents the LDM trains on, and the health of the first stage and the data: a held-out
+    PSNR under the preset's gate, scaled latents whose std is far from 1, too few images."""
     N, c, h, w = data.latents.shape
     z = (f"a fresh posterior sample each step, mean sigma {float(data.std.mean()):.4f} scaled"
          if data.std is not None else "posterior means" if ae.config.regularizer == "kl" else
          "pre-quantization latents (VQ)")
+    # what the UNet sees: the means' spread, plus the posterior's noise when it samples
+    std = float((data.latents.var() + (data.std.pow(2).mean() if data.std is not None else 0))
+                .sqrt())
     print(f"latents: {N} x {c} x {h} x {w}, scale factor {float(ae.scale_factor):.4f} "
-          f"(from the autoencoder's data), scaled std {float(data.latents.std()):.3f}; "
-          f"trains on {z}")
+          f"(from the autoencoder's data), scaled std {std:.3f}; trains on {z}")
+    if ae_ckpt.get("plan"):  # --plan's untrained stand-in, on a few batches: nothing to say
+        return
+    for line in (first_stage_health(ae_ckpt, ae_path, config) + latent_health(std, ae)
+                 + memorising(N, config.steps, config.batch_size)):
+        print(f"health: {line}")
+
+
+def first_stage_health(ae_ckpt: dict, ae_path: Path, config) -> list[str]:
+    """A first stage that has not reached its preset's held-out PSNR gate (`AE_GATES_DB`): an
+    untrained, unfinished or wrongly chosen autoencoder, found before the LDM trains on it."""
+    if ae_ckpt["autoencoder"]["config"].get("regularizer") == "identity":
+        return []
+    gate = AE_GATES_DB.get(config.ae_preset, AE_GATES_DB["photos"])
+    psnr = (ae_ckpt.get("metrics") or {}).get("psnr")
+    if psnr is None:
+        return [f"the autoencoder {ae_path} has no held-out score (it stopped at step "
+                f"{ae_ckpt.get('step')} of {ae_ckpt.get('train_config', {}).get('steps')}): finish "
+                "it (python train_ae.py --resume --out ITS_FOLDER) before training an LDM on it"]
+    if psnr < gate:
+        return [f"the autoencoder {ae_path} reconstructs held-out images at {psnr:.1f} dB, under "
+                f"the {gate:.0f} dB that a first stage for --ae_preset {config.ae_preset} should "
+                "reach: the LDM's samples can be no sharper than its reconstructions. Train it "
+                "longer, or check that --ae is the file you meant"]
+    return []
+
+
+def latent_health(std: float, ae) -> list[str]:
+    """Scaled latents whose std is far from 1: samples come out flat or as noise (a scale factor
+    that does not fit the latents; diffusers#2164, latent-diffusion#187)."""
+    if 0.5 <= std <= 2.0:
+        return []
+    return [f"the scaled latents' std is {std:.3f}, not about 1 (scale factor "
+            f"{float(ae.scale_factor):.4f}): the noise schedule assumes unit variance, and samples "
+            "come out flat or as noise. Use the scale factor train_ae.py measured (1 / std of the "
+            "training latents): retrain or re-measure the autoencoder rather than setting it"]
 
 
 def describe_denoiser(denoiser: Denoiser, config, device: torch.device, world: World) -> None:
@@ -294,3 +339,91 @@ def compiled(denoiser: Denoiser, config) -> Denoiser:
     if config.compile:
         denoiser.unet.compile()
     return denoiser
+
+
+# ----------------------------------------------------------------------------------------------
+# --plan (see tinyldm.training.plan)
+
+
+def plan_first_stage(cmd: list[str], path: Path, script_dir: Path) -> Path:
+    """--plan without --ae: train_ae.py --plan prints the first stage's plan (and writes it beside
+    `path`, in the plan's temporary folder); an untrained autoencoder of the same shape is saved at
+    `path`, for the latents that the LDM's steps are timed on."""
+    from ..autoencoder import Autoencoder, AutoencoderConfig
+    from .checkpoint import save_checkpoint
+
+    json_path = path.with_name("plan.json")
+    print(f"the first stage: python train_ae.py {' '.join(cmd)} --plan", flush=True)
+    status = run_script(script_dir / "train_ae.py", [*cmd, "--plan", str(json_path)])
+    if status:
+        raise UsageError(f"train_ae.py --plan ended with exit status {status} (its message is "
+                         "above)")
+    ae_config = json.loads(json_path.read_text())["ae_config"]
+    ae = Autoencoder(AutoencoderConfig(**{**ae_config, "channel_mult": tuple(
+        ae_config["channel_mult"])}))
+    save_checkpoint(path, {"autoencoder": ae.to_dict(), "step": 0, "train_config": {"steps": 0},
+                           "plan": True}, kind="autoencoder")
+    return path
+
+
+def plan_latents(ae, ae_path: Path, config, data_root: str | None, out: Path, world: World,
+                 device: torch.device) -> tuple[LatentTrainingSet, Stage]:
+    """The latent cache of a few batches of the training set, timed: the full cache's time is
+    that per image times the training images (twice with --hflip), its size likewise."""
+    data, _ = data_configs(asdict(config), data_root)
+    full = config.n_train if config.dataset == "shapes" else len(make_dataset(data, "train"))
+    few = min(full, max(4 * config.batch_size, 64))
+    start = time.perf_counter()
+    subset = LatentTrainingSet.build(ae, ae_path, replace(config, n_train=few), data_root, out,
+                                     world, device)
+    seconds = (time.perf_counter() - start) / few * full
+    size = (out / "latents.pt").stat().st_size / few * full
+    return subset, Stage("latent cache", seconds * (2 if config.hflip else 1), images=full,
+                         disk=int(size), how=f"encoded {few} of the {full} training images")
+
+
+def plan(*, step: Callable[[int], dict], ema, save: Callable[[int], None], ckpt_path: Path,
+         grid: Callable[[int], Path], grid_images: int, denoiser: Denoiser, cache: Stage,
+         data: LatentTrainingSet, config, start: int, device: torch.device, out: Path,
+         json_path: str | None) -> dict:
+    """--plan: the LDM's time from real steps of `step` (with the EMA update), one grid and one
+    checkpoint, and the final evaluation's sampling from the grid's time per image; the first
+    stage's plan (from train_ae.py --plan) before it."""
+    from .plan import Stage, grids_and_checkpoints, memorising, report, seconds_per_call
+
+    # the device holds the whole latent cache: what the timed few lack is added
+    memory = check_memory(denoiser, data, config.batch_size, device)
+    memory += cache.disk * max(0.0, 1 - len(data.latents) / max(cache.images, 1))
+
+    def run(k: int) -> None:
+        step(k)
+        ema.update(denoiser)
+
+    t_step = seconds_per_call(run, device, first=start)
+    t0 = time.perf_counter()
+    save(start)
+    t1 = time.perf_counter()
+    grid(start)
+    t_ckpt, t_grid = t1 - t0, time.perf_counter() - t1
+    grids, ckpts, extra = grids_and_checkpoints(config.steps, start, config.sample_every,
+                                                config.ckpt_every, t_grid, t_ckpt)
+    size = ckpt_path.stat().st_size
+    steps = config.steps - start
+    stages = []
+    first = out / "ae" / "plan.json"
+    if first.exists():
+        stages += [Stage(**{k: v for k, v in s.items() if k != "epochs"})
+                   for s in json.loads(first.read_text())["stages"]]
+    stages += [cache, Stage(
+        f"LDM ({sum(p.numel() for p in denoiser.parameters()) / 1e6:.1f} M parameters)",
+        steps * t_step + extra, steps, config.batch_size, cache.images, memory=memory, disk=size,
+        how=f"{t_step * 1000:.0f} ms a step; {grids} grids of {grid_images} samples "
+            f"({t_grid:.1f} s each), {ckpts} checkpoints of {size / 1e6:.1f} MB",
+        notes=memorising(cache.images, steps, config.batch_size))]
+    if config.eval_images > 0:
+        n = config.eval_images
+        stages.append(Stage(f"evaluation ({n} samples)", n * t_grid / grid_images, images=n,
+                            how=f"{config.eval_steps} DDIM steps, {t_grid / grid_images:.2f} s "
+                                "per sample (from the grid); the feature network's training and "
+                                "the real-vs-real floor are not timed"))
+    return report(stages, device, json_path=json_path)

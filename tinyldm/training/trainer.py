@@ -11,7 +11,8 @@ around it, once for both stages:
   (`trainer.distribute`);
 * log.jsonl every `log_every` steps: each term's mean over the window and over the processes (an
   all-reduce on log and checkpoint steps only), the learning rate and images per second; a term that
-  is not finite stops the run before a checkpoint can store it;
+  is not finite, or (with `diverge`) a loss above its first window and `diverge` times its best,
+  stops the run before a checkpoint can store it;
 * the sample grid every `sample_every` steps, with loss.png redrawn beside it;
 * a checkpoint every `ckpt_every` steps, written by the script's `save(step)`;
 * Ctrl-C / SIGTERM: finish the step, checkpoint, print the resume command and exit with 128 + the
@@ -110,11 +111,13 @@ class Trainer:
                  ckpt_path: Path, world: World, device: torch.device, optimizers: dict,
                  model: torch.nn.Module, ema: EMA | None = None,
                  replicas: tuple[torch.nn.Module, ...] = (), loss_key: str = "loss",
-                 resumed_step: int | None = None):
+                 resumed_step: int | None = None, diverge: float = 0.0):
         self.config, self.script, self.argv = config, script, argv
         self.out, self.ckpt_path, self.world, self.device = out, ckpt_path, world, device
         self.optimizers, self.model, self.ema, self.replicas = optimizers, model, ema, replicas
         self.loss_key = loss_key
+        # > 0: stop when a logged loss is above its first window and `diverge` x its best
+        self.diverge, self.first_loss, self.best_loss = diverge, None, math.inf
         self.seconds = 0.0  # the last run's training-loop time
         tensorboard = out / "tensorboard" if config.tensorboard else None
         self.log = JSONLLogger(out / "log.jsonl", resume_step=resumed_step,
@@ -190,17 +193,33 @@ class Trainer:
         return "time" if self.world.any(spent, self.device) else None
 
     def _check_finite(self, means: dict[str, float], first: int, done: int) -> None:
+        """Stop (one line) on a term that is not finite, or a loss that diverged, before any
+        checkpoint of these weights: the last one written stays a good one."""
         bad = {k: v for k, v in means.items() if not math.isfinite(v)}
-        if bad:  # before any checkpoint of these weights: the last one written stays a good one
+        keep = (f"stopping. The last good checkpoint is {self.ckpt_path}; nothing was "
+                "overwritten")
+        if bad:
             terms = ", ".join(f"{k} is {v}" for k, v in bad.items())
-            raise UsageError(f"{terms} in steps {first + 1}-{done}: stopping. The last good "
-                             f"checkpoint is {self.ckpt_path} (lower --lr, or check the data and "
-                             "the latents' scale). Nothing was overwritten.")
+            amp = (" under bf16 autocast: an overflow there is one cause (--amp false to check)"
+                   if self.config.amp and self.device.type == "cuda" else "")
+            raise UsageError(f"{terms} in steps {first + 1}-{done}{amp}: {keep} (lower --lr, or "
+                             "check the data and the latents' scale).")
+        loss = means.get(self.loss_key)
+        if (self.diverge and loss is not None and self.first_loss is not None
+                and 0 < self.best_loss and loss > max(self.first_loss,
+                                                      self.diverge * self.best_loss)):
+            raise UsageError(f"{self.loss_key} diverged: {loss:.4g} in steps {first + 1}-{done}, "
+                             f"above its first logged value ({self.first_loss:.4g}) and "
+                             f"{loss / self.best_loss:.0f}x its best ({self.best_loss:.4g}): "
+                             f"{keep} (lower --lr, or raise --warmup_steps).")
 
     def _write_log(self, window: LogWindow, done: int, bar: tqdm) -> LogWindow:
         """One record of log.jsonl for the window ending at step `done`; returns the next window."""
         means = window.means(self.world)
         self._check_finite(means, window.first_step, done)
+        if self.loss_key in means:  # what a later window is compared with
+            self.first_loss = means[self.loss_key] if self.first_loss is None else self.first_loss
+            self.best_loss = min(self.best_loss, means[self.loss_key])
         if self.config.check_replicas:
             means["replica_spread"] = max(replica_spread(m, self.world) for m in self.replicas)
         lr, images_per_s = next(iter(self.optimizers)).param_groups[0]["lr"], window.images_per_s()

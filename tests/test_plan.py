@@ -1,0 +1,94 @@
+"""--plan: what a run will do, from real steps, with nothing written to --out; and the data settings
+that train_ldm.py passes to the autoencoder it trains."""
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+import train_ae
+import train_ldm
+from tinyldm.data.images import DataConfig, make_dataset
+from tinyldm.training.checkpoint import load_checkpoint
+from tinyldm.training.plan import Stage, grids_and_checkpoints, memorising, seconds_per_call
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    """40 small images of smooth colour gradients: a folder as a user has one."""
+    root = tmp_path_factory.mktemp("photos")
+    g = torch.Generator().manual_seed(0)
+    for i in range(40):
+        corners = torch.rand(3, 2, 2, generator=g)
+        img = torch.nn.functional.interpolate(corners[None], size=(48, 48), mode="bilinear")[0]
+        Image.fromarray((img.permute(1, 2, 0) * 255).byte().numpy()).save(root / f"p{i:02d}.png")
+    return root
+
+
+@pytest.mark.parametrize("steps, start, every, want", [
+    (1400, 0, 500, 3),  # 500, 1000 and the last
+    (1400, 600, 500, 2),  # 1000 and the last
+    (1000, 0, 500, 2),  # 500, and 1000 is the last
+    (6, 0, 3, 2),
+    (5, 0, 100, 1),  # only the last
+])
+def test_grids_and_checkpoints_are_counted_as_the_trainer_draws_them(steps, start, every, want):
+    grids, ckpts, seconds = grids_and_checkpoints(steps, start, every, every, 2.0, 0.5)
+    assert grids == ckpts == want and seconds == pytest.approx(2.5 * want)
+
+
+def test_a_stage_counts_its_epochs_and_the_timer_excludes_the_warm_up():
+    assert Stage("x", 1.0, steps=100, batch=32, images=800).epochs == pytest.approx(4.0)
+    assert Stage("x", 1.0).epochs is None
+    calls = []
+    seconds_per_call(calls.append, torch.device("cpu"), first=7, warmup=3, timed=5)
+    assert calls == list(range(7, 15))  # 3 warm-up calls, then 5 timed, from step 7
+    assert memorising(10, 100, 32)[0].startswith("warning: 10 training images, fewer than a batch")
+    assert "memorised" in memorising(200, 10_000, 32)[-1] and memorising(50_000, 100, 32) == []
+
+
+@pytest.mark.slow
+def test_train_ldm_plan_times_each_stage_and_writes_nothing(photos, tmp_path, capsys):
+    out, plan_json = tmp_path / "run", tmp_path / "plan.json"
+    plan = train_ldm.main(["--smoke", "--data", str(photos), "--out", str(out), "--device", "cpu",
+                           "--plan", str(plan_json)])
+    assert not out.exists()  # nothing written to --out
+    assert json.loads(plan_json.read_text()) == json.loads(json.dumps(plan))
+    names = [s["name"] for s in plan["stages"]]
+    assert names[0].startswith("autoencoder (kl, f=4)") and names[2] == "latent cache"
+    assert names[3].startswith("LDM") and names[4].startswith("evaluation")
+    ae, _, cache, ldm, _ = plan["stages"]
+    # the smoke settings, on this folder's training split (the first --n_train images of it)
+    assert (ae["steps"], ae["batch"], ldm["steps"], ldm["batch"]) == (6, 4, 6, 8)
+    split = len(make_dataset(DataConfig(source="folder", root=str(photos), image_size=32),
+                             "train"))
+    assert 30 < split < 40 and ae["images"] == ldm["images"] == cache["images"] == split
+    assert ldm["epochs"] == pytest.approx(6 * 8 / split)
+    for stage in (ae, cache, ldm):
+        assert stage["seconds"] > 0 and stage["disk"] > 0
+    assert ldm["memory"] > 0 and plan["total_seconds"] == pytest.approx(
+        sum(s["seconds"] for s in plan["stages"]))
+    printed = capsys.readouterr().out
+    assert "ms a step" in printed and "finishes at about" in printed
+
+
+@pytest.mark.slow
+def test_train_ae_plan_writes_nothing_to_its_out(photos, tmp_path):
+    out = tmp_path / "ae"
+    plan = train_ae.main(["--smoke", "--data", str(photos), "--out", str(out), "--device", "cpu",
+                          "--plan"])
+    assert not out.exists()
+    assert plan["stages"][0]["steps"] == 6 and plan["ae_config"]["regularizer"] == "kl"
+
+
+@pytest.mark.slow
+def test_train_ldm_passes_the_data_settings_to_the_autoencoder_it_trains(photos, tmp_path):
+    """--n_train (and the dataset, its path and --image_size) reach the first stage it trains:
+    a 24-image subset trains its autoencoder on those 24 images, not on the whole folder."""
+    out = tmp_path / "run"
+    train_ldm.main(["--smoke", "--data", str(photos), "--n_train", "24", "--out", str(out),
+                    "--device", "cpu", "--eval_images", "0"])
+    ae = load_checkpoint(out / "ae" / "autoencoder.pt", kind="autoencoder")["train_config"]
+    assert (ae["n_train"], ae["dataset"], ae["image_size"]) == (24, "folder", 32)
+    assert ae["n_train"] == load_checkpoint(out / "ldm.pt")["train_config"]["n_train"]
