@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> dict:
         return ldm_setup.plan(step=step, ema=ema, save=save, ckpt_path=ckpt_path, grid=save_grid,
                               grid_images=grid.n, denoiser=denoiser, cache=cache, data=data,
                               config=config, start=start, device=device, out=out,
-                              json_path=args.plan)
+                              data_root=args.data, json_path=args.plan)
     done = trainer.run(step, start=start, save=save, sample=save_grid)
     if done > start and world.is_main:
         save(done)

@@ -92,3 +92,13 @@ def test_train_ldm_passes_the_data_settings_to_the_autoencoder_it_trains(photos,
     ae = load_checkpoint(out / "ae" / "autoencoder.pt", kind="autoencoder")["train_config"]
     assert (ae["n_train"], ae["dataset"], ae["image_size"]) == (24, "folder", 32)
     assert ae["n_train"] == load_checkpoint(out / "ldm.pt")["train_config"]["n_train"]
+
+
+def test_plan_and_resume_together_are_refused(tmp_path, capsys):
+    from tinyldm.cli import run
+
+    for main in (train_ae.main, train_ldm.main):
+        with pytest.raises(SystemExit) as stop:
+            run(main, ["--smoke", "--out", str(tmp_path), "--resume", "--plan"])
+        assert stop.value.code == 2
+        assert "error: --plan plans a new run: drop --resume" in capsys.readouterr().err

@@ -143,6 +143,9 @@ def resolve_configs(args: argparse.Namespace, ckpt_path: Path, configs: tuple[ty
     """(ae_config, loss_config, config, checkpoint): `preset` (shrunk by --smoke) or, with --resume,
     the checkpoint's stored configuration, overridden by the flags; the checkpoint is None unless
     resuming. `configs`: the autoencoder's, the loss's and the script's config classes."""
+    if args.resume and args.plan is not None:
+        raise UsageError("--plan plans a new run: drop --resume (a resumed run does what is left "
+                         "of its --steps, at the speed its log.jsonl shows)")
     overrides = {k: v for k, v in vars(args).items() if k in config_fields(*configs)}
     ckpt = None
     if args.resume is not None:
@@ -270,10 +273,11 @@ def plan(state: TrainState, config, train_set: Dataset, held_out: Dataset, devic
     t_ckpt, t_grid = t1 - t0, time.perf_counter() - t1
     grids, ckpts, extra = grids_and_checkpoints(steps, start, config.sample_every,
                                                 config.ckpt_every, t_grid, t_ckpt)
-    x = next(first_images(held_out, config.batch_size, config.batch_size)).to(device)
+    x = next(first_images(train_set, config.batch_size, config.batch_size)).to(device)
     with torch.no_grad():
-        t_batch = seconds_per_call(lambda _: state.eval_model(x), device, warmup=1, timed=2)
-    batches = -(-min(len(held_out), config.n_eval) // len(x)) - (-config.stats_images // len(x))
+        t_image = seconds_per_call(lambda _: state.eval_model(x), device, warmup=1,
+                                   timed=2) / len(x)
+    scored = min(len(held_out), config.n_eval) + min(len(train_set), config.stats_images)
     how = ", then ".join(([f"{t_before * 1000:.0f} ms a step"] if before else [])
                          + ([f"{t_after * 1000:.0f} ms with the discriminator"] if after else []))
     size = ckpt_path.stat().st_size
@@ -284,7 +288,7 @@ def plan(state: TrainState, config, train_set: Dataset, held_out: Dataset, devic
               len(train_set), memory=memory, disk=size,
               how=f"{how}; {grids} grids, {ckpts} checkpoints of {size / 1e6:.1f} MB",
               notes=memorising(len(train_set), steps - start, config.batch_size)),
-        Stage("held-out score, scale factor", batches * t_batch, images=batches * len(x),
-              how=f"{batches} batches of {len(x)} at {t_batch * 1000:.0f} ms"),
+        Stage("held-out score, scale factor", scored * t_image, images=scored,
+              how=f"{t_image * 1000:.1f} ms an image (encoded and decoded)"),
     ]
     return report(stages, device, json_path=json_path, ae_config=asdict(cfg))

@@ -267,6 +267,9 @@ def run_script(script: Path, argv: list[str]) -> int:
 def check_resumable(args: argparse.Namespace, out: Path, stored: dict | None) -> None:
     """--resume needs something to continue: ldm.pt, or at least the autoencoder trained for this
     run."""
+    if args.resume and args.plan is not None:
+        raise UsageError("--plan plans a new run: drop --resume (a resumed run does what is left "
+                         "of its --steps, at the speed its log.jsonl shows)")
     if not args.resume or stored:
         return
     if not (out / "ae" / "autoencoder.pt").exists():
@@ -385,7 +388,7 @@ def plan_latents(ae, ae_path: Path, config, data_root: str | None, out: Path, wo
 def plan(*, step: Callable[[int], dict], ema, save: Callable[[int], None], ckpt_path: Path,
          grid: Callable[[int], Path], grid_images: int, denoiser: Denoiser, cache: Stage,
          data: LatentTrainingSet, config, start: int, device: torch.device, out: Path,
-         json_path: str | None) -> dict:
+         data_root: str | None, json_path: str | None) -> dict:
     """--plan: the LDM's time from real steps of `step` (with the EMA update), one grid and one
     checkpoint, and the final evaluation's sampling from the grid's time per image; the first
     stage's plan (from train_ae.py --plan) before it."""
@@ -403,10 +406,15 @@ def plan(*, step: Callable[[int], dict], ema, save: Callable[[int], None], ckpt_
     t0 = time.perf_counter()
     save(start)
     t1 = time.perf_counter()
-    grid(start)
+    updates, ema.num_updates, ema.said_young = ema.num_updates, 2**40, True
+    grid(start)  # one row, the EMA's: a young EMA's grids draw a second row, counted below
     t_ckpt, t_grid = t1 - t0, time.perf_counter() - t1
+    ema.num_updates = updates
     grids, ckpts, extra = grids_and_checkpoints(config.steps, start, config.sample_every,
                                                 config.ckpt_every, t_grid, t_ckpt)
+    young = sum(k < 1 / (1 - ema.decay) for k in range(start + 1, config.steps + 1)
+                if k % config.sample_every == 0 or k == config.steps)
+    extra += young * t_grid
     size = ckpt_path.stat().st_size
     steps = config.steps - start
     stages = []
@@ -418,12 +426,46 @@ def plan(*, step: Callable[[int], dict], ema, save: Callable[[int], None], ckpt_
         f"LDM ({sum(p.numel() for p in denoiser.parameters()) / 1e6:.1f} M parameters)",
         steps * t_step + extra, steps, config.batch_size, cache.images, memory=memory, disk=size,
         how=f"{t_step * 1000:.0f} ms a step; {grids} grids of {grid_images} samples "
-            f"({t_grid:.1f} s each), {ckpts} checkpoints of {size / 1e6:.1f} MB",
+            f"({t_grid:.1f} s each{f', {young} with the raw weights too' if young else ''}), "
+            f"{ckpts} checkpoints of {size / 1e6:.1f} MB",
         notes=memorising(cache.images, steps, config.batch_size))]
     if config.eval_images > 0:
-        n = config.eval_images
-        stages.append(Stage(f"evaluation ({n} samples)", n * t_grid / grid_images, images=n,
-                            how=f"{config.eval_steps} DDIM steps, {t_grid / grid_images:.2f} s "
-                                "per sample (from the grid); the feature network's training and "
-                                "the real-vs-real floor are not timed"))
+        stages.append(evaluation_stage(config, data_root, t_grid / grid_images, device))
     return report(stages, device, json_path=json_path)
+
+
+def evaluation_stage(config, data_root: str | None, per_sample: float,
+                     device: torch.device) -> Stage:
+    """The final measurement's time: its samples (one per held-out image, up to --eval_images, for
+    other data than shapes) at the grid's time per sample; for other data also the feature
+    network it trains first, timed over 4 and 12 of its steps (the difference is its time a step,
+    the rest its setup) and counted for --feature_steps."""
+    from ..evaluation.features import train_classifier, train_contrastive
+    from ..tools.evaluate import choose_features
+
+    data, shapes = data_configs(asdict(config), data_root)
+    n = config.eval_images
+    if config.dataset == "shapes":
+        return Stage(f"evaluation ({n} samples)", n * per_sample, images=n,
+                     how=f"{config.eval_steps} DDIM steps, {per_sample:.2f} s a sample "
+                         "(the grid's)")
+    train_set = make_dataset(data, "train", shapes=shapes)
+    held_out = make_dataset(data, "eval", shapes=shapes)
+    n = min(n, len(held_out))
+    kind, _ = choose_features("auto", train_set)
+
+    def feature_seconds(steps: int) -> float:
+        if kind == "classifier":
+            classes = len(getattr(train_set, "class_names", None) or []) or 2
+            return train_classifier(train_set, held_out, classes, steps=steps,
+                                    device=device)[1]["train_seconds"]
+        return train_contrastive(train_set, held_out, steps=steps, device=device)[1][
+            "train_seconds"]
+
+    short, long = feature_seconds(4), feature_seconds(12)
+    per_step = max(0.0, (long - short) / 8)
+    features = short - 4 * per_step + config.feature_steps * per_step
+    return Stage(f"evaluation ({n} samples)", n * per_sample + features, images=n,
+                 how=f"{config.eval_steps} DDIM steps, {per_sample:.2f} s a sample (the grid's); "
+                     f"the {kind} feature network: {config.feature_steps} steps of "
+                     f"{per_step * 1000:.0f} ms ({features:.0f} s)")

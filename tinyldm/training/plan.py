@@ -25,7 +25,7 @@ import torch
 
 from .memory import available_bytes, describe
 
-WARMUP, TIMED = 3, 5  # steps run before the clock starts, and steps timed
+WARMUP, TIMED = 3, 8  # steps run before the clock starts, and steps timed (their median counts)
 
 
 @dataclass
@@ -52,15 +52,18 @@ def sync(device: torch.device) -> None:
 
 def seconds_per_call(fn: Callable[[int], object], device: torch.device, *, first: int = 0,
                      warmup: int = WARMUP, timed: int = TIMED) -> float:
-    """fn(first), fn(first + 1), ...: `warmup` calls not counted, then the mean time of `timed`."""
+    """fn(first), fn(first + 1), ...: `warmup` calls not counted, then the median time of `timed`
+    (a median: one call slowed by something else on the machine does not move it)."""
     for i in range(warmup):
         fn(first + i)
-    sync(device)
-    start = time.perf_counter()
+    times = []
     for i in range(timed):
+        sync(device)
+        start = time.perf_counter()
         fn(first + warmup + i)
-    sync(device)
-    return (time.perf_counter() - start) / timed
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
 
 
 def module_bytes(*modules: torch.nn.Module) -> int:
@@ -84,7 +87,7 @@ def report(stages: list[Stage], device: torch.device, *, json_path: str | None =
     total = sum(s.seconds for s in stages)
     finish = datetime.now() + timedelta(seconds=total)
     print(f"\nplan, device {device} ({describe(free) + ' free' if free else 'free memory unknown'})"
-          f"; times from {TIMED} real steps on this device after {WARMUP} of warm-up:")
+          f"; times: the median of {TIMED} real steps on this device, after {WARMUP} of warm-up:")
     print(f"  {'stage':<28}{'steps':>8}{'batch':>7}{'images':>8}{'epochs':>9}{'memory':>10}"
           f"{'disk':>10}{'time':>15}")
     for s in stages:
