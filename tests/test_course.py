@@ -163,16 +163,19 @@ def test_the_reference_scores_full_marks_zeros_score_nothing_and_every_mutant_lo
     def run(part):  # a mutant need only lose a point: its grading stops at the first
         with kit.Grader(threads=1, quiet=True) as full, \
                 kit.Grader(threads=1, quiet=True, stop_early=True) as early:
-            return [(name, label, folder, (early if label != "(the reference)" and "degenerate"
-                                           not in folder.name else full).grade(
-                folder, only=[name]).score(name)) for name, label, folder in part]
+            graded = [(name, label, folder, (early if label != "(the reference)" and "degenerate"
+                                             not in folder.name else full).grade(
+                folder, only=[name])) for name, label, folder in part]
+            return [(name, label, folder, report.score(name),
+                     [(c.test, c.output) for c in report.cases if not c.passed])
+                    for name, label, folder, report in graded]
 
     with ThreadPoolExecutor(2) as pool:
         results = [r for part in pool.map(run, half) for r in part]
     wrong = []
-    for name, label, folder, (ok, total) in results:
-        if label == "(the reference)":
-            wrong += [] if ok == total else [(name, label, ok, total)]
+    for name, label, folder, (ok, total), failed in results:
+        if label == "(the reference)":  # with what the reference's failed cases said
+            wrong += [] if ok == total else [(name, label, ok, total, failed)]
         elif "degenerate" in folder.name:
             wrong += [] if ok == 0 else [(name, label, ok, total)]
         elif ok == total:
@@ -476,3 +479,35 @@ if os.fork() == 0:
     assert set(by["classifier_free_guidance"]) == {0.0}  # ddim.py not submitted
     time.sleep(12)
     assert results_path.read_text() == written
+
+
+def test_unshare_failing_on_its_own_at_start_is_retried_and_nothing_else_is(tmp_path, monkeypatch):
+    """`unshare` sometimes fails before the child runs ("sigprocmask unblock failed", seen when
+    graders start children from two threads): the start is retried, at most twice. A child that
+    ends for any other reason is not retried."""
+    from tinyldm.course import sandbox
+
+    child = sandbox.Child(tmp_path, isolation="namespaces")
+    tries = []
+
+    def flaky(message, fails):
+        def start():
+            tries.append(1)
+            if len(tries) <= fails:
+                raise sandbox.ChildError(message)
+        return start
+
+    monkeypatch.setattr(child, "_start", flaky("the process ended (exit code 1): unshare: "
+                                               "sigprocmask unblock failed: Invalid argument", 2))
+    child.start()
+    assert len(tries) == 3
+    tries.clear()
+    monkeypatch.setattr(child, "_start", flaky("the process ended (exit code 1): unshare: x", 3))
+    with pytest.raises(sandbox.ChildError, match="unshare: x"):
+        child.start()
+    assert len(tries) == 3
+    tries.clear()
+    monkeypatch.setattr(child, "_start", flaky("the process ended (exit code 1): SyntaxError", 1))
+    with pytest.raises(sandbox.ChildError, match="SyntaxError"):
+        child.start()
+    assert len(tries) == 1

@@ -142,6 +142,18 @@ class Child:
     # -- life cycle --
 
     def start(self) -> None:
+        """Start the child; `unshare` failing on its own before the child runs (a rare
+        "sigprocmask unblock failed" when many start at once) is retried, twice."""
+        for attempt in range(3):
+            try:
+                return self._start()
+            except ChildError as e:
+                own = self.mode == "namespaces" and "unshare: " in str(e) and attempt < 2
+                if not own:
+                    raise
+                self.close()
+
+    def _start(self) -> None:
         self._scratch = tempfile.mkdtemp(prefix="tmp")  # the child's home under a reaper
         if self.mode == "reaper" and self.root:
             os.chown(self._scratch, SANDBOX_UID, SANDBOX_GID)
