@@ -286,7 +286,7 @@ def plan(state: TrainState, config, train_set: Dataset, held_out: Dataset, devic
         Stage(f"autoencoder ({cfg.regularizer}, f={cfg.downsample_factor})",
               before * t_before + after * t_after + extra, after + before, config.batch_size,
               len(train_set), memory=memory, disk=size,
-              how=f"{how}; {grids} grids, {ckpts} checkpoints of {size / 1e6:.1f} MB",
+              how=f"{how}; {grids} grid(s), {ckpts} checkpoint(s) of {size / 1e6:.1f} MB",
               notes=memorising(len(train_set), steps - start, config.batch_size)),
         Stage("held-out score, scale factor", scored * t_image, images=scored,
               how=f"{t_image * 1000:.1f} ms an image (encoded and decoded)"),

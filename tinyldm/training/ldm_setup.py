@@ -425,9 +425,9 @@ def plan(*, step: Callable[[int], dict], ema, save: Callable[[int], None], ckpt_
     stages += [cache, Stage(
         f"LDM ({sum(p.numel() for p in denoiser.parameters()) / 1e6:.1f} M parameters)",
         steps * t_step + extra, steps, config.batch_size, cache.images, memory=memory, disk=size,
-        how=f"{t_step * 1000:.0f} ms a step; {grids} grids of {grid_images} samples "
+        how=f"{t_step * 1000:.0f} ms a step; {grids} grid(s) of {grid_images} samples "
             f"({t_grid:.1f} s each{f', {young} with the raw weights too' if young else ''}), "
-            f"{ckpts} checkpoints of {size / 1e6:.1f} MB",
+            f"{ckpts} checkpoint(s) of {size / 1e6:.1f} MB",
         notes=memorising(cache.images, steps, config.batch_size))]
     if config.eval_images > 0:
         stages.append(evaluation_stage(config, data_root, t_grid / grid_images, device))
