@@ -231,8 +231,9 @@ def check_weights(what: str, nbytes: int, device: torch.device | str = "cpu", *,
         free = available_bytes(where)
         if free is not None and nbytes > HEADROOM * free:
             raise UsageError(f"{what}: {'reading it needs' if reading else 'its weights need'} "
-                             f"{describe(nbytes)}, and {where} has {describe(free)} free; nothing "
-                             "was built. Use a machine with more memory (or another --device)")
+                             f"{describe(nbytes)}, and {where} has {describe(free)} free (a job "
+                             f"may take {HEADROOM:.0%} of it); nothing was built. Use a machine "
+                             "with more memory (or another --device)")
 
 
 # ----------------------------------------------------------------------------------------------
