@@ -159,28 +159,24 @@ class PretrainedLDM:
 
 def _weights(folder: Path) -> dict[str, Tensor]:
     """A component's tensors: safetensors if present, else a PyTorch file read with
-    weights_only=True. A file that is not one ends in one line naming it."""
+    weights_only=True. A file larger than the free memory is refused unread; a file that is not
+    one ends in one line naming it."""
     for name in ("diffusion_pytorch_model.safetensors", "model.safetensors",
                  "diffusion_pytorch_model.bin", "pytorch_model.bin"):  # diffusers', transformers'
-        if (folder / name).exists():  # a file larger than the free memory is refused unread
-            check_weights(str(folder / name), (folder / name).stat().st_size, reading=True)
-            break
-    for name in ("diffusion_pytorch_model.safetensors", "model.safetensors"):
-        if (folder / name).exists():
+        path = folder / name
+        if not path.exists():
+            continue
+        check_weights(str(path), path.stat().st_size, reading=True)
+        if path.suffix == ".safetensors":
             from safetensors.torch import load_file
 
-            return _refusing(folder / name, "is not a safetensors file",
-                             lambda path=folder / name: load_file(str(path)))
-    for name in ("diffusion_pytorch_model.bin", "pytorch_model.bin"):
-        if (folder / name).exists():
-            # tensors only, never code
-            state = _refusing(folder / name, "is not a PyTorch weights file",
-                              lambda path=folder / name: torch.load(
-                                  path, map_location="cpu", weights_only=True))
-            if not isinstance(state, dict) or not all(isinstance(v, Tensor)
-                                                      for v in state.values()):
-                raise UsageError(f"{folder / name} holds no plain dict of tensors")
-            return state
+            return _refusing(path, "is not a safetensors file", lambda p=path: load_file(str(p)))
+        # tensors only, never code
+        state = _refusing(path, "is not a PyTorch weights file", lambda p=path: torch.load(
+            p, map_location="cpu", weights_only=True))
+        if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+            raise UsageError(f"{path} holds no plain dict of tensors")
+        return state
     raise FileNotFoundError("no weights (diffusion_pytorch_model / model .safetensors, or .bin) in "
                             f"{folder}")
 

@@ -7,7 +7,6 @@ line, and the identity first stage (f = 1, nothing to train) for pixel-space dif
 from __future__ import annotations
 
 import argparse
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -251,7 +250,14 @@ def plan(state: TrainState, config, train_set: Dataset, held_out: Dataset, devic
     joins, each timed), one grid and one checkpoint (written to the plan's temporary folder), and
     the final held-out measurement extrapolated from one batch; printed by `plan.report` (see
     tinyldm.training.plan)."""
-    from .plan import Stage, grids_and_checkpoints, memorising, report, seconds_per_call
+    from .plan import (
+        Stage,
+        grids_and_checkpoints,
+        memorising,
+        report,
+        seconds_once,
+        seconds_per_call,
+    )
 
     start, steps, disc = state.start, config.steps, state.loss_fn.config.disc_start
     memory = check_memory(state, state.model.config, config, World(), device)
@@ -266,11 +272,8 @@ def plan(state: TrainState, config, train_set: Dataset, held_out: Dataset, devic
     after = steps - start - before
     t_before = seconds_per_call(run, device, first=start) if before else 0.0
     t_after = seconds_per_call(run, device, first=max(start, disc)) if after else 0.0
-    t0 = time.perf_counter()
-    save(start)
-    t1 = time.perf_counter()
-    grid(start)
-    t_ckpt, t_grid = t1 - t0, time.perf_counter() - t1
+    t_ckpt = seconds_once(lambda: save(start), device)
+    t_grid = seconds_once(lambda: grid(start), device)
     grids, ckpts, extra = grids_and_checkpoints(steps, start, config.sample_every,
                                                 config.ckpt_every, t_grid, t_ckpt)
     x = next(first_images(train_set, config.batch_size, config.batch_size)).to(device)

@@ -392,7 +392,14 @@ def plan(*, step: Callable[[int], dict], ema, save: Callable[[int], None], ckpt_
     """--plan: the LDM's time from real steps of `step` (with the EMA update), one grid and one
     checkpoint, and the final evaluation's sampling from the grid's time per image; the first
     stage's plan (from train_ae.py --plan) before it."""
-    from .plan import Stage, grids_and_checkpoints, memorising, report, seconds_per_call
+    from .plan import (
+        Stage,
+        grids_and_checkpoints,
+        memorising,
+        report,
+        seconds_once,
+        seconds_per_call,
+    )
 
     # the device holds the whole latent cache: what the timed few lack is added
     memory = check_memory(denoiser, data, config.batch_size, device)
@@ -403,12 +410,10 @@ def plan(*, step: Callable[[int], dict], ema, save: Callable[[int], None], ckpt_
         ema.update(denoiser)
 
     t_step = seconds_per_call(run, device, first=start)
-    t0 = time.perf_counter()
-    save(start)
-    t1 = time.perf_counter()
+    t_ckpt = seconds_once(lambda: save(start), device)
     updates, ema.num_updates, ema.said_young = ema.num_updates, 2**40, True
-    grid(start)  # one row, the EMA's: a young EMA's grids draw a second row, counted below
-    t_ckpt, t_grid = t1 - t0, time.perf_counter() - t1
+    # one row, the EMA's: a young EMA's grids draw a second row, counted below
+    t_grid = seconds_once(lambda: grid(start), device)
     ema.num_updates = updates
     grids, ckpts, extra = grids_and_checkpoints(config.steps, start, config.sample_every,
                                                 config.ckpt_every, t_grid, t_ckpt)

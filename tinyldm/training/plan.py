@@ -66,8 +66,13 @@ def seconds_per_call(fn: Callable[[int], object], device: torch.device, *, first
     return sorted(times)[len(times) // 2]
 
 
-def module_bytes(*modules: torch.nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for m in modules for t in m.state_dict().values())
+def seconds_once(fn: Callable[[], object], device: torch.device) -> float:
+    """The time of one call of fn() (a checkpoint written, a grid drawn), the device synced."""
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
 
 
 def duration(seconds: float) -> str:
