@@ -63,7 +63,8 @@ def save_faces(folder, n=40, layout="plain"):
 
 
 def finite(block):
-    return all(math.isfinite(v) for v in block.values())
+    values = [x for v in block.values() for x in (v if isinstance(v, list) else [v])]
+    return all(math.isfinite(x) for x in values)
 
 
 def test_evaluate_writes_protocol_metrics_and_floor(smoke_ckpt, tmp_path, capsys):
@@ -79,8 +80,11 @@ def test_evaluate_writes_protocol_metrics_and_floor(smoke_ckpt, tmp_path, capsys
     out = capsys.readouterr().out
     # shapes are labelled
     assert "features: classifier (auto: every training image has a class label)" in out
-    assert (f"FD (tinyldm classifier): {r['metrics']['fd']:.3f}  [real-vs-real floor at N=8: "
-            f"{r['real_vs_train_floor']['fd']:.3f}]") in out
+    lo, hi = r["metrics"]["fd_interval"]
+    assert (f"FD (tinyldm classifier): {r['metrics']['fd']:.3f} (95% interval {lo:.3f} to "
+            f"{hi:.3f}); real-vs-real floor at N=8: {r['real_vs_train_floor']['fd']:.3f} [N=8 "
+            "generated vs the first 8 held-out images of shapes at 32 px; ddim 2 steps, eta 0, "
+            "guidance 3, seed 0; features: tinyldm classifier") in out
     again = run(smoke_ckpt, tmp_path)  # same flags, same images, same numbers
     assert again["metrics"] == r["metrics"]
     other = run(smoke_ckpt, tmp_path, "--seed", "1")
@@ -269,7 +273,8 @@ def test_evaluate_a_folder_of_real_faces(smoke_ckpt, tmp_path, capsys, layout, c
     assert (f"held-out split has only {held_out} images, fewer than the 64 asked for: "
             f"using all {held_out}") in out
     assert f"features: {kind} (auto: " in out and "training the" in out
-    assert f"{name}: {r['metrics']['fd']:.3f}  [real-vs-real floor at N={held_out}: " in out
+    assert f"{name}: {r['metrics']['fd']:.3f} (95% interval " in out
+    assert f"real-vs-real floor at N={held_out}: " in out
     p = r["protocol"]
     assert (p["cond"] == cond and p["n"] == held_out and p["n_requested"] == 64
             and p["fd_name"] == name)
@@ -356,3 +361,68 @@ def test_the_floor_draws_training_images_of_the_held_out_classes(tmp_path, lfw_f
     plain = make_dataset(DataConfig(source="folder", root=str(lfw_faces), image_size=25), "train")
     idx, how = floor_indices(plain, torch.full((8,), -1), seed=0)
     assert len(set(idx)) == 8 and idx != list(range(8)) and "random" in how
+
+
+def test_a_released_model_is_measured_on_the_same_scale_as_one_trained_here(tmp_path, capsys):
+    """`--pretrained` on random weights, offline: a model of the photo presets' kind saved as
+    train_ldm.py saves it, and the same weights exported to a diffusers folder (what the paper's
+    releases are). Against the same faces folder, with the same feature network, N, sampler and
+    seed, both give the same figures; every figure line carries the protocol, the FD its bootstrap
+    interval."""
+    from test_pretrained import _trained_here
+
+    from tinyldm.pretrained.export import main as export
+    from tinyldm.training.checkpoint import save_checkpoint
+
+    faces = save_faces(tmp_path / "faces", n=60)
+    ckpt = _trained_here("none", "eps")
+    ckpt["train_config"] = {"dataset": "folder", "image_size": 32, "n_train": 0, "cond": "none",
+                            "task": "generate"}
+    save_checkpoint(tmp_path / "ldm.pt", ckpt, kind="ldm")
+    export([str(tmp_path / "ldm.pt"), str(tmp_path / "released")])
+    flags = ["--data", str(faces), "--n", "64", "--steps", "4", "--device", "cpu",
+             "--contrastive_steps", "10", "--bootstrap", "20"]
+    here = evaluate.main(["--ckpt", str(tmp_path / "ldm.pt"), *flags])
+    capsys.readouterr()
+    released = evaluate.main(["--pretrained", str(tmp_path / "released"), *flags,
+                              "--contrastive", str(tmp_path / "feature_contrastive.pt"),
+                              "--json", str(tmp_path / "m.json")])
+    out = capsys.readouterr().out
+    assert released["metrics"]["fd"] == pytest.approx(here["metrics"]["fd"], rel=1e-4)
+    assert released["metrics"]["fd_interval"] == pytest.approx(here["metrics"]["fd_interval"],
+                                                               rel=1e-4)
+    lo, hi = released["metrics"]["fd_interval"]
+    assert lo < hi and released["metrics"]["fd_bootstrap_resamples"] == 20
+    n = released["protocol"]["n"]
+    figures = [line for line in out.splitlines() if line.startswith(("FD", "KID"))]
+    assert len(figures) == 2
+    for line in figures:  # N, reference set, sampler and steps, features, bootstrap, model
+        assert (f"[N={n} generated vs the first {n} held-out images of folder at 32 px; ddim 4 "
+                "steps, eta 0, guidance 1, seed 0; features: tinyldm contrastive encoder") in line
+        assert "95% percentile bootstrap, 20 resamples; model: " in line and "released" in line
+    assert json.loads((tmp_path / "m.json").read_text())["protocol"]["bootstrap"] == 20
+    with pytest.raises(SystemExit, match="needs --data"):
+        evaluate.main(["--pretrained", str(tmp_path / "released"), "--device", "cpu"])
+    with pytest.raises(SystemExit, match="--bootstrap must be 0"):
+        evaluate.main(["--pretrained", str(tmp_path / "released"), *flags[:-1], "1"])
+
+
+def test_the_text_release_is_measured_on_held_out_captions(tmp_path, capsys):
+    """The text-to-image release (its structure at a small width, random weights) draws one image
+    per held-out caption, guided; a folder without captions is refused by name."""
+    pytest.importorskip("transformers", reason="diffusers' LDMBert needs it")
+    from test_pretrained_text2im import WORDS, _text2im_pipeline
+
+    (tmp_path / "vocab.txt").write_text("\n".join(WORDS) + "\n")
+    _text2im_pipeline(tmp_path, tmp_path / "t2i")
+    captioned = save_faces(tmp_path / "captioned", n=40, layout="captions")
+    r = evaluate.main(["--pretrained", str(tmp_path / "t2i"), "--data", str(captioned), "--n", "4",
+                       "--steps", "2", "--guidance", "5", "--device", "cpu",
+                       "--contrastive_steps", "5", "--bootstrap", "10"])
+    assert r["protocol"]["cond"] == "text" and r["protocol"]["guidance"] == 5
+    assert r["protocol"]["reference"].endswith("of folder at 64 px")  # the release's own size
+    assert "guidance 5, seed 0" in capsys.readouterr().out
+    plain = save_faces(tmp_path / "plain", n=40)
+    with pytest.raises(SystemExit, match="have no captions"):
+        evaluate.main(["--pretrained", str(tmp_path / "t2i"), "--data", str(plain), "--n", "4",
+                       "--device", "cpu", "--contrastive_steps", "5"])

@@ -137,7 +137,7 @@ EVALUATE_PROBES = [
     (["--ckpt", "{ldm}", "--eta", "2"], "--eta 2"),
     (["--ckpt", "{ldm}", "--sweep_steps", "10", "0"], "--steps 0"),
     (["--ckpt", "{ldm}", "--json", "{root}"], "is a folder"),
-    (["--n", "10"], "the following arguments are required: --ckpt"),
+    (["--n", "10"], "one of the arguments --ckpt --pretrained is required"),
 ]
 
 

@@ -7,6 +7,7 @@ import torch
 
 from tinyldm.evaluation.metrics import (
     feature_stats,
+    frechet_bootstrap,
     frechet_distance,
     frechet_from_features,
     kernel_distance,
@@ -118,3 +119,26 @@ def test_precision_and_recall():
         precision_recall(real[:3], same[:3])
     with pytest.raises(ValueError, match="widths differ"):
         frechet_from_features(real, torch.randn(10, 3))
+
+
+def test_the_fd_bootstrap_interval_is_seeded_narrows_with_n_and_covers_a_fresh_draw():
+    """frechet_bootstrap: the same generator gives the same interval; four times the images give a
+    narrower one; and the interval from one draw of N real and N generated features covers the FD
+    of most independent draws of the same two distributions (its purpose: how much the figure moves
+    with the draw of N images)."""
+    def pair(n, g):
+        return torch.randn(n, 4, generator=g), torch.randn(n, 4, generator=g) * 1.3 + 0.5
+
+    g = torch.Generator().manual_seed(0)
+    real, fake = pair(200, g)
+    a = frechet_bootstrap(real, fake, resamples=50, generator=torch.Generator().manual_seed(3))
+    b = frechet_bootstrap(real, fake, resamples=50, generator=torch.Generator().manual_seed(3))
+    assert a == b and a[0] < frechet_from_features(real, fake) < a[1]
+    small = frechet_bootstrap(*pair(100, g), resamples=100, generator=g)
+    large = frechet_bootstrap(*pair(1600, g), resamples=100, generator=g)
+    assert large[1] - large[0] < 0.5 * (small[1] - small[0])
+    lo, hi = frechet_bootstrap(*pair(300, g), resamples=200, generator=g)
+    fresh = [frechet_from_features(*pair(300, g)) for _ in range(60)]
+    assert sum(lo <= f <= hi for f in fresh) >= 0.75 * len(fresh)
+    with pytest.raises(ValueError, match="at least 2 resamples"):
+        frechet_bootstrap(real, fake, resamples=1)

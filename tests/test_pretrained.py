@@ -582,6 +582,11 @@ def test_the_export_command_writes_a_folder_diffusers_pipeline_loads(tmp_path, c
     assert "model_index.json" in capsys.readouterr().out
     pipe = diffusers.DiffusionPipeline.from_pretrained(tmp_path / "out")
     assert type(pipe).__name__ == "LDMPipeline" and pipe.scheduler.config.steps_offset == 1
+    # loaded back, the VQ latents keep the model's own scale (0.8), which tinyldm.json holds
+    assert float(load(tmp_path / "out").autoencoder.scale_factor) == pytest.approx(0.8)
+    (tmp_path / "out" / "tinyldm.json").write_text('{"scale_factor": -3}')
+    with pytest.raises(SystemExit, match="tinyldm.json: scale_factor must be a positive number"):
+        load(tmp_path / "out")
     text = _trained_here("class", "eps")
     text["cond_config"] = {**text["cond_config"], "kind": "text",
                            "vocab": ["<pad>", "<bos>", "<eos>", "<unk>"], "head_dim": 32}

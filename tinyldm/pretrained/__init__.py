@@ -253,7 +253,8 @@ def load(id_or_path: str | os.PathLike, *, release: str | None = None,
     """A released LDM from a diffusers-format folder or a hub id, in tinyldm's modules (eval mode,
     on `device`). `release`: which entry of RELEASES a local folder is (default: the folder's name
     matched against the ids; a folder that matches none is read with its own scheduler config and
-    the VQ latents unscaled).
+    the VQ latents unscaled, or a folder `tinyldm.pretrained.export` wrote with the scale factor it
+    kept in tinyldm.json).
 
     Nothing is built before every config has been read, each of its sizes checked, every stored
     tensor matched by name and shape against what the config implies (on the meta device), and
@@ -281,8 +282,9 @@ def load(id_or_path: str | os.PathLike, *, release: str | None = None,
     unet_cfg_dict = _config(path / "unet")
     concat = info.concat_channels if info else max(0, unet_cfg_dict.get("in_channels", 3)
                                                    - unet_cfg_dict.get("out_channels", 3))
-    scale = (info.scale_factor if info else 1.0 if regularizer == "vq"
-             else ae_cfg_dict.get("scaling_factor", 0.18215))
+    exported = (path / "tinyldm.json").exists()  # a model trained here: its own scale
+    scale = (info.scale_factor if info else _exported_scale(path) if exported
+             else 1.0 if regularizer == "vq" else ae_cfg_dict.get("scaling_factor", 0.18215))
     # configs -> tinyldm's, stored tensors -> tinyldm's names, each checked against the shapes the
     # config implies on the meta device: nothing is allocated for a config the weights do not fit
     unet_cfg, unet_sd = _refusing(path / "unet", "does not hold the UNet its config.json describes",
@@ -322,6 +324,17 @@ def load(id_or_path: str | os.PathLike, *, release: str | None = None,
     return PretrainedLDM(denoiser, diffusion.make_schedule(), ae.eval(), diffusion, image_size,
                          source=f"{name} ({index.get('_class_name', 'a diffusers pipeline')})"
                          ).to(device)
+
+
+def _exported_scale(folder: Path) -> float:
+    """The latent scale factor that `tinyldm.pretrained.export` kept in tinyldm.json."""
+    path = folder / "tinyldm.json"
+    entry = _refusing(path, "is not JSON", lambda: json.loads(path.read_bytes()))
+    scale = entry.get("scale_factor") if isinstance(entry, dict) else None
+    if not isinstance(scale, int | float) or not 0 < scale < 1e6:
+        raise UsageError(f"{path}: scale_factor must be a positive number, got {scale!r}: a "
+                         "damaged or crafted file; nothing was built from it")
+    return float(scale)
 
 
 def _converted(cfg, folder: Path, convert) -> tuple:

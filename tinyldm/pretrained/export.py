@@ -76,9 +76,16 @@ def export_checkpoint(ckpt: dict, out: str | Path) -> Path:
     scheduler = diffusers.DDIMScheduler(**diffusers_scheduler_config(cfg))
     if kind == "none":
         diffusers.LDMPipeline(vqvae=vqvae, unet=unet, scheduler=scheduler).save_pretrained(out)
+    else:
+        for part, module in (("unet", unet), ("vqvae", vqvae), ("scheduler", scheduler)):
+            module.save_pretrained(out / part)
+    # the latent scale, which diffusers reads from the VQ config but tinyldm.pretrained.load does
+    # not (the CelebA-HQ release's VQ config lacks it): kept beside, for loading it back
+    (out / "tinyldm.json").write_text(json.dumps(
+        {"scale_factor": float(autoencoder.scale_factor),
+         "written_by": "python -m tinyldm.pretrained.export"}, indent=1))
+    if kind == "none":
         return out
-    for part, module in (("unet", unet), ("vqvae", vqvae), ("scheduler", scheduler)):
-        module.save_pretrained(out / part)
     from safetensors.torch import save_file
 
     table = denoiser.cond.class_emb.weight.detach().contiguous()

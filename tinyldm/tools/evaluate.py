@@ -8,6 +8,8 @@ numbers.
         --sweep_steps 5 10 20 50   # a table per sampler
     python -m tinyldm.tools.evaluate --ckpt runs/ldm-celeba64/ldm.pt --data /data/celeba \\
         --features inception --inception_weights pt_inception-2015-12-05-6726825d.pth
+    python -m tinyldm.tools.evaluate --pretrained CompVis/ldm-celebahq-256 --data /data/celebahq \\
+        --n 1000 --features inception   # the paper's released model, on the same scale
 
 From Python (e.g. at the end of training): `measure_checkpoint(ckpt_path, data_root, n, steps,
 guidance, device)` returns the dict the command prints and writes.
@@ -26,12 +28,18 @@ The protocol (printed, and stored in the JSON):
   tinyldm on the training images alone (reported as "FD (tinyldm contrastive features)"); either is
   trained once and saved beside the checkpoint (feature_classifier.pt, feature_contrastive.pt).
   `--features inception`: Inception-v3 through pytorch-fid, the only features reported as FID / KID;
-* metrics: Frechet distance, KID (mean and std over 100 subsets of max(2, min(1000, N / 2))),
+* a released model (`--pretrained`, `tinyldm.pretrained.load`) is measured the same way against
+  the held-out split of `--data` (read as `--dataset`) at its own image size; its feature networks
+  are kept in runs/features/<data>-<size>px/. To place it and a model trained here on one scale,
+  give both the same reference folder and the same features (`--features inception`, or the same
+  `--contrastive` file) at the same N;
+* metrics: Frechet distance with a 95% percentile bootstrap interval (`--bootstrap` resamples of
+  both feature sets, default 100), KID (mean and std over 100 subsets of max(2, min(1000, N / 2))),
   precision / recall (k = min(3, N - 1)); the same metrics between the reference set and N training
   images drawn at random (of each reference image's class, where the data have classes), the
   real-vs-real floor a perfect model would reach at this N (Frechet distances are biased upwards at
   small N, so compare models at the same N only); and where the data allow it, the task's own score
-  (shapes evaluator, PSNR / SSIM).
+  (shapes evaluator, PSNR / SSIM). Every printed figure carries the protocol on its line.
 """
 
 from __future__ import annotations
@@ -66,7 +74,12 @@ from tinyldm.evaluation.features import (
     train_classifier,
     train_contrastive,
 )
-from tinyldm.evaluation.metrics import frechet_from_features, kernel_distance, precision_recall
+from tinyldm.evaluation.metrics import (
+    frechet_bootstrap,
+    frechet_from_features,
+    kernel_distance,
+    precision_recall,
+)
 from tinyldm.ldm import load_ldm
 from tinyldm.training.checkpoint import load_checkpoint
 from tinyldm.training.flags import check_sampling_flags, check_sampling_steps
@@ -105,19 +118,19 @@ def choose_features(features: str, train_set, *, classifier: str | None = None,
     return "contrastive", "auto: the training images have no class labels"
 
 
-def feature_function(kind: str, train_set, eval_set_fn, ckpt_path: Path, device: torch.device, *,
+def feature_function(kind: str, train_set, eval_set_fn, folder: Path, device: torch.device, *,
                      classifier: str | None = None, classifier_steps: int = 600,
                      contrastive: str | None = None, contrastive_steps: int = 600,
                      inception_weights: str | None = None):
     """(callable images -> features, name of the Frechet distance, details for the protocol). The
-    tinyldm networks are read from their file (default: beside the checkpoint), or trained on
+    tinyldm networks are read from their file (default: in `folder`), or trained on
     `train_set` and saved there first; `eval_set_fn()` gives the held-out split their training
     reports on."""
     if kind == "inception":
         net = InceptionFeatures(inception_weights, device)
         return net, "FID", {"features": "Inception-v3 pool3 (pytorch-fid), 2048-d"}
     if kind == "classifier":
-        path = Path(classifier) if classifier else ckpt_path.parent / "feature_classifier.pt"
+        path = Path(classifier) if classifier else folder / "feature_classifier.pt"
         if not path.exists():
             if not labelled(train_set):
                 raise UsageError("--features classifier needs class labels (class sub-folders, a "
@@ -130,6 +143,7 @@ def feature_function(kind: str, train_set, eval_set_fn, ckpt_path: Path, device:
                   f"({num_classes} classes, {classifier_steps} steps) -> {path}")
             model, meta = train_classifier(train_set, eval_set_fn(), num_classes,
                                            steps=classifier_steps, device=device)
+            path.parent.mkdir(parents=True, exist_ok=True)
             save_feature_net(path, model, meta)
             print(f"held-out accuracy {meta['accuracy']:.1%} ({meta['train_seconds']:.0f} s)")
         model, meta = load_classifier(path)
@@ -137,12 +151,13 @@ def feature_function(kind: str, train_set, eval_set_fn, ckpt_path: Path, device:
         return (lambda x: model.features(x.to(device))), "FD (tinyldm classifier)", {
             "features": f"tinyldm classifier {path} (128-d, held-out accuracy "
                         f"{meta['accuracy']:.3f})"}
-    path = Path(contrastive) if contrastive else ckpt_path.parent / "feature_contrastive.pt"
+    path = Path(contrastive) if contrastive else folder / "feature_contrastive.pt"
     if not path.exists():
         print(f"training the contrastive feature network (SimCLR) on {len(train_set)} training "
               f"images, no labels ({contrastive_steps} steps) -> {path}")
         model, meta = train_contrastive(train_set, eval_set_fn(), steps=contrastive_steps,
                                         device=device)
+        path.parent.mkdir(parents=True, exist_ok=True)
         save_feature_net(path, model, meta)
         print(f"held-out view retrieval {meta['view_retrieval']:.1%} "
               f"(chance {1 / meta['eval_images']:.1%}), final loss {meta['loss']:.3f} "
@@ -199,15 +214,17 @@ class Prepared:
     scorable: bool
 
 
+def _device(device: str | torch.device) -> torch.device:
+    return pick_device(device) if isinstance(device, str) else torch.device(device)
+
+
 def prepare(ckpt_path: str | Path, data_root: str | None, n: int, guidance: float,
             device: str | torch.device, features: str, *, seed: int = 0,
-            classifier: str | None = None, classifier_steps: int = 600,
-            contrastive: str | None = None, contrastive_steps: int = 600,
-            inception_weights: str | None = None, steps: tuple[int, ...] = ()) -> Prepared:
-    """Load the checkpoint, pick the held-out items and the features, and measure the real-vs-real
-    floor. `steps`: the step counts that will be sampled, checked before any work."""
-    device = pick_device(device) if isinstance(device, str) else torch.device(device)
-    ckpt_path = Path(ckpt_path)
+            steps: tuple[int, ...] = (), **feature_options) -> Prepared:
+    """Load a checkpoint trained here, pick the held-out items and the features, and measure the
+    real-vs-real floor. `steps`: the step counts that will be sampled, checked before any work;
+    `feature_options`: `prepare_model`'s."""
+    device, ckpt_path = _device(device), Path(ckpt_path)
     ckpt = load_checkpoint(ckpt_path, kind="ldm", device=device)
     train_config = ckpt["train_config"]
     if train_config["dataset"] != "shapes" and not data_root:
@@ -216,8 +233,54 @@ def prepare(ckpt_path: str | Path, data_root: str | None, n: int, guidance: floa
     denoiser, schedule, ae, diffusion = load_ldm(ckpt)
     for k in steps:
         check_sampling_steps(schedule.T, k)
-    denoiser, ae = denoiser.to(device), ae.to(device)
-    schedule = schedule.to(device)
+    return prepare_model((denoiser.to(device), schedule.to(device), ae.to(device), diffusion),
+                         train_config, ckpt["image_size"], data_root, n, guidance, device,
+                         features, source=str(ckpt_path), feature_dir=ckpt_path.parent,
+                         seed=seed, **feature_options)
+
+
+def prepare_pretrained(folder: str, data_root: str | None, dataset: str, n: int, guidance: float,
+                       device: str | torch.device, features: str, *, seed: int = 0,
+                       steps: tuple[int, ...] = (), **feature_options) -> Prepared:
+    """The same for a released model (`tinyldm.pretrained.load`: a diffusers-format folder or a hub
+    id), measured against the held-out split of `data_root` read as `dataset` at the model's own
+    image size: unconditional releases draw one image per held-out image, the text-to-image release
+    one per held-out caption, the super-resolution release upscales each held-out image's 4x
+    smaller copy. The tinyldm feature networks are trained on that data's training split and kept in
+    runs/features/<data>-<size>px/ (pass --contrastive / --classifier to use another file)."""
+    from tinyldm.pretrained import load
+
+    device = _device(device)
+    if not data_root:
+        raise UsageError(f"--pretrained {folder} needs --data: the folder of real images its "
+                         "samples are compared with (e.g. CelebA-HQ for CompVis/ldm-celebahq-256)")
+    model = load(folder, device=device)
+    for k in steps:
+        check_sampling_steps(model.schedule.T, k)
+    concat = model.denoiser.unet.cfg.concat_channels
+    train_config = {"dataset": dataset, "image_size": model.image_size, "n_train": 0,
+                    "cond": "text" if model.prompted else "none",
+                    "task": "superres" if concat else "generate", "sr_factor": 4}
+    if model.prompted and dataset == "shapes":
+        raise UsageError("the text-to-image release is measured on captioned images: give a folder "
+                         "with captions (--dataset folder)")
+    name = f"{Path(data_root).resolve().name}-{model.image_size}px"
+    return prepare_model((model.denoiser, model.schedule, model.autoencoder, model.diffusion),
+                         train_config, model.image_size, data_root, n, guidance, device, features,
+                         source=model.source, feature_dir=Path("runs/features") / name, seed=seed,
+                         **feature_options)
+
+
+def prepare_model(model: tuple, train_config: dict, image_size: int, data_root: str | None,
+                  n: int, guidance: float, device: torch.device, features: str | None, *,
+                  source: str, feature_dir: Path, seed: int = 0, classifier: str | None = None,
+                  classifier_steps: int = 600, contrastive: str | None = None,
+                  contrastive_steps: int = 600, inception_weights: str | None = None) -> Prepared:
+    """`model` = (denoiser, schedule, autoencoder, diffusion config) on `device`, trained on the
+    data `train_config` describes: its first n held-out items, the features (None: none, for a
+    task score alone; the tinyldm networks are read from, or trained into, `feature_dir`) and the
+    real-vs-real floor."""
+    denoiser, schedule, ae, diffusion = model
     spec = TaskSpec.from_config(train_config)
     data, shapes = data_configs(train_config, data_root)
     items = heldout_items(spec, data, shapes, n, allow_fewer=True)
@@ -228,85 +291,125 @@ def prepare(ckpt_path: str | Path, data_root: str | None, n: int, guidance: floa
     if N < n:
         print(f"the held-out split has only {N} images, fewer than the {n} asked for: using all "
               f"{N} (and {N} training images for the floor)")
-    train_set = make_dataset(data, "train", shapes=shapes)
-    kind, why = choose_features(features, train_set, classifier=classifier, contrastive=contrastive)
-    print(f"features: {kind} ({why})")
-    feature_fn, fd_name, details = feature_function(
-        kind, train_set, lambda: make_dataset(data, "eval", shapes=shapes), ckpt_path, device,
-        classifier=classifier, classifier_steps=classifier_steps, contrastive=contrastive,
-        contrastive_steps=contrastive_steps, inception_weights=inception_weights)
-    guidance = guidance if denoiser.cond.cfg.kind != "none" else 1.0
-    protocol = {"checkpoint": str(ckpt_path), "n": N, "n_requested": n,
+    if spec.cond == "text" and not any(items["caption"]):
+        raise UsageError(f"{source} is text-conditioned, and the held-out images of {data_root} "
+                         "have no captions: give a folder with captions (metadata.jsonl or a .txt "
+                         "beside each image; docs/data.md)")
+    guidance = guidance if spec.cond != "none" else 1.0
+    protocol = {"checkpoint": source, "n": N, "n_requested": n,
                 "reference": f"first {N} held-out images of {train_config['dataset']} at "
-                             f"{ckpt['image_size']} px", "guidance": guidance, "seed": seed,
+                             f"{image_size} px", "guidance": guidance, "seed": seed,
                 "cond": spec.cond, "task": spec.task}
-    floor_idx, how = floor_indices(train_set, items["class_id"], seed=seed)
-    floor_images = torch.stack([train_set[i]["image"] for i in floor_idx])
-    real = extract(feature_fn, items["image"])
-    protocol.update(details, feature_kind=kind, feature_dim=real.shape[1], fd_name=fd_name,
-                    floor=f"the same {N} held-out images vs {len(floor_images)} training "
-                    f"images, {how}")
-    floor = distribution_metrics(real, extract(feature_fn, floor_images), seed=seed)
+    feature_fn, fd_name, real, floor = None, None, None, None
+    if features is not None:
+        train_set = make_dataset(data, "train", shapes=shapes)
+        kind, why = choose_features(features, train_set, classifier=classifier,
+                                    contrastive=contrastive)
+        print(f"features: {kind} ({why})")
+        feature_fn, fd_name, details = feature_function(
+            kind, train_set, lambda: make_dataset(data, "eval", shapes=shapes), feature_dir,
+            device, classifier=classifier, classifier_steps=classifier_steps,
+            contrastive=contrastive, contrastive_steps=contrastive_steps,
+            inception_weights=inception_weights)
+        floor_idx, how = floor_indices(train_set, items["class_id"], seed=seed)
+        floor_images = torch.stack([train_set[i]["image"] for i in floor_idx])
+        real = extract(feature_fn, items["image"])
+        protocol.update(details, feature_kind=kind, feature_dim=real.shape[1], fd_name=fd_name,
+                        floor=f"the same {N} held-out images vs {len(floor_images)} training "
+                        f"images, {how}")
+        floor = distribution_metrics(real, extract(feature_fn, floor_images), seed=seed)
     return Prepared(denoiser, schedule, ae, diffusion, spec, items,
-                    ckpt["image_size"] // ae.downsample_factor, guidance, feature_fn, fd_name,
+                    image_size // ae.downsample_factor, guidance, feature_fn, fd_name,
                     protocol, real, floor, device,
                     scorable(spec, train_config["dataset"])
                         and (spec.cond != "none" or spec.has_concat))
 
 
 def measure(p: Prepared, *, sampler: str = "ddim", steps: int = 50, eta: float = 0.0, seed: int = 0,
-            amp: bool = True) -> dict:
-    """Sample one image per held-out item with `sampler` and measure them: metrics, task score,
-    time."""
+            amp: bool = True, bootstrap: int = 100) -> dict:
+    """Sample one image per held-out item with `sampler` and measure them: metrics (with a 95%
+    bootstrap interval of the FD over `bootstrap` resamples; 0: none), task score, time."""
     check_sampling_steps(p.schedule.T, steps)
     g = torch.Generator(p.device).manual_seed(seed)
     start = time.perf_counter()
     with torch.autocast(p.device.type, dtype=torch.bfloat16,
-                        enabled=p.device.type == "cuda" and amp):
+                        enabled=p.device.type == "cuda" and amp), torch.no_grad():
         images = generate_from_items(p.denoiser, p.schedule, p.ae, p.spec, p.items,
                                      (p.side, p.side), p.device, prediction=p.diffusion.prediction,
                                      steps=steps, eta=eta, method=sampler,
                                      guidance_scale=p.guidance, generator=g).float()
     seconds = time.perf_counter() - start
-    out = {"metrics": distribution_metrics(p.real, extract(p.feature_fn, images), seed=seed),
-           "sample_seconds_per_image": seconds / len(images),
+    out = {"sample_seconds_per_image": seconds / len(images),
            "network_evaluations": steps + (sampler == "plms")}
+    if p.feature_fn is not None:
+        fake = extract(p.feature_fn, images)
+        out["metrics"] = distribution_metrics(p.real, fake, seed=seed)
+        if bootstrap:
+            out["metrics"]["fd_interval"] = list(frechet_bootstrap(
+                p.real, fake, resamples=bootstrap, generator=torch.Generator().manual_seed(seed)))
+            out["metrics"]["fd_bootstrap_resamples"] = bootstrap
     if p.scorable:
         out["task_score"] = score_items(p.spec, p.items, images)
     return out
 
 
+def protocol_tag(protocol: dict) -> str:
+    """The protocol in one line, printed after every figure: N, reference set, sampler and steps,
+    guidance and seed, features, and the bootstrap."""
+    sampler = (f"{protocol['sampler']} {protocol['steps']} steps, eta {protocol['eta']:g}, "
+               if "sampler" in protocol else "")
+    boot = protocol.get("bootstrap")
+    return (f"[N={protocol['n']} generated vs the {protocol['reference']}; {sampler}guidance "
+            f"{protocol['guidance']:g}, seed {protocol['seed']}; features: "
+            f"{protocol.get('features', 'none')}"
+            + (f"; FD interval: 95% percentile bootstrap, {boot} resamples" if boot else "")
+            + f"; model: {protocol['checkpoint']}]")
+
+
+def report(protocol: dict, fd_name: str | None, measured: dict, floor: dict | None) -> dict:
+    """Print every figure with its protocol; returns the result the JSON holds."""
+    tag = protocol_tag(protocol)
+    result = {"protocol": protocol,
+              "sample_seconds_per_image": measured["sample_seconds_per_image"]}
+    if fd_name is not None:
+        metrics = measured["metrics"]
+        result.update(metrics=metrics, real_vs_train_floor=floor)
+        interval = metrics.get("fd_interval")
+        inside = f" (95% interval {interval[0]:.3f} to {interval[1]:.3f})" if interval else ""
+        print(f"{fd_name}: {metrics['fd']:.3f}{inside}; real-vs-real floor at N={protocol['n']}: "
+              f"{floor['fd']:.3f} {tag}")
+        print(f"KID {metrics['kid']:.4f} +- {metrics['kid_std']:.4f} [floor {floor['kid']:.4f}]; "
+              f"precision {metrics['precision']:.3f}, recall {metrics['recall']:.3f} "
+              f"(k = {metrics['k']}) {tag}")
+    if "task_score" in measured:
+        result["task_score"] = measured["task_score"]
+        print("task score: " + ", ".join(f"{k} {v:.3f}" for k, v in measured["task_score"].items())
+              + f" {tag}")
+    print(f"{result['sample_seconds_per_image'] * 1e3:.1f} ms per image ({protocol['sampler']}, "
+          f"{protocol['steps']} steps)")
+    return result
+
+
 def measure_checkpoint(ckpt_path: str | Path, data_root: str | None = None, n: int = 1000,
                        steps: int = 50, guidance: float = 3.0, device: str | torch.device = "auto",
                        features: str = "auto", *, eta: float = 0.0, seed: int = 0, amp: bool = True,
-                       classifier: str | None = None, classifier_steps: int = 600,
-                       contrastive: str | None = None, contrastive_steps: int = 600,
-                       inception_weights: str | None = None, json_path: str | Path | None = None,
-                       sampler: str = "ddim") -> dict:
-    """Sample one image per held-out image (up to n) from the checkpoint, measure them against those
-    images and the real-vs-real floor, print the protocol and the numbers, and return (and write to
-    `json_path`) {"protocol", "metrics", "real_vs_train_floor", "sample_seconds_per_image", and
-    "task_score" where the data allow one}. `data_root`: the data's folder, for checkpoints of
-    folder / CelebA / LSUN data."""
-    p = prepare(ckpt_path, data_root, n, guidance, device, features, seed=seed,
-                classifier=classifier, classifier_steps=classifier_steps, contrastive=contrastive,
-                contrastive_steps=contrastive_steps, inception_weights=inception_weights,
-                steps=(steps,))
-    measured = measure(p, sampler=sampler, steps=steps, eta=eta, seed=seed, amp=amp)
-    protocol = {**p.protocol, "sampler": sampler, "steps": steps, "eta": eta}
-    metrics, floor = measured["metrics"], p.floor
-    result = {"protocol": protocol, "metrics": metrics, "real_vs_train_floor": floor,
-              "sample_seconds_per_image": measured["sample_seconds_per_image"]}
-    if "task_score" in measured:
-        result["task_score"] = measured["task_score"]
-    print("protocol: " + ", ".join(f"{k}={v}" for k, v in protocol.items()))
-    print(f"{p.fd_name}: {metrics['fd']:.3f}  [real-vs-real floor at N={protocol['n']}: "
-          f"{floor['fd']:.3f}]")
-    print(f"KID {metrics['kid']:.4f} +- {metrics['kid_std']:.4f}  [floor {floor['kid']:.4f}]; "
-          f"precision {metrics['precision']:.3f}, recall {metrics['recall']:.3f} "
-          f"(k = {metrics['k']}); {result['sample_seconds_per_image'] * 1e3:.1f} ms per image")
-    if "task_score" in result:
-        print("task score: " + ", ".join(f"{k} {v:.3f}" for k, v in result["task_score"].items()))
+                       json_path: str | Path | None = None, sampler: str = "ddim",
+                       bootstrap: int = 100, pretrained: str | None = None,
+                       dataset: str = "folder", **feature_options) -> dict:
+    """Sample one image per held-out image (up to n) from the checkpoint (or the released model
+    `pretrained`, against `data_root` read as `dataset`), measure them against those images and the
+    real-vs-real floor, print every figure with the protocol, and return (and write to `json_path`)
+    {"protocol", "metrics", "real_vs_train_floor", "sample_seconds_per_image", and "task_score"
+    where the data allow one}. `data_root`: the data's folder, for checkpoints of folder / CelebA /
+    LSUN data. `feature_options`: `prepare_model`'s classifier / contrastive / inception options."""
+    common = dict(seed=seed, steps=(steps,), **feature_options)
+    p = (prepare_pretrained(pretrained, data_root, dataset, n, guidance, device, features, **common)
+         if pretrained else prepare(ckpt_path, data_root, n, guidance, device, features, **common))
+    measured = measure(p, sampler=sampler, steps=steps, eta=eta, seed=seed, amp=amp,
+                       bootstrap=bootstrap)
+    protocol = {**p.protocol, "sampler": sampler, "steps": steps, "eta": eta,
+                "bootstrap": bootstrap}
+    result = report(protocol, p.fd_name, measured, p.floor)
     if json_path:
         Path(json_path).write_text(json.dumps(result, indent=1))
     return result
@@ -316,31 +419,36 @@ def sweep_samplers(ckpt_path: str | Path, samplers: list[str], steps: list[int],
                    data_root: str | None = None, guidance: float = 3.0,
                    device: str | torch.device = "auto", features: str = "auto", *, eta: float = 0.0,
                    seed: int = 0, amp: bool = True, json_path: str | Path | None = None,
+                   bootstrap: int = 100, pretrained: str | None = None, dataset: str = "folder",
                    **feature_options) -> list[dict]:
     """Quality against network evaluations: every sampler at every step count on the same held-out
-    items and features; prints a table (task score where the data have one, FD, ms per image) and
-    returns its rows. `feature_options`: prepare()'s classifier / contrastive / inception
-    options."""
-    p = prepare(ckpt_path, data_root, n, guidance, device, features, seed=seed, steps=tuple(steps),
-                **feature_options)
-    run = dict(eta=eta, seed=seed, amp=amp)
-    print("protocol: " + ", ".join(f"{k}={v}" for k, v in p.protocol.items()))
+    items and features; prints a table (task score where the data have one, FD with its bootstrap
+    interval, ms per image) under the protocol, and returns its rows. `feature_options`:
+    prepare_model()'s classifier / contrastive / inception options."""
+    common = dict(seed=seed, steps=tuple(steps), **feature_options)
+    p = (prepare_pretrained(pretrained, data_root, dataset, n, guidance, device, features, **common)
+         if pretrained else prepare(ckpt_path, data_root, n, guidance, device, features, **common))
+    protocol = {**p.protocol, "eta": eta, "bootstrap": bootstrap}
+    print(f"protocol: {protocol_tag(protocol)}")
     print(f"{'sampler':<8}{'steps':>6}{'NFE':>5}{'task score':>12}{p.fd_name[:30]:>32}"
-          f"{'ms/image':>10}")
+          f"{'95% interval':>18}{'ms/image':>10}")
     rows = []
     for sampler in samplers:
         for k in steps:
-            m = measure(p, sampler=sampler, steps=k, **run)
+            m = measure(p, sampler=sampler, steps=k, eta=eta, seed=seed, amp=amp,
+                        bootstrap=bootstrap)
             score = m.get("task_score", {}).get("all")
+            fd, interval = m["metrics"]["fd"], m["metrics"].get("fd_interval")
             rows.append({"sampler": sampler, "steps": k, "nfe": m["network_evaluations"],
-                         "task_score": score, "fd": m["metrics"]["fd"],
+                         "task_score": score, "fd": fd, "fd_interval": interval,
                          "ms_per_image": m["sample_seconds_per_image"] * 1e3})
+            shown = f"{interval[0]:.2f}-{interval[1]:.2f}" if interval else "-"
             print(f"{sampler:<8}{k:>6}{m['network_evaluations']:>5}"
-                  f"{'' if score is None else f'{score:.1%}':>12}{m['metrics']['fd']:>32.3f}"
+                  f"{'' if score is None else f'{score:.1%}':>12}{fd:>32.3f}{shown:>18}"
                   f"{m['sample_seconds_per_image'] * 1e3:>10.1f}", flush=True)
     print(f"real-vs-real floor of the FD at N={p.protocol['n']}: {p.floor['fd']:.3f}")
     if json_path:
-        Path(json_path).write_text(json.dumps({"protocol": p.protocol, "floor": p.floor,
+        Path(json_path).write_text(json.dumps({"protocol": protocol, "floor": p.floor,
                                                "rows": rows}, indent=1))
     return rows
 
@@ -349,8 +457,9 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict | list:
     """The command line's flags -> `measure_checkpoint`, or `sweep_samplers` with --sweep_steps."""
     common = dict(seed=args.seed, amp=args.amp, classifier=args.classifier,
                   classifier_steps=args.classifier_steps, contrastive=args.contrastive,
-                  contrastive_steps=args.contrastive_steps,
-                  inception_weights=args.inception_weights, json_path=args.json)
+                  contrastive_steps=args.contrastive_steps, bootstrap=args.bootstrap,
+                  inception_weights=args.inception_weights, json_path=args.json,
+                  pretrained=args.pretrained, dataset=args.dataset)
     if args.sweep_steps:
         return sweep_samplers(args.ckpt, args.sweep_samplers, args.sweep_steps, args.n,
                               data_root=args.data, guidance=args.guidance, device=args.device,
@@ -362,7 +471,12 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict | list:
 def main(argv: list[str] | None = None) -> dict:
     p = ArgumentParser(prog="python -m tinyldm.tools.evaluate", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="ldm.pt from train_ldm.py")
+    model = p.add_mutually_exclusive_group(required=True)
+    model.add_argument("--ckpt", help="ldm.pt from train_ldm.py")
+    model.add_argument("--pretrained", metavar="ID_OR_DIR", help="a released model (diffusers "
+                       "folder or hub id), measured against --data")
+    p.add_argument("--dataset", default="folder", choices=("folder", "celeba", "lsun"),
+                   help="--pretrained: how --data is read (its held-out split is the reference)")
     p.add_argument("--n", type=int, default=1000, help="reference and generated images (compare at "
                    "equal N only); a smaller held-out split gives all it has")
     p.add_argument("--steps", type=int, default=50)
@@ -389,8 +503,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--device", default="auto")
     p.add_argument("--amp", type=lambda s: s.lower() in ("1", "true", "yes"), default=True,
                    help="bf16 autocast for sampling on CUDA")
+    p.add_argument("--bootstrap", type=int, default=100, help="resamples of the FD's 95%% "
+                   "percentile interval (0: none)")
     p.add_argument("--json", help="write the protocol and the numbers here")
     args = p.parse_args(argv)
+    if args.bootstrap != 0 and not 2 <= args.bootstrap <= 100_000:
+        raise UsageError(f"--bootstrap must be 0 (none) or 2 to 100000 resamples, got "
+                         f"{args.bootstrap}")
     check_sampling_flags(n=args.n, steps=args.steps, eta=args.eta, guidance=args.guidance,
                          seed=args.seed)
     for k in args.sweep_steps or []:
