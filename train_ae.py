@@ -168,6 +168,8 @@ def main(argv: list[str] | None = None) -> dict:
     state = ae_setup.build_state(ae_config, loss_config, config, world, device, ckpt)
     ae_setup.check_memory(state, ae_config, config, world, device)
     train_set, held_out = ae_setup.make_datasets(config, args.data)
+    config, loss_config = ae_setup.fit_to_data(state, config, loss_config, len(train_set), args)
+    configs = (ae_config, loss_config, config)
     ae_setup.describe(state, config, train_set, held_out, device)
 
     optimizers = {state.opt_ae: config.lr, state.opt_disc: config.disc_lr or config.lr}

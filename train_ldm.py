@@ -35,7 +35,8 @@ from tinyldm.autoencoder import Autoencoder
 from tinyldm.cli import ArgumentParser, run
 from tinyldm.conditioning import ConditionConfig
 from tinyldm.data.latent_batches import LatentTrainingSet, task_spec
-from tinyldm.evaluation.ldm_score import SampleGrid, evaluate_run, save_samples
+from tinyldm.evaluation.curves import reference_for
+from tinyldm.evaluation.ldm_score import QualityCurve, SampleGrid, evaluate_run, save_samples
 from tinyldm.ldm import Denoiser, DiffusionConfig, ldm_loss, ldm_payload
 from tinyldm.training import ldm_setup
 from tinyldm.training.checkpoint import RunLock, load_checkpoint, save_checkpoint
@@ -44,7 +45,7 @@ from tinyldm.training.flags import add_config_args, default_preset
 from tinyldm.training.loop import EMA, rng_state, seed_everything, seed_stream, set_rng_state
 from tinyldm.training.plan import plan_folder
 from tinyldm.training.presets import LDM_PRESETS, LDM_SMOKE
-from tinyldm.training.trainer import Trainer, TrainingConfig
+from tinyldm.training.trainer import Trainer, TrainingConfig, fit_steps
 from tinyldm.unet import UNetConfig
 
 
@@ -77,6 +78,8 @@ class TrainLDMConfig(TrainingConfig):
     feature_steps: int = 600  # other data: training steps of the evaluator's feature network
     eval_steps: int = 50
     eval_cfg: float = 3.0  # classifier-free guidance scale for the grids and the evaluation
+    curve_every: int = 0  # a quality-curve point (log.jsonl, loss.png) every N steps; 0: none
+    curve_images: int = 32  # its fixed held-out set
     posterior: str = "sample"  # KL: z ~ q(z|x), a fresh draw each step (App. G), or the posterior
     #                            "mean". VQ: the pre-quantization latent either way.
 
@@ -183,6 +186,8 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         data = ldm_setup.rank_zero_first(world, lambda: LatentTrainingSet.build(
             ae, ae_path, config, args.data, out, world, device))
+    images = cache.images if args.plan is not None else len(data.latents)
+    config = fit_steps(config, images, explicit="steps" in vars(args))  # photo presets: epochs
     ldm_setup.describe_latents(data, ae, ae_ckpt, ae_path, config)  # and health lines
 
     # Stage two: the denoiser and its training loop.
@@ -190,10 +195,13 @@ def main(argv: list[str] | None = None) -> dict:
     ldm_setup.check_memory(denoiser, data, config.batch_size // world.size, device)
     ldm_setup.describe_denoiser(denoiser, config, device, world)
     start = stored["step"] if stored else 0
+    curve = QualityCurve((ema.model, schedule, ae, diffusion), config, args.data, device, out)
     trainer = Trainer(config, script="train_ldm.py", argv=argv, out=out, ckpt_path=ckpt_path,
                       world=world, device=device, optimizers={opt: config.lr}, model=denoiser,
                       ema=ema, replicas=(denoiser,), resumed_step=start if stored else None,
-                      diverge=10.0)  # a loss 10x its best and above its first: stop
+                      diverge=10.0,  # a loss 10x its best and above its first: stop
+                      curve=curve, curve_every=config.curve_every,
+                      reference=reference_for(args.preset, config))  # drawn behind loss.png
     model = trainer.distribute(ldm_setup.compiled(denoiser, config), find_unused=True)
     save = partial(save_ldm, ckpt_path, denoiser=denoiser, ema=ema, opt=opt, ae=ae, ae_path=ae_path,
                    ae_digest=data.ae_digest, diffusion=diffusion, config=config,
@@ -222,6 +230,8 @@ def main(argv: list[str] | None = None) -> dict:
               "train_loop_seconds": trainer.seconds, "checkpoint": str(ckpt_path),
               "samples": str(trainer.sample_grid(save_grid, done))}
     print(f"samples: {result['samples']}")
+    if config.curve_every and done > start:
+        trainer.curve_point(done)  # the curve's last point
     result.update(evaluate_run(ema.model, schedule, ae, config, diffusion, latent_hw, device,
                                args.data, ckpt_path))
     (out / "eval.json").write_text(json.dumps(result, indent=1))

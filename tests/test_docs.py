@@ -27,7 +27,7 @@ PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")),
          ROOT / "notebooks" / "README.md"]
 # every file, one row each (the README keeps a short map of the folders)
 FILE_MAP = ROOT / "docs" / "files.md"
-GPU_CHECK_STAGES = ("fetch", "1", "2", "3", "4")  # the cases of .ci/gpu_check
+GPU_CHECK_STAGES = ("fetch", "1", "2", "3", "4", "5")  # the cases of .ci/gpu_check
 SEPARATORS = {"&&", "||", ";", "|"}
 FLAG = re.compile(r"--[A-Za-z0-9][\w-]*")
 
@@ -261,7 +261,7 @@ def test_a_wrong_torchrun_flag_is_checked_against_torchrun():
     ("python train_vae.py --steps 3", "no script train_vae.py"),
     ("python -m tinyldm.bench --smoke", "no module tinyldm.bench"),
     ("python -m tinyldm.course teach --out x", "no sub-command 'teach'"),
-    ("bash .ci/gpu_check 5", "gpu_check stage ['5']"),
+    ("bash .ci/gpu_check 6", "gpu_check stage ['6']"),
     ("bash .ci/gpu_check", "gpu_check stage []"),
 ])
 def test_a_wrong_entry_point_is_caught(command, problem):

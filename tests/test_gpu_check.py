@@ -18,10 +18,13 @@ def dry_run(script: Path, stage: str, out: Path) -> subprocess.CompletedProcess:
                           timeout=300)
 
 
-@pytest.mark.parametrize("stage", ["1", "2", "3", "4"])
+@pytest.mark.parametrize("stage", ["1", "2", "3", "4", "5"])
 def test_every_stage_parses(stage, tmp_path):
     result = dry_run(ROOT / ".ci" / "gpu_check", stage, tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
+    if stage == "5":  # the reference curves: a whole train_ldm.py run
+        assert "would run: python3 train_ldm.py --preset shapes64 --device cuda" in result.stdout
+        return
     assert "would run: python3 -m tinyldm.tools.bench --device cuda" in result.stdout
     if stage == "1":
         assert "test_recorded_sampler_on_a_gpu" in result.stdout  # the CUDA tests are collected

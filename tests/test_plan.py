@@ -71,6 +71,10 @@ def test_train_ldm_plan_times_each_stage_and_writes_nothing(photos, tmp_path, ca
         sum(s["seconds"] for s in plan["stages"]))
     printed = capsys.readouterr().out
     assert "ms a step" in printed and "finishes at about" in printed
+    # the quality curve's points (steps 3 and 6), on the few held-out images there are
+    held_out = len(make_dataset(DataConfig(source="folder", root=str(photos), image_size=32),
+                                "eval"))
+    assert f"2 quality point(s) of {min(4, held_out)} samples" in ldm["how"]
 
 
 @pytest.mark.slow
@@ -102,3 +106,49 @@ def test_plan_and_resume_together_are_refused(tmp_path, capsys):
             run(main, ["--smoke", "--out", str(tmp_path), "--resume", "--plan"])
         assert stop.value.code == 2
         assert "error: --plan plans a new run: drop --resume" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("images, explicit, want", [
+    (5_000, False, 20_000),  # 80 epochs are 3,125 steps: the floor, a fifth of the steps
+    (100_000, False, 62_500),  # 80 epochs
+    (500_000, False, 100_000),  # at most the preset's steps
+    (5_000, True, 100_000),  # --steps given: it wins
+])
+def test_a_subset_trains_for_the_presets_epochs_between_its_floor_and_its_steps(images, explicit,
+                                                                               want, capsys):
+    from tinyldm.training.trainer import TrainingConfig, fit_steps
+
+    config = TrainingConfig(steps=100_000, batch_size=128, epochs=80, min_steps=20_000)
+    assert fit_steps(config, images, explicit=explicit).steps == want
+    if not explicit:
+        assert f"steps: {want:,} (80 epochs over {images:,} images at batch 128" in (
+            capsys.readouterr().out)
+    assert fit_steps(TrainingConfig(steps=7), 10, explicit=False).steps == 7  # no epochs
+
+
+def test_the_photo_presets_are_celebas_epochs_on_a_subset(photos, tmp_path, monkeypatch, capsys):
+    """A preset in epochs (here the smoke settings with 2 epochs, as the photo presets have theirs)
+    on a folder of 36 training images trains ceil(2 * 36 / 4) steps, and its discriminator joins at
+    the same share of the shorter run; the plan shows the same steps. The photo presets' epochs are
+    their steps over CelebA's 162,770 training images."""
+    from tinyldm.training.presets import AE_PRESETS, CELEBA_TRAIN_IMAGES, LDM_PRESETS
+
+    monkeypatch.setitem(train_ae.SMOKE, "epochs", 2.0)
+    monkeypatch.setitem(train_ae.SMOKE, "steps", 40)
+    monkeypatch.setitem(train_ae.SMOKE, "min_steps", 2)
+    monkeypatch.setitem(train_ae.SMOKE, "disc_start", 20)
+    split = len(make_dataset(DataConfig(source="folder", root=str(photos), image_size=16),
+                             "train"))
+    want = -(-2 * split // 4)
+    plan = train_ae.main(["--smoke", "--data", str(photos), "--device", "cpu", "--plan"])
+    assert plan["stages"][0]["steps"] == want
+    train_ae.main(["--smoke", "--data", str(photos), "--device", "cpu", "--out",
+                   str(tmp_path / "ae")])
+    ckpt = load_checkpoint(tmp_path / "ae" / "autoencoder.pt", kind="autoencoder")
+    assert ckpt["step"] == want and ckpt["loss_config"]["disc_start"] == round(20 * want / 40)
+    assert f"the discriminator joins at step {round(20 * want / 40)}" in capsys.readouterr().out
+    for name in ("celeba64", "folder128"):
+        p = LDM_PRESETS[name]
+        assert p["epochs"] == pytest.approx(p["steps"] * p["batch_size"] / CELEBA_TRAIN_IMAGES,
+                                            abs=0.05) and p["min_steps"] == p["steps"] // 5
+    assert AE_PRESETS["celeba64_vq"]["epochs"] == pytest.approx(19.7)

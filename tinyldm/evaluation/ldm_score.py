@@ -113,6 +113,51 @@ def save_samples(out: Path, step: int, *, model: Denoiser, schedule: NoiseSchedu
     return save_image_grid(torch.cat(images), out / f"samples_{step:07d}.png", nrow=grid.n)
 
 
+class QualityCurve:
+    """The quality-against-steps curve's points: `python -m tinyldm.tools.evaluate`'s measurement of
+    the EMA weights on a fixed held-out set (the first `curve_images` held-out items, seed 0,
+    `eval_steps` DDIM steps, guidance `eval_cfg`), every time the same. Where the shapes evaluator
+    or the task has a score (text, classes, layouts, super-resolution, inpainting), that score;
+    other data: the Frechet distance in the final evaluation's features, whose network is trained
+    at the first point and saved in the run's folder, where the final evaluation finds it."""
+
+    def __init__(self, model: tuple, config, data_root: str | None, device: torch.device,
+                 out: Path):
+        self.model, self.config, self.data_root = model, config, data_root
+        self.device, self.out, self.prepared = device, out, None
+
+    def __call__(self, step: int) -> dict | None:
+        """The point of `step`, or None (with one line, once) where the data allow no measurement,
+        e.g. a folder that holds out a single image: the run goes on without a curve."""
+        from tinyldm.tools.evaluate import measure, prepare_model
+
+        c = self.config
+        if self.prepared is None:
+            spec = task_spec(c)
+            tasky = scorable(spec, c.dataset) and (spec.cond != "none" or spec.has_concat)
+            try:
+                self.prepared = prepare_model(
+                    self.model, asdict(c), c.image_size, self.data_root, c.curve_images,
+                    c.eval_cfg, self.device, None if tasky else "auto",
+                    source="the run's EMA weights", feature_dir=self.out,
+                    classifier_steps=c.feature_steps, contrastive_steps=c.feature_steps)
+            except UsageError as why:
+                print(f"\nno quality curve: {why}")
+                self.prepared = False
+        if self.prepared is False:
+            return None
+        p = self.prepared
+        m = measure(p, steps=c.eval_steps, bootstrap=0)
+        if "task_score" in m:
+            key = next(k for k in ("all", "psnr", "hole_psnr") if k in m["task_score"])
+            name = {"all": "faithfulness", "psnr": "PSNR (dB)", "hole_psnr": "hole PSNR (dB)"}[key]
+            value, better = m["task_score"][key], "higher"
+        else:
+            name, value, better = p.fd_name, m["metrics"]["fd"], "lower"
+        return {"quality": value, "quality_name": f"{name}, {p.protocol['n']} held-out items",
+                "quality_better": better}
+
+
 def young(ema) -> bool:
     """Fewer updates than the EMA's time constant, 1 / (1 - decay) steps."""
     return ema.num_updates < 1 / (1 - ema.decay)

@@ -86,8 +86,37 @@ def _save_png(image, path: str | os.PathLike) -> Path:
     return path
 
 
-# Plot area of `save_curve`'s PNG, in pixels: left, top, right, bottom.
+# Plot area of one panel of `save_curve`'s PNG, in pixels: left, top, right, bottom.
 CURVE_SIZE, CURVE_BOX = (480, 240), (64, 24, 464, 200)
+BLUE, GREY = (31, 119, 180), (170, 170, 170)
+
+
+def _panel(draw, dy: int, series: list[tuple], title: str, log_y: bool) -> None:
+    """One plot at height offset `dy`: `series` = [(steps, values, colour)], drawn in order on
+    shared axes (the first series is the run's, later ones a reference's)."""
+    ys_all = [[math.log10(v) if log_y else v for v in values] for _, values, _ in series]
+    xs = [x for steps, _, _ in series for x in steps]
+    flat = [y for ys in ys_all for y in ys]
+    x0, x1, y0, y1 = min(xs), max(xs), min(flat), max(flat)
+    left, top, right, bottom = CURVE_BOX
+    top, bottom = top + dy, bottom + dy
+    to_x = lambda s: left + (right - left) * ((s - x0) / (x1 - x0)  # noqa: E731
+                                              if x1 > x0 else 0.5)
+    to_y = lambda y: bottom - (bottom - top) * ((y - y0) / (y1 - y0)  # noqa: E731
+                                                if y1 > y0 else 0.5)
+    draw.rectangle((left, top, right, bottom), outline=(160, 160, 160))
+    for (steps, _, colour), ys in reversed(list(zip(series, ys_all, strict=True))):
+        points = [(to_x(x), to_y(y)) for x, y in zip(steps, ys, strict=True)]
+        if len(points) > 1:
+            draw.line(points, fill=colour, width=2)
+        for x, y in points if len(points) < 12 else []:
+            draw.ellipse((x - 2, y - 2, x + 2, y + 2), fill=colour)
+    label = (lambda y: f"{10 ** y:.3g}") if log_y else (lambda y: f"{y:.3g}")
+    draw.text((4, top - 6), label(y1), fill="black")
+    draw.text((4, bottom - 6), label(y0), fill="black")
+    draw.text((left, bottom + 6), f"{x0:g}", fill="black")
+    draw.text((right - 40, bottom + 6), f"{x1:g}", fill="black")
+    draw.text((left, dy + 4), title + (" (log scale)" if log_y else ""), fill="black")
 
 
 def save_curve(steps: list[float], values: list[float], path: str | os.PathLike, *, title: str,
@@ -96,36 +125,30 @@ def save_curve(steps: list[float], values: list[float], path: str | os.PathLike,
     needed), written atomically: for watching a long run's loss beside its sample grids. With
     `log_y` the vertical axis is log10(value), where a loss falling by a constant factor per step is
     a straight line."""
-    from PIL import Image, ImageDraw
-
     if len(steps) != len(values) or not steps:
         raise ValueError(f"need as many steps as values, and at least one: got {len(steps)} and "
                          f"{len(values)}")
-    ys = [math.log10(v) if log_y else v for v in values]  # (log_y: values must be > 0)
-    x0, x1, y0, y1 = min(steps), max(steps), min(ys), max(ys)
-    left, top, right, bottom = CURVE_BOX
-    to_x = lambda s: left + (right - left) * ((s - x0) / (x1 - x0)  # noqa: E731
-                                              if x1 > x0 else 0.5)
-    to_y = lambda y: bottom - (bottom - top) * ((y - y0) / (y1 - y0)  # noqa: E731
-                                                if y1 > y0 else 0.5)
-    image = Image.new("RGB", CURVE_SIZE, "white")
+    return save_panels([([(steps, values, BLUE)], title, log_y)], path)
+
+
+def save_panels(plots: list[tuple], path: str | os.PathLike) -> Path:
+    """Plots one under another in one PNG, each (series, title, log_y) with series = [(steps,
+    values, colour)] on shared axes."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (CURVE_SIZE[0], CURVE_SIZE[1] * len(plots)), "white")
     draw = ImageDraw.Draw(image)
-    draw.rectangle(CURVE_BOX, outline=(160, 160, 160))
-    draw.line([(to_x(s), to_y(y)) for s, y in zip(steps, ys, strict=True)], fill=(31, 119, 180),
-              width=2)
-    label = (lambda y: f"{10 ** y:.3g}") if log_y else (lambda y: f"{y:.3g}")
-    draw.text((4, top - 6), label(y1), fill="black")
-    draw.text((4, bottom - 6), label(y0), fill="black")
-    draw.text((left, bottom + 6), f"{x0:g}", fill="black")
-    draw.text((right - 40, bottom + 6), f"{x1:g}", fill="black")
-    draw.text((left, 4), title + (" (log scale)" if log_y else ""), fill="black")
+    for i, (series, title, log_y) in enumerate(plots):
+        _panel(draw, i * CURVE_SIZE[1], series, title, log_y)
     return _save_png(image, path)
 
 
 def save_loss_curve(log_path: str | os.PathLike, path: str | os.PathLike, *,
-                    key: str = "loss") -> Path | None:
+                    key: str = "loss", reference: dict | None = None) -> Path | None:
     """`save_curve` of the records of a JSONL training log (tinyldm.training.loop.JSONLLogger) that
-    hold `key`; None while there are fewer than two."""
+    hold `key`, and below it the quality curve where the log has one (records with "quality"); a
+    `reference` run's curves (`tinyldm.evaluation.curves`) in grey behind both, the quality's only
+    where it measured the same thing. None while there are fewer than two loss records."""
     import json
 
     records = [json.loads(line) for line in Path(log_path).read_text().splitlines() if line.strip()]
@@ -133,6 +156,20 @@ def save_loss_curve(log_path: str | os.PathLike, path: str | os.PathLike, *,
               if isinstance(r.get(key), (int, float)) and r[key] > 0]
     if len(points) < 2:
         return None
-    steps, values = zip(*points, strict=True)
-    return save_curve(list(steps), list(values), path,
-                      title=f"{key} per step, {Path(log_path).parent.name}")
+    ref = reference or {}
+    steps, values = (list(v) for v in zip(*points, strict=True))
+    loss = [(steps, values, BLUE)]
+    title = f"{key} per step, {Path(log_path).parent.name}"
+    if ref.get("loss"):
+        loss.append(([q[0] for q in ref["loss"]], [q[1] for q in ref["loss"]], GREY))
+        title += f" (grey: {ref['name']})"
+    plots = [(loss, title, True)]
+    quality = [r for r in records if isinstance(r.get("quality"), (int, float))]
+    if quality:
+        last = quality[-1]
+        series = [([r["step"] for r in quality], [r["quality"] for r in quality], BLUE)]
+        if ref.get("quality") and ref.get("quality_name") == last.get("quality_name"):
+            series.append(([q[0] for q in ref["quality"]], [q[2] for q in ref["quality"]], GREY))
+        plots.append((series, f"{last.get('quality_name', 'quality')} "
+                      f"({last.get('quality_better', '?')} is better)", False))
+    return save_panels(plots, path)

@@ -374,7 +374,8 @@ def bench_train_ldm(device: torch.device, *, smoke: bool, warmup: int, repeat: i
         if smoke:
             argv = ["--preset", "shapes", "--smoke"]
         argv += ["--out", str(out), "--device", device.type, "--eval_images", "0",
-                 "--log_every", "10" if not smoke else "2", "--sample_every", "1000000"]
+                 "--log_every", "10" if not smoke else "2", "--sample_every", "1000000",
+                 "--curve_every", "0"]
         train_ldm.main(argv)
         records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()
                    if '"loss"' in line]

@@ -22,6 +22,7 @@ from .distributed import World
 from .flags import build_config, check_data_flags, check_resume_overrides, config_fields
 from .loop import EMA, batch_indices, rng_state, set_rng_state
 from .memory import check_training, profile, weights_bytes
+from .trainer import fit_steps
 
 
 class _Images(Dataset):
@@ -165,6 +166,20 @@ def resolve_configs(args: argparse.Namespace, ckpt_path: Path, configs: tuple[ty
                          f"(--channel_mult {','.join(map(str, ae_config.channel_mult))}): "
                          f"e.g. {config.image_size // f * f or f}")
     return ae_config, loss_config, config, ckpt
+
+
+def fit_to_data(state: TrainState, config, loss_config: AELossConfig, images: int,
+                args: argparse.Namespace) -> tuple[object, AELossConfig]:
+    """The photo presets' steps from their epochs over `images` (`fit_steps`); the discriminator
+    then joins at the same share of the shorter run (unless --disc_start was given), in `state`'s
+    loss too."""
+    fitted = fit_steps(config, images, explicit="steps" in vars(args))
+    if fitted.steps != config.steps and loss_config.disc_start and "disc_start" not in vars(args):
+        start = round(loss_config.disc_start * fitted.steps / config.steps)
+        print(f"the discriminator joins at step {start:,} ({loss_config.disc_start:,} of the "
+              f"preset's {config.steps:,})")
+        loss_config = state.loss_fn.config = replace(loss_config, disc_start=start)
+    return fitted, loss_config
 
 
 def save_identity(ae_config: AutoencoderConfig, loss_config: AELossConfig, config,

@@ -22,7 +22,7 @@ from ..conditioning import ConditionConfig, ConditionEncoder, Tokenizer, split_w
 from ..data.images import make_dataset
 from ..data.latent_batches import LatentTrainingSet
 from ..data.shapes import CLASS_NAMES
-from ..data.tasks import CONDS, TASKS, TaskSpec, concat_channels, data_configs
+from ..data.tasks import CONDS, TASKS, TaskSpec, concat_channels, data_configs, scorable
 from ..evaluation.ldm_score import FIXED_PROMPTS
 from ..ldm import Denoiser, DiffusionConfig
 from ..unet import UNet, UNetConfig
@@ -420,6 +420,21 @@ def plan(*, step: Callable[[int], dict], ema, save: Callable[[int], None], ckpt_
     young = sum(k < 1 / (1 - ema.decay) for k in range(start + 1, config.steps + 1)
                 if k % config.sample_every == 0 or k == config.steps)
     extra += young * t_grid
+    # the quality curve's points: its held-out items' samples at the grid's time per sample; where
+    # it is a feature distance, the first point trains the evaluation's feature network
+    points = sum(k % config.curve_every == 0 or k == config.steps
+                 for k in range(start + 1, config.steps + 1)) if config.curve_every else 0
+    data_cfg, shapes = data_configs(asdict(config), data_root)
+    items = min(config.curve_images, len(make_dataset(data_cfg, "eval", shapes=shapes)))
+    t_point = items * t_grid / grid_images
+    extra += points * t_point
+    spec = TaskSpec.from_config(asdict(config))
+    scored = scorable(spec, config.dataset) and (spec.cond != "none" or spec.has_concat)
+    needs_features = not scored and (points or config.eval_images > 0 and
+                                      config.dataset != "shapes")
+    features = feature_network(config, data_root, device) if needs_features else None
+    curve_trains = bool(points) and features is not None
+    extra += features[0] if curve_trains else 0.0
     size = ckpt_path.stat().st_size
     steps = config.steps - start
     stages = []
@@ -432,31 +447,25 @@ def plan(*, step: Callable[[int], dict], ema, save: Callable[[int], None], ckpt_
         steps * t_step + extra, steps, config.batch_size, cache.images, memory=memory, disk=size,
         how=f"{t_step * 1000:.0f} ms a step; {grids} grid(s) of {grid_images} samples "
             f"({t_grid:.1f} s each{f', {young} with the raw weights too' if young else ''}), "
-            f"{ckpts} checkpoint(s) of {size / 1e6:.1f} MB",
+            f"{ckpts} checkpoint(s) of {size / 1e6:.1f} MB"
+            + (f"; {points} quality point(s) of {items} samples ({t_point:.1f} s each)"
+               if points else "") + (f"; at the first, {features[1]}" if curve_trains else ""),
         notes=memorising(cache.images, steps, config.batch_size))]
     if config.eval_images > 0:
-        stages.append(evaluation_stage(config, data_root, t_grid / grid_images, device))
+        stages.append(evaluation_stage(config, data_root, t_grid / grid_images,
+                                       None if curve_trains else features))
     return report(stages, device, json_path=json_path)
 
 
-def evaluation_stage(config, data_root: str | None, per_sample: float,
-                     device: torch.device) -> Stage:
-    """The final measurement's time: its samples (one per held-out image, up to --eval_images, for
-    other data than shapes) at the grid's time per sample; for other data also the feature
-    network it trains first, timed over 4 and 12 of its steps (the difference is its time a step,
-    the rest its setup) and counted for --feature_steps."""
+def feature_network(config, data_root: str | None, device: torch.device) -> tuple[float, str]:
+    """The time the evaluation's feature network takes to train (timed over 4 and 12 of its steps:
+    the difference is its time a step, the rest its setup; counted for --feature_steps), and how."""
     from ..evaluation.features import train_classifier, train_contrastive
     from ..tools.evaluate import choose_features
 
     data, shapes = data_configs(asdict(config), data_root)
-    n = config.eval_images
-    if config.dataset == "shapes":
-        return Stage(f"evaluation ({n} samples)", n * per_sample, images=n,
-                     how=f"{config.eval_steps} DDIM steps, {per_sample:.2f} s a sample "
-                         "(the grid's)")
     train_set = make_dataset(data, "train", shapes=shapes)
     held_out = make_dataset(data, "eval", shapes=shapes)
-    n = min(n, len(held_out))
     kind, _ = choose_features("auto", train_set)
 
     def feature_seconds(steps: int) -> float:
@@ -469,8 +478,21 @@ def evaluation_stage(config, data_root: str | None, per_sample: float,
 
     short, long = feature_seconds(4), feature_seconds(12)
     per_step = max(0.0, (long - short) / 8)
-    features = short - 4 * per_step + config.feature_steps * per_step
-    return Stage(f"evaluation ({n} samples)", n * per_sample + features, images=n,
-                 how=f"{config.eval_steps} DDIM steps, {per_sample:.2f} s a sample (the grid's); "
-                     f"the {kind} feature network: {config.feature_steps} steps of "
-                     f"{per_step * 1000:.0f} ms ({features:.0f} s)")
+    seconds = short - 4 * per_step + config.feature_steps * per_step
+    return seconds, (f"the {kind} feature network: {config.feature_steps} steps of "
+                     f"{per_step * 1000:.0f} ms ({seconds:.0f} s)")
+
+
+def evaluation_stage(config, data_root: str | None, per_sample: float,
+                     features: tuple[float, str] | None) -> Stage:
+    """The final measurement's time: its samples (one per held-out image, up to --eval_images, for
+    other data than shapes) at the grid's time per sample, and `features` (seconds, how): the
+    feature network it trains first, unless the quality curve trained it before."""
+    data, shapes = data_configs(asdict(config), data_root)
+    n = config.eval_images
+    if config.dataset != "shapes":
+        n = min(n, len(make_dataset(data, "eval", shapes=shapes)))
+    seconds, how = features or (0.0, "")
+    return Stage(f"evaluation ({n} samples)", n * per_sample + seconds, images=n,
+                 how=f"{config.eval_steps} DDIM steps, {per_sample:.2f} s a sample (the grid's)"
+                     + (f"; {how}" if how else ""))

@@ -66,9 +66,22 @@ _VQ = {"regularizer": "vq", "n_codes": 8192, "codebook_weight": 1.0, "disc_start
        "disc_weight": 0.75}  # vq-f4
 
 
+# The photo presets' step counts are for a data set of CelebA's size (its 162,770 training images).
+# On fewer images a run keeps their epochs instead (steps * batch / 162,770 passes: 20 for the
+# celeba autoencoders, 79 for celeba64's LDM), at least a fifth of the steps (`min_steps`), so that
+# a subset is neither passed over thousands of times nor stopped before the model leaves noise. Both
+# are choices ("ours"), not measured on a GPU; the quality curve says whether a run wants more.
+CELEBA_TRAIN_IMAGES = 162_770
+
+
+def _in_epochs(steps: int, batch_size: int) -> dict:
+    return {"steps": steps, "epochs": round(steps * batch_size / CELEBA_TRAIN_IMAGES, 1),
+            "min_steps": steps // 5}
+
+
 def _paper_ae(dataset: str, size: int, batch_size: int, steps: int, hflip: bool) -> dict:
-    return dict(_PAPER_AE, dataset=dataset, image_size=size, batch_size=batch_size, steps=steps,
-                hflip=hflip, lr=4.5e-6 * batch_size)
+    return dict(_PAPER_AE, dataset=dataset, image_size=size, batch_size=batch_size,
+                hflip=hflip, lr=4.5e-6 * batch_size, **_in_epochs(steps, batch_size))
 
 
 for _data in ("celeba", "lsun"):  # hflip: ours for CelebA; CompVis' LSUN loader flips with p = 0.5
@@ -113,7 +126,7 @@ AE_SMOKE = dict(
 # evaluation) fits in 5 minutes on 2 CPU cores; the other tasks and your own images get 1400.
 _SHAPES_DEMO = dict(ae_steps=600, n_train=10_000, batch_size=32, steps=1400, lr=1e-3, channels=64,
                     channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8, 4), head_dim=32,
-                    context_dim=128, posterior="mean")
+                    context_dim=128, posterior="mean", curve_every=200, curve_images=32)
 # The shapes presets train on the posterior mean: the shapes autoencoder's posterior sigma is 2% of
 # its latents' std (measured), so a sample differs from the mean by little, and the demo's published
 # figures were made so.
@@ -140,8 +153,8 @@ LDM_PRESETS: dict[str, dict] = {
     # speed the benchmark (python -m tinyldm.tools.bench) measures on CUDA.
     "shapes64": dict(image_size=64, ae_preset="shapes64", n_train=50_000, batch_size=256,
                      steps=8000, lr=4e-4, channels=128, channel_mult=(1, 2, 2),
-                     attn_resolutions=(16, 8), context_dim=256,
-                     posterior="mean"),  # see the shapes presets
+                     attn_resolutions=(16, 8), context_dim=256, curve_every=400,
+                     curve_images=128, posterior="mean"),  # see the shapes presets
 }
 
 # The paper's photo models, each value from the released CompVis configs (CompVis/latent-diffusion,
@@ -166,6 +179,7 @@ _PAPER_LDM = dict(
     prediction="eps", loss="l2", num_res_blocks=2, channel_mult=(1, 2, 3, 4), head_dim=32,
     attention_block="plain", scale_shift_norm=False, mid_attention=True, context_dim=None,
     ema_decay=0.9999, warmup_steps=0, posterior="sample", eval_images=1000,
+    curve_every=5000, curve_images=256,  # ours: the quality curve, 20 to 40 points a run
 )
 
 
@@ -173,8 +187,9 @@ def _paper_ldm(dataset: str, size: int, ae_preset: str, *, channels: int, batch_
                steps: int, hflip: bool, cond: str = "none") -> dict:
     latent = size // 4  # f = 4: attention at latent / 2, / 4, / 8 (downsampling factors 2, 4, 8)
     return dict(_PAPER_LDM, dataset=dataset, image_size=size, ae_preset=ae_preset, cond=cond,
-                hflip=hflip, channels=channels, batch_size=batch_size, steps=steps,
-                lr=2e-6 * batch_size, attn_resolutions=(latent // 2, latent // 4, latent // 8))
+                hflip=hflip, channels=channels, batch_size=batch_size,
+                lr=2e-6 * batch_size, attn_resolutions=(latent // 2, latent // 4, latent // 8),
+                **_in_epochs(steps, batch_size))
 
 
 LDM_PRESETS.update(
@@ -208,4 +223,4 @@ LDM_PRESETS.update(
 LDM_SMOKE = dict(image_size=32, n_train=64, steps=6, batch_size=8, warmup_steps=2, channels=32,
                  channel_mult=(1, 2), attn_resolutions=(4,), context_dim=32, text_layers=1,
                  log_every=2, sample_every=4, ckpt_every=3, eval_images=4, eval_steps=3,
-                 feature_steps=5)
+                 feature_steps=5, curve_every=3, curve_images=4)

@@ -14,6 +14,9 @@ around it, once for both stages:
   is not finite, or (with `diverge`) a loss above its first window and `diverge` times its best,
   stops the run before a checkpoint can store it;
 * the sample grid every `sample_every` steps, with loss.png redrawn beside it;
+* with a `curve` (the script's measurement of its weights on a fixed held-out set), a point of the
+  quality-against-steps curve every `curve_every` steps: a log.jsonl record with the training
+  minutes so far, and loss.png redrawn with it (and a reference run's curves, given `reference`);
 * a checkpoint every `ckpt_every` steps, written by the script's `save(step)`;
 * Ctrl-C / SIGTERM: finish the step, checkpoint, print the resume command and exit with 128 + the
   signal; the time budget `max_minutes`: checkpoint and return early. Under torchrun the processes
@@ -26,6 +29,8 @@ holds the latent scale factor, measured after training).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import math
 import time
 from collections.abc import Callable
@@ -62,6 +67,10 @@ class TrainingConfig:
     max_minutes: float = 0.0  # > 0: stop after this much training-loop time, checkpointed
     tensorboard: bool = False  # also log to <out>/tensorboard (pip install 'tinyldm[tensorboard]')
     check_replicas: bool = False  # under torchrun: log the processes' largest weight difference
+    # > 0: the run's length in passes over the training images, `steps` the most and `min_steps`
+    # the least it may be (`fit_steps`); an explicit --steps wins
+    epochs: float = 0.0
+    min_steps: int = 0
 
 
 def lr_at(step: int, config: TrainingConfig, base_lr: float | None = None) -> float:
@@ -76,6 +85,23 @@ def lr_at(step: int, config: TrainingConfig, base_lr: float | None = None) -> fl
     progress = min(1.0, (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps))
     r = config.lr_min_ratio
     return lr * (r + (1 - r) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def fit_steps(config: TrainingConfig, images: int, *, explicit: bool) -> TrainingConfig:
+    """`config` with its steps set from `epochs` passes over `images` training images:
+    ceil(epochs * images / batch_size), at most `steps` (what the preset gives the whole data set)
+    and at least `min_steps`. Unchanged without `epochs`, or when --steps was given (`explicit`).
+    Prints what it chose and why."""
+    if config.epochs <= 0 or explicit or images <= 0:
+        return config
+    by_epochs = math.ceil(config.epochs * images / config.batch_size)
+    steps = max(min(config.steps, by_epochs), min(config.min_steps, config.steps))
+    why = ("its share of the preset's epochs" if steps == by_epochs else
+           f"the most, the preset's steps ({config.steps:,})" if steps == config.steps else
+           f"the least a run gets, --min_steps {config.min_steps:,}")
+    print(f"steps: {steps:,} ({config.epochs:g} epochs over {images:,} images at batch "
+          f"{config.batch_size} is {by_epochs:,}; {why}). Give --steps to choose")
+    return dataclasses.replace(config, steps=steps)
 
 
 class LogWindow:
@@ -105,13 +131,16 @@ class Trainer:
     `optimizers` maps each optimizer to its base learning rate; `ema` (or None) averages `model`
     after each step; `replicas` are the modules whose copies in the processes `--check_replicas`
     compares; `script` and `argv` make the command that resumes a stopped run; `loss_key` names the
-    logged term that loss.png shows."""
+    logged term that loss.png shows, `reference` a reference run's curves it is drawn against
+    (`tinyldm.evaluation.curves`)."""
 
     def __init__(self, config: TrainingConfig, *, script: str, argv: list[str], out: Path,
                  ckpt_path: Path, world: World, device: torch.device, optimizers: dict,
                  model: torch.nn.Module, ema: EMA | None = None,
                  replicas: tuple[torch.nn.Module, ...] = (), loss_key: str = "loss",
-                 resumed_step: int | None = None, diverge: float = 0.0):
+                 resumed_step: int | None = None, diverge: float = 0.0,
+                 curve: Callable[[int], dict] | None = None, curve_every: int = 0,
+                 reference: dict | None = None):
         self.config, self.script, self.argv = config, script, argv
         self.out, self.ckpt_path, self.world, self.device = out, ckpt_path, world, device
         self.optimizers, self.model, self.ema, self.replicas = optimizers, model, ema, replicas
@@ -119,9 +148,14 @@ class Trainer:
         # > 0: stop when a logged loss is above its first window and `diverge` x its best
         self.diverge, self.first_loss, self.best_loss = diverge, None, math.inf
         self.seconds = 0.0  # the last run's training-loop time
+        self.curve, self.curve_every, self.reference = curve, curve_every, reference
         tensorboard = out / "tensorboard" if config.tensorboard else None
         self.log = JSONLLogger(out / "log.jsonl", resume_step=resumed_step,
                                tensorboard=tensorboard) if world.is_main else None
+        self.minutes_before = 0.0  # after a --resume: the minutes of the last point before it
+        if resumed_step is not None and self.log is not None:
+            kept = [json.loads(line) for line in self.log.path.read_text().splitlines() if line]
+            self.minutes_before = max((r["minutes"] for r in kept if "minutes" in r), default=0.0)
 
     def autocast(self):
         """bf16 autocast on CUDA with --amp; nothing elsewhere (CPU training stays in fp32)."""
@@ -142,6 +176,7 @@ class Trainer:
         out). A signal ends the process here, after a checkpoint."""
         config, world = self.config, self.world
         window, t_loop, done, saved = LogWindow(start), time.perf_counter(), start, start
+        self.t_loop = t_loop
         if start >= config.steps:
             print(f"already trained for {config.steps} steps; nothing to do (raise --steps)")
         quiet = {} if world.is_main else {"disable": True}  # rank 0: TQDM_DISABLE=1 still works
@@ -164,6 +199,8 @@ class Trainer:
                     break  # the script draws the last grid and writes the last checkpoint
                 if done % config.sample_every == 0 and world.is_main and sample is not None:
                     self.sample_grid(sample, done)
+                if self.curve_every and done % self.curve_every == 0 and world.is_main:
+                    self.curve_point(done)
                 if done % config.ckpt_every == 0:
                     self._check_finite(window.means(world), window.first_step, done)
                     saved = self._save(save, done)
@@ -231,9 +268,29 @@ class Trainer:
     def sample_grid(self, sample: Callable[[int], Path], done: int) -> Path:
         """The grid of step `done` (`sample` writes it), shown in TensorBoard; loss.png redrawn."""
         path = sample(done)
-        save_loss_curve(self.log.path, self.out / "loss.png", key=self.loss_key)  # the loss so far
+        self.draw_curves()
         self.log.image("grid", path, done)
         return path
+
+    def curve_point(self, done: int) -> None:
+        """One point of the quality curve (rank 0, with a `curve`): its record in log.jsonl, with
+        the minutes of training so far (the loop's wall time, its grids and points included; after
+        a --resume counted on from the last point before it), and loss.png redrawn."""
+        if self.curve is None or self.log is None:
+            return
+        minutes = self.minutes_before + (time.perf_counter() - self.t_loop) / 60
+        point = self.curve(done)
+        if point is None:  # the data allow no measurement (said once)
+            return
+        self.log.log(step=done, minutes=round(minutes, 3), **point)
+        print(f"\nquality at step {done}: {point['quality_name']} {point['quality']:.4g} "
+              f"({point['quality_better']} is better)")
+        self.draw_curves()
+
+    def draw_curves(self) -> None:
+        """loss.png: the loss so far and the quality curve, over a reference run's when given."""
+        save_loss_curve(self.log.path, self.out / "loss.png", key=self.loss_key,
+                        reference=self.reference)
 
     def _save(self, save: Callable[[int], None], done: int) -> int:
         if self.world.is_main:
