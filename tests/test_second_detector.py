@@ -55,3 +55,16 @@ def test_wrong_prompts_are_judged_wrong(classifier_and_images):
     assert not v_moved.position[sides].any() and v_moved.position[~sides].all()
     with pytest.raises(ValueError, match="one-object"):
         judge(images[:1], ["a red circle in the top left and a blue square in the center"], model)
+
+
+def test_the_command_trains_its_classifier_beside_the_checkpoint(tmp_path, capsys):
+    """`python -m tinyldm.evaluation.second_detector` on a smoke checkpoint: the classifier is
+    trained into the checkpoint's folder, and both judges report on held-out images and samples."""
+    import train_ldm
+    from tinyldm.evaluation.second_detector import main
+
+    train_ldm.main(["--smoke", "--out", str(tmp_path), "--device", "cpu", "--eval_images", "0"])
+    main(["--ckpt", str(tmp_path / "ldm.pt"), "--n", "8", "--steps", "2"])
+    assert (tmp_path / "feature_classifier.pt").exists()
+    out = capsys.readouterr().out
+    assert "held-out images (ground truth), N = 8" in out and "samples (ddim, 2 steps" in out

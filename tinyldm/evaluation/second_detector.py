@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> dict:
     train_set = make_dataset(data, "train", shapes=shapes)
     # trains and saves the classifier beside the checkpoint if missing
     feature_function("classifier", train_set, lambda: make_dataset(data, "eval", shapes=shapes),
-                     Path(args.ckpt), torch.device("cpu"))
+                     Path(args.ckpt).parent, torch.device("cpu"))
     classifier, _ = load_classifier(Path(args.ckpt).parent / "feature_classifier.pt")
     prompts = list(items["caption"])
     real = compare(items["image"], prompts, classifier)
