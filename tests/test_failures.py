@@ -271,8 +271,9 @@ def _start(script: str, argv: list[str]) -> subprocess.Popen:
 def _wait_for_steps(log: Path, steps: int, proc: subprocess.Popen, timeout: float = 120) -> None:
     start = time.time()
     while time.time() - start < timeout:
-        # the loss records (the quality curve's points are records too)
-        if log.exists() and sum('"loss"' in line for line in log.read_text().splitlines()) >= steps:
+        # the training records (the quality curve's points are records too)
+        lines = log.read_text().splitlines() if log.exists() else []
+        if sum('"quality"' not in line for line in lines) >= steps:
             return
         if proc.poll() is not None:
             raise AssertionError(f"the run ended early: {proc.communicate()}")
