@@ -142,3 +142,14 @@ def test_the_fd_bootstrap_interval_is_seeded_narrows_with_n_and_covers_a_fresh_d
     assert sum(lo <= f <= hi for f in fresh) >= 0.75 * len(fresh)
     with pytest.raises(ValueError, match="at least 2 resamples"):
         frechet_bootstrap(real, fake, resamples=1)
+
+
+@pytest.mark.parametrize("n1, n2, d", [(30, 40, 64), (64, 9, 200), (5, 5, 600)])
+def test_the_sample_space_frechet_distance_is_the_covariance_one(n1, n2, d):
+    """With fewer images than dimensions the FD is computed from the N x N cross product's nuclear
+    norm; it is the same number as the D x D route through the covariances."""
+    g = torch.Generator().manual_seed(n1 + d)
+    real = torch.randn(n1, d, generator=g) * torch.linspace(0.1, 2, d)
+    fake = torch.randn(n2, d, generator=g) + 0.3
+    direct = frechet_distance(*feature_stats(real), *feature_stats(fake))
+    assert frechet_from_features(real, fake) == pytest.approx(direct, rel=1e-6)

@@ -26,7 +26,9 @@ the features is `tinyldm.evaluation.features`' business; only Inception-v3 featu
   with Tr (S_1 S_2)^(1/2) = Tr (S_1^(1/2) S_2 S_1^(1/2))^(1/2), a symmetric PSD matrix whose square
   root is taken through its eigen-decomposition in float64 (negative round-off eigenvalues clipped
   to 0). S is the unbiased (N - 1) covariance, as in the reference implementations.
-  `frechet_bootstrap`: a percentile bootstrap interval of it (Efron & Tibshirani 1993, Ch. 13).
+  With fewer images than dimensions the trace term is computed in sample space (a nuclear norm;
+  `frechet_from_features`). `frechet_bootstrap`: a percentile bootstrap interval of it (Efron &
+  Tibshirani 1993, Ch. 13).
 * Kernel distance (KID; Binkowski et al., arXiv 1801.01401, Sec. 3 and App. C): the unbiased
   estimate of the squared MMD with the cubic polynomial kernel k(x, y) = (x . y / D + 1)^3, averaged
   over random subsets of equal size m drawn from both sets:
@@ -141,8 +143,20 @@ def frechet_distance(mu1: torch.Tensor, sigma1: torch.Tensor, mu2: torch.Tensor,
 
 
 def frechet_from_features(real: torch.Tensor, fake: torch.Tensor) -> float:
+    """`frechet_distance` of the two sets' means and covariances. With fewer images than feature
+    dimensions (N < D: e.g. 1000 Inception features of 2048), in sample space: with centred data
+    matrices A_i (N_i, D), S_i = A_i^T A_i / (N_i - 1), the eigenvalues of S_1 S_2 are the squared
+    singular values of A_1 A_2^T / sqrt((N_1 - 1)(N_2 - 1)), so Tr (S_1 S_2)^(1/2) is that matrix's
+    nuclear norm: an N x N problem instead of two D x D ones, the same number."""
     _check_features(real, fake)
-    return frechet_distance(*feature_stats(real), *feature_stats(fake))
+    n1, n2, d = len(real), len(fake), real.shape[1]
+    if min(n1, n2) >= d:
+        return frechet_distance(*feature_stats(real), *feature_stats(fake))
+    a1, a2 = real.double() - real.double().mean(0), fake.double() - fake.double().mean(0)
+    cross = torch.linalg.matrix_norm(a1 @ a2.T, ord="nuc") / ((n1 - 1) * (n2 - 1)) ** 0.5
+    d2 = ((real.double().mean(0) - fake.double().mean(0)).square().sum()
+          + a1.square().sum() / (n1 - 1) + a2.square().sum() / (n2 - 1) - 2 * cross)
+    return max(float(d2), 0.0)
 
 
 def frechet_bootstrap(real: torch.Tensor, fake: torch.Tensor, *, resamples: int = 100,
