@@ -217,6 +217,13 @@ def scorable(spec: TaskSpec, dataset: str) -> bool:
     return spec.task in ("superres", "inpaint") or dataset == "shapes"
 
 
+def has_task_score(spec: TaskSpec, dataset: str) -> bool:
+    """Whether a model of `spec` on `dataset` is measured by `score_items`: the data allow a score
+    (`scorable`), and the model has something to be faithful to (a condition or a task input);
+    otherwise only the feature distance measures it."""
+    return scorable(spec, dataset) and (spec.cond != "none" or spec.has_concat)
+
+
 def score_items(spec: TaskSpec, items: dict, images: Tensor) -> dict:
     """superres: PSNR / SSIM against the originals, and the bicubic baseline's; inpaint: PSNR inside
     the hole, and a grey fill's; layouts, maps and inpainted shapes: the shapes evaluator's accuracy

@@ -25,6 +25,7 @@ from ..data.shapes import CLASS_NAMES, ShapeSpec, all_prompts, score_images
 from ..data.tasks import (
     data_configs,
     generate_from_items,
+    has_task_score,
     heldout_items,
     item_conditions,
     scorable,
@@ -133,8 +134,7 @@ class QualityCurve:
 
         c = self.config
         if self.prepared is None:
-            spec = task_spec(c)
-            tasky = scorable(spec, c.dataset) and (spec.cond != "none" or spec.has_concat)
+            tasky = has_task_score(task_spec(c), c.dataset)
             try:
                 self.prepared = prepare_model(
                     self.model, asdict(c), c.image_size, self.data_root, c.curve_images,

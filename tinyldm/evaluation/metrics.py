@@ -152,10 +152,12 @@ def frechet_from_features(real: torch.Tensor, fake: torch.Tensor) -> float:
     n1, n2, d = len(real), len(fake), real.shape[1]
     if min(n1, n2) >= d:
         return frechet_distance(*feature_stats(real), *feature_stats(fake))
-    a1, a2 = real.double() - real.double().mean(0), fake.double() - fake.double().mean(0)
+    x1, x2 = real.double(), fake.double()
+    mu1, mu2 = x1.mean(0), x2.mean(0)
+    a1, a2 = x1 - mu1, x2 - mu2
     cross = torch.linalg.matrix_norm(a1 @ a2.T, ord="nuc") / ((n1 - 1) * (n2 - 1)) ** 0.5
-    d2 = ((real.double().mean(0) - fake.double().mean(0)).square().sum()
-          + a1.square().sum() / (n1 - 1) + a2.square().sum() / (n2 - 1) - 2 * cross)
+    d2 = ((mu1 - mu2).square().sum() + a1.square().sum() / (n1 - 1)
+          + a2.square().sum() / (n2 - 1) - 2 * cross)
     return max(float(d2), 0.0)
 
 

@@ -58,8 +58,8 @@ from tinyldm.data.tasks import (
     TaskSpec,
     data_configs,
     generate_from_items,
+    has_task_score,
     heldout_items,
-    scorable,
     score_items,
 )
 from tinyldm.ddim import METHODS
@@ -321,8 +321,7 @@ def prepare_model(model: tuple, train_config: dict, image_size: int, data_root: 
     return Prepared(denoiser, schedule, ae, diffusion, spec, items,
                     image_size // ae.downsample_factor, guidance, feature_fn, fd_name,
                     protocol, real, floor, device,
-                    scorable(spec, train_config["dataset"])
-                        and (spec.cond != "none" or spec.has_concat))
+                    has_task_score(spec, train_config["dataset"]))
 
 
 def measure(p: Prepared, *, sampler: str = "ddim", steps: int = 50, eta: float = 0.0, seed: int = 0,

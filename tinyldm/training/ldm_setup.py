@@ -22,7 +22,14 @@ from ..conditioning import ConditionConfig, ConditionEncoder, Tokenizer, split_w
 from ..data.images import make_dataset
 from ..data.latent_batches import LatentTrainingSet
 from ..data.shapes import CLASS_NAMES
-from ..data.tasks import CONDS, TASKS, TaskSpec, concat_channels, data_configs, scorable
+from ..data.tasks import (
+    CONDS,
+    TASKS,
+    TaskSpec,
+    concat_channels,
+    data_configs,
+    has_task_score,
+)
 from ..evaluation.ldm_score import FIXED_PROMPTS
 from ..ldm import Denoiser, DiffusionConfig
 from ..unet import UNet, UNetConfig
@@ -425,14 +432,15 @@ def plan(*, step: Callable[[int], dict], ema, save: Callable[[int], None], ckpt_
     points = sum(k % config.curve_every == 0 or k == config.steps
                  for k in range(start + 1, config.steps + 1)) if config.curve_every else 0
     data_cfg, shapes = data_configs(asdict(config), data_root)
-    items = min(config.curve_images, len(make_dataset(data_cfg, "eval", shapes=shapes)))
+    held_out = make_dataset(data_cfg, "eval", shapes=shapes)
+    items = min(config.curve_images, len(held_out))
     t_point = items * t_grid / grid_images
     extra += points * t_point
-    spec = TaskSpec.from_config(asdict(config))
-    scored = scorable(spec, config.dataset) and (spec.cond != "none" or spec.has_concat)
+    scored = has_task_score(TaskSpec.from_config(asdict(config)), config.dataset)
     needs_features = not scored and (points or config.eval_images > 0 and
                                       config.dataset != "shapes")
-    features = feature_network(config, data_root, device) if needs_features else None
+    features = (feature_network(config, make_dataset(data_cfg, "train", shapes=shapes), held_out,
+                                device) if needs_features else None)
     curve_trains = bool(points) and features is not None
     extra += features[0] if curve_trains else 0.0
     size = ckpt_path.stat().st_size
@@ -452,20 +460,18 @@ def plan(*, step: Callable[[int], dict], ema, save: Callable[[int], None], ckpt_
                if points else "") + (f"; at the first, {features[1]}" if curve_trains else ""),
         notes=memorising(cache.images, steps, config.batch_size))]
     if config.eval_images > 0:
-        stages.append(evaluation_stage(config, data_root, t_grid / grid_images,
+        stages.append(evaluation_stage(config, len(held_out), t_grid / grid_images,
                                        None if curve_trains else features))
     return report(stages, device, json_path=json_path)
 
 
-def feature_network(config, data_root: str | None, device: torch.device) -> tuple[float, str]:
-    """The time the evaluation's feature network takes to train (timed over 4 and 12 of its steps:
-    the difference is its time a step, the rest its setup; counted for --feature_steps), and how."""
+def feature_network(config, train_set, held_out, device: torch.device) -> tuple[float, str]:
+    """The time the evaluation's feature network takes to train on `train_set` (timed over 4 and 12
+    of its steps: the difference is its time a step, the rest its setup; counted for
+    --feature_steps), and how."""
     from ..evaluation.features import train_classifier, train_contrastive
     from ..tools.evaluate import choose_features
 
-    data, shapes = data_configs(asdict(config), data_root)
-    train_set = make_dataset(data, "train", shapes=shapes)
-    held_out = make_dataset(data, "eval", shapes=shapes)
     kind, _ = choose_features("auto", train_set)
 
     def feature_seconds(steps: int) -> float:
@@ -483,15 +489,13 @@ def feature_network(config, data_root: str | None, device: torch.device) -> tupl
                      f"{per_step * 1000:.0f} ms ({seconds:.0f} s)")
 
 
-def evaluation_stage(config, data_root: str | None, per_sample: float,
+def evaluation_stage(config, held_out: int, per_sample: float,
                      features: tuple[float, str] | None) -> Stage:
     """The final measurement's time: its samples (one per held-out image, up to --eval_images, for
-    other data than shapes) at the grid's time per sample, and `features` (seconds, how): the
-    feature network it trains first, unless the quality curve trained it before."""
-    data, shapes = data_configs(asdict(config), data_root)
-    n = config.eval_images
-    if config.dataset != "shapes":
-        n = min(n, len(make_dataset(data, "eval", shapes=shapes)))
+    other data than shapes; `held_out` images there are) at the grid's time per sample, and
+    `features` (seconds, how): the feature network it trains first, unless the quality curve
+    trained it before."""
+    n = config.eval_images if config.dataset == "shapes" else min(config.eval_images, held_out)
     seconds, how = features or (0.0, "")
     return Stage(f"evaluation ({n} samples)", n * per_sample + seconds, images=n,
                  how=f"{config.eval_steps} DDIM steps, {per_sample:.2f} s a sample (the grid's)"
