@@ -1,7 +1,7 @@
 """Train the first stage: a KL- or VQ-regularized autoencoder (LDM, arXiv 2112.10752, Sec. 3.1,
 App. G).
 
-    python train_ae.py --preset shapes --out runs/ae-shapes       # ~2 min on 2 CPU cores, ~36 dB
+    python train_ae.py --preset shapes --out runs/ae-shapes       # the CPU demo's first stage
     python train_ae.py --preset shapes_vq --out runs/ae-shapes_vq
     python train_ae.py --preset celeba64_vq --data CELEBA --out runs/ae-celeba64_vq
     python train_ae.py --preset shapes --smoke --out /tmp/ae-smoke  # seconds; what CI runs
@@ -28,25 +28,29 @@ import argparse
 import json
 import sys
 from dataclasses import asdict, dataclass
-from functools import partial
 from pathlib import Path
 
 import torch
 
 from tinyldm.autoencoder import AutoencoderConfig
 from tinyldm.autoencoder_loss import AELossConfig
-from tinyldm.cli import ArgumentParser, UsageError, run
+from tinyldm.checkpoint import save_checkpoint
+from tinyldm.cli import ArgumentParser, run
+from tinyldm.data.image_batches import first_images, make_datasets, make_loader
+from tinyldm.data.order import Stream, seed_stream
 from tinyldm.evaluation.ae_score import final_metrics, format_metrics, save_reconstructions
 from tinyldm.evaluation.metrics import codebook_stats
-from tinyldm.training import ae_setup
-from tinyldm.training.ae_setup import TrainState
-from tinyldm.training.checkpoint import RunLock, save_checkpoint
+from tinyldm.memory import check_ae_training
+from tinyldm.tools.plan import plan_train_ae
+from tinyldm.training.build import TrainState, build_ae_state, save_identity
+from tinyldm.training.configs import fit_ae_to_data, resolve_ae_configs
 from tinyldm.training.distributed import World, exit_process, join
 from tinyldm.training.flags import add_config_args, default_preset
-from tinyldm.training.loop import rng_state, seed_everything, seed_stream
-from tinyldm.training.plan import plan_folder
+from tinyldm.training.health import describe_autoencoder
+from tinyldm.training.loop import rng_state, seed_everything
 from tinyldm.training.presets import AE_PRESETS, AE_SMOKE
-from tinyldm.training.trainer import Trainer, TrainingConfig
+from tinyldm.training.run_lock import RunLock
+from tinyldm.training.trainer import Checkpoints, Grids, Trainer, TrainingConfig
 
 
 @dataclass
@@ -61,17 +65,11 @@ class TrainAEConfig(TrainingConfig):
     disc_lr: float = 0.0  # 0: same as lr
     adam_beta1: float = 0.5  # (0.5, 0.9): the GAN-friendly betas of VQGAN / CompVis
     adam_beta2: float = 0.9
-    amp: bool = False  # bf16 autocast, CUDA only. Off: 2.5 dB lower PSNR in a pair of H200 runs
+    amp: bool = False  # bf16 autocast, CUDA only; off, since it costs PSNR (docs/scripts.md)
     num_workers: int = 0
     sample_every: int = 500  # the reconstruction grid
     ckpt_every: int = 1000
     stats_images: int = 1024  # training images encoded for the latent statistics, scale factor
-
-    def __post_init__(self):
-        if self.dataset not in ("shapes", "folder", "celeba", "lsun"):
-            raise UsageError(f"--dataset must be shapes, folder, celeba or lsun: {self.dataset!r}")
-        if self.lr_schedule not in ("constant", "cosine"):
-            raise UsageError(f"--lr_schedule must be constant or cosine: {self.lr_schedule!r}")
 
 
 PRESETS, SMOKE = AE_PRESETS, AE_SMOKE  # dicts of field -> value (tinyldm/training/presets.py)
@@ -94,27 +92,28 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return default_preset(p.parse_args(argv))
 
 
-def train_step(step: int, *, state: TrainState, model: torch.nn.Module, batches,
-               config: TrainAEConfig, world: World, trainer: Trainer) -> dict:
+def train_step(step: int, *, state: TrainState, batches, trainer: Trainer) -> dict:
     """One step of the two players (App. G; the VQGAN objective of Esser et al., arXiv 2012.09841):
     1) the autoencoder: L_rec (+ perceptual) + L_reg (KL or VQ), + lambda * L_adv once the
        discriminator is on, lambda the adaptive weight (the ratio of the two terms' gradient norms
        at the decoder's last layer);
     2) once it is on, the discriminator, on the same batch with the reconstructions detached.
-    `model`: the autoencoder, or under torchrun the autoencoder in DDP. Returns the logged terms."""
-    loss_fn, device = state.loss_fn, trainer.device
+    Returns the logged terms."""
+    loss_fn, device, config, world = state.loss_fn, trainer.device, trainer.config, trainer.world
     x = next(batches).to(device, non_blocking=True)  # this process's share of the global batch
-    noise = None
-    if state.model.config.regularizer == "kl":  # z = mu + sigma * noise, noise seeded by the step
-        g = torch.Generator(device).manual_seed(seed_stream(config.seed, step, 1))
+    eps = None
+    if state.model.config.regularizer == "kl":  # z = mu + sigma * eps, eps seeded by the step
+        g = torch.Generator(device).manual_seed(seed_stream(config.seed, step, Stream.NOISE))
         z_shape = state.model.latent_shape(config.image_size)
-        noise = torch.randn((config.batch_size, *z_shape), generator=g, device=device)
-        noise = world.shard(noise)
-    reduce = world.average if world.enabled else None  # lambda from the global batch's gradients
+        eps = torch.randn((config.batch_size, *z_shape), generator=g, device=device)
+        eps = world.shard(eps)
     with trainer.autocast():
-        out = model(x, noise=noise)
-        loss, logs = loss_fn.autoencoder_loss(x, out, step=step, reduce=reduce,
-                                              last_layer=state.model.last_layer)
+        out = state.step_model(x, eps=eps)  # the autoencoder, or under torchrun in DDP
+        terms = loss_fn.autoencoder_terms(x, out, step=step)  # L_rec, L_reg, -L_adv
+        grads = loss_fn.last_layer_gradients(terms, state.model.last_layer)  # Eq. (7)'s, at D_L
+        if grads is not None:  # lambda from the global batch's gradients: their process mean
+            grads = tuple(map(world.average, grads))
+        loss, logs = loss_fn.autoencoder_loss(terms, grads)
     state.opt_ae.zero_grad(set_to_none=True)
     loss.backward()
     state.opt_ae.step()
@@ -148,55 +147,64 @@ def save_ae(path: Path, step: int, *, state: TrainState, configs: tuple, rng: di
     }, kind="autoencoder")
 
 
+def stage_one(args: argparse.Namespace, configs: tuple, ckpt: dict | None,
+              device: torch.device) -> tuple[TrainState, tuple, tuple]:
+    """The autoencoder, its loss and discriminator with their optimizers and EMA (restored from
+    `ckpt` when resuming), checked to fit in memory; the training and held-out images. Returns
+    them with the configs, the photo presets' steps fitted to the images."""
+    ae_config, loss_config, config = configs
+    world = World.current()
+    state = build_ae_state(ae_config, loss_config, config, world, device, ckpt)
+    check_ae_training(state, config.image_size, config.batch_size // world.size, device)
+    train_set, held_out = make_datasets(config, args.data)
+    config, loss_config = fit_ae_to_data(state, config, loss_config, len(train_set), args)
+    describe_autoencoder(state, config, train_set, held_out, device)
+    return state, (ae_config, loss_config, config), (train_set, held_out)
+
+
 def main(argv: list[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    out = plan_folder() if args.plan is not None else Path(args.out)  # a plan writes elsewhere
+    if args.plan is not None:  # what the run will do, timed on real steps; nothing written
+        return plan_train_ae(args, sys.modules[__name__])
+    out = Path(args.out)
     ckpt_path = out / "autoencoder.pt"
     lock = RunLock.for_rank_zero(out)  # one run per output folder
     preset = {**PRESETS[args.preset], **(SMOKE if args.smoke else {})}
-    ae_config, loss_config, config, ckpt = ae_setup.resolve_configs(args, ckpt_path, CONFIGS,
-                                                                    preset)
-    configs = (ae_config, loss_config, config)
+    ae_config, loss_config, config, ckpt = resolve_ae_configs(args, ckpt_path, CONFIGS, preset)
     world, device = join(args.device, config.batch_size)  # one process unless torchrun started us
-    if world.enabled and ae_config.regularizer == "vq":
-        raise UsageError("a VQ autoencoder does not train under torchrun (its dead-code restarts "
-                         "would differ between processes): train it as one process")
     seed_everything(config.seed)
     if ae_config.regularizer == "identity":
-        return ae_setup.save_identity(ae_config, loss_config, config, args, ckpt_path, device)
-    state = ae_setup.build_state(ae_config, loss_config, config, world, device, ckpt)
-    ae_setup.check_memory(state, ae_config, config, world, device)
-    train_set, held_out = ae_setup.make_datasets(config, args.data)
-    config, loss_config = ae_setup.fit_to_data(state, config, loss_config, len(train_set), args)
-    configs = (ae_config, loss_config, config)
-    ae_setup.describe(state, config, train_set, held_out, device)
+        return save_identity(ae_config, loss_config, config, args, ckpt_path, device)
 
+    # The two players with their optimizers (restored when resuming), and the images.
+    state, configs, (train_set, held_out) = stage_one(args, (ae_config, loss_config, config),
+                                                      ckpt, device)
+    config = configs[2]  # with the photo presets' steps fitted to the images
+    batches = iter(make_loader(train_set, config, state.start, (world.rank, world.size), device))
+
+    # The training loop.
     optimizers = {state.opt_ae: config.lr, state.opt_disc: config.disc_lr or config.lr}
-    trainer = Trainer(config, script="train_ae.py", argv=argv, out=out, ckpt_path=ckpt_path,
-                      world=world, device=device, optimizers=optimizers, model=state.model,
-                      ema=state.ema, replicas=(state.model, state.loss_fn.discriminator),
-                      loss_key="loss_ae", resumed_step=state.start if ckpt is not None else None)
-    batches = iter(ae_setup.make_loader(train_set, config, state.start, world, device,
-                                        endless=args.plan is not None))
-    grid_x = next(ae_setup.first_images(held_out, 8, 8)).to(device)
-    save_grid = lambda step: save_reconstructions(state.eval_model, grid_x,  # noqa: E731
-                                                  out / f"recon_{step:07d}.png")
-    step = partial(train_step, state=state, model=trainer.distribute(state.model), batches=batches,
-                   config=config, world=world, trainer=trainer)
+    trainer = Trainer(config, state.model, state.ema, optimizers, out)
+    trainer.loss_key = "loss_ae"
+    state.step_model = trainer.distribute(state.model)
+    grid_x = next(first_images(held_out, 8, 8)).to(device)
+    draw = lambda step: save_reconstructions(state.eval_model, grid_x,  # noqa: E731
+                                             out / f"recon_{step:07d}.png")
+    save = lambda step: save_ae(ckpt_path, step, state=state, configs=configs)  # noqa: E731
+    for callback in (Checkpoints(ckpt_path, save, "train_ae.py", argv),
+                     grids := Grids(draw, config.sample_every)):
+        trainer.add_callback(callback)
     state.model.train()
-    if args.plan is not None:  # real steps timed, stages printed; nothing written to --out
-        return ae_setup.plan(state, config, train_set, held_out, device, step=step, grid=save_grid,
-                             save=lambda k: save_ae(ckpt_path, k, state=state, configs=configs),
-                             ckpt_path=ckpt_path, json_path=args.plan)
-    trainer.run(step, start=state.start, sample=save_grid,
-                save=lambda step: save_ae(ckpt_path, step, state=state, configs=configs))
+    trainer.run(lambda step: train_step(step, state=state, batches=batches, trainer=trainer),
+                start=state.start)
     rng_after_training = rng_state()  # the evaluation below draws from its own generators
     trainer.close()
     if not world.is_main:  # rank 0 alone evaluates and writes the final checkpoint
         return {"step": config.steps, "rank": world.rank}
 
-    trainer.sample_grid(save_grid, config.steps)
+    # The last grid, the held-out measurement and the latent scale factor.
+    grids.now(trainer)
     metrics = final_metrics(state, train_set, held_out, config, device, trainer.seconds)
     save_ae(ckpt_path, config.steps, state=state, configs=configs, rng=rng_after_training,
             metrics=metrics)

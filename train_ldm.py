@@ -26,26 +26,39 @@ import json
 import sys
 import time
 from dataclasses import asdict, dataclass
-from functools import partial
 from pathlib import Path
 
 import torch
 
 from tinyldm.autoencoder import Autoencoder
+from tinyldm.checkpoint import load_checkpoint, save_checkpoint
 from tinyldm.cli import ArgumentParser, run
 from tinyldm.conditioning import ConditionConfig
 from tinyldm.data.latent_batches import LatentTrainingSet, task_spec
+from tinyldm.data.order import Stream, seed_stream
 from tinyldm.evaluation.curves import reference_for
 from tinyldm.evaluation.ldm_score import QualityCurve, SampleGrid, evaluate_run, save_samples
 from tinyldm.ldm import Denoiser, DiffusionConfig, ldm_loss, ldm_payload
-from tinyldm.training import ldm_setup
-from tinyldm.training.checkpoint import RunLock, load_checkpoint, save_checkpoint
-from tinyldm.training.distributed import exit_process, join
+from tinyldm.memory import check_ldm_training
+from tinyldm.schedule import NoiseSchedule
+from tinyldm.tools.plan import plan_train_ldm
+from tinyldm.training.build import make_condition_config, make_denoiser
+from tinyldm.training.configs import resolve_ldm_configs, resumed_checkpoint
+from tinyldm.training.distributed import World, exit_process, join
+from tinyldm.training.first_stage import first_stage
 from tinyldm.training.flags import add_config_args, default_preset
-from tinyldm.training.loop import EMA, rng_state, seed_everything, seed_stream, set_rng_state
-from tinyldm.training.plan import plan_folder
+from tinyldm.training.health import describe_denoiser, describe_latents
+from tinyldm.training.loop import EMA, rng_state, seed_everything, set_rng_state
 from tinyldm.training.presets import LDM_PRESETS, LDM_SMOKE
-from tinyldm.training.trainer import Trainer, TrainingConfig, fit_steps
+from tinyldm.training.run_lock import RunLock
+from tinyldm.training.trainer import (
+    Checkpoints,
+    Grids,
+    QualityPoints,
+    Trainer,
+    TrainingConfig,
+    fit_steps,
+)
 from tinyldm.unet import UNetConfig
 
 
@@ -103,52 +116,67 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return default_preset(p.parse_args(argv))
 
 
-def train_step(step: int, *, model: torch.nn.Module, denoiser: Denoiser, opt: torch.optim.Optimizer,
-               schedule, data: LatentTrainingSet, diffusion: DiffusionConfig,
-               config: TrainLDMConfig, trainer: Trainer) -> dict:
+@dataclass
+class LDMState:
+    """What the LDM's training step reads and updates, and ldm.pt stores."""
+
+    config: TrainLDMConfig
+    diffusion: DiffusionConfig
+    data: LatentTrainingSet  # the scaled latents of the training set, their conditions, the ae
+    denoiser: Denoiser  # tau_theta and eps_theta, trained together
+    ema: EMA
+    opt: torch.optim.Optimizer
+    schedule: NoiseSchedule
+    start: int = 0  # the first step to train: 0, or the checkpoint's step when resuming
+    step_model: torch.nn.Module | None = None  # what the step calls: the denoiser, or in DDP
+
+
+def train_step(step: int, *, state: LDMState, trainer: Trainer) -> dict:
     """One step of Eq. 3, L_LDM = E ||eps - eps_theta(z_t, t, tau_theta(y))||^2, with AdamW.
-    `model` is the denoiser, or under torchrun the denoiser in DDP. Every draw is seeded by the step
-    and made for the global batch (each process takes its share): --resume and N processes train
-    exactly like one."""
-    B, device, world = config.batch_size, data.latents.device, trainer.world
-    g = torch.Generator(device).manual_seed(seed_stream(config.seed, step, 1))
-    z0, condition, concat = data.batch(step, g)  # this process's share: scaled latents, conditions
+    Every draw is seeded by the step and made for the global batch (each process takes its share):
+    --resume and N processes train exactly like one."""
+    config, schedule, world = state.config, state.schedule, trainer.world
+    B, device = config.batch_size, state.data.latents.device
+    g = torch.Generator(device).manual_seed(seed_stream(config.seed, step, Stream.NOISE))
+    z0, condition, concat = state.data.batch(step, g)  # this process's share: latents, conditions
     t = world.shard(torch.randint(0, schedule.T, (B,), generator=g, device=device))  # t ~ U{0..T-1}
     eps = world.shard(torch.randn((B, *z0.shape[1:]), generator=g, device=device))  # eps ~ N(0, I)
-    g_cpu = torch.Generator().manual_seed(seed_stream(config.seed, step, 2))
-    drop = world.shard(torch.rand(B, generator=g_cpu) < diffusion.p_uncond)  # for guidance (CFG)
+    g_cpu = torch.Generator().manual_seed(seed_stream(config.seed, step, Stream.DROP))
+    drop = world.shard(torch.rand(B, generator=g_cpu) < state.diffusion.p_uncond)  # for CFG
     if condition is not None:
-        condition = denoiser.cond.drop(condition, drop)  # the null condition where dropped
+        condition = state.denoiser.cond.drop(condition, drop)  # the null condition where dropped
     with trainer.autocast():
-        loss = ldm_loss(model, schedule, z0, t, eps, condition, diffusion, concat=concat)  # Eq. 3
-    opt.zero_grad(set_to_none=True)
+        loss = ldm_loss(state.step_model, schedule, z0, t, eps, condition, state.diffusion,
+                        concat=concat)  # Eq. 3
+    state.opt.zero_grad(set_to_none=True)
     loss.backward()  # under DDP the processes' gradients are averaged here
-    grad_norm = torch.nn.utils.clip_grad_norm_(denoiser.parameters(), config.grad_clip)
-    opt.step()
+    grad_norm = torch.nn.utils.clip_grad_norm_(state.denoiser.parameters(), config.grad_clip)
+    state.opt.step()
     return {"loss": loss.detach(), "grad_norm": grad_norm}
 
 
-def save_ldm(path: Path, step: int, *, denoiser: Denoiser, ema: EMA, opt: torch.optim.Optimizer,
-             ae: Autoencoder, ae_path: Path, ae_digest: str, diffusion: DiffusionConfig,
-             config: TrainLDMConfig, class_names: list[str], processes: int) -> None:
+def save_ldm(path: Path, step: int, *, state: LDMState, ae_path: Path) -> None:
     """ldm.pt: the self-contained model (`ldm_payload`) and what --resume needs to continue,
     pinned to its autoencoder file by digest."""
-    payload = ldm_payload(denoiser, ema.model, ae, diffusion, config.image_size)
-    payload.update(train_config=asdict(config), step=step, optimizer=opt.state_dict(),
-                   rng=rng_state(), ema_state=ema.state_dict(), ae_path=str(ae_path),
-                   ae_digest=ae_digest, class_names=class_names, processes=processes)
+    data, ema = state.data, state.ema
+    payload = ldm_payload(state.denoiser, ema.model, data.ae, state.diffusion,
+                          state.config.image_size)
+    payload.update(train_config=asdict(state.config), step=step,
+                   optimizer=state.opt.state_dict(), rng=rng_state(), ema_state=ema.state_dict(),
+                   ae_path=str(ae_path), ae_digest=data.ae_digest, class_names=data.class_names,
+                   processes=World.current().size)
     save_checkpoint(path, payload, kind="ldm")
 
 
 def stage_two(config: TrainLDMConfig, unet_fields: dict, diffusion: DiffusionConfig,
-              data: LatentTrainingSet, stored: dict | None, device: torch.device):
+              data: LatentTrainingSet, stored: dict | None, device: torch.device) -> LDMState:
     """tau_theta and eps_theta (trained together), their EMA, the schedule and AdamW; restored
     from `stored` when resuming. Seeded again: the initial weights do not depend on stage one."""
     seed_everything(config.seed)
     cond_config = ConditionConfig(**stored["cond_config"]) if stored else \
-        ldm_setup.make_condition_config(config, unet_fields, data.conditions, data.class_names)
-    denoiser = ldm_setup.make_denoiser(config, unet_fields, cond_config, task_spec(config),
-                                       tuple(data.latents.shape[1:]), device)
+        make_condition_config(config, unet_fields, data.conditions, data.class_names)
+    denoiser = make_denoiser(config, unet_fields, cond_config, task_spec(config),
+                             tuple(data.latents.shape[1:]), device)
     ema = EMA(denoiser, decay=config.ema_decay)
     opt = torch.optim.AdamW(denoiser.parameters(), lr=config.lr, weight_decay=config.weight_decay,
                             fused=device.type == "cuda")
@@ -158,85 +186,81 @@ def stage_two(config: TrainLDMConfig, unet_fields: dict, diffusion: DiffusionCon
         opt.load_state_dict(stored["optimizer"])
         set_rng_state(stored["rng"])
         print(f"resumed at step {stored['step']}")
-    return denoiser, ema, diffusion.make_schedule().to(device), opt
+    if config.compile:  # in place: the state_dict keys stay the same
+        denoiser.unet.compile()
+    schedule = diffusion.make_schedule().to(device)
+    return LDMState(config, diffusion, data, denoiser, ema, opt, schedule,
+                    start=stored["step"] if stored else 0)
 
 
 def main(argv: list[str] | None = None) -> dict:
     argv, t_start = list(sys.argv[1:] if argv is None else argv), time.perf_counter()
     args = parse_args(argv)
+    if args.plan is not None:  # what the run will do, timed on real steps; nothing written
+        return plan_train_ldm(args, sys.modules[__name__])
     out = Path(args.out or f"runs/ldm-{args.preset}{'-smoke' if args.smoke else ''}")
-    out = plan_folder() if args.plan is not None else out  # a plan writes elsewhere
     ckpt_path = out / "ldm.pt"
     lock = RunLock.for_rank_zero(out)  # one run per output folder
-    stored = load_checkpoint(ckpt_path, kind="ldm") if args.resume and ckpt_path.exists() else None
-    ldm_setup.check_resumable(args, out, stored)
+    stored = resumed_checkpoint(args, out)  # None for a new run; refused on another autoencoder
     preset = {**PRESETS[args.preset], **(SMOKE if args.smoke else {})}
-    config, unet_fields, diffusion = ldm_setup.resolve_configs(args, stored, TrainLDMConfig, preset)
+    config, unet_fields, diffusion = resolve_ldm_configs(args, stored, TrainLDMConfig, preset)
     world, device = join(args.device, config.batch_size)  # one process unless torchrun started us
 
     # Stage one, frozen: the autoencoder, and the scaled latents of the training set (cached once).
-    ldm_setup.check_pinned_autoencoder(args, out, stored)
-    ae_path = Path(stored["ae_path"]) if stored else ldm_setup.first_stage(
-        args, config, out, world, argv, script_dir=Path(__file__).resolve().parent)
+    ae_path = Path(stored["ae_path"]) if stored else first_stage(
+        args, config, out, argv, script_dir=Path(__file__).resolve().parent)
     ae_ckpt = load_checkpoint(ae_path, kind="autoencoder")
-    ae = Autoencoder.from_checkpoint(ae_ckpt).to(device)
-    ae.requires_grad_(False)
-    if args.plan is not None:  # the cache of a few batches, timed
-        data, cache = ldm_setup.plan_latents(ae, ae_path, config, args.data, out, world, device)
-    else:
-        data = ldm_setup.rank_zero_first(world, lambda: LatentTrainingSet.build(
-            ae, ae_path, config, args.data, out, world, device))
-    images = cache.images if args.plan is not None else len(data.latents)
-    config = fit_steps(config, images, explicit="steps" in vars(args))  # photo presets: epochs
-    ldm_setup.describe_latents(data, ae, ae_ckpt, ae_path, config)  # and health lines
+    ae = Autoencoder.from_checkpoint(ae_ckpt).to(device).requires_grad_(False)
+    data = world.rank_zero_first(lambda: LatentTrainingSet.build(
+        ae, ae_path, config, args.data, out, device, rank=world.rank, size=world.size))
+    config = fit_steps(config, len(data.latents), explicit="steps" in vars(args))  # photo presets
+    describe_latents(data, ae, ae_ckpt, ae_path, config)  # and health lines
 
     # Stage two: the denoiser and its training loop.
-    denoiser, ema, schedule, opt = stage_two(config, unet_fields, diffusion, data, stored, device)
-    ldm_setup.check_memory(denoiser, data, config.batch_size // world.size, device)
-    ldm_setup.describe_denoiser(denoiser, config, device, world)
-    start = stored["step"] if stored else 0
-    curve = QualityCurve((ema.model, schedule, ae, diffusion), config, args.data, device, out)
-    trainer = Trainer(config, script="train_ldm.py", argv=argv, out=out, ckpt_path=ckpt_path,
-                      world=world, device=device, optimizers={opt: config.lr}, model=denoiser,
-                      ema=ema, replicas=(denoiser,), resumed_step=start if stored else None,
-                      diverge=10.0,  # a loss 10x its best and above its first: stop
-                      curve=curve, curve_every=config.curve_every,
-                      reference=reference_for(args.preset, config))  # drawn behind loss.png
-    model = trainer.distribute(ldm_setup.compiled(denoiser, config), find_unused=True)
-    save = partial(save_ldm, ckpt_path, denoiser=denoiser, ema=ema, opt=opt, ae=ae, ae_path=ae_path,
-                   ae_digest=data.ae_digest, diffusion=diffusion, config=config,
-                   class_names=data.class_names, processes=world.size)
-    latent_hw = tuple(data.latents.shape[-2:])
-    grid = SampleGrid.for_run(config, data.class_names, args.data, latent_hw, device, ae,
-                              denoiser.cond.cfg.max_len)
-    save_grid = partial(save_samples, out, model=ema.model, schedule=schedule, ae=ae, grid=grid,
-                        diffusion=diffusion, config=config, raw=denoiser, ema=ema)
-    step = partial(train_step, model=model, denoiser=denoiser, opt=opt, schedule=schedule,
-                   data=data, diffusion=diffusion, config=config, trainer=trainer)
-    if args.plan is not None:  # real steps timed, stages printed; nothing written to --out
-        return ldm_setup.plan(step=step, ema=ema, save=save, ckpt_path=ckpt_path, grid=save_grid,
-                              grid_images=grid.n, denoiser=denoiser, cache=cache, data=data,
-                              config=config, start=start, device=device, out=out,
-                              data_root=args.data, json_path=args.plan)
-    done = trainer.run(step, start=start, save=save, sample=save_grid)
-    if done > start and world.is_main:
+    state = stage_two(config, unet_fields, diffusion, data, stored, device)
+    check_ldm_training(state.denoiser, data, config.batch_size // world.size, device)
+    describe_denoiser(state.denoiser, config, device, world)
+    trainer = Trainer(config, state.denoiser, state.ema, {state.opt: config.lr}, out)
+    trainer.diverge = 10.0  # a loss 10x its best and above its first: stop
+    trainer.reference = reference_for(args.preset, config)  # drawn behind loss.png
+    state.step_model = trainer.distribute(state.denoiser, find_unused=True)
+    save = lambda step: save_ldm(ckpt_path, step, state=state, ae_path=ae_path)  # noqa: E731
+    grid = SampleGrid.for_run(config, data.class_names, args.data, tuple(data.latents.shape[-2:]),
+                              device, ae, state.denoiser.cond.cfg.max_len)
+    grids = Grids(lambda step: save_samples(out, step, state, grid), config.sample_every)
+    curve = QualityPoints(QualityCurve((state.ema.model, state.schedule, ae, diffusion), config,
+                                       args.data, device, out), config.curve_every)
+    for callback in (Checkpoints(ckpt_path, save, "train_ldm.py", argv), grids, curve):
+        trainer.add_callback(callback)
+    done = trainer.run(lambda step: train_step(step, state=state, trainer=trainer),
+                       start=state.start)
+    if done > state.start and world.is_main:
         save(done)
     trainer.close()
     if not world.is_main:  # rank 0 alone draws, evaluates and reports
         return {"steps": done, "rank": world.rank}
 
-    # The final grid and measurement, with the EMA weights.
     result = {"steps": done, "wall_seconds": time.perf_counter() - t_start,
-              "train_loop_seconds": trainer.seconds, "checkpoint": str(ckpt_path),
-              "samples": str(trainer.sample_grid(save_grid, done))}
-    print(f"samples: {result['samples']}")
-    if config.curve_every and done > start:
-        trainer.curve_point(done)  # the curve's last point
-    result.update(evaluate_run(ema.model, schedule, ae, config, diffusion, latent_hw, device,
-                               args.data, ckpt_path))
-    (out / "eval.json").write_text(json.dumps(result, indent=1))
+              "train_loop_seconds": trainer.seconds, "checkpoint": str(ckpt_path)}
+    result = finish(trainer, state, (grids, curve), args.data, result)
     print(f"done in {time.perf_counter() - t_start:.0f} s; checkpoint {ckpt_path}")
     lock.release()
+    return result
+
+
+def finish(trainer: Trainer, state: LDMState, callbacks: tuple[Grids, QualityPoints],
+           data_root: str | None, result: dict) -> dict:
+    """The final grid, the quality curve's last point and the measurement, with the EMA weights;
+    eval.json."""
+    grids, curve = callbacks
+    result["samples"] = str(grids.now(trainer))
+    print(f"samples: {result['samples']}")
+    if curve.every and trainer.step > trainer.start:
+        curve.now(trainer)  # the curve's last point
+    result.update(evaluate_run(state.ema.model, state.schedule, state.data.ae, state.config,
+                               state.diffusion, tuple(state.data.latents.shape[-2:]),
+                               trainer.device, data_root, Path(result["checkpoint"])))
+    (trainer.out / "eval.json").write_text(json.dumps(result, indent=1))
     return result
 
 

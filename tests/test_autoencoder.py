@@ -21,6 +21,7 @@ from tinyldm.autoencoder import (
 from tinyldm.autoencoder_loss import (
     AELoss,
     AELossConfig,
+    AETerms,
     adaptive_weight,
     discriminator_hinge,
     discriminator_non_saturating,
@@ -115,6 +116,19 @@ def test_kl_model_encode_is_posterior_mean():
     assert torch.equal(model.encode(x), model.posterior(x).mean)
     sampled = model.encode(x, sample=True, generator=torch.Generator().manual_seed(0))
     assert not torch.equal(sampled, model.encode(x))
+
+
+def test_forward_takes_the_reparameterization_draw():
+    """z = E_mu + E_sigma * eps with the caller's eps; eps = 0 gives the posterior mean."""
+    model = Autoencoder(tiny()).eval()
+    x = torch.randn(2, 3, 16, 16)
+    q = model.posterior(x)
+    eps = torch.randn(q.mean.shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = model(x, eps=eps)
+        torch.testing.assert_close(out.z, q.mean + q.std * eps, rtol=0, atol=0)
+        assert torch.equal(model(x, eps=torch.zeros_like(eps)).z, q.mean)
+        assert torch.equal(out.x_rec, model.decode(out.z))
 
 
 # -------------------------------------------------------------------------------- VQ
@@ -221,12 +235,15 @@ def test_adaptive_weight_matches_its_formula():
     t, c = torch.tensor([0.0, 1.0, 2.0]), torch.tensor([3.0, 0.0, -4.0])
     rec = ((w - t) ** 2).sum()  # gradient 2 (w - t)
     adv = (c * w).sum()  # gradient c
-    lam = adaptive_weight(rec, adv, w, delta=1e-6, max_value=1e4)
+    terms = AETerms(rec=rec, reg=torch.zeros(()), g_adv=adv, logs={})
+    grad_rec, grad_adv = AELoss(AELossConfig(perceptual_weight=0.0)).last_layer_gradients(terms, w)
+    torch.testing.assert_close(grad_rec, 2 * (w - t).detach())
+    torch.testing.assert_close(grad_adv, c)
+    lam = adaptive_weight(2 * (w - t), c, delta=1e-6, max_value=1e4)  # gradients with a graph
     expected = (2 * (w - t)).norm() / (c.norm() + 1e-6)
     torch.testing.assert_close(lam, expected.detach())
     assert not lam.requires_grad
-    tiny_adv = (1e-12 * w).sum()
-    assert adaptive_weight(rec, tiny_adv, w, delta=1e-6, max_value=10.0) == 10.0  # clamped
+    assert adaptive_weight(grad_rec, 1e-12 * c, delta=1e-6, max_value=10.0) == 10.0  # clamped
 
 
 def test_discriminator_losses():
@@ -244,19 +261,28 @@ def loss_setup(**loss_kw):
     return model, cfg
 
 
+def ae_loss(loss_fn: AELoss, x, out, *, step: int, model: Autoencoder):
+    """The E, D player's loss on one process, as train_ae.py's step computes it."""
+    terms = loss_fn.autoencoder_terms(x, out, step=step)
+    return loss_fn.autoencoder_loss(terms, loss_fn.last_layer_gradients(terms, model.last_layer))
+
+
 def test_loss_terms_before_the_discriminator_starts():
     model, cfg = loss_setup(kl_weight=1e-2)
     loss_fn = AELoss(cfg)
     x = torch.randn(2, 3, 16, 16)
     out = model(x)
-    loss, logs = loss_fn.autoencoder_loss(x, out, step=4, last_layer=model.last_layer)
+    loss, logs = ae_loss(loss_fn, x, out, step=4, model=model)
     expected = (out.x_rec - x).abs().mean() + 1e-2 * out.kl.mean() / (3 * 16 * 16)
     torch.testing.assert_close(loss, expected)
     assert "g_adv" not in logs
     loss_d, logs_d = loss_fn.discriminator_loss(x, out.x_rec, step=4)
     assert loss_d.item() == 0.0 and logs_d == {}
-    _, logs = loss_fn.autoencoder_loss(x, out, step=5, last_layer=model.last_layer)
+    _, logs = ae_loss(loss_fn, x, out, step=5, model=model)
     assert "g_adv" in logs and logs["adaptive_weight"] > 0
+    with torch.no_grad():  # evaluation: no gradients to balance, lambda = disc_weight
+        _, logs = loss_fn.autoencoder_loss(loss_fn.autoencoder_terms(x, model(x), step=5))
+    assert logs["adaptive_weight"] == cfg.disc_weight
 
 
 def _decoder_grad(model: Autoencoder, loss: torch.Tensor) -> float:
@@ -273,8 +299,8 @@ def test_adversarial_term_sends_gradient_into_the_decoder():
     assert _decoder_grad(model, loss_fn.generator_adv(out.x_rec)) > 0
     assert model.encoder.conv_in.weight.grad.abs().sum() > 0  # and through it into the encoder
     # the full loss includes lambda * g_adv: its gradient differs from the reconstruction's alone
-    loss, _ = loss_fn.autoencoder_loss(x, out, step=10, last_layer=model.last_layer)
-    rec_only, _ = loss_fn.autoencoder_loss(x, out, step=0, last_layer=model.last_layer)
+    loss, _ = ae_loss(loss_fn, x, out, step=10, model=model)
+    rec_only, _ = ae_loss(loss_fn, x, out, step=0, model=model)
     _decoder_grad(model, loss)
     g_full = model.last_layer.grad.clone()
     _decoder_grad(model, rec_only)
@@ -325,7 +351,7 @@ def test_overfit_one_batch_reaches_psnr():
     loss_fn = AELoss(AELossConfig(rec_loss="l2", perceptual_weight=0.0, disc_start=10**9))
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     for step in range(150):
-        loss, _ = loss_fn.autoencoder_loss(x, model(x), step=step, last_layer=model.last_layer)
+        loss, _ = ae_loss(loss_fn, x, model(x), step=step, model=model)
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -11,7 +11,7 @@ from tinyldm.autoencoder import Autoencoder
 from tinyldm.ddim import sample
 from tinyldm.schedule import NoiseSchedule
 from tinyldm.tools import bench
-from tinyldm.training.speed import graphed_sampler
+from tinyldm.tools.speed import graphed_sampler
 from tinyldm.unet import UNet, UNetConfig
 
 pytestmark = pytest.mark.slow  # speed, FLOPs and memory, and the benchmark tools end to end

@@ -27,8 +27,9 @@ from tinyldm.data.images import (
     make_dataset,
     make_image_datasets,
 )
-from tinyldm.data.latents import LatentDataset, file_digest, latent_cache
+from tinyldm.data.latents import LatentDataset, latent_cache
 from tinyldm.data.shapes import ShapesConfig
+from tinyldm.files import file_digest
 
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
 

@@ -371,8 +371,8 @@ def test_a_released_model_is_measured_on_the_same_scale_as_one_trained_here(tmp_
     interval."""
     from test_pretrained import _trained_here
 
+    from tinyldm.checkpoint import save_checkpoint
     from tinyldm.pretrained.export import main as export
-    from tinyldm.training.checkpoint import save_checkpoint
 
     faces = save_faces(tmp_path / "faces", n=60)
     ckpt = _trained_here("none", "eps")

@@ -23,12 +23,13 @@ import torch
 import sample
 import train_ae
 import train_ldm
+from tinyldm import checkpoint as checkpoint_module
+from tinyldm.checkpoint import load_checkpoint
 from tinyldm.cli import UsageError, run
 from tinyldm.course.__main__ import main as course_main
 from tinyldm.tools.evaluate import main as evaluate_main
-from tinyldm.training import checkpoint as checkpoint_module
-from tinyldm.training.checkpoint import RunLock, load_checkpoint
 from tinyldm.training.loop import GracefulStop, resume_command
+from tinyldm.training.run_lock import RunLock
 
 pytestmark = pytest.mark.slow  # the scripts against bad inputs, signals and faults, end to end
 
@@ -110,7 +111,7 @@ TRAIN_LDM_PROBES = [
     (["--ae", "{root}/missing.pt"], "does not exist"),
     (["--ae", "{ldm}"], "'ldm' checkpoint, expected a 'autoencoder'"),
     (["--preset", "nope"], "invalid choice"),
-    (["--cond", "sound"], "--cond must be one of"),
+    (["--cond", "sound"], "--cond sound: must be one of text, class, layout, none, auto"),
     (["--resume", "--out", "{root}/nothing_here"], "nothing to continue"),
     (["--ae", "{ae}", "--batch_size", "100000000"], "--batch_size"),
     (["--ae", "{ae}", "--image_size", "20"], "cannot halve evenly"),
@@ -229,7 +230,7 @@ def test_the_sampling_memory_estimate_grows_as_the_model_does(trained):
     """Activations grow with the pixels, self-attention with their square: the estimate follows
     both, and the sizes it offers as fitting do fit by its own measure."""
     from tinyldm.ldm import load_ldm
-    from tinyldm.training.memory import SamplingEstimate
+    from tinyldm.memory import SamplingEstimate
 
     ckpt = load_checkpoint(trained["ldm"], kind="ldm")
     denoiser, _, ae, _ = load_ldm(ckpt)
@@ -252,7 +253,7 @@ def test_the_sampling_memory_estimate_grows_as_the_model_does(trained):
                        match=r"needs about .* largest square that fits is about (\d+)x\1") as info:
         est.check(1, 100_000, 100_000, guided=True, device=torch.device("cpu"))
     side = int(str(info.value).split("about ")[-1].split("x")[0])
-    from tinyldm.training.memory import available_bytes
+    from tinyldm.memory import available_bytes
 
     assert est.bytes(1, side, side, guided=True) <= 0.9 * available_bytes(torch.device("cpu"))
 
@@ -420,7 +421,7 @@ def test_a_second_run_in_the_same_folder_is_refused_and_a_stale_lock_is_taken_ov
 
 def test_the_lock_names_a_live_owner_and_is_released(tmp_path):
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from tinyldm.training.checkpoint import RunLock; "
+        [sys.executable, "-c", "import sys, time; from tinyldm.training.run_lock import RunLock; "
          f"RunLock({str(tmp_path)!r}).acquire(); print('held', flush=True); time.sleep(60)"],
         cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE, text=True)
     try:
@@ -713,7 +714,7 @@ def test_a_crafted_or_malformed_checkpoint_is_refused_before_anything_is_built(t
     ({"mid_attention": 1}, False), ({"unknown_entry": object()}, True),  # left to the constructor
 ])
 def test_stored_configs_are_checked_against_the_declared_types(entry, ok):
-    from tinyldm.training.checkpoint import CheckpointError, check_types
+    from tinyldm.checkpoint import CheckpointError, check_types
     from tinyldm.unet import UNetConfig
 
     if ok:
@@ -800,9 +801,9 @@ def test_weights_the_device_cannot_hold_are_refused_before_any_module_is_built(
     """A checkpoint (or released folder) whose configs match its tensors but which the free memory
     cannot hold: a file larger than it is refused before it is read; weights that what is left
     cannot hold are refused from the config's size, before any module is built or loaded."""
+    from tinyldm import memory
     from tinyldm.autoencoder import Autoencoder, AutoencoderConfig
     from tinyldm.ldm import build_denoiser
-    from tinyldm.training import memory
 
     path = trained["ldm"]
     ckpt = load_checkpoint(path)

@@ -12,8 +12,8 @@ from PIL import Image
 import train_ae
 import train_ldm
 from tinyldm.autoencoder import Autoencoder, AutoencoderConfig
-from tinyldm.training.checkpoint import load_checkpoint
-from tinyldm.training.ldm_setup import first_stage_health, latent_health
+from tinyldm.checkpoint import load_checkpoint
+from tinyldm.training.health import first_stage_health, latent_health
 from tinyldm.training.loop import EMA
 
 FAST = ["--smoke", "--device", "cpu", "--eval_images", "0"]

@@ -7,19 +7,21 @@ import pytest
 import torch
 
 from tinyldm.autoencoder import Autoencoder, AutoencoderConfig
+from tinyldm.checkpoint import load_checkpoint, save_checkpoint
 from tinyldm.conditioning import ConditionConfig, ConditionEncoder, Tokenizer
 from tinyldm.ddim import make_timesteps, sample
 from tinyldm.ldm import (
     Denoiser,
     DiffusionConfig,
     build_denoiser,
+    decode_latents,
     generate,
+    generate_latents,
     ldm_loss,
     ldm_payload,
     load_ldm,
 )
 from tinyldm.schedule import eps_x0_from_prediction
-from tinyldm.training.checkpoint import load_checkpoint, save_checkpoint
 from tinyldm.unet import UNet, UNetConfig
 
 CAPTIONS = ["a red circle", "a blue square"]
@@ -82,27 +84,29 @@ def test_generate_shapes_guidance_and_size_beyond_training():
     b = generate(den, schedule, ae, CAPTIONS, latent_size=(8, 8), steps=4, eta=1.0,
                  generator=torch.Generator().manual_seed(7))
     assert torch.equal(a, b)  # same seed, same images
-    # The image is the decoder applied to the unscaled latent.
+    # The image is the decoder applied to the unscaled latent that the sampler reaches from a
+    # drawn z_T: generate = draw, generate_latents, decode_latents.
     ae.scale_factor.fill_(2.0)
-    z0 = generate(den, schedule, ae, CAPTIONS, latent_size=(8, 8), steps=2,
-                  generator=torch.Generator().manual_seed(1), return_latents=True)
-    img = generate(den, schedule, ae, CAPTIONS, latent_size=(8, 8), steps=2,
+    g = torch.Generator().manual_seed(1)
+    z_T = torch.randn(2, 3, 8, 8, generator=g)
+    z0 = generate_latents(den, schedule, z_T, CAPTIONS, steps=2, eta=1.0, generator=g)
+    img = generate(den, schedule, ae, CAPTIONS, latent_size=(8, 8), steps=2, eta=1.0,
                    generator=torch.Generator().manual_seed(1))
-    assert torch.allclose(img, ae.decode(z0 / 2.0).clamp(-1, 1), atol=1e-5)
+    assert torch.equal(img, decode_latents(ae, z0))
+    torch.testing.assert_close(decode_latents(ae, z0), ae.decode(z0 / 2.0).clamp(-1, 1))
 
 
-def test_generate_from_given_noise_with_callback_equals_the_sampler():
+def test_generate_latents_from_given_noise_with_callback_equals_the_sampler():
     """z_T and callback pass straight through: the same start gives the sampler's own result, and
     the callback sees every step's z0 prediction, the last of which is the returned latent (DDIM,
     eta 0)."""
-    ae, den, cfg = tiny_parts()
+    _, den, cfg = tiny_parts()
     den.eval()
     schedule = cfg.make_schedule()
     z_T = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(3))
     seen = []
-    z0 = generate(den, schedule, ae, CAPTIONS, latent_size=(8, 8), steps=4, guidance_scale=2.0,
-                  z_T=z_T.clone(), return_latents=True,
-                  callback=lambda i, t, z_t, z0_pred: seen.append((i, t, z0_pred.clone())))
+    z0 = generate_latents(den, schedule, z_T.clone(), CAPTIONS, steps=4, guidance_scale=2.0,
+                          callback=lambda i, t, z_t, z0_pred: seen.append((i, t, z0_pred.clone())))
     with torch.no_grad():
         ref = sample(den.unet, schedule, z_T, steps=4, cond=den.cond(CAPTIONS),
                      uncond=den.cond(den.cond.null_condition(2)), guidance_scale=2.0)
@@ -110,8 +114,9 @@ def test_generate_from_given_noise_with_callback_equals_the_sampler():
     assert [(i, t) for i, t, _ in seen] == list(enumerate(make_timesteps(cfg.T, 4)))
     assert torch.allclose(seen[-1][2], z0, atol=1e-6)
     with pytest.raises(ValueError, match="z_T has shape"):
-        generate(den, schedule, ae, CAPTIONS, latent_size=(8, 8), steps=2,
-                 z_T=torch.randn(3, 3, 8, 8))
+        generate_latents(den, schedule, torch.randn(3, 3, 8, 8), CAPTIONS, steps=2)
+    with pytest.raises(ValueError, match="z_T has shape"):
+        generate_latents(den, schedule, torch.randn(2, 4, 8, 8), CAPTIONS, steps=2)
 
 
 def concat_parts():

@@ -9,9 +9,10 @@ from PIL import Image
 
 import train_ae
 import train_ldm
+from tinyldm.checkpoint import load_checkpoint
 from tinyldm.data.images import DataConfig, make_dataset
-from tinyldm.training.checkpoint import load_checkpoint
-from tinyldm.training.plan import Stage, grids_and_checkpoints, memorising, seconds_per_call
+from tinyldm.tools.plan import Stage, grids_and_checkpoints, seconds_per_call
+from tinyldm.training.health import memorising
 
 
 @pytest.fixture(scope="module")

@@ -407,7 +407,7 @@ def test_a_model_trained_here_samples_the_same_images_in_diffusers_pipeline(tmp_
     num_res_blocks + 1 decoder blocks) exported to diffusers, saved, and sampled by LDMPipeline:
     tinyldm's own images."""
     from tinyldm.conditioning import ConditionConfig, ConditionEncoder
-    from tinyldm.ldm import Denoiser, generate
+    from tinyldm.ldm import Denoiser, decode_latents, generate_latents
     from tinyldm.schedule import NoiseSchedule
 
     unet = randomised(UNet(UNetConfig(in_channels=3, out_channels=3, latent_size=8, channels=32,
@@ -433,8 +433,7 @@ def test_a_model_trained_here_samples_the_same_images_in_diffusers_pipeline(tmp_
     z_T = torch.randn((2, 3, 8, 8), generator=torch.Generator().manual_seed(0))
     denoiser = Denoiser(unet, ConditionEncoder(ConditionConfig(kind="none"))).eval()
     with torch.no_grad():
-        got = (generate(denoiser, schedule, ae, None, n=2, latent_size=(8, 8), steps=10,
-                        z_T=z_T) + 1) / 2
+        got = (decode_latents(ae, generate_latents(denoiser, schedule, z_T, steps=10)) + 1) / 2
     want = torch.from_numpy(want).permute(0, 3, 1, 2)
     assert want.std() > 0.05 and (got - want).abs().max() < 1e-4
 
@@ -542,7 +541,7 @@ def test_a_class_conditional_model_trained_here_samples_the_same_images_in_diffu
     """Exported (UNet2DConditionModel, AutoencoderKL with identity-padded decoder, DDIMScheduler,
     the class table), loaded back by diffusers' classes and sampled by diffusers' scheduler with
     guidance: tinyldm's own images."""
-    from tinyldm.ldm import generate, load_ldm
+    from tinyldm.ldm import decode_latents, generate_latents, load_ldm
     from tinyldm.pretrained.export import class_condition, export_checkpoint
 
     ckpt = _trained_here("class", prediction)
@@ -563,8 +562,9 @@ def test_a_class_conditional_model_trained_here_samples_the_same_images_in_diffu
         decoded = vae.decode(latents / vae.config.scaling_factor).sample
         want = decoded.clamp(-1, 1)
         denoiser, schedule, ae, cfg = load_ldm(ckpt)
-        got = generate(denoiser, schedule, ae, labels, latent_size=(8, 8), prediction=prediction,
-                       steps=10, guidance_scale=scale, z_T=z_T)
+        got = decode_latents(ae, generate_latents(denoiser, schedule, z_T, labels,
+                                                  prediction=prediction, steps=10,
+                                                  guidance_scale=scale))
     assert want.std() > 0.05 and (got - want).abs().max() < 1e-4
     with torch.no_grad():  # the identity-padded decoder is the same map, unclamped
         assert ((ae.decode(latents / ae.scale_factor) - decoded).abs().max()
@@ -572,8 +572,8 @@ def test_a_class_conditional_model_trained_here_samples_the_same_images_in_diffu
 
 
 def test_the_export_command_writes_a_folder_diffusers_pipeline_loads(tmp_path, capsys):
+    from tinyldm.checkpoint import save_checkpoint
     from tinyldm.pretrained.export import main
-    from tinyldm.training.checkpoint import save_checkpoint
 
     path = save_checkpoint(tmp_path / "ldm.pt",
                            {k: v for k, v in _trained_here("none", "eps").items() if k != "kind"},

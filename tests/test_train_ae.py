@@ -13,13 +13,13 @@ from torch import nn
 import train_ae  # a top-level script (pyproject puts the repository root on pytest's path)
 from tinyldm.autoencoder import Autoencoder, AutoencoderConfig
 from tinyldm.autoencoder_loss import AELossConfig
+from tinyldm.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from tinyldm.data.order import batch_indices
 from tinyldm.evaluation.viz import save_image_grid
-from tinyldm.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from tinyldm.training.flags import add_config_args, build_config
 from tinyldm.training.loop import (
     EMA,
     JSONLLogger,
-    batch_indices,
     pick_device,
     rng_state,
     set_rng_state,
@@ -273,7 +273,7 @@ def test_identity_first_stage_checkpoint_trains_a_pixel_space_ldm(tmp_path):
     in [-1, 1], scale factor 1) that train_ldm.py uses like any first stage: diffusion on
     3 x 32 x 32 pixels."""
     import train_ldm
-    from tinyldm.training.checkpoint import load_checkpoint
+    from tinyldm.checkpoint import load_checkpoint
 
     r = train_ae.main(["--smoke", "--regularizer", "identity", "--z_channels", "3",
                        "--channel_mult", "1", "--out", str(tmp_path / "ae")])

@@ -11,6 +11,7 @@ import torch
 
 import sample
 import train_ldm
+from tinyldm.checkpoint import CheckpointError, load_checkpoint
 from tinyldm.data.tasks import (
     TaskSpec,
     data_configs,
@@ -18,7 +19,6 @@ from tinyldm.data.tasks import (
     heldout_items,
     task_concat,
 )
-from tinyldm.training.checkpoint import CheckpointError, load_checkpoint
 
 pytestmark = pytest.mark.slow  # train_ldm.py end to end, in its smoke settings
 
@@ -230,7 +230,7 @@ def test_resume_continues_exactly_with_a_task(tmp_path, ae_path, flags):
 
 
 def test_tasks_refuse_what_they_cannot_do(tmp_path, ae_path):
-    with pytest.raises(SystemExit, match="--task must be"):
+    with pytest.raises(SystemExit, match="--task colorize: must be one of"):
         run(tmp_path, ae_path, "--task", "colorize")
     with pytest.raises(SystemExit, match="only the shapes dataset"):
         run(tmp_path, ae_path, "--cond", "layout", "--dataset", "folder", "--data", str(tmp_path))
@@ -531,18 +531,17 @@ def test_posterior_samples_are_fresh_each_step_and_the_same_on_resume():
     a step is repeated (exact resume), another at the next step; with sigma = None the batch is the
     means."""
     from tinyldm.data.latent_batches import LatentTrainingSet
-    from tinyldm.training.distributed import World
-    from tinyldm.training.loop import batch_indices, seed_stream
+    from tinyldm.data.order import Stream, batch_indices, seed_stream
 
     g = torch.Generator().manual_seed(0)
     mean, std = torch.randn(10, 4, 8, 8, generator=g), torch.rand(10, 4, 8, 8, generator=g) + 0.5
     config = train_ldm.TrainLDMConfig(cond="none", batch_size=6, posterior="sample")
-    data = LatentTrainingSet(config, World(), None, {}, mean, std, None, None, None, None, None, [])
-    means_only = LatentTrainingSet(config, World(), None, {}, mean, None, None, None, None, None,
+    data = LatentTrainingSet(config, 0, 1, None, {}, mean, std, None, None, None, None, None, [])
+    means_only = LatentTrainingSet(config, 0, 1, None, {}, mean, None, None, None, None, None,
                                    None, [])
 
     def step_generator(step):  # what train_step hands the batch: the step's own stream
-        return torch.Generator().manual_seed(seed_stream(0, step, 1))
+        return torch.Generator().manual_seed(seed_stream(0, step, Stream.NOISE))
 
     idx = batch_indices(5, n=10, batch_size=6, seed=0)
     (a, _, _), (again, _, _) = data.batch(5, step_generator(5)), data.batch(5, step_generator(5))
@@ -551,8 +550,9 @@ def test_posterior_samples_are_fresh_each_step_and_the_same_on_resume():
             and torch.equal(means_only.batch(5, step_generator(5))[0], mean[idx]))
     noise = (a - mean[idx]) / std[idx]
     expected = torch.randn(6, 4, 8, 8,
-                           generator=torch.Generator().manual_seed(seed_stream(0, 5, 3)))
-    # exactly the step's posterior noise (stream 3)
+                           generator=torch.Generator().manual_seed(seed_stream(0, 5,
+                                                                               Stream.POSTERIOR)))
+    # exactly the step's posterior noise
     assert torch.allclose(noise, expected, atol=1e-5)
     # N(0, 1): 1536 draws
     assert abs(float(noise.mean())) < 0.1 and abs(float(noise.std()) - 1) < 0.1

@@ -1,5 +1,5 @@
-"""tinyldm/training: the per-step seed streams and the learning-rate schedule, which exact resume
-depends on; the log."""
+"""tinyldm/training and tinyldm/data/order.py: the per-step seed streams and the learning-rate
+schedule, which exact resume depends on; the log."""
 
 import json
 import sys
@@ -8,22 +8,42 @@ from dataclasses import replace
 import pytest
 import torch
 
-from tinyldm.training.loop import JSONLLogger, seed_stream
+from tinyldm.data.order import Stream, seed_stream
+from tinyldm.training.loop import JSONLLogger
 from tinyldm.training.trainer import TrainingConfig, lr_at
 
 
 def test_seed_streams_are_functions_of_seed_and_step_and_never_meet():
     seeds = {(stream, seed, step): seed_stream(seed, step, stream)
-             for stream in range(4) for seed in range(3) for step in range(0, 100_000, 997)}
+             for stream in Stream for seed in range(3) for step in range(0, 100_000, 997)}
     # no two (stream, seed, step) share a generator seed
     assert len(set(seeds.values())) == len(seeds)
-    # the values the scripts have always used
-    assert seed_stream(7, 12, 1) == 2**40 + 7 * 1_000_003 + 12
-    assert seed_stream(7, 12, 2) == 2**41 + 7 * 1_000_003 + 12
-    assert seed_stream(7, 12) == 7 * 1_000_003 + 12
+    # the values the scripts have always used (before the streams had names)
+    assert [int(s) for s in Stream] == [0, 1, 2, 3]
+    assert seed_stream(7, 12, Stream.NOISE) == 2**40 + 7 * 1_000_003 + 12
+    assert seed_stream(7, 12, Stream.DROP) == 2**41 + 7 * 1_000_003 + 12
+    assert seed_stream(7, 12, Stream.MASK) == 7 * 1_000_003 + 12
     draw = lambda s: torch.randn(4, generator=torch.Generator().manual_seed(s))  # noqa: E731
     # same step: same draws
-    assert torch.equal(draw(seed_stream(3, 5, 1)), draw(seed_stream(3, 5, 1)))
+    assert torch.equal(draw(seed_stream(3, 5, Stream.NOISE)), draw(seed_stream(3, 5, Stream.NOISE)))
+
+
+def test_named_streams_are_distinct_and_never_meet_for_any_seed_and_step_in_range():
+    """Closed form: seed_stream(seed, step, s) = 2**40 s + offset(seed, step) with 0 <= offset <
+    2**40 for seed < 2**20 and step < 2**30, so two streams' seeds lie in disjoint intervals."""
+    values = [int(s) for s in Stream]
+    assert len(set(values)) == len(values) == len(Stream.__members__)
+    g = torch.Generator().manual_seed(0)
+    seeds = [0, 2**20 - 1, *torch.randint(0, 2**20, (20,), generator=g).tolist()]
+    steps = [0, 2**30 - 1, *torch.randint(0, 2**30, (20,), generator=g).tolist()]
+    for stream in Stream:
+        for seed in seeds:
+            for step in steps:  # an affine function of seed and step, 2**40 per stream
+                offset = seed_stream(seed, step, stream) - 2**40 * int(stream)
+                assert offset == seed * 1_000_003 + step
+    # the offset grows with seed and step, so its range is [offset(0, 0), offset(max, max)]
+    assert seed_stream(0, 0, Stream.MASK) == 0
+    assert seed_stream(2**20 - 1, 2**30 - 1, Stream.MASK) < 2**40
 
 
 def test_warmup_is_linear_then_constant_or_a_cosine_to_the_floor():

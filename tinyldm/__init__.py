@@ -24,10 +24,13 @@ Out of the reader's path:
     data/        the shapes dataset and its evaluator, image folders / CelebA / LSUN, the latent
                  cache, the paper's tasks' inputs
     training/    the one trainer both scripts run, the scripts' setup, seeds, EMA, checkpoints,
-                 flags, presets, torchrun, speed paths
+                 flags, presets, torchrun
     evaluation/  metrics (PSNR, SSIM, FD, KID, precision / recall), feature extractors, image
                  grids, attention maps, the scores each training run ends with
     tools/       python -m tinyldm.tools.{evaluate, bench, course, nbrun}; sample.py's other modes
+    cli.py       how every tool ends a user's mistake: one `error:` line (imports nothing of ours)
+    files.py     files written whole or not at all, and their digests
+    memory.py    memory estimates before sampling, loading or training
 """
 
 __version__ = "0.1.0"

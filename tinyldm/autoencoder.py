@@ -58,6 +58,9 @@ from torch import nn
 
 from .blocks import Downsample, ResBlock, Upsample, group_norm
 
+REGULARIZERS = ("kl", "vq", "identity")  # AutoencoderConfig.regularizer
+DOWNSAMPLE_PADDINGS = ("symmetric", "asymmetric")  # AutoencoderConfig.downsample_padding
+
 
 @dataclass
 class AutoencoderConfig:
@@ -85,7 +88,7 @@ class AutoencoderConfig:
 
     def __post_init__(self):
         self.channel_mult = tuple(int(m) for m in self.channel_mult)
-        if self.regularizer not in ("kl", "vq", "identity"):
+        if self.regularizer not in REGULARIZERS:
             raise ValueError("regularizer must be 'kl', 'vq' or 'identity', "
                              f"got {self.regularizer!r}")
         if self.regularizer == "identity" and (self.z_channels != self.in_channels
@@ -95,7 +98,7 @@ class AutoencoderConfig:
         if not self.channel_mult or min(self.channel_mult) < 1:
             raise ValueError("channel_mult must be non-empty positive ints, "
                              f"got {self.channel_mult}")
-        if self.downsample_padding not in ("symmetric", "asymmetric"):
+        if self.downsample_padding not in DOWNSAMPLE_PADDINGS:
             raise ValueError("downsample_padding must be 'symmetric' or 'asymmetric', "
                              f"got {self.downsample_padding!r}")
         if self.decoder_res_blocks is not None and self.decoder_res_blocks < 1:
@@ -415,14 +418,14 @@ class Autoencoder(nn.Module):
         return self.decoder(z if self.post_quant_conv is None else self.post_quant_conv(z))
 
     def forward(self, x: torch.Tensor, *, sample_posterior: bool = True,
-                noise: torch.Tensor | None = None) -> AEOutput:
-        """Training pass: encode, regularize (sample or quantize), decode. KL: `noise` (B, c, h, w),
-        if given, is the N(0, I) draw of the posterior sample (a data-parallel run draws it for the
-        global batch)."""
+                eps: torch.Tensor | None = None) -> AEOutput:
+        """Training pass: encode, regularize (sample or quantize), decode. KL: the posterior sample
+        is z = E_mu + E_sigma * eps (reparameterization), with `eps` (B, c, h, w) ~ N(0, I) the
+        caller's draw, or drawn here when None."""
         if self.config.regularizer == "kl":
             q = self.posterior(x)
-            if sample_posterior and noise is not None:
-                z = q.mean + q.std * noise.to(q.mean.dtype)
+            if sample_posterior and eps is not None:
+                z = q.mean + q.std * eps.to(q.mean.dtype)
             else:
                 z = q.sample() if sample_posterior else q.mode()
             return AEOutput(x_rec=self._decode(z), z=z, kl=q.kl())
@@ -455,7 +458,7 @@ class Autoencoder(nn.Module):
 
     @classmethod
     def from_checkpoint(cls, ckpt: dict, *, prefer_ema: bool = True) -> Autoencoder:
-        """Rebuild from a train_ae.py checkpoint dict (see training.checkpoint.load_checkpoint); EMA
+        """Rebuild from a train_ae.py checkpoint dict (see tinyldm.checkpoint.load_checkpoint); EMA
         if present."""
         entry = ckpt.get("ema_autoencoder") if prefer_ema else None
         return cls.from_dict(entry if entry is not None else ckpt["autoencoder"]).eval()

@@ -41,6 +41,10 @@ from torch import nn
 
 from .autoencoder import AEOutput
 
+REC_LOSSES = ("l1", "l2")  # AELossConfig.rec_loss
+LPIPS_NETS = ("vgg", "alex", "squeeze")  # AELossConfig.lpips_net: the backbones lpips ships
+DISC_LOSSES = ("hinge", "non_saturating")  # AELossConfig.disc_loss
+
 
 @dataclass
 class AELossConfig:
@@ -51,7 +55,7 @@ class AELossConfig:
     lpips_pretrained: bool = True
     kl_weight: float = 1e-6  # weight of KL(q_E(z|x) || N(0, I)), App. G
     codebook_weight: float = 1.0  # weight of the VQ codebook + commitment loss
-    disc_start: int = 50001  # global step at which the adversarial terms switch on
+    disc_start: int = 50001  # training step at which the adversarial terms switch on
     disc_weight: float = 0.5  # multiplies the adaptive weight lambda
     disc_loss: str = "hinge"  # "hinge" or "non_saturating"
     disc_channels: int = 64
@@ -60,9 +64,9 @@ class AELossConfig:
     adaptive_max: float = 1e4  # clamp lambda to [0, adaptive_max]
 
     def __post_init__(self):
-        if self.rec_loss not in ("l1", "l2"):
+        if self.rec_loss not in REC_LOSSES:
             raise ValueError(f"rec_loss must be 'l1' or 'l2', got {self.rec_loss!r}")
-        if self.disc_loss not in ("hinge", "non_saturating"):
+        if self.disc_loss not in DISC_LOSSES:
             raise ValueError("disc_loss must be 'hinge' or 'non_saturating', "
                              f"got {self.disc_loss!r}")
         if self.perceptual_weight < 0 or self.kl_weight < 0 or self.disc_weight < 0:
@@ -153,18 +157,10 @@ def discriminator_non_saturating(logits_real: torch.Tensor,
     return 0.5 * (F.softplus(-logits_real).mean() + F.softplus(logits_fake).mean())
 
 
-def adaptive_weight(
-    rec_loss: torch.Tensor, adv_loss: torch.Tensor, last_layer: torch.Tensor, *, delta: float,
-    max_value: float, reduce=None,
-) -> torch.Tensor:
+def adaptive_weight(grad_rec: torch.Tensor, grad_adv: torch.Tensor, *, delta: float,
+                    max_value: float) -> torch.Tensor:
     """VQGAN Eq. (7): the adaptive weight lambda from the gradients of both losses at the decoder's
-    last layer D_L, clamped to [0, max_value], without gradient.
-    `reduce` (data parallel): averages each gradient over the processes, so lambda is the global
-    batch's."""
-    grad_rec = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
-    grad_adv = torch.autograd.grad(adv_loss, last_layer, retain_graph=True)[0]
-    if reduce is not None:
-        grad_rec, grad_adv = reduce(grad_rec), reduce(grad_adv)
+    last layer D_L (`AELoss.last_layer_gradients`), clamped to [0, max_value], without gradient."""
     # BEGIN ASSIGNMENT adaptive_weight
     lam = grad_rec.float().norm() / (grad_adv.float().norm() + delta)  # Eq. (7)
     return lam.clamp(0.0, max_value).detach()
@@ -173,6 +169,16 @@ def adaptive_weight(
 
 # ----------------------------------------------------------------------------------------------
 # The loss module
+
+
+@dataclass
+class AETerms:
+    """The E, D player's loss terms at one step, each a differentiable scalar."""
+
+    rec: torch.Tensor  # L_rec: the pixel loss + perceptual_weight * LPIPS
+    reg: torch.Tensor  # L_reg: kl_weight * KL per image element, or codebook_weight * VQ loss
+    g_adv: torch.Tensor | None  # -L_adv for the autoencoder; None before disc_start
+    logs: dict[str, torch.Tensor]  # the terms, detached
 
 
 class AELoss(nn.Module):
@@ -212,11 +218,9 @@ class AELoss(nn.Module):
             return -logits_fake.mean()
         return F.softplus(-logits_fake).mean()
 
-    def autoencoder_loss(
-        self, x: torch.Tensor, out: AEOutput, *, step: int, last_layer: torch.Tensor, reduce=None
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The E, D player's loss at global `step`; also returns each term, detached, for
-        logging."""
+    def autoencoder_terms(self, x: torch.Tensor, out: AEOutput, *, step: int) -> AETerms:
+        """The E, D player's loss terms at training `step`: L_rec, L_reg and, once the
+        discriminator is on, -L_adv."""
         cfg = self.config
         B, C, H, W = x.shape
         if out.x_rec.shape != x.shape:
@@ -235,18 +239,37 @@ class AELoss(nn.Module):
         else:
             raise ValueError("AEOutput carries neither a KL nor a VQ term")
 
-        loss = rec + reg
-        if self.disc_active(step):
-            g_adv = self.generator_adv(out.x_rec)
-            if torch.is_grad_enabled():
-                lam = cfg.disc_weight * adaptive_weight(
-                    rec, g_adv, last_layer, delta=cfg.adaptive_delta, max_value=cfg.adaptive_max,
-                    reduce=reduce
-                )
+        g_adv = self.generator_adv(out.x_rec) if self.disc_active(step) else None
+        return AETerms(rec=rec, reg=reg, g_adv=g_adv, logs=logs)
+
+    def last_layer_gradients(self, terms: AETerms,
+                             last_layer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(grad_{D_L} L_rec, grad_{D_L} L_GAN): the two gradients that VQGAN Eq. (7) compares at
+        the decoder's last layer D_L; None before disc_start. The graph is kept for the backward
+        pass."""
+        if terms.g_adv is None:
+            return None
+        grad_rec = torch.autograd.grad(terms.rec, last_layer, retain_graph=True)[0]
+        grad_adv = torch.autograd.grad(terms.g_adv, last_layer, retain_graph=True)[0]
+        return grad_rec, grad_adv
+
+    def autoencoder_loss(
+        self, terms: AETerms, grads: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The E, D player's loss L_rec + L_reg + lambda * (-L_adv), the last term once the
+        discriminator is on, with lambda = disc_weight * Eq. (7) of `grads` = (grad_rec, grad_adv)
+        at D_L (`last_layer_gradients`); without them (evaluation) lambda = disc_weight. Also
+        returns each term, detached, for logging."""
+        cfg = self.config
+        loss, logs = terms.rec + terms.reg, dict(terms.logs)
+        if terms.g_adv is not None:
+            if grads is not None:
+                lam = cfg.disc_weight * adaptive_weight(*grads, delta=cfg.adaptive_delta,
+                                                        max_value=cfg.adaptive_max)
             else:  # evaluation: no gradients to balance
-                lam = torch.tensor(cfg.disc_weight, device=x.device)
-            loss = loss + lam * g_adv
-            logs.update(g_adv=g_adv.detach(), adaptive_weight=lam)
+                lam = torch.tensor(cfg.disc_weight, device=terms.rec.device)
+            loss = loss + lam * terms.g_adv
+            logs.update(g_adv=terms.g_adv.detach(), adaptive_weight=lam)
         logs["loss_ae"] = loss.detach()
         return loss, logs
 

@@ -45,6 +45,12 @@ class UsageError(SystemExit):
     traceback."""
 
 
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used: missing, truncated, corrupt, or of the wrong kind (or
+    one whose write failed). Defined here so that this module imports nothing from tinyldm; it is
+    raised by `tinyldm.checkpoint` and `tinyldm.files`."""
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse's parser with one change: a bad or missing flag raises `UsageError` (one line naming
     the flag and pointing at --help) instead of printing the usage block. `--debug` is accepted by
@@ -78,8 +84,6 @@ def one_line(text: str) -> str:
 
 def user_message(exc: BaseException) -> str | None:
     """The one-line message for an exception the user caused, or None for a bug."""
-    from tinyldm.training.checkpoint import CheckpointError
-
     if isinstance(exc, UsageError | CheckpointError):
         return one_line(exc)
     if isinstance(exc, SystemExit):

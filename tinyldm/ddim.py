@@ -59,7 +59,7 @@ t_prev = -1 where alpha_bar = 1, so the final output is exactly the last x0 pred
 
 Left out: PNDM's Runge-Kutta warm-up (PLMS starts with one Heun step instead), DPM-Solver's
 singlestep and third-order variants, dynamic thresholding, guidance rescaling. DDIM's loop recorded
-as one CUDA graph (`tinyldm.training.speed.graphed_sampler`) is a speed path, tested equal to
+as one CUDA graph (`tinyldm.tools.speed.graphed_sampler`) is a speed path, tested equal to
 `ddim_sample`.
 """
 

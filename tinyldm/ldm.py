@@ -40,6 +40,8 @@ from .ddim import sample
 from .schedule import NoiseSchedule
 from .unet import UNet, UNetConfig
 
+LOSSES = ("l2", "l1")  # DiffusionConfig.loss: Eq. 3's squared error, or the absolute error
+
 
 @dataclass
 class DiffusionConfig:
@@ -96,39 +98,60 @@ def ldm_loss(denoiser: nn.Module, schedule: NoiseSchedule, z0: Tensor, t: Tensor
 def generate(denoiser: Denoiser, schedule: NoiseSchedule, autoencoder: Autoencoder, condition, *,
              n: int | None = None, latent_size: tuple[int, int], prediction: str = "eps",
              steps: int = 50, eta: float = 0.0, method: str = "ddim", guidance_scale: float = 1.0,
-             generator: torch.Generator | None = None, return_latents: bool = False,
-             z_T: Tensor | None = None, callback=None, concat: Tensor | None = None) -> Tensor:
-    """Images (B, 3, H, W) in [-1, 1] for a batch of conditions (or `n` unconditional samples).
+             generator: torch.Generator | None = None, concat: Tensor | None = None) -> Tensor:
+    """Images (B, 3, H, W) in [-1, 1] for a batch of conditions (or `n` unconditional samples):
+    z_T ~ N(0, I), the sampler's loop down to z0 (`generate_latents`), x = D(z0 / scale_factor).
 
     guidance_scale = 1 is the plain conditional model (one UNet call per step); any other value
     uses classifier-free guidance with the learned null condition (two calls, batched).
     `latent_size` may exceed the training size: the UNet is convolutional (paper Sec. 4.3.2).
-    `z_T` replaces the drawn starting noise (e.g. the output of `ddim_invert`);
-    `callback(i, t, z_t, z0_pred)` is passed to `tinyldm.ddim.sample` (trajectories, attention
-    maps). `concat` (B, C_c, h, w) is the image-like condition of concat-conditioned models; it goes
-    into both halves of a guided batch.
+    `concat` (B, C_c, h, w) is the image-like condition of concat-conditioned models; it goes into
+    both halves of a guided batch. To start from a given z_T (e.g. `ddim_invert`'s) or to watch the
+    steps, call `generate_latents` and `decode_latents`.
     """
     device = next(denoiser.parameters()).device
     B = batch_size(condition) if condition is not None else len(concat) if concat is not None else n
     if B is None:
         raise ValueError("pass `n` for unconditional generation")
-    c = denoiser.unet.cfg.in_channels
-    if z_T is None:
-        z_T = torch.randn((B, c, *latent_size), generator=generator, device=device)
-    elif z_T.shape[:2] != (B, c):
+    z_T = torch.randn((B, denoiser.unet.cfg.in_channels, *latent_size), generator=generator,
+                      device=device)
+    z0 = generate_latents(denoiser, schedule, z_T, condition, prediction=prediction, steps=steps,
+                          eta=eta, method=method, guidance_scale=guidance_scale,
+                          generator=generator, concat=concat)
+    return decode_latents(autoencoder, z0)
+
+
+@torch.no_grad()
+def generate_latents(denoiser: Denoiser, schedule: NoiseSchedule, z_T: Tensor, condition=None, *,
+                     prediction: str = "eps", steps: int = 50, eta: float = 0.0,
+                     method: str = "ddim", guidance_scale: float = 1.0,
+                     generator: torch.Generator | None = None, concat: Tensor | None = None,
+                     callback=None) -> Tensor:
+    """The scaled latents z0 (B, c, h, w) that the sampler reaches from the starting noise z_T
+    (B, c, h, w), one per condition (or per `concat` map; any B for unconditional models).
+    `callback(i, t, z_t, z0_pred)` goes to `tinyldm.ddim.sample` (trajectories, attention maps);
+    the other arguments are `generate`'s."""
+    B, c = z_T.shape[:2]
+    n_cond = (batch_size(condition) if condition is not None
+              else len(concat) if concat is not None else B)
+    if (B, c) != (n_cond, denoiser.unet.cfg.in_channels):
         raise ValueError(f"z_T has shape {tuple(z_T.shape)}; "
-                         f"expected ({B}, {c}, h, w) for {B} conditions")
+                         f"expected ({n_cond}, {denoiser.unet.cfg.in_channels}, h, w) "
+                         f"for {n_cond} conditions")
     image_cond = {} if concat is None else {"concat": concat}
     # encode the condition once, not at every step
     cond = {**denoiser.cond(condition), **image_cond}
     uncond = None
     if guidance_scale != 1.0 and condition is not None:
         uncond = {**denoiser.cond(denoiser.cond.null_condition(B)), **image_cond}
-    z0 = sample(denoiser.unet, schedule, z_T, steps=steps, method=method, eta=eta,
-                prediction=prediction, cond=cond, uncond=uncond, guidance_scale=guidance_scale,
-                generator=generator, callback=callback)
-    if return_latents:
-        return z0
+    return sample(denoiser.unet, schedule, z_T, steps=steps, method=method, eta=eta,
+                  prediction=prediction, cond=cond, uncond=uncond, guidance_scale=guidance_scale,
+                  generator=generator, callback=callback)
+
+
+@torch.no_grad()
+def decode_latents(autoencoder: Autoencoder, z0: Tensor) -> Tensor:
+    """Images x = D(z0 / scale_factor) in [-1, 1] from scaled latents z0 (App. G)."""
     return autoencoder.decode(z0 / autoencoder.scale_factor).clamp(-1, 1)
 
 

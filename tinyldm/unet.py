@@ -58,6 +58,8 @@ from .blocks import (
     zero_module,
 )
 
+ATTENTION_BLOCKS = ("transformer", "plain")  # UNetConfig.attention_block
+
 
 @dataclass
 class UNetConfig:
@@ -268,7 +270,7 @@ def check_config(cfg: UNetConfig, widths: list[int], level_res: list[int]) -> No
         raise ValueError(f"attn_resolutions {unknown} match no level; level resolutions are "
                          f"{level_res} for latent_size={cfg.latent_size} (resolutions are in "
                          "latent pixels)")
-    if cfg.attention_block not in ("transformer", "plain"):
+    if cfg.attention_block not in ATTENTION_BLOCKS:
         raise ValueError(f"attention_block must be 'transformer' or 'plain', "
                          f"got {cfg.attention_block!r}")
     if cfg.attention_block == "plain" and cfg.context_dim is not None:

@@ -279,8 +279,10 @@ def probe_adaptive_weight(layer, x, rec_scale: float, adv_scale: float, delta: f
     """lambda for rec = rec_scale * mean(h^2) and adv = adv_scale * sum(sin h), h = x @ layer."""
     layer = layer.clone().requires_grad_()
     h = x @ layer
-    lam = adaptive_weight(h.pow(2).mean() * rec_scale, h.sin().sum() * adv_scale, layer,
-                          delta=delta, max_value=max_value)
+    # create_graph: the gradients carry a graph, so an answer that forgets to detach lambda shows
+    grad_rec = torch.autograd.grad(h.pow(2).mean() * rec_scale, layer, create_graph=True)[0]
+    grad_adv = torch.autograd.grad(h.sin().sum() * adv_scale, layer, create_graph=True)[0]
+    lam = adaptive_weight(grad_rec, grad_adv, delta=delta, max_value=max_value)
     return {"lambda": lam, "requires_grad": bool(torch.as_tensor(lam).requires_grad)}
 
 

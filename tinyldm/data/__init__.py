@@ -11,4 +11,6 @@
                          images, inpainting masks) and the operations around them (composite,
                          tiling)
     tasks.py             each task's cached inputs, held-out items and score, shared by the scripts
+    order.py             the data order and each step's named random streams, functions of
+                         (seed, step)
 """

@@ -19,11 +19,11 @@ import torch
 from torch import Tensor
 
 from ..autoencoder import Autoencoder
-from ..training.distributed import World
-from ..training.loop import batch_indices, seed_stream
+from ..files import file_digest
 from .image_conditions import random_mask
 from .images import make_dataset
-from .latents import file_digest, latent_cache
+from .latents import latent_cache
+from .order import Stream, batch_indices, seed_stream, shard
 from .tasks import TaskInputs, TaskSpec, cache_keys, data_configs, inpaint_concat, task_concat
 
 
@@ -39,7 +39,8 @@ class LatentTrainingSet:
     inpainting."""
 
     config: object  # the run's TrainLDMConfig
-    world: World
+    rank: int  # this process's place among `size` (torchrun's RANK and WORLD_SIZE)
+    size: int
     ae: Autoencoder  # inpainting encodes each step's masked images
     conditions: dict  # captions, class ids, layouts, on the CPU
     latents: Tensor  # (N, c, h, w)
@@ -53,8 +54,8 @@ class LatentTrainingSet:
     ae_digest: str = ""  # SHA-256 of the autoencoder file the latents were encoded with
 
     @classmethod
-    def build(cls, ae: Autoencoder, ae_path, config, data_root: str | None, out, world: World,
-              device: torch.device) -> LatentTrainingSet:
+    def build(cls, ae: Autoencoder, ae_path, config, data_root: str | None, out,
+              device: torch.device, *, rank: int = 0, size: int = 1) -> LatentTrainingSet:
         """Encode the training set once (cached in <out>/latents.pt, keyed by the autoencoder file
         and the data settings); with --posterior sample and a KL autoencoder the cache holds each
         posterior's mean and std."""
@@ -92,19 +93,20 @@ class LatentTrainingSet:
             concat = task_concat(spec, conditions, tuple(mean.shape[-2:])).to(device)
         concat_flipped = concat.flip(-1) if concat is not None and flipped is not None else None
         pixels = conditions["pixels"].to(device) if config.task == "inpaint" else None
-        return cls(config, world, ae, conditions, mean, std, flipped, flipped_std, concat,
+        return cls(config, rank, size, ae, conditions, mean, std, flipped, flipped_std, concat,
                    concat_flipped, pixels, list(getattr(dataset, "class_names", [])), digest)
 
     def batch(self, step: int, generator: torch.Generator) -> tuple[Tensor, object, Tensor | None]:
         """(z0, condition, concat): this process's share of the global batch of `step`. The flips
         are the first draw from `generator` (made with or without --hflip, so the draws after them
         do not depend on it)."""
-        config, world, device = self.config, self.world, self.latents.device
+        config, device = self.config, self.latents.device
+        rank, size = self.rank, self.size
         idx_all = batch_indices(step, n=len(self.latents), batch_size=config.batch_size,
                                 seed=config.seed).to(device)
-        flip = world.shard(torch.rand(len(idx_all), 1, 1, 1, generator=generator,
-                                      device=device) < 0.5)
-        idx = world.shard(idx_all)
+        flip = shard(torch.rand(len(idx_all), 1, 1, 1, generator=generator, device=device) < 0.5,
+                     rank, size)
+        idx = shard(idx_all, rank, size)
         z0, std = self.latents[idx], self.std[idx] if self.std is not None else None
         concat = self.concat[idx] if self.concat is not None else None
         # each image in either orientation (its task input flipped with it)
@@ -114,15 +116,16 @@ class LatentTrainingSet:
             concat = (torch.where(flip, self.concat_flipped[idx], concat)
                       if concat is not None else None)
         if std is not None:  # a fresh draw z ~ q(z|x) = N(mu, sigma^2) for this step (App. G)
-            g = torch.Generator(device).manual_seed(seed_stream(config.seed, step, 3))
+            g = torch.Generator(device).manual_seed(seed_stream(config.seed, step,
+                                                                Stream.POSTERIOR))
             noise = torch.randn((len(idx_all), *z0.shape[1:]), generator=g, device=device)
-            z0 = z0 + std * world.shard(noise)
+            z0 = z0 + std * shard(noise, rank, size)
         if self.pixels is not None:  # inpainting: this step's masks
             x = self.pixels[idx].float() / 127.5 - 1
             x = torch.where(flip, x.flip(-1), x) if self.flipped is not None else x
-            g = torch.Generator().manual_seed(seed_stream(config.seed, step, 0))
+            g = torch.Generator().manual_seed(seed_stream(config.seed, step, Stream.MASK))
             masks = random_mask(len(idx_all), *x.shape[-2:], generator=g)
-            concat = inpaint_concat(self.ae, x, world.shard(masks).to(device))
+            concat = inpaint_concat(self.ae, x, shard(masks, rank, size).to(device))
         return z0, self.condition(idx), concat
 
     def condition(self, idx: Tensor) -> object:

@@ -4,13 +4,12 @@ The latent cache (Sec. 3 of arXiv 2112.10752 trains the denoiser on z = E(x) wit
 never changes): `latent_cache` encodes a dataset once, both orientations if flipping is on, into one
 `torch.save` file of plain tensors and lists (`torch.load(weights_only=True)` reads it), written to
 a temporary file and renamed, loaded memory-mapped. The file keeps the key it was built with (pass
-the autoencoder checkpoint's `file_digest` and the data settings); a cache whose key differs is
-rebuilt with a warning naming what changed, never used silently. `encode` should return the
-posterior mean or mode: a cached sample would freeze one draw of the KL autoencoder's noise for the
-whole run.
+the autoencoder checkpoint's `tinyldm.files.file_digest` and the data settings); a cache whose key
+differs is rebuilt with a warning naming what changed, never used silently. `encode` should return
+the posterior mean or mode: a cached sample would freeze one draw of the KL autoencoder's noise for
+the whole run.
 """
 
-import hashlib
 import json
 import os
 import warnings
@@ -21,18 +20,9 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from tinyldm.training.checkpoint import save_atomically
+from tinyldm.files import save_atomically
 
 CACHE_FORMAT = "tinyldm-latents-1"
-
-
-def file_digest(path: str | os.PathLike) -> str:
-    """SHA-256 of a file's bytes, e.g. of the autoencoder checkpoint, for a cache key."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def encode_dataset(dataset: Dataset, encode: Callable[[Tensor], Tensor], *, flip: bool = False,

@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..autoencoder import Autoencoder, latent_statistics
-from ..training.ae_setup import first_images
+from ..data.image_batches import first_images
 from .metrics import codebook_stats, psnr, ssim
 from .viz import save_image_grid
 

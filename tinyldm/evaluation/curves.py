@@ -30,7 +30,7 @@ MATCH = ("dataset", "image_size", "batch_size", "steps", "curve_every", "curve_i
 def from_run(run_dir: str | Path, *, name: str, command: str, machine: str) -> dict:
     """The reference of the finished run in `run_dir` (its log.jsonl, eval.json and ldm.pt's
     settings)."""
-    from tinyldm.training.checkpoint import load_checkpoint
+    from tinyldm.checkpoint import load_checkpoint
 
     run_dir = Path(run_dir)
     for f in ("log.jsonl", "eval.json", "ldm.pt"):

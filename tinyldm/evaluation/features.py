@@ -44,8 +44,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from tinyldm.checkpoint import load_checkpoint, save_checkpoint
 from tinyldm.cli import UsageError
-from tinyldm.training.checkpoint import load_checkpoint, save_checkpoint
 
 # the name pytorch-fid's downloader looks for
 INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"

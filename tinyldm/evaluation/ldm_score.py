@@ -63,6 +63,7 @@ class SampleGrid:
     n: int
     latent_hw: tuple[int, int]
     device: torch.device
+    said_young: bool = False  # the young EMA's health line is printed once
 
     @classmethod
     def for_run(cls, config, class_names: list[str], data_root: str | None,
@@ -90,16 +91,17 @@ def sample_prompts(config, class_names: list[str], n: int = 8):
     return None
 
 
-def save_samples(out: Path, step: int, *, model: Denoiser, schedule: NoiseSchedule,
-                 ae: Autoencoder, grid: SampleGrid, diffusion: DiffusionConfig, config,
-                 raw: Denoiser | None = None, ema=None) -> Path:
-    """<out>/samples_XXXXXXX.png of `step`: one row of images for the grid's conditions, the weights
-    of `model` (the EMA's), a fixed seed. While `ema` is young (fewer updates than its time
-    constant 1 / (1 - decay)), a second row from the `raw` weights, same seed: an EMA that still
-    remembers the first steps draws noise for a while when the raw weights already draw images."""
-    rows = [model] + ([raw] if raw is not None and ema is not None and young(ema) else [])
-    if len(rows) == 2 and not getattr(ema, "said_young", False):
-        ema.said_young = True
+def save_samples(out: Path, step: int, state, grid: SampleGrid, *, raw: bool = True) -> Path:
+    """<out>/samples_XXXXXXX.png of `step`: one row of images for the grid's conditions, the EMA's
+    weights, a fixed seed. `state` is train_ldm.py's (its ema, denoiser, schedule, data.ae,
+    diffusion and config). While the EMA is young (fewer updates than its time constant
+    1 / (1 - decay)), and with `raw`, a second row from the raw weights, same seed: an EMA that
+    still remembers the first steps draws noise for a while when the raw weights already draw
+    images."""
+    ema, config = state.ema, state.config
+    rows = [ema.model] + ([state.denoiser] if raw and young(ema) else [])
+    if len(rows) == 2 and not grid.said_young:
+        grid.said_young = True
         print(f"\nhealth: the EMA (decay {ema.decay}) has averaged {ema.num_updates} of the "
               f"~{1 / (1 - ema.decay):.0f} steps it remembers: until then each sample grid's "
               "second row shows the raw weights (same seed). Raw images while the EMA row is "
@@ -107,8 +109,8 @@ def save_samples(out: Path, step: int, *, model: Denoiser, schedule: NoiseSchedu
     images = []
     for weights in rows:
         g = torch.Generator(grid.device).manual_seed(0)
-        images.append(generate(weights, schedule, ae, grid.condition, n=grid.n,
-                               latent_size=grid.latent_hw, prediction=diffusion.prediction,
+        images.append(generate(weights, state.schedule, state.data.ae, grid.condition, n=grid.n,
+                               latent_size=grid.latent_hw, prediction=state.diffusion.prediction,
                                steps=config.eval_steps, guidance_scale=config.eval_cfg,
                                generator=g, concat=grid.concat))
     return save_image_grid(torch.cat(images), out / f"samples_{step:07d}.png", nrow=grid.n)

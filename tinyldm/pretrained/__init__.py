@@ -62,7 +62,8 @@ from torch import Tensor
 from tinyldm.autoencoder import Autoencoder
 from tinyldm.cli import UsageError
 from tinyldm.conditioning import ConditionConfig, ConditionEncoder
-from tinyldm.ldm import Denoiser, DiffusionConfig, generate
+from tinyldm.ldm import Denoiser, DiffusionConfig, decode_latents, generate, generate_latents
+from tinyldm.memory import check_weights
 from tinyldm.pretrained.autoencoder import (
     autoencoder_config,
     autoencoder_from_diffusers,
@@ -77,7 +78,6 @@ from tinyldm.pretrained.ldmbert import (
 )
 from tinyldm.pretrained.unet import unet_config, unet_from_diffusers, unet_state_dict
 from tinyldm.schedule import NoiseSchedule
-from tinyldm.training.memory import check_weights
 from tinyldm.unet import UNet
 
 __all__ = ["RELEASES", "PretrainedLDM", "Release", "autoencoder_from_diffusers", "load",
@@ -148,13 +148,18 @@ class PretrainedLDM:
 
         Unconditional releases draw `n` images; the super-resolution release one per `concat` image;
         the text-to-image release one per prompt, with classifier-free guidance against the empty
-        prompt when guidance_scale != 1 (CompVis' txt2img script uses 5)."""
+        prompt when guidance_scale != 1 (CompVis' txt2img script uses 5). `z_T`, if given, is the
+        starting noise (one image per z_T[i]) instead of a draw."""
         if self.prompted != (prompts is not None):
             raise ValueError(f"{self.source} {'needs' if self.prompted else 'takes no'} prompts")
+        options = dict(steps=steps, eta=eta, method=method, guidance_scale=guidance_scale,
+                       generator=generator, concat=concat)
+        if z_T is not None:
+            z0 = generate_latents(self.denoiser, self.schedule, z_T, prompts, **options)
+            return decode_latents(self.autoencoder, z0)
         side = self.latent_size if concat is None else concat.shape[-1]
         return generate(self.denoiser, self.schedule, self.autoencoder, prompts, n=n,
-                        latent_size=(side, side), steps=steps, eta=eta, method=method,
-                        guidance_scale=guidance_scale, generator=generator, z_T=z_T, concat=concat)
+                        latent_size=(side, side), **options)
 
 
 def _weights(folder: Path) -> dict[str, Tensor]:

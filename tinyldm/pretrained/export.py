@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("ckpt", help="ldm.pt written by train_ldm.py")
     p.add_argument("out", help="the folder to write (diffusers format)")
     args = p.parse_args(argv)
-    from tinyldm.training.checkpoint import load_checkpoint
+    from tinyldm.checkpoint import load_checkpoint
 
     try:
         out = export_checkpoint(load_checkpoint(args.ckpt, kind="ldm"), args.out)

@@ -18,7 +18,7 @@ printed side by side):
   `torch.utils.flop_counter.FlopCounterMode`) and peak memory, in each mode: eager, `torch.compile`,
   `torch.compile(mode="reduce-overhead")` (CUDA graphs; GPU only);
 * 50-step DDIM sampling, without and with classifier-free guidance: tinyldm's whole loop (UNet +
-  update, `ddim.sample`; on a GPU also recorded as one CUDA graph, `training.speed.graphed_sampler`)
+  update, `ddim.sample`; on a GPU also recorded as one CUDA graph, `tools.speed.graphed_sampler`)
   against diffusers' 50 UNet evaluations alone (no scheduler), in the same modes;
 * autoencoder train step (encode, sample, decode, L1 loss, backward, AdamW) and decode throughput.
 
@@ -61,7 +61,7 @@ from tinyldm.tools.bench_models import (  # noqa: F401 -- re-exported: `bench.CO
     smoke_config,
 )
 from tinyldm.tools.bench_report import TABLE_HEADER, format_row, print_summary, ratios  # noqa: F401
-from tinyldm.training.speed import graphed_sampler
+from tinyldm.tools.speed import graphed_sampler
 from tinyldm.unet import UNet
 
 MODES = ("eager", "compile", "reduce-overhead")
@@ -361,8 +361,8 @@ def bench_train_ldm(device: torch.device, *, smoke: bool, warmup: int, repeat: i
     encoder included) against the bare train step of the same denoiser on random latents and
     captions."""
     import train_ldm
+    from tinyldm.checkpoint import load_checkpoint
     from tinyldm.ldm import DiffusionConfig, build_denoiser, ldm_loss
-    from tinyldm.training.checkpoint import load_checkpoint
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "run"

@@ -52,6 +52,7 @@ from pathlib import Path
 
 import torch
 
+from tinyldm.checkpoint import load_checkpoint
 from tinyldm.cli import ArgumentParser, UsageError, check_writable, run
 from tinyldm.data.images import make_dataset
 from tinyldm.data.tasks import (
@@ -81,8 +82,8 @@ from tinyldm.evaluation.metrics import (
     precision_recall,
 )
 from tinyldm.ldm import load_ldm
-from tinyldm.training.checkpoint import load_checkpoint
-from tinyldm.training.flags import check_sampling_flags, check_sampling_steps
+from tinyldm.tools.sampling import check_sampling_flags
+from tinyldm.training.flags import check_sampling_steps
 from tinyldm.training.loop import pick_device
 
 FEATURES = ("auto", "classifier", "contrastive", "inception")

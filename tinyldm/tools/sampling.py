@@ -7,6 +7,7 @@ low-resolution or masked images, shown inputs | samples | originals and scored) 
 from __future__ import annotations
 
 import argparse
+import math
 import time
 
 import torch
@@ -23,8 +24,8 @@ from ..data.tasks import (
     score_items,
 )
 from ..evaluation.viz import label_image, save_image_grid
+from ..memory import SamplingEstimate
 from ..training.flags import check_sampling_steps
-from ..training.memory import SamplingEstimate
 
 
 def sample_from_inputs(args: argparse.Namespace, ckpt: dict, denoiser, schedule, ae, diffusion,
@@ -141,3 +142,21 @@ def sample_pretrained(args: argparse.Namespace, device: torch.device) -> dict:
           f"{args.steps} steps{f', guidance {guidance:g}' if prompts else ''}, "
           f"device {device}) -> {out}")
     return {"images": len(images), "seconds_per_image": seconds / len(images), "grid": str(out)}
+
+
+def check_sampling_flags(*, n: int, steps: int, eta: float, guidance: float, seed: int) -> None:
+    """The sampling flags every tool shares (sample.py, the evaluate command), refused before any
+    work."""
+    if n < 1:
+        raise UsageError(f"--n {n}: ask for at least one image (--n 1 or more)")
+    if steps < 1:
+        raise UsageError(f"--steps {steps}: the sampler needs at least one step "
+                         "(50 is the default)")
+    if not 0.0 <= eta <= 1.0:
+        raise UsageError(f"--eta {eta:g}: DDIM's eta is in [0, 1] "
+                         "(0 deterministic, 1 as stochastic as DDPM)")
+    if not math.isfinite(guidance) or guidance < 0:
+        raise UsageError(f"--guidance {guidance:g}: use a scale >= 0 "
+                         "(1 = no guidance, 3-8 typical)")
+    if not 0 <= seed < 2**63:
+        raise UsageError(f"--seed {seed}: use a seed in 0 .. 2**63 - 1")

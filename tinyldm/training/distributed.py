@@ -26,12 +26,22 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ..data.order import shard
+
 
 @dataclass(frozen=True)
 class World:
     rank: int = 0
     size: int = 1
     local_rank: int = 0
+
+    @classmethod
+    def current(cls) -> World:
+        """This process's place: from the process group `join` entered, or one process."""
+        if not (dist.is_available() and dist.is_initialized()):
+            return cls()
+        return cls(rank=dist.get_rank(), size=dist.get_world_size(),
+                   local_rank=int(os.environ.get("LOCAL_RANK", "0")))
 
     @property
     def enabled(self) -> bool:
@@ -40,6 +50,15 @@ class World:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    def rank_zero_first(self, fn):
+        """fn() in rank 0 first, then in the other processes: what rank 0 writes into --out (the
+        latent cache), the others then only read."""
+        for turn in ("main", "others"):
+            if self.is_main == (turn == "main"):
+                result = fn()
+            self.barrier()
+        return result
 
     def barrier(self) -> None:
         if self.enabled:
@@ -90,7 +109,7 @@ class World:
     def shard(self, x):
         """This process's share of a global batch: every `size`-th item from `rank` (tensors or
         lists)."""
-        return x[self.rank :: self.size] if self.enabled else x
+        return shard(x, self.rank, self.size)
 
 
 def setup(device_name: str = "auto") -> tuple[World, str]:
@@ -142,14 +161,14 @@ def exit_process(result: dict) -> None:
         os._exit(0)
 
 
-def replica_spread(model: torch.nn.Module, world: World) -> float:
-    """Largest difference between the processes' checksums of the weights (0.0: identical
-    replicas)."""
+def replica_spread(params: list[torch.Tensor], world: World) -> float:
+    """Largest difference between the processes' checksums of the weights `params` (0.0:
+    identical replicas)."""
     if not world.enabled:
         return 0.0
-    total = torch.stack([p.detach().double().square().sum() for p in model.parameters()]).sum()
-    first = next(model.parameters()).detach().double().flatten()[:1000].sum()
-    local = torch.stack([total, first]).to(next(model.parameters()).device)
+    total = torch.stack([p.detach().double().square().sum() for p in params]).sum()
+    first = params[0].detach().double().flatten()[:1000].sum()
+    local = torch.stack([total, first]).to(params[0].device)
     gathered = [torch.zeros_like(local) for _ in range(world.size)]
     dist.all_gather(gathered, local)
     stacked = torch.stack(gathered)

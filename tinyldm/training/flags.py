@@ -2,9 +2,12 @@
 
 Flags left unset stay absent from the parsed namespace, so `build_config` can merge layers in order:
 a named preset, then what a checkpoint stored, then what the command line says (`--resume` with a
-larger `--steps` continues a run with its own settings and the new step count). The checks below
-refuse, with the flag to use, what a run would otherwise ignore or get wrong: data flags the dataset
-does not read, and step counts the sampler's spacing cannot place.
+larger `--steps` continues a run with its own settings and the new step count). `build_config`
+checks every value first against `FIELD_RULES`: numbers against their ranges, text against `CHOICES`
+(the values the code reads; a typo would otherwise fall through to another branch, e.g. any
+--lr_schedule but "constant" to the cosine). The checks below refuse, with the flag to use, what a
+run would otherwise ignore or get wrong: data flags the dataset does not read, and step counts the
+sampler's spacing cannot place.
 """
 
 from __future__ import annotations
@@ -17,7 +20,17 @@ import typing
 from collections.abc import Callable
 from typing import Any
 
+from tinyldm.autoencoder import DOWNSAMPLE_PADDINGS, REGULARIZERS
+from tinyldm.autoencoder_loss import DISC_LOSSES, LPIPS_NETS, REC_LOSSES
 from tinyldm.cli import UsageError
+from tinyldm.data.images import SOURCES
+from tinyldm.data.tasks import CONDS, TASKS
+from tinyldm.ldm import LOSSES
+from tinyldm.schedule import PREDICTIONS, SCHEDULE_KINDS
+from tinyldm.unet import ATTENTION_BLOCKS
+
+from .presets import AE_PRESETS
+from .trainer import LR_SCHEDULES
 
 # ----------------------------------------------------------------------------------------------
 # Dataclass configs <-> command-line flags
@@ -65,9 +78,10 @@ def add_config_args(parser: argparse.ArgumentParser, *config_classes: type) -> N
                 metavar = getattr(kind, "__name__", "VALUE").upper()
             else:
                 metavar = type(default).__name__.upper()
+            allowed = f"; one of {', '.join(CHOICES[f.name])}" if f.name in CHOICES else ""
             group.add_argument(
                 f"--{f.name}", type=_parser_for(hints[f.name]), default=argparse.SUPPRESS,
-                metavar=metavar, help=f"default: {default}",
+                metavar=metavar, help=f"default: {default}{allowed}",
             )
 
 
@@ -78,17 +92,48 @@ def config_fields(*config_classes: type) -> set[str]:
 def build_config(cls: type, *layers: dict) -> Any:
     """cls(**merged) where later layers (preset, checkpoint, command line) override earlier ones;
     every value is checked against `FIELD_RULES` first, so that a bad one is refused naming its flag
-    before it reaches torch."""
+    before it reaches torch; a combination the config itself refuses ends in one line too."""
     names = {f.name for f in dataclasses.fields(cls)}
     merged: dict = {}
     for layer in layers:
         merged.update({k: v for k, v in layer.items() if k in names})
     check_values(merged)
-    return cls(**merged)
+    try:
+        return cls(**merged)
+    except ValueError as e:
+        raise UsageError(f"{cls.__name__}: {e}") from None
 
 
 # ----------------------------------------------------------------------------------------------
 # What each config field may hold (a field missing here is free-form text or a boolean)
+
+# The text fields of the scripts' configs (TrainingConfig and each script's own, AutoencoderConfig,
+# AELossConfig, UNetConfig, DiffusionConfig): the values the code reads, each list taken from the
+# module that reads it. The paper's configs also refuse theirs when built directly (in
+# `__post_init__`, or when the UNet is built), from the same lists; here they are refused by flag,
+# before any work.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "lr_schedule": LR_SCHEDULES,
+    "dataset": SOURCES,
+    "ae_preset": tuple(AE_PRESETS),  # train_ldm.py: what train_ae.py trains without --ae
+    "cond": (*CONDS, "auto"),  # auto: chosen from the data (`ldm_setup.detect_condition`)
+    "task": TASKS,
+    "posterior": ("sample", "mean"),  # the KL latent the LDM trains on (`LatentTrainingSet`)
+    "regularizer": REGULARIZERS,
+    "downsample_padding": DOWNSAMPLE_PADDINGS,
+    "rec_loss": REC_LOSSES,
+    "lpips_net": LPIPS_NETS,
+    "disc_loss": DISC_LOSSES,
+    "attention_block": ATTENTION_BLOCKS,
+    "schedule": SCHEDULE_KINDS,
+    "prediction": PREDICTIONS,
+    "loss": LOSSES,
+}
+
+
+def _one_of(allowed: tuple[str, ...]) -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: v in allowed), f"one of {', '.join(allowed)}"
+
 
 
 def _finite(v: Any) -> bool:
@@ -142,6 +187,7 @@ FIELD_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
                      "comma-separated whole numbers >= 1, e.g. 1,2,4"),
     "attn_resolutions": (lambda v: isinstance(v, tuple) and all(_int_at_least(1)(m) for m in v),
                          "comma-separated latent sizes, e.g. 16,8 (or empty)"),
+    **{name: _one_of(allowed) for name, allowed in CHOICES.items()},
 }
 
 
@@ -208,24 +254,6 @@ def check_data_flags(dataset: str, data: str | None, hflip: bool) -> None:
         raise UsageError("--hflip does not apply to the shapes dataset: its captions, boxes and "
                          "maps say left and right, which a mirrored image would contradict. Drop "
                          "--hflip (it is for folder / celeba / lsun)")
-
-
-def check_sampling_flags(*, n: int, steps: int, eta: float, guidance: float, seed: int) -> None:
-    """The sampling flags every tool shares (sample.py, the evaluate command), refused before any
-    work."""
-    if n < 1:
-        raise UsageError(f"--n {n}: ask for at least one image (--n 1 or more)")
-    if steps < 1:
-        raise UsageError(f"--steps {steps}: the sampler needs at least one step "
-                         "(50 is the default)")
-    if not 0.0 <= eta <= 1.0:
-        raise UsageError(f"--eta {eta:g}: DDIM's eta is in [0, 1] "
-                         "(0 deterministic, 1 as stochastic as DDPM)")
-    if not math.isfinite(guidance) or guidance < 0:
-        raise UsageError(f"--guidance {guidance:g}: use a scale >= 0 "
-                         "(1 = no guidance, 3-8 typical)")
-    if not 0 <= seed < 2**63:
-        raise UsageError(f"--seed {seed}: use a seed in 0 .. 2**63 - 1")
 
 
 def check_sampling_steps(T: int, steps: int, flag: str = "--steps") -> None:

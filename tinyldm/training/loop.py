@@ -1,14 +1,9 @@
-"""What a training loop needs around its step: the device, seeds and random state, the data order,
-EMA, a log.
+"""What a training loop needs around its step: the device, seeds and random state, EMA, a log.
 
 * `pick_device("auto")`: cuda > mps > cpu;
-* `seed_everything(seed)` seeds Python, numpy and torch; `seed_stream(seed, step, stream)` is the
-  seed of the generator a step draws its randomness from (noise, timesteps, flips, condition drops,
-  masks), so every draw is a function of (seed, step): `--resume` continues exactly, with any number
-  of processes;
+* `seed_everything(seed)` seeds Python, numpy and torch (each step's own draws come from the named
+  streams of `tinyldm.data.order`, beside the data order);
 * `rng_state` / `set_rng_state`: torch (CPU and CUDA), numpy and Python `random`, as plain values;
-* `batch_indices(step, ...)`: the data order as a pure function of the step, which makes `--resume`
-  exact without saving a data loader's state;
 * `EMA`: an exponential moving average of a model's weights, with the usual warm-up
   decay_t = min(decay, (1 + t) / (10 + t)) so short runs are not dominated by the random init;
 * `JSONLLogger`: one JSON object per line; on resume it drops records past the resumed step;
@@ -61,17 +56,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def seed_stream(seed: int, step: int, stream: int = 0) -> int:
-    """The seed of the generator for stream `stream` of a step's draws, a function of (seed, step)
-    alone.
-
-    The scripts use stream 1 for the draws made on the device (noise, timesteps, flips), stream 2
-    for those made on the CPU (condition drops) and stream 0 for inpainting masks; streams 2**40
-    apart never meet.
-    """
-    return 2**40 * stream + seed * 1_000_003 + step
-
-
 def rng_state() -> dict:
     """Every global RNG state as plain values (loadable with weights_only=True)."""
     kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)  # noqa: NPY002
@@ -96,25 +80,6 @@ def set_rng_state(state: dict) -> None:
     if (state["cuda"] and torch.cuda.is_available()
             and len(state["cuda"]) == torch.cuda.device_count()):
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def batch_indices(step: int, *, n: int, batch_size: int, seed: int) -> torch.Tensor:
-    """The example indices of training step `step` (0-based): epochs of seeded permutations.
-
-    A pure function of (step, n, batch_size, seed): resuming at any step reproduces the data order.
-    Batches are consecutive slices of the epoch-long stream; a batch may straddle two epochs.
-    """
-    if n < 1 or batch_size < 1:
-        raise ValueError(f"need n >= 1 and batch_size >= 1, got n={n}, batch_size={batch_size}")
-    start = step * batch_size
-    out, pos = [], start
-    while pos < start + batch_size:
-        epoch, offset = divmod(pos, n)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-        take = min(n - offset, start + batch_size - pos)
-        out.append(perm[offset : offset + take])
-        pos += take
-    return torch.cat(out)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -223,7 +188,7 @@ def _record_step(line: str) -> float:
 class GracefulStop:
     """Within `with GracefulStop() as stop:`, SIGINT and SIGTERM set `stop.signal` instead of
     killing the process; the loop checks `stop.requested` after each step, writes a checkpoint and
-    calls `stop.exit(...)`. A second signal raises KeyboardInterrupt at once (nothing more is
+    exits. A second signal raises KeyboardInterrupt at once (nothing more is
     written). Outside the main thread, where Python cannot take signals, it does nothing."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -252,13 +217,6 @@ class GracefulStop:
     @property
     def requested(self) -> bool:
         return self.signal is not None
-
-    def exit(self, step: int, total: int, checkpoint: Path, resume: str) -> None:
-        """Say where the run stopped and how to continue, then exit with 128 + the signal's
-        number."""
-        print(f"stopped by {signal.Signals(self.signal).name} after step {step} of {total}; "
-              f"checkpoint {checkpoint}. Continue with: {resume}", file=sys.stderr, flush=True)
-        raise SystemExit(128 + int(self.signal))
 
 
 def resume_command(script: str, argv: list[str]) -> str:

@@ -1,8 +1,8 @@
 """The named presets of train_ae.py (`AE_PRESETS`) and train_ldm.py (`LDM_PRESETS`): plain dicts of
-field -> value over the scripts' config dataclasses, in one place so that they can be read side by
-side with the paper and the released CompVis configurations they follow (each photo preset's values
-carry a comment naming the config file). `--smoke` lays `AE_SMOKE` / `LDM_SMOKE` over any preset: a
-seconds-long CPU run through the same code.
+field -> value over the scripts' config dataclasses; each photo preset's values carry a comment
+naming the released CompVis config file they follow. `--smoke` lays `AE_SMOKE` / `LDM_SMOKE` over
+any preset: a seconds-long CPU run through the same code. What the presets reach, with dates and
+machines: docs/scripts.md.
 
     shapes, shapes_vq, folder, shapes_<task>      CPU-sized: the demo, the paper's tasks on shapes,
                                                   your own images
@@ -16,8 +16,8 @@ seconds-long CPU run through the same code.
 # ----------------------------------------------------------------------------------------------
 # train_ae.py: the first stage
 
-# shapes: sized for the CPU (2 minutes on 2 idle cores: 36.1 dB held-out PSNR; VQ 32.7 dB). L2
-# rather than the paper's L1: on small objects over a flat background L1's per-pixel median is the
+# shapes: sized for the CPU (its time and held-out PSNR: docs/scripts.md). L2 rather than the
+# paper's L1: on small objects over a flat background L1's per-pixel median is the
 # background for a long time, and PSNR is an L2 measure. The discriminator joins for the last 300
 # steps at a small weight.
 _SHAPES_AE = dict(
@@ -79,14 +79,15 @@ def _in_epochs(steps: int, batch_size: int) -> dict:
             "min_steps": steps // 5}
 
 
-def _paper_ae(dataset: str, size: int, batch_size: int, steps: int, hflip: bool) -> dict:
+def _paper_ae(dataset: str, size: int, batch_size: int, steps: int) -> dict:
+    """Flipped for CelebA and LSUN; your own folder unflipped (a caption may say left or right)."""
     return dict(_PAPER_AE, dataset=dataset, image_size=size, batch_size=batch_size,
-                hflip=hflip, lr=4.5e-6 * batch_size, **_in_epochs(steps, batch_size))
+                hflip=dataset != "folder", lr=4.5e-6 * batch_size, **_in_epochs(steps, batch_size))
 
 
 for _data in ("celeba", "lsun"):  # hflip: ours for CelebA; CompVis' LSUN loader flips with p = 0.5
     for _size in (64, 128):
-        _base = _paper_ae(_data, _size, batch_size=16, steps=200_000, hflip=True)
+        _base = _paper_ae(_data, _size, batch_size=16, steps=200_000)
         AE_PRESETS[f"{_data}{_size}"] = _base
         AE_PRESETS[f"{_data}{_size}_f8"] = {**_base, **_F8}
         AE_PRESETS[f"{_data}{_size}_vq"] = {**_base, **_VQ}
@@ -94,17 +95,17 @@ for _data in ("celeba", "lsun"):  # hflip: ours for CelebA; CompVis' LSUN loader
 # and 128 px (16 x 16 x 3 and 32 x 32 x 3 latents, as the paper's CelebA-HQ / FFHQ / LSUN-bedrooms
 # LDM-4s), kl-f8 at 256 px (32 x 32 x 4, as LSUN-churches and Stable Diffusion). No flips: a caption
 # may say left or right.
-AE_PRESETS["folder64"] = {**_paper_ae("folder", 64, batch_size=32, steps=100_000, hflip=False),
+AE_PRESETS["folder64"] = {**_paper_ae("folder", 64, batch_size=32, steps=100_000),
                           **_VQ}
-AE_PRESETS["folder128"] = {**_paper_ae("folder", 128, batch_size=16, steps=150_000, hflip=False),
+AE_PRESETS["folder128"] = {**_paper_ae("folder", 128, batch_size=16, steps=150_000),
                            **_VQ}
-AE_PRESETS["folder256"] = {**_paper_ae("folder", 256, batch_size=8, steps=200_000, hflip=False),
+AE_PRESETS["folder256"] = {**_paper_ae("folder", 256, batch_size=8, steps=200_000),
                            **_F8}
 
 # The held-out PSNR under which train_ldm.py says the first stage is not ready: a floor that catches
 # an untrained, unfinished or wrongly loaded autoencoder, about 6 dB under what the preset reaches
-# (shapes 36.1 dB, shapes_vq 32.7 dB, folder on 100 faces 23.8 dB: measured); "photos": every other
-# preset, 64-256 px photographs with LPIPS and a PatchGAN (not measured here: a floor only).
+# (docs/scripts.md, docs/own_images.md); "photos": every other preset, 64-256 px photographs with
+# LPIPS and a PatchGAN (a floor only).
 AE_GATES_DB = {"shapes": 30.0, "shapes_vq": 27.0, "shapes64": 30.0, "folder": 18.0, "photos": 22.0}
 
 # --smoke shrinks any preset to a seconds-long CPU run. It keeps the preset's loss terms: the
@@ -121,15 +122,14 @@ AE_SMOKE = dict(
 # train_ldm.py: the second stage
 
 # CPU-sized: 32 px images, f = 4 autoencoder -> 8 x 8 x 4 latents.
-# The autoencoder gets 600 steps instead of its preset's 800 (a dB or two less; plenty for the LDM).
-# The quickstart ("shapes") trains the LDM for 1000 steps, so that the whole demo (autoencoder, LDM,
-# evaluation) fits in 5 minutes on 2 CPU cores; the other tasks and your own images get 1400.
+# The autoencoder gets 600 steps instead of its preset's 800. The quickstart ("shapes") trains the
+# LDM for 1000 steps, so that the whole demo (autoencoder, LDM, evaluation) stays a few minutes on 2
+# CPU cores (README); the other tasks and your own images get 1400.
 _SHAPES_DEMO = dict(ae_steps=600, n_train=10_000, batch_size=32, steps=1400, lr=1e-3, channels=64,
                     channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8, 4), head_dim=32,
                     context_dim=128, posterior="mean", curve_every=200, curve_images=32)
-# The shapes presets train on the posterior mean: the shapes autoencoder's posterior sigma is 2% of
-# its latents' std (measured), so a sample differs from the mean by little, and the demo's published
-# figures were made so.
+# The shapes presets train on the posterior mean: the shapes autoencoder's posterior sigma is small
+# against its latents' std (docs/scripts.md), so a sample differs from the mean by little.
 # The concat-conditioned tasks have no cross-attention to a condition: self-attention at 4 x 4 only,
 # no guidance.
 _SHAPES_CONCAT = {**_SHAPES_DEMO, "cond": "none", "attn_resolutions": (4,), "max_shapes": 3,
@@ -183,11 +183,14 @@ _PAPER_LDM = dict(
 )
 
 
-def _paper_ldm(dataset: str, size: int, ae_preset: str, *, channels: int, batch_size: int,
-               steps: int, hflip: bool, cond: str = "none") -> dict:
+def _paper_ldm(dataset: str, size: int, *, channels: int, batch_size: int, steps: int) -> dict:
+    """The LDM of `dataset` at `size` px on the first stage of the same name (vq-f4 for CelebA and
+    LSUN, flipped; for your own folder unflipped, with --cond auto)."""
     latent = size // 4  # f = 4: attention at latent / 2, / 4, / 8 (downsampling factors 2, 4, 8)
-    return dict(_PAPER_LDM, dataset=dataset, image_size=size, ae_preset=ae_preset, cond=cond,
-                hflip=hflip, channels=channels, batch_size=batch_size,
+    own = dataset == "folder"
+    return dict(_PAPER_LDM, dataset=dataset, image_size=size, cond="auto" if own else "none",
+                ae_preset=f"folder{size}" if own else f"{dataset}{size}_vq", hflip=not own,
+                channels=channels, batch_size=batch_size,
                 lr=2e-6 * batch_size, attn_resolutions=(latent // 2, latent // 4, latent // 8),
                 **_in_epochs(steps, batch_size))
 
@@ -195,25 +198,19 @@ def _paper_ldm(dataset: str, size: int, ae_preset: str, *, channels: int, batch_
 LDM_PRESETS.update(
     # CelebA-HQ / FFHQ / LSUN-bedrooms LDM-4 (vq-f4 first stage): ours at 64 and 128 px. hflip:
     # CompVis' LSUN loader flips with p = 0.5; ours for CelebA.
-    celeba64=_paper_ldm("celeba", 64, "celeba64_vq", channels=128, batch_size=128, steps=100_000,
-                        hflip=True),
-    celeba128=_paper_ldm("celeba", 128, "celeba128_vq", channels=192, batch_size=96, steps=150_000,
-                         hflip=True),
-    lsun64=_paper_ldm("lsun", 64, "lsun64_vq", channels=128, batch_size=128, steps=100_000,
-                      hflip=True),
+    celeba64=_paper_ldm("celeba", 64, channels=128, batch_size=128, steps=100_000),
+    celeba128=_paper_ldm("celeba", 128, channels=192, batch_size=96, steps=150_000),
+    lsun64=_paper_ldm("lsun", 64, channels=128, batch_size=128, steps=100_000),
     # Your own images on one GPU; --cond auto as in the CPU folder preset. A conditional model gets
     # transformer blocks with cross-attention (the paper's Sec. 3.3; CompVis cin256-v2:
     # use_spatial_transformer, depth 1).
-    folder64=_paper_ldm("folder", 64, "folder64", channels=128, batch_size=128, steps=100_000,
-                        hflip=False, cond="auto"),
-    folder128=_paper_ldm("folder", 128, "folder128", channels=192, batch_size=96, steps=150_000,
-                         hflip=False, cond="auto"),
+    folder64=_paper_ldm("folder", 64, channels=128, batch_size=128, steps=100_000),
+    folder128=_paper_ldm("folder", 128, channels=192, batch_size=96, steps=150_000),
     # 256 px: the kl-f8 first stage (32 x 32 x 4 latents) and lsun_churches-ldm-kl-8's UNet:
     # model_channels 192, channel_mult (1,2,2,4,4), attention at 32, 16, 8, 4, num_heads 8 (here
     # head_dim 32: ours), scale-shift norm, beta_end 0.0155, L1 loss, lr 5e-5 (not scaled), 10k
     # warm-up steps, batch 96.
-    folder256={**_paper_ldm("folder", 256, "folder256", channels=192, batch_size=96, steps=200_000,
-                            hflip=False, cond="auto"),
+    folder256={**_paper_ldm("folder", 256, channels=192, batch_size=96, steps=200_000),
                "channel_mult": (1, 2, 2, 4, 4), "attn_resolutions": (32, 16, 8, 4),
                "scale_shift_norm": True, "beta_end": 0.0155, "loss": "l1", "lr": 5e-5,
                "warmup_steps": 10_000},

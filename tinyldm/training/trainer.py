@@ -1,29 +1,26 @@
-"""One training loop for both stages, the way minGPT keeps its trainer.py beside its projects.
+"""One training loop for both stages.
 
 A script writes its own training step, `train_step(step) -> {name: value}`: it draws the step's
 batch, computes the loss, calls backward and its optimizers, and returns the terms to log (0-dim
-tensors, left on the device). That is the part a reader came for. `Trainer.run` does everything
-around it, once for both stages:
+tensors, left on the device). That is the part a reader came for. `Trainer.run` does what every run
+needs around it:
 
 * the learning rate of every step (`lr_at`), set on each optimizer before the step;
 * the EMA of the weights after it (rank 0 only: it alone samples and saves);
-* bf16 autocast on CUDA (`trainer.autocast()`), and under torchrun the DDP wrapper
-  (`trainer.distribute`);
 * log.jsonl every `log_every` steps: each term's mean over the window and over the processes (an
   all-reduce on log and checkpoint steps only), the learning rate and images per second; a term that
   is not finite, or (with `diverge`) a loss above its first window and `diverge` times its best,
   stops the run before a checkpoint can store it;
-* the sample grid every `sample_every` steps, with loss.png redrawn beside it;
-* with a `curve` (the script's measurement of its weights on a fixed held-out set), a point of the
-  quality-against-steps curve every `curve_every` steps: a log.jsonl record with the training
-  minutes so far, and loss.png redrawn with it (and a reference run's curves, given `reference`);
-* a checkpoint every `ckpt_every` steps, written by the script's `save(step)`;
-* Ctrl-C / SIGTERM: finish the step, checkpoint, print the resume command and exit with 128 + the
-  signal; the time budget `max_minutes`: checkpoint and return early. Under torchrun the processes
-  agree on both on log steps.
+* Ctrl-C / SIGTERM: finish the step, checkpoint, exit with 128 + the signal; the time budget
+  `max_minutes`: checkpoint and return early. Under torchrun the processes agree on both on log
+  steps.
 
-After the loop the script draws its last grid and writes its last checkpoint (the autoencoder's
-holds the latent scale factor, measured after training).
+What is optional is a callback, an object with any of these methods, each given the trainer:
+`on_step_end` (rank 0, after every step but the last), `on_checkpoint` (rank 0, when one is due:
+every `ckpt_every` steps, and at a stop) and `on_signal` (every process, before it exits). Three
+are defined here: `Checkpoints`, `Grids` (the sample grid every `sample_every` steps, loss.png
+redrawn beside it) and `QualityPoints` (a point of the quality-against-steps curve). After the loop
+the script draws its last grid and writes its last checkpoint itself.
 """
 
 from __future__ import annotations
@@ -32,6 +29,8 @@ import contextlib
 import dataclasses
 import json
 import math
+import signal
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -46,6 +45,8 @@ from ..evaluation.viz import save_loss_curve
 from .distributed import World, replica_spread
 from .distributed import teardown as teardown_distributed
 from .loop import EMA, GracefulStop, JSONLLogger, resume_command
+
+LR_SCHEDULES = ("constant", "cosine")  # what `lr_at` does after the warm-up
 
 
 @dataclass
@@ -129,33 +130,29 @@ class Trainer:
     """Runs a script's `train_step` from `start` to `config.steps` (see the module docstring).
 
     `optimizers` maps each optimizer to its base learning rate; `ema` (or None) averages `model`
-    after each step; `replicas` are the modules whose copies in the processes `--check_replicas`
-    compares; `script` and `argv` make the command that resumes a stopped run; `loss_key` names the
-    logged term that loss.png shows, `reference` a reference run's curves it is drawn against
-    (`tinyldm.evaluation.curves`)."""
+    after each step; log.jsonl and loss.png go into `out`. Settable after construction: `loss_key`
+    (the logged term loss.png shows), `diverge` (> 0: stop on a loss above its first window and
+    `diverge` x its best) and `reference` (a reference run's curves drawn behind loss.png,
+    `tinyldm.evaluation.curves`)."""
 
-    def __init__(self, config: TrainingConfig, *, script: str, argv: list[str], out: Path,
-                 ckpt_path: Path, world: World, device: torch.device, optimizers: dict,
-                 model: torch.nn.Module, ema: EMA | None = None,
-                 replicas: tuple[torch.nn.Module, ...] = (), loss_key: str = "loss",
-                 resumed_step: int | None = None, diverge: float = 0.0,
-                 curve: Callable[[int], dict] | None = None, curve_every: int = 0,
-                 reference: dict | None = None):
-        self.config, self.script, self.argv = config, script, argv
-        self.out, self.ckpt_path, self.world, self.device = out, ckpt_path, world, device
-        self.optimizers, self.model, self.ema, self.replicas = optimizers, model, ema, replicas
-        self.loss_key = loss_key
-        # > 0: stop when a logged loss is above its first window and `diverge` x its best
-        self.diverge, self.first_loss, self.best_loss = diverge, None, math.inf
-        self.seconds = 0.0  # the last run's training-loop time
-        self.curve, self.curve_every, self.reference = curve, curve_every, reference
-        tensorboard = out / "tensorboard" if config.tensorboard else None
-        self.log = JSONLLogger(out / "log.jsonl", resume_step=resumed_step,
-                               tensorboard=tensorboard) if world.is_main else None
-        self.minutes_before = 0.0  # after a --resume: the minutes of the last point before it
-        if resumed_step is not None and self.log is not None:
-            kept = [json.loads(line) for line in self.log.path.read_text().splitlines() if line]
-            self.minutes_before = max((r["minutes"] for r in kept if "minutes" in r), default=0.0)
+    def __init__(self, config: TrainingConfig, model: torch.nn.Module, ema: EMA | None,
+                 optimizers: dict, out: Path):
+        self.config, self.model, self.ema, self.optimizers = config, model, ema, optimizers
+        self.out, self.world = Path(out), World.current()
+        self.device = next(model.parameters()).device
+        self.loss_key, self.diverge, self.reference = "loss", 0.0, None
+        self.callbacks: list = []
+        self.start = self.step = 0
+        self.seconds, self.log = 0.0, None
+        self.first_loss, self.best_loss, self.stopped_by = None, math.inf, None
+
+    def add_callback(self, callback) -> None:
+        self.callbacks.append(callback)
+
+    def trigger(self, event: str) -> None:
+        for callback in self.callbacks:
+            if hasattr(callback, event):
+                getattr(callback, event)(self)
 
     def autocast(self):
         """bf16 autocast on CUDA with --amp; nothing elsewhere (CPU training stays in fp32)."""
@@ -170,18 +167,18 @@ class Trainer:
         ids = [self.device.index] if self.device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=find_unused)
 
-    def run(self, train_step: Callable[[int], dict], *, start: int, save: Callable[[int], None],
-            sample: Callable[[int], Path] | None = None) -> int:
+    def run(self, train_step: Callable[[int], dict], *, start: int) -> int:
         """Steps start..steps-1; returns the number of steps done (fewer when the time budget ran
         out). A signal ends the process here, after a checkpoint."""
         config, world = self.config, self.world
-        window, t_loop, done, saved = LogWindow(start), time.perf_counter(), start, start
-        self.t_loop = t_loop
+        self._open_log(start)
+        self.start = self.step = start
+        window, saved = LogWindow(start), start
         if start >= config.steps:
             print(f"already trained for {config.steps} steps; nothing to do (raise --steps)")
         quiet = {} if world.is_main else {"disable": True}  # rank 0: TQDM_DISABLE=1 still works
         bar = tqdm(range(start, config.steps), initial=start, total=config.steps,
-                   desc=Path(self.script).stem, mininterval=2.0, **quiet)
+                   desc=Path(sys.argv[0]).stem, mininterval=2.0, **quiet)  # the script's name
         with GracefulStop() as stop, bar:
             for step in bar:
                 for opt, base_lr in self.optimizers.items():
@@ -191,111 +188,39 @@ class Trainer:
                 if self.ema is not None and world.is_main:
                     self.ema.update(self.model)
                 window.add(logs, config.batch_size)
-                done = step + 1
+                self.step = done = step + 1
                 log_step = done % config.log_every == 0 or done == config.steps
                 if log_step:  # stops on a term that is not finite
-                    window = self._write_log(window, done, bar)
+                    window = self._write_log(window, bar)
                 if done == config.steps:
                     break  # the script draws the last grid and writes the last checkpoint
-                if done % config.sample_every == 0 and world.is_main and sample is not None:
-                    self.sample_grid(sample, done)
-                if self.curve_every and done % self.curve_every == 0 and world.is_main:
-                    self.curve_point(done)
+                if world.is_main:
+                    self.trigger("on_step_end")  # grids, quality points
                 if done % config.ckpt_every == 0:
-                    self._check_finite(window.means(world), window.first_step, done)
-                    saved = self._save(save, done)
+                    self._check(window.means(world), window.first_step)
+                    saved = self._checkpoint()
                 # Under torchrun the processes agree on stopping (an all-reduce) on log steps only.
-                reason = self._stop_reason(stop, t_loop) if log_step or not world.enabled else None
-                if reason is not None:
-                    saved = saved if saved == done else self._save(save, done)
+                reason = self._stop_reason(stop) if log_step or not world.enabled else None
+                if reason is not None and saved != done:
+                    saved = self._checkpoint()
                 if reason == "signal":
-                    world.barrier()
-                    teardown_distributed(world)
-                    stop.exit(done, config.steps, self.ckpt_path,
-                              resume_command(self.script, self.argv))
+                    self._exit(stop)
                 if reason == "time":
                     print(f"\nthe time budget of {config.max_minutes} min of training is spent "
                           f"after {done} steps; stopping")
                     break
-        self.seconds = time.perf_counter() - t_loop
-        return done
+        self.seconds = time.perf_counter() - self.t_loop
+        return self.step
 
-    def _stop_reason(self, stop: GracefulStop, t_loop: float) -> str | None:
-        """"signal" (Ctrl-C or SIGTERM), "time" (--max_minutes spent) or None, the same in every
-        process: true in all if in one."""
-        if self.world.any(stop.requested, self.device):
-            return "signal"
-        minutes = (time.perf_counter() - t_loop) / 60
-        spent = bool(self.config.max_minutes) and minutes > self.config.max_minutes
-        return "time" if self.world.any(spent, self.device) else None
+    def minutes(self) -> float:
+        """Minutes of training so far: the loop's wall time, its grids and points included; after a
+        --resume counted on from the last quality point before it."""
+        return self.minutes_before + (time.perf_counter() - self.t_loop) / 60
 
-    def _check_finite(self, means: dict[str, float], first: int, done: int) -> None:
-        """Stop (one line) on a term that is not finite, or a loss that diverged, before any
-        checkpoint of these weights: the last one written stays a good one."""
-        bad = {k: v for k, v in means.items() if not math.isfinite(v)}
-        keep = (f"stopping. The last good checkpoint is {self.ckpt_path}; nothing was "
-                "overwritten")
-        if bad:
-            terms = ", ".join(f"{k} is {v}" for k, v in bad.items())
-            amp = (" under bf16 autocast: an overflow there is one cause (--amp false to check)"
-                   if self.config.amp and self.device.type == "cuda" else "")
-            raise UsageError(f"{terms} in steps {first + 1}-{done}{amp}: {keep} (lower --lr, or "
-                             "check the data and the latents' scale).")
-        loss = means.get(self.loss_key)
-        if (self.diverge and loss is not None and self.first_loss is not None
-                and 0 < self.best_loss and loss > max(self.first_loss,
-                                                      self.diverge * self.best_loss)):
-            raise UsageError(f"{self.loss_key} diverged: {loss:.4g} in steps {first + 1}-{done}, "
-                             f"above its first logged value ({self.first_loss:.4g}) and "
-                             f"{loss / self.best_loss:.0f}x its best ({self.best_loss:.4g}): "
-                             f"{keep} (lower --lr, or raise --warmup_steps).")
-
-    def _write_log(self, window: LogWindow, done: int, bar: tqdm) -> LogWindow:
-        """One record of log.jsonl for the window ending at step `done`; returns the next window."""
-        means = window.means(self.world)
-        self._check_finite(means, window.first_step, done)
-        if self.loss_key in means:  # what a later window is compared with
-            self.first_loss = means[self.loss_key] if self.first_loss is None else self.first_loss
-            self.best_loss = min(self.best_loss, means[self.loss_key])
-        if self.config.check_replicas:
-            means["replica_spread"] = max(replica_spread(m, self.world) for m in self.replicas)
-        lr, images_per_s = next(iter(self.optimizers)).param_groups[0]["lr"], window.images_per_s()
-        if self.log is not None:
-            self.log.log(step=done, **means, lr=lr, img_per_s=images_per_s)
-        bar.set_postfix(loss=f"{means[self.loss_key]:.4f}", img_s=f"{images_per_s:.0f}")
-        return LogWindow(done)
-
-    def sample_grid(self, sample: Callable[[int], Path], done: int) -> Path:
-        """The grid of step `done` (`sample` writes it), shown in TensorBoard; loss.png redrawn."""
-        path = sample(done)
-        self.draw_curves()
-        self.log.image("grid", path, done)
-        return path
-
-    def curve_point(self, done: int) -> None:
-        """One point of the quality curve (rank 0, with a `curve`): its record in log.jsonl, with
-        the minutes of training so far (the loop's wall time, its grids and points included; after
-        a --resume counted on from the last point before it), and loss.png redrawn."""
-        if self.curve is None or self.log is None:
-            return
-        minutes = self.minutes_before + (time.perf_counter() - self.t_loop) / 60
-        point = self.curve(done)
-        if point is None:  # the data allow no measurement (said once)
-            return
-        self.log.log(step=done, minutes=round(minutes, 3), **point)
-        print(f"\nquality at step {done}: {point['quality_name']} {point['quality']:.4g} "
-              f"({point['quality_better']} is better)")
-        self.draw_curves()
-
-    def draw_curves(self) -> None:
+    def plot(self) -> None:
         """loss.png: the loss so far and the quality curve, over a reference run's when given."""
         save_loss_curve(self.log.path, self.out / "loss.png", key=self.loss_key,
                         reference=self.reference)
-
-    def _save(self, save: Callable[[int], None], done: int) -> int:
-        if self.world.is_main:
-            save(done)
-        return done
 
     def close(self) -> None:
         """After the loop: the processes meet, and all but rank 0 leave the process group."""
@@ -304,3 +229,134 @@ class Trainer:
             self.log.close()
         if not self.world.is_main:
             teardown_distributed(self.world)
+
+    def _open_log(self, start: int) -> None:
+        """log.jsonl (rank 0): a new one, or after a --resume the old one up to `start`."""
+        self.t_loop, self.minutes_before = time.perf_counter(), 0.0
+        if not self.world.is_main:
+            return
+        tensorboard = self.out / "tensorboard" if self.config.tensorboard else None
+        self.log = JSONLLogger(self.out / "log.jsonl", resume_step=start or None,
+                               tensorboard=tensorboard)
+        if start and self.log.path.exists():
+            kept = [json.loads(line) for line in self.log.path.read_text().splitlines() if line]
+            self.minutes_before = max((r["minutes"] for r in kept if "minutes" in r), default=0.0)
+
+    def _checkpoint(self) -> int:
+        if self.world.is_main:
+            self.trigger("on_checkpoint")
+        return self.step
+
+    def _exit(self, stop: GracefulStop) -> None:
+        """After a signal: the processes meet, leave the group, say how to resume and exit."""
+        self.world.barrier()
+        teardown_distributed(self.world)
+        self.stopped_by = stop.signal
+        self.trigger("on_signal")
+        raise SystemExit(128 + int(stop.signal))
+
+    def _stop_reason(self, stop: GracefulStop) -> str | None:
+        """"signal" (Ctrl-C or SIGTERM), "time" (--max_minutes spent) or None, the same in every
+        process: true in all if in one."""
+        if self.world.any(stop.requested, self.device):
+            return "signal"
+        minutes = (time.perf_counter() - self.t_loop) / 60
+        spent = bool(self.config.max_minutes) and minutes > self.config.max_minutes
+        return "time" if self.world.any(spent, self.device) else None
+
+    def _check(self, means: dict[str, float], first: int) -> None:
+        """Stop (one line) on a term that is not finite, or a loss that diverged, before any
+        checkpoint of these weights: the last one written stays a good one."""
+        bad = {k: v for k, v in means.items() if not math.isfinite(v)}
+        steps = f"steps {first + 1}-{self.step}"
+        keep = "stopping. The last checkpoint written is kept; nothing was overwritten"
+        if bad:
+            terms = ", ".join(f"{k} is {v}" for k, v in bad.items())
+            amp = (" under bf16 autocast: an overflow there is one cause (--amp false to check)"
+                   if self.config.amp and self.device.type == "cuda" else "")
+            raise UsageError(f"{terms} in {steps}{amp}: {keep} (lower --lr, or check the data "
+                             "and the latents' scale).")
+        loss = means.get(self.loss_key)
+        if (self.diverge and loss is not None and self.first_loss is not None
+                and 0 < self.best_loss and loss > max(self.first_loss,
+                                                      self.diverge * self.best_loss)):
+            raise UsageError(f"{self.loss_key} diverged: {loss:.4g} in {steps}, above its first "
+                             f"logged value ({self.first_loss:.4g}) and "
+                             f"{loss / self.best_loss:.0f}x its best ({self.best_loss:.4g}): "
+                             f"{keep} (lower --lr, or raise --warmup_steps).")
+
+    def _write_log(self, window: LogWindow, bar: tqdm) -> LogWindow:
+        """One record of log.jsonl for the window ending at this step; returns the next window."""
+        means = window.means(self.world)
+        self._check(means, window.first_step)
+        if self.loss_key in means:  # what a later window is compared with
+            self.first_loss = means[self.loss_key] if self.first_loss is None else self.first_loss
+            self.best_loss = min(self.best_loss, means[self.loss_key])
+        if self.config.check_replicas:
+            means["replica_spread"] = max(replica_spread(group["params"], self.world)
+                                          for opt in self.optimizers for group in opt.param_groups)
+        lr, images_per_s = next(iter(self.optimizers)).param_groups[0]["lr"], window.images_per_s()
+        if self.log is not None:
+            self.log.log(step=self.step, **means, lr=lr, img_per_s=images_per_s)
+        bar.set_postfix(loss=f"{means[self.loss_key]:.4f}", img_s=f"{images_per_s:.0f}")
+        return LogWindow(self.step)
+
+
+# ----------------------------------------------------------------------------------------------
+# The callbacks
+
+
+class Checkpoints:
+    """`save(step)` when a checkpoint is due; after a signal, the line that says how to resume
+    (`script` run again with `argv` and --resume)."""
+
+    def __init__(self, path: Path, save: Callable[[int], None], script: str, argv: list[str]):
+        self.path, self.save, self.script, self.argv = path, save, script, argv
+
+    def on_checkpoint(self, trainer: Trainer) -> None:
+        self.save(trainer.step)
+
+    def on_signal(self, trainer: Trainer) -> None:
+        print(f"stopped by {signal.Signals(trainer.stopped_by).name} after step {trainer.step} of "
+              f"{trainer.config.steps}; checkpoint {self.path}. Continue with: "
+              f"{resume_command(self.script, self.argv)}", file=sys.stderr, flush=True)
+
+
+class Grids:
+    """The grid of `draw(step)` every `every` steps, shown in TensorBoard; loss.png redrawn."""
+
+    def __init__(self, draw: Callable[[int], Path], every: int):
+        self.draw, self.every = draw, every
+
+    def on_step_end(self, trainer: Trainer) -> None:
+        if trainer.step % self.every == 0:
+            self.now(trainer)
+
+    def now(self, trainer: Trainer) -> Path:
+        path = self.draw(trainer.step)
+        trainer.plot()
+        trainer.log.image("grid", path, trainer.step)
+        return path
+
+
+class QualityPoints:
+    """A point of the quality curve every `every` steps: `measure(step)` (a dict with `quality`,
+    `quality_name`, `quality_better`, or None where the data allow none) as a log.jsonl record with
+    the minutes of training so far; loss.png redrawn."""
+
+    def __init__(self, measure: Callable[[int], dict | None], every: int):
+        self.measure, self.every = measure, every
+
+    def on_step_end(self, trainer: Trainer) -> None:
+        if self.every and trainer.step % self.every == 0:
+            self.now(trainer)
+
+    def now(self, trainer: Trainer) -> None:
+        minutes = trainer.minutes()
+        point = self.measure(trainer.step)
+        if point is None or trainer.log is None:
+            return
+        trainer.log.log(step=trainer.step, minutes=round(minutes, 3), **point)
+        print(f"\nquality at step {trainer.step}: {point['quality_name']} {point['quality']:.4g} "
+              f"({point['quality_better']} is better)")
+        trainer.plot()

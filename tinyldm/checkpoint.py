@@ -8,21 +8,11 @@ half-written file under the real name, and read back with `torch.load(weights_on
 refuses anything that would run code.
 A missing, truncated, corrupt or wrong-kind file is refused with a `CheckpointError` that says
 which, and so is a write that fails (a full disk): the file under the real name is then still the
-previous checkpoint.
-
-`RunLock` keeps two runs out of one output folder: `<out>/.lock` names the process that holds it; a
-lock left by a process that no longer runs (killed) is taken over with a note.
-"""
+previous checkpoint."""
 
 from __future__ import annotations
 
-import atexit
-import json
 import os
-import socket
-import sys
-import tempfile
-import time
 import types
 import typing
 from functools import cache
@@ -31,13 +21,11 @@ from typing import Any
 
 import torch
 
-from tinyldm.cli import UsageError
+from tinyldm.cli import CheckpointError
+from tinyldm.files import save_atomically
+from tinyldm.memory import check_weights
 
 CHECKPOINT_FORMAT = 1
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file that cannot be used: missing, truncated, corrupt, or of the wrong kind."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -51,53 +39,6 @@ def save_checkpoint(path: str | os.PathLike, payload: dict, *, kind: str) -> Pat
                            kept="the previous checkpoint, unchanged, which --resume continues from")
 
 
-def save_atomically(obj: object, path: str | os.PathLike, *, what: str, kept: str) -> Path:
-    """torch.save(obj) to a temporary file beside `path`, synced, then renamed: a crash never leaves
-    half a file. A failed write (a full disk) removes the temporary file and ends in one line
-    (CheckpointError) saying what `path` still holds: `kept`, or nothing."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)  # atomic on POSIX and Windows when both live in the same folder
-    except BaseException as e:
-        full = _disk_full(e, path.parent)  # measured before the temporary file goes
-        Path(tmp).unlink(missing_ok=True)
-        if not isinstance(e, OSError | RuntimeError) or isinstance(e, NotImplementedError):
-            raise
-        # torch.save reports a failed write (a full disk) as RuntimeError or OSError
-        before = f"{path} still holds {kept}" if path.exists() else f"nothing was written to {path}"
-        raise CheckpointError(f"writing {what} {path} failed ({full or _reason(e)}); {before}, "
-                              "and the temporary file was removed. Free some disk space (or choose "
-                              "another --out) and run again") from e
-    return path
-
-
-def _disk_full(e: BaseException, folder: Path) -> str | None:
-    """What a write that failed for a full disk says (torch's zip writer reports it as a
-    RuntimeError about positions), else None."""
-    import errno
-    import shutil
-
-    try:
-        free = shutil.disk_usage(folder).free
-    except OSError:
-        return None
-    if getattr(e, "errno", None) == errno.ENOSPC or free < 2**20:
-        return f"No space left on device: {free // 1024} KiB free on it"
-    return None
-
-
-def _reason(e: BaseException) -> str:
-    if isinstance(e, OSError) and e.strerror:
-        return e.strerror
-    return str(e).splitlines()[0] if str(e) else type(e).__name__
-
-
 def load_checkpoint(path: str | os.PathLike, *, kind: str | None = None,
                     map_location: Any = "cpu", device: Any = None) -> dict:
     """torch.load(path, weights_only=True), with clear errors for files that are not usable
@@ -109,8 +50,6 @@ def load_checkpoint(path: str | os.PathLike, *, kind: str | None = None,
         raise CheckpointError(f"checkpoint {path} does not exist")
     if path.stat().st_size == 0:
         raise CheckpointError(f"checkpoint {path} is empty (an interrupted write?)")
-    from tinyldm.training.memory import check_weights
-
     check_weights(str(path), path.stat().st_size, reading=True)  # a file larger than memory
     try:
         data = torch.load(path, map_location=map_location, weights_only=True)
@@ -236,96 +175,3 @@ def _has_type(value: Any, hint: Any) -> bool:
 
 # ----------------------------------------------------------------------------------------------
 # Devices and random state
-
-
-# ----------------------------------------------------------------------------------------------
-# One run per output folder
-
-
-class RunLock:
-    """`<folder>/.lock`: a kernel lock (`flock`) on that file, which also records the owner's pid,
-    host, start time and command line.
-
-    `acquire` refuses a folder whose lock another process holds (naming it from the file). The
-    kernel drops the lock when its process ends, however it ends, so a lock left by a killed run is
-    simply taken (with a note). A lock is taken only on the file the folder holds at that moment:
-    the file's inode is checked after locking, so two runs can never both hold one. Re-entrant
-    within one process (tests run several mains). `release`, or a normal exit, removes the file.
-    """
-
-    NAME = ".lock"
-    _held: dict[str, tuple[int, int]] = {}  # path -> (fd, holds) in this process
-
-    def __init__(self, folder: str | os.PathLike):
-        self.path = Path(folder) / self.NAME
-
-    @classmethod
-    def for_rank_zero(cls, folder: str | os.PathLike) -> RunLock:
-        """The lock of `folder`, taken by rank 0 of a torchrun job (or the only process); the other
-        ranks hold an untaken one, whose `release` does nothing."""
-        lock = cls(folder)
-        return lock.acquire() if os.environ.get("RANK", "0") == "0" else lock
-
-    def owner(self) -> dict | None:
-        try:
-            return json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            return None
-
-    def acquire(self) -> RunLock:
-        import fcntl
-
-        key = str(self.path.resolve())
-        if key in RunLock._held:
-            fd, holds = RunLock._held[key]
-            RunLock._held[key] = (fd, holds + 1)
-            return self
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(20):
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                other = self.owner() or {}
-                where = "" if other.get("host") in (None, socket.gethostname()) else \
-                    f" on {other['host']}"
-                raise UsageError(f"{self.path.parent} is in use by process {other.get('pid', '?')}"
-                                 f"{where} (started {other.get('started', '?')}: "
-                                 f"{other.get('command', '?')}); wait for it, stop it, or choose "
-                                 "another --out") from None
-            try:  # locked: but is it still the folder's lock file, or one unlinked meanwhile?
-                current = os.stat(self.path).st_ino
-            except FileNotFoundError:
-                current = None
-            if current != os.fstat(fd).st_ino:
-                os.close(fd)
-                continue
-            try:  # what a killed run left
-                other = json.loads(os.pread(fd, 1 << 16, 0) or b"null")
-            except ValueError:
-                other = None
-            if isinstance(other, dict) and other.get("pid") != os.getpid():
-                print(f"note: taking over {self.path} from process {other.get('pid')}, which no "
-                      "longer runs")
-            me = {"pid": os.getpid(), "host": socket.gethostname(),
-                  "started": time.strftime("%Y-%m-%d %H:%M:%S"), "command": " ".join(sys.argv)}
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, json.dumps(me).encode(), 0)
-            RunLock._held[key] = (fd, 1)
-            atexit.register(self.release)
-            return self
-        raise UsageError(f"could not take the lock {self.path}: other runs keep replacing it")
-
-    def release(self) -> None:
-        key = str(self.path.resolve())
-        if key not in RunLock._held:
-            return
-        fd, holds = RunLock._held.pop(key)
-        if holds > 1:
-            RunLock._held[key] = (fd, holds - 1)
-            return
-        self.path.unlink(missing_ok=True)  # while still locked: nobody can take this file now
-        os.close(fd)
-
-

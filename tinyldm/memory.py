@@ -255,3 +255,28 @@ def check_training(name: str, model_bytes: int, per_example: float, batch: int,
               "even one example does not fit: use a smaller model (--channels) or image size")
     raise UsageError(f"training {name} with --batch_size {batch} needs about {describe(need)}, and "
                      f"{device} has {describe(free)} free: {advice}")
+
+
+def check_ldm_training(denoiser, data, batch: int, device: torch.device) -> float:
+    """train_ldm.py's check before its first step: the UNet's activations at the latent size for
+    `batch` examples, the weights x 5 and the latent cache (`data`), which lives on the device."""
+    h, w = data.latents.shape[-2:]
+    per_example = unet_profile(denoiser, (h, w)).training(h * w)
+    cache = sum(t.numel() * 4 for t in (data.latents, data.std, data.flipped) if t is not None)
+    return check_training("the LDM", weights_bytes(denoiser), per_example, batch, device,
+                          extra=cache)
+
+
+def check_ae_training(state, image_size: int, batch: int, device: torch.device) -> float:
+    """train_ae.py's check before its first step: the autoencoder's activations and the
+    discriminator's (run on real and reconstructed images), and, when LPIPS is on, its backbone's
+    (on both), for `batch` images of `image_size` pixels a side."""
+    S, loss_fn = image_size, state.loss_fn
+    x = torch.zeros(1, state.model.config.in_channels, S, S, device=device)
+    parts = [(state.model, lambda: state.model(x), 1),
+             (loss_fn.discriminator, lambda: loss_fn.discriminator(x), 2)]
+    if loss_fn.perceptual is not None:
+        parts.append((loss_fn.perceptual, lambda: loss_fn.perceptual(x, x), 1))
+    per_example = sum(times * profile(m, fn, S * S).training(S * S) for m, fn, times in parts)
+    trained = weights_bytes(state.model, loss_fn.discriminator)
+    return check_training("the autoencoder", trained, per_example, batch, device)
