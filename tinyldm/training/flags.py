@@ -116,7 +116,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "lr_schedule": LR_SCHEDULES,
     "dataset": SOURCES,
     "ae_preset": tuple(AE_PRESETS),  # train_ldm.py: what train_ae.py trains without --ae
-    "cond": (*CONDS, "auto"),  # auto: chosen from the data (`ldm_setup.detect_condition`)
+    "cond": (*CONDS, "auto"),  # auto: chosen from the data (`configs.detect_condition`)
     "task": TASKS,
     "posterior": ("sample", "mean"),  # the KL latent the LDM trains on (`LatentTrainingSet`)
     "regularizer": REGULARIZERS,
@@ -133,7 +133,6 @@ CHOICES: dict[str, tuple[str, ...]] = {
 
 def _one_of(allowed: tuple[str, ...]) -> tuple[Callable[[Any], bool], str]:
     return (lambda v: v in allowed), f"one of {', '.join(allowed)}"
-
 
 
 def _finite(v: Any) -> bool:
