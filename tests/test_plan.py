@@ -87,6 +87,18 @@ def test_train_ae_plan_writes_nothing_to_its_out(photos, tmp_path):
     assert plan["stages"][0]["steps"] == 6 and plan["ae_config"]["regularizer"] == "kl"
 
 
+def test_the_plan_of_an_identity_first_stage_has_nothing_to_train(tmp_path):
+    """f = 1 trains nothing: one stage of no steps and no time, its config written for
+    train_ldm.py --plan, and no checkpoint anywhere."""
+    out, plan_json = tmp_path / "ae", tmp_path / "plan.json"
+    plan = train_ae.main(["--smoke", "--regularizer", "identity", "--z_channels", "3",
+                          "--channel_mult", "1", "--out", str(out), "--device", "cpu",
+                          "--plan", str(plan_json)])
+    assert not out.exists() and plan["total_seconds"] == 0
+    assert [(s["steps"], s["seconds"]) for s in plan["stages"]] == [(0, 0.0)]
+    assert json.loads(plan_json.read_text())["ae_config"]["regularizer"] == "identity"
+
+
 @pytest.mark.slow
 def test_train_ldm_passes_the_data_settings_to_the_autoencoder_it_trains(photos, tmp_path):
     """--n_train (and the dataset, its path and --image_size) reach the first stage it trains:

@@ -10,6 +10,9 @@ own steps on latents from an untrained autoencoder of the same shape (the time o
 depend on the weights).
 
 What is not measured is said: a stage whose time is extrapolated from a smaller one names it.
+Each script's `main` hands `--plan` to `plan_train_ae` / `plan_train_ldm` in its first lines; they
+build the run with the script's own pieces (its configs, `stage_one` / `stage_two`, `train_step`
+and checkpoint writer), so what is timed is what the run does.
 """
 
 from __future__ import annotations
