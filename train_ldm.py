@@ -186,6 +186,9 @@ def stage_two(config: TrainLDMConfig, unet_fields: dict, diffusion: DiffusionCon
         opt.load_state_dict(stored["optimizer"])
         set_rng_state(stored["rng"])
         print(f"resumed at step {stored['step']}")
+    world = World.current()  # before the first step: a batch that cannot fit is refused
+    check_ldm_training(denoiser, data, config.batch_size // world.size, device)
+    describe_denoiser(denoiser, config, device, world)
     if config.compile:  # in place: the state_dict keys stay the same
         denoiser.unet.compile()
     schedule = diffusion.make_schedule().to(device)
@@ -218,8 +221,6 @@ def main(argv: list[str] | None = None) -> dict:
 
     # Stage two: the denoiser and its training loop.
     state = stage_two(config, unet_fields, diffusion, data, stored, device)
-    check_ldm_training(state.denoiser, data, config.batch_size // world.size, device)
-    describe_denoiser(state.denoiser, config, device, world)
     trainer = Trainer(config, state.denoiser, state.ema, {state.opt: config.lr}, out)
     trainer.diverge = 10.0  # a loss 10x its best and above its first: stop
     trainer.reference = reference_for(args.preset, config)  # drawn behind loss.png

@@ -21,7 +21,7 @@ the cross-attended condition: "text", "class", "layout" or "none".
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch import Tensor
@@ -250,3 +250,20 @@ def score_items(spec: TaskSpec, items: dict, images: Tensor) -> dict:
     score = score_images(images, wanted, boxes=[b[c >= 0].tolist() for c, b in layouts])
     return {**result, "all": score.all, "color": score.color, "shape": score.shape,
             "position": score.position, "box_iou": score.iou}
+
+
+def detect_condition(config, data_root: str | None) -> str:
+    """--cond auto: captions (on any training image) -> "text", a class for every image -> "class",
+    else "none"; the shapes dataset -> "text". Reads the file list and the caption / class metadata,
+    not the images."""
+    if config.dataset == "shapes":
+        return "text"
+    dataset = make_dataset(data_configs(asdict(config), data_root)[0], "train")
+    n, captioned = len(dataset), sum(bool(c) for c in dataset.captions)
+    classes = sorted(set(dataset.class_ids)) if min(dataset.class_ids) >= 0 else []
+    cond = "text" if captioned else "class" if len(classes) > 1 else "none"
+    found = (f"captions for {captioned} of {n} images" if captioned else
+             f"{len(classes)} class sub-folders" if len(classes) > 1 else
+             "no captions and no class sub-folders")
+    print(f"--cond auto: {dataset.name} has {n} training images with {found} -> --cond {cond}")
+    return cond

@@ -40,7 +40,6 @@ from ..training.configs import resolve_ae_configs, resolve_ldm_configs
 from ..training.distributed import join
 from ..training.first_stage import run_script, train_ae_flags
 from ..training.health import (
-    describe_denoiser,
     describe_latents,
     memorising,
 )
@@ -253,7 +252,7 @@ def plan_train_ldm(args, script) -> dict:
     out = refuse_resume(args)
     preset = {**LDM_PRESETS[args.preset], **(LDM_SMOKE if args.smoke else {})}
     config, unet_fields, diffusion = resolve_ldm_configs(args, None, script.TrainLDMConfig, preset)
-    world, device = join(args.device, config.batch_size)
+    _, device = join(args.device, config.batch_size)
     ae_path = Path(args.ae) if args.ae else plan_first_stage(
         train_ae_flags(args, config, out), out / "ae" / "autoencoder.pt",
         Path(script.__file__).resolve().parent)
@@ -263,8 +262,6 @@ def plan_train_ldm(args, script) -> dict:
     config = fit_steps(config, cache.images, explicit="steps" in vars(args))
     describe_latents(data, ae, ae_ckpt, ae_path, config)
     state = script.stage_two(config, unet_fields, diffusion, data, None, device)
-    check_ldm_training(state.denoiser, data, config.batch_size // world.size, device)
-    describe_denoiser(state.denoiser, config, device, world)
     trainer = Trainer(config, state.denoiser, state.ema, {state.opt: config.lr}, out)
     state.step_model = trainer.distribute(state.denoiser, find_unused=True)
     grid = SampleGrid.for_run(config, data.class_names, args.data, tuple(data.latents.shape[-2:]),

@@ -6,15 +6,14 @@ fields or the data (the per-field rules are `tinyldm.training.flags.FIELD_RULES`
 from __future__ import annotations
 
 import argparse
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 from ..autoencoder import AutoencoderConfig
 from ..autoencoder_loss import AELossConfig
 from ..checkpoint import load_checkpoint
 from ..cli import UsageError
-from ..data.images import make_dataset
-from ..data.tasks import data_configs
+from ..data.tasks import detect_condition
 from ..ldm import DiffusionConfig
 from ..unet import UNetConfig
 from .first_stage import check_pinned_autoencoder
@@ -67,23 +66,6 @@ def resolve_ldm_configs(args: argparse.Namespace, stored: dict | None, config_cl
         if derived in vars(args):
             raise UsageError(f"--{derived} is set from the autoencoder; do not pass it")
     return config, unet_fields, diffusion
-
-
-def detect_condition(config, data_root: str | None) -> str:
-    """--cond auto: captions (on any training image) -> "text", a class for every image -> "class",
-    else "none"; the shapes dataset -> "text". Reads the file list and the caption / class metadata,
-    not the images."""
-    if config.dataset == "shapes":
-        return "text"
-    dataset = make_dataset(data_configs(asdict(config), data_root)[0], "train")
-    n, captioned = len(dataset), sum(bool(c) for c in dataset.captions)
-    classes = sorted(set(dataset.class_ids)) if min(dataset.class_ids) >= 0 else []
-    cond = "text" if captioned else "class" if len(classes) > 1 else "none"
-    found = (f"captions for {captioned} of {n} images" if captioned else
-             f"{len(classes)} class sub-folders" if len(classes) > 1 else
-             "no captions and no class sub-folders")
-    print(f"--cond auto: {dataset.name} has {n} training images with {found} -> --cond {cond}")
-    return cond
 
 
 def resumed_checkpoint(args: argparse.Namespace, out: Path) -> dict | None:

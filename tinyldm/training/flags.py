@@ -116,7 +116,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "lr_schedule": LR_SCHEDULES,
     "dataset": SOURCES,
     "ae_preset": tuple(AE_PRESETS),  # train_ldm.py: what train_ae.py trains without --ae
-    "cond": (*CONDS, "auto"),  # auto: chosen from the data (`configs.detect_condition`)
+    "cond": (*CONDS, "auto"),  # auto: chosen from the data (`tinyldm.data.tasks.detect_condition`)
     "task": TASKS,
     "posterior": ("sample", "mean"),  # the KL latent the LDM trains on (`LatentTrainingSet`)
     "regularizer": REGULARIZERS,
