@@ -275,7 +275,7 @@ def plan_train_ldm(args, script) -> dict:
     ckpt_path = out / "ldm.pt"
     t_ckpt = seconds_once(lambda: script.save_ldm(ckpt_path, 0, state=state, ae_path=ae_path),
                           device)
-    # one row, the EMA's: a young EMA's grids draw a second row, counted in `ldm_stage`
+    # one row, the EMA's: a young EMA's grids draw a second row, counted in `ldm_stages`
     t_grid = seconds_once(lambda: save_samples(out, 0, state, grid, raw=False), device)
     memory = check_ldm_training(state.denoiser, data, config.batch_size, device)
     memory += cache.disk * max(0.0, 1 - len(data.latents) / max(cache.images, 1))
@@ -362,20 +362,21 @@ def plan_train_ae(args, script) -> dict:
     batches = iter(make_loader(train_set, config, state.start, (world.rank, world.size), device,
                                endless=True))  # a plan's timed steps may outnumber a short run's
     grid_x = next(first_images(held_out, 8, 8)).to(device)
-    timed = {"step": lambda k: script.train_step(k, state=state, batches=batches, trainer=trainer),
+    calls = {"step": lambda k: script.train_step(k, state=state, batches=batches, trainer=trainer),
              "checkpoint": lambda k: script.save_ae(ckpt_path, k, state=state, configs=configs),
              "grid": lambda k: save_reconstructions(state.eval_model, grid_x,
                                                     out / f"recon_{k:07d}.png")}
-    return ae_stages(state, config, (train_set, held_out), timed, ckpt_path, args.plan)
+    return ae_stages(state, config, (train_set, held_out), calls, ckpt_path, args.plan)
 
 
-def ae_stages(state, config, datasets: tuple, timed: dict, ckpt_path: Path,
+def ae_stages(state, config, datasets: tuple, calls: dict, ckpt_path: Path,
               json_path: str | None) -> dict:
-    """The autoencoder's rows: its steps (timed before and after the discriminator joins), grids
-    and checkpoints, and the held-out score with the scale factor."""
+    """The autoencoder's rows, from `calls` of one step, one checkpoint and one grid (each given the
+    step): its steps (timed before and after the discriminator joins), grids and checkpoints, and
+    the held-out score with the scale factor."""
     train_set, held_out = datasets
     device = next(state.model.parameters()).device
-    step, save, grid = timed["step"], timed["checkpoint"], timed["grid"]
+    step, save, grid = calls["step"], calls["checkpoint"], calls["grid"]
     start, steps, disc = state.start, config.steps, state.loss_fn.config.disc_start
     memory = check_ae_training(state, config.image_size, config.batch_size, device)
     state.model.train()

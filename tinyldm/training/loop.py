@@ -188,8 +188,8 @@ def _record_step(line: str) -> float:
 class GracefulStop:
     """Within `with GracefulStop() as stop:`, SIGINT and SIGTERM set `stop.signal` instead of
     killing the process; the loop checks `stop.requested` after each step, writes a checkpoint and
-    exits. A second signal raises KeyboardInterrupt at once (nothing more is
-    written). Outside the main thread, where Python cannot take signals, it does nothing."""
+    exits. A second signal raises KeyboardInterrupt at once (nothing more is written). Outside the
+    main thread, where Python cannot take signals, it does nothing."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
