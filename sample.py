@@ -30,13 +30,12 @@ import time
 
 import torch
 
-from tinyldm.checkpoint import load_checkpoint
+from tinyldm.checkpoint import load_checkpoint, load_ldm
 from tinyldm.cli import ArgumentParser, UsageError, check_writable, run
 from tinyldm.data.shapes import parse_prompt, score_images
 from tinyldm.ddim import METHODS
 from tinyldm.evaluation.ldm_score import generate_in_chunks
 from tinyldm.evaluation.viz import save_image_grid
-from tinyldm.ldm import load_ldm
 from tinyldm.memory import SamplingEstimate
 from tinyldm.tools.sampling import check_sampling_flags, sample_from_inputs, sample_pretrained
 from tinyldm.training.flags import check_sampling_steps

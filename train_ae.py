@@ -34,7 +34,7 @@ import torch
 
 from tinyldm.autoencoder import AutoencoderConfig
 from tinyldm.autoencoder_loss import AELossConfig
-from tinyldm.checkpoint import save_checkpoint
+from tinyldm.checkpoint import rng_state, save_checkpoint
 from tinyldm.cli import ArgumentParser, run
 from tinyldm.data.image_batches import first_images, make_datasets, make_loader
 from tinyldm.data.order import Stream, seed_stream
@@ -47,7 +47,7 @@ from tinyldm.training.configs import fit_ae_to_data, resolve_ae_configs
 from tinyldm.training.distributed import World, exit_process, join
 from tinyldm.training.flags import add_config_args, default_preset
 from tinyldm.training.health import describe_autoencoder
-from tinyldm.training.loop import rng_state, seed_everything
+from tinyldm.training.loop import seed_everything
 from tinyldm.training.presets import AE_PRESETS, AE_SMOKE
 from tinyldm.training.run_lock import RunLock
 from tinyldm.training.trainer import Checkpoints, Grids, Trainer, TrainingConfig

@@ -31,14 +31,20 @@ from pathlib import Path
 import torch
 
 from tinyldm.autoencoder import Autoencoder
-from tinyldm.checkpoint import load_checkpoint, save_checkpoint
+from tinyldm.checkpoint import (
+    ldm_payload,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from tinyldm.cli import ArgumentParser, run
 from tinyldm.conditioning import ConditionConfig
 from tinyldm.data.latent_batches import LatentTrainingSet, task_spec
 from tinyldm.data.order import Stream, seed_stream
 from tinyldm.evaluation.curves import reference_for
 from tinyldm.evaluation.ldm_score import QualityCurve, SampleGrid, evaluate_run, save_samples
-from tinyldm.ldm import Denoiser, DiffusionConfig, ldm_loss, ldm_payload
+from tinyldm.ldm import Denoiser, DiffusionConfig, ldm_loss
 from tinyldm.memory import check_ldm_training
 from tinyldm.schedule import NoiseSchedule
 from tinyldm.tools.plan import plan_train_ldm
@@ -48,7 +54,7 @@ from tinyldm.training.distributed import World, exit_process, join
 from tinyldm.training.first_stage import first_stage
 from tinyldm.training.flags import add_config_args, default_preset
 from tinyldm.training.health import describe_denoiser, describe_latents
-from tinyldm.training.loop import EMA, rng_state, seed_everything, set_rng_state
+from tinyldm.training.loop import EMA, seed_everything
 from tinyldm.training.presets import LDM_PRESETS, LDM_SMOKE
 from tinyldm.training.run_lock import RunLock
 from tinyldm.training.trainer import (

@@ -229,7 +229,7 @@ def test_a_bug_keeps_its_traceback(capsys):
 def test_the_sampling_memory_estimate_grows_as_the_model_does(trained):
     """Activations grow with the pixels, self-attention with their square: the estimate follows
     both, and the sizes it offers as fitting do fit by its own measure."""
-    from tinyldm.ldm import load_ldm
+    from tinyldm.checkpoint import load_ldm
     from tinyldm.memory import SamplingEstimate
 
     ckpt = load_checkpoint(trained["ldm"], kind="ldm")
@@ -803,7 +803,7 @@ def test_weights_the_device_cannot_hold_are_refused_before_any_module_is_built(
     cannot hold are refused from the config's size, before any module is built or loaded."""
     from tinyldm import memory
     from tinyldm.autoencoder import Autoencoder, AutoencoderConfig
-    from tinyldm.ldm import build_denoiser
+    from tinyldm.checkpoint import build_denoiser
 
     path = trained["ldm"]
     ckpt = load_checkpoint(path)

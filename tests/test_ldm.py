@@ -7,19 +7,22 @@ import pytest
 import torch
 
 from tinyldm.autoencoder import Autoencoder, AutoencoderConfig
-from tinyldm.checkpoint import load_checkpoint, save_checkpoint
+from tinyldm.checkpoint import (
+    build_denoiser,
+    ldm_payload,
+    load_checkpoint,
+    load_ldm,
+    save_checkpoint,
+)
 from tinyldm.conditioning import ConditionConfig, ConditionEncoder, Tokenizer
 from tinyldm.ddim import make_timesteps, sample
 from tinyldm.ldm import (
     Denoiser,
     DiffusionConfig,
-    build_denoiser,
     decode_latents,
     generate,
     generate_latents,
     ldm_loss,
-    ldm_payload,
-    load_ldm,
 )
 from tinyldm.schedule import eps_x0_from_prediction
 from tinyldm.unet import UNet, UNetConfig

@@ -508,8 +508,9 @@ def _trained_here(kind: str, prediction: str):
     model (transformer blocks, scale-shift ResBlocks, a decoder with as many ResBlocks as the
     encoder, symmetric padding) for a class-conditional model, the photo presets' kind for an
     unconditional one."""
+    from tinyldm.checkpoint import ldm_payload
     from tinyldm.conditioning import ConditionConfig, ConditionEncoder
-    from tinyldm.ldm import Denoiser, DiffusionConfig, ldm_payload
+    from tinyldm.ldm import Denoiser, DiffusionConfig
 
     if kind == "class":
         # the shapes_class preset's sizes (train_ldm.py --preset shapes_class and its autoencoder)
@@ -541,7 +542,8 @@ def test_a_class_conditional_model_trained_here_samples_the_same_images_in_diffu
     """Exported (UNet2DConditionModel, AutoencoderKL with identity-padded decoder, DDIMScheduler,
     the class table), loaded back by diffusers' classes and sampled by diffusers' scheduler with
     guidance: tinyldm's own images."""
-    from tinyldm.ldm import decode_latents, generate_latents, load_ldm
+    from tinyldm.checkpoint import load_ldm
+    from tinyldm.ldm import decode_latents, generate_latents
     from tinyldm.pretrained.export import class_condition, export_checkpoint
 
     ckpt = _trained_here("class", prediction)
@@ -590,7 +592,7 @@ def test_the_export_command_writes_a_folder_diffusers_pipeline_loads(tmp_path, c
     text = _trained_here("class", "eps")
     text["cond_config"] = {**text["cond_config"], "kind": "text",
                            "vocab": ["<pad>", "<bos>", "<eos>", "<unk>"], "head_dim": 32}
-    from tinyldm.ldm import build_denoiser  # weights that fit the text encoder's config
+    from tinyldm.checkpoint import build_denoiser  # weights that fit the text encoder's config
 
     weights = build_denoiser(text["unet_config"], text["cond_config"]).state_dict()
     text.update(denoiser=weights, **({"ema": weights} if text.get("ema") is not None else {}))

@@ -13,17 +13,17 @@ from torch import nn
 import train_ae  # a top-level script (pyproject puts the repository root on pytest's path)
 from tinyldm.autoencoder import Autoencoder, AutoencoderConfig
 from tinyldm.autoencoder_loss import AELossConfig
-from tinyldm.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from tinyldm.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from tinyldm.data.order import batch_indices
 from tinyldm.evaluation.viz import save_image_grid
 from tinyldm.training.flags import add_config_args, build_config
-from tinyldm.training.loop import (
-    EMA,
-    JSONLLogger,
-    pick_device,
-    rng_state,
-    set_rng_state,
-)
+from tinyldm.training.loop import EMA, JSONLLogger, pick_device
 
 pytestmark = pytest.mark.slow  # train_ae.py end to end, in its smoke settings
 

@@ -268,7 +268,7 @@ def test_inpainting_keeps_every_known_pixel(tmp_path, ae_path):
     """After decoding, the known pixels are pasted back: exactly the original's, whatever the model
     made of them; the hole is the model's. The model's input is the masked image's latent plus the
     mask (c + 1)."""
-    from tinyldm.ldm import load_ldm
+    from tinyldm.checkpoint import load_ldm
 
     run(tmp_path, ae_path, "--cond", "none", "--task", "inpaint", "--max_shapes", "3")
     ckpt = load_checkpoint(tmp_path / "ldm.pt", kind="ldm")

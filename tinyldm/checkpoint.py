@@ -13,17 +13,25 @@ previous checkpoint."""
 from __future__ import annotations
 
 import os
+import random
 import types
 import typing
+from dataclasses import asdict
 from functools import cache
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
+from tinyldm.autoencoder import Autoencoder, AutoencoderConfig
 from tinyldm.cli import CheckpointError
+from tinyldm.conditioning import ConditionConfig, ConditionEncoder
 from tinyldm.files import save_atomically
+from tinyldm.ldm import Denoiser, DiffusionConfig
 from tinyldm.memory import check_weights
+from tinyldm.schedule import NoiseSchedule
+from tinyldm.unet import UNet, UNetConfig
 
 CHECKPOINT_FORMAT = 1
 
@@ -81,10 +89,6 @@ def check_shapes(path: str | os.PathLike, data: dict) -> int:
     channels beside a few KB of weights) or a missing or mistyped entry ends in one line. Returns
     the bytes of the modules one model needs (the denoiser once, whether EMA or not, and its
     autoencoder)."""
-    from tinyldm.autoencoder import Autoencoder, AutoencoderConfig
-    from tinyldm.conditioning import ConditionConfig
-    from tinyldm.ldm import DiffusionConfig, build_denoiser
-    from tinyldm.unet import UNetConfig
 
     @cache
     def denoiser():  # the same shapes for the weights and their EMA: built once
@@ -174,4 +178,67 @@ def _has_type(value: Any, hint: Any) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------
-# Devices and random state
+# Random state, for an exact resume
+
+
+def rng_state() -> dict:
+    """Every global RNG state as plain values (loadable with weights_only=True)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)  # noqa: NPY002
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "python": list(random.getstate()),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    keys = n["keys"].numpy().astype(np.uint32)
+    np.random.set_state(("MT19937", keys, n["pos"], n["has_gauss"],  # noqa: NPY002
+                         n["cached_gaussian"]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if (state["cuda"] and torch.cuda.is_available()
+            and len(state["cuda"]) == torch.cuda.device_count()):
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ----------------------------------------------------------------------------------------------
+# The LDM's self-contained checkpoint
+
+
+def ldm_payload(denoiser: Denoiser, ema: Denoiser | None, autoencoder: Autoencoder,
+                cfg: DiffusionConfig, image_size: int) -> dict:
+    """Plain tensors and values: everything sample.py needs, in one file (weights_only loadable)."""
+    cpu = lambda m: {k: v.detach().cpu() for k, v in m.state_dict().items()}  # noqa: E731
+    return {
+        "unet_config": asdict(denoiser.unet.cfg),
+        "cond_config": asdict(denoiser.cond.cfg),
+        "diffusion_config": asdict(cfg),
+        "image_size": image_size,
+        "denoiser": cpu(denoiser),
+        "ema": cpu(ema) if ema is not None else None,
+        "autoencoder": autoencoder.to_dict(),
+    }
+
+
+def build_denoiser(unet_config: dict, cond_config: dict) -> Denoiser:
+    unet_config = {**unet_config, "channel_mult": tuple(unet_config["channel_mult"]),
+                   "attn_resolutions": tuple(unet_config["attn_resolutions"])}
+    return Denoiser(UNet(UNetConfig(**unet_config)),
+                    ConditionEncoder(ConditionConfig(**cond_config)))
+
+
+def load_ldm(ckpt: dict, *,
+             use_ema: bool = True) -> tuple[Denoiser, NoiseSchedule, Autoencoder, DiffusionConfig]:
+    """Rebuild (denoiser, schedule, autoencoder, config) from a checkpoint dict
+    (`load_checkpoint`'s)."""
+    denoiser = build_denoiser(ckpt["unet_config"], ckpt["cond_config"])
+    weights = ckpt["ema"] if use_ema and ckpt.get("ema") is not None else ckpt["denoiser"]
+    denoiser.load_state_dict(weights)
+    cfg = DiffusionConfig(**ckpt["diffusion_config"])
+    return (denoiser.eval(), cfg.make_schedule(),
+            Autoencoder.from_dict(ckpt["autoencoder"]).eval(), cfg)

@@ -1,5 +1,4 @@
-"""Latent diffusion: the training objective in latent space, generation, and the self-contained
-checkpoint.
+"""Latent diffusion: the training objective in latent space, and generation.
 
 Contract with the paper
 -----------------------
@@ -23,22 +22,23 @@ acts on the other condition.
 
 What lives where: the schedule is tensors and pure functions (schedule.py), the samplers are loops
 over a model function (ddim.py); this file only wires them to a `Denoiser` (UNet + tau, the
-trainable part and the part EMA averages) and an `Autoencoder` (frozen).
+trainable part and the part EMA averages) and an `Autoencoder` (frozen). Its checkpoint, one
+self-contained file: `tinyldm.checkpoint.ldm_payload` / `load_ldm`.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .autoencoder import Autoencoder
-from .conditioning import ConditionConfig, ConditionEncoder, batch_size
+from .conditioning import ConditionEncoder, batch_size
 from .ddim import sample
 from .schedule import NoiseSchedule
-from .unet import UNet, UNetConfig
+from .unet import UNet
 
 LOSSES = ("l2", "l1")  # DiffusionConfig.loss: Eq. 3's squared error, or the absolute error
 
@@ -153,39 +153,3 @@ def generate_latents(denoiser: Denoiser, schedule: NoiseSchedule, z_T: Tensor, c
 def decode_latents(autoencoder: Autoencoder, z0: Tensor) -> Tensor:
     """Images x = D(z0 / scale_factor) in [-1, 1] from scaled latents z0 (App. G)."""
     return autoencoder.decode(z0 / autoencoder.scale_factor).clamp(-1, 1)
-
-
-# --- The self-contained checkpoint ---------------------------------------------------------------
-
-def ldm_payload(denoiser: Denoiser, ema: Denoiser | None, autoencoder: Autoencoder,
-                cfg: DiffusionConfig, image_size: int) -> dict:
-    """Plain tensors and values: everything sample.py needs, in one file (weights_only loadable)."""
-    cpu = lambda m: {k: v.detach().cpu() for k, v in m.state_dict().items()}  # noqa: E731
-    return {
-        "unet_config": asdict(denoiser.unet.cfg),
-        "cond_config": asdict(denoiser.cond.cfg),
-        "diffusion_config": asdict(cfg),
-        "image_size": image_size,
-        "denoiser": cpu(denoiser),
-        "ema": cpu(ema) if ema is not None else None,
-        "autoencoder": autoencoder.to_dict(),
-    }
-
-
-def build_denoiser(unet_config: dict, cond_config: dict) -> Denoiser:
-    unet_config = {**unet_config, "channel_mult": tuple(unet_config["channel_mult"]),
-                   "attn_resolutions": tuple(unet_config["attn_resolutions"])}
-    return Denoiser(UNet(UNetConfig(**unet_config)),
-                    ConditionEncoder(ConditionConfig(**cond_config)))
-
-
-def load_ldm(ckpt: dict, *,
-             use_ema: bool = True) -> tuple[Denoiser, NoiseSchedule, Autoencoder, DiffusionConfig]:
-    """Rebuild (denoiser, schedule, autoencoder, config) from a checkpoint dict
-    (`load_checkpoint`'s)."""
-    denoiser = build_denoiser(ckpt["unet_config"], ckpt["cond_config"])
-    weights = ckpt["ema"] if use_ema and ckpt.get("ema") is not None else ckpt["denoiser"]
-    denoiser.load_state_dict(weights)
-    cfg = DiffusionConfig(**ckpt["diffusion_config"])
-    return (denoiser.eval(), cfg.make_schedule(),
-            Autoencoder.from_dict(ckpt["autoencoder"]).eval(), cfg)

@@ -57,6 +57,24 @@ from tinyldm.data.shapes import ShapesConfig, ShapesDataset
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 SOURCES = ("shapes", "folder", "celeba", "lsun")
+
+
+def check_data_flags(dataset: str, data: str | None, hflip: bool) -> None:
+    """Refuse a data flag that the chosen dataset would ignore or get wrong, naming the flag to use
+    instead."""
+    if dataset != "shapes" and data is None:
+        raise UsageError(f"--dataset {dataset} needs --data PATH: the folder of images (folder), "
+                         "the CelebA root (celeba) or the LSUN folder or LMDB export (lsun)")
+    if dataset == "shapes" and data is not None:
+        raise UsageError(f"--data {data} would be ignored: the dataset is the built-in shapes "
+                         "(the preset's). Add --dataset folder (or celeba, lsun) to train on "
+                         "those images")
+    if dataset == "shapes" and hflip:
+        raise UsageError("--hflip does not apply to the shapes dataset: its captions, boxes and "
+                         "maps say left and right, which a mirrored image would contradict. Drop "
+                         "--hflip (it is for folder / celeba / lsun)")
+
+
 SPLITS = ("train", "eval", "test", "all")  # CelebA: "eval" is its official "eval"; "test" its test
 
 

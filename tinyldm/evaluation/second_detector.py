@@ -98,11 +98,10 @@ def compare(images: Tensor, prompts: list[str], classifier: torch.nn.Module) -> 
 
 def main(argv: list[str] | None = None) -> dict:
     # the command's heavier imports (data sets, models, the evaluate tool) only when it runs
-    from tinyldm.checkpoint import load_checkpoint
+    from tinyldm.checkpoint import load_checkpoint, load_ldm
     from tinyldm.data.images import make_dataset
     from tinyldm.data.tasks import TaskSpec, data_configs, generate_from_items, heldout_items
     from tinyldm.evaluation.features import load_classifier
-    from tinyldm.ldm import load_ldm
     from tinyldm.tools.evaluate import feature_function
 
     p = ArgumentParser(prog="python -m tinyldm.evaluation.second_detector", description=__doc__,

@@ -34,8 +34,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from tinyldm.checkpoint import load_ldm
 from tinyldm.cli import ArgumentParser, UsageError, run
-from tinyldm.ldm import DiffusionConfig, load_ldm
+from tinyldm.ldm import DiffusionConfig
 from tinyldm.pretrained.autoencoder import autoencoder_to_diffusers
 from tinyldm.pretrained.unet import unet_to_diffusers
 from tinyldm.schedule import DEFAULT_BETA_RANGE

@@ -361,8 +361,8 @@ def bench_train_ldm(device: torch.device, *, smoke: bool, warmup: int, repeat: i
     encoder included) against the bare train step of the same denoiser on random latents and
     captions."""
     import train_ldm
-    from tinyldm.checkpoint import load_checkpoint
-    from tinyldm.ldm import DiffusionConfig, build_denoiser, ldm_loss
+    from tinyldm.checkpoint import build_denoiser, load_checkpoint
+    from tinyldm.ldm import DiffusionConfig, ldm_loss
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "run"

@@ -52,7 +52,7 @@ from pathlib import Path
 
 import torch
 
-from tinyldm.checkpoint import load_checkpoint
+from tinyldm.checkpoint import load_checkpoint, load_ldm
 from tinyldm.cli import ArgumentParser, UsageError, check_writable, run
 from tinyldm.data.images import make_dataset
 from tinyldm.data.tasks import (
@@ -81,7 +81,6 @@ from tinyldm.evaluation.metrics import (
     kernel_distance,
     precision_recall,
 )
-from tinyldm.ldm import load_ldm
 from tinyldm.tools.sampling import check_sampling_flags
 from tinyldm.training.flags import check_sampling_steps
 from tinyldm.training.loop import pick_device

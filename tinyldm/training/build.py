@@ -14,7 +14,7 @@ import torch
 
 from ..autoencoder import Autoencoder, AutoencoderConfig, latent_statistics
 from ..autoencoder_loss import AELoss, AELossConfig
-from ..checkpoint import save_checkpoint
+from ..checkpoint import rng_state, save_checkpoint, set_rng_state
 from ..cli import UsageError
 from ..conditioning import ConditionConfig, ConditionEncoder, Tokenizer, split_words
 from ..data.image_batches import first_images, make_datasets
@@ -24,7 +24,7 @@ from ..evaluation.ldm_score import FIXED_PROMPTS
 from ..ldm import Denoiser
 from ..unet import UNet, UNetConfig
 from .distributed import World
-from .loop import EMA, rng_state, set_rng_state
+from .loop import EMA
 
 
 def make_condition_config(config, unet_fields: dict, conditions: dict,

@@ -13,13 +13,13 @@ from ..autoencoder import AutoencoderConfig
 from ..autoencoder_loss import AELossConfig
 from ..checkpoint import load_checkpoint
 from ..cli import UsageError
+from ..data.images import check_data_flags
 from ..data.tasks import detect_condition
 from ..ldm import DiffusionConfig
 from ..unet import UNetConfig
 from .first_stage import check_pinned_autoencoder
 from .flags import (
     build_config,
-    check_data_flags,
     check_resume_overrides,
     check_sampling_steps,
     check_values,

@@ -1,20 +1,11 @@
 """Data parallelism under PyTorch's own launcher: `torchrun --nproc_per_node=N train_ldm.py ...`.
 
 torchrun starts N processes and tells each its place through environment variables (RANK,
-WORLD_SIZE, LOCAL_RANK, MASTER_ADDR / MASTER_PORT); `setup()` reads them and joins the process group
-(NCCL on GPUs, gloo on CPUs). Without torchrun WORLD_SIZE is unset and everything is a plain single
-process.
-
-The conventions the training scripts follow:
-* `--batch_size` is the *global* batch: each step takes the same global batch as a single process
-  would (a pure function of the step) and each process trains on every world-th example of it. DDP
-  averages the gradients, so one step equals one single-process step on the global batch, and
-  `--resume` works with any number of processes.
-* The random draws of a step (timesteps, noise, condition dropout, flips, masks) are made for the
-  whole global batch from a generator seeded by the step, identically in every process, and sliced
-  the same way.
-* Rank 0 alone writes: checkpoints, logs, sample grids, the evaluation; it also builds the latent
-  cache, which the others then read.
+WORLD_SIZE, LOCAL_RANK, MASTER_ADDR / MASTER_PORT); `join()` reads them and joins the process group.
+Without torchrun WORLD_SIZE is unset and everything is a plain single process. The conventions the
+scripts follow (docs/distributed.md): `--batch_size` is the global batch, a pure function of the
+step, and each process trains on every world-th example of it; a step's random draws are made for
+the whole global batch, identically in every process, and sliced the same way; rank 0 alone writes.
 """
 
 from __future__ import annotations
@@ -112,32 +103,25 @@ class World:
         return shard(x, self.rank, self.size)
 
 
-def setup(device_name: str = "auto") -> tuple[World, str]:
-    """Join the process group if torchrun started us; returns the world and the device name to use
-    (each process's own GPU: cuda:LOCAL_RANK)."""
-    size = int(os.environ.get("WORLD_SIZE", "1"))
-    if size == 1:
-        return World(), device_name
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    cuda = (torch.cuda.is_available() and device_name in ("auto", "cuda")
-            or device_name.startswith("cuda"))
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if cuda else "gloo")
-    if cuda:
-        torch.cuda.set_device(local_rank)
-        device_name = f"cuda:{local_rank}"
-    elif device_name == "auto":
-        device_name = "cpu"
-    return World(rank=rank, size=size, local_rank=local_rank), device_name
-
-
 def join(device_name: str, batch_size: int) -> tuple[World, torch.device]:
-    """Join the process group when torchrun started us (one process otherwise); this process's
-    device. The global batch must split evenly over the processes."""
+    """Join the process group when torchrun started us (NCCL on GPUs, gloo on CPUs; one process
+    otherwise); this process's device (under torchrun on GPUs its own, cuda:LOCAL_RANK). The global
+    batch must split evenly over the processes."""
     from ..cli import UsageError
     from .loop import pick_device
 
-    world, device_name = setup(device_name)
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    world = World() if size == 1 else World(rank=int(os.environ["RANK"]), size=size,
+                                            local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+    cuda = (torch.cuda.is_available() and device_name in ("auto", "cuda")
+            or device_name.startswith("cuda"))
+    if world.enabled and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
+    if world.enabled and cuda:
+        torch.cuda.set_device(world.local_rank)
+        device_name = f"cuda:{world.local_rank}"
+    elif world.enabled and device_name == "auto":
+        device_name = "cpu"
     if batch_size % world.size:
         raise UsageError(f"--batch_size {batch_size} (the global batch) must be divisible by the "
                          f"{world.size} processes")
@@ -150,11 +134,10 @@ def teardown(world: World) -> None:
 
 
 def exit_process(result: dict) -> None:
-    """End a script's process after `main` returned `result`. A process other than rank 0 has
-    written nothing and has torn its process group down; it leaves at once with `os._exit`, skipping
-    the interpreter's finalisation, where a gloo process whose peer is still finishing can abort
-    ("terminate called without an active exception"). Rank 0 and single-process runs exit
-    normally."""
+    """End a script's process after `main` returned `result`: a process other than rank 0 (it wrote
+    nothing) leaves at once with `os._exit`, skipping the interpreter's finalisation, where a gloo
+    process whose peer is still finishing can abort ("terminate called without an active
+    exception")."""
     if isinstance(result, dict) and result.get("rank", 0) != 0:
         sys.stdout.flush()
         sys.stderr.flush()

@@ -25,6 +25,7 @@ from tinyldm.autoencoder_loss import DISC_LOSSES, LPIPS_NETS, REC_LOSSES
 from tinyldm.cli import UsageError
 from tinyldm.data.images import SOURCES
 from tinyldm.data.tasks import CONDS, TASKS
+from tinyldm.ddim import make_timesteps
 from tinyldm.ldm import LOSSES
 from tinyldm.schedule import PREDICTIONS, SCHEDULE_KINDS
 from tinyldm.unet import ATTENTION_BLOCKS
@@ -143,20 +144,15 @@ def _int_at_least(low: int) -> Callable[[Any], bool]:
     return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= low
 
 
-def _in_range(low: float, high: float, *, high_open: bool = False,
-              low_open: bool = False) -> Callable[[Any], bool]:
-    def ok(v: Any) -> bool:
-        if not _finite(v):
-            return False
-        return (v > low if low_open else v >= low) and (v < high if high_open else v <= high)
-    return ok
+def _number(ok: Callable[[float], bool]) -> Callable[[Any], bool]:
+    return lambda v: _finite(v) and ok(v)
 
 
 _POSITIVE_INT = (_int_at_least(1), "a whole number >= 1")
 _COUNT = (_int_at_least(0), "a whole number >= 0")
-_WEIGHT = (_in_range(0.0, math.inf, high_open=True), "a number >= 0")
-_FRACTION = (_in_range(0.0, 1.0), "a number in [0, 1]")
-_DECAY = (_in_range(0.0, 1.0, high_open=True), "a number in [0, 1)")
+_WEIGHT = (_number(lambda v: v >= 0), "a number >= 0")
+_FRACTION = (_number(lambda v: 0 <= v <= 1), "a number in [0, 1]")
+_DECAY = (_number(lambda v: 0 <= v < 1), "a number in [0, 1)")
 FIELD_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     **dict.fromkeys(
         ["image_size", "batch_size", "steps", "log_every", "sample_every", "ckpt_every",
@@ -169,18 +165,18 @@ FIELD_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "seed": (lambda v: _int_at_least(0)(v) and v < 2**63, "a whole number in 0 .. 2**63 - 1"),
     "max_shapes": (lambda v: _int_at_least(1)(v) and v <= 9,
                    "a whole number in 1..9 (one object per grid cell)"),
-    "lr": (_in_range(0.0, 1.0, low_open=True), "a learning rate in (0, 1], e.g. 1e-4"),
-    "disc_lr": (_in_range(0.0, 1.0), "a learning rate in [0, 1] (0: the same as --lr)"),
+    "lr": (_number(lambda v: 0 < v <= 1), "a learning rate in (0, 1], e.g. 1e-4"),
+    "disc_lr": (_number(lambda v: 0 <= v <= 1), "a learning rate in [0, 1] (0: the same as --lr)"),
     **dict.fromkeys(["weight_decay", "grad_clip", "max_minutes", "eval_cfg", "kl_weight",
                      "codebook_weight", "disc_weight", "perceptual_weight", "vq_beta",
                      "adaptive_max"], _WEIGHT),
     **dict.fromkeys(["lr_min_ratio", "p_uncond", "vq_restart_threshold"], _FRACTION),
     **dict.fromkeys(["ema_decay", "dropout", "adam_beta1", "adam_beta2", "vq_usage_decay"], _DECAY),
     **dict.fromkeys(["beta_start", "beta_end"],
-                    (lambda v: v is None or _in_range(0.0, 1.0, low_open=True, high_open=True)(v),
+                    (lambda v: v is None or _number(lambda b: 0 < b < 1)(v),
                      "a noise level in (0, 1)")),
     **dict.fromkeys(["norm_eps", "adaptive_delta"],
-                    (_in_range(0.0, 1.0, low_open=True), "a small number > 0")),
+                    (_number(lambda v: 0 < v <= 1), "a small number > 0")),
     "channel_mult": (lambda v: isinstance(v, tuple) and len(v) > 0
                      and all(_int_at_least(1)(m) for m in v),
                      "comma-separated whole numbers >= 1, e.g. 1,2,4"),
@@ -203,17 +199,14 @@ RESUME_SAFE = frozenset({
 def check_resume_overrides(stored: dict, overrides: dict) -> None:
     """Refuse `--resume` with flags whose values differ from the stored run's (except
     `RESUME_SAFE`), listing all."""
-
     def plain(v: Any) -> Any:
         return tuple(v) if isinstance(v, list | tuple) else v
-
-    def shown(v: Any) -> str:
-        return ",".join(map(str, v)) if isinstance(v, list | tuple) else str(v)
 
     changed = [(k, v, stored[k]) for k, v in overrides.items()
                if k in stored and k not in RESUME_SAFE and plain(v) != plain(stored[k])]
     if changed:
-        listed = "; ".join(f"--{k} {shown(v)} (the run has {shown(old)})" for k, v, old in changed)
+        listed = "; ".join(f"--{k} {_shown(v)} (the run has {_shown(old)})"
+                           for k, v, old in changed)
         raise UsageError(f"--resume with flags that change the run: {listed}. Drop them to "
                          "continue the run as it was, or start a new run with another --out "
                          f"(flags that may change: {', '.join(sorted(RESUME_SAFE))})")
@@ -224,8 +217,12 @@ def check_values(values: dict) -> None:
     for name, value in values.items():
         rule = FIELD_RULES.get(name)
         if rule is not None and not rule[0](value):
-            shown = ",".join(map(str, value)) if isinstance(value, tuple) else value
-            raise UsageError(f"--{name} {shown}: must be {rule[1]}")
+            raise UsageError(f"--{name} {_shown(value)}: must be {rule[1]}")
+
+
+def _shown(v: Any) -> str:
+    """A value as it is typed on the command line (a tuple comma-separated)."""
+    return ",".join(map(str, v)) if isinstance(v, list | tuple) else str(v)
 
 
 def default_preset(args: argparse.Namespace) -> argparse.Namespace:
@@ -239,28 +236,10 @@ def default_preset(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
-def check_data_flags(dataset: str, data: str | None, hflip: bool) -> None:
-    """Refuse a data flag that the chosen dataset would ignore or get wrong, naming the flag to use
-    instead."""
-    if dataset != "shapes" and data is None:
-        raise UsageError(f"--dataset {dataset} needs --data PATH: the folder of images (folder), "
-                         "the CelebA root (celeba) or the LSUN folder or LMDB export (lsun)")
-    if dataset == "shapes" and data is not None:
-        raise UsageError(f"--data {data} would be ignored: the dataset is the built-in shapes "
-                         "(the preset's). Add --dataset folder (or celeba, lsun) to train on "
-                         "those images")
-    if dataset == "shapes" and hflip:
-        raise UsageError("--hflip does not apply to the shapes dataset: its captions, boxes and "
-                         "maps say left and right, which a mirrored image would contradict. Drop "
-                         "--hflip (it is for folder / celeba / lsun)")
-
-
 def check_sampling_steps(T: int, steps: int, flag: str = "--steps") -> None:
     """The sampler's timestep sequence for `steps` steps of a T-step schedule, refused up front with
     the flag's name instead of failing after training or loading (see
     `tinyldm.ddim.make_timesteps`)."""
-    from tinyldm.ddim import make_timesteps
-
     try:
         make_timesteps(T, steps)
     except ValueError as e:

@@ -1,15 +1,7 @@
-"""What a training loop needs around its step: the device, seeds and random state, EMA, a log.
-
-* `pick_device("auto")`: cuda > mps > cpu;
-* `seed_everything(seed)` seeds Python, numpy and torch (each step's own draws come from the named
-  streams of `tinyldm.data.order`, beside the data order);
-* `rng_state` / `set_rng_state`: torch (CPU and CUDA), numpy and Python `random`, as plain values;
-* `EMA`: an exponential moving average of a model's weights, with the usual warm-up
-  decay_t = min(decay, (1 + t) / (10 + t)) so short runs are not dominated by the random init;
-* `JSONLLogger`: one JSON object per line; on resume it drops records past the resumed step;
-* `GracefulStop`: SIGINT (Ctrl-C) or SIGTERM while training finishes the step, writes a checkpoint
-  and exits with a line saying how to resume; a second signal stops at once.
-The loop itself, which uses all of these, is `tinyldm.training.trainer.Trainer`.
+"""What a training loop needs around its step: the device (`pick_device`), seeds (`seed_everything`;
+each step's own draws come from the named streams of `tinyldm.data.order`), the EMA of the weights,
+a log (`JSONLLogger`) and stopping on a signal (`GracefulStop`). The loop itself, which uses all of
+these, is `tinyldm.training.trainer.Trainer`.
 """
 
 from __future__ import annotations
@@ -54,32 +46,6 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed % 2**32)  # noqa: NPY002 (the legacy global RNG is what third-party
                                   # code uses)
     torch.manual_seed(seed)
-
-
-def rng_state() -> dict:
-    """Every global RNG state as plain values (loadable with weights_only=True)."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)  # noqa: NPY002
-    state = {
-        "torch": torch.get_rng_state(),
-        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
-        "python": list(random.getstate()),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    n = state["numpy"]
-    keys = n["keys"].numpy().astype(np.uint32)
-    np.random.set_state(("MT19937", keys, n["pos"], n["has_gauss"],  # noqa: NPY002
-                         n["cached_gaussian"]))
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    if (state["cuda"] and torch.cuda.is_available()
-            and len(state["cuda"]) == torch.cuda.device_count()):
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -162,7 +128,6 @@ class JSONLLogger:
         """Show a saved PNG (a sample or reconstruction grid) in TensorBoard's image tab; nothing
         without it."""
         if self.writer is not None:
-            import numpy as np
             from PIL import Image
 
             self.writer.add_image(tag, np.asarray(Image.open(path).convert("RGB")), step,

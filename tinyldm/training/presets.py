@@ -1,16 +1,8 @@
 """The named presets of train_ae.py (`AE_PRESETS`) and train_ldm.py (`LDM_PRESETS`): plain dicts of
 field -> value over the scripts' config dataclasses; each photo preset's values carry a comment
 naming the released CompVis config file they follow. `--smoke` lays `AE_SMOKE` / `LDM_SMOKE` over
-any preset: a seconds-long CPU run through the same code. What the presets reach, with dates and
-machines: docs/scripts.md.
-
-    shapes, shapes_vq, folder, shapes_<task>      CPU-sized: the demo, the paper's tasks on shapes,
-                                                  your own images
-    shapes64                                      the GPU's tiny text-to-image model
-                                                  (what the benchmark times)
-    celeba64, celeba128, lsun64 (+ _f8, _vq)      the paper's first stages and LDMs, at 64 / 128 px
-    folder64, folder128, folder256                your own images on one GPU,
-                                                  at the paper's settings
+any preset: a seconds-long CPU run through the same code. The list, and what each preset reaches
+with dates and machines: docs/scripts.md.
 """
 
 # ----------------------------------------------------------------------------------------------

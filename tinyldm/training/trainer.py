@@ -128,12 +128,9 @@ class LogWindow:
 
 class Trainer:
     """Runs a script's `train_step` from `start` to `config.steps` (see the module docstring).
-
-    `optimizers` maps each optimizer to its base learning rate; `ema` (or None) averages `model`
-    after each step; log.jsonl and loss.png go into `out`. Settable after construction: `loss_key`
-    (the logged term loss.png shows), `diverge` (> 0: stop on a loss above its first window and
-    `diverge` x its best) and `reference` (a reference run's curves drawn behind loss.png,
-    `tinyldm.evaluation.curves`)."""
+    `optimizers` maps each optimizer to its base learning rate. Settable after construction:
+    `loss_key` (the logged term loss.png shows), `diverge` and `reference` (a reference run's curves
+    drawn behind loss.png, `tinyldm.evaluation.curves`)."""
 
     def __init__(self, config: TrainingConfig, model: torch.nn.Module, ema: EMA | None,
                  optimizers: dict, out: Path):
@@ -211,11 +208,6 @@ class Trainer:
                     break
         self.seconds = time.perf_counter() - self.t_loop
         return self.step
-
-    def minutes(self) -> float:
-        """Minutes of training so far: the loop's wall time, its grids and points included; after a
-        --resume counted on from the last quality point before it."""
-        return self.minutes_before + (time.perf_counter() - self.t_loop) / 60
 
     def plot(self) -> None:
         """loss.png: the loss so far and the quality curve, over a reference run's when given."""
@@ -352,7 +344,8 @@ class QualityPoints:
             self.now(trainer)
 
     def now(self, trainer: Trainer) -> None:
-        minutes = trainer.minutes()
+        # minutes of training so far, grids and points included; after a --resume counted on
+        minutes = trainer.minutes_before + (time.perf_counter() - trainer.t_loop) / 60
         point = self.measure(trainer.step)
         if point is None or trainer.log is None:
             return
