@@ -33,8 +33,8 @@ The protocol (printed, and stored in the JSON):
   are kept in runs/features/<data>-<size>px/. To place it and a model trained here on one scale,
   give both the same reference folder and the same features (`--features inception`, or the same
   `--contrastive` file) at the same N;
-* metrics: Frechet distance with a 95% percentile bootstrap interval (`--bootstrap` resamples of
-  both feature sets, default 100), KID (mean and std over 100 subsets of max(2, min(1000, N / 2))),
+* metrics: Frechet distance with a 95% bootstrap interval centred on it (`--bootstrap` resamples
+  of both feature sets, default 100), KID (mean and std over 100 subsets of max(2, min(1000, N / 2))),
   precision / recall (k = min(3, N - 1)); the same metrics between the reference set and N training
   images drawn at random (of each reference image's class, where the data have classes), the
   real-vs-real floor a perfect model would reach at this N (Frechet distances are biased upwards at
@@ -361,7 +361,7 @@ def protocol_tag(protocol: dict) -> str:
     return (f"[N={protocol['n']} generated vs the {protocol['reference']}; {sampler}guidance "
             f"{protocol['guidance']:g}, seed {protocol['seed']}; features: "
             f"{protocol.get('features', 'none')}"
-            + (f"; FD interval: 95% percentile bootstrap, {boot} resamples" if boot else "")
+            + (f"; FD interval: 95% bootstrap centred on the FD, {boot} resamples" if boot else "")
             + f"; model: {protocol['checkpoint']}]")
 
 
@@ -503,7 +503,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--amp", type=lambda s: s.lower() in ("1", "true", "yes"), default=True,
                    help="bf16 autocast for sampling on CUDA")
     p.add_argument("--bootstrap", type=int, default=100, help="resamples of the FD's 95%% "
-                   "percentile interval (0: none)")
+                   "bootstrap interval (0: none)")
     p.add_argument("--json", help="write the protocol and the numbers here")
     args = p.parse_args(argv)
     if args.bootstrap != 0 and not 2 <= args.bootstrap <= 100_000:
