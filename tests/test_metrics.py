@@ -152,14 +152,16 @@ def test_the_fd_bootstrap_interval_contains_its_figure_where_resampling_biases_e
     figure, keeps the resamples' spread, and does so for any sizes, dimensions and gaps."""
     g = torch.Generator().manual_seed(7)
     scale = torch.linspace(0.2, 2.0, 128)
-    real, fake = torch.randn(62, 128, generator=g) * scale, torch.randn(62, 128, generator=g) * scale
+    real = torch.randn(62, 128, generator=g) * scale
+    fake = torch.randn(62, 128, generator=g) * scale
     fd = frechet_from_features(real, fake)
     draws = torch.Generator().manual_seed(1)
     values = torch.tensor([frechet_from_features(real[torch.randint(62, (62,), generator=draws)],
                                                  fake[torch.randint(62, (62,), generator=draws)])
                            for _ in range(100)], dtype=torch.float64)
     assert values.min() > fd  # the bias the percentile interval inherits
-    lo, hi = frechet_bootstrap(real, fake, resamples=100, generator=torch.Generator().manual_seed(1))
+    lo, hi = frechet_bootstrap(real, fake, resamples=100,
+                               generator=torch.Generator().manual_seed(1))
     assert lo <= fd <= hi
     spread = torch.quantile(values, torch.tensor([0.025, 0.975], dtype=torch.float64))
     assert hi - lo == pytest.approx(float(spread[1] - spread[0]), rel=1e-6)

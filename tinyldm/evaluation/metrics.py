@@ -169,10 +169,10 @@ def frechet_bootstrap(real: torch.Tensor, fake: torch.Tensor, *, resamples: int 
     the (1 - level) / 2 and (1 + level) / 2 quantiles of those FDs shifted so that their median is
     the FD of the sets themselves. The shift removes what resampling adds: a draw with replacement
     repeats images, and repeats raise an FD (at 62 images in 128 dimensions, every draw's FD lay
-    above the figure), so the plain percentile interval can exclude its own estimate. The centred one
-    always contains it (the median lies between the two quantiles) and keeps the bootstrap's spread:
-    how much the figure moves with the draw of N images (Efron & Tibshirani 1993, Ch. 10 and 14 on
-    bootstrap bias and its correction). It does not remove the FD's own small-N bias, which the
+    above the figure), so the plain percentile interval can exclude its own estimate. The centred
+    one always contains it (the median lies between the two quantiles) and keeps the bootstrap's
+    spread: how much the figure moves with the draw of N images (Efron & Tibshirani 1993, Ch. 10
+    and 14 on bootstrap bias and its correction). It does not remove the FD's own small-N bias, which the
     real-vs-real floor at the same N shows."""
     _check_features(real, fake)
     if resamples < 2:

@@ -33,8 +33,9 @@ The protocol (printed, and stored in the JSON):
   are kept in runs/features/<data>-<size>px/. To place it and a model trained here on one scale,
   give both the same reference folder and the same features (`--features inception`, or the same
   `--contrastive` file) at the same N;
-* metrics: Frechet distance with a 95% bootstrap interval centred on it (`--bootstrap` resamples
-  of both feature sets, default 100), KID (mean and std over 100 subsets of max(2, min(1000, N / 2))),
+* metrics: Frechet distance with a 95% bootstrap interval centred on it (`--bootstrap`
+  resamples of both feature sets, default 100), KID (mean and std over 100 subsets of
+  max(2, min(1000, N / 2))),
   precision / recall (k = min(3, N - 1)); the same metrics between the reference set and N training
   images drawn at random (of each reference image's class, where the data have classes), the
   real-vs-real floor a perfect model would reach at this N (Frechet distances are biased upwards at
