@@ -172,8 +172,8 @@ def frechet_bootstrap(real: torch.Tensor, fake: torch.Tensor, *, resamples: int 
     above the figure), so the plain percentile interval can exclude its own estimate. The centred
     one always contains it (the median lies between the two quantiles) and keeps the bootstrap's
     spread: how much the figure moves with the draw of N images (Efron & Tibshirani 1993, Ch. 10
-    and 14 on bootstrap bias and its correction). It does not remove the FD's own small-N bias, which the
-    real-vs-real floor at the same N shows."""
+    and 14 on bootstrap bias and its correction). It does not remove the FD's own small-N bias,
+    which the real-vs-real floor at the same N shows."""
     _check_features(real, fake)
     if resamples < 2:
         raise ValueError(f"a bootstrap needs at least 2 resamples, got {resamples}")
