@@ -1,5 +1,5 @@
-"""Folders of real photographs to try `--data DIR` on, written from images that scikit-image ships
-(no download).
+"""Folders of real images to try `--data DIR` on, written from images that scikit-image and Debian
+ship (no download).
 
     python -m tinyldm.data.example_folders faces runs/faces
         # 100 faces, no captions -> --cond none
@@ -7,6 +7,8 @@
         # 6 photographs' crops, one sub-folder each
     python -m tinyldm.data.example_folders captioned runs/captioned
         # the same crops, a caption each
+    python -m tinyldm.data.example_folders fashion --out runs/fashion [--per_class 600]
+        # Fashion-MNIST: 10 sub-folders of clothing -> --cond class
 
 * **faces**: the 100 faces of scikit-image's LFW subset (`skimage.data.lfw_subset()`, 25 x 25 grey
   crops of Labeled Faces in the Wild; the subset's other 100 images are not faces and are left out).
@@ -17,9 +19,17 @@
   photograph is, how close the crop is and how bright it is ("a close-up of a brick wall, dark"):
   `--cond auto` -> text.
 
-These are small, and a model trained on them for minutes on a CPU mostly learns them by heart; they
-are here to show the folder path end to end on photographs, not to measure a model against the
-paper's.
+* **fashion**: Fashion-MNIST (Xiao et al. 2017; 28 x 28 grey photographs of Zalando's articles in 10
+  classes, 6,000 training and 1,000 test images per class), from the Debian package
+  `dataset-fashion-mnist` (`sudo apt-get install dataset-fashion-mnist`: files under
+  /usr/share/datasets/fashion-mnist), or from the four `*-ubyte.gz` files of
+  github.com/zalandoresearch/fashion-mnist in a folder given with `--source` (any system). The first
+  `--per_class` images of each class of `--split` (train, or test for a held-out reference), padded
+  to 32 x 32 with the background's black, one sub-folder per class.
+
+The first three are small, and a model trained on them for minutes on a CPU mostly learns them by
+heart; they are here to show the folder path end to end on photographs, not to measure a model
+against the paper's. Fashion-MNIST is large enough to measure on.
 """
 
 from __future__ import annotations
@@ -31,7 +41,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..cli import UsageError
+from ..cli import UsageError, run
+
+FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")  # dataset-fashion-mnist's files
+FASHION_CLASSES = ("tshirt_top", "trouser", "pullover", "dress", "coat", "sandal", "shirt",
+                   "sneaker", "bag", "ankle_boot")  # label 0..9, in the data set's order
 
 # sub-folder name -> (scikit-image loader, what the caption calls it, the photograph's region to
 # crop from as fractions (top, left, bottom, right): the retina's black surround is left out)
@@ -112,23 +126,88 @@ def captioned_folder(out: str | Path, *, n_per_class: int = 60, size: int = 32,
     return out
 
 
+def read_idx(path: Path) -> np.ndarray:
+    """An IDX file (gzip-compressed) as a uint8 array: labels (N,) or images (N, rows, cols).
+    A missing, truncated or foreign file is refused naming it."""
+    import gzip
+
+    try:
+        raw = gzip.decompress(path.read_bytes())
+    except FileNotFoundError:
+        raise UsageError(f"{path} is missing: Fashion-MNIST needs its four *-ubyte.gz files "
+                         "(sudo apt-get install dataset-fashion-mnist, or --source DIR)") from None
+    except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError
+        raise UsageError(f"{path} is not a readable gzip file ({e}): fetch it again") from None
+    if len(raw) < 8 or raw[:2] != b"\0\0" or raw[2] != 0x08 or raw[3] not in (1, 3):
+        raise UsageError(f"{path} is not an IDX file of bytes (labels or images): fetch it again")
+    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(raw[3])]
+    body = raw[4 + 4 * raw[3]:]
+    if len(raw) < 4 + 4 * raw[3] or len(body) != int(np.prod(dims)):
+        raise UsageError(f"{path} holds {len(body):,} bytes of data where its header says "
+                         f"{int(np.prod(dims)):,} ({' x '.join(map(str, dims))}): the file is "
+                         "truncated or damaged; fetch it again")
+    return np.frombuffer(body, dtype=np.uint8).reshape(dims)
+
+
+def fashion_folder(out: str | Path, *, per_class: int = 600, split: str = "train",
+                   source: str | Path | None = None) -> Path:
+    """The first `per_class` images of each Fashion-MNIST class of `split` ("train" or "test"),
+    28 px padded to 32 px, as grey PNGs in one sub-folder per class."""
+    folder = Path(source) if source is not None else FASHION_DIR
+    if source is None and not folder.is_dir():
+        raise UsageError(f"Fashion-MNIST is not installed ({folder} does not exist): sudo apt-get "
+                         "install dataset-fashion-mnist (Debian, Ubuntu), or put the four "
+                         "*-ubyte.gz files of github.com/zalandoresearch/fashion-mnist in a "
+                         "folder and pass --source FOLDER")
+    prefix = {"train": "train", "test": "t10k"}[split]
+    images = read_idx(folder / f"{prefix}-images-idx3-ubyte.gz")
+    labels = read_idx(folder / f"{prefix}-labels-idx1-ubyte.gz")
+    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels) or labels.max() > 9:
+        raise UsageError(f"{folder}: the {split} images {images.shape} and labels {labels.shape} "
+                         "do not belong together: fetch the files again")
+    out = Path(out)
+    for label, name in enumerate(FASHION_CLASSES):
+        chosen = np.flatnonzero(labels == label)[:per_class]
+        if len(chosen) < per_class:
+            raise UsageError(f"--per_class {per_class}: the {split} split has {len(chosen)} "
+                             f"images of {name}")
+        (out / name).mkdir(parents=True, exist_ok=True)
+        for i in chosen:
+            Image.fromarray(np.pad(images[i], 2)).save(out / name / f"{name}_{i:05d}.png")
+    return out
+
+
 def main(argv: list[str] | None = None) -> Path:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("kind", choices=("faces", "textures", "captioned"))
-    p.add_argument("out", help="the folder to write (created)")
-    p.add_argument("--n_per_class", type=int, default=60,
-                   help="textures / captioned: crops per photograph")
+    p.add_argument("kind", choices=("faces", "textures", "captioned", "fashion"))
+    p.add_argument("folder", nargs="?", help="the folder to write (created); or --out")
+    p.add_argument("--out", help="the folder to write (created)")
+    p.add_argument("--n_per_class", "--per_class", dest="per_class", type=int, default=None,
+                   help="images per class: textures / captioned crops per photograph (default "
+                   "60), fashion images per class (default 600)")
+    p.add_argument("--split", choices=("train", "test"), default="train",
+                   help="fashion: the training images, or the test images (a held-out reference)")
+    p.add_argument("--source", help="fashion: a folder holding the four *-ubyte.gz files "
+                   f"(default {FASHION_DIR}, where dataset-fashion-mnist installs them)")
     args = p.parse_args(argv)
+    if (args.folder is None) == (args.out is None):
+        p.error("give the folder to write, once: as the second argument or as --out")
+    if args.per_class is not None and args.per_class < 1:
+        p.error(f"--per_class {args.per_class}: must be a whole number >= 1")
+    target = args.out or args.folder
     if args.kind == "faces":
-        out = faces_folder(args.out)
+        out = faces_folder(target)
+    elif args.kind == "fashion":
+        out = fashion_folder(target, per_class=args.per_class or 600, split=args.split,
+                             source=args.source)
     else:
         make = textures_folder if args.kind == "textures" else captioned_folder
-        out = make(args.out, n_per_class=args.n_per_class)
+        out = make(target, n_per_class=args.per_class or 60)
     n = sum(1 for f in out.rglob("*.png"))
     print(f"{args.kind}: {n} images in {out}; train on them with: python train_ldm.py --data {out}")
     return out
 
 
 if __name__ == "__main__":
-    main()
+    run(main)
