@@ -25,8 +25,8 @@ from tinyldm.autoencoder_loss import (
     adaptive_weight,
     discriminator_hinge,
     discriminator_non_saturating,
-    load_lpips,
 )
+from tinyldm.evaluation.features import load_lpips
 from tinyldm.evaluation.metrics import codebook_stats, psnr, ssim
 
 
@@ -314,7 +314,7 @@ def test_perceptual_term_sends_gradient_into_the_decoder(net):
     the decoder."""
     pytest.importorskip("lpips")
     model, cfg = loss_setup(perceptual_weight=1.0, lpips_net=net, lpips_pretrained=False)
-    loss_fn = AELoss(cfg)  # random backbone: no download
+    loss_fn = AELoss(cfg, perceptual=load_lpips(net, pretrained=False))  # random backbone
     x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
     noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
     d = [loss_fn.perceptual(x + s * noise, x).flatten() for s in (0.0, 0.1, 0.5)]
@@ -329,6 +329,8 @@ def test_perceptual_term_sends_gradient_into_the_decoder(net):
 def test_missing_lpips_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "lpips", None)  # makes `import lpips` raise ImportError
     with pytest.raises(ImportError, match="pip install lpips"):
+        load_lpips("vgg")
+    with pytest.raises(ValueError, match="perceptual_weight > 0 needs the LPIPS network"):
         AELoss(AELossConfig(perceptual_weight=1.0))
     AELoss(AELossConfig(perceptual_weight=0.0))  # not asked for: fine
 

@@ -32,7 +32,6 @@ regularizers, and the perceptual loss's own spatial averaging options.
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -73,41 +72,6 @@ class AELossConfig:
             raise ValueError("loss weights must be >= 0")
         if self.disc_layers < 1:
             raise ValueError(f"disc_layers must be >= 1, got {self.disc_layers}")
-
-
-# ----------------------------------------------------------------------------------------------
-# LPIPS, imported lazily: it is an optional dependency and its backbone weights are a download.
-
-
-def load_lpips(net: str = "vgg", *, pretrained: bool = True) -> nn.Module:
-    """A frozen LPIPS module; raises a clear error when the package or its weights are missing."""
-    try:
-        import lpips
-    except ImportError as e:
-        raise ImportError(
-            "perceptual_weight > 0 needs the optional `lpips` package: pip install lpips "
-            "(or pip install 'tinyldm[lpips]'); or train without it with --perceptual_weight 0"
-        ) from e
-    try:
-        # pretrained=False: a random backbone (pnet_rand, nothing downloaded) under the linear heads
-        # that ship inside the lpips package (non-negative weights, so the distance stays >= 0 and
-        # is 0 for x = x).
-        with warnings.catch_warnings():
-            # lpips passes torchvision the `pretrained=` argument it deprecated
-            warnings.filterwarnings("ignore", message="Arguments other than a weight enum",
-                                    category=UserWarning)
-            warnings.filterwarnings("ignore", message="The parameter 'pretrained' is deprecated",
-                                    category=UserWarning)
-            model = lpips.LPIPS(net=net, pretrained=True, pnet_rand=not pretrained, verbose=False)
-    except Exception as e:  # a failed download surfaces as URLError, OSError, RuntimeError, ...
-        raise RuntimeError(
-            f"could not load the LPIPS weights (net={net!r}): {type(e).__name__}: {e}. "
-            "LPIPS needs its backbone's ImageNet weights from torchvision (downloaded once into "
-            "the torch hub cache, ~/.cache/torch/hub/checkpoints) and the linear heads shipped "
-            "inside the lpips package. Fetch them on a machine with internet access, or train "
-            "with --perceptual_weight 0."
-        ) from e
-    return model.eval().requires_grad_(False)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -182,7 +146,8 @@ class AETerms:
 
 
 class AELoss(nn.Module):
-    """Holds the discriminator (trained) and LPIPS (frozen); computes both players' losses."""
+    """Holds the discriminator (trained) and LPIPS (frozen; `perceptual`, given where
+    perceptual_weight > 0); computes both players' losses."""
 
     def __init__(self, config: AELossConfig, *, in_channels: int = 3,
                  perceptual: nn.Module | None = None):
@@ -191,7 +156,8 @@ class AELoss(nn.Module):
         self.discriminator = PatchDiscriminator(in_channels, config.disc_channels,
                                                 config.disc_layers)
         if perceptual is None and config.perceptual_weight > 0:
-            perceptual = load_lpips(config.lpips_net, pretrained=config.lpips_pretrained)
+            raise ValueError("perceptual_weight > 0 needs the LPIPS network: pass perceptual="
+                             "tinyldm.evaluation.features.load_lpips(config.lpips_net)")
         self.perceptual = perceptual  # registered as a submodule, but frozen; not in any optimizer
 
     def disc_active(self, step: int) -> bool:

@@ -1,6 +1,8 @@
 """Feature extractors for the distribution metrics of `tinyldm.evaluation.metrics` (Frechet
 distance, KID, precision / recall), and the names their numbers go by.
 
+* **LPIPS** (Zhang et al., arXiv 1801.03924), the perceptual loss of train_ae.py (`load_lpips`),
+  through the optional `lpips` package.
 * **Inception-v3** (Szegedy et al. 2016), the 2048-d pool features of the TensorFlow FID network,
   through the optional `pytorch-fid` package (`pip install -e ".[metrics]"`). Only these features
   make the Frechet distance "FID" and the kernel distance "KID". The network's weights come from the
@@ -38,6 +40,7 @@ from __future__ import annotations
 import math
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -295,6 +298,37 @@ def save_classifier(path: str | Path, model: FeatureClassifier, meta: dict) -> P
 
 def load_classifier(path: str | Path) -> tuple[FeatureClassifier, dict]:
     return load_feature_net(path, FeatureClassifier)
+
+
+def load_lpips(net: str = "vgg", *, pretrained: bool = True) -> nn.Module:
+    """A frozen LPIPS module; raises a clear error when the package or its weights are missing."""
+    try:
+        import lpips
+    except ImportError as e:
+        raise ImportError(
+            "perceptual_weight > 0 needs the optional `lpips` package: pip install lpips "
+            "(or pip install 'tinyldm[lpips]'); or train without it with --perceptual_weight 0"
+        ) from e
+    try:
+        # pretrained=False: a random backbone (pnet_rand, nothing downloaded) under the linear heads
+        # that ship inside the lpips package (non-negative weights, so the distance stays >= 0 and
+        # is 0 for x = x).
+        with warnings.catch_warnings():
+            # lpips passes torchvision the `pretrained=` argument it deprecated
+            warnings.filterwarnings("ignore", message="Arguments other than a weight enum",
+                                    category=UserWarning)
+            warnings.filterwarnings("ignore", message="The parameter 'pretrained' is deprecated",
+                                    category=UserWarning)
+            model = lpips.LPIPS(net=net, pretrained=True, pnet_rand=not pretrained, verbose=False)
+    except Exception as e:  # a failed download surfaces as URLError, OSError, RuntimeError, ...
+        raise RuntimeError(
+            f"could not load the LPIPS weights (net={net!r}): {type(e).__name__}: {e}. "
+            "LPIPS needs its backbone's ImageNet weights from torchvision (downloaded once into "
+            "the torch hub cache, ~/.cache/torch/hub/checkpoints) and the linear heads shipped "
+            "inside the lpips package. Fetch them on a machine with internet access, or train "
+            "with --perceptual_weight 0."
+        ) from e
+    return model.eval().requires_grad_(False)
 
 
 class InceptionFeatures:

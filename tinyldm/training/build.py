@@ -20,6 +20,7 @@ from ..conditioning import ConditionConfig, ConditionEncoder, Tokenizer, split_w
 from ..data.image_batches import first_images, make_datasets
 from ..data.shapes import CLASS_NAMES
 from ..data.tasks import TaskSpec, concat_channels
+from ..evaluation.features import load_lpips
 from ..evaluation.ldm_score import FIXED_PROMPTS
 from ..ldm import Denoiser
 from ..unet import UNet, UNetConfig
@@ -109,7 +110,9 @@ def build_ae_state(ae_config: AutoencoderConfig, loss_config: AELossConfig, conf
         raise UsageError("a VQ autoencoder does not train under torchrun (its dead-code restarts "
                          "would differ between processes): train it as one process")
     model = Autoencoder(ae_config).to(device)
-    loss_fn = AELoss(loss_config, in_channels=ae_config.in_channels).to(device)
+    lpips = (load_lpips(loss_config.lpips_net, pretrained=loss_config.lpips_pretrained)
+             if loss_config.perceptual_weight > 0 else None)
+    loss_fn = AELoss(loss_config, in_channels=ae_config.in_channels, perceptual=lpips).to(device)
     if world.enabled and device.type == "cuda":  # the PatchGAN's BatchNorm over the global batch
         loss_fn.discriminator = torch.nn.SyncBatchNorm.convert_sync_batchnorm(loss_fn.discriminator)
     betas = (config.adam_beta1, config.adam_beta2)

@@ -43,8 +43,7 @@ def pick_device(name: str = "auto") -> torch.device:
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
-    np.random.seed(seed % 2**32)  # noqa: NPY002 (the legacy global RNG is what third-party
-                                  # code uses)
+    np.random.seed(seed % 2**32)  # noqa: NPY002 (third-party code draws from the global RNG)
     torch.manual_seed(seed)
 
 
