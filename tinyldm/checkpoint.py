@@ -8,7 +8,11 @@ half-written file under the real name, and read back with `torch.load(weights_on
 refuses anything that would run code.
 A missing, truncated, corrupt or wrong-kind file is refused with a `CheckpointError` that says
 which, and so is a write that fails (a full disk): the file under the real name is then still the
-previous checkpoint."""
+previous checkpoint.
+
+Also here: what a checkpoint holds besides weights, the global random state (`rng_state` /
+`set_rng_state`, for an exact resume), and the LDM's self-contained file (`ldm_payload` writes
+what sample.py needs, `load_ldm` rebuilds the models from it)."""
 
 from __future__ import annotations
 

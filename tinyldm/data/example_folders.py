@@ -140,9 +140,10 @@ def read_idx(path: Path) -> np.ndarray:
         raise UsageError(f"{path} is not a readable gzip file ({e}): fetch it again") from None
     if len(raw) < 8 or raw[:2] != b"\0\0" or raw[2] != 0x08 or raw[3] not in (1, 3):
         raise UsageError(f"{path} is not an IDX file of bytes (labels or images): fetch it again")
+    header = 4 + 4 * raw[3]
     dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(raw[3])]
-    body = raw[4 + 4 * raw[3]:]
-    if len(raw) < 4 + 4 * raw[3] or len(body) != int(np.prod(dims)):
+    body = raw[header:]
+    if len(raw) < header or len(body) != int(np.prod(dims)):
         raise UsageError(f"{path} holds {len(body):,} bytes of data where its header says "
                          f"{int(np.prod(dims)):,} ({' x '.join(map(str, dims))}): the file is "
                          "truncated or damaged; fetch it again")

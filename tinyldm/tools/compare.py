@@ -140,10 +140,11 @@ def train_peer(images: torch.Tensor, seconds: float, *, lr: float, smoke: bool,
 
 
 @torch.no_grad()
-def sample_ldm(checkpoint: str, n: int, device: torch.device, smoke: bool) -> torch.Tensor:
-    denoiser, schedule, ae, diffusion = load_ldm(load_checkpoint(checkpoint, kind="ldm"))
+def sample_ldm(ckpt: dict, n: int, device: torch.device, smoke: bool) -> torch.Tensor:
+    """n unconditional samples of a `train_ldm.py` checkpoint (its EMA weights), 50 DDIM steps."""
+    denoiser, schedule, ae, diffusion = load_ldm(ckpt)
     denoiser, schedule, ae = denoiser.to(device), schedule.to(device), ae.to(device)
-    side = load_checkpoint(checkpoint, kind="ldm")["image_size"] // ae.downsample_factor
+    side = ckpt["image_size"] // ae.downsample_factor
     g = torch.Generator(device).manual_seed(0)
     return torch.cat([generate(denoiser, schedule, ae, None, n=min(BATCH, n - i),
                                latent_size=(side, side), prediction=diffusion.prediction,
@@ -250,8 +251,8 @@ def main(argv: list[str] | None = None) -> dict:
     for name in ("latent", "pixel"):
         ckpt = load_checkpoint(rows[name]["checkpoint"], kind="ldm")
         rows[name]["parameters"] = sum(v.numel() for v in ckpt["denoiser"].values())
-        samples[name], rows[name]["sample_seconds"] = timed(sample_ldm, rows[name]["checkpoint"],
-                                                            n, device, args.smoke)
+        samples[name], rows[name]["sample_seconds"] = timed(sample_ldm, ckpt, n, device,
+                                                            args.smoke)
     samples["peer"], rows["peer"]["sample_seconds"] = timed(sample_peer, peer.to(device), n)
 
     feature_sets = features(train_set, reference_set, out, device, args.smoke)
